@@ -1,0 +1,316 @@
+"""Structured, validated configuration: YAML files + dotlist overrides -> one resolved Config."""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import List, Optional
+
+from omegaconf import OmegaConf
+from omegaconf.errors import ConfigAttributeError, ConfigKeyError, ValidationError
+
+
+from megadistill.errors import UserError
+
+
+class ConfigError(UserError):
+    """A user error in a configuration: the message names the key and what is allowed."""
+
+
+def _choice(key: str, value, allowed) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{key}={value!r} is not one of {list(allowed)}")
+
+
+def _positive(key: str, value, allow_zero: bool = False) -> None:
+    if value is None or (value < 0 if allow_zero else value <= 0):
+        raise ConfigError(f"{key}={value!r} must be {'>= 0' if allow_zero else '> 0'}")
+
+
+@dataclass
+class ModelConfig:
+    size: Optional[str] = None  # a name from megadistill.model.sizes ("546M", "tiny-2M"); fills the shape fields below
+    n_layers: int = 2  # transformer blocks
+    d_model: int = 128  # residual width
+    n_heads: int = 4  # attention heads (MHA, no GQA)
+    head_dim: int = 32  # per-head width; n_heads * head_dim == d_model
+    d_ff: int = 0  # SwiGLU hidden width; 0 = 8/3 d_model rounded up to a multiple of ff_multiple
+    ff_multiple: int = 128  # rounding multiple for the default d_ff
+    vocab_size: int = 32768  # output classes; must match the tokenizer / synthetic language
+    rope_base: float = 500000.0  # RoPE theta
+    norm_eps: float = 1e-5  # RMSNorm epsilon
+    qk_norm: bool = True  # RMSNorm on queries and keys per head
+    attention: str = "sdpa"  # flash | sdpa | eager
+    mup_base_width: int = 256  # µP(simple) base width: hidden-matrix LR x base/d_model
+    activation_checkpointing: str = "off"  # off | full | every_k
+    checkpoint_every_k: int = 2  # with activation_checkpointing=every_k: checkpoint every k-th block
+
+    def resolve(self) -> "ModelConfig":
+        """Fill shape fields from `size` (if set) and derive d_ff; return self."""
+        if self.size:
+            from megadistill.model.sizes import get_size
+            try:
+                shape = get_size(self.size)
+            except KeyError as e:
+                raise ConfigError(f"model.size={self.size!r}: {e.args[0]}") from None
+            for k, v in shape.items():
+                setattr(self, k, v)
+        if not self.d_ff:
+            self.d_ff = int(math.ceil(8 * self.d_model / 3 / self.ff_multiple) * self.ff_multiple)
+        return self
+
+    def validate(self, prefix: str = "model") -> None:
+        for k in ("n_layers", "d_model", "n_heads", "head_dim", "d_ff", "vocab_size", "mup_base_width"):
+            _positive(f"{prefix}.{k}", getattr(self, k))
+        if self.n_heads * self.head_dim != self.d_model:
+            raise ConfigError(f"{prefix}.n_heads={self.n_heads} x {prefix}.head_dim={self.head_dim} "
+                              f"must equal {prefix}.d_model={self.d_model}")
+        _choice(f"{prefix}.attention", self.attention, ("flash", "sdpa", "eager"))
+        _choice(f"{prefix}.activation_checkpointing", self.activation_checkpointing, ("off", "full", "every_k"))
+        _positive(f"{prefix}.checkpoint_every_k", self.checkpoint_every_k)
+
+
+@dataclass
+class ParallelConfig:
+    tp_size: int = 1  # tensor-parallel degree (ranks tp-contiguous); dp_size = world_size / tp_size
+    backend: str = "auto"  # auto (nccl with CUDA, else gloo) | nccl | gloo
+
+
+@dataclass
+class ZeroConfig:
+    stage: int = 1  # DeepSpeed ZeRO stage 0-3 over the data-parallel group
+    offload_optimizer: str = "none"  # none | cpu (ZeRO-Offload of optimizer states)
+    offload_param: str = "none"  # none | cpu (stage 3 only)
+    overlap_comm: bool = False  # overlap gradient reduction with backward
+    bucket_size: int = 50_000_000  # reduce / allgather bucket elements
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-2  # peak LR at the µP base width (paper: 1e-2 for every size)
+    weight_decay: float = 1e-4  # decoupled (independent of LR): p <- p - wd * schedule(t) * p
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0  # global grad-norm clip (tensor-parallel params counted once); 0 = off
+    warmup_steps: int = 2000  # linear warmup
+    schedule: str = "cosine"  # cosine | constant
+    final_lr_ratio: float = 1e-3  # cosine floor = lr * final_lr_ratio
+
+
+@dataclass
+class DistillConfig:
+    teacher: Optional[str] = None  # teacher run dir (a finished supervised run) or its export dir
+    kd_weight: float = 1.0  # lambda: L = (1 - lambda) NTP + lambda KD + z_loss * Z
+    temperature: float = 1.0  # tau (the KD term carries tau^2)
+    top_k: Optional[int] = None  # truncate the teacher to its top-k tokens (renormalised)
+    top_p: Optional[float] = None  # truncate the teacher to its top-p nucleus (renormalised)
+    reverse: bool = False  # reverse KL(q_S || p_T) instead of forward
+    fused: bool = False  # chunked fused-linear loss: never materialise [tokens, V/tp] logits
+    chunk_tokens: int = 1024  # token chunk of the fused loss
+    teacher_dtype: str = "fp32"  # fp32 | bf16
+    teacher_zero3: bool = False  # partition teacher weights over the DP group (ZeRO-3 inference)
+
+
+@dataclass
+class DataConfig:
+    source: str = "synthetic"  # synthetic | files | hf
+    split: str = "teacher"  # which disjoint half of the training documents: teacher | student
+    student_fraction: float = 0.5  # share of documents hashed into the student split
+    eval_fraction: float = 0.02  # share of documents held out for evaluation (from the student half)
+    hash_seed: int = 0  # salt of the stable document hash that decides the splits
+    tokenizer: Optional[str] = None  # HF tokenizer dir (files | hf sources)
+    files: List[str] = field(default_factory=list)  # json/jsonl/parquet/txt files (source=files)
+    hf_name: Optional[str] = None  # HF dataset name, e.g. allenai/c4 (source=hf)
+    hf_config: Optional[str] = None  # HF dataset config, e.g. en
+    hf_split: str = "train"
+    text_field: str = "text"
+    streaming: bool = True  # stream the HF dataset
+    document_mask: bool = False  # packed documents do not attend to each other
+    synthetic_order: int = 1  # Markov order of the synthetic language
+    synthetic_branching: int = 8  # successors per context
+    synthetic_zipf: float = 1.1  # Zipf exponent of the transition weights
+    synthetic_doc_len: int = 256  # tokens per synthetic document
+    synthetic_seed: int = 1234  # seed of the language itself (same for teacher and student)
+
+
+@dataclass
+class TrainConfig:
+    mode: str = "supervised"  # supervised | distill
+    run_dir: str = "runs/default"  # where config.yaml, eval.jsonl, train.jsonl, checkpoints/ go
+    run_name: Optional[str] = None  # defaults to the run dir's name
+    steps: int = 0  # optimizer steps; 0 = derive from tokens
+    tokens: int = 0  # training tokens (D); used when steps == 0
+    tokens_per_param: float = 0.0  # D = M * N when steps == tokens == 0
+    seq_len: int = 128
+    micro_batch_size: int = 4  # sequences per DP rank per micro-step
+    global_batch_size: int = 8  # sequences per optimizer step over all DP ranks
+    precision: str = "fp32"  # fp32 | bf16
+    z_loss: float = 1e-4  # lambda_Z
+    seed: int = 0
+    log_interval: int = 1  # steps between train.jsonl lines
+    eval_interval: int = 0  # steps between evals; 0 = only at the end
+    eval_tokens: int = 16384  # held-out tokens per eval
+    checkpoint_interval: int = 0  # steps between checkpoints; 0 = only at the end
+    keep_checkpoints: int = 2  # newest checkpoints kept
+    resume: bool = False  # continue from <run_dir>/checkpoints/latest
+    tensorboard: bool = False
+    progress: bool = True  # tqdm bar on rank 0
+    stop_after_steps: int = 0  # stop (checkpointing) after this many steps of this process; testing / preemption drills
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    zero: ZeroConfig = field(default_factory=ZeroConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def validate(self, world_size: Optional[int] = None) -> "Config":
+        """Check every field and cross-field rule; raise ConfigError naming the key. Returns self."""
+        m, p, z, o, d, data, t = self.model, self.parallel, self.zero, self.optim, self.distill, self.data, self.train
+        m.validate()
+        _positive("parallel.tp_size", p.tp_size)
+        _choice("parallel.backend", p.backend, ("auto", "nccl", "gloo"))
+        if m.n_heads % p.tp_size:
+            raise ConfigError(f"parallel.tp_size={p.tp_size} does not divide model.n_heads={m.n_heads}")
+        if m.vocab_size % p.tp_size:
+            raise ConfigError(f"parallel.tp_size={p.tp_size} does not divide model.vocab_size={m.vocab_size}")
+        if m.d_ff % p.tp_size:
+            raise ConfigError(f"parallel.tp_size={p.tp_size} does not divide model.d_ff={m.d_ff}")
+        _choice("zero.stage", z.stage, (0, 1, 2, 3))
+        _choice("zero.offload_optimizer", z.offload_optimizer, ("none", "cpu"))
+        _choice("zero.offload_param", z.offload_param, ("none", "cpu"))
+        if z.offload_param != "none" and z.stage != 3:
+            raise ConfigError(f"zero.offload_param={z.offload_param!r} needs zero.stage=3 (got {z.stage})")
+        if z.offload_optimizer != "none" and z.stage == 0:
+            raise ConfigError("zero.offload_optimizer='cpu' needs zero.stage >= 1")
+        _positive("optim.lr", o.lr)
+        _positive("optim.weight_decay", o.weight_decay, allow_zero=True)
+        for k in ("beta1", "beta2"):
+            if not 0 <= getattr(o, k) < 1:
+                raise ConfigError(f"optim.{k}={getattr(o, k)} must be in [0, 1)")
+        _positive("optim.grad_clip", o.grad_clip, allow_zero=True)
+        _positive("optim.warmup_steps", o.warmup_steps, allow_zero=True)
+        _choice("optim.schedule", o.schedule, ("cosine", "constant"))
+        if not 0 <= o.final_lr_ratio <= 1:
+            raise ConfigError(f"optim.final_lr_ratio={o.final_lr_ratio} must be in [0, 1]")
+        _choice("train.mode", t.mode, ("supervised", "distill"))
+        _choice("train.precision", t.precision, ("fp32", "bf16"))
+        for k in ("seq_len", "micro_batch_size", "global_batch_size", "log_interval", "eval_tokens", "keep_checkpoints"):
+            _positive(f"train.{k}", getattr(t, k))
+        for k in ("steps", "tokens", "tokens_per_param", "eval_interval", "checkpoint_interval", "z_loss", "stop_after_steps"):
+            _positive(f"train.{k}", getattr(t, k), allow_zero=True)
+        if not (t.steps or t.tokens or t.tokens_per_param):
+            raise ConfigError("set one of train.steps, train.tokens or train.tokens_per_param (all are 0)")
+        if world_size is not None:
+            if world_size % p.tp_size:
+                raise ConfigError(f"parallel.tp_size={p.tp_size} does not divide the world size {world_size}")
+            dp = world_size // p.tp_size
+            if t.global_batch_size % (t.micro_batch_size * dp):
+                raise ConfigError(
+                    f"train.global_batch_size={t.global_batch_size} is not divisible by "
+                    f"train.micro_batch_size={t.micro_batch_size} x dp_size={dp}")
+        _choice("data.source", data.source, ("synthetic", "files", "hf"))
+        _choice("data.split", data.split, ("teacher", "student"))
+        if not 0 < data.student_fraction < 1:
+            raise ConfigError(f"data.student_fraction={data.student_fraction} must be in (0, 1)")
+        if not 0 < data.eval_fraction < data.student_fraction:
+            raise ConfigError(f"data.eval_fraction={data.eval_fraction} must be in (0, data.student_fraction)")
+        if data.source == "files" and not data.files:
+            raise ConfigError("data.source='files' needs data.files=[path, ...]")
+        if data.source == "hf" and not data.hf_name:
+            raise ConfigError("data.source='hf' needs data.hf_name (e.g. allenai/c4)")
+        if data.source in ("files", "hf") and not data.tokenizer:
+            raise ConfigError(f"data.source={data.source!r} needs data.tokenizer (a Hugging Face tokenizer dir)")
+        if data.source == "synthetic":
+            _positive("data.synthetic_order", data.synthetic_order)
+            _positive("data.synthetic_branching", data.synthetic_branching)
+            if data.synthetic_branching > m.vocab_size - 1:
+                raise ConfigError(f"data.synthetic_branching={data.synthetic_branching} must be < model.vocab_size")
+        if t.mode == "distill":
+            if not d.teacher:
+                raise ConfigError("train.mode='distill' needs distill.teacher=<teacher run dir>")
+            if not 0 <= d.kd_weight <= 1:
+                raise ConfigError(f"distill.kd_weight={d.kd_weight} must be in [0, 1]")
+            _positive("distill.temperature", d.temperature)
+            if d.top_k is not None:
+                _positive("distill.top_k", d.top_k)
+                if d.top_k > m.vocab_size:
+                    raise ConfigError(f"distill.top_k={d.top_k} exceeds model.vocab_size={m.vocab_size}")
+            if d.top_p is not None and not 0 < d.top_p <= 1:
+                raise ConfigError(f"distill.top_p={d.top_p} must be in (0, 1]")
+            _positive("distill.chunk_tokens", d.chunk_tokens)
+            _choice("distill.teacher_dtype", d.teacher_dtype, ("fp32", "bf16"))
+        return self
+
+
+def _format_omegaconf_error(err: Exception) -> str:
+    key = getattr(err, "full_key", None) or getattr(err, "key", None)
+    msg = str(err).splitlines()[0]
+    if isinstance(err, (ConfigAttributeError, ConfigKeyError)) and key:
+        parent = ".".join(str(key).split(".")[:-1])
+        valid = _valid_keys(parent)
+        return f"unknown config key {key!r}; valid keys under {parent or 'top level'!r}: {valid}"
+    if key:
+        return f"config key {key!r}: {msg}"
+    return msg
+
+
+def _valid_keys(parent: str) -> List[str]:
+    node = Config
+    for part in [p for p in parent.split(".") if p]:
+        fields = {f.name: f for f in dataclasses.fields(node)}
+        if part not in fields:
+            return []
+        node = fields[part].default_factory if fields[part].default_factory is not dataclasses.MISSING else None
+        if node is None:
+            return []
+    return [f.name for f in dataclasses.fields(node)] if dataclasses.is_dataclass(node) else []
+
+
+def load(paths: List[str] = (), overrides: List[str] = (), world_size: Optional[int] = None) -> Config:
+    """Merge YAML files then `key=value` overrides onto the schema; resolve sizes; validate.
+
+    Raises ConfigError with the offending key on unknown keys, wrong types or inconsistent values.
+    """
+    schema = OmegaConf.structured(Config)
+    try:
+        merged = schema
+        for path in paths:
+            if not Path(path).is_file():
+                raise ConfigError(f"config file {path!r} does not exist")
+            merged = OmegaConf.merge(merged, OmegaConf.load(path))
+        bad = [o for o in overrides if "=" not in o]
+        if bad:
+            raise ConfigError(f"override {bad[0]!r} is not key=value (e.g. train.steps=100)")
+        merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(list(overrides)))
+        cfg: Config = OmegaConf.to_object(merged)
+    except ConfigError:
+        raise
+    except (ValidationError, ConfigAttributeError, ConfigKeyError) as e:
+        raise ConfigError(_format_omegaconf_error(e)) from None
+    cfg.model.resolve()
+    return cfg.validate(world_size)
+
+
+def to_dict(cfg: Config) -> dict:
+    return OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
+
+
+def to_yaml(cfg: Config) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def from_dict(d: dict) -> Config:
+    """Rebuild a Config from a resolved dict (e.g. a run dir's config.yaml); ignores no keys."""
+    try:
+        cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.create(d)))
+    except (ValidationError, ConfigAttributeError, ConfigKeyError) as e:
+        raise ConfigError(_format_omegaconf_error(e)) from None
+    cfg.model.resolve()
+    return cfg
