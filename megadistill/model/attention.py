@@ -1,0 +1,144 @@
+"""Causal self-attention backends (flash-attn, torch SDPA, eager reference), document masks, and RoPE."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Dict, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+
+from megadistill.errors import UserError
+
+BACKENDS = ("flash", "sdpa", "eager")
+
+# Layout: q, k, v and outputs are [b, s, h, hd] (flash-attn's layout); SDPA / eager transpose to [b, h, s, hd].
+#
+# Documents: `doc_ids` [b, s] labels the packed documents of each row. A document is a maximal run of equal
+# consecutive ids, and token i attends to token j iff j <= i and both lie in the same run. Defining documents as
+# runs (not as equal ids) makes the dense mask and flash-attn's cu_seqlens describe exactly the same attention.
+
+
+@dataclass
+class DocMask:
+    """Per-forward document-mask data, built once and shared by every layer."""
+
+    segments: torch.Tensor  # [b, s] int64, run index of each token within its row
+    allowed: Optional[torch.Tensor] = None  # [b, 1, s, s] bool, True = may attend (sdpa / eager)
+    cu_seqlens: Optional[torch.Tensor] = None  # [n_docs + 1] int32, starts of the runs in the flattened batch (flash)
+    max_seqlen: int = 0  # longest run (flash)
+
+
+def document_segments(doc_ids: torch.Tensor) -> torch.Tensor:
+    """[b, s] document labels -> [b, s] run index (0, 0, 1, 1, 1, 2, ...) restarting at 0 in each row."""
+    change = (doc_ids[:, 1:] != doc_ids[:, :-1]).long()  # [b, s-1]
+    return torch.cat([torch.zeros_like(change[:, :1]), change.cumsum(1)], dim=1)
+
+
+def build_doc_mask(doc_ids: Optional[torch.Tensor], backend: str) -> Optional[DocMask]:
+    """The mask data `backend` needs for these document ids (None when doc_ids is None: plain causal)."""
+    if doc_ids is None:
+        return None
+    if doc_ids.dim() != 2:
+        raise ValueError(f"doc_ids must be [batch, seq], got shape {tuple(doc_ids.shape)}")
+    seg = document_segments(doc_ids)  # [b, s]
+    b, s = seg.shape
+    if backend == "flash":
+        # distinct ids across rows: offset each row's runs by s, then find run starts in the flattened batch
+        flat = (seg + s * torch.arange(b, device=seg.device).unsqueeze(1)).reshape(-1)  # [b s]
+        start = torch.ones_like(flat, dtype=torch.bool)
+        start[1:] = flat[1:] != flat[:-1]
+        starts = start.nonzero().squeeze(1)
+        cu = torch.cat([starts, starts.new_tensor([b * s])]).to(torch.int32)
+        return DocMask(seg, cu_seqlens=cu, max_seqlen=int((cu[1:] - cu[:-1]).max().item()))
+    pos = torch.arange(s, device=seg.device)
+    causal = pos.unsqueeze(1) >= pos.unsqueeze(0)  # [s, s], query i >= key j
+    same = seg.unsqueeze(2) == seg.unsqueeze(1)  # [b, s, s]
+    return DocMask(seg, allowed=(same & causal).unsqueeze(1))  # [b, 1, s, s]
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str = "sdpa",
+              mask: Optional[DocMask] = None, scale: Optional[float] = None) -> torch.Tensor:
+    """Causal softmax(q k^T * scale) v, restricted to documents when `mask` is given. [b, s, h, hd] -> [b, s, h, hd]."""
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    if backend == "sdpa":
+        qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))  # [b, h, s, hd]
+        if mask is None:
+            o = F.scaled_dot_product_attention(qt, kt, vt, is_causal=True, scale=scale)
+        else:
+            o = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask.allowed, scale=scale)
+        return o.transpose(1, 2)
+    if backend == "eager":
+        return _eager(q, k, v, mask, scale)
+    if backend == "flash":
+        return _flash(q, k, v, mask, scale)
+    raise UserError(f"model.attention={backend!r} is not one of {list(BACKENDS)}")
+
+
+def _eager(q, k, v, mask: Optional[DocMask], scale: float) -> torch.Tensor:
+    # Reference path: explicit scores and softmax in fp32 (or the inputs' dtype if wider).
+    ct = torch.promote_types(q.dtype, torch.float32)
+    qt, kt, vt = (t.transpose(1, 2).to(ct) for t in (q, k, v))  # [b, h, s, hd]
+    scores = (qt @ kt.transpose(-1, -2)) * scale  # [b, h, s, s]
+    if mask is None:
+        s = q.shape[1]
+        allowed = torch.ones(s, s, dtype=torch.bool, device=q.device).tril()  # [s, s]
+    else:
+        allowed = mask.allowed  # [b, 1, s, s]
+    probs = scores.masked_fill(~allowed, float("-inf")).softmax(-1)  # diagonal always allowed: no empty rows
+    return (probs @ vt).transpose(1, 2).to(q.dtype)
+
+
+def _flash(q, k, v, mask: Optional[DocMask], scale: float) -> torch.Tensor:
+    try:
+        from flash_attn import flash_attn_func, flash_attn_varlen_func
+    except ImportError:
+        raise UserError("model.attention='flash' needs the flash-attn package: install the GPU extra "
+                        "(pip install -e '.[gpu]') on a CUDA machine, or set model.attention=sdpa") from None
+    if not q.is_cuda or q.dtype not in (torch.float16, torch.bfloat16):
+        raise UserError(f"model.attention='flash' runs on CUDA in bf16/fp16 (got {q.dtype} on {q.device}); "
+                        "set train.precision=bf16 or model.attention=sdpa")
+    if mask is None:
+        return flash_attn_func(q, k, v, softmax_scale=scale, causal=True)
+    b, s, h, hd = q.shape
+    qf, kf, vf = (t.reshape(b * s, h, hd) for t in (q, k, v))  # [b s, h, hd], runs packed back to back
+    o = flash_attn_varlen_func(qf, kf, vf, mask.cu_seqlens, mask.cu_seqlens, mask.max_seqlen, mask.max_seqlen,
+                               softmax_scale=scale, causal=True)
+    return o.reshape(b, s, h, hd)
+
+
+class Rotary:
+    """RoPE tables for head_dim `dim` and base `base`, cached per (seq_len, device, dtype).
+
+    Rotates the pair (x_i, x_{i + hd/2}) of position p by angle p * base^(-2i / hd) (the half-split layout), so
+    q_m . k_n depends on positions only through m - n.
+    """
+
+    _MAX_CACHE = 8
+
+    def __init__(self, dim: int, base: float):
+        if dim % 2:
+            raise UserError(f"model.head_dim={dim} must be even for RoPE")
+        self.dim, self.base = dim, base
+        self._cache: Dict[Tuple, Tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def __call__(self, seq_len: int, device, dtype) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(cos, sin), each [seq_len, dim]."""
+        key = (seq_len, torch.device(device), dtype)
+        if key not in self._cache:
+            if len(self._cache) >= self._MAX_CACHE:
+                self._cache.clear()
+            # angles in fp64: p * theta_i stays exact enough for long contexts before the cast
+            inv_freq = self.base ** (-torch.arange(0, self.dim, 2, dtype=torch.float64, device=device) / self.dim)
+            angles = torch.arange(seq_len, dtype=torch.float64, device=device).unsqueeze(1) * inv_freq  # [s, hd/2]
+            angles = torch.cat([angles, angles], dim=-1)  # [s, hd]
+            self._cache[key] = (angles.cos().to(dtype), angles.sin().to(dtype))
+        return self._cache[key]
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate x [b, s, h, hd] by the tables cos, sin [s, hd]: x cos + rotate_half(x) sin."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)  # [b, s, h, hd]
+    cos, sin = cos[:, None, :], sin[:, None, :]  # [s, 1, hd], broadcast over heads
+    return x * cos + rotated * sin

@@ -1,0 +1,153 @@
+"""The paper's decoder-only Transformer (MHA + QK-norm + RoPE, pre-norm RMSNorm, SwiGLU, untied head), TP-agnostic."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from megadistill.errors import UserError
+from megadistill.model import mup
+from megadistill.model.attention import BACKENDS, DocMask, Rotary, apply_rotary, attention, build_doc_mask
+from megadistill.model.sizes import ffn_width
+from megadistill.parallel.layers import LayerFactory, RMSNorm
+
+# Tensor parallelism enters only through `factory` (megadistill.parallel.layers.LayerFactory): Q, K, V and the
+# SwiGLU gate/up are column-parallel (rank r owns heads [r h/tp, (r+1) h/tp) and ffn columns [r f/tp, ...)), O and
+# the SwiGLU down projection are row-parallel (all-reduce of partial sums), the embedding is vocab-parallel and
+# the head returns this rank's vocab shard of the logits. Per block that is 2 all-reduces forward, 2 backward.
+
+
+class Attention(nn.Module):
+    """Multi-head causal self-attention with per-head QK-norm and RoPE; this rank computes n_heads / tp heads."""
+
+    def __init__(self, cfg, factory: LayerFactory):
+        super().__init__()
+        d, hd = cfg.d_model, cfg.head_dim
+        inner = cfg.n_heads * hd
+        self.head_dim, self.backend = hd, cfg.attention
+        self.local_heads = factory.local(cfg.n_heads, "model.n_heads")
+        std_in, std_out = mup.init_std_for("hidden", d), mup.init_std_for("hidden", inner)
+        self.enter = factory.copy_to_tp()
+        self.wq = factory.column(d, inner, std_in, copy_input=False)  # [d] -> [h/tp hd]
+        self.wk = factory.column(d, inner, std_in, copy_input=False)
+        self.wv = factory.column(d, inner, std_in, copy_input=False)
+        self.wo = factory.row(inner, d, std_out)  # [h/tp hd] -> [d], all-reduce
+        if cfg.qk_norm:  # RMSNorm over head_dim, one learnable gain shared by all heads
+            self.q_norm = factory.sharded_input_norm(hd, cfg.norm_eps)
+            self.k_norm = factory.sharded_input_norm(hd, cfg.norm_eps)
+        else:
+            self.q_norm = self.k_norm = None
+
+    def forward(self, x, cos, sin, mask: Optional[DocMask]):
+        b, s, _ = x.shape
+        x = self.enter(x)  # [b, s, d]
+        q = self.wq(x).view(b, s, self.local_heads, self.head_dim)  # [b, s, h/tp, hd]
+        k = self.wk(x).view(b, s, self.local_heads, self.head_dim)
+        v = self.wv(x).view(b, s, self.local_heads, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        o = attention(q, k, v, self.backend, mask)  # [b, s, h/tp, hd]
+        return self.wo(o.reshape(b, s, self.local_heads * self.head_dim))  # [b, s, d]
+
+
+class SwiGLU(nn.Module):
+    """FFN(x) = W2 (silu(W1 x) * W3 x), three matrices, hidden width d_ff split over TP."""
+
+    def __init__(self, cfg, d_ff: int, factory: LayerFactory):
+        super().__init__()
+        d = cfg.d_model
+        factory.local(d_ff, "model.d_ff")
+        self.enter = factory.copy_to_tp()
+        self.w1 = factory.column(d, d_ff, mup.init_std_for("hidden", d), copy_input=False)  # gate [d] -> [f/tp]
+        self.w3 = factory.column(d, d_ff, mup.init_std_for("hidden", d), copy_input=False)  # up   [d] -> [f/tp]
+        self.w2 = factory.row(d_ff, d, mup.init_std_for("hidden", d_ff))  # down [f/tp] -> [d], all-reduce
+
+    def forward(self, x):
+        x = self.enter(x)  # [b, s, d]
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))  # [b, s, d]
+
+
+class Block(nn.Module):
+    """Pre-norm block: x + Attn(RMSNorm(x)), then h + SwiGLU(RMSNorm(h))."""
+
+    def __init__(self, cfg, d_ff: int, factory: LayerFactory):
+        super().__init__()
+        self.attn_norm = factory.norm(cfg.d_model, cfg.norm_eps)
+        self.attn = Attention(cfg, factory)
+        self.ffn_norm = factory.norm(cfg.d_model, cfg.norm_eps)
+        self.ffn = SwiGLU(cfg, d_ff, factory)
+
+    def forward(self, x, cos, sin, mask: Optional[DocMask]):
+        h = x + self.attn(self.attn_norm(x), cos, sin, mask)  # [b, s, d]
+        return h + self.ffn(self.ffn_norm(h))
+
+
+class Transformer(nn.Module):
+    """Decoder LM: untied embedding -> n_layers blocks -> RMSNorm -> head; logits are this rank's vocab shard.
+
+    `factory` None builds the dense TP=1 model. Built from the same torch seed, the model at any tp_size computes
+    the same function (weights are sharded from the same full initialisation).
+    """
+
+    def __init__(self, cfg, factory: Optional[LayerFactory] = None):
+        super().__init__()
+        factory = factory if factory is not None else LayerFactory()
+        if cfg.attention not in BACKENDS:
+            raise UserError(f"model.attention={cfg.attention!r} is not one of {list(BACKENDS)}")
+        if cfg.activation_checkpointing not in ("off", "full", "every_k"):
+            raise UserError(f"model.activation_checkpointing={cfg.activation_checkpointing!r} is not one of "
+                            "['off', 'full', 'every_k']")
+        d, vocab = cfg.d_model, cfg.vocab_size
+        d_ff = cfg.d_ff or ffn_width(d, cfg.ff_multiple)
+        self.cfg, self.tp_size = cfg, factory.tp_size
+        self.vocab_size, self.local_vocab = vocab, factory.local(vocab, "model.vocab_size")
+        self.embed = factory.embedding(vocab, d, mup.init_std_for("embedding"))  # [V/tp, d]
+        self.blocks = nn.ModuleList(Block(cfg, d_ff, factory) for _ in range(cfg.n_layers))
+        self.norm = factory.norm(d, cfg.norm_eps)
+        self.head = factory.head(d, vocab, mup.init_std_for("head", d))  # [V/tp, d]
+        self.rope = Rotary(cfg.head_dim, cfg.rope_base)
+        self._tag_roles()
+
+    def _tag_roles(self) -> None:
+        mup.tag(self, "hidden")
+        mup.tag(self.embed, "embedding")
+        mup.tag(self.head, "head")
+        for m in self.modules():
+            if isinstance(m, RMSNorm):
+                mup.tag(m, "norm")
+
+    @property
+    def output_weight(self) -> torch.Tensor:
+        """The head's local weight [V/tp, d]: logits = hidden_states @ output_weight.T (for fused losses)."""
+        return self.head.weight
+
+    def _checkpointed(self, i: int) -> bool:
+        mode = self.cfg.activation_checkpointing
+        if mode == "off" or not (self.training and torch.is_grad_enabled()):
+            return False
+        return mode == "full" or i % self.cfg.checkpoint_every_k == 0  # every_k: blocks 0, k, 2k, ...
+
+    def hidden_states(self, input_ids: torch.Tensor, doc_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Final-norm hidden states [b, s, d] (replicated over TP ranks), before the head."""
+        if doc_ids is not None and doc_ids.shape != input_ids.shape:
+            raise ValueError(f"doc_ids {tuple(doc_ids.shape)} must have the shape of input_ids "
+                             f"{tuple(input_ids.shape)}")
+        s = input_ids.shape[1]
+        x = self.embed(input_ids)  # [b, s, d]
+        cos, sin = self.rope(s, x.device, x.dtype)  # [s, hd]
+        mask = build_doc_mask(doc_ids, self.cfg.attention)  # built once for all layers
+        for i, block in enumerate(self.blocks):
+            if self._checkpointed(i):
+                # recompute the block in backward (its collectives too, in the same order on every TP rank)
+                x = checkpoint(block, x, cos, sin, mask, use_reentrant=False)
+            else:
+                x = block(x, cos, sin, mask)
+        return self.norm(x)
+
+    def forward(self, input_ids: torch.Tensor, doc_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Logits of this rank's vocab shard, [b, s, V/tp] (rank r holds classes [r V/tp, (r+1) V/tp))."""
+        return self.head(self.hidden_states(input_ids, doc_ids))

@@ -1,0 +1,201 @@
+"""Megatron-style tensor-parallel layers (column / row linear, vocab embedding, RMSNorm) and the factory the model uses."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from megadistill.errors import UserError
+from megadistill.parallel.mappings import (copy_to_tp_region, gather_from_tp_region, group_rank, group_size,
+                                           reduce_from_tp_region, scatter_to_tp_region)
+
+# Initialisation contract: every sharded weight is drawn FULL, in fp32, from the current torch RNG of `device`
+# (all TP ranks are seeded identically), then this rank keeps its slice. RNG draws therefore happen in the same
+# order and amounts at any TP size, and a model built at TP=t computes the same function as at TP=1.
+
+
+def divide(n: int, tp_size: int, what: str) -> int:
+    """n / tp_size, or a UserError naming the dimension that does not split."""
+    if n % tp_size:
+        raise UserError(f"{what}={n} is not divisible by parallel.tp_size={tp_size}; "
+                        f"choose a tp_size that divides it")
+    return n // tp_size
+
+
+def mark_tensor_parallel(param: nn.Parameter, partition_dim: int) -> nn.Parameter:
+    """Tag a sharded parameter the way DeepSpeed's grad-norm code expects (counted on every TP rank)."""
+    param.tensor_model_parallel = True
+    param.partition_dim = partition_dim
+    param.partition_stride = 1
+    return param
+
+
+def _sharded_normal(shape, std: float, partition_dim: int, group, device, dtype) -> nn.Parameter:
+    full = torch.empty(shape, device=device, dtype=torch.float32).normal_(0.0, std)
+    size, rank = group_size(group), group_rank(group)
+    n = divide(shape[partition_dim], size, f"dimension {partition_dim} of a {tuple(shape)} weight")
+    local = full.narrow(partition_dim, rank * n, n).to(dtype or torch.float32).clone()
+    del full
+    return mark_tensor_parallel(nn.Parameter(local), partition_dim)
+
+
+class ColumnParallelLinear(nn.Module):
+    """Y = X A with A = [A_1 .. A_p] split by output columns: rank r holds A_r and computes Y_r = X A_r (no bias).
+
+    copy_input=False when the caller already passed X through copy_to_tp_region (several column layers reading the
+    same X, e.g. Q/K/V: one backward all-reduce of their summed dL/dX instead of one per layer).
+    """
+
+    def __init__(self, in_features: int, out_features: int, group=None, init_std: Optional[float] = None,
+                 gather_output: bool = False, device=None, dtype=None, copy_input: bool = True):
+        super().__init__()
+        self.group, self.gather_output, self.copy_input = group, gather_output, copy_input
+        self.in_features, self.out_features = in_features, out_features
+        self.tp_size = group_size(group)
+        self.out_per_rank = divide(out_features, self.tp_size, "output features")
+        std = in_features ** -0.5 if init_std is None else init_std
+        self.weight = _sharded_normal((out_features, in_features), std, 0, group, device, dtype)  # [out/tp, in]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.copy_input:
+            x = copy_to_tp_region(x, self.group)  # [..., in], replicated; backward sums dL/dX over ranks
+        y = F.linear(x, self.weight)  # [..., out/tp]
+        return gather_from_tp_region(y, self.group) if self.gather_output else y
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, tp={self.tp_size}"
+
+
+class RowParallelLinear(nn.Module):
+    """Y = X A with A = [A_1; ..; A_p] split by input rows: rank r computes X_r A_r, then all-reduce (no bias)."""
+
+    def __init__(self, in_features: int, out_features: int, group=None, init_std: Optional[float] = None,
+                 input_is_parallel: bool = True, device=None, dtype=None):
+        super().__init__()
+        self.group, self.input_is_parallel = group, input_is_parallel
+        self.in_features, self.out_features = in_features, out_features
+        self.tp_size = group_size(group)
+        self.in_per_rank = divide(in_features, self.tp_size, "input features")
+        std = in_features ** -0.5 if init_std is None else init_std
+        self.weight = _sharded_normal((out_features, in_features), std, 1, group, device, dtype)  # [out, in/tp]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.input_is_parallel:
+            x = scatter_to_tp_region(x, self.group)  # [..., in] -> [..., in/tp]
+        return reduce_from_tp_region(F.linear(x, self.weight), self.group)  # sum_r X_r A_r: [..., out]
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, tp={self.tp_size}"
+
+
+class VocabParallelEmbedding(nn.Module):
+    """Embedding table split by vocabulary rows: rank r owns ids [r V/p, (r+1) V/p); others contribute zeros."""
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, group=None, init_std: float = 1.0,
+                 device=None, dtype=None):
+        super().__init__()
+        self.group = group
+        self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
+        self.tp_size = group_size(group)
+        self.per_rank = divide(num_embeddings, self.tp_size, "vocab_size")
+        self.vocab_start = group_rank(group) * self.per_rank
+        self.weight = _sharded_normal((num_embeddings, embedding_dim), init_std, 0, group, device, dtype)  # [V/tp, d]
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        if self.tp_size == 1:
+            return F.embedding(ids, self.weight)  # [b, s, d]
+        local = ids - self.vocab_start
+        outside = (local < 0) | (local >= self.per_rank)  # ids owned by another rank
+        out = F.embedding(local.masked_fill(outside, 0), self.weight)  # [b, s, d]
+        out = out.masked_fill(outside.unsqueeze(-1), 0.0)
+        return reduce_from_tp_region(out, self.group)  # exactly one rank contributes each row
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, tp={self.tp_size}"
+
+
+class RMSNorm(nn.Module):
+    """y = x / sqrt(mean(x^2) + eps) * g, normalised in fp32, learnable gain g (init 1), replicated on TP ranks.
+
+    With `group` set, the input is sharded over TP (e.g. QK-norm over the heads of this rank) while g is shared by
+    all heads: each rank then sees only part of dL/dg, so g passes through copy_to_tp_region and its gradient is
+    summed over the group, keeping the replicas identical.
+    """
+
+    def __init__(self, dim: int, eps: float = 1e-5, group=None, device=None, dtype=None):
+        super().__init__()
+        self.eps, self.group = eps, group
+        self.weight = nn.Parameter(torch.ones(dim, device=device, dtype=dtype or torch.float32))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (y * copy_to_tp_region(self.weight, self.group)).to(x.dtype)  # gain applied in fp32
+
+    def extra_repr(self) -> str:
+        return f"{self.weight.shape[0]}, eps={self.eps}, tp_input={self.group is not None}"
+
+
+class CopyToTP(nn.Module):
+    """Module form of copy_to_tp_region (forward: identity, backward: all-reduce), for inputs shared by columns."""
+
+    def __init__(self, group=None):
+        super().__init__()
+        self.group = group
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return copy_to_tp_region(x, self.group)
+
+
+class LayerFactory:
+    """Builds the layers of one model at one TP layout; `group=None` gives plain dense layers (TP=1).
+
+    The model asks it for every weight-bearing layer, so the same model code runs at any tp_size; it also tells
+    the model how many heads / ffn columns / vocab rows live on this rank (`local`).
+    """
+
+    def __init__(self, group=None, device=None, dtype=None):
+        self.group = group if group is not None and group_size(group) > 1 else None
+        self.device, self.dtype = device, dtype
+        self.tp_size = group_size(self.group)
+        self.tp_rank = group_rank(self.group)
+
+    def local(self, n: int, what: str) -> int:
+        """This rank's share of a dimension split over TP (UserError if it does not divide)."""
+        return divide(n, self.tp_size, what)
+
+    def column(self, in_features: int, out_features: int, init_std: Optional[float] = None,
+               gather_output: bool = False, copy_input: bool = True) -> ColumnParallelLinear:
+        """[..., in] replicated -> [..., out/tp] (or [..., out] with gather_output).
+
+        copy_input=False: the input already went through `self.copy_to_tp()` (shared by several columns).
+        """
+        return ColumnParallelLinear(in_features, out_features, self.group, init_std, gather_output,
+                                    self.device, self.dtype, copy_input)
+
+    def copy_to_tp(self) -> CopyToTP:
+        """Entry into the TP region for an input that several copy_input=False columns read."""
+        return CopyToTP(self.group)
+
+    def row(self, in_features: int, out_features: int, init_std: Optional[float] = None) -> RowParallelLinear:
+        """[..., in/tp] sharded -> [..., out] replicated (all-reduce)."""
+        return RowParallelLinear(in_features, out_features, self.group, init_std, True, self.device, self.dtype)
+
+    def embedding(self, vocab_size: int, dim: int, init_std: float = 1.0) -> VocabParallelEmbedding:
+        """ids [...] -> [..., dim] replicated."""
+        return VocabParallelEmbedding(vocab_size, dim, self.group, init_std, self.device, self.dtype)
+
+    def head(self, dim: int, vocab_size: int, init_std: Optional[float] = None) -> ColumnParallelLinear:
+        """Output head: [..., dim] replicated -> LOCAL vocab-shard logits [..., V/tp], never gathered."""
+        return ColumnParallelLinear(dim, vocab_size, self.group, init_std, False, self.device, self.dtype)
+
+    def norm(self, dim: int, eps: float = 1e-5) -> RMSNorm:
+        """RMSNorm over a replicated input."""
+        return RMSNorm(dim, eps, None, self.device, self.dtype)
+
+    def sharded_input_norm(self, dim: int, eps: float = 1e-5) -> RMSNorm:
+        """RMSNorm whose gain is shared by inputs sharded over TP (per-head QK-norm); its grad is summed over TP."""
+        return RMSNorm(dim, eps, self.group, self.device, self.dtype)
+

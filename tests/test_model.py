@@ -1,0 +1,233 @@
+"""Single-process model tests: shapes, causality, RoPE, SDPA vs eager, document masks, checkpointing, µP groups."""
+import dataclasses
+import math
+
+import pytest
+import torch
+from torch.testing import assert_close
+
+from megadistill.config import ModelConfig
+from megadistill.errors import UserError
+from megadistill.model import mup
+from megadistill.model.attention import Rotary, apply_rotary, attention, build_doc_mask, document_segments
+from megadistill.model.transformer import Transformer
+from megadistill.parallel.layers import LayerFactory
+from megadistill.parallel.mappings import (copy_to_tp_region, gather_from_tp_region, reduce_from_tp_region,
+                                           scatter_to_tp_region)
+
+
+def tiny_cfg(**kw):
+    base = dict(n_layers=2, d_model=64, n_heads=4, head_dim=16, d_ff=192, vocab_size=128)
+    base.update(kw)
+    cfg = ModelConfig(**base)
+    cfg.validate()
+    return cfg
+
+
+def build(seed=0, **kw):
+    torch.manual_seed(seed)
+    return Transformer(tiny_cfg(**kw))
+
+
+def grads(model):
+    return {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+def loss_fn(logits, ids):
+    return torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
+
+
+def test_shapes_and_head_matmul():
+    model = build()
+    ids = torch.randint(0, 128, (3, 10))
+    logits = model(ids)
+    h = model.hidden_states(ids)
+    assert logits.shape == (3, 10, 128) and h.shape == (3, 10, 64)
+    assert model.output_weight.shape == (128, 64) and model.output_weight is model.head.weight
+    assert_close(logits, h @ model.output_weight.T)
+    # final RMSNorm with unit gains: every hidden vector has RMS 1
+    assert_close(h.pow(2).mean(-1), torch.ones(3, 10), atol=1e-4, rtol=0)
+
+
+def test_no_biases_and_tp_attributes_on_matrices():
+    model = build()
+    for name, p in model.named_parameters():
+        assert "bias" not in name
+        if p.dim() == 2:
+            assert p.tensor_model_parallel and p.partition_stride == 1
+            assert p.partition_dim == (1 if name.endswith(("wo.weight", "w2.weight")) else 0), name
+        else:
+            assert not getattr(p, "tensor_model_parallel", False), name
+
+
+@pytest.mark.parametrize("backend", ["sdpa", "eager"])
+def test_causal_future_tokens_do_not_change_past_logits(backend):
+    model = build(attention=backend)
+    ids = torch.randint(0, 128, (2, 12))
+    changed = ids.clone()
+    changed[:, 7:] = (changed[:, 7:] + 5) % 128
+    a, b = model(ids), model(changed)
+    assert_close(a[:, :7], b[:, :7])
+    assert (a[:, 7:] - b[:, 7:]).abs().max() > 1e-3
+
+
+def test_rope_depends_only_on_relative_position():
+    rope = Rotary(16, 500000.0)
+    cos, sin = rope(40, "cpu", torch.float64)
+    q, k = torch.randn(1, 1, 1, 16, dtype=torch.float64), torch.randn(1, 1, 1, 16, dtype=torch.float64)
+    qs = apply_rotary(q.expand(1, 40, 1, 16), cos, sin)[0, :, 0]  # [40, 16], q placed at every position
+    ks = apply_rotary(k.expand(1, 40, 1, 16), cos, sin)[0, :, 0]
+    dots = qs @ ks.T  # [m, n]
+    for delta in (0, 3, 17):
+        diag = torch.diagonal(dots, offset=-delta)  # entries with m - n = delta
+        assert_close(diag, diag[:1].expand_as(diag))
+    assert (dots[5, 2] - dots[5, 1]).abs() > 1e-6  # it does depend on the offset
+    assert_close(qs.norm(dim=-1), q.norm().expand(40))  # rotations keep norms
+    assert rope(40, "cpu", torch.float64)[0] is cos  # cached per (seq_len, device, dtype)
+    assert rope(40, "cpu", torch.float32)[0].dtype == torch.float32
+
+
+def test_model_logits_are_shift_invariant_inside_a_document():
+    # the same document placed at offset 0 or after another document gives the same logits (RoPE is relative)
+    model = build()
+    doc = torch.randint(0, 128, (1, 9))
+    other = torch.randint(0, 128, (1, 5))
+    packed = torch.cat([other, doc], dim=1)
+    doc_ids = torch.tensor([[0] * 5 + [1] * 9])
+    assert_close(model(packed, doc_ids)[:, 5:], model(doc), atol=1e-5, rtol=1e-4)
+
+
+def _qkv(b=2, s=11, h=3, hd=8, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(b, s, h, hd, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(3)]
+
+
+@pytest.mark.parametrize("with_docs", [False, True])
+def test_sdpa_matches_eager_values_and_grads(with_docs):
+    q, k, v = _qkv()
+    doc_ids = torch.tensor([[0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2], [5, 5, 5, 5, 5, 5, 7, 7, 7, 7, 7]])
+    out = {}
+    for backend in ("sdpa", "eager"):
+        mask = build_doc_mask(doc_ids, backend) if with_docs else None
+        o = attention(q, k, v, backend, mask)
+        out[backend] = (o, torch.autograd.grad((o * o.detach().sin()).sum(), (q, k, v)))
+    assert_close(out["sdpa"][0], out["eager"][0])
+    for gs, ge in zip(out["sdpa"][1], out["eager"][1]):
+        assert_close(gs, ge)
+
+
+def test_doc_masked_attention_equals_each_document_alone():
+    q, k, v = _qkv(b=2, s=10)
+    doc_ids = torch.tensor([[3, 3, 3, 3, 9, 9, 1, 1, 1, 1], [0, 0, 0, 0, 0, 0, 0, 2, 2, 2]])
+    for backend in ("sdpa", "eager"):
+        packed = attention(q, k, v, backend, build_doc_mask(doc_ids, backend))
+        for row in range(2):
+            seg = document_segments(doc_ids)[row]
+            for sid in seg.unique():
+                idx = (seg == sid).nonzero().squeeze(1)
+                lo, hi = int(idx[0]), int(idx[-1]) + 1
+                alone = attention(q[row:row + 1, lo:hi], k[row:row + 1, lo:hi], v[row:row + 1, lo:hi], "eager")
+                assert_close(packed[row:row + 1, lo:hi], alone)
+
+
+def test_documents_are_runs_of_equal_ids():
+    assert document_segments(torch.tensor([[4, 4, 2, 2, 4, 7]])).tolist() == [[0, 0, 1, 1, 2, 3]]
+    mask = build_doc_mask(torch.tensor([[4, 4, 2, 4]]), "eager").allowed[0, 0]
+    assert mask.tolist() == [[True, False, False, False], [True, True, False, False],
+                             [False, False, True, False], [False, False, False, True]]
+
+
+def test_model_sdpa_matches_eager_with_and_without_docs():
+    ids = torch.randint(0, 128, (2, 16))
+    doc_ids = torch.tensor([[0] * 6 + [1] * 10, [0] * 3 + [1] * 4 + [2] * 9])
+    for docs in (None, doc_ids):
+        res = []
+        for backend in ("sdpa", "eager"):
+            model = build(seed=3, attention=backend)
+            logits = model(ids, docs)
+            loss_fn(logits, ids).backward()
+            res.append((logits, grads(model)))
+        assert_close(res[0][0], res[1][0], atol=1e-5, rtol=1e-4)
+        for name in res[0][1]:
+            assert_close(res[0][1][name], res[1][1][name], atol=1e-5, rtol=1e-4, msg=name)
+
+
+@pytest.mark.parametrize("mode,k", [("full", 2), ("every_k", 2), ("every_k", 1)])
+def test_activation_checkpointing_gives_identical_grads(mode, k):
+    ids = torch.randint(0, 128, (2, 12))
+    doc_ids = torch.tensor([[0] * 5 + [1] * 7, [0] * 12])
+    ref = build(seed=1, n_layers=3)
+    loss_fn(ref(ids, doc_ids), ids).backward()
+    ckpt = build(seed=1, n_layers=3, activation_checkpointing=mode, checkpoint_every_k=k)
+    assert [ckpt._checkpointed(i) for i in range(3)] == ([True] * 3 if mode == "full" or k == 1
+                                                         else [True, False, True])
+    loss_fn(ckpt(ids, doc_ids), ids).backward()
+    g_ref, g_ck = grads(ref), grads(ckpt)
+    for name in g_ref:
+        assert_close(g_ck[name], g_ref[name], atol=0, rtol=0, msg=name)
+    ckpt.eval()
+    assert not ckpt._checkpointed(0)
+
+
+def test_flash_backend_needs_flash_attn():
+    try:
+        import flash_attn  # noqa: F401
+        pytest.skip("flash_attn is installed")
+    except ImportError:
+        pass
+    q, k, v = _qkv()
+    with pytest.raises(UserError, match=r"install the GPU extra .* or set model.attention=sdpa"):
+        attention(q, k, v, "flash")
+
+
+def test_bad_settings_are_user_errors():
+    with pytest.raises(UserError, match="model.n_heads=4 is not divisible by parallel.tp_size=3"):
+        Transformer(tiny_cfg(vocab_size=126), factory=_FakeTP(3))
+    with pytest.raises(UserError, match="model.attention='fast'"):
+        Transformer(dataclasses.replace(tiny_cfg(), attention="fast"))
+
+
+class _FakeTP(LayerFactory):
+    """Dense factory that claims a tp_size, to reach the divisibility checks without processes."""
+
+    def __init__(self, tp_size):
+        super().__init__()
+        self.tp_size = tp_size
+
+
+def test_mup_groups_cover_every_parameter_once():
+    cfg = tiny_cfg(mup_base_width=32)
+    model = Transformer(cfg)
+    groups = mup.param_groups(model, cfg)
+    assert [g["name"] for g in groups] == ["embedding", "hidden", "head", "norm"]
+    ids = [id(p) for g in groups for p in g["params"]]
+    assert sorted(ids) == sorted(id(p) for p in model.parameters())
+    by = {g["name"]: g for g in groups}
+    assert by["hidden"]["lr_mult"] == by["head"]["lr_mult"] == 32 / 64
+    assert by["embedding"]["lr_mult"] == by["norm"]["lr_mult"] == 1.0
+    assert [by[r]["decay"] for r in mup.ROLES] == [True, True, True, False]
+    assert len(by["norm"]["params"]) == 2 * 4 + 1  # 2 pre-norms + 2 QK-norms per block, final norm
+    assert by["embedding"]["params"] == [model.embed.weight] and by["head"]["params"] == [model.head.weight]
+    model.embed.weight.requires_grad_(False)
+    assert [g["name"] for g in mup.param_groups(model, cfg)] == ["hidden", "head", "norm"]
+
+
+def test_mup_init_scales():
+    torch.manual_seed(0)
+    model = Transformer(tiny_cfg(d_model=256, n_heads=8, head_dim=32, d_ff=704, vocab_size=1024))
+    blk = model.blocks[0]
+    for w, fan_in in ((blk.attn.wq.weight, 256), (blk.attn.wo.weight, 256), (blk.ffn.w2.weight, 704),
+                      (model.head.weight, 256)):
+        assert w.std().item() == pytest.approx(1 / math.sqrt(fan_in), rel=0.05)
+    assert model.embed.weight.std().item() == pytest.approx(1.0, rel=0.05)
+    assert torch.equal(blk.attn.q_norm.weight, torch.ones(32))
+    assert mup.init_std_for("hidden", 100) == 0.1 and mup.lr_mult_for("head", 512, 256) == 0.5
+    with pytest.raises(ValueError, match="unknown µP role"):
+        mup.tag(model, "bias")
+
+
+def test_mappings_are_identity_without_a_group():
+    x = torch.randn(3, 4, requires_grad=True)
+    for fn in (copy_to_tp_region, reduce_from_tp_region, scatter_to_tp_region, gather_from_tp_region):
+        y = fn(x, None)
+        assert y is x

@@ -1,0 +1,190 @@
+"""Tensor parallelism on gloo: groups, mpu, mappings, and the TP=2 / TP=4 model against the dense TP=1 model."""
+import pytest
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.testing import assert_close
+
+from dist_harness import run_distributed
+from megadistill.config import ModelConfig
+from megadistill.errors import UserError
+from megadistill.model.transformer import Transformer
+from megadistill.parallel.groups import ParallelGroups
+from megadistill.parallel.mappings import (copy_to_tp_region, gather_from_tp_region, reduce_from_tp_region,
+                                           scatter_to_tp_region)
+
+pytestmark = pytest.mark.multiproc
+
+V = 128
+
+
+def _cfg(**kw):
+    base = dict(n_layers=2, d_model=64, n_heads=4, head_dim=16, d_ff=192, vocab_size=V)
+    base.update(kw)
+    cfg = ModelConfig(**base)
+    cfg.validate()
+    return cfg
+
+
+def _per_rank(shape, n, seed):
+    g = torch.Generator().manual_seed(seed)  # every process draws every rank's tensor: all know all values
+    return [torch.randn(*shape, generator=g, dtype=torch.float64) for _ in range(n)]
+
+
+def check_mappings(group, rank, size):
+    """Each mapping's forward value and backward gradient for a group of `size` ranks."""
+    x_all, w_all = _per_rank((3, 4 * size), size, 11), _per_rank((3, 4 * size), size, 12)
+    chunk = lambda t, r: t[:, 4 * r:4 * (r + 1)]  # noqa: E731
+    # copy: forward identity, backward sum of every rank's upstream grad
+    x = x_all[0].clone().requires_grad_()
+    y = copy_to_tp_region(x, group)
+    (y * w_all[rank]).sum().backward()
+    assert_close(y, x_all[0])
+    assert_close(x.grad, sum(w_all))
+    # reduce: forward sum over ranks, backward identity
+    x = x_all[rank].clone().requires_grad_()
+    y = reduce_from_tp_region(x, group)
+    (y * w_all[0]).sum().backward()
+    assert_close(y, sum(x_all))
+    assert_close(x.grad, w_all[0])
+    # scatter: forward keeps chunk r, backward all-gathers every rank's chunk grad
+    x = x_all[0].clone().requires_grad_()
+    y = scatter_to_tp_region(x, group)
+    (y * chunk(w_all[rank], rank)).sum().backward()
+    assert_close(y, chunk(x_all[0], rank))
+    assert_close(x.grad, torch.cat([chunk(w_all[r], r) for r in range(size)], dim=-1))
+    # gather: forward concatenates chunks in rank order, backward keeps chunk r of the (replicated) grad
+    x = chunk(x_all[rank], rank).clone().requires_grad_()
+    y = gather_from_tp_region(x, group)
+    (y * w_all[0]).sum().backward()
+    assert_close(y, torch.cat([chunk(x_all[r], r) for r in range(size)], dim=-1))
+    assert_close(x.grad, chunk(w_all[0], rank))
+
+
+def check_groups(groups: ParallelGroups, world, tp):
+    rank = dist.get_rank()
+    assert (groups.world_size, groups.rank, groups.tp_size, groups.dp_size) == (world, rank, tp, world // tp)
+    assert (groups.tp_rank, groups.dp_rank) == (rank % tp, rank // tp)
+    assert groups.tp_ranks == tuple(range(rank // tp * tp, rank // tp * tp + tp))
+    assert groups.dp_ranks == tuple(range(rank % tp, world, tp))
+    # the groups really contain those ranks
+    t = torch.tensor([float(rank)])
+    dist.all_reduce(t, group=groups.tp_group)
+    assert t.item() == sum(groups.tp_ranks)
+    t = torch.tensor([float(rank)])
+    dist.all_reduce(t, group=groups.dp_group)
+    assert t.item() == sum(groups.dp_ranks)
+    assert dist.get_rank(groups.tp_group) == groups.tp_rank and dist.get_rank(groups.dp_group) == groups.dp_rank
+    mpu = groups.mpu()
+    assert (mpu.get_model_parallel_rank(), mpu.get_tensor_model_parallel_rank()) == (rank % tp, rank % tp)
+    assert (mpu.get_model_parallel_world_size(), mpu.get_tensor_model_parallel_world_size()) == (tp, tp)
+    assert mpu.get_model_parallel_group() is groups.tp_group is mpu.get_tensor_model_parallel_group()
+    assert (mpu.get_data_parallel_rank(), mpu.get_data_parallel_world_size()) == (rank // tp, world // tp)
+    assert mpu.get_data_parallel_group() is groups.dp_group
+    assert mpu.get_data_parallel_group_ranks() == list(range(rank % tp, world, tp))
+    assert mpu.get_tensor_model_parallel_src_rank() == rank // tp * tp
+    assert (mpu.get_sequence_parallel_world_size(), mpu.get_pipeline_model_parallel_world_size()) == (1, 1)
+    assert mpu.get_sequence_data_parallel_group() is groups.dp_group
+    assert not hasattr(mpu, "initialize_sequence_parallel")  # would make DeepSpeed ignore the DP group
+    from deepspeed.utils import bwc
+    assert bwc.bwc_tensor_model_parallel_rank(mpu) == rank % tp
+    assert bwc.bwc_tensor_model_parallel_world_size(mpu) == tp
+    assert bwc.bwc_pipeline_parallel_world_size(mpu) == 1
+
+
+def check_model_vs_dense(groups: ParallelGroups, docs: bool, **cfg_kw):
+    """The TP model from the same seed: same weights (sliced), logits, hidden states and grads as the dense model."""
+    cfg = _cfg(**cfg_kw)
+    tp, tp_rank = groups.tp_size, groups.tp_rank
+    torch.manual_seed(1234)
+    dense = Transformer(cfg)
+    torch.manual_seed(1234)
+    model = Transformer(cfg, groups.factory())
+    g = torch.Generator().manual_seed(7)
+    ids = torch.randint(0, V, (2, 16), generator=g)
+    doc_ids = torch.tensor([[0] * 5 + [1] * 11, [3] * 9 + [4] * 7]) if docs else None
+    targets = torch.randint(0, V, (2, 16), generator=g)
+    r = torch.randn(2, 16, V, generator=g)
+
+    def objective(logits):  # nonlinear in the logits, so the head and every block get non-trivial grads
+        return F.cross_entropy(logits.reshape(-1, V), targets.reshape(-1)) + 1e-2 * (logits.tanh() * r).sum()
+
+    dense_logits = dense(ids, doc_ids)
+    objective(dense_logits).backward()
+    local = model(ids, doc_ids)
+    assert local.shape == (2, 16, V // tp)
+    assert_close(local, dense_logits[..., tp_rank * V // tp:(tp_rank + 1) * V // tp], atol=1e-5, rtol=1e-5)
+    full = gather_from_tp_region(local, groups.tp_group)  # test only: the trainer never gathers the vocab
+    assert_close(full, dense_logits, atol=1e-5, rtol=1e-5)
+    objective(full).backward()
+    with torch.no_grad():
+        assert_close(model.hidden_states(ids, doc_ids), dense.hidden_states(ids, doc_ids), atol=1e-5, rtol=1e-5)
+    dense_params = dict(dense.named_parameters())
+    names = [n for n, _ in model.named_parameters()]
+    assert names == list(dense_params)
+    for name, p in model.named_parameters():
+        ref_w, ref_g = dense_params[name].detach(), dense_params[name].grad
+        if getattr(p, "tensor_model_parallel", False) and tp > 1:
+            dim = p.partition_dim
+            n = p.shape[dim]
+            assert n * tp == ref_w.shape[dim], name
+            ref_w, ref_g = ref_w.narrow(dim, tp_rank * n, n), ref_g.narrow(dim, tp_rank * n, n)
+        assert_close(p.detach(), ref_w, atol=0, rtol=0, msg=name)
+        assert_close(p.grad, ref_g, atol=1e-5, rtol=1e-4, msg=name)
+    assert model.output_weight.shape == (V // tp, cfg.d_model)
+    check_grad_norm(groups, model, dense)
+
+
+def check_grad_norm(groups: ParallelGroups, model, dense):
+    """DeepSpeed's model-parallel grad norm with our mpu counts every TP parameter once (= the dense norm)."""
+    import deepspeed
+    from deepspeed.runtime.utils import clip_grad_norm_
+    from deepspeed.utils import groups as ds_groups
+    deepspeed.init_distributed(dist_backend="gloo")  # adopts the existing process group
+    ds_groups.mpu = groups.mpu()  # what deepspeed.initialize(mpu=...) sets
+    dense_norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in dense.parameters()]))
+    tp_norm = clip_grad_norm_(list(model.parameters()), max_norm=1e9, mpu=groups.mpu())
+    assert_close(tp_norm.reshape(()), dense_norm, atol=1e-6, rtol=1e-5)
+
+
+def tp2_worker(rank, world):
+    groups = ParallelGroups.build(2)
+    check_groups(groups, world, 2)
+    check_mappings(groups.tp_group, groups.tp_rank, 2)
+    for docs in (False, True):
+        check_model_vs_dense(groups, docs)
+    check_model_vs_dense(groups, True, attention="eager", activation_checkpointing="full")
+    check_model_vs_dense(groups, False, qk_norm=False, activation_checkpointing="every_k")
+    return "ok"
+
+
+def world4_worker(rank, world):
+    # TP=2 x DP=2: groups, mpu, and each TP pair reproducing the dense model
+    groups = ParallelGroups.build(2)
+    check_groups(groups, world, 2)
+    check_model_vs_dense(groups, True)
+    with pytest.raises(UserError, match="parallel.tp_size=3 does not divide the world size 4"):
+        ParallelGroups.build(3)
+    # TP=4 on the same processes
+    groups4 = ParallelGroups.build(4)
+    check_groups(groups4, world, 4)
+    check_mappings(groups4.tp_group, groups4.tp_rank, 4)
+    for docs in (False, True):
+        check_model_vs_dense(groups4, docs)
+    return "ok"
+
+
+def test_tp2_model_mappings_groups():
+    assert run_distributed(tp2_worker, 2) == ["ok", "ok"]
+
+
+def test_world4_tp2_dp2_and_tp4():
+    assert run_distributed(world4_worker, 4) == ["ok"] * 4
+
+
+def test_single_groups_need_no_distributed():
+    g = ParallelGroups.single()
+    assert (g.world_size, g.tp_size, g.dp_size, g.tp_group, g.dp_group) == (1, 1, 1, None, None)
+    mpu = g.mpu()
+    assert (mpu.get_model_parallel_world_size(), mpu.get_data_parallel_rank()) == (1, 0)
+    assert g.factory().tp_size == 1
