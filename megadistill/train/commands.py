@@ -1,0 +1,81 @@
+"""CLI verbs of the trainer: train, eval, export (and demo / plan-memory, registered from their own modules)."""
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+from typing import List, Tuple
+
+log = logging.getLogger(__name__)
+
+EXTRA = ("megadistill.train.demo", "megadistill.train.memory")  # modules adding further verbs
+
+
+def split_args(items: List[str]) -> Tuple[List[str], List[str]]:
+    """`a.yaml b.yaml key=value ...` -> (yaml paths, dotlist overrides)."""
+    paths = [i for i in items if "=" not in i]
+    overrides = [i for i in items if "=" in i]
+    return paths, overrides
+
+
+def _train(args) -> int:
+    from megadistill import config
+    from megadistill.train.trainer import train
+
+    paths, overrides = split_args(args.items)
+    cfg = config.load(paths, overrides)
+    result = train(cfg)
+    if result.eval is not None or result.status != "finished":
+        msg = f"{result.status}: {result.run_dir} at step {result.step} ({result.tokens} tokens)"
+        if result.eval:
+            msg += f", eval_loss {result.eval['eval_loss']:.4f}"
+        log.info(msg)
+    return 0
+
+
+def _eval(args) -> int:
+    from megadistill.train.offline import evaluate_run
+
+    ev = evaluate_run(args.run_dir, args.overrides, eval_tokens=args.eval_tokens)
+    print(f"eval_loss {ev['eval_loss']:.6f} over {ev['eval_tokens']} tokens (record appended to "
+          f"{args.run_dir}/eval.jsonl)")
+    return 0
+
+
+def _export(args) -> int:
+    from megadistill.train.offline import export_run
+
+    out = export_run(args.run_dir, args.out)
+    print(f"wrote {out}/model.safetensors and {out}/config.yaml")
+    return 0
+
+
+def register(sub) -> None:
+    p = sub.add_parser("train", help="train a model (supervised or distill) from YAML configs + key=value overrides",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       epilog="example: megadistill train configs/tiny/teacher.yaml train.steps=50 "
+                              "train.run_dir=runs/t1\nresume after a crash or preemption: add train.resume=true")
+    p.add_argument("items", nargs="+", metavar="CONFIG.yaml|key=value")
+    p.set_defaults(func=_train)
+
+    p = sub.add_parser("eval", help="evaluate a run's latest checkpoint on held-out data and append an eval record",
+                       epilog="example: megadistill eval runs/t1 data.eval_fraction=0.05")
+    p.add_argument("run_dir")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. data.* overrides to evaluate elsewhere")
+    p.add_argument("--eval-tokens", type=int, default=None, help="held-out tokens (default: the run's)")
+    p.set_defaults(func=_eval)
+
+    p = sub.add_parser("export", help="write a run's consolidated weights as safetensors + config.yaml",
+                       epilog="example: megadistill export runs/t1 -o exports/t1")
+    p.add_argument("run_dir")
+    p.add_argument("-o", "--out", required=True)
+    p.set_defaults(func=_export)
+
+    for name in EXTRA:
+        try:
+            mod = importlib.import_module(name)
+        except ModuleNotFoundError as e:
+            if e.name != name:
+                raise
+            continue
+        mod.register(sub)

@@ -1,0 +1,102 @@
+"""DeepSpeed engine set-up: our config -> DeepSpeed config dict, µP AdamW param groups, cosine schedule, ZeRO wrap."""
+from __future__ import annotations
+
+import math
+from typing import List
+
+import torch
+
+from megadistill.config import Config
+from megadistill.model import mup
+from megadistill.parallel.groups import ParallelGroups
+
+
+def deepspeed_config(cfg: Config, dp_size: int) -> dict:
+    """The DeepSpeed config dict, generated from ours (never a hand-kept JSON)."""
+    t, z = cfg.train, cfg.zero
+    gas = t.global_batch_size // (t.micro_batch_size * dp_size)
+    zero = {
+        "stage": z.stage,
+        "overlap_comm": z.overlap_comm,
+        "contiguous_gradients": True,
+        "reduce_bucket_size": z.bucket_size,
+        "allgather_bucket_size": z.bucket_size,
+    }
+    if z.stage == 3:
+        zero.update(stage3_prefetch_bucket_size=z.bucket_size, stage3_param_persistence_threshold=0)
+    if z.offload_optimizer == "cpu":
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+    if z.offload_param == "cpu":
+        zero["offload_param"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+    return {
+        "train_batch_size": t.global_batch_size,
+        "train_micro_batch_size_per_gpu": t.micro_batch_size,
+        "gradient_accumulation_steps": gas,
+        "gradient_clipping": cfg.optim.grad_clip,
+        "zero_optimization": zero,
+        "bf16": {"enabled": t.precision == "bf16"},
+        # our optimizer is torch AdamW with µP groups; ZeRO wraps it (also when offloading to CPU)
+        "zero_allow_untested_optimizer": True,
+        "zero_force_ds_cpu_optimizer": False,
+        "steps_per_print": 10**12,
+        "wall_clock_breakdown": False,
+    }
+
+
+def lr_lambda(cfg: Config, total_steps: int):
+    """Multiplier of the peak LR at optimizer step s: linear warmup, then cosine to final_lr_ratio (or constant)."""
+    o = cfg.optim
+    warmup = min(o.warmup_steps, max(total_steps - 1, 0))
+
+    def f(step: int) -> float:
+        if warmup and step < warmup:
+            return (step + 1) / warmup
+        if o.schedule == "constant":
+            return 1.0
+        progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
+        return o.final_lr_ratio + (1 - o.final_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return f
+
+
+def build_optimizer(model: torch.nn.Module, cfg: Config) -> torch.optim.Optimizer:
+    """AdamW over µP groups; decoupled weight decay: p <- p - wd * (lr_t / lr_peak) * p, independent of the group LR."""
+    o = cfg.optim
+    groups: List[dict] = []
+    for g in mup.param_groups(model, cfg.model):
+        params = [p for p in g["params"] if p.requires_grad]
+        if not params:
+            continue
+        lr = o.lr * g["lr_mult"]
+        # torch AdamW multiplies weight_decay by the group lr; divide it out so decay tracks only the schedule
+        wd = (o.weight_decay / lr) if g["decay"] else 0.0
+        groups.append({"params": params, "lr": lr, "weight_decay": wd, "name": g["name"]})
+    return torch.optim.AdamW(groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, foreach=True)
+
+
+def initialize(model: torch.nn.Module, cfg: Config, groups: ParallelGroups, total_steps: int):
+    """Wrap the student in a DeepSpeed engine (ZeRO over the DP group via the mpu adapter). Returns (engine, scheduler)."""
+    import deepspeed
+
+    optimizer = build_optimizer(model, cfg)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, total_steps))
+    engine, _, _, scheduler = deepspeed.initialize(
+        model=model, optimizer=optimizer, lr_scheduler=scheduler,
+        config=deepspeed_config(cfg, groups.dp_size), mpu=groups.mpu(), dist_init_required=False)
+    return engine, scheduler
+
+
+def initialize_frozen(model: torch.nn.Module, cfg: Config, groups: ParallelGroups):
+    """Partition a frozen (teacher) model's weights over the DP group with ZeRO-3; no optimizer state is created."""
+    import deepspeed
+
+    ds = {
+        "train_micro_batch_size_per_gpu": cfg.train.micro_batch_size,
+        "train_batch_size": cfg.train.micro_batch_size * groups.dp_size,
+        "gradient_accumulation_steps": 1,
+        "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
+        "bf16": {"enabled": cfg.distill.teacher_dtype == "bf16"},
+        "steps_per_print": 10**12,
+    }
+    engine, _, _, _ = deepspeed.initialize(model=model, config=ds, mpu=groups.mpu(), dist_init_required=False)
+    return engine

@@ -1,0 +1,51 @@
+"""Held-out evaluation: cross-entropy (and teacher loss / teacher-student KL) over a fixed eval set, DP-sharded."""
+from __future__ import annotations
+
+from typing import Dict, List, Optional
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from megadistill.config import Config
+from megadistill.parallel.groups import ParallelGroups
+from megadistill.parallel.vocab_parallel import vocab_parallel_cross_entropy, vocab_parallel_kl_div
+
+
+@torch.no_grad()
+def evaluate(student: nn.Module, batches: List[Dict[str, torch.Tensor]], groups: ParallelGroups, cfg: Config,
+             device: torch.device, teacher: Optional[nn.Module] = None, with_teacher_loss: bool = False) -> Dict:
+    """Token-weighted mean losses over the eval set; batch i is evaluated by DP rank i % dp_size, then summed.
+
+    Returns {"eval_loss", "eval_tokens"} plus, with a teacher, "teacher_student_kl" (forward KL at tau=1, nats/token)
+    and, when with_teacher_loss, "teacher_eval_loss".
+    """
+    was_training = student.training
+    student.eval()
+    sums = torch.zeros(4, dtype=torch.float64)  # [ce, tokens, kl, teacher ce]
+    for i, batch in enumerate(batches):
+        if i % groups.dp_size != groups.dp_rank:
+            continue
+        ids = batch["input_ids"].to(device)
+        labels = batch["labels"].to(device)
+        doc_ids = batch["doc_ids"].to(device) if cfg.data.document_mask else None
+        mask = labels != -100
+        logits = student(ids, doc_ids)  # [b, s, v/tp]
+        sums[0] += vocab_parallel_cross_entropy(logits, labels, group=groups.tp_group)[mask].double().sum().cpu()
+        sums[1] += mask.sum().item()
+        if teacher is not None:
+            t_logits = teacher(ids, doc_ids)
+            sums[2] += vocab_parallel_kl_div(logits, t_logits, group=groups.tp_group)[mask].double().sum().cpu()
+            if with_teacher_loss:
+                ce = vocab_parallel_cross_entropy(t_logits, labels, group=groups.tp_group)
+                sums[3] += ce[mask].double().sum().cpu()
+    if groups.dp_size > 1:
+        dist.all_reduce(sums, group=groups.dp_group)
+    student.train(was_training)
+    n = max(sums[1].item(), 1.0)
+    out = {"eval_loss": sums[0].item() / n, "eval_tokens": int(sums[1].item())}
+    if teacher is not None:
+        out["teacher_student_kl"] = sums[2].item() / n
+        if with_teacher_loss:
+            out["teacher_eval_loss"] = sums[3].item() / n
+    return out

@@ -1,0 +1,72 @@
+"""The training objective as a module: student forward + vocab-parallel NTP / KD / z-loss (unfused or chunked fused)."""
+from __future__ import annotations
+
+from typing import Dict, Optional, Tuple
+
+import torch
+from torch import nn
+
+from megadistill.config import Config
+from megadistill.parallel.mappings import copy_to_tp_region
+from megadistill.parallel.vocab_parallel import (vocab_parallel_cross_entropy, vocab_parallel_kl_div,
+                                                 vocab_parallel_z_loss)
+
+
+def _masked_mean(x: torch.Tensor, mask: torch.Tensor, n_valid: torch.Tensor) -> torch.Tensor:
+    return (x * mask).sum() / n_valid
+
+
+class Objective(nn.Module):
+    """Wraps the student so DeepSpeed sees one module whose forward returns the scalar loss and detached term means.
+
+    L = (1 - kd_weight) NTP + kd_weight KD + z_loss Z  (distill);  L = NTP + z_loss Z  (supervised).
+    Each term is a mean over valid (label != -100) tokens of this rank's micro-batch; DeepSpeed averages over DP ranks
+    and accumulation steps, which equals the global token mean because packed micro-batches have equal token counts.
+    """
+
+    def __init__(self, student: nn.Module, cfg: Config, tp_group=None):
+        super().__init__()
+        self.student = student
+        self.cfg = cfg
+        self.tp_group = tp_group
+        self.distill = cfg.train.mode == "distill"
+        self.fused = cfg.distill.fused
+
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor, doc_ids: Optional[torch.Tensor] = None,
+                teacher_logits: Optional[torch.Tensor] = None, teacher_hidden: Optional[torch.Tensor] = None,
+                teacher_weight: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+        d, z_w = self.cfg.distill, self.cfg.train.z_loss
+        kd_w = d.kd_weight if self.distill else 0.0
+        if self.fused:
+            from megadistill.parallel.fused_loss import fused_linear_distill_loss
+            h = self.student.hidden_states(input_ids, doc_ids)  # [b, s, d]
+            h = copy_to_tp_region(h, self.tp_group)  # the head is column-parallel over the vocab
+            th = teacher_hidden.reshape(-1, teacher_hidden.shape[-1]) if teacher_hidden is not None else None
+            loss, stats = fused_linear_distill_loss(
+                h.reshape(-1, h.shape[-1]), self.student.output_weight, th, teacher_weight, labels.reshape(-1),
+                group=self.tp_group, kd_weight=kd_w, temperature=d.temperature, z_loss=z_w, top_k=d.top_k,
+                top_p=d.top_p, reverse=d.reverse, chunk_tokens=d.chunk_tokens)
+            return loss, stats
+        logits = self.student(input_ids, doc_ids)  # [b, s, v/tp]
+        mask = (labels != -100).float()
+        n_valid = mask.sum().clamp_min(1.0)
+        ntp = _masked_mean(vocab_parallel_cross_entropy(logits, labels, group=self.tp_group), mask, n_valid)
+        zl = _masked_mean(vocab_parallel_z_loss(logits, group=self.tp_group), mask, n_valid)
+        loss = (1.0 - kd_w) * ntp + z_w * zl
+        stats = {"ntp": ntp.detach(), "z": zl.detach()}
+        if self.distill:
+            kd = _masked_mean(vocab_parallel_kl_div(
+                logits, teacher_logits, group=self.tp_group, temperature=d.temperature, top_k=d.top_k,
+                top_p=d.top_p, reverse=d.reverse), mask, n_valid)
+            loss = loss + kd_w * kd
+            stats["kd"] = kd.detach()
+        return loss, stats
+
+
+@torch.no_grad()
+def teacher_outputs(teacher: nn.Module, cfg: Config, input_ids: torch.Tensor, doc_ids: Optional[torch.Tensor]):
+    """Teacher forward for one micro-batch: kwargs for Objective.forward (logits, or hidden + head weight when fused)."""
+    if cfg.distill.fused:
+        return {"teacher_hidden": teacher.hidden_states(input_ids, doc_ids),
+                "teacher_weight": teacher.output_weight}
+    return {"teacher_logits": teacher(input_ids, doc_ids)}

@@ -1,0 +1,273 @@
+"""The training loop (supervised | distill): DeepSpeed engine, co-resident teacher, evals, checkpoints, resume."""
+from __future__ import annotations
+
+import base64
+import contextlib
+import gc
+import json
+import logging
+import signal
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Callable, Dict, Optional
+
+import torch
+import torch.distributed as dist
+
+from megadistill import config as config_mod
+from megadistill.config import Config
+from megadistill.data import build_eval_batches, build_train_loader, describe_data
+from megadistill.errors import UserError
+from megadistill.laws import records
+from megadistill.model.sizes import params_of
+from megadistill.model.transformer import Transformer
+from megadistill.parallel.groups import ParallelGroups
+from megadistill.parallel.init import init_distributed
+from megadistill.train import checkpoint, engine as engine_mod
+from megadistill.train.evaluate import evaluate
+from megadistill.train.metrics import MetricsLog, forward_flops, peak_flops
+from megadistill.train.objective import Objective, teacher_outputs
+from megadistill.train.teacher import Teacher, load_teacher
+
+log = logging.getLogger(__name__)
+
+DONE = "DONE"  # marker file in a finished run dir
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    status: str  # finished | preempted | stopped | skipped
+    step: int
+    tokens: int
+    eval: Optional[Dict]
+
+
+class _StopFlag:
+    """Set by SIGUSR1 / SIGTERM (SLURM's warning before the time limit, or preemption); checked at step boundaries."""
+
+    def __init__(self):
+        self.requested = False
+        self._old = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGUSR1, signal.SIGTERM):
+            try:
+                self._old[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread: signals cannot be installed, training still works
+                pass
+        return self
+
+    def _handle(self, signum, frame):
+        self.requested = True
+        log.warning("signal %d received: checkpointing at the next step boundary", signum)
+
+    def __exit__(self, *exc):
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
+def total_steps(cfg: Config) -> int:
+    t = cfg.train
+    if t.steps:
+        return t.steps
+    tokens_per_step = t.global_batch_size * t.seq_len
+    tokens = t.tokens or int(t.tokens_per_param * params_of(cfg.model)[0])
+    return max(1, round(tokens / tokens_per_step))
+
+
+def _rng_state() -> str:
+    return base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode()
+
+
+def _set_rng_state(s: str) -> None:
+    import numpy as np
+    torch.set_rng_state(torch.from_numpy(np.frombuffer(base64.b64decode(s), dtype=np.uint8).copy()))
+
+
+def _any(flag: bool, device) -> bool:
+    """True on every rank if it is True on any rank (so all ranks stop at the same step)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
+def is_finished(run_dir: Path) -> bool:
+    return (Path(run_dir) / DONE).is_file()
+
+
+def train(cfg: Config, progress: Optional[Callable[[int, int], None]] = None,
+          inspect: Optional[Callable[[Dict], None]] = None) -> RunResult:
+    """Run (or resume) one training run described by cfg; every rank of the job calls it.
+
+    progress(step, total) is called on rank 0 after each step (the demo's study-wide bar uses it).
+    inspect({"engine", "student", "teacher", "groups"}) is called on every rank before teardown (tests, tooling).
+    """
+    info = init_distributed(cfg.parallel.backend)
+    cfg.validate(info.world_size)
+    t = cfg.train
+    run_dir = Path(t.run_dir)
+    run_name = t.run_name or run_dir.name
+    if is_finished(run_dir):
+        if info.rank == 0:
+            log.info("%s is finished (%s exists): skipping", run_dir, DONE)
+        return RunResult(run_dir, "skipped", 0, 0, None)
+    if (run_dir / "checkpoints" / "latest").exists() and not t.resume:
+        raise UserError(f"{run_dir} already holds checkpoints; pass train.resume=true to continue it, "
+                        "or choose another train.run_dir")
+    groups = ParallelGroups.build(cfg.parallel.tp_size)
+    if info.rank == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        checkpoint.atomic_write_text(run_dir / "config.yaml", config_mod.to_yaml(cfg))
+    torch.manual_seed(t.seed)  # identical on every rank: TP shards are slices of one full initialisation
+    student = Transformer(cfg.model, groups.factory(device=info.device))
+    objective = Objective(student, cfg, groups.tp_group)
+    steps_total = total_steps(cfg)
+    eng, scheduler = engine_mod.initialize(objective, cfg, groups, steps_total)
+    device = eng.device
+    teacher: Optional[Teacher] = load_teacher(cfg, groups, device) if t.mode == "distill" else None
+    if teacher is not None and cfg.distill.fused and cfg.zero.stage == 3:
+        import deepspeed
+        deepspeed.zero.register_external_parameter(objective, student.output_weight)
+
+    loader = build_train_loader(cfg.data, vocab_size=cfg.model.vocab_size, seq_len=t.seq_len,
+                                micro_batch_size=t.micro_batch_size, dp_rank=groups.dp_rank,
+                                dp_size=groups.dp_size, seed=t.seed)
+    eval_batches = build_eval_batches(cfg.data, vocab_size=cfg.model.vocab_size, seq_len=t.seq_len,
+                                      n_tokens=t.eval_tokens, batch_size=t.micro_batch_size)
+    n_params, n_total = params_of(cfg.model)
+    f_student = forward_flops(cfg.model, t.seq_len)
+    f_teacher = forward_flops(teacher.model_cfg, t.seq_len) if teacher else 0.0
+    gas = eng.gradient_accumulation_steps()
+    tokens_per_step = t.global_batch_size * t.seq_len
+    step, tokens, teacher_eval_loss = 0, 0, None
+
+    state = checkpoint.load(eng, run_dir) if t.resume else None
+    if state is not None:
+        step, tokens = state["step"], state["tokens"]
+        teacher_eval_loss = state.get("teacher_eval_loss")
+        loader.load_state_dict(state["loader"])
+        _set_rng_state(state["rng"])
+        if info.rank == 0:
+            log.info("resumed %s at step %d (%d tokens)", run_dir, step, tokens)
+
+    metrics = MetricsLog(run_dir, enabled=info.rank == 0, tensorboard=t.tensorboard)
+    peak = peak_flops(t.precision)
+    bar = None
+    if info.rank == 0 and t.progress and progress is None:
+        from tqdm.auto import tqdm
+        bar = tqdm(total=steps_total, initial=step, desc=run_name, unit="step", dynamic_ncols=True)
+
+    def rank_state() -> Dict:
+        return {"step": step, "tokens": tokens, "loader": loader.state_dict(), "rng": _rng_state(),
+                "teacher_eval_loss": teacher_eval_loss, "run": run_name}
+
+    def run_eval() -> Dict:
+        nonlocal teacher_eval_loss
+        tm = teacher.module if teacher else None
+        ev = evaluate(student, eval_batches, groups, cfg, device, teacher=tm,
+                      with_teacher_loss=teacher is not None and teacher_eval_loss is None)
+        teacher_eval_loss = ev.pop("teacher_eval_loss", teacher_eval_loss)
+        if info.rank == 0:
+            teacher_info = None
+            if teacher is not None:
+                teacher_info = {"run": teacher.run, "params": teacher.params, "tokens": teacher.tokens,
+                                "eval_loss": teacher_eval_loss, "own_eval_loss": teacher.eval_loss}
+            rec = records.make_record(
+                run=run_name, mode=t.mode, step=step, tokens=tokens, params=n_params, params_total=n_total,
+                flops=3.0 * f_student * tokens, eval_loss=ev["eval_loss"], eval_tokens=ev["eval_tokens"],
+                split="student_val", teacher=teacher_info, config=config_mod.to_dict(cfg),
+                time=datetime.now(timezone.utc).isoformat(timespec="seconds"))
+            rec["flops_teacher_inference"] = f_teacher * tokens
+            if "teacher_student_kl" in ev:
+                rec["teacher_student_kl"] = ev["teacher_student_kl"]
+            records.append_record(run_dir, rec)
+        return ev
+
+    status, last_eval, last_ckpt_step = "finished", None, step
+    steps_this_process = 0
+    eng.train()
+    with _StopFlag() as stop:
+        while step < steps_total:
+            t0 = time.perf_counter()
+            sums = {}
+            for _ in range(gas):
+                batch = next(loader)
+                ids = batch["input_ids"].to(device)
+                labels = batch["labels"].to(device)
+                doc_ids = batch["doc_ids"].to(device) if cfg.data.document_mask else None
+                extra = teacher_outputs(teacher.module, cfg, ids, doc_ids) if teacher else {}
+                ctx = contextlib.nullcontext()
+                if teacher is not None and teacher.engine is not None and cfg.distill.fused:
+                    import deepspeed
+                    ctx = deepspeed.zero.GatheredParameters([teacher.module.output_weight])
+                with ctx:
+                    if "teacher_weight" in extra:
+                        extra["teacher_weight"] = teacher.module.output_weight
+                    loss, stats = eng(ids, labels, doc_ids, **extra)
+                eng.backward(loss)
+                eng.step()
+                sums["loss"] = sums.get("loss", 0.0) + loss.item() / gas
+                for k, v in stats.items():
+                    sums[k] = sums.get(k, 0.0) + float(v) / gas
+            step += 1
+            steps_this_process += 1
+            tokens += tokens_per_step
+            dt = time.perf_counter() - t0
+            if info.rank == 0 and (step % t.log_interval == 0 or step == steps_total):
+                gn = eng.get_global_grad_norm()
+                tok_s = tokens_per_step / dt
+                model_flops = (3 * f_student + f_teacher) * tok_s
+                metrics.write({"step": step, "tokens": tokens, **sums, "lr": scheduler.get_last_lr()[0],
+                               "grad_norm": None if gn is None else float(gn), "tokens_per_s": tok_s,
+                               "step_time_s": dt,
+                               "mfu": model_flops / (peak * info.world_size) if peak else None})
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{sums['loss']:.3f}")
+            if progress is not None and info.rank == 0:
+                progress(step, steps_total)
+            if t.eval_interval and step % t.eval_interval == 0 and step < steps_total:
+                last_eval = run_eval()
+            stop_now = _any(stop.requested or (t.stop_after_steps and steps_this_process >= t.stop_after_steps),
+                            device)
+            if (t.checkpoint_interval and step % t.checkpoint_interval == 0) or (stop_now and step < steps_total):
+                checkpoint.save(eng, run_dir, step, rank_state(), t.keep_checkpoints)
+                last_ckpt_step = step
+            if stop_now and step < steps_total:
+                status = "preempted" if stop.requested else "stopped"
+                break
+    if bar is not None:
+        bar.close()
+    if status == "finished":
+        last_eval = run_eval()
+        if last_ckpt_step != step:
+            checkpoint.save(eng, run_dir, step, rank_state(), t.keep_checkpoints)
+        export_weights(eng, cfg, groups, run_dir / checkpoint.MODEL_DIR,
+                       meta={"run": run_name, "tokens": tokens, "params": n_params, "step": step,
+                             "eval_loss": last_eval["eval_loss"]})
+        if info.rank == 0:
+            checkpoint.atomic_write_text(run_dir / DONE, json.dumps({"step": step, "tokens": tokens}) + "\n")
+    metrics.close()
+    if inspect is not None:
+        inspect({"engine": eng, "student": student, "teacher": teacher, "groups": groups})
+    if dist.is_initialized():
+        dist.barrier()
+    result = RunResult(run_dir, status, step, tokens, last_eval)
+    del eng, objective, student, teacher, scheduler
+    gc.collect()
+    return result
+
+
+def export_weights(eng, cfg: Config, groups: ParallelGroups, out_dir: Path, meta: Dict) -> None:
+    """Consolidate the student's weights (gathering TP shards and ZeRO-3 partitions) into out_dir on rank 0."""
+    state = checkpoint.consolidated_state(eng.module.student, groups, zero3=cfg.zero.stage == 3)
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        checkpoint.write_weights(state, out_dir, config_mod.to_yaml(cfg))
+        checkpoint.atomic_write_text(out_dir / "meta.json", json.dumps(meta) + "\n")
+    if dist.is_initialized():
+        dist.barrier()
