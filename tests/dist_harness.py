@@ -2,6 +2,7 @@
 import os
 import socket
 import traceback
+import warnings
 
 import torch
 import torch.distributed as dist
@@ -18,6 +19,7 @@ def _worker(rank, world_size, port, fn, args, queue):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
                       RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
+    warnings.filterwarnings("ignore", category=FutureWarning)  # torch's deprecations inside DeepSpeed's collectives
     try:
         dist.init_process_group("gloo", rank=rank, world_size=world_size)
         result = fn(rank, world_size, *args)

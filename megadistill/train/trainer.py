@@ -96,6 +96,16 @@ def _any(flag: bool, device) -> bool:
     return bool(t.item())
 
 
+def _dp_mean(values: Dict[str, float], groups: ParallelGroups, device) -> Dict[str, float]:
+    """Average logged scalars over the DP group, so train.jsonl shows the global-batch loss whatever the layout."""
+    if groups.dp_size == 1:
+        return values
+    keys = sorted(values)
+    t = torch.tensor([values[k] for k in keys], dtype=torch.float64, device=device)
+    dist.all_reduce(t, group=groups.dp_group)
+    return {k: v / groups.dp_size for k, v in zip(keys, t.tolist())}
+
+
 def is_finished(run_dir: Path) -> bool:
     return (Path(run_dir) / DONE).is_file()
 
@@ -214,6 +224,7 @@ def train(cfg: Config, progress: Optional[Callable[[int, int], None]] = None,
                 sums["loss"] = sums.get("loss", 0.0) + loss.item() / gas
                 for k, v in stats.items():
                     sums[k] = sums.get(k, 0.0) + float(v) / gas
+            sums = _dp_mean(sums, groups, device)
             step += 1
             steps_this_process += 1
             tokens += tokens_per_step
