@@ -1,0 +1,182 @@
+"""Every YAML under configs/ loads and validates as composed; paper configs follow the paper; config errors name keys."""
+import importlib.util
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+from megadistill import config
+from megadistill.config import ConfigError
+from megadistill.errors import UserError
+from megadistill.model.sizes import PAPER_SIZES, params_of
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = ROOT / "configs"
+PAPER = CONFIGS / "paper"
+LAYOUT_WORLD = re.compile(r"-(\d+)gpu\.yaml$")
+
+
+def _all_yaml():
+    return sorted(p.relative_to(ROOT).as_posix() for p in CONFIGS.rglob("*.yaml"))
+
+
+def _compose(rel: str):
+    """(paths in load order, world size or None) for a config file, as its usage line composes it."""
+    path = ROOT / rel
+    if "/layouts/" in rel:
+        line = next(ln for ln in path.read_text().splitlines() if ln.startswith("# compose:"))
+        base = [str(ROOT / p) for p in line.split(":", 1)[1].split()]
+        return base + [str(path)], int(LAYOUT_WORLD.search(rel).group(1))
+    return [str(path)], None
+
+
+def _gen_module():
+    spec = importlib.util.spec_from_file_location("gen_paper_configs", ROOT / "tools" / "gen_paper_configs.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.mark.parametrize("rel", _all_yaml())
+def test_config_file_validates(rel, tmp_path):
+    if rel.startswith("configs/sweeps/"):  # sweep specs, not trainer configs: expand them into validated configs
+        sweep = pytest.importorskip("megadistill.laws.sweep")
+        spec = sweep.load_sweep(ROOT / rel)
+        lines = sweep.write_sweep(spec, tmp_path / "sweep")
+        assert lines and all(Path(ln["config"]).is_file() for ln in lines)
+        return
+    paths, world = _compose(rel)
+    cfg = config.load(paths, [], world_size=world)
+    assert cfg.model.n_heads * cfg.model.head_dim == cfg.model.d_model
+    if world:
+        dp = world // cfg.parallel.tp_size
+        assert cfg.train.global_batch_size % (cfg.train.micro_batch_size * dp) == 0
+
+
+def test_every_paper_size_has_a_teacher_config():
+    files = {p.stem for p in (PAPER / "teacher").glob("*.yaml")}
+    assert files == set(PAPER_SIZES) and len(files) == 33
+
+
+@pytest.mark.parametrize("size", ["103M", "975M", "2.72B", "12.6B"])
+def test_teacher_config_is_the_papers_recipe(size):
+    cfg = config.load([str(PAPER / "teacher" / f"{size}.yaml")], [], world_size=8)  # a single 8-GPU node
+    m, o, t, d = cfg.model, cfg.optim, cfg.train, cfg.data
+    assert m.size == size and m.attention == "flash" and m.vocab_size == 32768 and m.d_model == 128 * m.n_layers
+    assert (o.lr, o.weight_decay, o.warmup_steps, o.schedule, o.final_lr_ratio, o.grad_clip) == \
+        (1e-2, 1e-4, 2000, "cosine", 1e-3, 1.0)
+    assert (t.mode, t.seq_len, t.tokens_per_param, t.precision, t.z_loss, t.steps, t.tokens) == \
+        ("supervised", 4096, 20, "bf16", 1e-4, 0, 0)
+    assert (d.source, d.hf_name, d.hf_config, d.split) == ("hf", "allenai/c4", "en", "teacher")
+    assert t.run_dir == f"runs/paper/teacher-{size}"
+    from megadistill.train.trainer import total_steps
+    n = params_of(m)[0]
+    steps = total_steps(cfg)
+    # D = 20 N within one step's tokens, and well past the 2000 warmup steps
+    assert abs(steps * t.global_batch_size * t.seq_len - 20 * n) <= t.global_batch_size * t.seq_len / 2
+    assert steps > 3 * o.warmup_steps
+
+
+def test_distillation_recipes():
+    kd = config.load([str(PAPER / "distill.yaml")])
+    assert (kd.train.mode, kd.distill.kd_weight, kd.distill.temperature, kd.data.split) == ("distill", 1.0, 1.0,
+                                                                                           "student")
+    assert kd.distill.top_k is None and kd.distill.top_p is None and not kd.distill.reverse
+    assert kd.train.seq_len == 4096 and kd.optim.lr == 1e-2 and kd.train.z_loss == 1e-4
+    top = config.load([str(PAPER / "distill-topk128.yaml")])
+    assert (top.distill.top_k, top.distill.kd_weight) == (128, 0.7)
+    sup = config.load([str(PAPER / "supervised.yaml")])
+    assert (sup.train.mode, sup.data.split, sup.model.size) == ("supervised", "student", kd.model.size)
+
+
+def test_layouts_cover_8_64_512_gpus():
+    from megadistill.train.engine import deepspeed_config
+    names = {p.name for p in (PAPER / "layouts").glob("*.yaml")}
+    for kind in ("teacher-12.6B", "distill-2.72B-from-12.6B"):
+        for n in (8, 64, 512):
+            rel = f"configs/paper/layouts/{kind}-{n}gpu.yaml"
+            assert Path(rel).name in names
+            paths, world = _compose(rel)
+            cfg = config.load(paths, [], world_size=world)
+            assert cfg.model.size == ("12.6B" if kind.startswith("teacher") else "2.72B")
+            assert cfg.train.precision == "bf16" and cfg.train.seq_len == 4096
+            ds = deepspeed_config(cfg, world // cfg.parallel.tp_size)
+            assert ds["gradient_accumulation_steps"] * cfg.train.micro_batch_size * world == cfg.train.global_batch_size
+            if kind.startswith("distill"):
+                assert cfg.distill.teacher_dtype == "bf16" and cfg.distill.teacher == "runs/paper/teacher-12.6B"
+
+
+def test_generated_configs_are_up_to_date():
+    gen = _gen_module()
+    rendered = gen.render(PAPER)
+    stale = [rel for rel, text in rendered.items() if (PAPER / rel).read_text() != text]
+    assert not stale, f"run `python tools/gen_paper_configs.py`: {stale} differ from their generated text"
+    generated_dirs = {(PAPER / rel).parent for rel in rendered}
+    on_disk = {p.relative_to(PAPER).as_posix() for d in generated_dirs for p in d.glob("*.yaml")}
+    assert on_disk - {"recipe.yaml"} <= set(rendered), "a file in a generated directory is not generated any more"
+
+
+# ---- config errors name the key ---------------------------------------------------------------------------------
+
+TINY = ["model.n_layers=2", "model.d_model=64", "model.n_heads=4", "model.head_dim=16", "model.ff_multiple=64",
+        "model.vocab_size=128", "train.steps=2", "data.synthetic_branching=4"]
+
+
+@pytest.mark.parametrize("overrides,world,needle", [
+    (["train.stepz=3"], None, "'train.stepz'"),
+    (["optim.lr=fast"], None, "'optim.lr'"),
+    (["train.steps=many"], None, "'train.steps'"),
+    (["parallel.tp_size=3"], None, "parallel.tp_size=3 does not divide model.n_heads=4"),
+    (["model.vocab_size=130", "parallel.tp_size=4"], None, "does not divide model.vocab_size=130"),
+    (["train.micro_batch_size=4", "train.global_batch_size=8"], 4, "train.global_batch_size=8"),
+    (["train.mode=distill"], None, "distill.teacher"),
+])
+def test_config_errors_name_the_key(overrides, world, needle):
+    with pytest.raises(ConfigError) as e:
+        config.load([], TINY + overrides, world_size=world)
+    assert needle in str(e.value), str(e.value)
+
+
+def test_unknown_key_in_a_yaml_file(tmp_path):
+    f = tmp_path / "bad.yaml"
+    f.write_text("optim:\n  lrr: 0.1\n")
+    with pytest.raises(ConfigError) as e:
+        config.load([str(f)], TINY)
+    assert "optim.lrr" in str(e.value) and "lr" in str(e.value)
+
+
+def test_global_batch_error_names_micro_and_dp():
+    with pytest.raises(ConfigError) as e:
+        config.load([], TINY + ["train.micro_batch_size=4", "train.global_batch_size=8"], world_size=4)
+    assert "train.micro_batch_size=4" in str(e.value) and "dp_size=4" in str(e.value)
+
+
+def _export_teacher(out_dir: Path, vocab: int) -> dict:
+    from megadistill.model.transformer import Transformer
+    from megadistill.parallel.groups import ParallelGroups
+    from megadistill.train import checkpoint
+    tcfg = config.load([], TINY + [f"model.vocab_size={vocab}", "model.d_model=96", "model.n_heads=6"])
+    torch.manual_seed(0)
+    model = Transformer(tcfg.model, ParallelGroups.single().factory(device=torch.device("cpu")))
+    state = {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
+    checkpoint.write_weights(state, out_dir, config.to_yaml(tcfg))
+    return state
+
+
+def test_teacher_student_vocab_mismatch(tmp_path):
+    from megadistill.parallel.groups import ParallelGroups
+    from megadistill.train.teacher import load_teacher
+    _export_teacher(tmp_path / "t256", vocab=256)
+    student = config.load([], TINY + ["train.mode=distill", f"distill.teacher={tmp_path / 't256'}"])
+    with pytest.raises(UserError) as e:
+        load_teacher(student, ParallelGroups.single(), torch.device("cpu"))
+    assert "vocab_size=256" in str(e.value) and "model.vocab_size=128" in str(e.value)
+    # the matching teacher loads, frozen, with the exported weights
+    state = _export_teacher(tmp_path / "t128", vocab=128)
+    ok = config.load([], TINY + ["train.mode=distill", f"distill.teacher={tmp_path / 't128'}"])
+    teacher = load_teacher(ok, ParallelGroups.single(), torch.device("cpu"))
+    assert teacher.model_cfg.d_model == 96 and teacher.model_cfg.vocab_size == 128
+    for name, p in teacher.module.named_parameters():
+        assert not p.requires_grad
+        torch.testing.assert_close(p.detach(), state[name])
