@@ -8,7 +8,7 @@ from typing import List, Tuple
 
 log = logging.getLogger(__name__)
 
-EXTRA = ("megadistill.train.demo", "megadistill.train.memory")  # modules adding further verbs
+EXTRA = ("megadistill.train.memory",)  # modules adding further verbs
 
 
 def split_args(items: List[str]) -> Tuple[List[str], List[str]]:

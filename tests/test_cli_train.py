@@ -1,0 +1,95 @@
+"""Entry tests of the trainer verbs (train, eval, export) through the real CLI, plus a golden-loss drift check."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+GOLDEN = REPO / "tests" / "assets" / "golden_tiny.json"
+TINY = ["train.seq_len=32", "train.micro_batch_size=4", "train.global_batch_size=4", "train.eval_tokens=512",
+        "train.progress=false", "optim.warmup_steps=2", "model.n_layers=2", "model.d_model=32", "model.n_heads=2",
+        "model.head_dim=16", "model.ff_multiple=32", "model.vocab_size=64", "data.synthetic_branching=4",
+        "train.log_interval=1", "zero.stage=0"]
+
+
+def cli(*args, check=True):
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    proc = subprocess.run([sys.executable, "-m", "megadistill.cli", *args], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=300)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"megadistill {' '.join(args)} exited {proc.returncode}:\n{proc.stderr[-3000:]}")
+    return proc
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    run = tmp_path_factory.mktemp("cli") / "teacher"
+    cli("train", "configs/tiny/teacher.yaml", *TINY, "train.steps=6", f"train.run_dir={run}")
+    return run
+
+
+def test_train_writes_run_dir(trained):
+    for f in ("config.yaml", "train.jsonl", "eval.jsonl", "DONE", "model/model.safetensors", "model/meta.json"):
+        assert (trained / f).exists(), f
+    steps = [json.loads(line) for line in open(trained / "train.jsonl")]
+    assert [s["step"] for s in steps] == list(range(1, 7))
+    assert all(s["tokens_per_s"] > 0 and s["lr"] > 0 for s in steps)
+
+
+def test_golden_losses(trained):
+    """The tiny run's loss curve must not drift silently (fp32, CPU; regenerate on purpose with UPDATE_GOLDEN=1)."""
+    losses = [json.loads(line)["loss"] for line in open(trained / "train.jsonl")]
+    if os.environ.get("UPDATE_GOLDEN"):
+        GOLDEN.write_text(json.dumps({"overrides": TINY + ["train.steps=6"], "losses": losses}, indent=1) + "\n")
+    golden = json.loads(GOLDEN.read_text())["losses"]
+    torch.testing.assert_close(torch.tensor(losses), torch.tensor(golden), atol=2e-4, rtol=0)
+
+
+def test_rerun_of_finished_run_is_skipped(trained):
+    before = (trained / "train.jsonl").read_text()
+    proc = cli("train", "configs/tiny/teacher.yaml", *TINY, "train.steps=6", f"train.run_dir={trained}")
+    assert "skipping" in proc.stderr
+    assert (trained / "train.jsonl").read_text() == before
+
+
+def test_eval_appends_record(trained):
+    n_before = len((trained / "eval.jsonl").read_text().splitlines())
+    proc = cli("eval", str(trained), "--eval-tokens", "256")
+    assert "eval_loss" in proc.stdout
+    lines = (trained / "eval.jsonl").read_text().splitlines()
+    assert len(lines) == n_before + 1
+    rec = json.loads(lines[-1])
+    assert rec["source"] == "megadistill eval" and rec["eval_tokens"] == 256 and rec["step"] == 6
+
+
+def test_export_matches_final_weights(trained, tmp_path):
+    from safetensors.torch import load_file
+    cli("export", str(trained), "-o", str(tmp_path / "exp"))
+    a = load_file(str(tmp_path / "exp" / "model.safetensors"))
+    b = load_file(str(trained / "model" / "model.safetensors"))
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0)
+    assert (tmp_path / "exp" / "config.yaml").is_file()
+
+
+def test_config_errors_name_the_key(tmp_path):
+    proc = cli("train", "configs/tiny/teacher.yaml", "train.stepz=3", check=False)
+    assert proc.returncode == 2
+    assert "train.stepz" in proc.stderr and "Traceback" not in proc.stderr
+    proc = cli("train", "configs/tiny/distill.yaml", f"distill.teacher={tmp_path / 'nowhere'}",
+               f"train.run_dir={tmp_path / 'kd'}", check=False)
+    assert proc.returncode == 2 and "no consolidated weights" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_existing_checkpoints_need_resume(trained, tmp_path):
+    import shutil
+    run = tmp_path / "copy"
+    shutil.copytree(trained, run)
+    (run / "DONE").unlink()
+    proc = cli("train", "configs/tiny/teacher.yaml", *TINY, "train.steps=8", f"train.run_dir={run}", check=False)
+    assert proc.returncode == 2 and "train.resume=true" in proc.stderr

@@ -1,0 +1,126 @@
+#!/usr/bin/env python
+"""Trainer throughput on CPU: supervised step, distill step (teacher 2-4x larger), and HF Llama of the same shape; JSON."""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+
+def _shape_overrides(prefix: str, d: int, layers: int, heads: int, vocab: int):
+    return [f"{prefix}.n_layers={layers}", f"{prefix}.d_model={d}", f"{prefix}.n_heads={heads}",
+            f"{prefix}.head_dim={d // heads}", f"{prefix}.ff_multiple=64", f"{prefix}.vocab_size={vocab}"]
+
+
+def _median_step_time(run_dir: Path, skip: int) -> float:
+    rows = [json.loads(line) for line in open(run_dir / "train.jsonl")]
+    return statistics.median(r["step_time_s"] for r in rows[skip:])
+
+
+def _time(fn, repeats: int, warmup: int = 2) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--d-model", type=int, default=256)
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--heads", type=int, default=4)
+    ap.add_argument("--teacher-d-model", type=int, default=384)
+    ap.add_argument("--teacher-layers", type=int, default=6)
+    ap.add_argument("--vocab", type=int, default=4096)
+    ap.add_argument("--seq-len", type=int, default=256)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+
+    from megadistill import config
+    from megadistill.model.sizes import params_of
+    from megadistill.model.transformer import Transformer
+    from megadistill.train.trainer import train
+
+    tmp = Path(tempfile.mkdtemp(prefix="bench_train_"))
+    common = [f"train.seq_len={args.seq_len}", f"train.micro_batch_size={args.batch}",
+              f"train.global_batch_size={args.batch}", "train.eval_tokens=512", "train.progress=false",
+              "optim.warmup_steps=1", "zero.stage=1", f"train.steps={args.steps}", "train.checkpoint_interval=0"]
+    student = _shape_overrides("model", args.d_model, args.layers, args.heads, args.vocab)
+    teacher = _shape_overrides("model", args.teacher_d_model, args.teacher_layers, args.heads, args.vocab)
+    tokens = args.batch * args.seq_len
+    skip = 2  # first steps include allocator warm-up
+
+    # teacher weights for the distill step (trained 1 step: the speed does not depend on its quality)
+    train(config.load([], common + teacher + [f"train.run_dir={tmp / 'teacher'}", "train.steps=1"]))
+    train(config.load([], common + student + [f"train.run_dir={tmp / 'sup'}"]))
+    sup = _median_step_time(tmp / "sup", skip)
+    train(config.load([], common + student + [f"train.run_dir={tmp / 'kd'}", "train.mode=distill",
+                                               f"distill.teacher={tmp / 'teacher'}", "data.split=student"]))
+    kd = _median_step_time(tmp / "kd", skip)
+
+    # the teacher's forward alone, on a batch of the same shape
+    tcfg = config.load([], common + teacher).model
+    tmodel = Transformer(tcfg).eval()
+    ids = torch.randint(0, args.vocab, (args.batch, args.seq_len))
+    with torch.no_grad():
+        t_fwd = _time(lambda: tmodel(ids), repeats=args.steps)
+
+    # Hugging Face Llama of the student's shape: forward + backward + AdamW step (what our step does)
+    from transformers import LlamaConfig, LlamaForCausalLM
+    scfg = config.load([], common + student).model
+    hf = LlamaForCausalLM(LlamaConfig(
+        vocab_size=args.vocab, hidden_size=scfg.d_model, intermediate_size=scfg.d_ff, num_hidden_layers=scfg.n_layers,
+        num_attention_heads=scfg.n_heads, num_key_value_heads=scfg.n_heads, max_position_embeddings=args.seq_len,
+        rope_theta=scfg.rope_base, tie_word_embeddings=False, attn_implementation="sdpa"))
+    opt = torch.optim.AdamW(hf.parameters(), lr=1e-4, foreach=True)
+
+    def hf_step():
+        out = hf(input_ids=ids, labels=ids)
+        out.loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    hf_t = _time(hf_step, repeats=args.steps)
+    ours = Transformer(scfg)
+    opt2 = torch.optim.AdamW(ours.parameters(), lr=1e-4, foreach=True)
+
+    def ours_raw_step():
+        logits = ours(ids)
+        torch.nn.functional.cross_entropy(logits.flatten(0, 1), ids.flatten()).backward()
+        opt2.step()
+        opt2.zero_grad(set_to_none=True)
+
+    raw_t = _time(ours_raw_step, repeats=args.steps)
+    result = {
+        "device": "cpu", "threads": args.threads, "tokens_per_step": tokens,
+        "student_params": params_of(scfg)[0], "teacher_params": params_of(tcfg)[0],
+        "supervised_step_s": sup, "supervised_tokens_per_s": tokens / sup,
+        "distill_step_s": kd, "distill_tokens_per_s": tokens / kd,
+        "teacher_forward_s": t_fwd,
+        "distill_overhead_s": kd - sup,
+        "distill_overhead_over_teacher_forward": (kd - sup) / t_fwd,
+        "goal_distill_overhead_le_teacher_fwd_plus_10pct": (kd - sup) <= 1.1 * t_fwd,
+        "hf_llama_step_s": hf_t, "hf_llama_tokens_per_s": tokens / hf_t,
+        "ours_model_only_step_s": raw_t,
+        "supervised_vs_hf_speed_ratio": hf_t / sup,
+        "goal_supervised_at_least_hf_speed": sup <= hf_t,
+    }
+    print(json.dumps(result, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
