@@ -1,0 +1,1 @@
+"""The demo study: small teachers and students on a synthetic language, fitted laws and a report."""
