@@ -155,6 +155,7 @@ class TrainConfig:
     checkpoint_interval: int = 0  # steps between checkpoints; 0 = only at the end
     keep_checkpoints: int = 2  # newest checkpoints kept
     resume: bool = False  # continue from <run_dir>/checkpoints/latest
+    save: bool = True  # write checkpoints and the final consolidated weights (false: benchmarks, throwaway runs)
     tensorboard: bool = False
     progress: bool = True  # tqdm bar on rank 0
     stop_after_steps: int = 0  # stop (checkpointing) after this many steps of this process; testing / preemption drills

@@ -246,7 +246,8 @@ def train(cfg: Config, progress: Optional[Callable[[int, int], None]] = None,
                 last_eval = run_eval()
             stop_now = _any(stop.requested or (t.stop_after_steps and steps_this_process >= t.stop_after_steps),
                             device)
-            if (t.checkpoint_interval and step % t.checkpoint_interval == 0) or (stop_now and step < steps_total):
+            want_ckpt = (t.checkpoint_interval and step % t.checkpoint_interval == 0) or (stop_now and step < steps_total)
+            if t.save and want_ckpt:
                 checkpoint.save(eng, run_dir, step, rank_state(), t.keep_checkpoints)
                 last_ckpt_step = step
             if stop_now and step < steps_total:
@@ -256,11 +257,13 @@ def train(cfg: Config, progress: Optional[Callable[[int, int], None]] = None,
         bar.close()
     if status == "finished":
         last_eval = run_eval()
+    if status == "finished" and t.save:
         if last_ckpt_step != step:
             checkpoint.save(eng, run_dir, step, rank_state(), t.keep_checkpoints)
         export_weights(eng, cfg, groups, run_dir / checkpoint.MODEL_DIR,
                        meta={"run": run_name, "tokens": tokens, "params": n_params, "step": step,
                              "eval_loss": last_eval["eval_loss"]})
+    if status == "finished":
         if info.rank == 0:
             checkpoint.atomic_write_text(run_dir / DONE, json.dumps({"step": step, "tokens": tokens}) + "\n")
     metrics.close()

@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# GPU check on one H100/H200 (< 8 minutes): attention vs eager, bf16 step time + MFU of the real trainer, peak memory.
+# Usage: tools/gpu_check.sh [OUT.json]   (installs wheels from .whl/ when deepspeed/omegaconf are missing)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python3}
+if ! "$PYTHON" -c "import deepspeed, omegaconf" 2>/dev/null; then
+  if [ -d .whl ]; then
+    "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+    export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+  else
+    echo "deepspeed/omegaconf missing: pip install -e . first" >&2; exit 2
+  fi
+fi
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 OMP_NUM_THREADS=${OMP_NUM_THREADS:-8}
+exec timeout "${GPU_CHECK_TIMEOUT:-480}" "$PYTHON" tools/gpu_check.py ${1:+--out "$1"}
