@@ -1,0 +1,211 @@
+"""Chunked fused-linear student objective: head matmul + NTP/KD/z-loss + their gradients, O(chunk x V/tp) memory."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, Optional, Tuple
+
+import torch
+
+from megadistill.errors import UserError
+from megadistill.parallel.vocab_parallel import (DEFAULT_TOP_P_CANDIDATES, IGNORE_INDEX, all_reduce_max,
+                                                 check_options, check_targets, reduce_sum, teacher_support,
+                                                 tp_rank, tp_world)
+
+
+@dataclass(frozen=True)
+class _Opts:
+    group: object
+    kd_weight: float  # lambda
+    temperature: float  # tau
+    z_loss: float  # lambda_Z
+    top_k: Optional[int]
+    top_p: Optional[float]
+    reverse: bool
+    chunk_tokens: int
+    top_p_candidates: int
+
+
+def _chunk(z: torch.Tensor, t: Optional[torch.Tensor], y: torch.Tensor, row_w: torch.Tensor, o: _Opts,
+           need_grad: bool) -> Tuple[Optional[torch.Tensor], torch.Tensor]:
+    """Loss sums and d(mean loss)/dz for one token chunk; z [c, v/tp] student and t [c, v/tp] teacher logits (fp32,
+    owned: both are overwritten in place to keep at most ~3 [c, v/tp] buffers alive).
+
+    row_w [c] = valid / n_valid. Returns G [c, v/tp] (or None) and sums [5] = (ntp replicated part, ntp rank-local
+    part, z, kd replicated part, kd rank-local part); rank-local parts are all-reduced once after the last chunk.
+    Per token, with s = z / tau, q = softmax(s), p = truncated softmax(t / tau), sm = softmax(z):
+      NTP = lse(z) - z_y                    dNTP/dz = sm - onehot(y)
+      Z = lse(z)^2                          dZ/dz   = 2 lse(z) sm
+      KD = tau^2 sum p (t/tau - s) + tau^2 (lse(s) - lse_p)            dKD/dz = tau (q - p)
+      KD_rev = tau^2 (sum q (s - t/tau) + lse_p - lse(s))              dKD_rev/dz = tau q ((s - t/tau) - E_q[s - t/tau])
+    """
+    group, tau, lam = o.group, o.temperature, o.kd_weight
+    v_local = z.shape[-1]
+    start = tp_rank(group) * v_local
+    here = (y >= start) & (y < start + v_local)  # this rank holds the target column
+    idx = (y - start).clamp(0, v_local - 1).unsqueeze(-1)
+    z_y = torch.where(here, z.gather(-1, idx).squeeze(-1), 0.0)  # [c] rank-local partial of z_y
+    kd = t is not None
+    if kd:
+        if tau != 1.0:
+            t.div_(tau)
+        support = teacher_support(t, group, o.top_k, o.top_p, o.top_p_candidates)
+        m1, mt = all_reduce_max(torch.stack([z.amax(dim=-1), t.amax(dim=-1)]), group)  # max of s is m1 / tau
+        e_t = torch.sub(t, mt.unsqueeze(-1)).exp_()  # [c, v/tp] unnormalised teacher probabilities
+        if support is not None:
+            e_t.masked_fill_(~support, 0.0)
+        sum_t = e_t.sum(dim=-1)
+        t.sub_(z, alpha=1.0 / tau)  # t/tau - s, in place
+        if o.reverse:
+            del e_t
+            t.neg_()  # d = s - t/tau
+            e_s = torch.sub(z, m1.unsqueeze(-1)).div_(tau).exp_() if tau != 1.0 else None
+        else:
+            kd_part = t.mul_(e_t).sum(dim=-1)  # sum_a e_t (t/tau - s): rank-local, unnormalised
+            del t  # frees the buffer before e_s (tau != 1) is allocated
+            e_s = torch.sub(z, m1.unsqueeze(-1)).div_(tau).exp_() if tau != 1.0 else None
+    else:
+        m1 = all_reduce_max(z.amax(dim=-1), group)
+    e1 = z.sub_(m1.unsqueeze(-1)).exp_()  # [c, v/tp] exp(z - m1), in place
+    if kd and e_s is None:
+        e_s = e1  # tau == 1: q == sm
+    parts = [e1.sum(dim=-1)]
+    if kd:
+        parts += [sum_t] + ([] if e_s is e1 else [e_s.sum(dim=-1)])
+        if o.reverse:
+            parts.append((e_s * t).sum(dim=-1))  # sum_a e_s (s - t/tau), rank-local
+    red = reduce_sum(torch.stack(parts), group)  # one all-reduce of [1..4, c]
+    sum_1 = red[0]
+    lse_1 = m1 + torch.log(sum_1)
+    sums = torch.zeros(5, dtype=torch.float64, device=z.device)
+    sums[0] = (row_w * lse_1).sum()
+    sums[1] = (row_w * z_y).sum()
+    sums[2] = (row_w * lse_1 ** 2).sum()
+    if kd:
+        sum_t = red[1]
+        sum_s = sum_1 if e_s is e1 else red[2]
+        lse_s, lse_t = m1 / tau + torch.log(sum_s), mt + torch.log(sum_t)
+        if o.reverse:
+            e_q = red[-1] / sum_s  # E_q[s - t/tau], replicated
+            sums[3] = tau ** 2 * (row_w * (e_q + lse_t - lse_s)).sum()
+        else:
+            sums[3] = tau ** 2 * (row_w * (lse_s - lse_t)).sum()
+            sums[4] = tau ** 2 * (row_w * kd_part / sum_t).sum()
+    if not need_grad:
+        return None, sums
+    # G = row_w [ (1-lam)(sm - onehot) + 2 lam_Z lse_1 sm + lam dKD/dz ], built in place in e1
+    if kd and o.reverse:  # before e1 (== e_s at tau = 1) is rescaled below
+        kd_g = t.sub_(e_q.unsqueeze(-1)).mul_(e_s).mul_((row_w * lam * tau / sum_s).unsqueeze(-1))
+    coef_1 = row_w * ((1.0 - lam) + 2.0 * o.z_loss * lse_1) / sum_1
+    if kd and not o.reverse and e_s is e1:
+        coef_1 = coef_1 + row_w * lam * tau / sum_s
+    g = e1.mul_(coef_1.unsqueeze(-1))
+    if kd and not o.reverse:
+        if e_s is not e1:
+            g.addcmul_(e_s, (row_w * lam * tau / sum_s).unsqueeze(-1))
+        g.addcmul_(e_t, (-row_w * lam * tau / sum_t).unsqueeze(-1))
+    elif kd:
+        g.add_(kd_g)
+    g.scatter_add_(-1, idx, -((1.0 - lam) * row_w * here).unsqueeze(-1))
+    return g, sums
+
+
+class _FusedLinearDistill(torch.autograd.Function):
+    """Loss forward that also computes, chunk by chunk, the gradients w.r.t. student hidden states and head weight.
+
+    backward scales the stored gradients by grad_output; no collectives in backward (the hidden-state gradient is
+    this rank's partial sum G_r W_r, completed by the caller's copy_to_tp_region backward all-reduce).
+    """
+
+    @staticmethod
+    def forward(ctx, h, w, h_t, w_t, y, o: _Opts):
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        n_tok = h.shape[0]
+        valid = y != IGNORE_INDEX
+        row_w = valid.float() / valid.sum().clamp(min=1).float()  # [T] valid / n_valid
+        kd = h_t is not None
+        grad_h = torch.empty_like(h) if need_h else None
+        grad_w = torch.zeros(w.shape, dtype=torch.float32, device=w.device) if need_w else None
+        sums = torch.zeros(5, dtype=torch.float64, device=h.device)
+        for a in range(0, n_tok, o.chunk_tokens):
+            b = min(a + o.chunk_tokens, n_tok)
+            # logits [c, v/tp] passed unnamed so that _chunk holds their only references and can free them early
+            g, s = _chunk((h[a:b] @ w.t()).float(), (h_t[a:b] @ w_t.t()).float() if kd else None,
+                          y[a:b], row_w[a:b], o, need_h or need_w)
+            sums += s
+            if g is None:
+                continue
+            g_mm = g.to(w.dtype)
+            if need_h:
+                grad_h[a:b] = g_mm @ w  # [c, d] rank-local partial of dL/dh
+            if need_w:
+                if w.dtype == torch.float32:
+                    grad_w.addmm_(g.t(), h[a:b])  # [v/tp, d]
+                else:  # low-precision product, accumulated in fp32 (add_ casts on the fly, no fp32 copy)
+                    grad_w.add_(g_mm.t() @ h[a:b])
+            del g, g_mm
+        local = reduce_sum(sums[[1, 4]], o.group)  # the two rank-local sums, one all-reduce of 2 numbers
+        ntp, kd_mean, zl = sums[0] - local[0], sums[3] + local[1], sums[2]
+        lam = o.kd_weight
+        loss = ((1.0 - lam) * ntp + lam * kd_mean + o.z_loss * zl).float()
+        ctx.save_for_backward(grad_h, grad_w.to(w.dtype) if need_w else None)
+        stats = torch.stack([ntp, kd_mean, zl]).float()
+        ctx.mark_non_differentiable(stats)
+        return loss, stats
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_stats):
+        grad_h, grad_w = ctx.saved_tensors
+        if grad_h is not None:
+            grad_h = grad_h * grad_loss.to(grad_h.dtype)
+        if grad_w is not None:
+            grad_w = grad_w * grad_loss.to(grad_w.dtype)
+        return grad_h, grad_w, None, None, None, None
+
+
+def fused_linear_distill_loss(student_hidden: torch.Tensor, student_weight: torch.Tensor,
+                              teacher_hidden: Optional[torch.Tensor], teacher_weight: Optional[torch.Tensor],
+                              targets: torch.Tensor, group=None, kd_weight: float = 1.0, temperature: float = 1.0,
+                              z_loss: float = 1e-4, top_k: Optional[int] = None, top_p: Optional[float] = None,
+                              reverse: bool = False, chunk_tokens: int = 1024,
+                              top_p_candidates: int = DEFAULT_TOP_P_CANDIDATES
+                              ) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+    """L = (1 - lambda) NTP + lambda KD + lambda_Z Z, mean over tokens with target != -100, never holding more than
+    chunk_tokens x V/tp logits.
+
+    student_hidden [..., d], student_weight [V/tp, d] (this rank's head shard), teacher_hidden [..., d_T] and
+    teacher_weight [V/tp, d_T] (no gradient; None with kd_weight=0 gives the supervised objective NTP + Z),
+    targets [...]. With TP > 1 the caller feeds student_hidden through copy_to_tp_region (identity forward,
+    all-reduce backward): the gradient returned here for it is this rank's partial sum. Same value, gradient and
+    stats as vocab_parallel.distill_loss on the materialised logits: stats = detached means ntp, z, kd (when a
+    teacher is used) and the number of valid tokens.
+    """
+    check_options(temperature, top_k, top_p, reverse)
+    if chunk_tokens < 1:
+        raise UserError(f"distill.chunk_tokens={chunk_tokens} must be >= 1")
+    use_kd = kd_weight != 0.0
+    if use_kd and (teacher_hidden is None or teacher_weight is None):
+        raise UserError(f"distill.kd_weight={kd_weight} needs teacher hidden states and head weight; "
+                        "pass them or set kd_weight=0 for the supervised objective")
+    d = student_hidden.shape[-1]
+    h = student_hidden.reshape(-1, d)
+    y = targets.reshape(-1)
+    if student_weight.dim() != 2 or student_weight.shape[1] != d or y.numel() != h.shape[0]:
+        raise UserError(f"fused loss shapes disagree: hidden {tuple(student_hidden.shape)}, head weight "
+                        f"{tuple(student_weight.shape)} (want [V/tp, {d}]), targets {tuple(targets.shape)}")
+    h_t = w_t = None
+    if use_kd:
+        d_t = teacher_hidden.shape[-1]
+        h_t = teacher_hidden.detach().reshape(-1, d_t)
+        w_t = teacher_weight.detach()
+        if h_t.shape[0] != h.shape[0] or tuple(w_t.shape) != (student_weight.shape[0], d_t):
+            raise UserError(f"teacher hidden {tuple(teacher_hidden.shape)} / head {tuple(teacher_weight.shape)} "
+                            f"do not match the student's tokens {h.shape[0]} and vocab shard {student_weight.shape[0]}")
+    check_targets(y, student_weight.shape[0] * tp_world(group))
+    o = _Opts(group, float(kd_weight), float(temperature), float(z_loss), top_k, top_p, bool(reverse),
+              int(chunk_tokens), int(top_p_candidates))
+    loss, st = _FusedLinearDistill.apply(h, student_weight, h_t, w_t, y, o)
+    valid = (y != IGNORE_INDEX).sum()
+    stats = {"ntp": st[0], "z": st[2], "tokens": valid}
+    if use_kd:
+        stats["kd"] = st[1]
+    return loss, stats

@@ -1,0 +1,335 @@
+"""Vocab-parallel cross-entropy, KL distillation (full / top-k / top-p / reverse) and z-loss on vocab-sharded logits."""
+from __future__ import annotations
+
+import math
+from typing import Dict, Optional, Tuple
+
+import torch
+import torch.distributed as dist
+
+from megadistill.errors import UserError
+
+IGNORE_INDEX = -100
+DEFAULT_TOP_P_CANDIDATES = 256  # per-rank teacher candidates of the exact top-p search (see _top_p_support)
+
+
+# ----------------------------------------------------------------------------------------------- collectives
+# Rank r of the TP group holds vocab columns [r V/tp, (r+1) V/tp). Every collective below moves per-token
+# numbers ([tokens] or [tokens, k]), never a [tokens, V/tp] slab. group=None (or a group of one) is the dense case.
+
+def tp_world(group) -> int:
+    return 1 if group is None else dist.get_world_size(group)
+
+
+def tp_rank(group) -> int:
+    return 0 if group is None else dist.get_rank(group)
+
+
+class _ReduceSum(torch.autograd.Function):
+    """forward: all-reduce (sum) over the TP group; backward: identity.
+
+    The reduced value is replicated, and everything downstream of it (the per-token loss) is computed identically
+    on every rank, so d loss / d local-partial equals the replicated d loss / d sum on each rank.
+    """
+
+    @staticmethod
+    def forward(ctx, x, group):
+        x = x.clone()
+        dist.all_reduce(x, op=dist.ReduceOp.SUM, group=group)
+        return x
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None
+
+
+def reduce_sum(x: torch.Tensor, group) -> torch.Tensor:
+    """Sum of the per-rank partials x (autograd-aware, see _ReduceSum)."""
+    return x if tp_world(group) == 1 else _ReduceSum.apply(x, group)
+
+
+@torch.no_grad()
+def all_reduce_max(x: torch.Tensor, group) -> torch.Tensor:
+    """forward: all-reduce (max); backward: none.
+
+    Only used on detached values: the stabilising shift of a log-sum-exp (which cancels, so carries no gradient)
+    and teacher-side thresholds (the teacher gets no gradient).
+    """
+    if tp_world(group) == 1:
+        return x
+    x = x.clone()
+    dist.all_reduce(x, op=dist.ReduceOp.MAX, group=group)
+    return x
+
+
+@torch.no_grad()
+def all_reduce_min(x: torch.Tensor, group) -> torch.Tensor:
+    """forward: all-reduce (min); backward: none (detached teacher-side search bounds only)."""
+    if tp_world(group) == 1:
+        return x
+    x = x.clone()
+    dist.all_reduce(x, op=dist.ReduceOp.MIN, group=group)
+    return x
+
+
+class _GatherLastDim(torch.autograd.Function):
+    """forward: all-gather along the last dim ([n, k] per rank -> [n, tp k], rank-major); backward: own slice.
+
+    The gathered tensor is consumed identically on every rank, so the local input's gradient is its own slice of
+    the replicated output gradient (no communication). Used for the per-rank top-k teacher candidates.
+    """
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group, ctx.k = group, x.shape[-1]
+        parts = [torch.empty_like(x) for _ in range(tp_world(group))]
+        dist.all_gather(parts, x.contiguous(), group=group)
+        return torch.cat(parts, dim=-1)
+
+    @staticmethod
+    def backward(ctx, grad):
+        r, k = tp_rank(ctx.group), ctx.k
+        return grad[..., r * k:(r + 1) * k].contiguous(), None
+
+
+def gather_last_dim(x: torch.Tensor, group) -> torch.Tensor:
+    return x if tp_world(group) == 1 else _GatherLastDim.apply(x, group)
+
+
+# ----------------------------------------------------------------------------------- checks and shared pieces
+
+def check_options(temperature: float, top_k: Optional[int], top_p: Optional[float], reverse: bool) -> None:
+    if not temperature > 0:
+        raise UserError(f"distill.temperature={temperature!r} must be > 0 (the paper uses 1; range 0.5..10)")
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
+        raise UserError(f"distill.top_k={top_k!r} must be a positive integer or null (no truncation)")
+    if top_p is not None and not 0.0 < top_p <= 1.0:
+        raise UserError(f"distill.top_p={top_p!r} must lie in (0, 1] or be null (no truncation)")
+    if reverse and (top_k is not None or (top_p is not None and top_p < 1.0)):
+        raise UserError("distill.reverse=true cannot be combined with distill.top_k/top_p: reverse KL(q_S || p_T) "
+                        "is infinite wherever the truncated teacher has zero mass; drop the truncation or reverse")
+
+
+def check_targets(targets: torch.Tensor, vocab: int) -> None:
+    bad = ((targets < 0) & (targets != IGNORE_INDEX)) | (targets >= vocab)
+    if bool(bad.any()):
+        raise UserError(f"targets must lie in [0, {vocab}) or equal {IGNORE_INDEX} (ignored); "
+                        f"found {targets[bad][0].item()}: check the tokenizer's vocab against model.vocab_size")
+
+
+def softmax_stats(x: torch.Tensor, group) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(m, e, S) for x [n, v/tp]: global row max m [n] (detached), e = exp(x - m) [n, v/tp], S = sum_V e [n].
+
+    log-sum-exp over the full vocab = m + log S; softmax on this shard = e / S. Collectives: max and sum of [n].
+    """
+    m = all_reduce_max(x.detach().amax(dim=-1), group)  # [n]
+    e = torch.exp(x - m.unsqueeze(-1))  # [n, v/tp]
+    return m, e, reduce_sum(e.sum(dim=-1), group)
+
+
+def logsumexp(x: torch.Tensor, group) -> torch.Tensor:
+    m, _, s = softmax_stats(x, group)
+    return m + torch.log(s)
+
+
+def _flat(x: torch.Tensor) -> torch.Tensor:
+    return x.reshape(-1, x.shape[-1])
+
+
+# ------------------------------------------------------------------------------- teacher truncation (no grad)
+
+@torch.no_grad()
+def _top_k_support(t: torch.Tensor, k: int, group) -> Optional[torch.Tensor]:
+    """Mask [n, v/tp] of the teacher's global top-k, or None when k >= V (nothing truncated).
+
+    Each rank's share of the global top-k lies inside its local top-min(k, V/tp), so gathering those candidates
+    ([n, tp min(k, V/tp)] numbers) gives the global k-th largest value exactly. Tokens tied with the k-th value are
+    all kept: the set then does not depend on the TP layout (torch.topk breaks ties arbitrarily).
+    """
+    v_local = t.shape[-1]
+    if k >= v_local * tp_world(group):
+        return None
+    cand = gather_last_dim(t.topk(min(k, v_local), dim=-1).values, group)  # [n, tp k']
+    kth = cand.topk(k, dim=-1).values[:, -1:]  # [n, 1]
+    return t >= kth
+
+
+def _float_key(x: torch.Tensor) -> torch.Tensor:
+    """Order-preserving int64 key of fp32 values (a < b  <=>  key(a) < key(b)); bisection on keys is exact."""
+    b = (x.float() + 0.0).contiguous().view(torch.int32).to(torch.int64)  # + 0.0 folds -0.0 into +0.0
+    return torch.where(b >= 0, b, -(b & 0x7FFFFFFF) - 1)
+
+
+def _key_float(key: torch.Tensor) -> torch.Tensor:
+    b = torch.where(key >= 0, key, -(key + 1) - 2 ** 31)
+    return b.to(torch.int32).view(torch.float32)
+
+
+@torch.no_grad()
+def _top_p_support(t: torch.Tensor, support: Optional[torch.Tensor], top_p: float, group,
+                   n_cand: int) -> torch.Tensor:
+    """Mask [n, v/tp] of the teacher's top-p nucleus (of the distribution already restricted to `support`).
+
+    Definition: token a is kept iff the mass of tokens strictly more likely than a is < top_p, i.e. the smallest
+    set of most likely tokens whose mass reaches top_p (ties at the boundary all kept). It is {a: t_a >= u} for a
+    per-token threshold u, found without gathering the vocab:
+    1. candidates: every rank's top-n_cand logits are gathered ([n, tp n_cand] numbers) and sorted; the mass above
+       each candidate is an exclusive cumulative sum. With c = max over ranks of each rank's smallest candidate,
+       every token with logit > c is a candidate, so the mass above any candidate >= c is exact. If the first
+       dropped candidate is >= c, the threshold is certified (the common case: nuclei of trained teachers are small).
+    2. otherwise (a flat teacher, nucleus wider than the candidates) an exact bisection on the fp32 bit pattern of
+       u between the global minimum and c: 32 steps, each an all-reduce of one number per uncertified token.
+    All ranks hold identical gathered / reduced values, so they take the same branch and the same number of steps.
+    """
+    n, v_local = t.shape
+    if support is not None:
+        t = t.masked_fill(~support, -math.inf)
+    lse = logsumexp(t, group)  # [n] log-normaliser of the (top-k) teacher
+    k = min(n_cand, v_local)
+    local = t.topk(k, dim=-1).values  # [n, k] descending
+    cand = gather_last_dim(local, group)  # [n, tp k]
+    c = cand.view(n, -1, k)[..., -1].amax(dim=-1)  # [n] every logit > c is a candidate
+    sv = cand.sort(dim=-1, descending=True).values
+    w = torch.exp(sv - lse.unsqueeze(-1))
+    excl = torch.cat([torch.zeros_like(w[:, :1]), w.cumsum(dim=-1)[:, :-1]], dim=-1)  # mass before each position
+    first = torch.searchsorted(-sv, -sv, side="left")  # first position of each value: mass strictly above it
+    dropped = excl.gather(-1, first) >= top_p  # non-decreasing along the sorted row
+    n_keep = (~dropped).sum(dim=-1)
+    has_drop = n_keep < sv.shape[-1]
+    v_drop = sv.gather(-1, n_keep.clamp(max=sv.shape[-1] - 1).unsqueeze(-1)).squeeze(-1)
+    u = torch.where(has_drop, torch.nextafter(v_drop, torch.full_like(v_drop, math.inf)),
+                    torch.full_like(v_drop, -math.inf))  # keep iff t >= u
+    if k < v_local:
+        certified = (c == -math.inf) | (has_drop & (v_drop >= c))
+        rows = (~certified).nonzero().squeeze(-1)
+        if rows.numel() > 0:
+            u[rows] = _top_p_bisect(t[rows], lse[rows], c[rows], top_p, group)
+    keep = (t >= u.unsqueeze(-1)) & (t > -math.inf)
+    return keep
+
+
+@torch.no_grad()
+def _top_p_bisect(t: torch.Tensor, lse: torch.Tensor, hi_val: torch.Tensor, top_p: float, group) -> torch.Tensor:
+    """Smallest fp32 u with G(u) = sum_{t_a > u} p_a < top_p, per row; G(hi_val) < top_p holds on entry."""
+    p = torch.exp(t - lse.unsqueeze(-1))  # [r, v/tp]
+    lo_val = all_reduce_min(torch.where(t > -math.inf, t, math.inf).amin(dim=-1), group)
+    lo, hi = _float_key(lo_val) - 1, _float_key(hi_val)  # G(lo) = all mass >= top_p, G(hi) < top_p
+    for _ in range(32):  # keys span < 2^32, so 32 halvings close every interval
+        active = hi - lo > 1
+        mid = (lo + hi) // 2
+        g = reduce_sum(torch.where(t > _key_float(mid).unsqueeze(-1), p, 0.0).sum(dim=-1), group)
+        below = g < top_p
+        hi = torch.where(active & below, mid, hi)
+        lo = torch.where(active & ~below, mid, lo)
+    return _key_float(hi)
+
+
+@torch.no_grad()
+def teacher_support(t: torch.Tensor, group, top_k: Optional[int], top_p: Optional[float],
+                    n_cand: int = DEFAULT_TOP_P_CANDIDATES) -> Optional[torch.Tensor]:
+    """Support mask [n, v/tp] of the truncated tempered teacher t (top-k, then top-p of the renormalised rest)."""
+    support = _top_k_support(t, top_k, group) if top_k is not None else None
+    if top_p is not None and top_p < 1.0:
+        support = _top_p_support(t, support, top_p, group, n_cand)
+    return support
+
+
+# ------------------------------------------------------------------------------------------------- the losses
+
+def vocab_parallel_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, group=None) -> torch.Tensor:
+    """Per-token -log softmax(z)_y, shape [...]; logits [..., V/tp] (local shard), targets [...] global ids.
+
+    Megatron's staged form: global max, all-reduce of sum exp, target logit from the one rank that holds it
+    (all-reduce of a masked gather). Targets == -100 give loss 0 and no gradient.
+    """
+    v_local = logits.shape[-1]
+    z, y = _flat(logits).float(), targets.reshape(-1)
+    check_targets(y, v_local * tp_world(group))
+    lse = logsumexp(z, group)  # [n]
+    start = tp_rank(group) * v_local
+    here = (y >= start) & (y < start + v_local)
+    z_y = z.gather(-1, (y - start).clamp(0, v_local - 1).unsqueeze(-1)).squeeze(-1)  # [n]
+    z_y = reduce_sum(torch.where(here, z_y, 0.0), group)
+    loss = torch.where(y != IGNORE_INDEX, lse - z_y, 0.0)
+    return loss.reshape(targets.shape)
+
+
+def vocab_parallel_z_loss(logits: torch.Tensor, group=None, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Per-token (log sum_V exp z)^2, shape [...] (PaLM's z-loss; the paper weights it by 1e-4)."""
+    z = _flat(logits).float()
+    loss = logsumexp(z, group) ** 2
+    if mask is not None:
+        loss = torch.where(mask.reshape(-1), loss, 0.0)
+    return loss.reshape(logits.shape[:-1])
+
+
+def vocab_parallel_kl_div(student_logits: torch.Tensor, teacher_logits: torch.Tensor, group=None,
+                          temperature: float = 1.0, top_k: Optional[int] = None, top_p: Optional[float] = None,
+                          reverse: bool = False, mask: Optional[torch.Tensor] = None,
+                          top_p_candidates: int = DEFAULT_TOP_P_CANDIDATES) -> torch.Tensor:
+    """Per-token tau^2 KL(p_T || q_S) of the tempered distributions (reverse=True: tau^2 KL(q_S || p_T)), shape [...].
+
+    We return the KL itself (>= 0, exactly 0 when student == teacher), which is PAPER.md's
+    L_KD = -tau^2 sum p_T log q_S minus the teacher-entropy constant: same gradient, but a number comparable
+    across teachers. top_k / top_p truncate the teacher and renormalise it (top-k first); the teacher gets no
+    gradient; mask [...] (False = ignored token) gives loss 0 and no gradient there.
+    """
+    check_options(temperature, top_k, top_p, reverse)
+    if student_logits.shape != teacher_logits.shape:
+        raise UserError(f"student logits {tuple(student_logits.shape)} and teacher logits "
+                        f"{tuple(teacher_logits.shape)} must have the same (local-shard) shape")
+    s = _flat(student_logits).float()
+    t = _flat(teacher_logits).detach().float()
+    if temperature != 1.0:
+        s, t = s / temperature, t / temperature
+    m_s, e_s, sum_s = softmax_stats(s, group)
+    lse_s = m_s + torch.log(sum_s)  # [n], replicated
+    with torch.no_grad():
+        support = teacher_support(t, group, top_k, top_p, top_p_candidates)
+        t_in = t if support is None else t.masked_fill(~support, -math.inf)
+        lse_t = logsumexp(t_in, group)  # [n] over the kept teacher tokens
+        if not reverse:
+            p = torch.exp(t_in - lse_t.unsqueeze(-1))  # [n, v/tp], 0 off the support (t is finite there)
+            p_t = (p * t).sum(dim=-1)
+        del t_in
+    if not reverse:
+        # sum_a p_a (log p_a - log q_a) = sum_a p_a (t_a - s_a) - lse_t + lse_s, using sum_a p_a = 1; the two
+        # dot products are formed separately so no [n, v/tp] difference is kept for backward
+        kl = reduce_sum(p_t - (p * s).sum(dim=-1), group) - lse_t + lse_s
+    else:
+        # sum_a q_a (s_a - t_a) + lse_t - lse_s with q = e_s / sum_s; the local partial is reduced before it meets
+        # the replicated sum_s, so the identity-backward reduce stays exact
+        kl = reduce_sum((e_s * (s - t)).sum(dim=-1), group) / sum_s + lse_t - lse_s
+    kl = kl * temperature ** 2
+    if mask is not None:
+        kl = torch.where(mask.reshape(-1), kl, 0.0)
+    return kl.reshape(student_logits.shape[:-1])
+
+
+def distill_loss(student_logits: torch.Tensor, teacher_logits: Optional[torch.Tensor], targets: torch.Tensor,
+                 group=None, kd_weight: float = 1.0, temperature: float = 1.0, z_loss: float = 1e-4,
+                 top_k: Optional[int] = None, top_p: Optional[float] = None, reverse: bool = False,
+                 top_p_candidates: int = DEFAULT_TOP_P_CANDIDATES) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+    """Full student objective L = (1 - lambda) NTP + lambda KD + lambda_Z Z, mean over tokens with target != -100.
+
+    The unfused counterpart of fused_loss.fused_linear_distill_loss (same value, stats and gradient). stats holds
+    detached per-term means over valid tokens: ntp, z, kd (kd only when a teacher is used), and tokens.
+    """
+    check_options(temperature, top_k, top_p, reverse)
+    use_kd = kd_weight != 0.0
+    if use_kd and teacher_logits is None:
+        raise UserError(f"distill.kd_weight={kd_weight} needs teacher logits; pass them or set kd_weight=0")
+    valid = targets != IGNORE_INDEX
+    n_valid = valid.sum().clamp(min=1).float()
+    with torch.set_grad_enabled(torch.is_grad_enabled() and kd_weight != 1.0):  # weight 0: a statistic only
+        ntp = vocab_parallel_cross_entropy(student_logits, targets, group)
+    with torch.set_grad_enabled(torch.is_grad_enabled() and z_loss != 0.0):
+        z = vocab_parallel_z_loss(student_logits, group, mask=valid)
+    loss = ((1.0 - kd_weight) * ntp.sum() + z_loss * z.sum()) / n_valid
+    stats = {"ntp": ntp.detach().sum() / n_valid, "z": z.detach().sum() / n_valid, "tokens": valid.sum()}
+    if use_kd:
+        kd = vocab_parallel_kl_div(student_logits, teacher_logits, group, temperature, top_k, top_p, reverse,
+                                   mask=valid, top_p_candidates=top_p_candidates)
+        loss = loss + kd_weight * kd.sum() / n_valid
+        stats["kd"] = kd.detach().sum() / n_valid
+    return loss, stats

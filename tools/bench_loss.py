@@ -1,0 +1,232 @@
+"""Benchmark of the distillation loss (forward + backward): peak resident memory and time, printed as one JSON object.
+
+Cases, each in a fresh subprocess: (a) naive dense (full logits, log_softmax, KL), (b) ours unfused
+(vocab_parallel_kl_div on materialised logits), (c) ours chunked fused-linear, (d) Liger-Kernel's
+LigerFusedLinearJSDLoss with beta=0 (forward KL), and ours (b, c) at TP=2 per rank on 2 gloo processes.
+Objective everywhere: mean over tokens of KL(p_T || q_S) at tau = 1 from student hidden [T, d] x head [V, d] and
+teacher hidden [T, d] x head [V, d] (lambda = 1; z-loss 0 because Liger has none), fp32.
+
+Memory: the kernel's high-water mark of the process's resident set (VmHWM), reset through /proc/self/clear_refs
+right before the measured iterations, minus the resident set at that moment (inputs and warm-up already in place).
+The workers run with MALLOC_MMAP_THRESHOLD_ fixed at 128 KiB so every tensor buffer is its own mmap that is
+returned to the kernel on free: the resident set then tracks live tensor memory instead of glibc's cached heap.
+Time: wall clock of each measured iteration after one warm-up (which also absorbs Liger's torch.compile).
+
+Usage: python tools/bench_loss.py [--tokens 2048 8192] [--iters 2] [--threads 2]
+"""
+from __future__ import annotations
+
+import argparse
+import ctypes
+import gc
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+
+CASES = ["naive", "unfused", "fused", "liger", "tp2_unfused", "tp2_fused"]
+
+
+# ------------------------------------------------------------------------------------------------ measurement
+
+def _status_kib(key: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{key} missing from /proc/self/status")
+
+
+def _reset_peak() -> int:
+    """Trim the heap, reset the high-water mark to the current resident set and return it (KiB)."""
+    gc.collect()
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    return _status_kib("VmRSS")
+
+
+def _measure(step, iters: int) -> dict:
+    step()  # warm-up: allocator, thread pools, Liger's torch.compile
+    base = _reset_peak()
+    times, loss = [], None
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        loss = step()
+        times.append(time.perf_counter() - t0)
+    peak = _status_kib("VmHWM") - base
+    return {"peak_mib": round(peak / 1024, 1), "time_s": round(statistics.median(times), 3),
+            "times_s": [round(t, 3) for t in times], "loss": loss}
+
+
+# ------------------------------------------------------------------------------------------------------ cases
+
+def _make_step(case: str, n_tok: int, hidden: int, vocab: int, chunk: int, group=None, rank=0, world=1):
+    import torch
+    import torch.nn.functional as F
+    from megadistill.parallel.fused_loss import fused_linear_distill_loss
+    from megadistill.parallel.vocab_parallel import vocab_parallel_kl_div
+
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(n_tok, hidden, generator=g).requires_grad_(True)
+    h_t = torch.randn(n_tok, hidden, generator=g)
+    w_full = torch.randn(vocab, hidden, generator=g) / hidden ** 0.5 * 4.0  # logits of std ~4
+    w_t_full = torch.randn(vocab, hidden, generator=g) / hidden ** 0.5 * 4.0
+    y = torch.randint(0, vocab, (n_tok,), generator=g)
+    cols = slice(rank * vocab // world, (rank + 1) * vocab // world)
+    w = w_full[cols].clone().requires_grad_(True)  # this rank's head shard
+    w_t = w_t_full[cols].clone()
+    del w_full, w_t_full
+    liger = None
+    if case == "liger":
+        from liger_kernel.chunked_loss import LigerFusedLinearJSDLoss
+        liger = LigerFusedLinearJSDLoss(weight_hard_loss=0.0, weight_soft_loss=1.0, beta=0.0, temperature=1.0,
+                                        chunk_size=chunk)
+
+    def step():
+        h.grad = w.grad = None
+        if case == "naive":
+            z = h @ w.t()  # [T, V]
+            with torch.no_grad():
+                z_t = h_t @ w_t.t()
+            loss = F.kl_div(F.log_softmax(z, -1), F.log_softmax(z_t, -1), log_target=True, reduction="sum") / n_tok
+        elif case == "unfused":
+            with torch.no_grad():
+                z_t = h_t @ w_t.t()  # [T, V/tp]
+            loss = vocab_parallel_kl_div(h @ w.t(), z_t, group).sum() / n_tok
+            del z_t
+        elif case == "fused":
+            loss, _ = fused_linear_distill_loss(h, w, h_t, w_t, y, group, kd_weight=1.0, temperature=1.0,
+                                                z_loss=0.0, chunk_tokens=chunk)
+        else:
+            loss = liger(h, w, h_t, w_t, y)
+        loss.backward()
+        if world > 1:  # the caller's copy_to_tp_region backward: complete the hidden-state gradient
+            torch.distributed.all_reduce(h.grad, group=group)
+        return float(loss.detach())
+
+    return step
+
+
+def _tp_rank(rank, world, port, args, queue):
+    import torch
+    import torch.distributed as dist
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(max(1, args.threads // world))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        step = _make_step(args.case[len("tp2_"):], args.tokens[0], args.hidden, args.vocab, args.chunk,
+                          dist.group.WORLD, rank, world)
+        dist.barrier()
+        queue.put((rank, _measure(step, args.iters)))
+    except BaseException as e:  # report instead of leaving the parent waiting on the queue
+        queue.put((rank, {"error": repr(e)}))
+        raise
+    finally:
+        dist.destroy_process_group()
+
+
+def worker(args) -> dict:
+    """Run one case in this (fresh) process; TP cases spawn their ranks from here."""
+    import torch
+    if not args.case.startswith("tp2_"):
+        torch.set_num_threads(args.threads)
+        if args.case == "liger":
+            try:
+                import liger_kernel.chunked_loss  # noqa: F401
+            except ImportError as e:
+                return {"skipped": f"liger-kernel not importable: {e}"}
+        return _measure(_make_step(args.case, args.tokens[0], args.hidden, args.vocab, args.chunk), args.iters)
+    import socket
+    import torch.multiprocessing as mp
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = mp.get_context("spawn")
+    queue = ctx.SimpleQueue()
+    procs = [ctx.Process(target=_tp_rank, args=(r, 2, port, args, queue)) for r in range(2)]
+    for p in procs:
+        p.start()
+    per_rank = dict(queue.get() for _ in procs)
+    for p in procs:
+        p.join()
+    ranks = [per_rank[r] for r in sorted(per_rank)]
+    if any("error" in r for r in ranks):
+        return {"error": [r.get("error") for r in ranks]}
+    return {"peak_mib": max(r["peak_mib"] for r in ranks), "time_s": max(r["time_s"] for r in ranks),
+            "loss": ranks[0]["loss"], "per_rank": ranks}
+
+
+# ----------------------------------------------------------------------------------------------------- driver
+
+def run_case(case: str, n_tok: int, args) -> dict:
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072", MALLOC_TRIM_THRESHOLD_="131072",
+               OMP_NUM_THREADS=str(args.threads))
+    cmd = [sys.executable, os.path.abspath(__file__), "--worker", "--case", case, "--tokens", str(n_tok),
+           "--hidden", str(args.hidden), "--vocab", str(args.vocab), "--chunk", str(args.chunk),
+           "--iters", str(args.iters), "--threads", str(args.threads)]
+    t0 = time.time()
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=args.timeout)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+    if proc.returncode != 0 or not lines:
+        return {"error": (proc.stderr or proc.stdout)[-800:]}
+    res = json.loads(lines[-1][len("RESULT "):])
+    print(f"[bench_loss] T={n_tok} {case}: {res} ({time.time() - t0:.0f}s)", file=sys.stderr, flush=True)
+    return res
+
+
+def _goals(r: dict) -> dict:
+    a, c, d = r.get("naive", {}), r.get("fused", {}), r.get("liger", {})
+    if "peak_mib" not in a or "peak_mib" not in c:
+        return {"note": "naive or fused case failed"}
+    out = {"fused_peak_over_naive": round(c["peak_mib"] / a["peak_mib"], 3),
+           "fused_time_over_naive": round(c["time_s"] / a["time_s"], 3)}
+    out["peak_le_0.3x_naive"] = out["fused_peak_over_naive"] <= 0.3
+    out["time_le_1.2x_naive"] = out["fused_time_over_naive"] <= 1.2
+    if "peak_mib" in d:
+        out["fused_peak_over_liger"] = round(c["peak_mib"] / d["peak_mib"], 3)
+        out["fused_time_over_liger"] = round(c["time_s"] / d["time_s"], 3)
+        out["peak_le_liger"] = c["peak_mib"] <= d["peak_mib"]
+        out["time_le_1.0x_liger"] = out["fused_time_over_liger"] <= 1.0
+    return out
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--tokens", type=int, nargs="+", default=[2048, 8192])
+    ap.add_argument("--hidden", type=int, default=512)
+    ap.add_argument("--vocab", type=int, default=32768)
+    ap.add_argument("--chunk", type=int, default=1024, help="token chunk of the fused losses (ours and Liger's)")
+    ap.add_argument("--iters", type=int, default=2, help="measured iterations per case (after one warm-up)")
+    ap.add_argument("--threads", type=int, default=2, help="torch threads per case (split across TP ranks)")
+    ap.add_argument("--cases", nargs="+", default=CASES, choices=CASES)
+    ap.add_argument("--timeout", type=float, default=1800.0, help="seconds per case")
+    ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--case", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.worker:
+        print("RESULT " + json.dumps(worker(args)), flush=True)
+        return 0
+    import torch
+    results = {str(t): {c: run_case(c, t, args) for c in args.cases} for t in args.tokens}
+    report = {
+        "bench": "loss", "objective": "mean_t KL(p_T || q_S), tau=1, lambda=1, z_loss=0; forward + backward, fp32",
+        "hidden": args.hidden, "vocab": args.vocab, "chunk_tokens": args.chunk, "iters": args.iters,
+        "threads": args.threads, "torch": torch.__version__, "cpu": platform.processor() or platform.machine(),
+        "cpus": os.cpu_count(),
+        "memory": "peak RSS increase over the measured iterations (VmHWM after clear_refs, mmap-only allocator)",
+        "note": "CPU timings on a machine shared with other jobs: noisy; tp2_* report the max over the 2 ranks "
+                "(1 thread each), including the all-reduce of the hidden-state gradient; liger runs with its default "
+                "compiled=True (torch.compile on CPU), compilation absorbed by the warm-up iteration",
+        "results": results,
+        "goals": {t: _goals(r) for t, r in results.items()},
+    }
+    print(json.dumps(report))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
