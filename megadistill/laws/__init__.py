@@ -1,0 +1,1 @@
+"""Scaling-law toolkit: eval records, law forms and fits, FLOPs accounting, compute-optimal planning, sweeps, plots."""
