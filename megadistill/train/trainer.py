@@ -189,7 +189,8 @@ def train(cfg: Config, progress: Optional[Callable[[int, int], None]] = None,
                                 "eval_loss": teacher_eval_loss, "own_eval_loss": teacher.eval_loss}
             rec = records.make_record(
                 run=run_name, mode=t.mode, step=step, tokens=tokens, params=n_params, params_total=n_total,
-                flops=3.0 * f_student * tokens, eval_loss=ev["eval_loss"], eval_tokens=ev["eval_tokens"],
+                flops=(3.0 * f_student + f_teacher) * tokens,  # this run's compute, teacher forward included
+                eval_loss=ev["eval_loss"], eval_tokens=ev["eval_tokens"],
                 split="student_val", teacher=teacher_info, config=config_mod.to_dict(cfg),
                 time=datetime.now(timezone.utc).isoformat(timespec="seconds"))
             rec["flops_teacher_inference"] = f_teacher * tokens
