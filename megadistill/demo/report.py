@@ -63,21 +63,16 @@ def _plot_students(rows: Sequence[dict], path: Path) -> Path:
 
 
 def _distill_vs_supervised(rows: Sequence[dict]) -> List[dict]:
-    """Per (student size, tokens): supervised loss, best distilled loss and its teacher."""
+    """Per (student size, teacher, tokens): distilled loss minus the supervised student's loss at the same D."""
     sup = {(r["params"], r["tokens"]): r["eval_loss"] for r in rows
            if r["run"].startswith("S-") and r.get("teacher_loss") is None}
-    best: Dict[tuple, dict] = {}
-    for r in rows:
-        if r.get("teacher_loss") is None or (r["params"], r["tokens"]) not in sup:
-            continue
-        k = (r["params"], r["tokens"])
-        if k not in best or r["eval_loss"] < best[k]["eval_loss"]:
-            best[k] = r
     out = []
-    for (n, d), r in sorted(best.items()):
-        out.append({"params": n, "tokens": d, "supervised": sup[(n, d)], "distilled": r["eval_loss"],
-                    "teacher_loss": r["teacher_loss"], "delta": r["eval_loss"] - sup[(n, d)]})
-    return out
+    for r in rows:
+        k = (r["params"], r["tokens"])
+        if r.get("teacher_loss") is not None and k in sup:
+            out.append({"params": r["params"], "tokens": r["tokens"], "teacher_loss": r["teacher_loss"],
+                        "supervised": sup[k], "distilled": r["eval_loss"], "delta": r["eval_loss"] - sup[k]})
+    return sorted(out, key=lambda c: (c["params"], c["teacher_loss"], c["tokens"]))
 
 
 def build_report(out: Path, run_dirs: Sequence[Path], data_info: dict, spec_desc: dict, wall_s: float,
@@ -104,13 +99,15 @@ def build_report(out: Path, run_dirs: Sequence[Path], data_info: dict, spec_desc
         "distill_fit": plots.plot_fit(rows, dist_all, out / "fig_distillation_fit.png"),
     }
     comparison = _distill_vs_supervised(rows)
-    budgets = sorted({r["flops"] for r in rows if r["run"].startswith("S-")})
     plans = []
-    for c in (budgets[0], budgets[len(budgets) // 2], budgets[-1]) if budgets else ():
-        for scenario in ("best-case", "teacher-inference"):
-            p = planner.plan(float(c), scenario, supervised=sup_all.coefficients,
-                             distillation=dist_all.coefficients, **flops_shape)
-            plans.append(p.to_dict())
+    for n_s in sorted({r["params"] for r in rows if r["run"].startswith("S-")}):
+        # the budgets this student's supervised run spent at its smallest, middle and largest evals
+        budgets = sorted(r["flops"] for r in rows if r["params"] == n_s and r.get("teacher_loss") is None)
+        for c in (budgets[0], budgets[len(budgets) // 2], budgets[-1]):
+            for scenario in ("best-case", "teacher-inference"):
+                p = planner.plan(float(c), scenario, student_params=float(n_s), supervised=sup_all.coefficients,
+                                 distillation=dist_all.coefficients, **flops_shape)
+                plans.append(p.to_dict())
     summary = {
         "wall_s": wall_s, "entropy_rate": data_info.get("entropy_rate"),
         "window_loss_bound": data_info.get("window_loss_bound"),
@@ -129,30 +126,39 @@ def _pct(x: float) -> str:
 
 
 def _verdict(comparison: List[dict]) -> str:
+    """One line per (student size, teacher): who wins at the smallest and largest budget, and where they cross."""
     if not comparison:
         return "No student had both a supervised and a distilled run; no comparison is possible."
+    groups: Dict[tuple, List[dict]] = defaultdict(list)
+    for c in comparison:
+        groups[(c["params"], c["teacher_loss"])].append(c)
     lines = []
-    for n in sorted({c["params"] for c in comparison}):
-        cs = sorted((c for c in comparison if c["params"] == n), key=lambda c: c["tokens"])
-        small, large = cs[0], cs[-1]
-        wins = [c["tokens"] for c in cs if c["delta"] < 0]
-        s = (f"- N_S={n:,}: at D_S={small['tokens']:,} the best distilled student is "
-             f"{small['delta']:+.4f} nats vs supervised; at D_S={large['tokens']:,} {large['delta']:+.4f}. ")
-        if wins and len(wins) < len(cs):
-            s += f"Distillation wins up to D_S={max(wins):,} tokens, then supervised catches up."
-        elif wins:
-            s += "Distillation wins at every budget measured here (the crossover lies beyond this study's budgets)."
+    for (n, lt), cs in sorted(groups.items()):
+        cs = sorted(cs, key=lambda c: c["tokens"])
+        s = (f"- N_S={n:,}, teacher L_T={lt:.3f}: distilled minus supervised is {cs[0]['delta']:+.4f} nats at "
+             f"D_S={cs[0]['tokens']:,} and {cs[-1]['delta']:+.4f} at D_S={cs[-1]['tokens']:,}. ")
+        lost = [c["tokens"] for c in cs if c["delta"] >= 0]
+        if cs[0]["delta"] < 0 and lost:
+            s += f"Distillation wins at small budgets; supervised catches up by D_S={min(lost):,}."
+        elif not lost:
+            s += "Distillation wins at every budget measured (any crossover lies beyond this study's budgets)."
         else:
-            s += "Supervised training wins at every budget measured here."
+            s += "Supervised is as good or better from the smallest budget on."
         lines.append(s)
     return "\n".join(lines)
 
 
 def _markdown(s: dict, figs: Dict[str, Path], spec: dict, data: dict) -> str:
     sup, dist = s["supervised"]["coefficients"], s["distillation"]["coefficients"]
-    gap = ("the fitted E is above the window bound: the models here are far from the Bayes limit, so E absorbs "
-           "what more parameters and tokens would still remove" if s["fitted_E"] > (s["window_loss_bound"] or 0)
-           else "the fitted E lies at or below the best achievable loss")
+    e, h, bound = s["fitted_E"], s["entropy_rate"], s["window_loss_bound"] or s["entropy_rate"]
+    if e < h:
+        gap = f"E is {h - e:.4f} nats below the true rate: the fit extrapolates past what any model can reach"
+    elif e <= bound:
+        gap = ("E lies between the entropy rate and the window bound, where the best loss a windowed model can "
+               f"reach lies ({100 * (e / h - 1):+.2f}% vs the entropy rate)")
+    else:
+        gap = (f"E is {e - bound:.4f} nats above the window bound: the models here are far from the Bayes limit, so "
+               "E absorbs what more parameters and tokens would still remove")
     plan_rows = "\n".join(
         f"| {p['compute']:.3g} | {p['scenario']} | {p['student_params']:.3g} | {p['student_tokens']:.3g} | "
         f"{p['teacher_params']:.3g} | {p['teacher_tokens']:.3g} | {p['student_loss']:.4f} | "
@@ -185,8 +191,8 @@ Teachers {', '.join(spec['teachers'])} at M = {spec['teacher_tokens_per_param']}
 ## Fits
 | law | coefficients | in-sample mean / max rel. error | held-out (each run's largest D) mean / max |
 |---|---|---|---|
-| supervised (Eq. 1) | {', '.join(f'{k}={v:.4g}' for k, v in sup.items())} | {_pct(s['supervised_in_sample'][0])} / {_pct(s['supervised_in_sample'][1])} | {_pct(s['supervised_held_out']['mean_rel_error'])} / {_pct(s['supervised_held_out']['max_rel_error'])} |
-| distillation (Eq. 8) | {', '.join(f'{k}={v:.4g}' for k, v in dist.items())} | {_pct(s['distillation_in_sample'][0])} / {_pct(s['distillation_in_sample'][1])} | {_pct(s['distillation_held_out']['mean_rel_error'])} / {_pct(s['distillation_held_out']['max_rel_error'])} |
+| supervised (Eq. 1) | {', '.join(f'{k}={v:.4g}' for k, v in sup.items())} | {_pct(s['supervised_in_sample']['mean_rel_error'])} / {_pct(s['supervised_in_sample']['max_rel_error'])} | {_pct(s['supervised_held_out']['mean_rel_error'])} / {_pct(s['supervised_held_out']['max_rel_error'])} |
+| distillation (Eq. 8) | {', '.join(f'{k}={v:.4g}' for k, v in dist.items())} | {_pct(s['distillation_in_sample']['mean_rel_error'])} / {_pct(s['distillation_in_sample']['max_rel_error'])} | {_pct(s['distillation_held_out']['mean_rel_error'])} / {_pct(s['distillation_held_out']['max_rel_error'])} |
 
 ![supervised fit](fig_supervised_fit.png)
 
@@ -200,6 +206,8 @@ teachers this close in strength the data may not show one, and the fitted curve 
 ![capacity gap](fig_capacity_gap.png)
 
 ## Planner (fitted coefficients, FLOPs as PAPER.md Eq. 9 at this study's shapes)
+For each measured student size and the budgets its supervised run spent (smallest, middle, largest eval): the
+compute-optimal teacher and student tokens, and whether distillation beats supervised training of that student.
 | compute | scenario | N_S | D_S | N_T | D_T | L_S | supervised L | answer |
 |---|---|---|---|---|---|---|---|---|
 {plan_rows}

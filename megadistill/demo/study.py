@@ -41,7 +41,7 @@ class StudySpec:
 FULL = StudySpec(
     teachers=(Arch("T-d32", 32, 2, 2), Arch("T-d48", 48, 2, 3), Arch("T-d64", 64, 2, 4)),
     students=(Arch("S-d16", 16, 2, 1), Arch("S-d24", 24, 2, 2)),
-    teacher_tokens_per_param=20.0, student_tokens=786_432, n_evals=6)
+    teacher_tokens_per_param=20.0, student_tokens=1_572_864, n_evals=8)
 
 QUICK = StudySpec(
     teachers=(Arch("T-d24", 24, 2, 2), Arch("T-d32", 32, 2, 2)),
