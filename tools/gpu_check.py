@@ -93,10 +93,12 @@ def _run(overrides) -> dict:
     try:
         from megadistill.train.memory import estimate
         est = estimate(cfg, 1)
-        total = est["total_gib"] if isinstance(est, dict) and "total_gib" in est else None
-        out["planner_estimate_gib"] = total
-        if total:
-            out["measured_over_estimate"] = out["peak_mem_gib"] / total
+        out["planner_estimate_gib"] = est["total"] / 2**30
+        out["planner_modeled_gib"] = est["modeled"] / 2**30
+        out["planner_terms_gib"] = {k: v / 2**30 for k, v in est.items()
+                                    if isinstance(v, (int, float)) and k not in ("total", "modeled")}
+        if out["peak_mem_gib"]:
+            out["measured_over_estimate"] = out["peak_mem_gib"] / out["planner_estimate_gib"]
     except Exception as e:  # the planner is optional for this check; report why it was not compared
         out["planner_estimate"] = f"unavailable: {type(e).__name__}: {e}"
     return out
@@ -109,11 +111,15 @@ def make_teacher(size: str, out_dir: Path) -> Path:
     from megadistill import config
     from megadistill.model.transformer import Transformer
 
+    from megadistill.parallel.layers import LayerFactory
+
     cfg = config.load([], [f"model.size={size}", "train.steps=1", "train.seq_len=4096"])
     torch.manual_seed(0)
-    model = Transformer(cfg.model, None)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = Transformer(cfg.model, LayerFactory(None, device=device))  # initialised on the GPU: seconds, not minutes
     out_dir.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(out_dir / "model.safetensors"))
+    save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
+              str(out_dir / "model.safetensors"))
     (out_dir / "config.yaml").write_text(config.to_yaml(cfg))
     (out_dir / "meta.json").write_text(json.dumps({"run": f"random-{size}", "tokens": 0}))
     del model
