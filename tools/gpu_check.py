@@ -75,7 +75,9 @@ def _run(overrides) -> dict:
 
     cfg = config.load([], overrides)
     if torch.cuda.is_available():
+        torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
     t0 = time.time()
     train(cfg)
     wall = time.time() - t0
@@ -87,6 +89,7 @@ def _run(overrides) -> dict:
            "mfu_paper_flops": statistics.median([r["mfu"] for r in rows[2:] if r["mfu"] is not None] or [math.nan]),
            "mfu_6N_total": 6 * n_total * tokens / step_s / 989e12,
            "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None,
+           "leftover_before_run_gib": base / 2**30 if torch.cuda.is_available() else None,
            "wall_s": wall,
            "final_loss": rows[-1]["loss"], "F_N_per_token": forward_flops_per_token(
                n, n_ctx=cfg.train.seq_len, n_vocab=cfg.model.vocab_size, rho=cfg.model.d_model / cfg.model.n_layers)}
@@ -141,12 +144,13 @@ def main() -> int:
     t0 = time.time()
     result["attention"] = attention_check()
     result["supervised_975M"] = _run(_overrides("975M", tmp / "sup", args.micro, args.steps, args.seq))
+    # the 546M supervised baseline runs before the distill run so its peak memory is its own
+    sup_546 = _run(_overrides("546M", tmp / "sup546", args.micro, args.steps, args.seq))
+    result["supervised_546M"] = sup_546
     teacher = make_teacher("1.82B", tmp / "teacher")
     result["distill_546M_from_1.82B"] = _run(_overrides(
         "546M", tmp / "kd", args.micro, args.steps, args.seq,
         ["train.mode=distill", f"distill.teacher={teacher}", "distill.teacher_dtype=bf16", "data.split=student"]))
-    sup_546 = _run(_overrides("546M", tmp / "sup546", args.micro, args.steps, args.seq))
-    result["supervised_546M"] = sup_546
     kd = result["distill_546M_from_1.82B"]
     result["distill_overhead_s"] = kd["step_time_s"] - sup_546["step_time_s"]
     result["wall_s"] = time.time() - t0

@@ -273,8 +273,15 @@ def train(cfg: Config, progress: Optional[Callable[[int, int], None]] = None,
     if dist.is_initialized():
         dist.barrier()
     result = RunResult(run_dir, status, step, tokens, last_eval)
+    # DeepSpeed disables Python's cyclic GC while an engine lives; destroy() hands it back, so the engine cycles (and
+    # the model, optimizer and device memory they hold) are freed before the next run of this process.
+    if teacher is not None and teacher.engine is not None:
+        teacher.engine.destroy()
+    eng.destroy()
     del eng, objective, student, teacher, scheduler
     gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
     return result
 
 
