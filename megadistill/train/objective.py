@@ -8,12 +8,7 @@ from torch import nn
 
 from megadistill.config import Config
 from megadistill.parallel.mappings import copy_to_tp_region
-from megadistill.parallel.vocab_parallel import (vocab_parallel_cross_entropy, vocab_parallel_kl_div,
-                                                 vocab_parallel_z_loss)
-
-
-def _masked_mean(x: torch.Tensor, mask: torch.Tensor, n_valid: torch.Tensor) -> torch.Tensor:
-    return (x * mask).sum() / n_valid
+from megadistill.parallel.vocab_parallel import distill_loss
 
 
 class Objective(nn.Module):
@@ -48,19 +43,8 @@ class Objective(nn.Module):
                 top_p=d.top_p, reverse=d.reverse, chunk_tokens=d.chunk_tokens)
             return loss, stats
         logits = self.student(input_ids, doc_ids)  # [b, s, v/tp]
-        mask = (labels != -100).float()
-        n_valid = mask.sum().clamp_min(1.0)
-        ntp = _masked_mean(vocab_parallel_cross_entropy(logits, labels, group=self.tp_group), mask, n_valid)
-        zl = _masked_mean(vocab_parallel_z_loss(logits, group=self.tp_group), mask, n_valid)
-        loss = (1.0 - kd_w) * ntp + z_w * zl
-        stats = {"ntp": ntp.detach(), "z": zl.detach()}
-        if self.distill:
-            kd = _masked_mean(vocab_parallel_kl_div(
-                logits, teacher_logits, group=self.tp_group, temperature=d.temperature, top_k=d.top_k,
-                top_p=d.top_p, reverse=d.reverse), mask, n_valid)
-            loss = loss + kd_w * kd
-            stats["kd"] = kd.detach()
-        return loss, stats
+        return distill_loss(logits, teacher_logits, labels, group=self.tp_group, kd_weight=kd_w,
+                            temperature=d.temperature, z_loss=z_w, top_k=d.top_k, top_p=d.top_p, reverse=d.reverse)
 
 
 @torch.no_grad()

@@ -140,7 +140,7 @@ def train(cfg: Config, progress: Optional[Callable[[int, int], None]] = None,
     eng, scheduler = engine_mod.initialize(objective, cfg, groups, steps_total)
     device = eng.device
     teacher: Optional[Teacher] = load_teacher(cfg, groups, device) if t.mode == "distill" else None
-    if teacher is not None and cfg.distill.fused and cfg.zero.stage == 3:
+    if teacher is not None and cfg.distill.fused and engine_mod.effective_stage(cfg, groups.dp_size) == 3:
         import deepspeed
         deepspeed.zero.register_external_parameter(objective, student.output_weight)
 
@@ -224,7 +224,8 @@ def train(cfg: Config, progress: Optional[Callable[[int, int], None]] = None,
                 eng.step()
                 sums["loss"] = sums.get("loss", 0.0) + loss.item() / gas
                 for k, v in stats.items():
-                    sums[k] = sums.get(k, 0.0) + float(v) / gas
+                    if k != "tokens":  # a count, not a mean
+                        sums[k] = sums.get(k, 0.0) + float(v) / gas
             sums = _dp_mean(sums, groups, device)
             step += 1
             steps_this_process += 1
@@ -287,7 +288,8 @@ def train(cfg: Config, progress: Optional[Callable[[int, int], None]] = None,
 
 def export_weights(eng, cfg: Config, groups: ParallelGroups, out_dir: Path, meta: Dict) -> None:
     """Consolidate the student's weights (gathering TP shards and ZeRO-3 partitions) into out_dir on rank 0."""
-    state = checkpoint.consolidated_state(eng.module.student, groups, zero3=cfg.zero.stage == 3)
+    zero3 = engine_mod.effective_stage(cfg, groups.dp_size) == 3
+    state = checkpoint.consolidated_state(eng.module.student, groups, zero3=zero3)
     if not dist.is_initialized() or dist.get_rank() == 0:
         checkpoint.write_weights(state, out_dir, config_mod.to_yaml(cfg))
         checkpoint.atomic_write_text(out_dir / "meta.json", json.dumps(meta) + "\n")
