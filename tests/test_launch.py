@@ -11,20 +11,14 @@ from pathlib import Path
 
 import pytest
 
+from tiny_runs import tiny_overrides
+
 pytestmark = pytest.mark.multiproc
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS_PREEMPT = 80  # long enough that the run is still going when the signal lands (~40 ms per step)
 
 
-def _overrides(run_dir, mode, extra=()):
-    base = [
-        f"train.run_dir={run_dir}", f"train.mode={mode}", "train.seq_len=32", "train.micro_batch_size=2",
-        "train.global_batch_size=8", "train.eval_tokens=1024", "train.progress=false", "optim.warmup_steps=2",
-        "model.n_layers=2", "model.d_model=64", "model.n_heads=4", "model.head_dim=16", "model.ff_multiple=64",
-        "model.vocab_size=128", "data.synthetic_branching=4",
-    ]
-    return base + [f"data.split={'teacher' if mode == 'supervised' else 'student'}"] + list(extra)
 
 
 def _env(**extra):
@@ -52,7 +46,7 @@ def _free_port():
 @pytest.fixture(scope="module")
 def teacher(tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("launch") / "teacher"
-    out = subprocess.run(_train_cmd(_overrides(run_dir, "supervised", ["train.steps=8", "model.d_model=96",
+    out = subprocess.run(_train_cmd(tiny_overrides(run_dir, "supervised", ["train.steps=8", "model.d_model=96",
                                                                       "model.n_heads=6"])),
                          env=_env(), cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
@@ -62,7 +56,7 @@ def teacher(tmp_path_factory):
 
 def test_two_node_torchrun_distillation(teacher, tmp_path):
     run_dir = tmp_path / "kd2"
-    items = _overrides(run_dir, "distill", ["train.steps=4", f"distill.teacher={teacher}", "zero.stage=2"])
+    items = tiny_overrides(run_dir, "distill", ["train.steps=4", f"distill.teacher={teacher}", "zero.stage=2"])
     port = str(_free_port())
     procs = []
     for rank in (0, 1):  # two "nodes" of one process each; node 0 hosts the c10d rendezvous
@@ -95,9 +89,9 @@ def test_sigusr1_checkpoints_and_resume_is_exact(teacher, tmp_path):
     items = ["train.log_interval=1", f"train.steps={STEPS_PREEMPT}", f"distill.teacher={teacher}"]
     ref_dir, run_dir = tmp_path / "uninterrupted", tmp_path / "preempted"
     # the uninterrupted reference runs alongside the preempted run (both single-process)
-    ref = subprocess.Popen(_train_cmd(_overrides(ref_dir, "distill", items)), env=_env(), cwd=ROOT,
+    ref = subprocess.Popen(_train_cmd(tiny_overrides(ref_dir, "distill", items)), env=_env(), cwd=ROOT,
                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    run = subprocess.Popen(_train_cmd(_overrides(run_dir, "distill", items)), env=_env(), cwd=ROOT,
+    run = subprocess.Popen(_train_cmd(tiny_overrides(run_dir, "distill", items)), env=_env(), cwd=ROOT,
                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         deadline = time.time() + 180
@@ -121,7 +115,7 @@ def test_sigusr1_checkpoints_and_resume_is_exact(teacher, tmp_path):
     assert (run_dir / "checkpoints" / "latest").read_text().strip() == f"step_{k:08d}"
     assert f"preempted: {run_dir} at step {k}" in log
     # resume: the requeued job's command line
-    resumed = subprocess.run(_train_cmd(_overrides(run_dir, "distill", items + ["train.resume=true"])), env=_env(),
+    resumed = subprocess.run(_train_cmd(tiny_overrides(run_dir, "distill", items + ["train.resume=true"])), env=_env(),
                              cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert (run_dir / "DONE").is_file()

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from dist_harness import run_distributed
+from tiny_runs import tiny_overrides
 
 pytestmark = pytest.mark.multiproc
 
@@ -16,14 +17,6 @@ STEPS = 6
 CURVE_ATOL = 2e-4
 
 
-def _overrides(run_dir, mode, extra=()):
-    base = [
-        f"train.run_dir={run_dir}", f"train.mode={mode}", "train.seq_len=32", "train.micro_batch_size=2",
-        "train.global_batch_size=8", "train.eval_tokens=1024", "train.progress=false", "optim.warmup_steps=2",
-        "model.n_layers=2", "model.d_model=64", "model.n_heads=4", "model.head_dim=16", "model.ff_multiple=64",
-        "model.vocab_size=128", "data.synthetic_branching=4",
-    ]
-    return base + [f"data.split={'teacher' if mode == 'supervised' else 'student'}"] + list(extra)
 
 
 def _load(overrides):
@@ -55,7 +48,7 @@ def _two_proc(rank, world, root):
     root = Path(root)
     out = {}
     # 1) teacher: 3x wider than the student, trained longer so it is a real teacher; its loss must fall
-    t_over = _overrides(root / "teacher", "supervised", ["train.steps=30", "model.d_model=96", "model.n_heads=6",
+    t_over = tiny_overrides(root / "teacher", "supervised", ["train.steps=30", "model.d_model=96", "model.n_heads=6",
                                                          "zero.stage=1", "parallel.tp_size=2"])
     train(_load(t_over))
     out["teacher_losses"] = _losses(root / "teacher")
@@ -64,12 +57,12 @@ def _two_proc(rank, world, root):
                         "tp2_z1": ["zero.stage=1", "parallel.tp_size=2"],
                         "tp2_z0_fused": ["zero.stage=0", "parallel.tp_size=2", "distill.fused=true",
                                          "distill.chunk_tokens=24"]}.items():
-        d_over = _overrides(root / name, "distill", [f"train.steps={STEPS}", f"distill.teacher={root / 'teacher'}"]
+        d_over = tiny_overrides(root / name, "distill", [f"train.steps={STEPS}", f"distill.teacher={root / 'teacher'}"]
                             + extra)
         train(_load(d_over), inspect=_check_teacher_frozen)
         out[name] = _losses(root / name)
     # 3) resume: stop after 3 steps (checkpoint), resume, and compare with the uninterrupted tp1_z2 run
-    r_over = _overrides(root / "resumed", "distill", [f"train.steps={STEPS}", f"distill.teacher={root / 'teacher'}",
+    r_over = tiny_overrides(root / "resumed", "distill", [f"train.steps={STEPS}", f"distill.teacher={root / 'teacher'}",
                                                       "zero.stage=2"])
     first = train(_load(r_over + ["train.stop_after_steps=3"]))
     assert first.status == "stopped" and first.step == 3
@@ -85,11 +78,11 @@ def _four_proc(rank, world, root):
     out = {}
     for stage in (1, 2, 3):
         name = f"tp2dp2_z{stage}"
-        over = _overrides(root / name, "distill", [f"train.steps={STEPS}", f"distill.teacher={root / 'teacher'}",
+        over = tiny_overrides(root / name, "distill", [f"train.steps={STEPS}", f"distill.teacher={root / 'teacher'}",
                                                    f"zero.stage={stage}", "parallel.tp_size=2"])
         train(_load(over), inspect=_check_teacher_frozen)
         out[name] = _losses(root / name)
-    over = _overrides(root / "tp2dp2_teacher_z3", "distill", [
+    over = tiny_overrides(root / "tp2dp2_teacher_z3", "distill", [
         f"train.steps={STEPS}", f"distill.teacher={root / 'teacher'}", "zero.stage=1", "parallel.tp_size=2",
         "distill.teacher_zero3=true"])
     train(_load(over))

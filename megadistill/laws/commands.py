@@ -6,14 +6,14 @@ import json
 import logging
 import sys
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Sequence, Tuple
 
 from megadistill.errors import UserError
 from megadistill.laws.api import (aggregate, error_summary, fit_distillation, fit_supervised,  # noqa: F401
                                   predict, predict_rows, read_table)
 from megadistill.laws.fit import FitResult
 from megadistill.laws.flops import SCENARIOS
-from megadistill.laws.forms import PAPER_DISTILLATION, PAPER_SUPERVISED, get_form
+from megadistill.laws.forms import PAPER_DISTILLATION, PAPER_SUPERVISED
 from megadistill.laws.planner import Plan, answer_line, plan  # noqa: F401
 from megadistill.laws.records import TABLE_COLUMNS, write_table
 

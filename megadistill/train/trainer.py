@@ -18,7 +18,7 @@ import torch.distributed as dist
 
 from megadistill import config as config_mod
 from megadistill.config import Config
-from megadistill.data import build_eval_batches, build_train_loader, describe_data
+from megadistill.data import build_eval_batches, build_train_loader
 from megadistill.errors import UserError
 from megadistill.laws import records
 from megadistill.model.sizes import params_of
@@ -279,7 +279,7 @@ def train(cfg: Config, progress: Optional[Callable[[int, int], None]] = None,
     if teacher is not None and teacher.engine is not None:
         teacher.engine.destroy()
     eng.destroy()
-    del eng, objective, student, teacher, scheduler
+    eng = objective = student = teacher = scheduler = None  # drop this frame's references before collecting
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
