@@ -1,0 +1,42 @@
+"""GPU-only checks (marker `gpu`, skipped without CUDA): flash / sdpa-flash attention vs eager in bf16."""
+import pytest
+import torch
+
+from megadistill.model.attention import attention, build_doc_mask
+
+pytestmark = pytest.mark.gpu
+
+
+def _qkv(seq=1024, heads=8, hd=64, batch=2):
+    torch.manual_seed(0)
+    return [torch.randn(batch, seq, heads, hd, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+            for _ in range(3)]
+
+
+def _run(backend, qkv, mask=None, dtype=torch.bfloat16):
+    q, k, v = (t.detach().to(dtype).requires_grad_() for t in qkv)
+    o = attention(q, k, v, backend, mask)
+    o.float().pow(2).mean().backward()
+    return [o.float(), q.grad.float(), k.grad.float(), v.grad.float()]
+
+
+def _close(a, b, tol):
+    for x, y in zip(a, b):
+        assert ((x - y).abs().max() / y.abs().max()).item() < tol
+
+
+@pytest.mark.parametrize("docs", [False, True])
+def test_sdpa_bf16_matches_fp32_eager(docs):
+    qkv = _qkv()
+    doc_ids = (torch.arange(1024, device="cuda") // 300).expand(2, 1024) if docs else None
+    ref = _run("eager", qkv, build_doc_mask(doc_ids, "eager") if docs else None, torch.float32)
+    _close(_run("sdpa", qkv, build_doc_mask(doc_ids, "sdpa") if docs else None), ref, 2e-2)
+
+
+@pytest.mark.parametrize("docs", [False, True])
+def test_flash_attn_matches_fp32_eager(docs):
+    pytest.importorskip("flash_attn", reason="flash-attn not installed (pip install .[gpu])")
+    qkv = _qkv()
+    doc_ids = (torch.arange(1024, device="cuda") // 300).expand(2, 1024) if docs else None
+    ref = _run("eager", qkv, build_doc_mask(doc_ids, "eager") if docs else None, torch.float32)
+    _close(_run("flash", qkv, build_doc_mask(doc_ids, "flash") if docs else None), ref, 2e-2)
