@@ -54,6 +54,7 @@ def _two_proc(rank, world, root):
     out["teacher_losses"] = _losses(root / "teacher")
     # 2) distillation at TP=1/DP=2 with ZeRO 1, 2, 3 and TP=2/DP=1; the teacher is loaded into each layout
     for name, extra in {"tp1_z1": ["zero.stage=1"], "tp1_z2": ["zero.stage=2"], "tp1_z3": ["zero.stage=3"],
+                        "tp1_z2_offload": ["zero.stage=2", "zero.offload_optimizer=cpu"],
                         "tp2_z1": ["zero.stage=1", "parallel.tp_size=2"],
                         "tp2_z0_fused": ["zero.stage=0", "parallel.tp_size=2", "distill.fused=true",
                                          "distill.chunk_tokens=24"]}.items():
@@ -109,7 +110,7 @@ def test_layouts_agree(study):
     _, res = study
     ref = torch.tensor(res["tp1_z1"])
     assert len(ref) == STEPS and all(math.isfinite(x) for x in ref)
-    for name in ("tp1_z2", "tp1_z3", "tp2_z1", "tp2_z0_fused", "tp2dp2_z1", "tp2dp2_z2", "tp2dp2_z3",
+    for name in ("tp1_z2", "tp1_z3", "tp1_z2_offload", "tp2_z1", "tp2_z0_fused", "tp2dp2_z1", "tp2dp2_z2", "tp2dp2_z3",
                  "tp2dp2_teacher_z3"):
         torch.testing.assert_close(torch.tensor(res[name]), ref, atol=CURVE_ATOL, rtol=0,
                                    msg=lambda m, name=name: f"{name}: {res[name]} vs {res['tp1_z1']}\n{m}")
