@@ -13,8 +13,8 @@ pytestmark = pytest.mark.multiproc
 
 STEPS = 6
 # Layout agreement: fp32, same global batch and seed; reduction order differs across layouts (TP all-reduces, ZeRO
-# bucketed reductions), so curves agree to float round-off amplified over a few Adam steps, not bit-for-bit.
-CURVE_ATOL = 2e-4
+# bucketed reductions), so curves agree to round-off, not bit-for-bit. Measured: at most 1e-6 apart over 6 steps.
+CURVE_ATOL = 2e-5
 
 
 
