@@ -1,0 +1,438 @@
+"""Per-GPU memory and step-time model of the trainer's layouts (TP x ZeRO x teacher placement x checkpointing x fused
+loss), the layout planner over it, and the `megadistill plan-memory` verb."""
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import asdict, dataclass
+from typing import Dict, List, Optional, Union
+
+from megadistill.config import Config, ModelConfig
+from megadistill.errors import UserError
+
+GIB = 2 ** 30
+TERMS = ("student_weights", "gradients", "optimizer_states", "teacher_weights", "activations", "logits_loss",
+         "zero_buffers", "step_transient")
+# DeepSpeed defaults our generated config (train.engine.deepspeed_config) does not override. ZeRO-3 keeps a gathered
+# parameter while it recurs within MAX_REUSE elements of the step's module trace (at most MAX_LIVE gathered): in a
+# training step a module's parameters recur in its backward 2 x (params after it) later, so the last MAX_REUSE / 2
+# elements of the forward stay gathered across the forward -> backward turn. Stage 0 all-reduces gradients through
+# flat copies of up to ALLREDUCE_BUFFER elements.
+ZERO3_MAX_REUSE = 10 ** 9
+ZERO3_MAX_LIVE = 10 ** 9
+ALLREDUCE_BUFFER = 500_000_000
+# Unfused loss: fp32 [tokens, V/tp] work buffers alive at the loss's backward peak besides the student's and the
+# teacher's logits (exp() outputs of each log-sum-exp, gather/scatter gradient buffers, the accumulating dL/dz;
+# bf16 logits add .float() copies). Measured by `tools/measure_memory.py --loss`; keyed by (mode, model bytes).
+LOSS_WORK = {("supervised", 4): 4.0, ("supervised", 2): 5.0, ("distill", 4): 4.0, ("distill", 2): 5.0}
+
+
+@dataclass(frozen=True)
+class Hardware:
+    """The cluster a plan is for (defaults: H100-80GB SXM, 8 per node, NDR InfiniBand)."""
+
+    gpu_mem_gib: float = 80.0
+    gpus_per_node: int = 8
+    peak_tflops: float = 989.0  # dense bf16 per GPU (H100 SXM); fp32 runs get half (TF32)
+    mfu: float = 0.40  # assumed model-FLOPs utilisation of the compute
+    intra_node_gbps: float = 300.0  # GB/s, effective NVLink collective bus bandwidth per GPU
+    inter_node_gbps: float = 40.0  # GB/s, effective InfiniBand bandwidth per GPU (400 Gb/s NIC = 50 GB/s line)
+    overhead_gib: float = 2.0  # fixed: CUDA context, NCCL communicators and buffers, cuBLAS workspaces
+    fragmentation: float = 0.10  # share of the modelled peak lost to the caching allocator
+
+
+@dataclass(frozen=True)
+class Layout:
+    """One way to run a job: what the planner enumerates and estimate() reads off a Config."""
+
+    tp_size: int
+    zero_stage: int
+    micro_batch_size: int
+    checkpointing: str = "off"  # off | full | every_k
+    checkpoint_every_k: int = 2
+    fused: bool = False
+    teacher_zero3: bool = False
+    chunk_tokens: int = 1024
+    bucket_size: int = 50_000_000  # ZeRO reduce / prefetch bucket (elements)
+
+    def describe(self) -> str:
+        ck = self.checkpointing if self.checkpointing != "every_k" else f"every_{self.checkpoint_every_k}"
+        return (f"tp={self.tp_size} zero={self.zero_stage} mb={self.micro_batch_size} ckpt={ck} "
+                f"fused={'on' if self.fused else 'off'}" + (" teacher=zero3" if self.teacher_zero3 else ""))
+
+
+def resolve_model(model: Union[str, ModelConfig], role: str = "model") -> ModelConfig:
+    """A ModelConfig from a size name of megadistill.model.sizes (UserError listing the known names) or as given."""
+    if isinstance(model, ModelConfig):
+        return model
+    from megadistill.model.sizes import SIZES
+    if model not in SIZES:
+        raise UserError(f"{role} size {model!r} is unknown; known sizes: {', '.join(SIZES)}")
+    return ModelConfig(size=model).resolve()
+
+
+def rank_params(m: ModelConfig, tp: int) -> Dict[str, int]:
+    """Elements one TP rank stores: matrices split over TP, norm gains replicated, untied embedding and head split."""
+    hidden = m.n_layers * (4 * m.d_model * m.n_heads * m.head_dim + 3 * m.d_model * m.d_ff) // tp
+    norms = m.n_layers * (2 * m.d_model + (2 * m.head_dim if m.qk_norm else 0)) + m.d_model
+    vocab = m.vocab_size * m.d_model // tp  # each of embedding and head
+    # optimizer groups are the µP roles (hidden, embedding, head, norm): foreach Adam works one group at a time
+    return {"total": hidden + norms + 2 * vocab, "largest_group": max(hidden, vocab), "vocab": vocab}
+
+
+def activation_bytes_per_token(m: ModelConfig, tp: int, wb: int) -> float:
+    """Bytes autograd keeps per token for one block without checkpointing; wb = bytes of the model dtype.
+
+    RMSNorm keeps its fp32 input and fp32 normalised y (8 B/element) and its output in the model dtype (kept by the
+    next matmul): (8 + wb) per element, for attn_norm and ffn_norm over the replicated d and for the QK-norms over
+    this rank's q and k (d/tp each; there the rotary outputs, kept by attention, stand for the norm outputs). v and
+    the attention output cost wb each (flash / SDPA keep q, k, v, out and an fp32 log-sum-exp, no s x s matrix).
+    SwiGLU keeps gate, up, silu(gate) and their product: 4 wb f/tp. fp32: 24 d + 32 d/tp + 16 f/tp;
+    bf16: 20 d + 24 d/tp + 8 f/tp.
+    """
+    d, f, h = m.d_model, m.d_ff, m.n_heads
+    per = 2 * (8 + wb) * d + (2 * (8 + wb) + 2 * wb) * d / tp + 4 * wb * f / tp
+    return per + 4 * (2 + 3 * h / tp)  # fp32 rsqrt of the four norms and the attention log-sum-exp
+
+
+def checkpointed_blocks(n_layers: int, checkpointing: str, every_k: int = 2) -> int:
+    """Blocks the model recomputes in backward: none, all, or blocks 0, k, 2k, ... (Transformer._checkpointed)."""
+    if checkpointing == "off":
+        return 0
+    return n_layers if checkpointing == "full" else len(range(0, n_layers, every_k))
+
+
+def activation_bytes(m: ModelConfig, tokens: int, tp: int, wb: int, checkpointing: str = "off",
+                     every_k: int = 2) -> float:
+    """Saved student activations for `tokens` tokens at the start of backward, incl. one recomputed block."""
+    layer = activation_bytes_per_token(m, tp, wb) * tokens
+    n_ckpt = checkpointed_blocks(m.n_layers, checkpointing, every_k)
+    saved = (m.n_layers - n_ckpt) * layer + n_ckpt * wb * m.d_model * tokens  # a checkpointed block keeps its input
+    recompute = layer if n_ckpt else 0.0  # backward rebuilds one checkpointed block at a time
+    final_norm = (8 + wb) * m.d_model * tokens
+    return saved + recompute + final_norm
+
+
+def loss_bytes(tokens: int, m: ModelConfig, tp: int, wb: int, fused: bool, chunk_tokens: int = 1024,
+               teacher: Optional[ModelConfig] = None, tb: int = 4) -> float:
+    """Peak logits / loss buffers of one micro-batch, the teacher outputs it consumes included."""
+    v = m.vocab_size // tp
+    mode = "distill" if teacher is not None else "supervised"
+    if not fused:
+        work = LOSS_WORK[(mode, wb)] + (1.0 if teacher is not None and tb == 2 else 0.0)  # + teacher .float()
+        teacher_logits = tb * tokens * v if teacher is not None else 0.0
+        return wb * tokens * v + teacher_logits + 4.0 * work * tokens * v
+    c = min(chunk_tokens, tokens)
+    # per chunk: fp32 student logits (+ the bf16 matmul output it came from); with KD also the teacher's and exp()
+    chunk = (3.0 if teacher is not None else 1.0 + (0.5 if wb == 2 else 0.0)) * 4 * c * v
+    # dL/dW accumulated in fp32 (+ its saved copy in the model dtype) and dL/dh, both computed in the forward
+    grads = 4 * v * m.d_model + (wb * v * m.d_model if wb != 4 else 0) + wb * tokens * m.d_model
+    hidden_t = tb * tokens * teacher.d_model if teacher is not None else 0.0
+    return chunk + grads + hidden_t
+
+
+def estimate_layout(student: ModelConfig, layout: Layout, world_size: int, seq_len: int, global_batch_size: int,
+                    precision: str = "bf16", teacher: Optional[ModelConfig] = None, teacher_dtype: str = "bf16",
+                    hardware: Hardware = Hardware(), backend: str = "nccl") -> Dict:
+    """Per-GPU memory of one layout (bytes): the TERMS at the peak phase, `modeled` (their sum), the allowance
+    `overhead`, `total`, and every phase's modelled total in `phases`.
+
+    Phases: forward_backward (all saved activations with the loss buffers, or a little later in backward with
+    ZeRO-1/2's reduce bucket and the head's gradient), backward_end (gradients complete, activations freed),
+    optimizer_step (fp32 gradient copies and foreach temporaries), teacher_forward (distillation).
+    backend: the collective library, "nccl" on GPUs or "gloo" for the CPU runs the model is checked against.
+    """
+    tp = layout.tp_size
+    dp = world_size // tp
+    z = layout.zero_stage if dp > 1 else 0  # as train.engine.effective_stage: one DP rank runs stage 0
+    wb, tb = (2 if precision == "bf16" else 4), (2 if teacher_dtype == "bf16" else 4)
+    n = layout.micro_batch_size * seq_len  # tokens per micro-step on this rank
+    gas = max(1, global_batch_size // (layout.micro_batch_size * dp))
+    sp = rank_params(student, tp)
+    P, share = sp["total"], (dp if z >= 1 else 1)
+
+    weights = wb * P / (dp if z == 3 else 1)
+    master = 4 * P / share if (wb == 2 or z >= 1) else 0.0  # ZeRO 1-3 clone an fp32 partition even for fp32 models
+    optim = master + 8 * P / share  # + Adam's exp_avg and exp_avg_sq
+    teacher_w = t_gather = 0.0
+    t_part = False
+    if teacher is not None:
+        tparams = rank_params(teacher, tp)["total"]
+        t_part = layout.teacher_zero3 and dp > 1
+        teacher_w = tb * tparams / (dp if t_part else 1)
+    common = {"student_weights": weights, "optimizer_states": optim, "teacher_weights": teacher_w}
+
+    bucket = wb * layout.bucket_size if z >= 1 else 0.0  # ZeRO's contiguous reduce (ipg) buffer
+    gathered = wb * min(P, ZERO3_MAX_LIVE, ZERO3_MAX_REUSE // 2 + layout.bucket_size) if z == 3 else 0.0
+    # ZeRO-1/2 copy reduced gradients into a buffer holding every parameter that overlaps this rank's partition:
+    # P/dp plus the parameters straddling its ends, i.e. whole single-tensor groups (embedding, head) and about
+    # two matrices of the hidden group
+    matrix = max(student.d_model * student.d_ff, student.d_model * student.n_heads * student.head_dim) // tp
+    in_partition = min(P, (P - 2 * sp["vocab"]) / dp + 2 * matrix + 2 * sp["vocab"]) if z in (1, 2) else 0.0
+    grads_partition = {0: wb * P, 1: wb * in_partition, 2: wb * in_partition, 3: wb * P / dp}[z]
+    # held through forward/backward: ZeRO-3's flat partition buffer always, others only while accumulating
+    # (stage 0 and 1 reduce at the accumulation boundary, so they hold full gradients until then)
+    grads_fb = grads_partition if z == 3 else ((wb * P if z < 2 else grads_partition) if gas > 1 else 0.0)
+
+    acts = activation_bytes(student, n, tp, wb, layout.checkpointing, layout.checkpoint_every_k)
+    loss = loss_bytes(n, student, tp, wb, layout.fused, layout.chunk_tokens, teacher, tb)
+    if teacher is not None and layout.fused and t_part:  # the trainer gathers the teacher's head for the fused loss
+        loss += tb * teacher.vocab_size // tp * teacher.d_model
+    fb = dict(common, gradients=grads_fb, activations=acts, logits_loss=loss, zero_buffers=gathered, step_transient=0.0)
+    if z == 3:
+        fb["zero_buffers"] += bucket  # allocated at start-up
+    elif z >= 1 and bucket + wb * sp["vocab"] > loss:
+        # stages 1/2 allocate the bucket at the first parameter gradient (the head's), after the loss buffers died
+        fb["logits_loss"], fb["zero_buffers"] = wb * sp["vocab"], bucket
+
+    # end of backward: stage 1 still holds every parameter's gradient while it reduces them into its partition
+    end_grads = {0: wb * P, 1: wb * P + grads_partition, 2: grads_partition, 3: grads_partition}[z]
+    # optimizer step: stage 0 bf16 makes fp32 copies of all gradients; ZeRO 1-3 flatten the partition's gradients
+    # into the fp32 partition's .grad; foreach Adam adds a sqrt(v) temporary of its largest group; stage 0 with
+    # DP all-reduces through flat gradient copies
+    fp32_grads = 4 * P / share if (wb == 2 or z >= 1) else 0.0
+    transient = fp32_grads + 4 * sp["largest_group"] / share
+    if z == 0 and dp > 1:
+        transient += wb * min(P, ALLREDUCE_BUFFER)
+    phases = {"forward_backward": fb,
+              "backward_end": dict(common, gradients=end_grads, activations=0.0, logits_loss=0.0,
+                                   zero_buffers=bucket + gathered, step_transient=0.0),
+              "optimizer_step": dict(common, gradients=grads_partition, activations=0.0, logits_loss=0.0,
+                                     zero_buffers=bucket if z == 3 else 0.0, step_transient=transient)}
+    if teacher is not None:
+        t_out = tb * n * (teacher.d_model if layout.fused else teacher.vocab_size // tp)
+        t_block = tb * n * (3 * teacher.d_ff + 4 * teacher.d_model) / tp  # one block's no-grad intermediates
+        if layout.teacher_zero3 and dp > 1:
+            # DeepSpeed gathers the teacher during its forward and frees it only at the end (measured; the
+            # inference trace never completes); gloo adds a flat staging copy of the coalesced gather
+            t_gather = tb * min(tparams, ZERO3_MAX_LIVE) * (2 if backend == "gloo" else 1)
+        # the previous micro-step's teacher outputs are still referenced while the next ones are computed
+        phases["teacher_forward"] = dict(common, gradients=grads_fb, activations=max(t_block, t_out),
+                                         logits_loss=t_out, zero_buffers=t_gather + (bucket if z == 3 else 0.0),
+                                         step_transient=0.0)
+    totals = {k: sum(v.values()) for k, v in phases.items()}
+    peak = max(totals, key=totals.get)
+    modeled = totals[peak]
+    allowance = hardware.overhead_gib * GIB + hardware.fragmentation * modeled
+    return dict(phases[peak], modeled=modeled, overhead=allowance, total=modeled + allowance, phase=peak,
+                phases=totals, zero_stage=z, dp_size=dp, grad_accum=gas, tokens_per_micro_step=n)
+
+
+def layout_of(cfg: Config) -> Layout:
+    m, d = cfg.model, cfg.distill
+    return Layout(tp_size=cfg.parallel.tp_size, zero_stage=cfg.zero.stage, micro_batch_size=cfg.train.micro_batch_size,
+                  checkpointing=m.activation_checkpointing, checkpoint_every_k=m.checkpoint_every_k, fused=d.fused,
+                  teacher_zero3=d.teacher_zero3, chunk_tokens=d.chunk_tokens, bucket_size=cfg.zero.bucket_size)
+
+
+def estimate(cfg: Config, world_size: int, teacher: Union[None, str, ModelConfig] = None,
+             hardware: Hardware = Hardware()) -> Dict:
+    """Per-GPU memory breakdown (bytes) of a trainer Config on `world_size` processes; see estimate_layout.
+
+    For a distillation config the teacher's shape comes from `teacher` (a size name or ModelConfig) or else from
+    the weights directory distill.teacher points at.
+    """
+    cfg.validate(world_size)
+    if cfg.zero.offload_optimizer != "none" or cfg.zero.offload_param != "none":
+        raise UserError("the memory model covers GPU-resident ZeRO only; set zero.offload_optimizer=none and "
+                        "zero.offload_param=none to estimate")
+    tmodel = None
+    if cfg.train.mode == "distill":
+        if teacher is None:
+            from megadistill.train.checkpoint import find_weights
+            from megadistill.train.teacher import teacher_model_config
+            tmodel = teacher_model_config(find_weights(cfg.distill.teacher)).model
+        else:
+            tmodel = resolve_model(teacher, "teacher")
+    backend = cfg.parallel.backend
+    if backend == "auto":
+        import torch
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+    return estimate_layout(cfg.model, layout_of(cfg), world_size, cfg.train.seq_len, cfg.train.global_batch_size,
+                           cfg.train.precision, tmodel, cfg.distill.teacher_dtype, hardware, backend)
+
+
+def step_time(student: ModelConfig, layout: Layout, world_size: int, seq_len: int, global_batch_size: int,
+              precision: str = "bf16", teacher: Optional[ModelConfig] = None, teacher_dtype: str = "bf16",
+              hardware: Hardware = Hardware()) -> Dict:
+    """Estimated seconds per optimizer step: compute at the assumed MFU + TP and ZeRO communication, not overlapped.
+
+    Compute: tokens x (3 F(N_S) + F(N_T) + recomputed block forwards) / GPUs, F from PAPER.md (Eq. 9) with each
+    model's own aspect ratio. Communication as ring collectives (an all-reduce moves 2 (p-1)/p of the message per
+    GPU, a reduce-scatter or all-gather (p-1)/p): per micro-step the TP group all-reduces [tokens, d] activations
+    2 L + 1 times forward and 2 L + 1 backward (+ 2 per recomputed block; teacher: 2 L_T + 1); ZeRO moves the
+    gradient bytes G: stage 0 all-reduce per step, stage 1 reduce-scatter per step + parameter all-gather, stage 2
+    reduce-scatter per micro-step + all-gather, stage 3 two parameter all-gathers + a reduce-scatter per
+    micro-step; a ZeRO-3 teacher all-gathers its weights per micro-step. TP stays inside a node (NVLink); DP crosses
+    nodes (InfiniBand) once the job spans more than one node.
+    """
+    from megadistill.train.metrics import forward_flops
+    tp = layout.tp_size
+    dp = world_size // tp
+    wb, tb = (2 if precision == "bf16" else 4), (2 if teacher_dtype == "bf16" else 4)
+    mb = layout.micro_batch_size
+    gas = max(1, global_batch_size // (mb * dp))
+    n = mb * seq_len
+    tokens = global_batch_size * seq_len
+    f_s = forward_flops(student, seq_len)
+    f_t = forward_flops(teacher, seq_len) if teacher is not None else 0.0
+    n_ck = checkpointed_blocks(student.n_layers, layout.checkpointing, layout.checkpoint_every_k)
+    recompute = n_ck / student.n_layers * (f_s - 2 * student.vocab_size * student.d_model)  # blocks, not the head
+    peak = hardware.peak_tflops * 1e12 * (1.0 if precision == "bf16" else 0.5)
+    compute = tokens * (3 * f_s + f_t + recompute) / world_size / (hardware.mfu * peak)
+
+    bw_tp = (hardware.intra_node_gbps if tp <= hardware.gpus_per_node else hardware.inter_node_gbps) * 1e9
+    tp_bytes = 0.0
+    if tp > 1:
+        student_msgs = 2 * (2 * student.n_layers + 1) + 2 * n_ck
+        tp_bytes = student_msgs * wb * n * student.d_model
+        if teacher is not None:
+            tp_bytes += (2 * teacher.n_layers + 1) * tb * n * teacher.d_model
+        tp_bytes *= gas * 2 * (tp - 1) / tp
+    bw_dp = (hardware.intra_node_gbps if world_size <= hardware.gpus_per_node else hardware.inter_node_gbps) * 1e9
+    dp_bytes = 0.0
+    if dp > 1:
+        g = wb * rank_params(student, tp)["total"]
+        frac = (dp - 1) / dp
+        per_step = {0: 2 * frac * g, 1: 2 * frac * g, 2: (gas + 1) * frac * g, 3: 3 * gas * frac * g}
+        dp_bytes = per_step[layout.zero_stage]
+        if teacher is not None and layout.teacher_zero3:
+            dp_bytes += gas * frac * tb * rank_params(teacher, tp)["total"]
+    t_tp, t_dp = tp_bytes / bw_tp, dp_bytes / bw_dp
+    total = compute + t_tp + t_dp
+    useful = tokens * (3 * f_s + f_t)  # PAPER.md's accounting: recomputation is not useful work
+    return {"step_s": total, "compute_s": compute, "tp_comm_s": t_tp, "dp_comm_s": t_dp,
+            "tokens_per_s": tokens / total, "mfu": useful / (total * world_size * peak), "grad_accum": gas}
+
+
+def tp_candidates(student: ModelConfig, teacher: Optional[ModelConfig], gpus: int, gpus_per_node: int) -> List[int]:
+    """TP degrees inside one node that divide the GPUs, both models' heads, d_ff and the vocabulary."""
+    models = [m for m in (student, teacher) if m is not None]
+    return [t for t in range(1, min(8, gpus_per_node, gpus) + 1)
+            if gpus % t == 0 and all(m.n_heads % t == 0 and m.d_ff % t == 0 and m.vocab_size % t == 0
+                                     for m in models)]
+
+
+def plan(student: Union[str, ModelConfig], teacher: Union[None, str, ModelConfig] = None, gpus: int = 8,
+         seq_len: int = 4096, global_batch_tokens: int = 2 ** 22, precision: str = "bf16",
+         teacher_dtype: str = "bf16", hardware: Hardware = Hardware(), micro_batches=(1, 2, 4, 8, 16, 32),
+         checkpointing=("off", "full"), zero_stages=(0, 1, 2, 3), fused=(False, True), chunk_tokens: int = 1024,
+         bucket_size: int = 50_000_000) -> List[Dict]:
+    """Every layout with its memory and step time; fitting ones first, fastest first (then leanest), then the rest
+    by memory. Raises UserError for impossible inputs (unknown size, batch that does not split, nothing fits)."""
+    smodel, tmodel = resolve_model(student, "student"), (resolve_model(teacher, "teacher") if teacher else None)
+    if gpus < 1 or seq_len < 1:
+        raise UserError(f"--gpus={gpus} and --seq-len={seq_len} must be >= 1")
+    if global_batch_tokens % seq_len:
+        raise UserError(f"--global-batch-tokens={global_batch_tokens} is not a multiple of --seq-len={seq_len}")
+    batch = global_batch_tokens // seq_len  # sequences per optimizer step
+    tps = tp_candidates(smodel, tmodel, gpus, hardware.gpus_per_node)
+    if not tps:
+        raise UserError(f"no tensor-parallel degree <= {min(8, hardware.gpus_per_node)} divides --gpus={gpus} and "
+                        "the models' heads, d_ff and vocabulary")
+    rows = []
+    for tp in tps:
+        dp = gpus // tp
+        for mb in micro_batches:
+            if batch % (mb * dp):
+                continue
+            for z in (zero_stages if dp > 1 else (0,)):  # one DP rank runs stage 0 (train.engine.effective_stage)
+                for t3 in ((False, True) if tmodel is not None and dp > 1 else (False,)):
+                    for ck in checkpointing:
+                        for fu in fused:
+                            lay = Layout(tp, z, mb, ck, fused=fu, teacher_zero3=t3, chunk_tokens=chunk_tokens,
+                                         bucket_size=bucket_size)
+                            args = (smodel, lay, gpus, seq_len, batch, precision, tmodel, teacher_dtype, hardware)
+                            mem = estimate_layout(*args)
+                            rows.append({"layout": asdict(lay), "describe": lay.describe(), "memory": mem,
+                                         "time": step_time(*args),
+                                         "fits": mem["total"] <= hardware.gpu_mem_gib * GIB})
+    if not rows:
+        raise UserError(f"the global batch of {batch} sequences ({global_batch_tokens} tokens) cannot be split into "
+                        f"micro-batches of {list(micro_batches)} over dp = {[gpus // t for t in tps]} ranks; "
+                        "choose --global-batch-tokens = seq_len x a multiple of the GPU count")
+    fit = sorted((r for r in rows if r["fits"]), key=lambda r: (r["time"]["step_s"], r["memory"]["total"]))
+    if not fit:
+        best = min(rows, key=lambda r: r["memory"]["total"])
+        raise UserError(f"no layout fits in {hardware.gpu_mem_gib:g} GiB per GPU: the smallest needs "
+                        f"{best['memory']['total'] / GIB:.1f} GiB ({best['describe']}); use more GPUs, GPUs with more "
+                        "memory, a shorter --seq-len or a bf16 teacher")
+    return fit + sorted((r for r in rows if not r["fits"]), key=lambda r: r["memory"]["total"])
+
+
+_COLS = [("weights", "student_weights"), ("grads", "gradients"), ("optim", "optimizer_states"),
+         ("teacher", "teacher_weights"), ("acts", "activations"), ("logits", "logits_loss"), ("zero", "zero_buffers"),
+         ("step", "step_transient"), ("allow", "overhead"), ("total", "total")]
+
+
+def format_table(rows: List[Dict], top: int) -> str:
+    """Readable table of the first `top` rows: layout, per-GPU GiB by term, fit, step time, throughput."""
+    head = f"{'#':>3} {'layout':<52}" + "".join(f"{c:>8}" for c, _ in _COLS) + f" {'fits':>4} {'step s':>8} " \
+           f"{'tok/s/GPU':>10} {'MFU':>5}"
+    lines = [head, "-" * len(head)]
+    for i, r in enumerate(rows[:top], 1):
+        m, t = r["memory"], r["time"]
+        lay = f"{r['describe']} gas={m['grad_accum']}"
+        lines.append(f"{i:>3} {lay:<52}" + "".join(f"{m[k] / GIB:8.1f}" for _, k in _COLS)
+                     + f" {'yes' if r['fits'] else 'no':>4} {t['step_s']:8.2f} "
+                     f"{t['tokens_per_s'] / (m['dp_size'] * r['layout']['tp_size']):10.0f} {t['mfu']:5.2f}")
+    return "\n".join(lines)
+
+
+def _plan_command(args) -> int:
+    from megadistill.model.sizes import params_of
+    hw = Hardware(gpu_mem_gib=args.gpu_mem_gib, gpus_per_node=args.gpus_per_node, peak_tflops=args.peak_tflops,
+                  mfu=args.mfu, intra_node_gbps=args.intra_node_gbps, inter_node_gbps=args.inter_node_gbps,
+                  overhead_gib=args.overhead_gib, fragmentation=args.fragmentation)
+    rows = plan(args.student, args.teacher, gpus=args.gpus, seq_len=args.seq_len,
+                global_batch_tokens=args.global_batch_tokens, precision=args.precision, teacher_dtype=args.teacher_dtype,
+                hardware=hw, checkpointing=tuple(args.checkpointing), chunk_tokens=args.chunk_tokens,
+                bucket_size=args.bucket_size)
+    n_fit = sum(r["fits"] for r in rows)
+    if args.json:
+        print(json.dumps({"student": args.student, "teacher": args.teacher, "gpus": args.gpus,
+                          "seq_len": args.seq_len, "global_batch_tokens": args.global_batch_tokens,
+                          "precision": args.precision, "teacher_dtype": args.teacher_dtype, "hardware": asdict(hw),
+                          "fitting": n_fit, "layouts": rows[:args.top] if args.top else rows}, indent=1))
+        return 0
+    s = resolve_model(args.student, "student")
+    what = f"student {args.student} (N={params_of(s)[0] / 1e9:.3g}B)"
+    if args.teacher:
+        what = f"{what} distilled from teacher {args.teacher} ({args.teacher_dtype})"
+    print(f"plan-memory: {what} on {args.gpus} GPUs x {args.gpu_mem_gib:g} GiB, seq {args.seq_len}, "
+          f"{args.global_batch_tokens} tokens/step, {args.precision}")
+    print(f"{n_fit} of {len(rows)} layouts fit; per-GPU GiB at the peak phase; 'allow' = {args.overhead_gib:g} GiB "
+          f"fixed (CUDA/NCCL) + {args.fragmentation:.0%} fragmentation; step time at MFU {args.mfu:.0%} of "
+          f"{args.peak_tflops:g} TFLOP/s + communication at {args.intra_node_gbps:g} GB/s NVLink, "
+          f"{args.inter_node_gbps:g} GB/s InfiniBand per GPU, not overlapped")
+    print(format_table(rows, args.top))
+    return 0
+
+
+def register(sub) -> None:
+    p = sub.add_parser("plan-memory", help="per-GPU memory of every TP x ZeRO x checkpointing layout, ranked by "
+                                           "estimated step time", formatter_class=argparse.RawDescriptionHelpFormatter,
+                       epilog="example: megadistill plan-memory --teacher 12.6B --student 2.72B --gpus 64 "
+                              "--gpu-mem-gib 80\nwithout --teacher it plans supervised training of --student")
+    p.add_argument("--student", required=True, help="size name of the model being trained (e.g. 2.72B, 12.6B)")
+    p.add_argument("--teacher", default=None, help="size name of the frozen teacher (distillation)")
+    p.add_argument("--gpus", type=int, required=True)
+    p.add_argument("--gpu-mem-gib", type=float, default=80.0)
+    p.add_argument("--gpus-per-node", type=int, default=8)
+    p.add_argument("--seq-len", type=int, default=4096)
+    p.add_argument("--global-batch-tokens", type=int, default=2 ** 22,
+                   help="tokens per optimizer step (default 4M = 1024 x 4096; the paper does not state its batch)")
+    p.add_argument("--precision", choices=("bf16", "fp32"), default="bf16")
+    p.add_argument("--teacher-dtype", choices=("bf16", "fp32"), default="bf16")
+    p.add_argument("--checkpointing", nargs="+", choices=("off", "full"), default=["off", "full"])
+    p.add_argument("--chunk-tokens", type=int, default=1024, help="token chunk of the fused loss")
+    p.add_argument("--bucket-size", type=int, default=50_000_000, help="ZeRO bucket elements (zero.bucket_size)")
+    p.add_argument("--mfu", type=float, default=0.40)
+    p.add_argument("--peak-tflops", type=float, default=989.0, help="dense bf16 TFLOP/s per GPU (H100 SXM)")
+    p.add_argument("--intra-node-gbps", type=float, default=300.0, help="GB/s per GPU inside a node (NVLink)")
+    p.add_argument("--inter-node-gbps", type=float, default=40.0, help="GB/s per GPU across nodes (InfiniBand)")
+    p.add_argument("--overhead-gib", type=float, default=2.0, help="fixed per-GPU allowance: CUDA context, NCCL")
+    p.add_argument("--fragmentation", type=float, default=0.10, help="allowance as a share of the modelled peak")
+    p.add_argument("--top", type=int, default=10, help="rows to print (0 = all, with --json)")
+    p.add_argument("--json", action="store_true", help="print the ranked layouts as JSON")
+    p.set_defaults(func=_plan_command)
