@@ -48,6 +48,9 @@ class ModelConfig:
 
     def resolve(self) -> "ModelConfig":
         """Fill shape fields from `size` (if set) and derive d_ff; return self."""
+        # YAML 1.1 reads a bare `off` / `on` as a boolean, which omegaconf then turns into "False" / "True"
+        self.activation_checkpointing = {"False": "off", "false": "off", "True": "full", "true": "full"}.get(
+            self.activation_checkpointing, self.activation_checkpointing)
         if self.size:
             from megadistill.model.sizes import get_size
             try:

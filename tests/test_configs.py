@@ -180,3 +180,13 @@ def test_teacher_student_vocab_mismatch(tmp_path):
     for name, p in teacher.module.named_parameters():
         assert not p.requires_grad
         torch.testing.assert_close(p.detach(), state[name])
+
+
+def test_yaml_off_for_activation_checkpointing_means_off(tmp_path):
+    """YAML 1.1 reads a bare `off` as false; the config must still mean 'off' (and `on` / true mean 'full')."""
+    from megadistill import config
+    path = tmp_path / "ckpt.yaml"
+    path.write_text("model:\n  activation_checkpointing: off\ntrain:\n  steps: 1\n")
+    assert config.load([str(path)]).model.activation_checkpointing == "off"
+    assert config.load([], ["train.steps=1", "model.activation_checkpointing=off"]).model.activation_checkpointing == "off"
+    assert config.load([], ["train.steps=1", "model.activation_checkpointing=true"]).model.activation_checkpointing == "full"

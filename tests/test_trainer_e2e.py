@@ -80,7 +80,10 @@ def _four_proc(rank, world, root):
     for stage in (1, 2, 3):
         name = f"tp2dp2_z{stage}"
         over = tiny_overrides(root / name, "distill", [f"train.steps={STEPS}", f"distill.teacher={root / 'teacher'}",
-                                                   f"zero.stage={stage}", "parallel.tp_size=2"])
+                                                   f"zero.stage={stage}", "parallel.tp_size=2",
+                                                   # 5 eval windows -> 3 batches on 2 DP ranks: uneven shares must
+                                                   # not hang ZeRO-3's per-forward all-gathers
+                                                   "train.eval_tokens=160", "train.eval_interval=3"])
         train(_load(over), inspect=_check_teacher_frozen)
         out[name] = _losses(root / name)
     over = tiny_overrides(root / "tp2dp2_teacher_z3", "distill", [

@@ -23,13 +23,17 @@ def evaluate(student: nn.Module, batches: List[Dict[str, torch.Tensor]], groups:
     was_training = student.training
     student.eval()
     sums = torch.zeros(4, dtype=torch.float64)  # [ce, tokens, kl, teacher ce]
-    for i, batch in enumerate(batches):
-        if i % groups.dp_size != groups.dp_rank:
-            continue
+    # Every DP rank runs the same number of forwards: under ZeRO-3 each forward all-gathers parameters across the DP
+    # group, so a rank with one batch fewer would leave the others waiting. Padding forwards reuse batch 0, uncounted.
+    per_rank = -(-len(batches) // groups.dp_size)
+    for j in range(per_rank):
+        i = j * groups.dp_size + groups.dp_rank
+        counted = i < len(batches)
+        batch = batches[i] if counted else batches[0]
         ids = batch["input_ids"].to(device)
         labels = batch["labels"].to(device)
         doc_ids = batch["doc_ids"].to(device) if cfg.data.document_mask else None
-        mask = labels != -100
+        mask = (labels != -100) & counted
         logits = student(ids, doc_ids)  # [b, s, v/tp]
         sums[0] += vocab_parallel_cross_entropy(logits, labels, group=groups.tp_group)[mask].double().sum().cpu()
         sums[1] += mask.sum().item()
