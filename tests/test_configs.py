@@ -102,7 +102,8 @@ def test_layouts_cover_8_64_512_gpus():
             assert cfg.model.size == ("12.6B" if kind.startswith("teacher") else "2.72B")
             assert cfg.train.precision == "bf16" and cfg.train.seq_len == 4096
             ds = deepspeed_config(cfg, world // cfg.parallel.tp_size)
-            assert ds["gradient_accumulation_steps"] * cfg.train.micro_batch_size * world == cfg.train.global_batch_size
+            dp = world // cfg.parallel.tp_size
+            assert ds["gradient_accumulation_steps"] * cfg.train.micro_batch_size * dp == cfg.train.global_batch_size
             if kind.startswith("distill"):
                 assert cfg.distill.teacher_dtype == "bf16" and cfg.distill.teacher == "runs/paper/teacher-12.6B"
 
