@@ -1,14 +1,13 @@
-"""CLI verbs of the trainer: train, eval, export (and demo / plan-memory, registered from their own modules)."""
+"""CLI verbs of the trainer: train, eval, export, and plan-memory (defined in megadistill.train.memory)."""
 from __future__ import annotations
 
 import argparse
-import importlib
 import logging
 from typing import List, Tuple
 
-log = logging.getLogger(__name__)
+from megadistill.train import memory
 
-EXTRA = ("megadistill.train.memory",)  # modules adding further verbs
+log = logging.getLogger(__name__)
 
 
 def split_args(items: List[str]) -> Tuple[List[str], List[str]]:
@@ -71,11 +70,4 @@ def register(sub) -> None:
     p.add_argument("-o", "--out", required=True)
     p.set_defaults(func=_export)
 
-    for name in EXTRA:
-        try:
-            mod = importlib.import_module(name)
-        except ModuleNotFoundError as e:
-            if e.name != name:
-                raise
-            continue
-        mod.register(sub)
+    memory.register(sub)
