@@ -1,13 +1,18 @@
 """Held-out evaluation: cross-entropy (and teacher loss / teacher-student KL) over a fixed eval set, DP-sharded."""
 from __future__ import annotations
 
+from datetime import datetime, timezone
 from typing import Dict, List, Optional
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
+from megadistill import config as config_mod
 from megadistill.config import Config
+from megadistill.laws import records
+from megadistill.model.sizes import params_of
+from megadistill.train.metrics import forward_flops
 from megadistill.parallel.groups import ParallelGroups
 from megadistill.parallel.vocab_parallel import vocab_parallel_cross_entropy, vocab_parallel_kl_div
 
@@ -53,3 +58,19 @@ def evaluate(student: nn.Module, batches: List[Dict[str, torch.Tensor]], groups:
         if with_teacher_loss:
             out["teacher_eval_loss"] = sums[3].item() / n
     return out
+
+
+def eval_record(cfg: Config, run: str, step: int, tokens: int, ev: Dict, teacher: Optional[Dict] = None,
+                teacher_forward_flops: float = 0.0) -> Dict:
+    """A schema-v1 eval record of `ev` (from evaluate); flops are this run's compute, the teacher's forward included."""
+    n, n_total = params_of(cfg.model)
+    f_student = forward_flops(cfg.model, cfg.train.seq_len)
+    rec = records.make_record(
+        run=run, mode=cfg.train.mode, step=step, tokens=tokens, params=n, params_total=n_total,
+        flops=(3.0 * f_student + teacher_forward_flops) * tokens, eval_loss=ev["eval_loss"],
+        eval_tokens=ev["eval_tokens"], split="student_val", teacher=teacher, config=config_mod.to_dict(cfg),
+        time=datetime.now(timezone.utc).isoformat(timespec="seconds"))
+    rec["flops_teacher_inference"] = teacher_forward_flops * tokens
+    if "teacher_student_kl" in ev:
+        rec["teacher_student_kl"] = ev["teacher_student_kl"]
+    return rec

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import logging
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Dict, List, Optional
 
@@ -21,8 +20,7 @@ from megadistill.model.transformer import Transformer
 from megadistill.parallel.groups import ParallelGroups
 from megadistill.parallel.init import init_distributed
 from megadistill.train import checkpoint, engine as engine_mod
-from megadistill.train.evaluate import evaluate
-from megadistill.train.metrics import forward_flops
+from megadistill.train.evaluate import eval_record, evaluate
 from megadistill.train.objective import Objective
 from megadistill.train.trainer import export_weights, total_steps
 
@@ -68,14 +66,8 @@ def evaluate_run(run_dir: str, overrides: List[str] = (), eval_tokens: Optional[
     batches = build_eval_batches(cfg.data, vocab_size=cfg.model.vocab_size, seq_len=t.seq_len,
                                  n_tokens=eval_tokens or t.eval_tokens, batch_size=t.micro_batch_size)
     ev = evaluate(student, batches, groups, cfg, eng.device)
-    n, n_total = params_of(cfg.model)
-    tokens = int(state.get("tokens", 0))
     if info.rank == 0:
-        rec = records.make_record(
-            run=t.run_name or run_dir.name, mode=t.mode, step=int(state.get("step", 0)), tokens=tokens, params=n,
-            params_total=n_total, flops=3.0 * forward_flops(cfg.model, t.seq_len) * tokens,
-            eval_loss=ev["eval_loss"], eval_tokens=ev["eval_tokens"], split="student_val", teacher=None,
-            config=config_mod.to_dict(cfg), time=datetime.now(timezone.utc).isoformat(timespec="seconds"))
+        rec = eval_record(cfg, t.run_name or run_dir.name, int(state.get("step", 0)), int(state.get("tokens", 0)), ev)
         rec["source"] = "megadistill eval"
         records.append_record(run_dir, rec)
     if dist.is_initialized():

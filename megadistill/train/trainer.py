@@ -9,7 +9,6 @@ import logging
 import signal
 import time
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable, Dict, Optional
 
@@ -26,7 +25,7 @@ from megadistill.model.transformer import Transformer
 from megadistill.parallel.groups import ParallelGroups
 from megadistill.parallel.init import init_distributed
 from megadistill.train import checkpoint, engine as engine_mod
-from megadistill.train.evaluate import evaluate
+from megadistill.train.evaluate import eval_record, evaluate
 from megadistill.train.metrics import MetricsLog, forward_flops, peak_flops
 from megadistill.train.objective import Objective, teacher_outputs
 from megadistill.train.teacher import Teacher, load_teacher
@@ -187,15 +186,7 @@ def train(cfg: Config, progress: Optional[Callable[[int, int], None]] = None,
             if teacher is not None:
                 teacher_info = {"run": teacher.run, "params": teacher.params, "tokens": teacher.tokens,
                                 "eval_loss": teacher_eval_loss, "own_eval_loss": teacher.eval_loss}
-            rec = records.make_record(
-                run=run_name, mode=t.mode, step=step, tokens=tokens, params=n_params, params_total=n_total,
-                flops=(3.0 * f_student + f_teacher) * tokens,  # this run's compute, teacher forward included
-                eval_loss=ev["eval_loss"], eval_tokens=ev["eval_tokens"],
-                split="student_val", teacher=teacher_info, config=config_mod.to_dict(cfg),
-                time=datetime.now(timezone.utc).isoformat(timespec="seconds"))
-            rec["flops_teacher_inference"] = f_teacher * tokens
-            if "teacher_student_kl" in ev:
-                rec["teacher_student_kl"] = ev["teacher_student_kl"]
+            rec = eval_record(cfg, run_name, step, tokens, ev, teacher_info, f_teacher)
             records.append_record(run_dir, rec)
         return ev
 
@@ -216,9 +207,7 @@ def train(cfg: Config, progress: Optional[Callable[[int, int], None]] = None,
                 if teacher is not None and teacher.engine is not None and cfg.distill.fused:
                     import deepspeed
                     ctx = deepspeed.zero.GatheredParameters([teacher.module.output_weight])
-                with ctx:
-                    if "teacher_weight" in extra:
-                        extra["teacher_weight"] = teacher.module.output_weight
+                with ctx:  # gathers the ZeRO-3 teacher head in place: extra["teacher_weight"] is that parameter
                     loss, stats = eng(ids, labels, doc_ids, **extra)
                 eng.backward(loss)
                 eng.step()
