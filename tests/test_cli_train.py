@@ -93,3 +93,16 @@ def test_existing_checkpoints_need_resume(trained, tmp_path):
     (run / "DONE").unlink()
     proc = cli("train", "configs/tiny/teacher.yaml", *TINY, "train.steps=8", f"train.run_dir={run}", check=False)
     assert proc.returncode == 2 and "train.resume=true" in proc.stderr
+
+
+def test_eval_of_a_distill_run_keeps_its_teacher(trained, tmp_path):
+    """`megadistill eval` on a distilled run must still aggregate as a distillation point (teacher block, FLOPs)."""
+    run = tmp_path / "kd"
+    # the fixture's teacher is configs/tiny/teacher.yaml's model.size=tiny-0.5M (the size wins over shape keys): V=512
+    cli("train", "configs/tiny/distill.yaml", *TINY, "model.vocab_size=512", "train.steps=3",
+        f"distill.teacher={trained}", f"train.run_dir={run}")
+    cli("eval", str(run), "--eval-tokens", "256")
+    trained_rec, evaluated = [json.loads(line) for line in (run / "eval.jsonl").read_text().splitlines()][-2:]
+    assert evaluated["source"] == "megadistill eval"
+    assert evaluated["teacher"] == trained_rec["teacher"]
+    assert evaluated["flops"] == pytest.approx(trained_rec["flops"])

@@ -67,7 +67,13 @@ def evaluate_run(run_dir: str, overrides: List[str] = (), eval_tokens: Optional[
                                  n_tokens=eval_tokens or t.eval_tokens, batch_size=t.micro_batch_size)
     ev = evaluate(student, batches, groups, cfg, eng.device)
     if info.rank == 0:
-        rec = eval_record(cfg, t.run_name or run_dir.name, int(state.get("step", 0)), int(state.get("tokens", 0)), ev)
+        # a distill run keeps its teacher: the block and the teacher-forward FLOPs per token of its own last record
+        prior = records.read_records(run_dir / "eval.jsonl")[0] if (run_dir / "eval.jsonl").is_file() else []
+        last = prior[-1] if prior else {}
+        teacher = last.get("teacher") if cfg.train.mode == "distill" else None
+        f_teacher = last.get("flops_teacher_inference", 0.0) / last["tokens"] if teacher and last.get("tokens") else 0.0
+        rec = eval_record(cfg, t.run_name or run_dir.name, int(state.get("step", 0)), int(state.get("tokens", 0)), ev,
+                          teacher, f_teacher)
         rec["source"] = "megadistill eval"
         records.append_record(run_dir, rec)
     if dist.is_initialized():
