@@ -1,4 +1,5 @@
-"""Chunked fused-linear student objective vs the unfused vocab-parallel losses and a dense reference, TP=1 and TP=2."""
+"""Single-pass objectives (fused-linear, and on materialised logits) vs the autograd vocab-parallel losses and a dense
+reference, TP=1 and TP=2."""
 import pytest
 import torch
 import torch.distributed as dist
@@ -6,7 +7,7 @@ from torch.testing import assert_close
 
 from dist_harness import run_distributed
 from megadistill.errors import UserError
-from megadistill.parallel.fused_loss import fused_linear_distill_loss
+from megadistill.parallel.fused_loss import fused_linear_distill_loss, logits_distill_loss
 from megadistill.parallel.vocab_parallel import distill_loss
 from test_vocab_parallel import _count_elements, ref_ce, ref_kl, ref_z
 
@@ -58,6 +59,10 @@ def _run(fn, h, w, h_t, w_t, y, cfg, group=None, cols=slice(None), **kw):
     if fn == "fused":
         loss, stats = fused_linear_distill_loss(h, w_local, h_t if teacher else None,
                                                 w_t[cols] if teacher else None, y, group, **cfg, **kw)
+    elif fn in ("logits", "logits_copy"):  # single pass on materialised logits, overwriting them or not
+        zt = (h_t @ w_t[cols].t()) if teacher else None
+        cfg.setdefault("chunk_tokens", kw.get("chunk_tokens", 8))
+        loss, stats = logits_distill_loss(h @ w_local.t(), zt, y, group, inplace=fn == "logits", **cfg)
     elif fn == "unfused":
         zt = (h_t @ w_t[cols].t()) if teacher else None
         loss, stats = distill_loss(h @ w_local.t(), zt, y, group, **cfg)
@@ -72,16 +77,17 @@ def _run(fn, h, w, h_t, w_t, y, cfg, group=None, cols=slice(None), **kw):
 @pytest.mark.parametrize("chunk", [8, 5, 13, 1000])
 def test_fused_matches_unfused_tp1(cfg, chunk):
     args = _inputs(0)
-    f_loss, f_stats, f_gh, f_gw = _run("fused", *args, cfg, chunk_tokens=chunk)
     u_loss, u_stats, u_gh, u_gw = _run("unfused", *args, cfg)
     d_loss, _, d_gh, d_gw = _run("dense", *args, cfg)
-    for loss, gh, gw in [(u_loss, u_gh, u_gw), (d_loss, d_gh, d_gw)]:
-        assert_close(f_loss, loss, atol=1e-5, rtol=1e-5)
-        assert_close(f_gh, gh, atol=1e-6, rtol=1e-4)
-        assert_close(f_gw, gw, atol=1e-6, rtol=1e-4)
-    assert set(f_stats) == set(u_stats)
-    for k in f_stats:
-        assert_close(f_stats[k], u_stats[k], atol=1e-5, rtol=1e-5, check_dtype=False)
+    for fn in ("fused", "logits", "logits_copy"):
+        f_loss, f_stats, f_gh, f_gw = _run(fn, *args, cfg, chunk_tokens=chunk)
+        for loss, gh, gw in [(u_loss, u_gh, u_gw), (d_loss, d_gh, d_gw)]:
+            assert_close(f_loss, loss, atol=1e-5, rtol=1e-5)
+            assert_close(f_gh, gh, atol=1e-6, rtol=1e-4)
+            assert_close(f_gw, gw, atol=1e-6, rtol=1e-4)
+        assert set(f_stats) == set(u_stats)
+        for k in f_stats:
+            assert_close(f_stats[k], u_stats[k], atol=1e-5, rtol=1e-5, check_dtype=False)
 
 
 def test_fused_bf16_and_no_grad():
@@ -98,6 +104,45 @@ def test_fused_bf16_and_no_grad():
         loss, stats = fused_linear_distill_loss(h, w, h_t, w_t, y, chunk_tokens=4)
     assert_close(loss, _dense(h, w, h_t, w_t, y, 1.0, 1.0, 1e-4), atol=1e-5, rtol=1e-5)
     assert int(stats["tokens"]) == int((y != -100).sum())
+
+
+def test_logits_loss_bf16_inplace_no_grad_and_once():
+    h, w, h_t, w_t, y = _inputs(1, torch.bfloat16)
+    cfg = dict(kd_weight=0.8, temperature=2.0, z_loss=1e-4, top_p=0.9)
+    d_loss, _, d_gh, d_gw = _run("dense", h, w, h_t, w_t, y, cfg)
+    for fn in ("logits", "logits_copy"):
+        got_loss, _, got_gh, got_gw = _run(fn, h, w, h_t, w_t, y, cfg, chunk_tokens=7)
+        assert got_gh.dtype == got_gw.dtype == torch.bfloat16
+        assert_close(got_loss, d_loss, atol=2e-2, rtol=2e-2)
+        for got, ref in [(got_gh, d_gh), (got_gw, d_gw)]:
+            assert_close(got.float(), ref.float(), atol=1e-2 * ref.float().abs().max().item(), rtol=2e-2)
+    # inplace: the student logits become d loss / d logits, the caller's tensors are consumed as documented
+    h, w, h_t, w_t, y = _inputs(2)
+    w = w.requires_grad_(True)
+    z, zt = h @ w.t(), h_t @ w_t.t()
+    z_ref = z.detach().clone().requires_grad_(True)
+    loss_ref, _ = distill_loss(z_ref, zt.clone(), y, kd_weight=1.0)
+    loss_ref.backward()
+    loss, _ = logits_distill_loss(z, zt, y, kd_weight=1.0, chunk_tokens=5, inplace=True)
+    assert_close(loss, loss_ref, atol=1e-6, rtol=1e-6)
+    assert_close(z.detach(), z_ref.grad, atol=1e-7, rtol=1e-5)  # the gradient, formed in the forward
+    loss.backward()
+    with pytest.raises(RuntimeError, match="backward ran twice"):
+        z2 = h @ w.t()
+        l2, _ = logits_distill_loss(z2, h_t @ w_t.t(), y, chunk_tokens=5, inplace=True)
+        l2.backward(retain_graph=True)
+        l2.backward()
+    # a leaf that requires grad is never overwritten (falls back to a separate gradient buffer)
+    z_leaf = (h @ w.t()).detach().requires_grad_(True)
+    keep = z_leaf.detach().clone()
+    logits_distill_loss(z_leaf, h_t @ w_t.t(), y, inplace=True)[0].backward()
+    assert torch.equal(z_leaf.detach(), keep) and z_leaf.grad is not None
+    # no grad (evaluation): the value alone, same as the reference
+    with torch.no_grad():
+        loss, stats = logits_distill_loss(h @ w.t(), h_t @ w_t.t(), y, kd_weight=0.5, inplace=True)
+        ref, ref_stats = distill_loss(h @ w.t(), h_t @ w_t.t(), y, kd_weight=0.5)
+    assert_close(loss, ref, atol=1e-6, rtol=1e-6)
+    assert_close(stats["kd"], ref_stats["kd"], atol=1e-6, rtol=1e-6)
 
 
 def test_fused_user_errors():
@@ -124,6 +169,8 @@ def _tp2_worker(rank, world):
         for chunk in (5, 26):
             f_loss, f_stats, f_gh, f_gw = _run("fused", *args, cfg, group=group, cols=cols, chunk_tokens=chunk)
             u_loss, u_stats, _, u_gw = _run("unfused", *args, cfg, group=group, cols=cols)
+            l_loss, l_stats, l_gh, l_gw = _run("logits", *args, cfg, group=group, cols=cols, chunk_tokens=chunk)
+            dist.all_reduce(l_gh, group=group)  # h's grad through a column head shard is a partial sum as well
             d_loss, _, d_gh, d_gw = _run("dense", *args, cfg)
             dist.all_reduce(f_gh, group=group)  # the fused hidden grad is this rank's partial sum
             assert_close(f_loss, d_loss, atol=1e-5, rtol=1e-5)
@@ -131,8 +178,12 @@ def _tp2_worker(rank, world):
             assert_close(f_gh, d_gh, atol=1e-6, rtol=1e-4)
             assert_close(f_gw, d_gw[cols], atol=1e-6, rtol=1e-4)
             assert_close(f_gw, u_gw, atol=1e-6, rtol=1e-4)
+            assert_close(l_loss, d_loss, atol=1e-5, rtol=1e-5)
+            assert_close(l_gh, d_gh, atol=1e-6, rtol=1e-4)
+            assert_close(l_gw, d_gw[cols], atol=1e-6, rtol=1e-4)
             for k in f_stats:
                 assert_close(f_stats[k], u_stats[k], atol=1e-5, rtol=1e-5, check_dtype=False)
+                assert_close(l_stats[k], u_stats[k], atol=1e-5, rtol=1e-5, check_dtype=False)
             done.append((str(cfg), chunk))
     # communication: per chunk O(chunk tokens), independent of V
     moved = []
@@ -144,7 +195,11 @@ def _tp2_worker(rank, world):
         h.requires_grad_(True)
         moved.append(_count_elements(
             lambda: fused_linear_distill_loss(h, w, h_t, w_t, y, group, chunk_tokens=8)[0].backward()))
-    assert moved[0] == moved[1] <= 4 * 26 + 2, moved
+        moved.append(_count_elements(
+            lambda: logits_distill_loss(h @ w.t(), h_t @ w_t.t(), y, group, chunk_tokens=8,
+                                        inplace=True)[0].backward()))
+    assert moved[0] == moved[2] <= 4 * 26 + 2, moved  # fused, at V and 4V
+    assert moved[1] == moved[3] == moved[0], moved  # on logits: the same collectives
     return done
 
 

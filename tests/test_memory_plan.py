@@ -23,13 +23,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
 
 import measure_memory  # noqa: E402
-from measure_memory import LiveTensors  # noqa: E402
+from measure_memory import LiveTensors, loss_peak  # noqa: E402
 
 from megadistill import cli, config  # noqa: E402
 from megadistill.errors import UserError  # noqa: E402
 from megadistill.model.transformer import Transformer  # noqa: E402
 from megadistill.train import memory  # noqa: E402
-from megadistill.train.objective import Objective, teacher_outputs  # noqa: E402
 
 GIB = 2 ** 30
 
@@ -69,30 +68,7 @@ def test_activation_bytes_match_live_tensors(precision, ckpt):
 @pytest.mark.parametrize("fused", [False, True])
 def test_loss_bytes_match_traced_peak(mode, teacher_dtype, precision, fused):
     torch.set_num_threads(1)
-    vocab, n, chunk = 16384, 1024, 256
-    cfg = config.load([], ["model.n_layers=1", "model.d_model=64", "model.n_heads=2", "model.head_dim=32",
-                           f"model.vocab_size={vocab}", "train.steps=1", f"train.mode={mode}",
-                           "distill.teacher=unused", f"distill.fused={str(fused).lower()}",
-                           f"distill.chunk_tokens={chunk}"])
-    torch.manual_seed(0)
-    student, teacher = Transformer(cfg.model), Transformer(cfg.model).requires_grad_(False)
-    if precision == "bf16":
-        student = student.bfloat16()
-    if teacher_dtype == "bf16":
-        teacher = teacher.bfloat16()
-    ids = torch.randint(0, vocab, (1, n))
-    with LiveTensors() as tracker:
-        tracker.track(list(student.parameters()) + list(teacher.parameters()))
-        tracker.start_window()
-        before = tracker.cur
-        extra = teacher_outputs(teacher, cfg, ids, None) if mode == "distill" else {}
-        loss, _ = Objective(student, cfg)(ids, ids, None, **extra)
-        loss.backward()
-        peak = tracker.peak_in_window - before
-    wb = 2 if precision == "bf16" else 4
-    tmodel = cfg.model if mode == "distill" else None
-    est = memory.loss_bytes(n, cfg.model, 1, wb, fused, chunk, tmodel, tb=2 if teacher_dtype == "bf16" else 4)
-    est += memory.activation_bytes(cfg.model, n, 1, wb)  # the 1-block model's own activations, a few %
+    peak, est = loss_peak(mode, precision, teacher_dtype, fused)
     assert abs(est / peak - 1) < 0.10, (est, peak)
 
 

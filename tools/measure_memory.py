@@ -18,8 +18,8 @@ pages; a GPU allocator reserves all of it).
 
 `--trace` also counts live tensor storages through a TorchDispatchMode (exact bytes, the CPU counterpart of
 torch.cuda.max_memory_allocated; storages freed = finalised) and prints the largest ones at the peak; `--loss`
-prints the loss-buffer coefficients (megadistill.train.memory.LOSS_WORK) of a direct forward/backward of the
-objective.
+compares the loss phase alone (a direct forward/backward of the objective on a 1-block model, every mode, dtype
+and loss form) with memory.loss_bytes.
 """
 from __future__ import annotations
 
@@ -301,46 +301,64 @@ class LiveTensors:
         return [f"{nb / MIB:8.1f} MiB x{n:<3d} {op} {list(shape)} {dt}" for (op, shape, dt), (nb, n) in rows]
 
 
-def loss_coefficients(vocab: int = 32768, tokens: int = 1024) -> Dict[str, float]:
-    """Peak [tokens, V] buffers of the unfused objective's forward+backward, in units of tokens x V x 4 bytes."""
+def loss_peak(mode: str, precision: str, teacher_dtype, fused: bool, vocab: int = 16384, tokens: int = 1024,
+              chunk: int = 256):
+    """(measured, modelled) peak bytes of one objective forward+backward on a 1-block model (TP=1): the live tensor
+    bytes above the weights, against memory.loss_bytes + memory.activation_bytes."""
     import torch
     from megadistill import config
     from megadistill.model.transformer import Transformer
+    from megadistill.train import memory
     from megadistill.train.objective import Objective, teacher_outputs
-    out = {}
-    for mode, prec, tdtype in (("supervised", "fp32", None), ("supervised", "bf16", None), ("distill", "fp32", "fp32"),
-                               ("distill", "bf16", "fp32"), ("distill", "fp32", "bf16"), ("distill", "bf16", "bf16")):
-        cfg = config.load([], ["model.n_layers=1", "model.d_model=64", "model.n_heads=2", "model.head_dim=32",
-                               f"model.vocab_size={vocab}", "train.steps=1", f"train.mode={mode}",
-                               "distill.teacher=unused"])
-        torch.manual_seed(0)
-        student, teacher = Transformer(cfg.model), Transformer(cfg.model).requires_grad_(False)
-        if prec == "bf16":
-            student = student.bfloat16()
-        if tdtype == "bf16":
-            teacher = teacher.bfloat16()
-        ids = torch.randint(0, vocab, (1, tokens))
-        with LiveTensors() as tracker:
-            tracker.track(list(student.parameters()) + list(teacher.parameters()))
-            tracker.start_window()
-            extra = teacher_outputs(teacher, cfg, ids, None) if mode == "distill" else {}
-            loss, _ = Objective(student, cfg)(ids, ids, None, **extra)
-            loss.backward()
-        big = sum(nb for nb, _, shape, _ in tracker.snapshot if shape and shape[-1] == vocab
-                  and nb >= tokens * vocab * 2)
-        out[f"{mode}/student-{prec}" + (f"/teacher-{tdtype}" if tdtype else "")] = big / (tokens * vocab * 4)
-    return out
+    cfg = config.load([], ["model.n_layers=1", "model.d_model=64", "model.n_heads=2", "model.head_dim=32",
+                           f"model.vocab_size={vocab}", "train.steps=1", f"train.mode={mode}",
+                           "distill.teacher=unused", f"distill.fused={str(fused).lower()}",
+                           f"distill.chunk_tokens={chunk}"])
+    torch.manual_seed(0)
+    student, teacher = Transformer(cfg.model), Transformer(cfg.model).requires_grad_(False)
+    if precision == "bf16":
+        student = student.bfloat16()
+    if teacher_dtype == "bf16":
+        teacher = teacher.bfloat16()
+    ids = torch.randint(0, vocab, (1, tokens))
+    with LiveTensors() as tracker:
+        tracker.track(list(student.parameters()) + list(teacher.parameters()))
+        tracker.start_window()
+        before = tracker.cur
+        extra = teacher_outputs(teacher, cfg, ids, None) if mode == "distill" else {}
+        loss, _ = Objective(student, cfg)(ids, ids, None, **extra)
+        del extra
+        loss.backward()
+        peak = tracker.peak_in_window - before
+    wb = 2 if precision == "bf16" else 4
+    est = memory.loss_bytes(tokens, cfg.model, 1, wb, fused, chunk, cfg.model if mode == "distill" else None,
+                            tb=2 if teacher_dtype == "bf16" else 4)
+    return peak, est + memory.activation_bytes(cfg.model, tokens, 1, wb)
+
+
+def loss_table() -> List[Dict]:
+    """Measured vs modelled loss-phase peaks for every objective variant (the `--loss` report)."""
+    rows = []
+    for mode, tdtype in (("supervised", None), ("distill", "fp32"), ("distill", "bf16")):
+        for prec in ("fp32", "bf16"):
+            for fused in (False, True):
+                peak, est = loss_peak(mode, prec, tdtype, fused)
+                rows.append({"mode": mode, "student": prec, "teacher": tdtype, "fused": fused,
+                             "measured_mib": round(peak / MIB, 2), "modelled_mib": round(est / MIB, 2),
+                             "error": round(est / peak - 1, 4)})
+    return rows
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--cases", default="all", help=f"comma-separated subset of: {', '.join(CASES)}")
     ap.add_argument("--trace", action="store_true", help="also trace live tensor bytes (slower)")
-    ap.add_argument("--loss", action="store_true", help="print the unfused loss-buffer coefficients and exit")
+    ap.add_argument("--loss", action="store_true", help="compare the loss phase alone with the model, per objective variant, and exit")
     ap.add_argument("--workdir", default=None)
     args = ap.parse_args()
     if args.loss:
-        print(json.dumps(loss_coefficients(), indent=1))
+        for row in loss_table():
+            print(json.dumps(row), flush=True)
         return 0
     names = list(CASES) if args.cases == "all" else args.cases.split(",")
     unknown = [n for n in names if n not in CASES]

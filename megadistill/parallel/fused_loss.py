@@ -1,4 +1,10 @@
-"""Chunked fused-linear student objective: head matmul + NTP/KD/z-loss + their gradients, O(chunk x V/tp) memory."""
+"""Single-pass student objective: NTP/KD/z-loss values and their gradients in one chunked sweep over the logits.
+
+Two entry points share the per-chunk kernel (_chunk):
+- fused_linear_distill_loss: from hidden states and head weights; never holds more than chunk x V/tp logits.
+- logits_distill_loss: from materialised logits (the trainer's default path); the gradient w.r.t. the logits is
+  formed in the forward, optionally in the logits' own storage, so no autograd graph over [tokens, V/tp] is kept.
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -206,6 +212,110 @@ def fused_linear_distill_loss(student_hidden: torch.Tensor, student_weight: torc
     loss, st = _FusedLinearDistill.apply(h, student_weight, h_t, w_t, y, o)
     valid = (y != IGNORE_INDEX).sum()
     stats = {"ntp": st[0], "z": st[2], "tokens": valid}
+    if use_kd:
+        stats["kd"] = st[1]
+    return loss, stats
+
+
+class _LogitsDistill(torch.autograd.Function):
+    """Objective forward on materialised vocab-shard logits that also forms d(loss)/d(logits), chunk by chunk.
+
+    With inplace, the student logits' storage receives that gradient (ctx.mark_dirty) and the teacher logits serve as
+    scratch, so the only [tokens, V/tp] buffer kept for backward is the logits' own. backward scales the stored
+    gradient by grad_output; no collectives in backward.
+    """
+
+    @staticmethod
+    def forward(ctx, z, t, y, o: _Opts, need_grad: bool, inplace: bool):
+        v_local = z.shape[-1]
+        zf = z.view(-1, v_local)  # z is contiguous (checked by the caller)
+        tf = None if t is None else t.reshape(-1, v_local)
+        valid = y != IGNORE_INDEX
+        row_w = valid.float() / valid.sum().clamp(min=1).float()  # [T] valid / n_valid
+        sums = torch.zeros(5, dtype=torch.float64, device=z.device)
+        grad = zf if inplace else torch.empty_like(zf) if need_grad else None
+
+        def owned(x: torch.Tensor, may_overwrite: bool) -> torch.Tensor:
+            # _chunk overwrites its inputs, in fp32: the rows themselves when allowed, else an fp32 copy
+            if x.dtype != torch.float32:
+                return x.float()
+            return x if may_overwrite else x.clone()
+
+        for a in range(0, zf.shape[0], o.chunk_tokens):
+            b = min(a + o.chunk_tokens, zf.shape[0])
+            g, s = _chunk(owned(zf[a:b], inplace), None if tf is None else owned(tf[a:b], inplace), y[a:b],
+                          row_w[a:b], o, need_grad)
+            sums += s
+            if g is not None and g.data_ptr() != grad[a:b].data_ptr():
+                grad[a:b].copy_(g)  # a bf16 chunk, or the not-in-place buffer
+            del g  # before the next chunk's fp32 copy is made
+        local = reduce_sum(sums[[1, 4]], o.group)  # the two rank-local sums, one all-reduce of 2 numbers
+        ntp, kd_mean, zl = sums[0] - local[0], sums[3] + local[1], sums[2]
+        lam = o.kd_weight
+        loss = ((1.0 - lam) * ntp + lam * kd_mean + o.z_loss * zl).float()
+        stats = torch.stack([ntp, kd_mean, zl]).float()
+        ctx.mark_non_differentiable(stats)
+        ctx.set_materialize_grads(False)  # else backward receives a zero [tokens, V/tp] tensor for the returned z
+        ctx.shape = z.shape
+        if inplace:
+            ctx.mark_dirty(z)
+        ctx.save_for_backward(None if not need_grad else z if inplace else grad)  # (the dirty input, not a view)
+        return loss, stats, z if inplace else None
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_stats, _grad_z):
+        (g,) = ctx.saved_tensors
+        if g is None or grad_loss is None:
+            return None, None, None, None, None, None
+        if getattr(ctx, "consumed", False):
+            raise RuntimeError("logits_distill_loss: backward ran twice (retain_graph); its stored gradient is "
+                               "scaled in place and can be used once")
+        ctx.consumed = True
+        # scaled in place: a fresh [tokens, V/tp] product costs an allocation and a pass; on CPU the usual
+        # grad_output of exactly 1 skips even the pass (on a GPU that check would be a device sync)
+        if not (g.device.type == "cpu" and float(grad_loss) == 1.0):
+            g.mul_(grad_loss.to(g.dtype))
+        return g.view(ctx.shape), None, None, None, None, None
+
+
+def logits_distill_loss(student_logits: torch.Tensor, teacher_logits: Optional[torch.Tensor], targets: torch.Tensor,
+                        group=None, kd_weight: float = 1.0, temperature: float = 1.0, z_loss: float = 1e-4,
+                        top_k: Optional[int] = None, top_p: Optional[float] = None, reverse: bool = False,
+                        chunk_tokens: int = 256, inplace: bool = False,
+                        top_p_candidates: int = DEFAULT_TOP_P_CANDIDATES
+                        ) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+    """vocab_parallel.distill_loss (same value, stats and gradient) in one sweep: per chunk of chunk_tokens rows, the
+    softmax statistics, the loss sums and d(loss)/d(logits) are formed together, so the logits are read a few times
+    instead of once per autograd node, and backward is one scaling.
+
+    student_logits [..., V/tp] (this rank's vocab shard), teacher_logits the same shape or None (kd_weight=0),
+    targets [...]. inplace=True (the trainer's choice) lets the loss overwrite student_logits with their gradient and
+    teacher_logits with scratch: neither may be used afterwards. fp32 logits are then never copied; bf16 logits are
+    converted one chunk at a time.
+    """
+    check_options(temperature, top_k, top_p, reverse)
+    if chunk_tokens < 1:
+        raise UserError(f"distill.chunk_tokens={chunk_tokens} must be >= 1")
+    use_kd = kd_weight != 0.0
+    if use_kd and teacher_logits is None:
+        raise UserError(f"distill.kd_weight={kd_weight} needs teacher logits; pass them or set kd_weight=0")
+    if use_kd and teacher_logits.shape != student_logits.shape:
+        raise UserError(f"student logits {tuple(student_logits.shape)} and teacher logits "
+                        f"{tuple(teacher_logits.shape)} must have the same (local-shard) shape")
+    y = targets.reshape(-1)
+    v_local = student_logits.shape[-1]
+    if y.numel() * v_local != student_logits.numel():
+        raise UserError(f"targets {tuple(targets.shape)} do not match the logits {tuple(student_logits.shape)}")
+    check_targets(y, v_local * tp_world(group))
+    o = _Opts(group, float(kd_weight), float(temperature), float(z_loss), top_k, top_p, bool(reverse),
+              int(chunk_tokens), int(top_p_candidates))
+    need_grad = torch.is_grad_enabled() and student_logits.requires_grad
+    # a leaf that requires grad cannot be overwritten; non-contiguous logits are copied once
+    inplace = bool(inplace) and student_logits.is_contiguous() and not (student_logits.is_leaf and need_grad)
+    z = student_logits if student_logits.is_contiguous() else student_logits.contiguous()
+    t = teacher_logits.detach() if use_kd else None
+    loss, st, _ = _LogitsDistill.apply(z, t, y, o, need_grad, inplace)
+    stats = {"ntp": st[0], "z": st[2], "tokens": (y != IGNORE_INDEX).sum()}
     if use_kd:
         stats["kd"] = st[1]
     return loss, stats

@@ -21,10 +21,6 @@ TERMS = ("student_weights", "gradients", "optimizer_states", "teacher_weights", 
 ZERO3_MAX_REUSE = 10 ** 9
 ZERO3_MAX_LIVE = 10 ** 9
 ALLREDUCE_BUFFER = 500_000_000
-# Unfused loss: fp32 [tokens, V/tp] work buffers alive at the loss's backward peak besides the student's and the
-# teacher's logits (exp() outputs of each log-sum-exp, gather/scatter gradient buffers, the accumulating dL/dz;
-# bf16 logits add .float() copies). Measured by `tools/measure_memory.py --loss`; keyed by (mode, model bytes).
-LOSS_WORK = {("supervised", 4): 4.0, ("supervised", 2): 5.0, ("distill", 4): 4.0, ("distill", 2): 5.0}
 
 
 @dataclass(frozen=True)
@@ -83,15 +79,15 @@ def rank_params(m: ModelConfig, tp: int) -> Dict[str, int]:
 def activation_bytes_per_token(m: ModelConfig, tp: int, wb: int) -> float:
     """Bytes autograd keeps per token for one block without checkpointing; wb = bytes of the model dtype.
 
-    RMSNorm keeps its fp32 input and fp32 normalised y (8 B/element) and its output in the model dtype (kept by the
-    next matmul): (8 + wb) per element, for attn_norm and ffn_norm over the replicated d and for the QK-norms over
-    this rank's q and k (d/tp each; there the rotary outputs, kept by attention, stand for the norm outputs). v and
-    the attention output cost wb each (flash / SDPA keep q, k, v, out and an fp32 log-sum-exp, no s x s matrix).
-    SwiGLU keeps gate, up, silu(gate) and their product: 4 wb f/tp. fp32: 24 d + 32 d/tp + 16 f/tp;
-    bf16: 20 d + 24 d/tp + 8 f/tp.
+    RMSNorm keeps only its input (model dtype) and one fp32 rsqrt per row; its output is kept by the next matmul:
+    2 wb per element for attn_norm and ffn_norm over the replicated d; for the QK-norms over this rank's q and k
+    (d/tp each) the input is the projection output and the rotary output is kept by attention: 2 wb each. v and the
+    attention output cost wb each (flash / SDPA keep q, k, v, out and an fp32 log-sum-exp, no s x s matrix).
+    SwiGLU keeps gate, up, silu(gate) and their product: 4 wb f/tp. fp32: 16 d + 24 d/tp + 16 f/tp;
+    bf16: 8 d + 12 d/tp + 8 f/tp.
     """
     d, f, h = m.d_model, m.d_ff, m.n_heads
-    per = 2 * (8 + wb) * d + (2 * (8 + wb) + 2 * wb) * d / tp + 4 * wb * f / tp
+    per = 4 * wb * d + 6 * wb * d / tp + 4 * wb * f / tp
     return per + 4 * (2 + 3 * h / tp)  # fp32 rsqrt of the four norms and the attention log-sum-exp
 
 
@@ -109,7 +105,7 @@ def activation_bytes(m: ModelConfig, tokens: int, tp: int, wb: int, checkpointin
     n_ckpt = checkpointed_blocks(m.n_layers, checkpointing, every_k)
     saved = (m.n_layers - n_ckpt) * layer + n_ckpt * wb * m.d_model * tokens  # a checkpointed block keeps its input
     recompute = layer if n_ckpt else 0.0  # backward rebuilds one checkpointed block at a time
-    final_norm = (8 + wb) * m.d_model * tokens
+    final_norm = 2 * wb * m.d_model * tokens  # its input, and its output kept by the head
     return saved + recompute + final_norm
 
 
@@ -117,12 +113,14 @@ def loss_bytes(tokens: int, m: ModelConfig, tp: int, wb: int, fused: bool, chunk
                teacher: Optional[ModelConfig] = None, tb: int = 4) -> float:
     """Peak logits / loss buffers of one micro-batch, the teacher outputs it consumes included."""
     v = m.vocab_size // tp
-    mode = "distill" if teacher is not None else "supervised"
-    if not fused:
-        work = LOSS_WORK[(mode, wb)] + (1.0 if teacher is not None and tb == 2 else 0.0)  # + teacher .float()
-        teacher_logits = tb * tokens * v if teacher is not None else 0.0
-        return wb * tokens * v + teacher_logits + 4.0 * work * tokens * v
     c = min(chunk_tokens, tokens)
+    if not fused:
+        # the single-pass loss on materialised logits (fused_loss.logits_distill_loss, inplace): the student logits
+        # become their own gradient and fp32 teacher logits its scratch; per chunk, fp32 copies of bf16 logits and,
+        # with KD, the teacher's exp()
+        teacher_logits = tb * tokens * v if teacher is not None else 0.0
+        work = (1.0 if wb == 2 else 0.0) + ((1.0 + (1.0 if tb == 2 else 0.0)) if teacher is not None else 0.0)
+        return wb * tokens * v + teacher_logits + work * 4 * c * v
     # per chunk: fp32 student logits (+ the bf16 matmul output it came from); with KD also the teacher's and exp()
     chunk = (3.0 if teacher is not None else 1.0 + (0.5 if wb == 2 else 0.0)) * 4 * c * v
     # dL/dW accumulated in fp32 (+ its saved copy in the model dtype) and dL/dh, both computed in the forward

@@ -8,7 +8,7 @@ from torch import nn
 
 from megadistill.config import Config
 from megadistill.parallel.mappings import copy_to_tp_region
-from megadistill.parallel.vocab_parallel import distill_loss
+from megadistill.parallel.fused_loss import fused_linear_distill_loss, logits_distill_loss
 
 
 class Objective(nn.Module):
@@ -33,7 +33,6 @@ class Objective(nn.Module):
         d, z_w = self.cfg.distill, self.cfg.train.z_loss
         kd_w = d.kd_weight if self.distill else 0.0
         if self.fused:
-            from megadistill.parallel.fused_loss import fused_linear_distill_loss
             h = self.student.hidden_states(input_ids, doc_ids)  # [b, s, d]
             h = copy_to_tp_region(h, self.tp_group)  # the head is column-parallel over the vocab
             th = teacher_hidden.reshape(-1, teacher_hidden.shape[-1]) if teacher_hidden is not None else None
@@ -43,8 +42,11 @@ class Objective(nn.Module):
                 top_p=d.top_p, reverse=d.reverse, chunk_tokens=d.chunk_tokens)
             return loss, stats
         logits = self.student(input_ids, doc_ids)  # [b, s, v/tp]
-        return distill_loss(logits, teacher_logits, labels, group=self.tp_group, kd_weight=kd_w,
-                            temperature=d.temperature, z_loss=z_w, top_k=d.top_k, top_p=d.top_p, reverse=d.reverse)
+        # one sweep forms the loss and d loss / d logits, written over the logits (and the teacher's as scratch):
+        # neither is used after this call
+        return logits_distill_loss(logits, teacher_logits, labels, group=self.tp_group, kd_weight=kd_w,
+                                   temperature=d.temperature, z_loss=z_w, top_k=d.top_k, top_p=d.top_p,
+                                   reverse=d.reverse, chunk_tokens=d.chunk_tokens, inplace=True)
 
 
 @torch.no_grad()
