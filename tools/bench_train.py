@@ -1,5 +1,9 @@
 #!/usr/bin/env python
-"""Trainer throughput on CPU: supervised step, distill step (teacher 2-4x larger), and HF Llama of the same shape; JSON."""
+"""Trainer throughput on CPU: supervised step, distill step (teacher 2-4x larger), and HF Llama of the same shape; JSON.
+
+The trainer's own step (train_step on a built run: DeepSpeed engine, loader, loss, optimizer) is timed round-robin
+with the teacher's forward, the HF step and our bare model's step, so that machine noise hits all of them alike.
+"""
 from __future__ import annotations
 
 import argparse
@@ -9,6 +13,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Callable, Dict, List
 
 import torch
 
@@ -18,20 +23,16 @@ def _shape_overrides(prefix: str, d: int, layers: int, heads: int, vocab: int):
             f"{prefix}.head_dim={d // heads}", f"{prefix}.ff_multiple=64", f"{prefix}.vocab_size={vocab}"]
 
 
-def _median_step_time(run_dir: Path, skip: int) -> float:
-    rows = [json.loads(line) for line in open(run_dir / "train.jsonl")]
-    return statistics.median(r["step_time_s"] for r in rows[skip:])
-
-
-def _time(fn, repeats: int, warmup: int = 2) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+def _interleaved(fns: Dict[str, Callable[[], object]], rounds: int, warmup: int = 2) -> Dict[str, float]:
+    """Median seconds of each fn, measured round-robin (one call of each per round) after `warmup` rounds."""
+    times: Dict[str, List[float]] = {k: [] for k in fns}
+    for r in range(warmup + rounds):
+        for k, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            if r >= warmup:
+                times[k].append(time.perf_counter() - t0)
+    return {k: statistics.median(v) for k, v in times.items()}
 
 
 def main() -> int:
@@ -44,7 +45,7 @@ def main() -> int:
     ap.add_argument("--vocab", type=int, default=4096)
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--batch", type=int, default=8)
-    ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--steps", type=int, default=10, help="measured rounds (after 2 warm-up rounds)")
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -52,7 +53,9 @@ def main() -> int:
     from megadistill import config
     from megadistill.model.sizes import params_of
     from megadistill.model.transformer import Transformer
-    from megadistill.train.trainer import train
+    from megadistill.parallel.init import init_distributed
+    from megadistill.train.objective import teacher_outputs
+    from megadistill.train.trainer import build, release, train, train_step
 
     tmp = Path(tempfile.mkdtemp(prefix="bench_train_"))
     common = [f"train.seq_len={args.seq_len}", f"train.micro_batch_size={args.batch}",
@@ -61,26 +64,24 @@ def main() -> int:
     student = _shape_overrides("model", args.d_model, args.layers, args.heads, args.vocab)
     teacher = _shape_overrides("model", args.teacher_d_model, args.teacher_layers, args.heads, args.vocab)
     tokens = args.batch * args.seq_len
-    skip = 2  # first steps include allocator warm-up
 
     # teacher weights for the distill step (trained 1 step: the speed does not depend on its quality)
     train(config.load([], common + teacher + [f"train.run_dir={tmp / 'teacher'}", "train.steps=1"]))
-    train(config.load([], common + student + [f"train.run_dir={tmp / 'sup'}"]))
-    sup = _median_step_time(tmp / "sup", skip)
-    train(config.load([], common + student + [f"train.run_dir={tmp / 'kd'}", "train.mode=distill",
-                                               f"distill.teacher={tmp / 'teacher'}", "data.split=student"]))
-    kd = _median_step_time(tmp / "kd", skip)
+    info = init_distributed("gloo")
+    sup_cfg = config.load([], common + student + [f"train.run_dir={tmp / 'sup'}"])
+    kd_cfg = config.load([], common + student + [f"train.run_dir={tmp / 'kd'}", "train.mode=distill",
+                                                 f"distill.teacher={tmp / 'teacher'}", "data.split=student"])
+    sup_run, kd_run = build(sup_cfg, info), build(kd_cfg, info)
+    for live in (sup_run, kd_run):
+        live.engine.train()
 
-    # the teacher's forward alone, on a batch of the same shape
-    tcfg = config.load([], common + teacher).model
-    tmodel = Transformer(tcfg).eval()
+    # the teacher's forward alone, exactly as the distill step runs it, on a batch of the same shape
     ids = torch.randint(0, args.vocab, (args.batch, args.seq_len))
-    with torch.no_grad():
-        t_fwd = _time(lambda: tmodel(ids), repeats=args.steps)
+    tmodel = kd_run.teacher.module
 
     # Hugging Face Llama of the student's shape: forward + backward + AdamW step (what our step does)
     from transformers import LlamaConfig, LlamaForCausalLM
-    scfg = config.load([], common + student).model
+    scfg = sup_cfg.model
     hf = LlamaForCausalLM(LlamaConfig(
         vocab_size=args.vocab, hidden_size=scfg.d_model, intermediate_size=scfg.d_ff, num_hidden_layers=scfg.n_layers,
         num_attention_heads=scfg.n_heads, num_key_value_heads=scfg.n_heads, max_position_embeddings=args.seq_len,
@@ -93,7 +94,6 @@ def main() -> int:
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    hf_t = _time(hf_step, repeats=args.steps)
     ours = Transformer(scfg)
     opt2 = torch.optim.AdamW(ours.parameters(), lr=1e-4, foreach=True)
 
@@ -103,7 +103,15 @@ def main() -> int:
         opt2.step()
         opt2.zero_grad(set_to_none=True)
 
-    raw_t = _time(ours_raw_step, repeats=args.steps)
+    # all five measured round-robin, so machine noise hits them alike; medians over the rounds
+    t = _interleaved({"supervised": lambda: train_step(sup_run), "distill": lambda: train_step(kd_run),
+                      "teacher_forward": lambda: teacher_outputs(tmodel, kd_cfg, ids, None),
+                      "hf_llama": hf_step, "ours_model_only": ours_raw_step}, rounds=args.steps)
+    sup, kd, t_fwd, hf_t, raw_t = (t[k] for k in ("supervised", "distill", "teacher_forward", "hf_llama",
+                                                  "ours_model_only"))
+    tcfg = kd_run.teacher.model_cfg
+    release(sup_run)
+    release(kd_run)
     result = {
         "device": "cpu", "threads": args.threads, "tokens_per_step": tokens,
         "student_params": params_of(scfg)[0], "teacher_params": params_of(tcfg)[0],

@@ -109,6 +109,80 @@ def is_finished(run_dir: Path) -> bool:
     return (Path(run_dir) / DONE).is_file()
 
 
+@dataclass
+class Live:
+    """A built run: everything one training step needs, on this rank."""
+
+    cfg: Config
+    info: object  # parallel.init.DistInfo
+    groups: ParallelGroups
+    student: Transformer
+    objective: Objective
+    engine: object  # the DeepSpeed engine around `objective`
+    scheduler: object
+    teacher: Optional[Teacher]
+    loader: object
+    device: torch.device
+
+
+def build(cfg: Config, info) -> Live:
+    """Model, engine, teacher and data loader of cfg on this rank (every rank calls it; no resume, no run dir)."""
+    t = cfg.train
+    groups = ParallelGroups.build(cfg.parallel.tp_size)
+    torch.manual_seed(t.seed)  # identical on every rank: TP shards are slices of one full initialisation
+    student = Transformer(cfg.model, groups.factory(device=info.device))
+    objective = Objective(student, cfg, groups.tp_group)
+    eng, scheduler = engine_mod.initialize(objective, cfg, groups, total_steps(cfg))
+    teacher: Optional[Teacher] = load_teacher(cfg, groups, eng.device) if t.mode == "distill" else None
+    if teacher is not None and cfg.distill.fused and engine_mod.effective_stage(cfg, groups.dp_size) == 3:
+        import deepspeed
+        deepspeed.zero.register_external_parameter(objective, student.output_weight)
+    loader = build_train_loader(cfg.data, vocab_size=cfg.model.vocab_size, seq_len=t.seq_len,
+                                micro_batch_size=t.micro_batch_size, dp_rank=groups.dp_rank,
+                                dp_size=groups.dp_size, seed=t.seed)
+    return Live(cfg, info, groups, student, objective, eng, scheduler, teacher, loader, eng.device)
+
+
+def train_step(live: Live) -> Dict[str, float]:
+    """One optimizer step (gradient-accumulation micro-batches included); the loss terms averaged over the global
+    batch (DP mean), identical on every rank."""
+    cfg, eng, teacher, device = live.cfg, live.engine, live.teacher, live.device
+    gas = eng.gradient_accumulation_steps()
+    sums: Dict[str, float] = {}
+    for _ in range(gas):
+        batch = next(live.loader)
+        ids = batch["input_ids"].to(device)
+        labels = batch["labels"].to(device)
+        doc_ids = batch["doc_ids"].to(device) if cfg.data.document_mask else None
+        extra = teacher_outputs(teacher.module, cfg, ids, doc_ids) if teacher else {}
+        ctx = contextlib.nullcontext()
+        if teacher is not None and teacher.engine is not None and cfg.distill.fused:
+            import deepspeed
+            ctx = deepspeed.zero.GatheredParameters([teacher.module.output_weight])
+        with ctx:  # gathers the ZeRO-3 teacher head in place: extra["teacher_weight"] is that parameter
+            loss, stats = eng(ids, labels, doc_ids, **extra)
+        del extra  # the teacher logits were consumed by the loss (scratch)
+        eng.backward(loss)
+        eng.step()
+        sums["loss"] = sums.get("loss", 0.0) + loss.item() / gas
+        for k, v in stats.items():
+            if k != "tokens":  # a count, not a mean
+                sums[k] = sums.get(k, 0.0) + float(v) / gas
+    return _dp_mean(sums, live.groups, device)
+
+
+def release(live: Live) -> None:
+    """Free a built run's engines (DeepSpeed disables Python's cyclic GC while an engine lives; destroy() hands it
+    back), so the model, optimizer and device memory are freed before the next run of this process."""
+    if live.teacher is not None and live.teacher.engine is not None:
+        live.teacher.engine.destroy()
+    live.engine.destroy()
+    live.engine = live.objective = live.student = live.teacher = live.scheduler = live.loader = None
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 def train(cfg: Config, progress: Optional[Callable[[int, int], None]] = None,
           inspect: Optional[Callable[[Dict], None]] = None) -> RunResult:
     """Run (or resume) one training run described by cfg; every rank of the job calls it.
@@ -128,30 +202,19 @@ def train(cfg: Config, progress: Optional[Callable[[int, int], None]] = None,
     if (run_dir / "checkpoints" / "latest").exists() and not t.resume:
         raise UserError(f"{run_dir} already holds checkpoints; pass train.resume=true to continue it, "
                         "or choose another train.run_dir")
-    groups = ParallelGroups.build(cfg.parallel.tp_size)
     if info.rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
         checkpoint.atomic_write_text(run_dir / "config.yaml", config_mod.to_yaml(cfg))
-    torch.manual_seed(t.seed)  # identical on every rank: TP shards are slices of one full initialisation
-    student = Transformer(cfg.model, groups.factory(device=info.device))
-    objective = Objective(student, cfg, groups.tp_group)
+    live = build(cfg, info)
+    groups, eng, scheduler, teacher, loader, device = (live.groups, live.engine, live.scheduler, live.teacher,
+                                                       live.loader, live.device)
+    student = live.student
     steps_total = total_steps(cfg)
-    eng, scheduler = engine_mod.initialize(objective, cfg, groups, steps_total)
-    device = eng.device
-    teacher: Optional[Teacher] = load_teacher(cfg, groups, device) if t.mode == "distill" else None
-    if teacher is not None and cfg.distill.fused and engine_mod.effective_stage(cfg, groups.dp_size) == 3:
-        import deepspeed
-        deepspeed.zero.register_external_parameter(objective, student.output_weight)
-
-    loader = build_train_loader(cfg.data, vocab_size=cfg.model.vocab_size, seq_len=t.seq_len,
-                                micro_batch_size=t.micro_batch_size, dp_rank=groups.dp_rank,
-                                dp_size=groups.dp_size, seed=t.seed)
     eval_batches = build_eval_batches(cfg.data, vocab_size=cfg.model.vocab_size, seq_len=t.seq_len,
                                       n_tokens=t.eval_tokens, batch_size=t.micro_batch_size)
     n_params, n_total = params_of(cfg.model)
     f_student = forward_flops(cfg.model, t.seq_len)
     f_teacher = forward_flops(teacher.model_cfg, t.seq_len) if teacher else 0.0
-    gas = eng.gradient_accumulation_steps()
     tokens_per_step = t.global_batch_size * t.seq_len
     step, tokens, teacher_eval_loss = 0, 0, None
 
@@ -196,26 +259,7 @@ def train(cfg: Config, progress: Optional[Callable[[int, int], None]] = None,
     with _StopFlag() as stop:
         while step < steps_total:
             t0 = time.perf_counter()
-            sums = {}
-            for _ in range(gas):
-                batch = next(loader)
-                ids = batch["input_ids"].to(device)
-                labels = batch["labels"].to(device)
-                doc_ids = batch["doc_ids"].to(device) if cfg.data.document_mask else None
-                extra = teacher_outputs(teacher.module, cfg, ids, doc_ids) if teacher else {}
-                ctx = contextlib.nullcontext()
-                if teacher is not None and teacher.engine is not None and cfg.distill.fused:
-                    import deepspeed
-                    ctx = deepspeed.zero.GatheredParameters([teacher.module.output_weight])
-                with ctx:  # gathers the ZeRO-3 teacher head in place: extra["teacher_weight"] is that parameter
-                    loss, stats = eng(ids, labels, doc_ids, **extra)
-                eng.backward(loss)
-                eng.step()
-                sums["loss"] = sums.get("loss", 0.0) + loss.item() / gas
-                for k, v in stats.items():
-                    if k != "tokens":  # a count, not a mean
-                        sums[k] = sums.get(k, 0.0) + float(v) / gas
-            sums = _dp_mean(sums, groups, device)
+            sums = train_step(live)
             step += 1
             steps_this_process += 1
             tokens += tokens_per_step
@@ -263,15 +307,8 @@ def train(cfg: Config, progress: Optional[Callable[[int, int], None]] = None,
     if dist.is_initialized():
         dist.barrier()
     result = RunResult(run_dir, status, step, tokens, last_eval)
-    # DeepSpeed disables Python's cyclic GC while an engine lives; destroy() hands it back, so the engine cycles (and
-    # the model, optimizer and device memory they hold) are freed before the next run of this process.
-    if teacher is not None and teacher.engine is not None:
-        teacher.engine.destroy()
-    eng.destroy()
-    eng = objective = student = teacher = scheduler = None  # drop this frame's references before collecting
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
+    eng = scheduler = student = teacher = loader = None  # drop this frame's references before release collects
+    release(live)
     return result
 
 
