@@ -5,7 +5,7 @@ import dataclasses
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import List, Optional
+from typing import Dict, List, Optional
 
 from omegaconf import OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, ValidationError
@@ -111,7 +111,7 @@ class DistillConfig:
     top_p: Optional[float] = None  # truncate the teacher to its top-p nucleus (renormalised)
     reverse: bool = False  # reverse KL(q_S || p_T) instead of forward
     fused: bool = False  # chunked fused-linear loss: never materialise [tokens, V/tp] logits
-    chunk_tokens: int = 1024  # token chunk of the fused loss
+    chunk_tokens: int = 1024  # token chunk of the single-pass loss (fused or on materialised logits)
     teacher_dtype: str = "fp32"  # fp32 | bf16
     teacher_zero3: bool = False  # partition teacher weights over the DP group (ZeRO-3 inference)
 
@@ -298,8 +298,39 @@ def load(paths: List[str] = (), overrides: List[str] = (), world_size: Optional[
         raise
     except (ValidationError, ConfigAttributeError, ConfigKeyError) as e:
         raise ConfigError(_format_omegaconf_error(e)) from None
+    _check_size_conflicts(cfg.model, _given_model_keys(paths, overrides))
     cfg.model.resolve()
     return cfg.validate(world_size)
+
+
+def _given_model_keys(paths: List[str], overrides: List[str]) -> Dict[str, str]:
+    """model.* keys set by the YAML files or overrides -> where (for error messages)."""
+    given: Dict[str, str] = {}
+    for path in paths:
+        section = OmegaConf.load(path).get("model") or {}
+        for k in section:
+            given[str(k)] = path
+    for o in overrides:
+        key = o.split("=", 1)[0]
+        if key.startswith("model."):
+            given[key[len("model."):]] = "the command line"
+    return given
+
+
+def _check_size_conflicts(m: ModelConfig, given: Dict[str, str]) -> None:
+    """A named size fills the shape fields: one also given with another value is an error, never silently lost."""
+    if not m.size:
+        return
+    from megadistill.model.sizes import get_size
+    try:
+        shape = get_size(m.size)
+    except KeyError as e:
+        raise ConfigError(f"model.size={m.size!r}: {e.args[0]}") from None
+    for k, v in shape.items():
+        if k in given and getattr(m, k) != v:
+            raise ConfigError(f"model.{k}={getattr(m, k)} (from {given[k]}) contradicts model.size={m.size!r}, "
+                              f"which sets model.{k}={v}: drop one of them (model.size=null to give the shape "
+                              "field by field)")
 
 
 def to_dict(cfg: Config) -> dict:

@@ -191,3 +191,22 @@ def test_yaml_off_for_activation_checkpointing_means_off(tmp_path):
     assert config.load([str(path)]).model.activation_checkpointing == "off"
     assert config.load([], ["train.steps=1", "model.activation_checkpointing=off"]).model.activation_checkpointing == "off"
     assert config.load([], ["train.steps=1", "model.activation_checkpointing=true"]).model.activation_checkpointing == "full"
+
+
+def test_named_size_and_a_contradicting_shape_key_is_an_error(tmp_path):
+    """model.size fills the shape fields; a shape key given with another value must not be silently dropped."""
+    f = tmp_path / "m.yaml"
+    f.write_text("model:\n  size: tiny-0.5M\ntrain:\n  steps: 1\n")
+    with pytest.raises(ConfigError, match=r"model.d_model=32 \(from the command line\) contradicts model.size"):
+        config.load([str(f)], ["model.d_model=32"])
+    g = tmp_path / "both.yaml"
+    g.write_text("model:\n  size: tiny-0.5M\n  n_layers: 7\ntrain:\n  steps: 1\n")
+    with pytest.raises(ConfigError, match=f"model.n_layers=7 \\(from {g}\\)"):
+        config.load([str(g)])
+    # agreeing values (a run's resolved config.yaml holds both) and model.size=null (shape by hand) are fine
+    resolved = config.load([str(f)])
+    assert resolved.model.d_model != 32
+    again = tmp_path / "resolved.yaml"
+    again.write_text(config.to_yaml(resolved))
+    assert config.load([str(again)]).model == resolved.model
+    assert config.load([str(f)], ["model.size=null", "model.d_model=32", "model.head_dim=8"]).model.d_model == 32
