@@ -176,11 +176,41 @@ def release(live: Live) -> None:
     back), so the model, optimizer and device memory are freed before the next run of this process."""
     if live.teacher is not None and live.teacher.engine is not None:
         live.teacher.engine.destroy()
+        _forget_zero3_module(live.teacher.module)
     live.engine.destroy()
+    _forget_zero3_module(live.objective)
     live.engine = live.objective = live.student = live.teacher = live.scheduler = live.loader = None
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
+
+
+def _forget_zero3_module(module: torch.nn.Module) -> None:
+    """Drop what DeepSpeed's ZeRO-3 keeps of a destroyed engine in module-level state (DeepSpeed 0.19):
+
+    - the engine's root module in deepspeed.runtime.zero.parameter_offload.FWD_MODULE_STACK (appended when the hooks
+      are installed, never removed, not even by destroy());
+    - an unbounded functools.lru_cache on PartitionedParameterCoordinator.__params_to_release, keyed on the
+      coordinator and the modules.
+    Either keeps the engine, its optimizer and every partition alive for the life of the process (through the
+    modules' hooks). Clearing the cache only costs other live engines a recomputation.
+    """
+    try:
+        from deepspeed.runtime.zero import parameter_offload, partitioned_param_coordinator
+    except ImportError:
+        return
+    stack = getattr(parameter_offload, "FWD_MODULE_STACK", None)
+    if isinstance(stack, list):
+        stack[:] = [m for m in stack if m is not module]
+    coordinator = getattr(partitioned_param_coordinator, "PartitionedParameterCoordinator", None)
+    fn = vars(coordinator).get("_PartitionedParameterCoordinator__params_to_release") if coordinator else None
+    for _ in range(4):  # through decorators (instrument_w_nvtx keeps the lru wrapper in its closure)
+        if fn is None or hasattr(fn, "cache_clear"):
+            break
+        inner = [c.cell_contents for c in (getattr(fn, "__closure__", None) or ()) if callable(c.cell_contents)]
+        fn = inner[0] if inner else getattr(fn, "__wrapped__", None)
+    if fn is not None and hasattr(fn, "cache_clear"):
+        fn.cache_clear()
 
 
 def train(cfg: Config, progress: Optional[Callable[[int, int], None]] = None,
