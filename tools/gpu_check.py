@@ -1,5 +1,6 @@
 #!/usr/bin/env python
-"""One-GPU check (H100/H200): attention backends vs eager in bf16, bf16 step time / MFU of the real trainer, peak memory.
+"""One-GPU check (H100/H200): attention backends vs eager in bf16, distillation-loss forms (time, memory), bf16 step
+time / MFU of the real trainer, peak memory.
 
 Prints one JSON object. Runs in a few minutes: a supervised 975M step and a distill step of a 546M student from a
 co-resident 1.82B teacher at seq 4096 (PAPER.md FLOPs against the card's dense bf16 peak).
@@ -56,6 +57,64 @@ def attention_check(seq: int = 4096, heads: int = 16, hd: int = 128, batch: int 
         out["flash_attn"] = "not installed (pip install .[gpu]); sdpa's flash kernel checked instead"
     out["ok"] = all(v <= 2 * out["eager_bf16_vs_eager_fp32"] + 1e-2 for kk, v in out.items()
                     if isinstance(v, float) and kk != "eager_bf16_vs_eager_fp32")
+    return out
+
+
+def loss_check(tokens: int = 16384, d: int = 2048, vocab: int = 32768, device: str = "cuda",
+               dtype=torch.bfloat16, repeats: int = 5) -> dict:
+    """Distillation loss (lambda=1, tau=1, z-loss 1e-4) forward+backward from bf16 hidden states and heads: naive
+    autograd (log_softmax + KL on fp32 logits), our single pass on materialised logits (the trainer's default) and
+    our chunked fused-linear loss; median ms and peak allocated GiB above the inputs."""
+    import torch.nn.functional as F
+
+    from megadistill.parallel.fused_loss import fused_linear_distill_loss, logits_distill_loss
+
+    g = torch.Generator(device=device).manual_seed(0)
+    h = torch.randn(tokens, d, device=device, generator=g).to(dtype).requires_grad_()
+    h_t = torch.randn(tokens, d, device=device, generator=g).to(dtype)
+    w = (torch.randn(vocab, d, device=device, generator=g) * d ** -0.5 * 4).to(dtype).requires_grad_()
+    w_t = (torch.randn(vocab, d, device=device, generator=g) * d ** -0.5 * 4).to(dtype)
+    y = torch.randint(0, vocab, (tokens,), device=device, generator=g)
+
+    def naive():
+        z = (h @ w.t()).float()
+        with torch.no_grad():
+            zt = (h_t @ w_t.t()).float()
+        lse = torch.logsumexp(z, -1)
+        kl = F.kl_div(F.log_softmax(z, -1), F.log_softmax(zt, -1), log_target=True, reduction="sum") / tokens
+        return kl + 1e-4 * (lse ** 2).mean()
+
+    def logits():
+        with torch.no_grad():
+            zt = h_t @ w_t.t()
+        return logits_distill_loss(h @ w.t(), zt, y, kd_weight=1.0, z_loss=1e-4, inplace=True)[0]
+
+    def fused():
+        return fused_linear_distill_loss(h, w, h_t, w_t, y, kd_weight=1.0, z_loss=1e-4)[0]
+
+    cuda = device == "cuda"
+    out = {"tokens": tokens, "d": d, "vocab": vocab, "dtype": str(dtype)}
+    losses = {}
+    for name, fn in (("naive", naive), ("logits", logits), ("fused", fused)):
+        times = []
+        for i in range(repeats + 1):
+            h.grad = w.grad = None
+            if cuda:
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+                base = torch.cuda.memory_allocated()
+            t0 = time.perf_counter()
+            loss = fn()
+            loss.backward()
+            if cuda:
+                torch.cuda.synchronize()
+            if i:  # the first call warms up
+                times.append(time.perf_counter() - t0)
+        losses[name] = loss.item()
+        out[f"{name}_ms"] = round(1e3 * statistics.median(times), 2)
+        if cuda:
+            out[f"{name}_peak_gib"] = round((torch.cuda.max_memory_allocated() - base) / 2 ** 30, 3)
+    out["max_loss_rel_diff"] = max(abs(v / losses["naive"] - 1) for v in losses.values())
     return out
 
 
@@ -143,6 +202,7 @@ def main() -> int:
     result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
     t0 = time.time()
     result["attention"] = attention_check()
+    result["loss"] = loss_check()
     result["supervised_975M"] = _run(_overrides("975M", tmp / "sup", args.micro, args.steps, args.seq))
     # the 546M supervised baseline runs before the distill run so its peak memory is its own
     sup_546 = _run(_overrides("546M", tmp / "sup546", args.micro, args.steps, args.seq))
