@@ -14,7 +14,7 @@ from megadistill.laws import records
 from megadistill.model.sizes import params_of
 from megadistill.train.metrics import forward_flops
 from megadistill.parallel.groups import ParallelGroups
-from megadistill.parallel.vocab_parallel import vocab_parallel_cross_entropy, vocab_parallel_kl_div
+from megadistill.parallel.fused_loss import logits_distill_loss
 
 
 @torch.no_grad()
@@ -31,6 +31,7 @@ def evaluate(student: nn.Module, batches: List[Dict[str, torch.Tensor]], groups:
     # Every DP rank runs the same number of forwards: under ZeRO-3 each forward all-gathers parameters across the DP
     # group, so a rank with one batch fewer would leave the others waiting. Padding forwards reuse batch 0, uncounted.
     per_rank = -(-len(batches) // groups.dp_size)
+    chunk = cfg.distill.chunk_tokens
     for j in range(per_rank):
         i = j * groups.dp_size + groups.dp_rank
         counted = i < len(batches)
@@ -38,16 +39,22 @@ def evaluate(student: nn.Module, batches: List[Dict[str, torch.Tensor]], groups:
         ids = batch["input_ids"].to(device)
         labels = batch["labels"].to(device)
         doc_ids = batch["doc_ids"].to(device) if cfg.data.document_mask else None
-        mask = (labels != -100) & counted
         logits = student(ids, doc_ids)  # [b, s, v/tp]
-        sums[0] += vocab_parallel_cross_entropy(logits, labels, group=groups.tp_group)[mask].double().sum().cpu()
-        sums[1] += mask.sum().item()
-        if teacher is not None:
-            t_logits = teacher(ids, doc_ids)
-            sums[2] += vocab_parallel_kl_div(logits, t_logits, group=groups.tp_group)[mask].double().sum().cpu()
-            if with_teacher_loss:
-                ce = vocab_parallel_cross_entropy(t_logits, labels, group=groups.tp_group)
-                sums[3] += ce[mask].double().sum().cpu()
+        t_logits = teacher(ids, doc_ids) if teacher is not None else None
+        # the single-pass loss (no gradient): per chunk of tokens, never several fp32 [tokens, V/tp] temporaries,
+        # so an eval fits wherever the training step does. Means over valid tokens, turned back into sums.
+        if t_logits is not None and with_teacher_loss:  # first: the call below overwrites t_logits
+            _, st = logits_distill_loss(t_logits, None, labels, groups.tp_group, kd_weight=0.0, z_loss=0.0,
+                                        chunk_tokens=chunk, inplace=False)
+            sums[3] += float(st["ntp"]) * int(st["tokens"]) * counted
+        _, st = logits_distill_loss(logits, t_logits, labels, groups.tp_group, kd_weight=0.0 if t_logits is None
+                                    else 1.0, z_loss=0.0, chunk_tokens=chunk, inplace=True)
+        n = int(st["tokens"]) * counted
+        sums[0] += float(st["ntp"]) * n
+        sums[1] += n
+        if t_logits is not None:
+            sums[2] += float(st["kd"]) * n  # forward KL at tau = 1, no truncation
+        del logits, t_logits
     if groups.dp_size > 1:
         dist.all_reduce(sums, group=groups.dp_group)
     student.train(was_training)
