@@ -118,7 +118,7 @@ def _demo(args) -> int:
 
 def register(sub) -> None:
     p = sub.add_parser("demo", help="run a small distillation scaling-law study on CPU and write REPORT.md",
-                       epilog="example: megadistill demo --out runs/demo   (--quick: a 2-minute version)")
+                       epilog="example: megadistill demo --out runs/demo   (--quick: 5 runs in about 15 s, too few to pin the law down)")
     p.add_argument("--out", default="runs/demo", help="study directory (reruns skip finished runs)")
     p.add_argument("--quick", action="store_true", help="a smaller study for tests (< 2 minutes)")
     p.add_argument("--workers", type=int, default=2, help="training processes (one thread each)")
