@@ -312,8 +312,10 @@ def distill_loss(student_logits: torch.Tensor, teacher_logits: Optional[torch.Te
                  top_p_candidates: int = DEFAULT_TOP_P_CANDIDATES) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
     """Full student objective L = (1 - lambda) NTP + lambda KD + lambda_Z Z, mean over tokens with target != -100.
 
-    The unfused counterpart of fused_loss.fused_linear_distill_loss (same value, stats and gradient). stats holds
-    detached per-term means over valid tokens: ntp, z, kd (kd only when a teacher is used), and tokens.
+    Composed from the per-token losses above with autograd: the reference that the single-pass forms in fused_loss
+    (logits_distill_loss, the trainer's default, and fused_linear_distill_loss) are tested against (same value,
+    stats and gradient). stats holds detached per-term means over valid tokens: ntp, z, kd (kd only when a teacher
+    is used), and tokens.
     """
     check_options(temperature, top_k, top_p, reverse)
     use_kd = kd_weight != 0.0
