@@ -1,0 +1,36 @@
+"""Smoke tests of the benchmark tools at tiny shapes, so they keep running against the code they measure."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _run(*args, timeout=300):
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    proc = subprocess.run([sys.executable, *args], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    start = proc.stdout.index("{")  # DeepSpeed may print before the JSON
+    return json.loads(proc.stdout[start:])
+
+
+def test_bench_train_tiny():
+    r = _run("tools/bench_train.py", "--d-model", "32", "--layers", "1", "--heads", "2", "--teacher-d-model", "48",
+             "--teacher-layers", "1", "--vocab", "128", "--seq-len", "32", "--batch", "2", "--steps", "2",
+             "--threads", "1")
+    for k in ("supervised_step_s", "distill_step_s", "teacher_forward_s", "hf_llama_step_s", "ours_model_only_step_s"):
+        assert r[k] > 0, (k, r)
+    assert r["tokens_per_step"] == 64 and r["teacher_params"] > r["student_params"]
+    assert isinstance(r["goal_supervised_at_least_hf_speed"], bool)
+
+
+def test_bench_loss_tiny():
+    r = _run("tools/bench_loss.py", "--tokens", "256", "--hidden", "32", "--vocab", "512", "--chunk", "64",
+             "--iters", "1", "--threads", "1", "--cases", "naive", "autograd", "logits", "fused")
+    res = r["results"]["256"]
+    losses = [res[c]["loss"] for c in ("naive", "autograd", "logits", "fused")]
+    assert max(losses) - min(losses) < 1e-4 * abs(losses[0]), res  # the same objective in every form
+    assert "logits_peak_over_naive" in r["goals"]["256"]
