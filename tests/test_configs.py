@@ -210,3 +210,27 @@ def test_named_size_and_a_contradicting_shape_key_is_an_error(tmp_path):
     again.write_text(config.to_yaml(resolved))
     assert config.load([str(again)]).model == resolved.model
     assert config.load([str(f)], ["model.size=null", "model.d_model=32", "model.head_dim=8"]).model.d_model == 32
+
+
+@pytest.mark.parametrize("kind", ["teacher-12.6B", "distill-2.72B-from-12.6B"])
+@pytest.mark.parametrize("n", [8, 64, 512])
+def test_layouts_are_the_planners_first_pick(kind, n):
+    """Each layout file is what its header says: `megadistill plan-memory`'s #1 layout for that cluster, with the
+    figures the header quotes (regenerate both when the memory or step-time model changes)."""
+    from megadistill.train import memory
+    rel = f"configs/paper/layouts/{kind}-{n}gpu.yaml"
+    paths, world = _compose(rel)
+    cfg = config.load(paths, [], world_size=world)
+    header = (ROOT / rel).read_text().splitlines()
+    cmd = next(ln for ln in header if "plan-memory" in ln)
+    tokens = int(re.search(r"--global-batch-tokens (\d+)", cmd).group(1))
+    assert tokens == cfg.train.global_batch_size * cfg.train.seq_len, cmd
+    best = memory.plan(cfg.model.size, "12.6B" if kind.startswith("distill") else None, gpus=world,
+                       seq_len=cfg.train.seq_len, global_batch_tokens=tokens)[0]
+    lay = best["layout"]
+    assert (lay["tp_size"], lay["zero_stage"], lay["micro_batch_size"], lay["checkpointing"], lay["fused"],
+            lay["teacher_zero3"]) == (cfg.parallel.tp_size, cfg.zero.stage, cfg.train.micro_batch_size,
+                                      cfg.model.activation_checkpointing, cfg.distill.fused,
+                                      cfg.distill.teacher_zero3), (rel, best["describe"])
+    quoted = next(ln for ln in header if ln.startswith("#   tp="))
+    assert f"{best['memory']['total'] / 2 ** 30:.1f} GiB per GPU" in quoted, (quoted, best["memory"]["total"] / 2 ** 30)
