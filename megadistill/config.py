@@ -259,7 +259,10 @@ def _format_omegaconf_error(err: Exception) -> str:
     if isinstance(err, (ConfigAttributeError, ConfigKeyError)) and key:
         parent = ".".join(str(key).split(".")[:-1])
         valid = _valid_keys(parent)
-        return f"unknown config key {key!r}; valid keys under {parent or 'top level'!r}: {valid}"
+        leaf = str(key).split(".")[-1]
+        near = [f"{sec}.{leaf}" for sec in _valid_keys("") if leaf in _valid_keys(sec) and sec != parent]
+        hint = f" (did you mean {' or '.join(near)}?)" if near else ""
+        return f"unknown config key {key!r}{hint}; valid keys under {parent or 'top level'!r}: {valid}"
     if key:
         return f"config key {key!r}: {msg}"
     return msg

@@ -126,6 +126,8 @@ TINY = ["model.n_layers=2", "model.d_model=64", "model.n_heads=4", "model.head_d
 
 @pytest.mark.parametrize("overrides,world,needle", [
     (["train.stepz=3"], None, "'train.stepz'"),
+    (["resume=true"], None, "unknown config key 'resume' (did you mean train.resume?)"),
+    (["model.seq_len=64"], None, "(did you mean train.seq_len?)"),
     (["optim.lr=fast"], None, "'optim.lr'"),
     (["train.steps=many"], None, "'train.steps'"),
     (["parallel.tp_size=3"], None, "parallel.tp_size=3 does not divide model.n_heads=4"),
