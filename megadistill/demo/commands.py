@@ -112,14 +112,17 @@ def _demo(args) -> int:
     print(f"\nstudy done in {summary['wall_s']:.0f} s: {summary['n_points']} eval points")
     print(f"fitted E = {summary['fitted_E']:.4f} vs true entropy rate {summary['entropy_rate']:.4f} nats/token")
     print(f"distillation law held-out mean relative error {100 * held:.2f}%")
+    if args.quick:
+        print("(--quick: 5 runs are too few to identify the law's coefficients; run without --quick for the study)")
     print(f"report: {out / 'REPORT.md'} (figures, fits and table.csv beside it)")
     return 0
 
 
 def register(sub) -> None:
     p = sub.add_parser("demo", help="run a small distillation scaling-law study on CPU and write REPORT.md",
-                       epilog="example: megadistill demo --out runs/demo   (--quick: 5 runs in about 15 s, too few to pin the law down)")
+                       epilog="example: megadistill demo --out runs/demo   "
+                              "(--quick: 5 runs in about 15 s, too few to pin the law down)")
     p.add_argument("--out", default="runs/demo", help="study directory (reruns skip finished runs)")
-    p.add_argument("--quick", action="store_true", help="a smaller study for tests (< 2 minutes)")
+    p.add_argument("--quick", action="store_true", help="a 5-run study for tests (about 15 s)")
     p.add_argument("--workers", type=int, default=2, help="training processes (one thread each)")
     p.set_defaults(func=_demo)
