@@ -55,8 +55,10 @@ def evaluate(student: nn.Module, batches: List[Dict[str, torch.Tensor]], groups:
         if t_logits is not None:
             sums[2] += float(st["kd"]) * n  # forward KL at tau = 1, no truncation
         del logits, t_logits
-    if groups.dp_size > 1:
-        dist.all_reduce(sums, group=groups.dp_group)
+    if groups.dp_size > 1:  # on the compute device: an NCCL group cannot reduce a CPU tensor
+        on_device = sums.to(device)
+        dist.all_reduce(on_device, group=groups.dp_group)
+        sums = on_device.cpu()
     student.train(was_training)
     n = max(sums[1].item(), 1.0)
     out = {"eval_loss": sums[0].item() / n, "eval_tokens": int(sums[1].item())}
