@@ -105,3 +105,28 @@ def test_eval_of_a_distill_run_keeps_its_teacher(trained, tmp_path):
     assert evaluated["source"] == "megadistill eval"
     assert evaluated["teacher"] == trained_rec["teacher"]
     assert evaluated["flops"] == pytest.approx(trained_rec["flops"])
+
+
+def test_teacher_loads_exactly_the_exported_weights(trained):
+    """The teacher is built on the meta device and materialised by the load: every weight is the exported one, in the
+    requested dtype, frozen, with its TP / µP tags intact."""
+    from safetensors.torch import load_file
+
+    from megadistill import config
+    from megadistill.parallel.groups import ParallelGroups
+    from megadistill.train import checkpoint
+    from megadistill.train.teacher import load_teacher
+    exported = load_file(str(trained / checkpoint.MODEL_DIR / checkpoint.WEIGHTS))
+    for dtype in ("bf16", "fp32"):
+        cfg = config.load(["configs/tiny/distill.yaml"], TINY + [f"distill.teacher={trained}",
+                                                                  f"distill.teacher_dtype={dtype}"])
+        teacher = load_teacher(cfg, ParallelGroups.single(), torch.device("cpu"))
+        want = torch.bfloat16 if dtype == "bf16" else torch.float32
+        params = dict(teacher.module.named_parameters())
+        assert set(params) == set(exported)
+        for name, p in params.items():
+            assert p.dtype == want and not p.requires_grad and p.device.type == "cpu", name
+            assert torch.equal(p, exported[name].to(want)), name
+        wq = teacher.module.blocks[0].attn.wq.weight
+        assert wq.tensor_model_parallel and wq.partition_dim == 0 and wq.mup_role == "hidden"
+        assert not teacher.module.training

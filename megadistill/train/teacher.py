@@ -39,6 +39,21 @@ def teacher_model_config(weights_dir: Path) -> Config:
     return config_mod.from_dict(OmegaConf.to_container(OmegaConf.load(weights_dir / "config.yaml")))
 
 
+def _materialize(model: nn.Module, device: torch.device) -> nn.Module:
+    """Allocate a meta-device model's parameters (uninitialised) on `device`, keeping their TP / µP tags.
+
+    The teacher is built on the meta device, so its random initialisation (full fp32 draws on every rank, minutes for
+    a 12.6B model on a CPU, 50 GB of host memory per rank) never happens: every weight is overwritten by the load.
+    """
+    if any(True for _ in model.buffers()):
+        raise RuntimeError("the model has buffers, which the weight files do not hold: they would stay uninitialised")
+    tags = {name: dict(vars(p)) for name, p in model.named_parameters()}
+    model = model.to_empty(device=device)  # new Parameter objects: their attributes must be put back
+    for name, p in model.named_parameters():
+        p.__dict__.update(tags[name])
+    return model
+
+
 def load_teacher(cfg: Config, groups: ParallelGroups, device: torch.device) -> Teacher:
     """Build the teacher with the student's TP layout, load its consolidated weights, freeze it."""
     weights_dir = checkpoint.find_weights(cfg.distill.teacher)
@@ -52,14 +67,12 @@ def load_teacher(cfg: Config, groups: ParallelGroups, device: torch.device) -> T
                         f"or d_ff={tm.d_ff}")
     tm.attention = cfg.model.attention  # the backend is a property of this run's hardware, not of the weights
     tm.activation_checkpointing = "off"  # no backward through the teacher
-    model = Transformer(tm, LayerFactory(groups.tp_group))
+    dtype = torch.bfloat16 if cfg.distill.teacher_dtype == "bf16" else torch.float32
+    model = _materialize(Transformer(tm, LayerFactory(groups.tp_group, device="meta", dtype=dtype)), device)
     checkpoint.load_sharded_weights(model, weights_dir, groups)
     for p in model.parameters():
         p.requires_grad_(False)
     model.eval()
-    if cfg.distill.teacher_dtype == "bf16":
-        model.to(torch.bfloat16)
-    model.to(device)
     meta_file = weights_dir / "meta.json"
     meta = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
     n, _ = params_of(tm)
