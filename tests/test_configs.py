@@ -59,6 +59,17 @@ def test_every_paper_size_has_a_teacher_config():
     assert files == set(PAPER_SIZES) and len(files) == 33
 
 
+def test_every_teacher_config_fits_one_node_by_the_planner():
+    """The generated single-node layouts (tools/gen_paper_configs.py) fit 8 x 80 GiB by plan-memory's estimate."""
+    from megadistill.train import memory
+    for path in sorted((PAPER / "teacher").glob("*.yaml")):
+        cfg = config.load([str(path)], [], world_size=8)
+        lay = memory.Layout(tp_size=1, zero_stage=cfg.zero.stage, micro_batch_size=cfg.train.micro_batch_size,
+                            checkpointing=cfg.model.activation_checkpointing)
+        mem = memory.estimate_layout(cfg.model, lay, 8, cfg.train.seq_len, cfg.train.global_batch_size, "bf16")
+        assert mem["total"] <= 80 * 2 ** 30, (path.name, lay.describe(), mem["total"] / 2 ** 30)
+
+
 @pytest.mark.parametrize("size", ["103M", "975M", "2.72B", "12.6B"])
 def test_teacher_config_is_the_papers_recipe(size):
     cfg = config.load([str(PAPER / "teacher" / f"{size}.yaml")], [], world_size=8)  # a single 8-GPU node

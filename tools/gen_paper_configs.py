@@ -36,13 +36,16 @@ def node_layout(shape: Dict[str, int], stored: int, seq_len: int, gbs: int) -> D
     """Cheapest ZeRO stage / activation checkpointing / micro-batch whose rough per-GPU bytes fit BUDGET_BYTES.
 
     bf16 weights 2S, grads 2S (ZeRO-1) or 4S/dp (ZeRO-2 keeps fp32 grad partitions), fp32 master + Adam 12S/dp;
-    activations per token per block ~ 24 d + 8 d_ff bytes with flash attention (inputs of norms, QKV, QK-norm, RoPE,
-    attention output, SwiGLU gate/up/product), or 2 d when the block is recomputed; logits and their grads ~ 12 V
-    bytes per token. `megadistill plan-memory` is the finer estimate; this only keeps single-node defaults sane.
+    activations per token per block as plan-memory models them (megadistill.train.memory.activation_bytes_per_token,
+    bf16, TP=1), or 2 d when the block is recomputed; logits and loss buffers ~ 12 V bytes per token (generous).
+    `megadistill plan-memory` is the full estimate (a test checks every generated layout fits by it); this only picks
+    single-node defaults.
     """
+    from megadistill.config import ModelConfig
+    from megadistill.train.memory import activation_bytes_per_token
     d, d_ff, n_layers, vocab = shape["d_model"], shape["d_ff"], shape["n_layers"], shape["vocab_size"]
     dp = NODE_GPUS
-    act_full, act_ckpt = 24 * d + 8 * d_ff, 2 * d
+    act_full, act_ckpt = activation_bytes_per_token(ModelConfig(**shape), tp=1, wb=2), 2 * d
     options = []  # in order of preference: fewer recomputed FLOPs and less communication first
     for micro in (4, 2, 1):
         if gbs % (micro * dp):
