@@ -13,9 +13,9 @@ from typing import Dict, Optional, Tuple
 import torch
 
 from megadistill.errors import UserError
+from megadistill.parallel.mappings import group_rank, group_size, reduce_from_tp_region
 from megadistill.parallel.vocab_parallel import (DEFAULT_TOP_P_CANDIDATES, IGNORE_INDEX, all_reduce_max,
-                                                 check_options, check_targets, reduce_sum, teacher_support,
-                                                 tp_rank, tp_world)
+                                                 check_options, check_targets, teacher_support)
 
 
 @dataclass(frozen=True)
@@ -46,7 +46,7 @@ def _chunk(z: torch.Tensor, t: Optional[torch.Tensor], y: torch.Tensor, row_w: t
     """
     group, tau, lam = o.group, o.temperature, o.kd_weight
     v_local = z.shape[-1]
-    start = tp_rank(group) * v_local
+    start = group_rank(group) * v_local
     here = (y >= start) & (y < start + v_local)  # this rank holds the target column
     idx = (y - start).clamp(0, v_local - 1).unsqueeze(-1)
     z_y = torch.where(here, z.gather(-1, idx).squeeze(-1), 0.0)  # [c] rank-local partial of z_y
@@ -79,7 +79,7 @@ def _chunk(z: torch.Tensor, t: Optional[torch.Tensor], y: torch.Tensor, row_w: t
         parts += [sum_t] + ([] if e_s is e1 else [e_s.sum(dim=-1)])
         if o.reverse:
             parts.append((e_s * t).sum(dim=-1))  # sum_a e_s (s - t/tau), rank-local
-    red = reduce_sum(torch.stack(parts), group)  # one all-reduce of [1..4, c]
+    red = reduce_from_tp_region(torch.stack(parts), group)  # one all-reduce of [1..4, c]
     sum_1 = red[0]
     lse_1 = m1 + torch.log(sum_1)
     sums = torch.zeros(5, dtype=torch.float64, device=z.device)
@@ -149,7 +149,7 @@ class _FusedLinearDistill(torch.autograd.Function):
                 else:  # low-precision product, accumulated in fp32 (add_ casts on the fly, no fp32 copy)
                     grad_w.add_(g_mm.t() @ h[a:b])
             del g, g_mm
-        local = reduce_sum(sums[[1, 4]], o.group)  # the two rank-local sums, one all-reduce of 2 numbers
+        local = reduce_from_tp_region(sums[[1, 4]], o.group)  # the two rank-local sums, one all-reduce of 2 numbers
         ntp, kd_mean, zl = sums[0] - local[0], sums[3] + local[1], sums[2]
         lam = o.kd_weight
         loss = ((1.0 - lam) * ntp + lam * kd_mean + o.z_loss * zl).float()
@@ -206,7 +206,7 @@ def fused_linear_distill_loss(student_hidden: torch.Tensor, student_weight: torc
         if h_t.shape[0] != h.shape[0] or tuple(w_t.shape) != (student_weight.shape[0], d_t):
             raise UserError(f"teacher hidden {tuple(teacher_hidden.shape)} / head {tuple(teacher_weight.shape)} "
                             f"do not match the student's tokens {h.shape[0]} and vocab shard {student_weight.shape[0]}")
-    check_targets(y, student_weight.shape[0] * tp_world(group))
+    check_targets(y, student_weight.shape[0] * group_size(group))
     o = _Opts(group, float(kd_weight), float(temperature), float(z_loss), top_k, top_p, bool(reverse),
               int(chunk_tokens), int(top_p_candidates))
     loss, st = _FusedLinearDistill.apply(h, student_weight, h_t, w_t, y, o)
@@ -249,7 +249,7 @@ class _LogitsDistill(torch.autograd.Function):
             if g is not None and g.data_ptr() != grad[a:b].data_ptr():
                 grad[a:b].copy_(g)  # a bf16 chunk, or the not-in-place buffer
             del g  # before the next chunk's fp32 copy is made
-        local = reduce_sum(sums[[1, 4]], o.group)  # the two rank-local sums, one all-reduce of 2 numbers
+        local = reduce_from_tp_region(sums[[1, 4]], o.group)  # the two rank-local sums, one all-reduce of 2 numbers
         ntp, kd_mean, zl = sums[0] - local[0], sums[3] + local[1], sums[2]
         lam = o.kd_weight
         loss = ((1.0 - lam) * ntp + lam * kd_mean + o.z_loss * zl).float()
@@ -306,7 +306,7 @@ def logits_distill_loss(student_logits: torch.Tensor, teacher_logits: Optional[t
     v_local = student_logits.shape[-1]
     if y.numel() * v_local != student_logits.numel():
         raise UserError(f"targets {tuple(targets.shape)} do not match the logits {tuple(student_logits.shape)}")
-    check_targets(y, v_local * tp_world(group))
+    check_targets(y, v_local * group_size(group))
     o = _Opts(group, float(kd_weight), float(temperature), float(z_loss), top_k, top_p, bool(reverse),
               int(chunk_tokens), int(top_p_candidates))
     need_grad = torch.is_grad_enabled() and student_logits.requires_grad

@@ -8,92 +8,40 @@ import torch
 import torch.distributed as dist
 
 from megadistill.errors import UserError
+from megadistill.parallel.mappings import gather_from_tp_region, group_rank, group_size, reduce_from_tp_region
 
 IGNORE_INDEX = -100
 DEFAULT_TOP_P_CANDIDATES = 256  # per-rank teacher candidates of the exact top-p search (see _top_p_support)
 
 
 # ----------------------------------------------------------------------------------------------- collectives
-# Rank r of the TP group holds vocab columns [r V/tp, (r+1) V/tp). Every collective below moves per-token
-# numbers ([tokens] or [tokens, k]), never a [tokens, V/tp] slab. group=None (or a group of one) is the dense case.
-
-def tp_world(group) -> int:
-    return 1 if group is None else dist.get_world_size(group)
-
-
-def tp_rank(group) -> int:
-    return 0 if group is None else dist.get_rank(group)
-
-
-class _ReduceSum(torch.autograd.Function):
-    """forward: all-reduce (sum) over the TP group; backward: identity.
-
-    The reduced value is replicated, and everything downstream of it (the per-token loss) is computed identically
-    on every rank, so d loss / d local-partial equals the replicated d loss / d sum on each rank.
-    """
-
-    @staticmethod
-    def forward(ctx, x, group):
-        x = x.clone()
-        dist.all_reduce(x, op=dist.ReduceOp.SUM, group=group)
-        return x
-
-    @staticmethod
-    def backward(ctx, grad):
-        return grad, None
-
-
-def reduce_sum(x: torch.Tensor, group) -> torch.Tensor:
-    """Sum of the per-rank partials x (autograd-aware, see _ReduceSum)."""
-    return x if tp_world(group) == 1 else _ReduceSum.apply(x, group)
-
+# Rank r of the TP group holds vocab columns [r V/tp, (r+1) V/tp). Every collective here moves per-token numbers
+# ([tokens] or [tokens, k]), never a [tokens, V/tp] slab. group=None (or a group of one) is the dense case.
+# Sums of per-rank partials use reduce_from_tp_region (all-reduce forward, identity backward: the reduced value is
+# replicated and consumed identically on every rank, so each rank's partial gets the replicated gradient); per-rank
+# top-k candidates are concatenated with gather_from_tp_region (its backward keeps this rank's slice).
 
 @torch.no_grad()
+def _all_reduce_detached(x: torch.Tensor, group, op) -> torch.Tensor:
+    if group_size(group) == 1:
+        return x
+    x = x.clone()
+    dist.all_reduce(x, op=op, group=group)
+    return x
+
+
 def all_reduce_max(x: torch.Tensor, group) -> torch.Tensor:
     """forward: all-reduce (max); backward: none.
 
     Only used on detached values: the stabilising shift of a log-sum-exp (which cancels, so carries no gradient)
     and teacher-side thresholds (the teacher gets no gradient).
     """
-    if tp_world(group) == 1:
-        return x
-    x = x.clone()
-    dist.all_reduce(x, op=dist.ReduceOp.MAX, group=group)
-    return x
+    return _all_reduce_detached(x, group, dist.ReduceOp.MAX)
 
 
-@torch.no_grad()
 def all_reduce_min(x: torch.Tensor, group) -> torch.Tensor:
     """forward: all-reduce (min); backward: none (detached teacher-side search bounds only)."""
-    if tp_world(group) == 1:
-        return x
-    x = x.clone()
-    dist.all_reduce(x, op=dist.ReduceOp.MIN, group=group)
-    return x
-
-
-class _GatherLastDim(torch.autograd.Function):
-    """forward: all-gather along the last dim ([n, k] per rank -> [n, tp k], rank-major); backward: own slice.
-
-    The gathered tensor is consumed identically on every rank, so the local input's gradient is its own slice of
-    the replicated output gradient (no communication). Used for the per-rank top-k teacher candidates.
-    """
-
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group, ctx.k = group, x.shape[-1]
-        parts = [torch.empty_like(x) for _ in range(tp_world(group))]
-        dist.all_gather(parts, x.contiguous(), group=group)
-        return torch.cat(parts, dim=-1)
-
-    @staticmethod
-    def backward(ctx, grad):
-        r, k = tp_rank(ctx.group), ctx.k
-        return grad[..., r * k:(r + 1) * k].contiguous(), None
-
-
-def gather_last_dim(x: torch.Tensor, group) -> torch.Tensor:
-    return x if tp_world(group) == 1 else _GatherLastDim.apply(x, group)
+    return _all_reduce_detached(x, group, dist.ReduceOp.MIN)
 
 
 # ----------------------------------------------------------------------------------- checks and shared pieces
@@ -124,7 +72,7 @@ def softmax_stats(x: torch.Tensor, group) -> Tuple[torch.Tensor, torch.Tensor, t
     """
     m = all_reduce_max(x.detach().amax(dim=-1), group)  # [n]
     e = torch.exp(x - m.unsqueeze(-1))  # [n, v/tp]
-    return m, e, reduce_sum(e.sum(dim=-1), group)
+    return m, e, reduce_from_tp_region(e.sum(dim=-1), group)
 
 
 def logsumexp(x: torch.Tensor, group) -> torch.Tensor:
@@ -147,9 +95,9 @@ def _top_k_support(t: torch.Tensor, k: int, group) -> Optional[torch.Tensor]:
     all kept: the set then does not depend on the TP layout (torch.topk breaks ties arbitrarily).
     """
     v_local = t.shape[-1]
-    if k >= v_local * tp_world(group):
+    if k >= v_local * group_size(group):
         return None
-    cand = gather_last_dim(t.topk(min(k, v_local), dim=-1).values, group)  # [n, tp k']
+    cand = gather_from_tp_region(t.topk(min(k, v_local), dim=-1).values, group)  # [n, tp k']
     kth = cand.topk(k, dim=-1).values[:, -1:]  # [n, 1]
     return t >= kth
 
@@ -187,7 +135,7 @@ def _top_p_support(t: torch.Tensor, support: Optional[torch.Tensor], top_p: floa
     lse = logsumexp(t, group)  # [n] log-normaliser of the (top-k) teacher
     k = min(n_cand, v_local)
     local = t.topk(k, dim=-1).values  # [n, k] descending
-    cand = gather_last_dim(local, group)  # [n, tp k]
+    cand = gather_from_tp_region(local, group)  # [n, tp k]
     c = cand.view(n, -1, k)[..., -1].amax(dim=-1)  # [n] every logit > c is a candidate
     sv = cand.sort(dim=-1, descending=True).values
     w = torch.exp(sv - lse.unsqueeze(-1))
@@ -217,7 +165,7 @@ def _top_p_bisect(t: torch.Tensor, lse: torch.Tensor, hi_val: torch.Tensor, top_
     for _ in range(32):  # keys span < 2^32, so 32 halvings close every interval
         active = hi - lo > 1
         mid = (lo + hi) // 2
-        g = reduce_sum(torch.where(t > _key_float(mid).unsqueeze(-1), p, 0.0).sum(dim=-1), group)
+        g = reduce_from_tp_region(torch.where(t > _key_float(mid).unsqueeze(-1), p, 0.0).sum(dim=-1), group)
         below = g < top_p
         hi = torch.where(active & below, mid, hi)
         lo = torch.where(active & ~below, mid, lo)
@@ -244,12 +192,12 @@ def vocab_parallel_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, gr
     """
     v_local = logits.shape[-1]
     z, y = _flat(logits).float(), targets.reshape(-1)
-    check_targets(y, v_local * tp_world(group))
+    check_targets(y, v_local * group_size(group))
     lse = logsumexp(z, group)  # [n]
-    start = tp_rank(group) * v_local
+    start = group_rank(group) * v_local
     here = (y >= start) & (y < start + v_local)
     z_y = z.gather(-1, (y - start).clamp(0, v_local - 1).unsqueeze(-1)).squeeze(-1)  # [n]
-    z_y = reduce_sum(torch.where(here, z_y, 0.0), group)
+    z_y = reduce_from_tp_region(torch.where(here, z_y, 0.0), group)
     loss = torch.where(y != IGNORE_INDEX, lse - z_y, 0.0)
     return loss.reshape(targets.shape)
 
@@ -295,11 +243,11 @@ def vocab_parallel_kl_div(student_logits: torch.Tensor, teacher_logits: torch.Te
     if not reverse:
         # sum_a p_a (log p_a - log q_a) = sum_a p_a (t_a - s_a) - lse_t + lse_s, using sum_a p_a = 1; the two
         # dot products are formed separately so no [n, v/tp] difference is kept for backward
-        kl = reduce_sum(p_t - (p * s).sum(dim=-1), group) - lse_t + lse_s
+        kl = reduce_from_tp_region(p_t - (p * s).sum(dim=-1), group) - lse_t + lse_s
     else:
         # sum_a q_a (s_a - t_a) + lse_t - lse_s with q = e_s / sum_s; the local partial is reduced before it meets
         # the replicated sum_s, so the identity-backward reduce stays exact
-        kl = reduce_sum((e_s * (s - t)).sum(dim=-1), group) / sum_s + lse_t - lse_s
+        kl = reduce_from_tp_region((e_s * (s - t)).sum(dim=-1), group) / sum_s + lse_t - lse_s
     kl = kl * temperature ** 2
     if mask is not None:
         kl = torch.where(mask.reshape(-1), kl, 0.0)
