@@ -115,6 +115,35 @@ def _chunk(z: torch.Tensor, t: Optional[torch.Tensor], y: torch.Tensor, row_w: t
     return g, sums
 
 
+def _options(group, kd_weight, temperature, z_loss, top_k, top_p, reverse, chunk_tokens, top_p_candidates) -> _Opts:
+    check_options(temperature, top_k, top_p, reverse)
+    if chunk_tokens < 1:
+        raise UserError(f"distill.chunk_tokens={chunk_tokens} must be >= 1")
+    return _Opts(group, float(kd_weight), float(temperature), float(z_loss), top_k, top_p, bool(reverse),
+                 int(chunk_tokens), int(top_p_candidates))
+
+
+def _row_weights(y: torch.Tensor) -> torch.Tensor:
+    valid = y != IGNORE_INDEX
+    return valid.float() / valid.sum().clamp(min=1).float()  # [T] valid / n_valid
+
+
+def _totals(sums: torch.Tensor, o: _Opts) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(loss, stats [ntp, kd, z]) from the chunk sums of _chunk, after one all-reduce of the 2 rank-local sums."""
+    local = reduce_from_tp_region(sums[[1, 4]], o.group)
+    ntp, kd_mean, zl = sums[0] - local[0], sums[3] + local[1], sums[2]
+    lam = o.kd_weight
+    loss = ((1.0 - lam) * ntp + lam * kd_mean + o.z_loss * zl).float()
+    return loss, torch.stack([ntp, kd_mean, zl]).float()
+
+
+def _stats(st: torch.Tensor, y: torch.Tensor, use_kd: bool) -> Dict[str, torch.Tensor]:
+    stats = {"ntp": st[0], "z": st[2], "tokens": (y != IGNORE_INDEX).sum()}
+    if use_kd:
+        stats["kd"] = st[1]
+    return stats
+
+
 class _FusedLinearDistill(torch.autograd.Function):
     """Loss forward that also computes, chunk by chunk, the gradients w.r.t. student hidden states and head weight.
 
@@ -126,8 +155,7 @@ class _FusedLinearDistill(torch.autograd.Function):
     def forward(ctx, h, w, h_t, w_t, y, o: _Opts):
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         n_tok = h.shape[0]
-        valid = y != IGNORE_INDEX
-        row_w = valid.float() / valid.sum().clamp(min=1).float()  # [T] valid / n_valid
+        row_w = _row_weights(y)
         kd = h_t is not None
         grad_h = torch.empty_like(h) if need_h else None
         grad_w = torch.zeros(w.shape, dtype=torch.float32, device=w.device) if need_w else None
@@ -149,12 +177,8 @@ class _FusedLinearDistill(torch.autograd.Function):
                 else:  # low-precision product, accumulated in fp32 (add_ casts on the fly, no fp32 copy)
                     grad_w.add_(g_mm.t() @ h[a:b])
             del g, g_mm
-        local = reduce_from_tp_region(sums[[1, 4]], o.group)  # the two rank-local sums, one all-reduce of 2 numbers
-        ntp, kd_mean, zl = sums[0] - local[0], sums[3] + local[1], sums[2]
-        lam = o.kd_weight
-        loss = ((1.0 - lam) * ntp + lam * kd_mean + o.z_loss * zl).float()
+        loss, stats = _totals(sums, o)
         ctx.save_for_backward(grad_h, grad_w.to(w.dtype) if need_w else None)
-        stats = torch.stack([ntp, kd_mean, zl]).float()
         ctx.mark_non_differentiable(stats)
         return loss, stats
 
@@ -185,9 +209,7 @@ def fused_linear_distill_loss(student_hidden: torch.Tensor, student_weight: torc
     stats as vocab_parallel.distill_loss on the materialised logits: stats = detached means ntp, z, kd (when a
     teacher is used) and the number of valid tokens.
     """
-    check_options(temperature, top_k, top_p, reverse)
-    if chunk_tokens < 1:
-        raise UserError(f"distill.chunk_tokens={chunk_tokens} must be >= 1")
+    o = _options(group, kd_weight, temperature, z_loss, top_k, top_p, reverse, chunk_tokens, top_p_candidates)
     use_kd = kd_weight != 0.0
     if use_kd and (teacher_hidden is None or teacher_weight is None):
         raise UserError(f"distill.kd_weight={kd_weight} needs teacher hidden states and head weight; "
@@ -207,14 +229,8 @@ def fused_linear_distill_loss(student_hidden: torch.Tensor, student_weight: torc
             raise UserError(f"teacher hidden {tuple(teacher_hidden.shape)} / head {tuple(teacher_weight.shape)} "
                             f"do not match the student's tokens {h.shape[0]} and vocab shard {student_weight.shape[0]}")
     check_targets(y, student_weight.shape[0] * group_size(group))
-    o = _Opts(group, float(kd_weight), float(temperature), float(z_loss), top_k, top_p, bool(reverse),
-              int(chunk_tokens), int(top_p_candidates))
     loss, st = _FusedLinearDistill.apply(h, student_weight, h_t, w_t, y, o)
-    valid = (y != IGNORE_INDEX).sum()
-    stats = {"ntp": st[0], "z": st[2], "tokens": valid}
-    if use_kd:
-        stats["kd"] = st[1]
-    return loss, stats
+    return loss, _stats(st, y, use_kd)
 
 
 class _LogitsDistill(torch.autograd.Function):
@@ -230,8 +246,7 @@ class _LogitsDistill(torch.autograd.Function):
         v_local = z.shape[-1]
         zf = z.view(-1, v_local)  # z is contiguous (checked by the caller)
         tf = None if t is None else t.reshape(-1, v_local)
-        valid = y != IGNORE_INDEX
-        row_w = valid.float() / valid.sum().clamp(min=1).float()  # [T] valid / n_valid
+        row_w = _row_weights(y)
         sums = torch.zeros(5, dtype=torch.float64, device=z.device)
         grad = zf if inplace else torch.empty_like(zf) if need_grad else None
 
@@ -249,11 +264,7 @@ class _LogitsDistill(torch.autograd.Function):
             if g is not None and g.data_ptr() != grad[a:b].data_ptr():
                 grad[a:b].copy_(g)  # a bf16 chunk, or the not-in-place buffer
             del g  # before the next chunk's fp32 copy is made
-        local = reduce_from_tp_region(sums[[1, 4]], o.group)  # the two rank-local sums, one all-reduce of 2 numbers
-        ntp, kd_mean, zl = sums[0] - local[0], sums[3] + local[1], sums[2]
-        lam = o.kd_weight
-        loss = ((1.0 - lam) * ntp + lam * kd_mean + o.z_loss * zl).float()
-        stats = torch.stack([ntp, kd_mean, zl]).float()
+        loss, stats = _totals(sums, o)
         ctx.mark_non_differentiable(stats)
         ctx.set_materialize_grads(False)  # else backward receives a zero [tokens, V/tp] tensor for the returned z
         ctx.shape = z.shape
@@ -293,9 +304,7 @@ def logits_distill_loss(student_logits: torch.Tensor, teacher_logits: Optional[t
     teacher_logits with scratch: neither may be used afterwards. fp32 logits are then never copied; bf16 logits are
     converted one chunk at a time.
     """
-    check_options(temperature, top_k, top_p, reverse)
-    if chunk_tokens < 1:
-        raise UserError(f"distill.chunk_tokens={chunk_tokens} must be >= 1")
+    o = _options(group, kd_weight, temperature, z_loss, top_k, top_p, reverse, chunk_tokens, top_p_candidates)
     use_kd = kd_weight != 0.0
     if use_kd and teacher_logits is None:
         raise UserError(f"distill.kd_weight={kd_weight} needs teacher logits; pass them or set kd_weight=0")
@@ -307,15 +316,9 @@ def logits_distill_loss(student_logits: torch.Tensor, teacher_logits: Optional[t
     if y.numel() * v_local != student_logits.numel():
         raise UserError(f"targets {tuple(targets.shape)} do not match the logits {tuple(student_logits.shape)}")
     check_targets(y, v_local * group_size(group))
-    o = _Opts(group, float(kd_weight), float(temperature), float(z_loss), top_k, top_p, bool(reverse),
-              int(chunk_tokens), int(top_p_candidates))
     need_grad = torch.is_grad_enabled() and student_logits.requires_grad
-    # a leaf that requires grad cannot be overwritten; non-contiguous logits are copied once
-    inplace = bool(inplace) and student_logits.is_contiguous() and not (student_logits.is_leaf and need_grad)
-    z = student_logits if student_logits.is_contiguous() else student_logits.contiguous()
+    z = student_logits.contiguous()  # non-contiguous logits are copied once (and the copy may then be overwritten)
+    inplace = bool(inplace) and not (z.is_leaf and need_grad)  # a leaf that requires grad cannot be overwritten
     t = teacher_logits.detach() if use_kd else None
     loss, st, _ = _LogitsDistill.apply(z, t, y, o, need_grad, inplace)
-    stats = {"ntp": st[0], "z": st[2], "tokens": (y != IGNORE_INDEX).sum()}
-    if use_kd:
-        stats["kd"] = st[1]
-    return loss, stats
+    return loss, _stats(st, y, use_kd)
