@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional
 
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, ValidationError
 
 
@@ -46,8 +46,12 @@ class ModelConfig:
     activation_checkpointing: str = "off"  # off | full | every_k
     checkpoint_every_k: int = 2  # with activation_checkpointing=every_k: checkpoint every k-th block
 
-    def resolve(self) -> "ModelConfig":
-        """Fill shape fields from `size` (if set) and derive d_ff; return self."""
+    def resolve(self, given: Optional[Dict[str, str]] = None) -> "ModelConfig":
+        """Fill shape fields from `size` (if set) and derive d_ff; return self.
+
+        given: shape keys set explicitly (key -> where, for the message); one that contradicts the size is an error,
+        never silently overwritten.
+        """
         # YAML 1.1 reads a bare `off` / `on` as a boolean, which omegaconf then turns into "False" / "True"
         self.activation_checkpointing = {"False": "off", "false": "off", "True": "full", "true": "full"}.get(
             self.activation_checkpointing, self.activation_checkpointing)
@@ -58,6 +62,10 @@ class ModelConfig:
             except KeyError as e:
                 raise ConfigError(f"model.size={self.size!r}: {e.args[0]}") from None
             for k, v in shape.items():
+                if given and k in given and getattr(self, k) != v:
+                    raise ConfigError(f"model.{k}={getattr(self, k)} (from {given[k]}) contradicts "
+                                      f"model.size={self.size!r}, which sets model.{k}={v}: drop one of them "
+                                      "(model.size=null to give the shape field by field)")
                 setattr(self, k, v)
         if not self.d_ff:
             self.d_ff = int(math.ceil(8 * self.d_model / 3 / self.ff_multiple) * self.ff_multiple)
@@ -286,54 +294,29 @@ def load(paths: List[str] = (), overrides: List[str] = (), world_size: Optional[
     Raises ConfigError with the offending key on unknown keys, wrong types or inconsistent values.
     """
     schema = OmegaConf.structured(Config)
+    given: Dict[str, str] = {}  # model.* keys set explicitly -> where (a size must not overwrite them silently)
     try:
         merged = schema
         for path in paths:
             if not Path(path).is_file():
                 raise ConfigError(f"config file {path!r} does not exist")
-            merged = OmegaConf.merge(merged, OmegaConf.load(path))
+            node = OmegaConf.load(path)
+            if isinstance(node, DictConfig):
+                given.update({str(k): path for k in (node.get("model") or {})})
+            merged = OmegaConf.merge(merged, node)
         bad = [o for o in overrides if "=" not in o]
         if bad:
             raise ConfigError(f"override {bad[0]!r} is not key=value (e.g. train.steps=100)")
+        given.update({o.split("=", 1)[0][len("model."):]: "the command line" for o in overrides
+                      if o.startswith("model.")})
         merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(list(overrides)))
         cfg: Config = OmegaConf.to_object(merged)
     except ConfigError:
         raise
     except (ValidationError, ConfigAttributeError, ConfigKeyError) as e:
         raise ConfigError(_format_omegaconf_error(e)) from None
-    _check_size_conflicts(cfg.model, _given_model_keys(paths, overrides))
-    cfg.model.resolve()
+    cfg.model.resolve(given)
     return cfg.validate(world_size)
-
-
-def _given_model_keys(paths: List[str], overrides: List[str]) -> Dict[str, str]:
-    """model.* keys set by the YAML files or overrides -> where (for error messages)."""
-    given: Dict[str, str] = {}
-    for path in paths:
-        section = OmegaConf.load(path).get("model") or {}
-        for k in section:
-            given[str(k)] = path
-    for o in overrides:
-        key = o.split("=", 1)[0]
-        if key.startswith("model."):
-            given[key[len("model."):]] = "the command line"
-    return given
-
-
-def _check_size_conflicts(m: ModelConfig, given: Dict[str, str]) -> None:
-    """A named size fills the shape fields: one also given with another value is an error, never silently lost."""
-    if not m.size:
-        return
-    from megadistill.model.sizes import get_size
-    try:
-        shape = get_size(m.size)
-    except KeyError as e:
-        raise ConfigError(f"model.size={m.size!r}: {e.args[0]}") from None
-    for k, v in shape.items():
-        if k in given and getattr(m, k) != v:
-            raise ConfigError(f"model.{k}={getattr(m, k)} (from {given[k]}) contradicts model.size={m.size!r}, "
-                              f"which sets model.{k}={v}: drop one of them (model.size=null to give the shape "
-                              "field by field)")
 
 
 def to_dict(cfg: Config) -> dict:
