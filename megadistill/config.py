@@ -33,12 +33,19 @@ class ModelConfig:
     size: Optional[str] = None  # a name from megadistill.model.sizes ("546M", "tiny-2M"); fills the shape fields below
     n_layers: int = 2  # transformer blocks
     d_model: int = 128  # residual width
-    n_heads: int = 4  # attention heads (MHA, no GQA)
-    head_dim: int = 32  # per-head width; n_heads * head_dim == d_model
+    n_heads: int = 4  # attention (query) heads
+    n_kv_heads: int = 0  # key/value heads (GQA when < n_heads, which it must divide); 0 = n_heads (MHA)
+    head_dim: int = 32  # per-head width (the paper's sizes: n_heads * head_dim == d_model; HF models may differ)
     d_ff: int = 0  # SwiGLU hidden width; 0 = 8/3 d_model rounded up to a multiple of ff_multiple
     ff_multiple: int = 128  # rounding multiple for the default d_ff
     vocab_size: int = 32768  # output classes; must match the tokenizer / synthetic language
     rope_base: float = 500000.0  # RoPE theta
+    rope_scaling: str = "default"  # default | linear | llama3 (RoPE frequency rescaling, as HF's rope_type)
+    rope_factor: float = 1.0  # linear / llama3: context extension factor
+    rope_low_freq_factor: float = 1.0  # llama3: wavelengths above original_max / low are divided by rope_factor
+    rope_high_freq_factor: float = 4.0  # llama3: wavelengths below original_max / high are kept
+    rope_original_max_position: int = 8192  # llama3: the context length the model was pretrained at
+    tie_embeddings: bool = False  # the output head shares the input embedding matrix
     norm_eps: float = 1e-5  # RMSNorm epsilon
     qk_norm: bool = True  # RMSNorm on queries and keys per head
     attention: str = "sdpa"  # flash | sdpa | eager
@@ -69,14 +76,24 @@ class ModelConfig:
                 setattr(self, k, v)
         if not self.d_ff:
             self.d_ff = int(math.ceil(8 * self.d_model / 3 / self.ff_multiple) * self.ff_multiple)
+        if not self.n_kv_heads:
+            self.n_kv_heads = self.n_heads
         return self
 
     def validate(self, prefix: str = "model") -> None:
         for k in ("n_layers", "d_model", "n_heads", "head_dim", "d_ff", "vocab_size", "mup_base_width"):
             _positive(f"{prefix}.{k}", getattr(self, k))
-        if self.n_heads * self.head_dim != self.d_model:
-            raise ConfigError(f"{prefix}.n_heads={self.n_heads} x {prefix}.head_dim={self.head_dim} "
-                              f"must equal {prefix}.d_model={self.d_model}")
+        if self.n_kv_heads < 0 or (self.n_kv_heads and self.n_heads % self.n_kv_heads):
+            raise ConfigError(f"{prefix}.n_kv_heads={self.n_kv_heads} must divide {prefix}.n_heads={self.n_heads} "
+                              "(0 = n_heads, plain multi-head attention)")
+        _choice(f"{prefix}.rope_scaling", self.rope_scaling, ("default", "linear", "llama3"))
+        if self.rope_scaling != "default":
+            _positive(f"{prefix}.rope_factor", self.rope_factor)
+        if self.rope_scaling == "llama3":
+            _positive(f"{prefix}.rope_original_max_position", self.rope_original_max_position)
+            if not 0 < self.rope_low_freq_factor < self.rope_high_freq_factor:
+                raise ConfigError(f"{prefix}.rope_low_freq_factor={self.rope_low_freq_factor} must be > 0 and < "
+                                  f"{prefix}.rope_high_freq_factor={self.rope_high_freq_factor}")
         _choice(f"{prefix}.attention", self.attention, ("flash", "sdpa", "eager"))
         _choice(f"{prefix}.activation_checkpointing", self.activation_checkpointing, ("off", "full", "every_k"))
         _positive(f"{prefix}.checkpoint_every_k", self.checkpoint_every_k)
@@ -190,6 +207,9 @@ class Config:
         _choice("parallel.backend", p.backend, ("auto", "nccl", "gloo"))
         if m.n_heads % p.tp_size:
             raise ConfigError(f"parallel.tp_size={p.tp_size} does not divide model.n_heads={m.n_heads}")
+        if m.n_kv_heads % p.tp_size:
+            raise ConfigError(f"parallel.tp_size={p.tp_size} does not divide model.n_kv_heads={m.n_kv_heads}: "
+                              "each TP rank needs whole key/value heads; pick a tp_size dividing it")
         if m.vocab_size % p.tp_size:
             raise ConfigError(f"parallel.tp_size={p.tp_size} does not divide model.vocab_size={m.vocab_size}")
         if m.d_ff % p.tp_size:

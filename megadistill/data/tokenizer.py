@@ -47,6 +47,20 @@ def check_vocab_fits(tok, vocab_size: int, name: str = "data.tokenizer") -> None
                         f"(a multiple of parallel.tp_size) or train a smaller tokenizer")
 
 
+def tokenizer_fingerprint(tok) -> str:
+    """sha256 of the token -> id map (added tokens included): equal iff two tokenizers emit the same ids."""
+    import hashlib
+    import json
+
+    vocab = sorted(tok.get_vocab().items(), key=lambda kv: (kv[1], kv[0]))
+    return hashlib.sha256(json.dumps(vocab, ensure_ascii=False).encode()).hexdigest()[:16]
+
+
+def has_tokenizer(folder) -> bool:
+    """Whether a directory holds tokenizer files AutoTokenizer can load."""
+    return any((Path(folder) / f).is_file() for f in ("tokenizer.json", "tokenizer.model", "vocab.json"))
+
+
 def encode_batch(tok, texts: Sequence[str]) -> List[np.ndarray]:
     """Token ids of each text without special tokens (no BOS; EOS is appended by the packer)."""
     if not texts:

@@ -13,6 +13,7 @@ from megadistill.errors import UserError
 BACKENDS = ("flash", "sdpa", "eager")
 
 # Layout: q, k, v and outputs are [b, s, h, hd] (flash-attn's layout); SDPA / eager transpose to [b, h, s, hd].
+# GQA: k and v may carry fewer heads h_kv (h_kv divides h); query head i reads key/value head i // (h / h_kv).
 #
 # Documents: `doc_ids` [b, s] labels the packed documents of each row. A document is a maximal run of equal
 # consecutive ids, and token i attends to token j iff j <= i and both lie in the same run. Defining documents as
@@ -61,12 +62,16 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str = 
               mask: Optional[DocMask] = None, scale: Optional[float] = None) -> torch.Tensor:
     """Causal softmax(q k^T * scale) v, restricted to documents when `mask` is given. [b, s, h, hd] -> [b, s, h, hd]."""
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    if q.shape[2] % k.shape[2] or k.shape != v.shape:
+        raise ValueError(f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}: k and v must share a shape "
+                         "whose head count divides q's")
     if backend == "sdpa":
-        qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))  # [b, h, s, hd]
+        qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))  # [b, h, s, hd], k / v [b, h_kv, s, hd]
+        gqa = kt.shape[1] != qt.shape[1]
         if mask is None:
-            o = F.scaled_dot_product_attention(qt, kt, vt, is_causal=True, scale=scale)
+            o = F.scaled_dot_product_attention(qt, kt, vt, is_causal=True, scale=scale, enable_gqa=gqa)
         else:
-            o = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask.allowed, scale=scale)
+            o = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask.allowed, scale=scale, enable_gqa=gqa)
         return o.transpose(1, 2)
     if backend == "eager":
         return _eager(q, k, v, mask, scale)
@@ -78,6 +83,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str = 
 def _eager(q, k, v, mask: Optional[DocMask], scale: float) -> torch.Tensor:
     # Reference path: explicit scores and softmax in fp32 (or the inputs' dtype if wider).
     ct = torch.promote_types(q.dtype, torch.float32)
+    group = q.shape[2] // k.shape[2]
+    k, v = (t.repeat_interleave(group, dim=2) if group > 1 else t for t in (k, v))  # [b, s, h, hd]
     qt, kt, vt = (t.transpose(1, 2).to(ct) for t in (q, k, v))  # [b, h, s, hd]
     scores = (qt @ kt.transpose(-1, -2)) * scale  # [b, h, s, s]
     if mask is None:
@@ -101,25 +108,57 @@ def _flash(q, k, v, mask: Optional[DocMask], scale: float) -> torch.Tensor:
     if mask is None:
         return flash_attn_func(q, k, v, softmax_scale=scale, causal=True)
     b, s, h, hd = q.shape
-    qf, kf, vf = (t.reshape(b * s, h, hd) for t in (q, k, v))  # [b s, h, hd], runs packed back to back
+    qf, kf, vf = (t.reshape(b * s, t.shape[2], hd) for t in (q, k, v))  # [b s, h(_kv), hd], runs back to back
     o = flash_attn_varlen_func(qf, kf, vf, mask.cu_seqlens, mask.cu_seqlens, mask.max_seqlen, mask.max_seqlen,
                                softmax_scale=scale, causal=True)
     return o.reshape(b, s, h, hd)
+
+
+@dataclass(frozen=True)
+class RopeScaling:
+    """RoPE frequency rescaling (HF's rope_type): default (none), linear (all / factor) or llama3 (by wavelength)."""
+
+    kind: str = "default"  # default | linear | llama3
+    factor: float = 1.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position: int = 8192
+
+    @classmethod
+    def of(cls, cfg) -> "RopeScaling":
+        """From a ModelConfig's rope_* fields."""
+        return cls(cfg.rope_scaling, cfg.rope_factor, cfg.rope_low_freq_factor, cfg.rope_high_freq_factor,
+                   cfg.rope_original_max_position)
+
+    def apply(self, inv_freq: torch.Tensor) -> torch.Tensor:
+        """Rescaled inverse frequencies [hd/2]."""
+        if self.kind == "default":
+            return inv_freq
+        if self.kind == "linear":  # positions compressed by factor: p theta / factor
+            return inv_freq / self.factor
+        if self.kind != "llama3":
+            raise UserError(f"model.rope_scaling={self.kind!r} is not one of ['default', 'linear', 'llama3']")
+        # llama3: wavelength 2 pi / theta below L / high_freq is kept, above L / low_freq divided by factor, and
+        # interpolated in between by s = (L / wavelength - low) / (high - low), L the original context.
+        wavelength = 2 * math.pi / inv_freq
+        L, lo, hi = self.original_max_position, self.low_freq_factor, self.high_freq_factor
+        s = ((L / wavelength - lo) / (hi - lo)).clamp(0.0, 1.0)
+        return (1 - s) * inv_freq / self.factor + s * inv_freq
 
 
 class Rotary:
     """RoPE tables for head_dim `dim` and base `base`, cached per (seq_len, device, dtype).
 
     Rotates the pair (x_i, x_{i + hd/2}) of position p by angle p * base^(-2i / hd) (the half-split layout), so
-    q_m . k_n depends on positions only through m - n.
+    q_m . k_n depends on positions only through m - n. `scaling` rescales the frequencies (long-context variants).
     """
 
     _MAX_CACHE = 8
 
-    def __init__(self, dim: int, base: float):
+    def __init__(self, dim: int, base: float, scaling: Optional[RopeScaling] = None):
         if dim % 2:
             raise UserError(f"model.head_dim={dim} must be even for RoPE")
-        self.dim, self.base = dim, base
+        self.dim, self.base, self.scaling = dim, base, scaling or RopeScaling()
         self._cache: Dict[Tuple, Tuple[torch.Tensor, torch.Tensor]] = {}
 
     def __call__(self, seq_len: int, device, dtype) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -130,6 +169,7 @@ class Rotary:
                 self._cache.clear()
             # angles in fp64: p * theta_i stays exact enough for long contexts before the cast
             inv_freq = self.base ** (-torch.arange(0, self.dim, 2, dtype=torch.float64, device=device) / self.dim)
+            inv_freq = self.scaling.apply(inv_freq)  # [hd/2]
             angles = torch.arange(seq_len, dtype=torch.float64, device=device).unsqueeze(1) * inv_freq  # [s, hd/2]
             angles = torch.cat([angles, angles], dim=-1)  # [s, hd]
             self._cache[key] = (angles.cos().to(dtype), angles.sin().to(dtype))

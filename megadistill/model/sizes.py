@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict
-from typing import Dict, Tuple
+from typing import Dict, Optional, Tuple
 
 PAPER_VOCAB = 32768
 PAPER_HEAD_DIM = 128  # ours: the paper does not state the head count; head_dim 128 gives n_heads = n_layers
@@ -17,37 +17,39 @@ def ffn_width(d_model: int, multiple: int = 128) -> int:
 
 
 def non_embedding_params(n_layers: int, d_model: int, d_ff: int, n_heads: int, head_dim: int,
-                         vocab_size: int = PAPER_VOCAB, qk_norm: bool = True) -> int:
+                         vocab_size: int = PAPER_VOCAB, qk_norm: bool = True, n_kv_heads: Optional[int] = None) -> int:
     """N as the paper counts it: every weight except the vocabulary matrices, norm gains included.
 
-    Per block: attention 4 d (h hd) (Q, K, V, O; no biases), SwiGLU 3 d d_ff, two pre-norm gains 2 d, and with
-    QK-norm two gains of size head_dim (shared by all heads). Plus the final norm gain d.
-    `vocab_size` is accepted for a uniform signature; it does not enter N.
+    Per block: attention 2 d (h hd) + 2 d (h_kv hd) (Q, O; K, V; no biases; h_kv = h without GQA, i.e. 4 d h hd),
+    SwiGLU 3 d d_ff, two pre-norm gains 2 d, and with QK-norm two gains of size head_dim (shared by all heads).
+    Plus the final norm gain d. `vocab_size` is accepted for a uniform signature; it does not enter N.
     """
     del vocab_size
-    attn = 4 * d_model * n_heads * head_dim
+    kv = n_kv_heads or n_heads
+    attn = 2 * d_model * (n_heads + kv) * head_dim
     ffn = 3 * d_model * d_ff
     norms = 2 * d_model + (2 * head_dim if qk_norm else 0)
     return n_layers * (attn + ffn + norms) + d_model
 
 
 def total_params(n_layers: int, d_model: int, d_ff: int, n_heads: int, head_dim: int,
-                 vocab_size: int = PAPER_VOCAB, qk_norm: bool = True) -> int:
+                 vocab_size: int = PAPER_VOCAB, qk_norm: bool = True, n_kv_heads: Optional[int] = None) -> int:
     """N_total as in the paper's Table 13: N + vocab_size * d_model.
 
     Table 13 counts ONE vocabulary matrix (e.g. 143M: 0.1434 B + 32768 x 1152 = 0.1811 B), although the model
     has an untied input embedding and output head; the embedding lookup costs no FLOPs, so the head is the matrix
     that counts. `stored_params` gives the number of weights the untied model actually stores.
     """
-    n = non_embedding_params(n_layers, d_model, d_ff, n_heads, head_dim, vocab_size, qk_norm)
+    n = non_embedding_params(n_layers, d_model, d_ff, n_heads, head_dim, vocab_size, qk_norm, n_kv_heads)
     return n + vocab_size * d_model
 
 
 def stored_params(n_layers: int, d_model: int, d_ff: int, n_heads: int, head_dim: int,
-                  vocab_size: int = PAPER_VOCAB, qk_norm: bool = True) -> int:
-    """Weights held by the untied model (all TP shards together): N + 2 vocab_size d_model."""
-    n = non_embedding_params(n_layers, d_model, d_ff, n_heads, head_dim, vocab_size, qk_norm)
-    return n + 2 * vocab_size * d_model
+                  vocab_size: int = PAPER_VOCAB, qk_norm: bool = True, n_kv_heads: Optional[int] = None,
+                  tie_embeddings: bool = False) -> int:
+    """Weights the model holds (all TP shards together): N + 2 vocab_size d_model (N + vocab_size d_model tied)."""
+    n = non_embedding_params(n_layers, d_model, d_ff, n_heads, head_dim, vocab_size, qk_norm, n_kv_heads)
+    return n + (1 if tie_embeddings else 2) * vocab_size * d_model
 
 
 def size_name(n_params: int) -> str:
@@ -102,5 +104,5 @@ def get_size(name: str) -> Dict[str, int]:
 def params_of(model_cfg) -> Tuple[int, int]:
     """(N, N_total) of a resolved ModelConfig (any object with the shape fields and qk_norm)."""
     args = (model_cfg.n_layers, model_cfg.d_model, model_cfg.d_ff, model_cfg.n_heads, model_cfg.head_dim,
-            model_cfg.vocab_size, getattr(model_cfg, "qk_norm", True))
+            model_cfg.vocab_size, getattr(model_cfg, "qk_norm", True), getattr(model_cfg, "n_kv_heads", 0) or None)
     return non_embedding_params(*args), total_params(*args)

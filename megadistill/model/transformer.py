@@ -1,4 +1,7 @@
-"""The paper's decoder-only Transformer (MHA + QK-norm + RoPE, pre-norm RMSNorm, SwiGLU, untied head), TP-agnostic."""
+"""The paper's decoder-only Transformer (MHA + QK-norm + RoPE, pre-norm RMSNorm, SwiGLU, untied head), TP-agnostic.
+
+Options for imported models (Qwen3 / Llama): GQA (n_kv_heads), QK-norm off, tied embeddings, RoPE scaling.
+"""
 from __future__ import annotations
 
 from typing import Optional
@@ -10,30 +13,37 @@ from torch.utils.checkpoint import checkpoint
 
 from megadistill.errors import UserError
 from megadistill.model import mup
-from megadistill.model.attention import BACKENDS, DocMask, Rotary, apply_rotary, attention, build_doc_mask
+from megadistill.model.attention import (BACKENDS, DocMask, RopeScaling, Rotary, apply_rotary, attention,
+                                         build_doc_mask)
 from megadistill.model.sizes import ffn_width
 from megadistill.parallel.layers import LayerFactory, RMSNorm
 
 # Tensor parallelism enters only through `factory` (megadistill.parallel.layers.LayerFactory): Q, K, V and the
-# SwiGLU gate/up are column-parallel (rank r owns heads [r h/tp, (r+1) h/tp) and ffn columns [r f/tp, ...)), O and
+# SwiGLU gate/up are column-parallel (rank r owns heads [r h/tp, (r+1) h/tp), key/value heads [r h_kv/tp, ...) --
+# exactly the ones its query heads read under GQA -- and ffn columns [r f/tp, ...)), O and
 # the SwiGLU down projection are row-parallel (all-reduce of partial sums), the embedding is vocab-parallel and
 # the head returns this rank's vocab shard of the logits. Per block that is 2 all-reduces forward, 2 backward.
 
 
 class Attention(nn.Module):
-    """Multi-head causal self-attention with per-head QK-norm and RoPE; this rank computes n_heads / tp heads."""
+    """Causal self-attention (MHA or GQA) with optional per-head QK-norm and RoPE; this rank computes n_heads / tp
+    query heads and n_kv_heads / tp key/value heads."""
 
     def __init__(self, cfg, factory: LayerFactory):
         super().__init__()
         d, hd = cfg.d_model, cfg.head_dim
-        inner = cfg.n_heads * hd
+        n_kv = cfg.n_kv_heads or cfg.n_heads
+        if cfg.n_heads % n_kv:
+            raise UserError(f"model.n_kv_heads={n_kv} must divide model.n_heads={cfg.n_heads}")
+        inner, kv_inner = cfg.n_heads * hd, n_kv * hd
         self.head_dim, self.backend = hd, cfg.attention
         self.local_heads = factory.local(cfg.n_heads, "model.n_heads")
+        self.local_kv_heads = factory.local(n_kv, "model.n_kv_heads")
         std_in, std_out = mup.init_std_for("hidden", d), mup.init_std_for("hidden", inner)
         self.enter = factory.copy_to_tp()
         self.wq = factory.column(d, inner, std_in, copy_input=False)  # [d] -> [h/tp hd]
-        self.wk = factory.column(d, inner, std_in, copy_input=False)
-        self.wv = factory.column(d, inner, std_in, copy_input=False)
+        self.wk = factory.column(d, kv_inner, std_in, copy_input=False)  # [d] -> [h_kv/tp hd]
+        self.wv = factory.column(d, kv_inner, std_in, copy_input=False)
         self.wo = factory.row(inner, d, std_out)  # [h/tp hd] -> [d], all-reduce
         if cfg.qk_norm:  # RMSNorm over head_dim, one learnable gain shared by all heads
             self.q_norm = factory.sharded_input_norm(hd, cfg.norm_eps)
@@ -45,8 +55,8 @@ class Attention(nn.Module):
         b, s, _ = x.shape
         x = self.enter(x)  # [b, s, d]
         q = self.wq(x).view(b, s, self.local_heads, self.head_dim)  # [b, s, h/tp, hd]
-        k = self.wk(x).view(b, s, self.local_heads, self.head_dim)
-        v = self.wv(x).view(b, s, self.local_heads, self.head_dim)
+        k = self.wk(x).view(b, s, self.local_kv_heads, self.head_dim)  # [b, s, h_kv/tp, hd]
+        v = self.wv(x).view(b, s, self.local_kv_heads, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
@@ -87,7 +97,8 @@ class Block(nn.Module):
 
 
 class Transformer(nn.Module):
-    """Decoder LM: untied embedding -> n_layers blocks -> RMSNorm -> head; logits are this rank's vocab shard.
+    """Decoder LM: embedding -> n_layers blocks -> RMSNorm -> head (untied unless cfg.tie_embeddings); logits are
+    this rank's vocab shard.
 
     `factory` None builds the dense TP=1 model. Built from the same torch seed, the model at any tp_size computes
     the same function (weights are sharded from the same full initialisation).
@@ -109,13 +120,20 @@ class Transformer(nn.Module):
         self.blocks = nn.ModuleList(Block(cfg, d_ff, factory) for _ in range(cfg.n_layers))
         self.norm = factory.norm(d, cfg.norm_eps)
         self.head = factory.head(d, vocab, mup.init_std_for("head", d))  # [V/tp, d]
-        self.rope = Rotary(cfg.head_dim, cfg.rope_base)
+        # tied: embedding rows and head rows are split alike over TP ([V/tp, d] each), one parameter serves both
+        self.tie_weights()
+        self.rope = Rotary(cfg.head_dim, cfg.rope_base, RopeScaling.of(cfg))
         self._tag_roles()
+
+    def tie_weights(self) -> None:
+        """Re-point the head at the embedding when tied (after anything that replaces Parameters, e.g. to_empty)."""
+        if getattr(self.cfg, "tie_embeddings", False):
+            self.head.weight = self.embed.weight
 
     def _tag_roles(self) -> None:
         mup.tag(self, "hidden")
-        mup.tag(self.embed, "embedding")
         mup.tag(self.head, "head")
+        mup.tag(self.embed, "embedding")  # after the head: a tied matrix is an embedding
         for m in self.modules():
             if isinstance(m, RMSNorm):
                 mup.tag(m, "norm")

@@ -69,11 +69,13 @@ def resolve_model(model: Union[str, ModelConfig], role: str = "model") -> ModelC
 
 def rank_params(m: ModelConfig, tp: int) -> Dict[str, int]:
     """Elements one TP rank stores: matrices split over TP, norm gains replicated, untied embedding and head split."""
-    hidden = m.n_layers * (4 * m.d_model * m.n_heads * m.head_dim + 3 * m.d_model * m.d_ff) // tp
+    kv = m.n_kv_heads or m.n_heads
+    hidden = m.n_layers * (2 * m.d_model * (m.n_heads + kv) * m.head_dim + 3 * m.d_model * m.d_ff) // tp
     norms = m.n_layers * (2 * m.d_model + (2 * m.head_dim if m.qk_norm else 0)) + m.d_model
-    vocab = m.vocab_size * m.d_model // tp  # each of embedding and head
+    vocab = m.vocab_size * m.d_model // tp  # each of embedding and head (one matrix when tied)
     # optimizer groups are the µP roles (hidden, embedding, head, norm): foreach Adam works one group at a time
-    return {"total": hidden + norms + 2 * vocab, "largest_group": max(hidden, vocab), "vocab": vocab}
+    return {"total": hidden + norms + (1 if m.tie_embeddings else 2) * vocab, "largest_group": max(hidden, vocab),
+            "vocab": vocab}
 
 
 def activation_bytes_per_token(m: ModelConfig, tp: int, wb: int) -> float:

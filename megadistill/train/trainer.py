@@ -28,7 +28,7 @@ from megadistill.train import checkpoint, engine as engine_mod
 from megadistill.train.evaluate import eval_record, evaluate
 from megadistill.train.metrics import MetricsLog, forward_flops, peak_flops
 from megadistill.train.objective import Objective, teacher_outputs
-from megadistill.train.teacher import Teacher, load_teacher
+from megadistill.train.teacher import Teacher, load_teacher, teacher_source
 
 log = logging.getLogger(__name__)
 
@@ -128,12 +128,13 @@ class Live:
 def build(cfg: Config, info) -> Live:
     """Model, engine, teacher and data loader of cfg on this rank (every rank calls it; no resume, no run dir)."""
     t = cfg.train
+    source = teacher_source(cfg) if t.mode == "distill" else None  # vocab / tokenizer / layout errors first
     groups = ParallelGroups.build(cfg.parallel.tp_size)
     torch.manual_seed(t.seed)  # identical on every rank: TP shards are slices of one full initialisation
     student = Transformer(cfg.model, groups.factory(device=info.device))
     objective = Objective(student, cfg, groups.tp_group)
     eng, scheduler = engine_mod.initialize(objective, cfg, groups, total_steps(cfg))
-    teacher: Optional[Teacher] = load_teacher(cfg, groups, eng.device) if t.mode == "distill" else None
+    teacher: Optional[Teacher] = load_teacher(cfg, groups, eng.device, source) if source else None
     if teacher is not None and cfg.distill.fused and engine_mod.effective_stage(cfg, groups.dp_size) == 3:
         import deepspeed
         deepspeed.zero.register_external_parameter(objective, student.output_weight)

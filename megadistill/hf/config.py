@@ -1,0 +1,114 @@
+"""Hugging Face config.json (Qwen3 / Llama) <-> our ModelConfig, with a named error for anything we cannot run."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Dict, Optional
+
+from megadistill.config import ModelConfig
+from megadistill.errors import UserError
+
+# architecture -> (model_type, has QK-norm)
+ARCHITECTURES = {"Qwen3ForCausalLM": ("qwen3", True), "LlamaForCausalLM": ("llama", False)}
+HF_PREFIX = "hf:"
+
+
+def hf_path(ref: str) -> Optional[Path]:
+    """`hf:PATH` -> PATH (None for any other reference)."""
+    return Path(ref[len(HF_PREFIX):]).expanduser() if isinstance(ref, str) and ref.startswith(HF_PREFIX) else None
+
+
+def read_config(folder: Path) -> Dict:
+    f = Path(folder) / "config.json"
+    if not Path(folder).is_dir():
+        raise UserError(f"Hugging Face model folder {str(folder)!r} does not exist: pass hf:PATH to a local folder "
+                        "holding config.json and the safetensors weights (nothing is downloaded)")
+    if not f.is_file():
+        raise UserError(f"{f} is missing: {folder} is not a Hugging Face model folder (config.json + *.safetensors)")
+    try:
+        return json.loads(f.read_text())
+    except json.JSONDecodeError as e:
+        raise UserError(f"{f} is not valid JSON ({e})") from None
+
+
+def _rope(hf: Dict, where: str) -> Dict:
+    """RoPE theta and scaling from either layout: transformers v5 `rope_parameters`, or v4 rope_theta + rope_scaling."""
+    params = dict(hf.get("rope_parameters") or {})
+    if not params:
+        params = dict(hf.get("rope_scaling") or {})
+        params.setdefault("rope_theta", hf.get("rope_theta", 10000.0))
+    kind = params.get("rope_type", params.get("type", "default"))
+    out = {"rope_base": float(params.get("rope_theta", hf.get("rope_theta", 10000.0))), "rope_scaling": kind}
+    if kind == "default":
+        return out
+    if kind not in ("linear", "llama3"):
+        raise UserError(f"{where}: rope type {kind!r} is not supported (supported: default, linear, llama3)")
+    out["rope_factor"] = float(params["factor"])
+    if kind == "llama3":
+        out.update(rope_low_freq_factor=float(params["low_freq_factor"]),
+                   rope_high_freq_factor=float(params["high_freq_factor"]),
+                   rope_original_max_position=int(params["original_max_position_embeddings"]))
+    return out
+
+
+def to_model_config(hf: Dict, where: str = "config.json") -> ModelConfig:
+    """A resolved, validated ModelConfig computing the same function as the HF model described by `hf`."""
+    archs = hf.get("architectures") or []
+    arch = next((a for a in archs if a in ARCHITECTURES), None)
+    if arch is None:
+        raise UserError(f"{where}: architecture {archs or hf.get('model_type')!r} is not supported; supported: "
+                        f"{sorted(ARCHITECTURES)} (convert the model, or distil from a megadistill run)")
+    model_type, qk_norm = ARCHITECTURES[arch]
+    if hf.get("model_type", model_type) != model_type:
+        raise UserError(f"{where}: model_type={hf.get('model_type')!r} contradicts architectures={archs}")
+    for key in ("attention_bias", "mlp_bias"):
+        if hf.get(key):
+            raise UserError(f"{where}: {key}=true is not supported (our projections have no biases)")
+    if hf.get("hidden_act", "silu") != "silu":
+        raise UserError(f"{where}: hidden_act={hf['hidden_act']!r} is not supported (SwiGLU with silu only)")
+    if hf.get("use_sliding_window"):
+        raise UserError(f"{where}: use_sliding_window=true is not supported (full causal attention only)")
+    try:
+        n_heads = int(hf["num_attention_heads"])
+        d = int(hf["hidden_size"])
+        m = ModelConfig(size=None, n_layers=int(hf["num_hidden_layers"]), d_model=d, n_heads=n_heads,
+                        n_kv_heads=int(hf.get("num_key_value_heads") or n_heads),
+                        head_dim=int(hf.get("head_dim") or d // n_heads), d_ff=int(hf["intermediate_size"]),
+                        vocab_size=int(hf["vocab_size"]), norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+                        qk_norm=qk_norm, tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+                        **_rope(hf, where))
+    except KeyError as e:
+        raise UserError(f"{where}: required key {e.args[0]!r} is missing") from None
+    m.resolve()
+    try:
+        m.validate()
+    except UserError as e:
+        raise UserError(f"{where} gives an invalid model: {e}") from None
+    return m
+
+
+def from_model_config(m: ModelConfig, max_position: int, dtype: str = "float32") -> Dict:
+    """config.json for our model: Qwen3ForCausalLM with QK-norm, LlamaForCausalLM without (both load with no
+    custom code)."""
+    arch = "Qwen3ForCausalLM" if m.qk_norm else "LlamaForCausalLM"
+    rope: Dict = {"rope_theta": m.rope_base, "rope_type": m.rope_scaling}
+    if m.rope_scaling != "default":
+        rope["factor"] = m.rope_factor
+    if m.rope_scaling == "llama3":
+        rope.update(low_freq_factor=m.rope_low_freq_factor, high_freq_factor=m.rope_high_freq_factor,
+                    original_max_position_embeddings=m.rope_original_max_position)
+        max_position = max(max_position, m.rope_original_max_position + 1)
+    out = {
+        "architectures": [arch], "model_type": ARCHITECTURES[arch][0],
+        "hidden_size": m.d_model, "intermediate_size": m.d_ff, "num_hidden_layers": m.n_layers,
+        "num_attention_heads": m.n_heads, "num_key_value_heads": m.n_kv_heads or m.n_heads, "head_dim": m.head_dim,
+        "vocab_size": m.vocab_size, "rms_norm_eps": m.norm_eps, "hidden_act": "silu",
+        "max_position_embeddings": int(max_position), "tie_word_embeddings": bool(m.tie_embeddings),
+        "attention_bias": False, "attention_dropout": 0.0, "mlp_bias": False, "use_cache": True,
+        "rope_parameters": rope, "rope_theta": m.rope_base, "torch_dtype": dtype, "dtype": dtype,
+    }
+    if m.rope_scaling != "default":
+        out["rope_scaling"] = dict(rope)
+    if arch == "Qwen3ForCausalLM":
+        out.update(use_sliding_window=False, sliding_window=None, max_window_layers=m.n_layers)
+    return out

@@ -1,0 +1,143 @@
+"""Streaming reads of (sharded) safetensors checkpoints: one tensor slice at a time, with plain reads, no mmap.
+
+A rank that loads its TP shard of a large model must not hold the whole model, nor map whole files: pages of a mapped
+file that a strided (column) slice touches count in the process's resident set. Here a slice along dim 0 is one
+contiguous read straight into the destination; a slice along dim 1 is read in bounded blocks of rows.
+"""
+from __future__ import annotations
+
+import json
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, List, Optional, Tuple
+
+import torch
+
+from megadistill.errors import UserError
+
+DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+          "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+          "BOOL": torch.bool}
+INDEX = "model.safetensors.index.json"
+SINGLE = "model.safetensors"
+BLOCK_BYTES = 64 << 20  # rows read at once for a dim-1 slice
+
+
+@dataclass(frozen=True)
+class Entry:
+    file: Path
+    dtype: torch.dtype
+    shape: Tuple[int, ...]
+    start: int  # absolute byte offset of the tensor's data in the file
+    nbytes: int
+
+
+def _read_header(path: Path) -> Dict[str, Entry]:
+    try:
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) != 8:
+                raise UserError(f"{path} is truncated (no safetensors header): re-download or re-export it")
+            (n,) = struct.unpack("<Q", head)
+            size = os.fstat(f.fileno()).st_size
+            if n > size - 8:
+                raise UserError(f"{path}: header length {n} exceeds the file ({size} bytes): the file is truncated")
+            meta = json.loads(f.read(n))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{path} is not a safetensors file (bad header: {e})") from None
+    base = 8 + n
+    out = {}
+    for name, e in meta.items():
+        if name == "__metadata__":
+            continue
+        if e["dtype"] not in DTYPES:
+            raise UserError(f"{path}: tensor {name!r} has dtype {e['dtype']}, which is not supported")
+        a, b = e["data_offsets"]
+        if base + b > size:
+            raise UserError(f"{path}: tensor {name!r} ends at byte {base + b}, past the end of the file ({size} "
+                            "bytes): the file is truncated; re-download or re-export it")
+        out[name] = Entry(path, DTYPES[e["dtype"]], tuple(e["shape"]), base + a, b - a)
+    return out
+
+
+class SafetensorsFolder:
+    """The tensors of a checkpoint folder: model.safetensors, or the shards a model.safetensors.index.json names."""
+
+    def __init__(self, folder: Path):
+        self.folder = Path(folder)
+        index = self.folder / INDEX
+        if index.is_file():
+            weight_map = json.loads(index.read_text()).get("weight_map", {})
+            files = sorted(set(weight_map.values()))
+            missing = [f for f in files if not (self.folder / f).is_file()]
+            if missing:
+                raise UserError(f"{self.folder}: {len(missing)} of the {len(files)} weight shards that {INDEX} lists "
+                                f"are missing ({missing[:3]}): copy the complete checkpoint")
+        elif (self.folder / SINGLE).is_file():
+            files, weight_map = [SINGLE], None
+        else:
+            files = sorted(p.name for p in self.folder.glob("*.safetensors"))
+            if len(files) != 1:
+                raise UserError(f"{self.folder} has no {SINGLE} and no {INDEX} (found {files or 'no safetensors'}): "
+                                "only safetensors checkpoints are read (no pickle files)")
+            weight_map = None
+        self.entries: Dict[str, Entry] = {}
+        for name in files:
+            for key, e in _read_header(self.folder / name).items():
+                self.entries[key] = e
+        if weight_map is not None:
+            absent = sorted(k for k, f in weight_map.items() if k not in self.entries)
+            if absent:
+                raise UserError(f"{self.folder}: {INDEX} lists tensors its shards do not hold ({absent[:3]}): "
+                                "the checkpoint is incomplete or mixed")
+
+    def files(self) -> List[Path]:
+        return sorted({e.file for e in self.entries.values()})
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.entries
+
+    def shape(self, name: str) -> Tuple[int, ...]:
+        return self.entries[name].shape
+
+    def read(self, name: str, dim: int = 0, start: int = 0, stop: Optional[int] = None,
+             out: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """tensor[name].narrow(dim, start, stop - start) in its stored dtype (or cast into `out`), dim 0 or 1."""
+        e = self.entries[name]
+        shape = list(e.shape)
+        stop = shape[dim] if stop is None else stop
+        if dim not in (0, 1) or dim >= len(shape) or not 0 <= start <= stop <= shape[dim]:
+            raise ValueError(f"{name}: cannot slice dim {dim} [{start}, {stop}) of shape {tuple(shape)}")
+        item = torch.empty((), dtype=e.dtype).element_size()
+        sliced = shape.copy()
+        sliced[dim] = stop - start
+        direct = out is not None and out.dtype == e.dtype and out.is_contiguous() and out.device.type == "cpu"
+        dst = out if direct else torch.empty(sliced, dtype=e.dtype)
+        if tuple(dst.shape) != tuple(sliced):
+            raise ValueError(f"{name}: slice shape {tuple(sliced)} != destination {tuple(dst.shape)}")
+        row = int(torch.Size(shape[1:]).numel()) * item  # bytes of one index along dim 0
+        with open(e.file, "rb") as f:
+            if dim == 0:  # one contiguous range
+                f.seek(e.start + start * row)
+                _readinto(f, dst, (stop - start) * row, e.file)
+            else:
+                rows = max(1, BLOCK_BYTES // max(row, 1))
+                for r0 in range(0, shape[0], rows):
+                    r1 = min(shape[0], r0 + rows)
+                    block = torch.empty([r1 - r0] + shape[1:], dtype=e.dtype)
+                    f.seek(e.start + r0 * row)
+                    _readinto(f, block, (r1 - r0) * row, e.file)
+                    dst[r0:r1].copy_(block[:, start:stop])
+        if out is not None and not direct:
+            out.copy_(dst)
+            return out
+        return dst
+
+
+def _readinto(f, t: torch.Tensor, nbytes: int, path: Path) -> None:
+    view = memoryview(t.view(torch.uint8).numpy()).cast("B") if t.numel() else memoryview(b"")
+    got = f.readinto(view) if nbytes else 0
+    if got != nbytes:
+        raise UserError(f"{path}: short read ({got} of {nbytes} bytes): the file is truncated")

@@ -1,0 +1,132 @@
+"""Weights between our Transformer and HF Qwen3 / Llama checkpoints: name map, streamed TP-sharded load, export."""
+from __future__ import annotations
+
+import json
+import logging
+import re
+from pathlib import Path
+from typing import Dict, Optional
+
+import torch
+from torch import nn
+
+from megadistill.errors import UserError
+from megadistill.hf.safetensors_io import SafetensorsFolder
+
+log = logging.getLogger(__name__)
+
+# ours -> HF, per block i; everything else is global
+_BLOCK = {"attn_norm.weight": "input_layernorm.weight", "ffn_norm.weight": "post_attention_layernorm.weight",
+          "attn.wq.weight": "self_attn.q_proj.weight", "attn.wk.weight": "self_attn.k_proj.weight",
+          "attn.wv.weight": "self_attn.v_proj.weight", "attn.wo.weight": "self_attn.o_proj.weight",
+          "attn.q_norm.weight": "self_attn.q_norm.weight", "attn.k_norm.weight": "self_attn.k_norm.weight",
+          "ffn.w1.weight": "mlp.gate_proj.weight", "ffn.w3.weight": "mlp.up_proj.weight",
+          "ffn.w2.weight": "mlp.down_proj.weight"}
+_GLOBAL = {"embed.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight",
+           "head.weight": "lm_head.weight"}
+_BLOCK_RE = re.compile(r"^blocks\.(\d+)\.(.+)$")
+_HF_BLOCK_RE = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
+_VOCAB = ("embed.weight", "head.weight")
+
+
+def hf_name(ours: str) -> str:
+    """Our parameter name -> the HF checkpoint's tensor name."""
+    if ours in _GLOBAL:
+        return _GLOBAL[ours]
+    m = _BLOCK_RE.match(ours)
+    if m and m.group(2) in _BLOCK:
+        return f"model.layers.{m.group(1)}.{_BLOCK[m.group(2)]}"
+    raise KeyError(f"no Hugging Face name for parameter {ours!r}")
+
+
+def our_name(hf: str) -> Optional[str]:
+    """HF tensor name -> ours (None for tensors we do not hold, e.g. rotary inv_freq buffers)."""
+    inverse = {v: k for k, v in _GLOBAL.items()}
+    if hf in inverse:
+        return inverse[hf]
+    m = _HF_BLOCK_RE.match(hf)
+    if m:
+        block = {v: k for k, v in _BLOCK.items()}.get(m.group(2))
+        return f"blocks.{m.group(1)}.{block}" if block else None
+    return None
+
+
+def load_into(module: nn.Module, folder: Path, tp_rank: int = 0, tp_size: int = 1) -> int:
+    """Fill `module` (built at this TP layout, any dtype / device) from the HF checkpoint in `folder`.
+
+    Each rank reads only its slice of each sharded weight, straight from the files, one tensor at a time: resident
+    memory is the rank's shard plus one tensor slice. Embedding / head rows beyond the module's vocab are dropped
+    (a teacher padded larger than the student's vocab). Returns the bytes read.
+    """
+    st = SafetensorsFolder(folder)
+    params = dict(module.named_parameters())  # a tied head is the embedding: named once
+    wanted = {name: hf_name(name) for name in params}
+    tied = "head.weight" not in params and "embed.weight" in params
+    missing = sorted(h for h in wanted.values() if h not in st)
+    if missing:
+        raise UserError(f"{folder}: tensors the config implies are missing from the checkpoint ({missing[:4]}, "
+                        f"{len(missing)} in all): does config.json match the weights?")
+    unused = sorted(h for h in st.entries if h not in set(wanted.values())
+                    and not (tied and h == "lm_head.weight") and our_name(h) is not None)
+    if unused:
+        raise UserError(f"{folder}: the checkpoint holds tensors the config does not account for ({unused[:4]}): "
+                        "does config.json match the weights (num_hidden_layers, tie_word_embeddings)?")
+    read = 0
+    with torch.no_grad():
+        for name, p in params.items():
+            h = wanted[name]
+            full = list(st.shape(h))
+            dim = getattr(p, "partition_dim", 0) if getattr(p, "tensor_model_parallel", False) else None
+            expect = list(p.shape)
+            if dim is not None:
+                expect[dim] *= tp_size
+            if name in _VOCAB and full[0] > expect[0]:
+                full[0] = expect[0]  # padded vocab: keep the first rows (the tokenizer's ids)
+            if full != expect:
+                raise UserError(f"{folder}: {h} has shape {tuple(st.shape(h))} but config.json implies "
+                                f"{tuple(expect)}: the config contradicts the weights")
+            if dim is None or tp_size == 1:
+                lo, hi, dim = 0, full[0], 0
+            else:
+                lo, hi = tp_rank * p.shape[dim], (tp_rank + 1) * p.shape[dim]
+            if p.device.type == "cpu":
+                st.read(h, dim, lo, hi, out=p.data)  # read straight into the parameter (cast if dtypes differ)
+            else:
+                p.data.copy_(st.read(h, dim, lo, hi))
+            read += p.numel() * st.entries[h].dtype.itemsize
+    return read
+
+
+def state_to_hf(state: Dict[str, torch.Tensor], tied: bool) -> Dict[str, torch.Tensor]:
+    """Our full (consolidated) state dict -> HF names; a tied model stores only the embedding."""
+    out = {hf_name(k): v for k, v in state.items()}
+    if tied:
+        out.pop("lm_head.weight", None)
+    return out
+
+
+def state_from_hf(folder: Path, names) -> Dict[str, torch.Tensor]:
+    """Full tensors of `names` (ours) from an HF checkpoint, in their stored dtype, one at a time."""
+    st = SafetensorsFolder(folder)
+    missing = [hf_name(n) for n in names if hf_name(n) not in st]
+    if missing:
+        raise UserError(f"{folder}: tensors the config implies are missing from the checkpoint ({missing[:4]})")
+    return {n: st.read(hf_name(n)) for n in names}
+
+
+def write_safetensors(state: Dict[str, torch.Tensor], out_dir: Path, name: str = "model.safetensors") -> None:
+    """Atomic write (temp name, fsync, rename) with the metadata transformers expects."""
+    import os
+
+    from safetensors.torch import save_file
+
+    tmp = Path(out_dir) / f".{name}.tmp"
+    save_file({k: v.contiguous() for k, v in state.items()}, str(tmp), metadata={"format": "pt"})
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, Path(out_dir) / name)
+
+
+def write_json(path: Path, obj: Dict) -> None:
+    from megadistill.train.checkpoint import atomic_write_text
+    atomic_write_text(Path(path), json.dumps(obj, indent=2) + "\n")
