@@ -1,4 +1,4 @@
-"""CLI verbs of the trainer: train, eval, export, and plan-memory (defined in megadistill.train.memory)."""
+"""CLI verbs of the trainer: train, eval, export, import, and plan-memory (defined in megadistill.train.memory)."""
 from __future__ import annotations
 
 import argparse
@@ -42,10 +42,23 @@ def _eval(args) -> int:
 
 
 def _export(args) -> int:
+    if args.format == "hf":
+        from megadistill.hf.convert import export_hf
+        out = export_hf(args.run_dir, args.out)
+        print(f"wrote {out}/config.json and {out}/model.safetensors (transformers AutoModelForCausalLM loads it)")
+        return 0
     from megadistill.train.offline import export_run
 
     out = export_run(args.run_dir, args.out)
     print(f"wrote {out}/model.safetensors and {out}/config.yaml")
+    return 0
+
+
+def _import(args) -> int:
+    from megadistill.hf.convert import import_hf
+
+    out = import_hf(args.source, args.out, args.dtype)
+    print(f"wrote {out}/model.safetensors and {out}/config.yaml (use it as distill.teacher={out})")
     return 0
 
 
@@ -64,10 +77,22 @@ def register(sub) -> None:
     p.add_argument("--eval-tokens", type=int, default=None, help="held-out tokens (default: the run's)")
     p.set_defaults(func=_eval)
 
-    p = sub.add_parser("export", help="write a run's consolidated weights as safetensors + config.yaml",
-                       epilog="example: megadistill export runs/t1 -o exports/t1")
+    p = sub.add_parser("export", help="write a run's consolidated weights as safetensors + config.yaml, or as a "
+                                      "Hugging Face folder (--format hf)",
+                       formatter_class=argparse.RawDescriptionHelpFormatter, epilog="examples: megadistill export runs/t1 -o exports/t1\n"
+                              "          megadistill export runs/t1 --format hf -o exports/t1-hf")
     p.add_argument("run_dir")
     p.add_argument("-o", "--out", required=True)
+    p.add_argument("--format", choices=("megadistill", "hf"), default="megadistill",
+                   help="hf: config.json + safetensors with HF names (Qwen3ForCausalLM / LlamaForCausalLM)")
     p.set_defaults(func=_export)
+
+    p = sub.add_parser("import", help="convert a local Hugging Face Qwen3 / Llama folder to a megadistill model dir",
+                       epilog="example: megadistill import hf:/models/Qwen3-1.7B -o teachers/qwen3-1.7b")
+    p.add_argument("source", metavar="hf:PATH")
+    p.add_argument("-o", "--out", required=True)
+    p.add_argument("--dtype", choices=("auto", "fp32", "bf16"), default="auto",
+                   help="weights' dtype in the model dir (auto: as stored, bit-exact)")
+    p.set_defaults(func=_import)
 
     memory.register(sub)

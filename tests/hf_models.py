@@ -1,0 +1,50 @@
+"""Tiny random Hugging Face Qwen3 / Llama checkpoints written locally (no download) for the interop tests."""
+import json
+from pathlib import Path
+
+import torch
+
+LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 64}
+
+# name -> (family, n_kv_heads, tied): GQA and MHA, tied and untied, QK-norm (qwen3) and not (llama)
+VARIANTS = {"qwen3_gqa": ("qwen3", 2, False), "qwen3_mha_tied": ("qwen3", 4, True),
+            "llama_gqa_tied": ("llama", 2, True), "llama_mha": ("llama", 4, False)}
+
+
+def make_hf(folder, family="qwen3", n_kv_heads=2, tied=False, vocab=128, seed=0, max_shard_size=None,
+            dtype=torch.float32, n_layers=2, d_model=64):
+    """Save a random tiny model (every weight, norm gains included, drawn at random) with save_pretrained."""
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen3Config, Qwen3ForCausalLM
+
+    common = dict(vocab_size=vocab, hidden_size=d_model, intermediate_size=96, num_hidden_layers=n_layers,
+                  num_attention_heads=4, num_key_value_heads=n_kv_heads, tie_word_embeddings=tied,
+                  max_position_embeddings=256)
+    if family == "qwen3":
+        model = Qwen3ForCausalLM(Qwen3Config(head_dim=24, rope_theta=10000.0, rms_norm_eps=1e-6, **common))
+    else:
+        model = LlamaForCausalLM(LlamaConfig(rope_scaling=dict(LLAMA3_ROPE), rope_theta=500000.0, rms_norm_eps=1e-5,
+                                             **common))
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.copy_(1.0 + 0.2 * torch.randn(p.shape, generator=g))
+            else:
+                p.copy_(0.08 * torch.randn(p.shape, generator=g))
+    model = model.to(dtype).eval()
+    kw = {"max_shard_size": max_shard_size} if max_shard_size else {}
+    model.save_pretrained(str(folder), **kw)
+    return model
+
+
+def hf_logits(model, ids):
+    with torch.no_grad():
+        return model(ids).logits.float()
+
+
+def edit_config(folder, **changes):
+    path = Path(folder) / "config.json"
+    cfg = json.loads(path.read_text())
+    cfg.update(changes)
+    path.write_text(json.dumps(cfg))

@@ -1,0 +1,262 @@
+"""Hugging Face interop: hf: teachers equal transformers' logits (TP 1 and 2), distillation from them through the real
+trainer, `export --format hf` loads in transformers, import(export(x)) == x, and named errors for bad folders."""
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+from torch.testing import assert_close
+
+from dist_harness import run_distributed
+from hf_models import VARIANTS, edit_config, hf_logits, make_hf
+from tiny_runs import tiny_overrides
+
+from megadistill import config
+from megadistill.cli import main
+from megadistill.errors import UserError
+from megadistill.parallel.groups import ParallelGroups
+
+IDS = torch.randint(0, 128, (2, 24), generator=torch.Generator().manual_seed(7))
+
+
+def _teacher_cfg(tmp, folder, extra=()):
+    return config.load([], tiny_overrides(Path(tmp) / "student", "distill", ["train.steps=1", f"distill.teacher=hf:{folder}",
+                                                                           *extra]))
+
+
+def _load(cfg, groups=None):
+    from megadistill.train.teacher import load_teacher
+    return load_teacher(cfg, groups or ParallelGroups.single(), torch.device("cpu"))
+
+
+@pytest.fixture(scope="module")
+def hf_dirs(tmp_path_factory):
+    """Every variant saved once, with its transformers logits on IDS."""
+    root = tmp_path_factory.mktemp("hf")
+    out = {}
+    for name, (family, kv, tied) in VARIANTS.items():
+        model = make_hf(root / name, family, kv, tied, seed=len(out))
+        out[name] = (root / name, hf_logits(model, IDS))
+    return out
+
+
+@pytest.mark.parametrize("name", sorted(VARIANTS))
+def test_teacher_logits_equal_transformers_tp1(hf_dirs, tmp_path, name):
+    folder, ref = hf_dirs[name]
+    teacher = _load(_teacher_cfg(tmp_path, folder))
+    with torch.no_grad():
+        ours = teacher.module(IDS)
+    assert_close(ours, ref)
+    assert all(not p.requires_grad for p in teacher.module.parameters())
+    family, kv, tied = VARIANTS[name]
+    m = teacher.model_cfg
+    assert (m.n_kv_heads, m.tie_embeddings, m.qk_norm) == (kv, tied, family == "qwen3")
+    assert m.rope_scaling == ("llama3" if family == "llama" else "default")
+    if tied:
+        assert teacher.module.head.weight is teacher.module.embed.weight
+
+
+def test_sharded_bf16_checkpoint_streams(tmp_path):
+    """A checkpoint split over several files (with the index) in bf16 -> a bf16 teacher equal to transformers'."""
+    model = make_hf(tmp_path / "sharded", "qwen3", 2, False, seed=3, max_shard_size="40KB", dtype=torch.bfloat16)
+    files = sorted(p.name for p in (tmp_path / "sharded").glob("*.safetensors"))
+    assert len(files) > 2 and (tmp_path / "sharded" / "model.safetensors.index.json").is_file()
+    teacher = _load(_teacher_cfg(tmp_path, tmp_path / "sharded", ["distill.teacher_dtype=bf16"]))
+    assert all(p.dtype == torch.bfloat16 for p in teacher.module.parameters())
+    ref = {k: v for k, v in model.state_dict().items()}
+    assert torch.equal(teacher.module.blocks[1].attn.wk.weight, ref["model.layers.1.self_attn.k_proj.weight"])
+    assert torch.equal(teacher.module.head.weight, ref["lm_head.weight"])
+
+
+# ---------------------------------------------------------------- TP=2 and the trainer, on 2 gloo processes
+
+def _tp2_and_training(rank, world, root, variants):
+    from megadistill.train.trainer import train
+    root = Path(root)
+    out = {"logits": {}}
+    groups = ParallelGroups.build(2)
+    for name, folder in variants.items():  # the teacher split over 2 TP ranks: gathered logits = transformers'
+        cfg = config.load([], tiny_overrides(root / "probe", "distill", ["train.steps=1", f"distill.teacher=hf:{folder}",
+                                                                        "parallel.tp_size=2"]), world_size=2)
+        teacher = _load(cfg, groups)
+        with torch.no_grad():
+            local = teacher.module(IDS)  # [b, s, V/2]
+        parts = [torch.empty_like(local) for _ in range(2)]
+        dist.all_gather(parts, local.contiguous())
+        out["logits"][name] = torch.cat(parts, dim=-1)
+        assert local.shape[-1] == 64
+    teacher = f"hf:{variants['qwen3_gqa']}"
+    for name, extra in {"tp2_dp1": ["parallel.tp_size=2", "zero.stage=1"],
+                        "tp1_dp2_teacher_z3": ["zero.stage=3", "distill.teacher_zero3=true"]}.items():
+        over = tiny_overrides(root / name, "distill", ["train.steps=12", f"distill.teacher={teacher}",
+                                                       "optim.lr=3e-2", "train.eval_interval=12", *extra])
+        train(config.load([], over))
+        out[name] = [json.loads(line)["loss"] for line in open(root / name / "train.jsonl")]
+        out[name + "_record"] = json.loads((root / name / "eval.jsonl").read_text().splitlines()[-1])
+    return out
+
+
+@pytest.mark.multiproc
+def test_tp2_logits_and_distillation_from_hf_teacher(hf_dirs, tmp_path):
+    variants = {name: str(folder) for name, (folder, _) in hf_dirs.items()}
+    out = run_distributed(_tp2_and_training, 2, str(tmp_path), variants, timeout=900)[0]
+    for name, (_, ref) in hf_dirs.items():
+        assert_close(out["logits"][name], ref, msg=name)
+    for name in ("tp2_dp1", "tp1_dp2_teacher_z3"):
+        losses = out[name]
+        assert len(losses) == 12 and all(map(lambda x: x == x, losses))
+        assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 0.05, (name, losses)
+        rec = out[name + "_record"]
+        assert rec["mode"] == "distill" and rec["teacher"]["run"] == "qwen3_gqa"
+        assert rec["teacher"]["eval_loss"] > 0 and rec["flops_teacher_inference"] > 0
+
+
+# ---------------------------------------------------------------- export --format hf and the round trip
+
+def _train_tiny(run_dir, extra):
+    from megadistill.train.trainer import train
+    over = tiny_overrides(run_dir, "supervised", ["train.steps=3", "model.size=null", *extra])
+    return train(config.load([], over))
+
+
+@pytest.mark.parametrize("shape", [
+    ["model.n_kv_heads=2", "model.tie_embeddings=true"],  # -> Qwen3ForCausalLM (QK-norm), GQA, tied
+    ["model.qk_norm=false", "model.rope_scaling=llama3", "model.rope_factor=8", "model.rope_original_max_position=64",
+     "model.rope_base=10000"],  # -> LlamaForCausalLM with llama3 RoPE
+], ids=["qwen3_gqa_tied", "llama_rope3"])
+def test_export_hf_loads_in_transformers_and_round_trips(tmp_path, shape):
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from megadistill.train.teacher import teacher_model_config
+    from megadistill.model.transformer import Transformer
+    from megadistill.train.checkpoint import load_sharded_weights
+
+    run = tmp_path / "run"
+    _train_tiny(run, shape)
+    assert main(["export", str(run), "--format", "hf", "-o", str(tmp_path / "hf")]) == 0
+    hf = AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf")).eval()
+    arch = json.loads((tmp_path / "hf" / "config.json").read_text())["architectures"][0]
+    assert arch == ("LlamaForCausalLM" if "model.qk_norm=false" in shape else "Qwen3ForCausalLM")
+    assert type(hf).__name__ == arch
+    # our model from the run's weights (what eval uses) vs transformers on the exported folder
+    tcfg = teacher_model_config(run / "model")
+    ours = Transformer(tcfg.model).eval()
+    load_sharded_weights(ours, run / "model", ParallelGroups.single())
+    with torch.no_grad():
+        assert_close(hf(IDS).logits, ours(IDS))
+        gen = hf.generate(IDS[:1, :5], max_new_tokens=6, do_sample=False, pad_token_id=0)
+    assert gen.shape == (1, 11)
+    # round trip: import(export(x)) == x, bit for bit, and the same model config
+    assert main(["import", f"hf:{tmp_path / 'hf'}", "-o", str(tmp_path / "back")]) == 0
+    a, b = load_file(str(run / "model" / "model.safetensors")), load_file(str(tmp_path / "back" / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) and a[k].dtype == b[k].dtype for k in a)
+    back = teacher_model_config(tmp_path / "back").model
+    for key in ("n_layers", "d_model", "n_heads", "n_kv_heads", "head_dim", "d_ff", "vocab_size", "rope_base",
+                "rope_scaling", "rope_factor", "norm_eps", "qk_norm", "tie_embeddings"):
+        assert getattr(back, key) == getattr(tcfg.model, key), key
+
+
+def test_import_dir_is_a_teacher(hf_dirs, tmp_path):
+    """`megadistill import` writes a model dir that distill.teacher accepts; bf16 import casts."""
+    folder, ref = hf_dirs["llama_gqa_tied"]
+    assert main(["import", f"hf:{folder}", "-o", str(tmp_path / "imp"), "--dtype", "fp32"]) == 0
+    teacher = _load(config.load([], tiny_overrides(tmp_path / "s", "distill", ["train.steps=1",
+                                                                           f"distill.teacher={tmp_path / 'imp'}"])))
+    with torch.no_grad():
+        assert_close(teacher.module(IDS), ref)
+    assert main(["import", f"hf:{folder}", "-o", str(tmp_path / "imp16"), "--dtype", "bf16"]) == 0
+    from safetensors.torch import load_file
+    assert {t.dtype for t in load_file(str(tmp_path / "imp16" / "model.safetensors")).values()} == {torch.bfloat16}
+
+
+# ---------------------------------------------------------------- bad input: named errors that say what to change
+
+def test_bad_folders_are_named_errors(hf_dirs, tmp_path, capsys):
+    folder, _ = hf_dirs["qwen3_gqa"]
+
+    def fails(path, match, extra=()):
+        with pytest.raises(UserError, match=match):
+            _load(_teacher_cfg(tmp_path, path, extra))
+
+    fails(tmp_path / "nowhere", "does not exist")
+    bad = tmp_path / "gpt2"
+    shutil.copytree(folder, bad)
+    edit_config(bad, architectures=["GPT2LMHeadModel"], model_type="gpt2")
+    fails(bad, "architecture.*GPT2LMHeadModel.*not supported")
+    wrong = tmp_path / "wrong_width"
+    shutil.copytree(folder, wrong)
+    edit_config(wrong, intermediate_size=128)
+    fails(wrong, r"mlp.gate_proj.weight has shape \(96, 64\).*config contradicts the weights")
+    deeper = tmp_path / "deeper"
+    shutil.copytree(folder, deeper)
+    edit_config(deeper, num_hidden_layers=3)
+    fails(deeper, "missing from the checkpoint.*layers.2")
+    fails(folder, "parallel.tp_size=4 does not divide the teacher's n_kv_heads=2", ["parallel.tp_size=4"])
+    # a sharded checkpoint with a shard gone
+    make_hf(tmp_path / "sharded", "qwen3", 2, False, max_shard_size="40KB")
+    next(iter(sorted((tmp_path / "sharded").glob("model-*.safetensors")))).unlink()
+    fails(tmp_path / "sharded", "weight shards that model.safetensors.index.json lists are missing")
+    # a truncated file
+    cut = tmp_path / "cut"
+    shutil.copytree(folder, cut)
+    data = (cut / "model.safetensors").read_bytes()
+    (cut / "model.safetensors").write_bytes(data[: len(data) // 2])
+    fails(cut, "truncated")
+    # the CLI says the same, with exit status 2
+    assert main(["import", f"hf:{bad}", "-o", str(tmp_path / "x")]) == 2
+    assert "not supported" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- tokenizer and vocabulary
+
+@pytest.fixture(scope="module")
+def tokenizers(tmp_path_factory):
+    from megadistill.data.tokenizer import train_bpe
+    root = tmp_path_factory.mktemp("tok")
+    corpus = root / "corpus.jsonl"
+    words = ["alpha", "beta", "gamma", "delta", "distil", "teacher", "student", "scaling", "law", "token"]
+    corpus.write_text("\n".join(json.dumps({"text": " ".join(words[(i * 7 + j) % 10] for j in range(40))})
+                                for i in range(200)) + "\n")
+    a, b = train_bpe([str(corpus)], str(root / "a"), 272), train_bpe([str(corpus)], str(root / "b"), 280)
+    return corpus, root / "a", root / "b", len(a), len(b)
+
+
+def test_padded_teacher_vocab_is_cut_and_masked(tokenizers, tmp_path):
+    """Teacher vocab 320 (padded), tokenizer n ids, student vocab 288: rows >= 288 dropped, rows [n, 288) masked."""
+    from megadistill.train.teacher import MASKED_LOGIT
+    corpus, tok_a, _, n_a, _ = tokenizers
+    model = make_hf(tmp_path / "padded", "qwen3", 2, False, vocab=320, seed=5)
+    for f in tok_a.iterdir():
+        shutil.copyfile(f, tmp_path / "padded" / f.name)
+    data = ["data.source=files", f"data.files=[{corpus}]", f"data.tokenizer={tok_a}", "model.vocab_size=288"]
+    teacher = _load(_teacher_cfg(tmp_path, tmp_path / "padded", data))
+    ref = hf_logits(model, IDS)
+    with torch.no_grad():
+        ours = teacher.module(IDS)
+    assert ours.shape[-1] == 288
+    assert_close(ours[..., :n_a], ref[..., :n_a])
+    assert (ours[..., n_a:] == MASKED_LOGIT).all()
+    with pytest.raises(UserError, match="distill.fused=false"):
+        _load(_teacher_cfg(tmp_path, tmp_path / "padded", data + ["distill.fused=true"]))
+    bare = tmp_path / "bare"  # no tokenizer beside the weights and none for the data: padding cannot be told apart
+    bare.mkdir()
+    for f in ("config.json", "model.safetensors"):
+        shutil.copyfile(tmp_path / "padded" / f, bare / f)
+    with pytest.raises(UserError, match="set data.tokenizer so the teacher's padding rows"):
+        _load(_teacher_cfg(tmp_path, bare, ["model.vocab_size=288"]))
+    with pytest.raises(UserError, match="< model.vocab_size=384.*set model.vocab_size=320"):
+        _load(_teacher_cfg(tmp_path, tmp_path / "padded", ["model.vocab_size=384"]))
+
+
+def test_tokenizer_mismatch_is_an_error_before_compute(tokenizers, tmp_path):
+    corpus, tok_a, tok_b, n_a, n_b = tokenizers
+    make_hf(tmp_path / "t", "llama", 2, True, vocab=320, seed=6)
+    for f in tok_b.iterdir():
+        shutil.copyfile(f, tmp_path / "t" / f.name)
+    data = ["data.source=files", f"data.files=[{corpus}]", f"data.tokenizer={tok_a}", "model.vocab_size=320"]
+    from megadistill.train.teacher import teacher_source
+    with pytest.raises(UserError, match=f"teacher's tokenizer .*{n_b} tokens.* differs from the student's"):
+        teacher_source(_teacher_cfg(tmp_path, tmp_path / "t", data))
