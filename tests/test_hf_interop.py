@@ -115,10 +115,14 @@ def test_tp2_logits_and_distillation_from_hf_teacher(hf_dirs, tmp_path):
 
 # ---------------------------------------------------------------- export --format hf and the round trip
 
-def _train_tiny(run_dir, extra):
+def _train_worker(rank, world, run_dir, extra):
     from megadistill.train.trainer import train
-    over = tiny_overrides(run_dir, "supervised", ["train.steps=3", "model.size=null", *extra])
-    return train(config.load([], over))
+    train(config.load([], tiny_overrides(run_dir, "supervised", ["train.steps=3", "model.size=null", *extra])))
+
+
+def _train_tiny(run_dir, extra):
+    """In a spawned process: a run leaves torch.distributed initialised (and MASTER_PORT bound) in its process."""
+    run_distributed(_train_worker, 1, str(run_dir), list(extra), timeout=600)
 
 
 @pytest.mark.parametrize("shape", [

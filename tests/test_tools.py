@@ -34,3 +34,15 @@ def test_bench_loss_tiny():
     losses = [res[c]["loss"] for c in ("naive", "autograd", "logits", "fused")]
     assert max(losses) - min(losses) < 1e-4 * abs(losses[0]), res  # the same objective in every form
     assert "logits_peak_over_naive" in r["goals"]["256"]
+
+
+def test_bench_import_tiny():
+    r = _run("tools/bench_import.py", "--d-model", "64", "--layers", "1", "--heads", "4", "--kv-heads", "2",
+             "--head-dim", "16", "--ffn", "96", "--vocab", "256", "--shard-mib", "1")
+    assert r["files"] >= 1 and r["params"] > 0
+    assert len(r["tp1"]) == 1 and len(r["tp2"]) == 2
+    # each TP=2 rank holds about half the weights (norm gains are replicated)
+    full = r["tp1"][0]["shard_bytes"]
+    assert full == 2 * r["params"]  # bf16, nothing more
+    assert all(0.45 * full <= x["shard_bytes"] <= 0.6 * full for x in r["tp2"])
+    assert isinstance(r["goal_met"], bool)

@@ -51,8 +51,9 @@ def our_name(hf: str) -> Optional[str]:
     return None
 
 
-def load_into(module: nn.Module, folder: Path, tp_rank: int = 0, tp_size: int = 1) -> int:
-    """Fill `module` (built at this TP layout, any dtype / device) from the HF checkpoint in `folder`.
+def load_into(module: nn.Module, folder: Path, tp_rank: int = 0, tp_size: int = 1, hf_names: bool = True) -> int:
+    """Fill `module` (built at this TP layout, any dtype / device) from the checkpoint in `folder`: an HF one, or
+    with hf_names=False a megadistill model dir (our names).
 
     Each rank reads only its slice of each sharded weight, straight from the files, one tensor at a time: resident
     memory is the rank's shard plus one tensor slice. Embedding / head rows beyond the module's vocab are dropped
@@ -60,13 +61,19 @@ def load_into(module: nn.Module, folder: Path, tp_rank: int = 0, tp_size: int = 
     """
     st = SafetensorsFolder(folder)
     params = dict(module.named_parameters())  # a tied head is the embedding: named once
-    wanted = {name: hf_name(name) for name in params}
+    wanted = {name: hf_name(name) if hf_names else name for name in params}
     tied = "head.weight" not in params and "embed.weight" in params
+    if not hf_names:
+        unexpected = sorted(set(st.entries) - set(wanted.values()))
+        missing = sorted(set(wanted.values()) - set(st.entries))
+        if missing or unexpected:
+            raise UserError(f"weights in {folder} do not match the model: missing {missing[:5]}, unexpected "
+                            f"{unexpected[:5]}; was it trained with a different model config?")
     missing = sorted(h for h in wanted.values() if h not in st)
     if missing:
         raise UserError(f"{folder}: tensors the config implies are missing from the checkpoint ({missing[:4]}, "
                         f"{len(missing)} in all): does config.json match the weights?")
-    unused = sorted(h for h in st.entries if h not in set(wanted.values())
+    unused = sorted(h for h in st.entries if h not in set(wanted.values()) and hf_names
                     and not (tied and h == "lm_head.weight") and our_name(h) is not None)
     if unused:
         raise UserError(f"{folder}: the checkpoint holds tensors the config does not account for ({unused[:4]}): "
@@ -80,11 +87,11 @@ def load_into(module: nn.Module, folder: Path, tp_rank: int = 0, tp_size: int = 
             expect = list(p.shape)
             if dim is not None:
                 expect[dim] *= tp_size
-            if name in _VOCAB and full[0] > expect[0]:
+            if name in _VOCAB and full[0] > expect[0] and len(full) == 2:
                 full[0] = expect[0]  # padded vocab: keep the first rows (the tokenizer's ids)
             if full != expect:
-                raise UserError(f"{folder}: {h} has shape {tuple(st.shape(h))} but config.json implies "
-                                f"{tuple(expect)}: the config contradicts the weights")
+                raise UserError(f"{folder}: {h} has shape {tuple(st.shape(h))} but the model config implies "
+                                f"{tuple(expect)}: the config contradicts the weights (checkpoint shape != model shape)")
             if dim is None or tp_size == 1:
                 lo, hi, dim = 0, full[0], 0
             else:

@@ -33,9 +33,14 @@ def mark_tensor_parallel(param: nn.Parameter, partition_dim: int) -> nn.Paramete
 
 
 def _sharded_normal(shape, std: float, partition_dim: int, group, device, dtype) -> nn.Parameter:
-    full = torch.empty(shape, device=device, dtype=torch.float32).normal_(0.0, std)
     size, rank = group_size(group), group_rank(group)
     n = divide(shape[partition_dim], size, f"dimension {partition_dim} of a {tuple(shape)} weight")
+    if device is not None and torch.device(device).type == "meta":  # shapes only (weights come from a load):
+        local = list(shape)  # no draw, which on meta goes through torch._refs and imports dynamo (2 s, 150 MB)
+        local[partition_dim] = n
+        return mark_tensor_parallel(nn.Parameter(torch.empty(local, device="meta", dtype=dtype or torch.float32)),
+                                    partition_dim)
+    full = torch.empty(shape, device=device, dtype=torch.float32).normal_(0.0, std)
     local = full.narrow(partition_dim, rank * n, n).to(dtype or torch.float32).clone()
     del full
     return mark_tensor_parallel(nn.Parameter(local), partition_dim)

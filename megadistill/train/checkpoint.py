@@ -158,21 +158,8 @@ def find_weights(path: str) -> Path:
 
 
 def load_sharded_weights(module: torch.nn.Module, weights_dir: Path, groups: ParallelGroups) -> None:
-    """Load full weights into a (possibly TP-sharded) module: each rank keeps its slice along partition_dim."""
-    from safetensors import safe_open
+    """Load full weights into a (possibly TP-sharded) module: each rank reads only its slice along partition_dim,
+    straight from the file (no full tensor, no mapping of the file)."""
+    from megadistill.hf.weights import load_into
 
-    names = dict(module.named_parameters())
-    with safe_open(str(Path(weights_dir) / WEIGHTS), framework="pt") as f:
-        missing = sorted(set(names) - set(f.keys()))
-        unexpected = sorted(set(f.keys()) - set(names))
-        if missing or unexpected:
-            raise UserError(f"weights in {weights_dir} do not match the model: missing {missing[:5]}, "
-                            f"unexpected {unexpected[:5]}; was it trained with a different model config?")
-        with torch.no_grad():
-            for name, p in names.items():
-                full = f.get_tensor(name)
-                if _is_sharded(p) and groups.tp_size > 1:
-                    full = full.chunk(groups.tp_size, dim=p.partition_dim)[groups.tp_rank]
-                if full.shape != p.shape:
-                    raise UserError(f"{name}: checkpoint shape {tuple(full.shape)} != model shape {tuple(p.shape)}")
-                p.copy_(full.to(p.dtype))
+    load_into(module, Path(weights_dir), groups.tp_rank, groups.tp_size, hf_names=False)
