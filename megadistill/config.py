@@ -30,7 +30,8 @@ def _positive(key: str, value, allow_zero: bool = False) -> None:
 
 @dataclass
 class ModelConfig:
-    size: Optional[str] = None  # a name from megadistill.model.sizes ("546M", "tiny-2M"); fills the shape fields below
+    size: Optional[str] = None  # a name from megadistill.model.sizes ("546M", "tiny-2M") or hf:PATH (a local HF
+    # Qwen3 / Llama folder's config.json); fills the shape fields below
     n_layers: int = 2  # transformer blocks
     d_model: int = 128  # residual width
     n_heads: int = 4  # attention (query) heads
@@ -63,11 +64,7 @@ class ModelConfig:
         self.activation_checkpointing = {"False": "off", "false": "off", "True": "full", "true": "full"}.get(
             self.activation_checkpointing, self.activation_checkpointing)
         if self.size:
-            from megadistill.model.sizes import get_size
-            try:
-                shape = get_size(self.size)
-            except KeyError as e:
-                raise ConfigError(f"model.size={self.size!r}: {e.args[0]}") from None
+            shape = _size_shape(self.size)
             for k, v in shape.items():
                 if given and k in given and getattr(self, k) != v:
                     raise ConfigError(f"model.{k}={getattr(self, k)} (from {given[k]}) contradicts "
@@ -97,6 +94,26 @@ class ModelConfig:
         _choice(f"{prefix}.attention", self.attention, ("flash", "sdpa", "eager"))
         _choice(f"{prefix}.activation_checkpointing", self.activation_checkpointing, ("off", "full", "every_k"))
         _positive(f"{prefix}.checkpoint_every_k", self.checkpoint_every_k)
+
+
+# the fields an hf:PATH size fills (everything of the architecture; attention backend and checkpointing stay ours)
+HF_SHAPE_KEYS = ("n_layers", "d_model", "n_heads", "n_kv_heads", "head_dim", "d_ff", "vocab_size", "rope_base",
+                 "rope_scaling", "rope_factor", "rope_low_freq_factor", "rope_high_freq_factor",
+                 "rope_original_max_position", "norm_eps", "qk_norm", "tie_embeddings")
+
+
+def _size_shape(size: str) -> Dict:
+    """The shape fields model.size sets: a named size's, or an HF folder's architecture (hf:PATH)."""
+    if size.startswith("hf:"):
+        from megadistill.hf.config import hf_path, read_config, to_model_config
+        folder = hf_path(size)
+        m = to_model_config(read_config(folder), where=f"model.size={size!r}: {folder}/config.json")
+        return {k: getattr(m, k) for k in HF_SHAPE_KEYS}
+    from megadistill.model.sizes import get_size
+    try:
+        return get_size(size)
+    except KeyError as e:
+        raise ConfigError(f"model.size={size!r}: {e.args[0]}") from None
 
 
 @dataclass
@@ -187,6 +204,7 @@ class TrainConfig:
     tensorboard: bool = False
     progress: bool = True  # tqdm bar on rank 0
     stop_after_steps: int = 0  # stop (checkpointing) after this many steps of this process; testing / preemption drills
+    init_from: Optional[str] = None  # start the student from these weights: a run / model dir or hf:PATH (same shape)
 
 
 @dataclass

@@ -26,6 +26,11 @@ def _teacher_cfg(tmp, folder, extra=()):
                                                                            *extra]))
 
 
+def _shapeless(overrides):
+    """tiny_overrides without its model.* shape keys (model.size=hf:PATH gives the shape)."""
+    return [o for o in overrides if not o.startswith("model.")]
+
+
 def _load(cfg, groups=None):
     from megadistill.train.teacher import load_teacher
     return load_teacher(cfg, groups or ParallelGroups.single(), torch.device("cpu"))
@@ -87,6 +92,19 @@ def _tp2_and_training(rank, world, root, variants):
         dist.all_gather(parts, local.contiguous())
         out["logits"][name] = torch.cat(parts, dim=-1)
         assert local.shape[-1] == 64
+    # a student initialised from an HF folder (its shape from model.size=hf:PATH) computes the HF model at TP=2
+    from megadistill.parallel.init import init_distributed
+    from megadistill.train.trainer import build, release
+    src = f"hf:{variants['llama_gqa_tied']}"
+    live = build(config.load([], _shapeless(tiny_overrides(root / "init", "supervised")) + [
+        "train.steps=1", f"model.size={src}", f"train.init_from={src}", "parallel.tp_size=2"], world_size=2),
+        init_distributed("gloo"))
+    with torch.no_grad():
+        local = live.student(IDS)
+    parts = [torch.empty_like(local) for _ in range(2)]
+    dist.all_gather(parts, local.contiguous())
+    out["student_init"] = torch.cat(parts, dim=-1)
+    release(live)
     teacher = f"hf:{variants['qwen3_gqa']}"
     for name, extra in {"tp2_dp1": ["parallel.tp_size=2", "zero.stage=1"],
                         "tp1_dp2_teacher_z3": ["zero.stage=3", "distill.teacher_zero3=true"]}.items():
@@ -104,6 +122,7 @@ def test_tp2_logits_and_distillation_from_hf_teacher(hf_dirs, tmp_path):
     out = run_distributed(_tp2_and_training, 2, str(tmp_path), variants, timeout=900)[0]
     for name, (_, ref) in hf_dirs.items():
         assert_close(out["logits"][name], ref, msg=name)
+    assert_close(out["student_init"], hf_dirs["llama_gqa_tied"][1])
     for name in ("tp2_dp1", "tp1_dp2_teacher_z3"):
         losses = out[name]
         assert len(losses) == 12 and all(map(lambda x: x == x, losses))
@@ -174,6 +193,25 @@ def test_import_dir_is_a_teacher(hf_dirs, tmp_path):
     assert main(["import", f"hf:{folder}", "-o", str(tmp_path / "imp16"), "--dtype", "bf16"]) == 0
     from safetensors.torch import load_file
     assert {t.dtype for t in load_file(str(tmp_path / "imp16" / "model.safetensors")).values()} == {torch.bfloat16}
+
+
+def test_student_init_needs_the_same_architecture(hf_dirs, tmp_path):
+    from megadistill.config import ConfigError
+    from megadistill.model.transformer import Transformer
+    from megadistill.train.init_weights import load_student_init
+    src = f"hf:{hf_dirs['qwen3_gqa'][0]}"
+    cfg = config.load([], tiny_overrides(tmp_path, "supervised", ["train.steps=1", f"train.init_from={src}"]))
+    with pytest.raises(ConfigError, match=f"model.n_kv_heads=4 vs 2.*set model.size='{src}'"):
+        load_student_init(Transformer(cfg.model), cfg, ParallelGroups.single())
+    cfg = config.load([], _shapeless(tiny_overrides(tmp_path, "supervised")) + [
+        "train.steps=1", f"model.size={src}", f"train.init_from={src}"])
+    assert (cfg.model.n_kv_heads, cfg.model.head_dim, cfg.model.qk_norm) == (2, 24, True)
+    student = Transformer(cfg.model)
+    load_student_init(student, cfg, ParallelGroups.single())
+    with torch.no_grad():
+        assert_close(student(IDS), hf_dirs["qwen3_gqa"][1])
+    with pytest.raises(ConfigError, match="contradicts model.size"):  # an explicit key against the HF shape
+        config.load([], tiny_overrides(tmp_path, "supervised", ["train.steps=1", f"model.size={src}"]))
 
 
 # ---------------------------------------------------------------- bad input: named errors that say what to change

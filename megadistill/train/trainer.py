@@ -28,6 +28,7 @@ from megadistill.train import checkpoint, engine as engine_mod
 from megadistill.train.evaluate import eval_record, evaluate
 from megadistill.train.metrics import MetricsLog, forward_flops, peak_flops
 from megadistill.train.objective import Objective, teacher_outputs
+from megadistill.train.init_weights import load_student_init
 from megadistill.train.teacher import Teacher, load_teacher, teacher_source
 
 log = logging.getLogger(__name__)
@@ -132,6 +133,8 @@ def build(cfg: Config, info) -> Live:
     groups = ParallelGroups.build(cfg.parallel.tp_size)
     torch.manual_seed(t.seed)  # identical on every rank: TP shards are slices of one full initialisation
     student = Transformer(cfg.model, groups.factory(device=info.device))
+    if t.init_from:
+        load_student_init(student, cfg, groups)
     objective = Objective(student, cfg, groups.tp_group)
     eng, scheduler = engine_mod.initialize(objective, cfg, groups, total_steps(cfg))
     teacher: Optional[Teacher] = load_teacher(cfg, groups, eng.device, source) if source else None
