@@ -302,3 +302,15 @@ def test_tokenizer_mismatch_is_an_error_before_compute(tokenizers, tmp_path):
     from megadistill.train.teacher import teacher_source
     with pytest.raises(UserError, match=f"teacher's tokenizer .*{n_b} tokens.* differs from the student's"):
         teacher_source(_teacher_cfg(tmp_path, tmp_path / "t", data))
+
+
+def test_hf_recipe_configs_validate(hf_dirs, tmp_path):
+    """configs/hf/*.yaml with the paths the README passes: valid configs of the intended shape."""
+    repo = Path(__file__).resolve().parents[1]
+    folder = hf_dirs["qwen3_gqa"][0]
+    paths = [f"data.tokenizer={tmp_path}", f"data.files=[{tmp_path / 'corpus.jsonl'}]"]
+    cfg = config.load([str(repo / "configs/hf/distill.yaml")], [f"distill.teacher=hf:{folder}", *paths])
+    assert (cfg.train.mode, cfg.model.n_kv_heads, cfg.model.vocab_size) == ("distill", 4, 151936)
+    cfg = config.load([str(repo / "configs/hf/init.yaml")], [f"model.size=hf:{folder}", f"train.init_from=hf:{folder}",
+                                                            *paths])
+    assert (cfg.model.n_kv_heads, cfg.model.head_dim, cfg.model.vocab_size) == (2, 24, 128)
