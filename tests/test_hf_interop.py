@@ -314,3 +314,20 @@ def test_hf_recipe_configs_validate(hf_dirs, tmp_path):
     cfg = config.load([str(repo / "configs/hf/init.yaml")], [f"model.size=hf:{folder}", f"train.init_from=hf:{folder}",
                                                             *paths])
     assert (cfg.model.n_kv_heads, cfg.model.head_dim, cfg.model.vocab_size) == (2, 24, 128)
+
+
+def test_export_hf_carries_the_runs_tokenizer(tokenizers, tmp_path):
+    """A run on HF-tokenized files exports its tokenizer beside the weights; transformers loads both."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from megadistill.data.tokenizer import load_tokenizer, tokenizer_fingerprint
+    corpus, tok_a, _, n_a, _ = tokenizers
+    _train_tiny(tmp_path / "run", ["data.source=files", f"data.files=[{corpus}]", f"data.tokenizer={tok_a}",
+                                   "model.vocab_size=288"])
+    assert main(["export", str(tmp_path / "run"), "--format", "hf", "-o", str(tmp_path / "hf")]) == 0
+    tok = AutoTokenizer.from_pretrained(str(tmp_path / "hf"))
+    assert tokenizer_fingerprint(tok) == tokenizer_fingerprint(load_tokenizer(str(tok_a))) and len(tok) == n_a
+    model = AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf"))
+    assert model.config.eos_token_id == tok.eos_token_id and model.config.vocab_size == 288
+    ids = tok("alpha beta gamma", return_tensors="pt").input_ids
+    assert model.generate(ids, max_new_tokens=4, do_sample=False).shape[1] == ids.shape[1] + 4
