@@ -83,13 +83,14 @@ def activation_bytes_per_token(m: ModelConfig, tp: int, wb: int) -> float:
 
     RMSNorm keeps only its input (model dtype) and one fp32 rsqrt per row; its output is kept by the next matmul:
     2 wb per element for attn_norm and ffn_norm over the replicated d; for the QK-norms over this rank's q and k
-    (d/tp each) the input is the projection output and the rotary output is kept by attention: 2 wb each. v and the
-    attention output cost wb each (flash / SDPA keep q, k, v, out and an fp32 log-sum-exp, no s x s matrix).
+    (d/tp each; q = h hd and kv = h_kv hd under GQA) the input is the projection output and the rotary output is kept
+    by attention: 2 wb each. v and the attention output cost wb each (flash / SDPA keep q, k, v, out and an fp32 log-sum-exp, no s x s matrix).
     SwiGLU keeps gate, up, silu(gate) and their product: 4 wb f/tp. fp32: 16 d + 24 d/tp + 16 f/tp;
     bf16: 8 d + 12 d/tp + 8 f/tp.
     """
     d, f, h = m.d_model, m.d_ff, m.n_heads
-    per = 4 * wb * d + 6 * wb * d / tp + 4 * wb * f / tp
+    q, kv = h * m.head_dim, (m.n_kv_heads or h) * m.head_dim  # = d, d without GQA (the paper's sizes)
+    per = 4 * wb * d + 3 * wb * (q + kv) / tp + 4 * wb * f / tp
     return per + 4 * (2 + 3 * h / tp)  # fp32 rsqrt of the four norms and the attention log-sum-exp
 
 
