@@ -6,7 +6,7 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 from omegaconf import OmegaConf
@@ -80,21 +80,27 @@ def _teacher_tokenizer_dir(source_dir: Path, hf: bool, tcfg: Optional[Config]) -
     return tcfg.data.tokenizer if tcfg is not None else None
 
 
+def weights_source(ref: str) -> Tuple[ModelConfig, Path, bool, Optional[Config]]:
+    """A weights reference (run dir, model / export dir, or hf:PATH) -> (its model config, the dir holding the
+    weights, whether they carry HF names, the run's full Config when it is one of ours)."""
+    from megadistill.hf.config import hf_path, read_config, to_model_config
+
+    folder = hf_path(ref)
+    if folder is not None:
+        return to_model_config(read_config(folder), where=f"{folder}/config.json"), folder, True, None
+    weights_dir = checkpoint.find_weights(ref)
+    tcfg = teacher_model_config(weights_dir)
+    return tcfg.model, weights_dir, False, tcfg
+
+
 def teacher_source(cfg: Config) -> TeacherSource:
     """Resolve distill.teacher (a run dir, an export dir or hf:PATH) and check it fits the student: vocabulary,
     tokenizer and TP layout. Reads configs and tokenizers only; every mismatch is a UserError before any compute."""
-    from megadistill.hf.config import hf_path, read_config, to_model_config
-
     ref = cfg.distill.teacher
-    folder = hf_path(ref)
-    tcfg: Optional[Config] = None
-    if folder is not None:
-        tm = to_model_config(read_config(folder), where=f"{folder}/config.json")
-        weights_dir, run, tokens, eval_loss, origin = folder, folder.name, 0, None, f"{folder}/config.json"
+    tm, weights_dir, hf, tcfg = weights_source(ref)
+    if hf:
+        run, tokens, eval_loss, origin = weights_dir.name, 0, None, f"{weights_dir}/config.json"
     else:
-        weights_dir = checkpoint.find_weights(ref)
-        tcfg = teacher_model_config(weights_dir)
-        tm = tcfg.model
         meta_file = weights_dir / "meta.json"
         meta = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
         run, tokens = meta.get("run", weights_dir.parent.name), int(meta.get("tokens", 0))
@@ -102,7 +108,7 @@ def teacher_source(cfg: Config) -> TeacherSource:
 
     # tokenizers: the student's data and the teacher must map text to the same ids
     from megadistill.data.tokenizer import load_tokenizer, tokenizer_fingerprint
-    t_dir = _teacher_tokenizer_dir(weights_dir, folder is not None, tcfg)
+    t_dir = _teacher_tokenizer_dir(weights_dir, hf, tcfg)
     s_tok = load_tokenizer(cfg.data.tokenizer) if cfg.data.tokenizer else None
     t_tok = load_tokenizer(t_dir) if t_dir else None
     if s_tok is not None and t_tok is not None and tokenizer_fingerprint(s_tok) != tokenizer_fingerprint(t_tok):
@@ -139,7 +145,7 @@ def teacher_source(cfg: Config) -> TeacherSource:
                             f"{origin}): the teacher is split like the student; pick a tp_size that divides it")
     tm.attention = cfg.model.attention  # the backend is a property of this run's hardware, not of the weights
     tm.activation_checkpointing = "off"  # no backward through the teacher
-    return TeacherSource(tm, weights_dir, folder is not None, run, tokens, eval_loss, limit)
+    return TeacherSource(tm, weights_dir, hf, run, tokens, eval_loss, limit)
 
 
 def _mask_padding(head: nn.Module, limit: int, tp_rank: int) -> None:
