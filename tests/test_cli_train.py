@@ -130,3 +130,21 @@ def test_teacher_loads_exactly_the_exported_weights(trained):
         wq = teacher.module.blocks[0].attn.wq.weight
         assert wq.tensor_model_parallel and wq.partition_dim == 0 and wq.mup_role == "hidden"
         assert not teacher.module.training
+
+
+def test_teacher_cache_verb_and_cached_student(trained, tmp_path):
+    """`megadistill teacher-cache` writes a complete cache; a student trains from it; its records say so."""
+    cache, run = tmp_path / "cache", tmp_path / "student"
+    student = ["configs/tiny/distill.yaml", *TINY, "train.steps=2"]
+    proc = cli("teacher-cache", str(trained), "--data", *student, "-o", str(cache), "--top-k", "16")
+    manifest = json.loads((cache / "manifest.json").read_text())
+    assert manifest["complete"] and manifest["k"] == 16 and manifest["tokens"] >= 2 * 4 * 32
+    assert manifest["teacher"]["eval_loss"] > 0 and "bytes/token" in proc.stdout
+    cli("train", *student, f"distill.teacher=cache:{cache}", f"train.run_dir={run}")
+    rec = [json.loads(line) for line in open(run / "eval.jsonl")][-1]
+    assert rec["teacher"]["cache"] == str(cache) and rec["teacher"]["cache_k"] == 16
+    assert rec["flops_teacher_inference"] == 0.0 and rec["teacher"]["eval_loss"] == manifest["teacher"]["eval_loss"]
+    bad = cli("train", *student, f"distill.teacher=cache:{cache}", "train.seq_len=16", f"train.run_dir={run}2",
+              check=False)
+    assert bad.returncode == 2 and "does not match this run" in bad.stderr
+    assert not (run.parent / "student2" / "train.jsonl").exists()  # refused before any step
