@@ -148,3 +148,31 @@ def test_teacher_cache_verb_and_cached_student(trained, tmp_path):
               check=False)
     assert bad.returncode == 2 and "does not match this run" in bad.stderr
     assert not (run.parent / "student2" / "train.jsonl").exists()  # refused before any step
+
+
+def test_teacher_cache_survives_a_kill(trained, tmp_path):
+    """SIGKILL the writer mid-way: the cache refuses to serve; the same command continues it to a valid cache."""
+    import signal
+    import time
+    from megadistill.train import teacher_cache as tc
+    N_SHARDS = 200  # one window each: many small atomic writes, so the kill lands between the first and the last
+    cache = tmp_path / "cache"
+    args = [sys.executable, "-m", "megadistill.cli", "teacher-cache", str(trained), "--data",
+            "configs/tiny/distill.yaml", *TINY, "train.steps=2", "-o", str(cache), "--top-k", "8",
+            "--shard-windows", "1", "--tokens", str(N_SHARDS * 32)]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    proc = subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while len(list(cache.glob("stream*.safetensors"))) < 3 and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    n_before = len(list(cache.glob("stream*.safetensors")))
+    assert 3 <= n_before < N_SHARDS, n_before  # killed part-way
+    with pytest.raises(tc.CacheError, match="incomplete"):
+        tc.TeacherCache(str(cache))
+    cli(*args[3:])
+    m = json.loads((cache / "manifest.json").read_text())
+    assert m["complete"] and len(list(cache.glob("stream*.safetensors"))) == N_SHARDS
+    for i in range(N_SHARDS):  # every shard, the ones before the kill included, reads back and checks its digest
+        assert tc.read_shard(tc.shard_path(cache, 0, i), m["data_hash"])["ids"].shape == (1, 32, 8)

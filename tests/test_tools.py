@@ -34,3 +34,12 @@ def test_bench_loss_tiny():
     losses = [res[c]["loss"] for c in ("naive", "autograd", "logits", "fused")]
     assert max(losses) - min(losses) < 1e-4 * abs(losses[0]), res  # the same objective in every form
     assert "logits_peak_over_naive" in r["goals"]["256"]
+
+
+def test_bench_cache_tiny():
+    r = _run("tools/bench_cache.py", "--teacher", "48", "1", "2", "--student", "32", "1", "2", "--vocab", "128",
+             "--students", "2", "--steps", "2", "--seq-len", "32", "--batch", "2", "--top-k", "16", "--threads", "1")
+    assert r["online_students_s"] > 0 and r["cache_write_s"] > 0 and r["cached_students_s"] > 0
+    assert r["bytes_per_token"] == 16 * 8 + 4 and r["cache_tokens"] == 2 * 2 * 32
+    assert r["bytes_per_token"] <= r["bytes_per_token_on_disk"] < r["bytes_per_token"] + 8  # + the shard headers
+    assert len(r["final_loss_cached"]) == 2 and r["student_params"][1] > r["student_params"][0]
