@@ -136,9 +136,9 @@ def test_teacher_cache_verb_and_cached_student(trained, tmp_path):
     """`megadistill teacher-cache` writes a complete cache; a student trains from it; its records say so."""
     cache, run = tmp_path / "cache", tmp_path / "student"
     student = ["configs/tiny/distill.yaml", *TINY, "train.steps=2"]
-    proc = cli("teacher-cache", str(trained), "--data", *student, "-o", str(cache), "--top-k", "16")
+    proc = cli("teacher-cache", str(trained), "--data", *student, "-o", str(cache), "--top-k", "16", "--bf16")
     manifest = json.loads((cache / "manifest.json").read_text())
-    assert manifest["complete"] and manifest["k"] == 16 and manifest["tokens"] >= 2 * 4 * 32
+    assert manifest["complete"] and manifest["k"] == 16 and manifest["teacher_dtype"] == "bf16" and manifest["tokens"] >= 2 * 4 * 32
     assert manifest["teacher"]["eval_loss"] > 0 and "bytes/token" in proc.stdout
     cli("train", *student, f"distill.teacher=cache:{cache}", f"train.run_dir={run}")
     rec = [json.loads(line) for line in open(run / "eval.jsonl")][-1]
@@ -150,6 +150,7 @@ def test_teacher_cache_verb_and_cached_student(trained, tmp_path):
     assert not (run.parent / "student2" / "train.jsonl").exists()  # refused before any step
 
 
+@pytest.mark.slow  # ~30 s; test_teacher_cache.py covers a stopped writer with torn temp files in the default run
 def test_teacher_cache_survives_a_kill(trained, tmp_path):
     """SIGKILL the writer mid-way: the cache refuses to serve; the same command continues it to a valid cache."""
     import signal
