@@ -230,3 +230,57 @@ def test_cache_end_to_end(tmp_path):
     errs = _errors(tmp_path)
     assert "data_hash" in errs["seed"] and "seq_len" in errs["seq_len"] and "temperature" in errs["temperature"]
     assert "covers" in errs["steps"] and "top_k" in errs["top_k"]
+
+
+# ------------------------------------------------------------------------------------------------ text data
+
+def _text_worker(rank, world, root):
+    """Text data, one stream per student DP rank: each rank's batches carry exactly the teacher's top-k of their
+    own tokens, across shard and shuffle-block boundaries and through a mid-stream resume."""
+    from megadistill.data import build_train_loader
+    from megadistill.parallel.groups import ParallelGroups
+    from megadistill.train import teacher_cache as tc
+    from megadistill.train.teacher import load_teacher
+    from megadistill.train.trainer import train
+    root = Path(root)
+    data = ["data.source=files", f"data.files=[{root / 'corpus.jsonl'}]", f"data.tokenizer={root / 'tok'}",
+            "model.vocab_size=320", "data.student_fraction=0.6", "data.eval_fraction=0.1"]
+    teacher = root / "teacher"
+    train(_cfg(tiny_overrides(teacher, "supervised", data + ["train.steps=2", "zero.stage=0"])))
+    cfg = _cfg(tiny_overrides(root / "s", "distill", data + ["train.steps=40", "train.global_batch_size=4",
+                                                             f"distill.teacher={teacher}"]))
+    m = tc.write_cache(cfg, str(teacher), str(root / "cache"), top_k=4, student_dp=2, shard_windows=16)
+    t = load_teacher(cfg, ParallelGroups.single(), torch.device("cpu"))
+    checked = 0
+    for r in range(2):
+        def loader():
+            return tc.CachedTeacherLoader(build_train_loader(cfg.data, vocab_size=320, seq_len=32, micro_batch_size=2,
+                                                             dp_rank=r, dp_size=2, seed=0), tc.TeacherCache(m_dir))
+        m_dir = str(root / "cache")
+        cur = loader()
+        for step in range(40):  # 80 windows of this rank: 5 shards, past the first shuffle block of 64
+            if step == 23:
+                state = json.loads(json.dumps(cur.state_dict()))
+                cur = loader()
+                cur.load_state_dict(state)
+            b = next(cur)
+            with torch.no_grad():
+                ids, lp, tail = cl.top_k_logprobs(t.module(b["input_ids"], None), 4)
+            assert torch.equal(b["teacher_ids"].reshape(-1, 4).long(), ids), (r, step)
+            assert_close(b["teacher_logprobs"].reshape(-1, 4), lp)
+            assert_close(b["teacher_tail"].reshape(-1), tail)
+            checked += 1
+    with pytest.raises(tc.CacheError, match="student-dp 1"):
+        tc.TeacherCache(str(root / "cache")).check(cfg, 1)
+    return checked, m["streams"], m["windows_per_stream"]
+
+
+@pytest.mark.multiproc
+def test_text_cache_streams_per_dp_rank(tmp_path):
+    from megadistill.data.tokenizer import train_bpe
+    from test_data_sources import write_corpus
+    _, paths = write_corpus(tmp_path, n=120, seed=3)
+    (tmp_path / "corpus.jsonl").write_bytes(Path(paths["jsonl"]).read_bytes())
+    train_bpe([paths["jsonl"]], str(tmp_path / "tok"), 300)
+    (checked, streams, windows), = run_distributed(_text_worker, 1, str(tmp_path))
+    assert checked == 80 and streams == 2 and windows == 80
