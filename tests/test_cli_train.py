@@ -138,7 +138,8 @@ def test_teacher_cache_verb_and_cached_student(trained, tmp_path):
     student = ["configs/tiny/distill.yaml", *TINY, "train.steps=2"]
     proc = cli("teacher-cache", str(trained), "--data", *student, "-o", str(cache), "--top-k", "16", "--bf16")
     manifest = json.loads((cache / "manifest.json").read_text())
-    assert manifest["complete"] and manifest["k"] == 16 and manifest["teacher_dtype"] == "bf16" and manifest["tokens"] >= 2 * 4 * 32
+    assert manifest["complete"] and manifest["k"] == 16 and manifest["teacher_dtype"] == "bf16"
+    assert manifest["tokens"] >= 2 * 4 * 32
     assert manifest["teacher"]["eval_loss"] > 0 and "bytes/token" in proc.stdout
     cli("train", *student, f"distill.teacher=cache:{cache}", f"train.run_dir={run}")
     rec = [json.loads(line) for line in open(run / "eval.jsonl")][-1]

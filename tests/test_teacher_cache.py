@@ -152,7 +152,8 @@ def _e2e_worker(rank, world, root):
         train(_cfg(student(name, extra)))
         out[name] = _losses(root / name)
     # exact resume from a cache: stop after 2 steps, resume, same curve as uninterrupted
-    train(_cfg(student("cached_resume", runs["cached_k8"] + ["train.stop_after_steps=2", "train.checkpoint_interval=2"])))
+    stop = ["train.stop_after_steps=2", "train.checkpoint_interval=2"]
+    train(_cfg(student("cached_resume", runs["cached_k8"] + stop)))
     train(_cfg(student("cached_resume", runs["cached_k8"] + ["train.resume=true"])))
     out["cached_resume"] = _losses(root / "cached_resume")
     if rank == 0:
@@ -193,8 +194,9 @@ def _errors(root):
     g = ParallelGroups.single()
     base = tiny_overrides(root / "x", "distill", ["train.steps=4", f"distill.teacher=cache:{root / 'cache_k8'}"])
     errs = {}
-    for name, extra in {"seed": ["train.seed=7"], "seq_len": ["train.seq_len=16"], "temperature":
-                        ["distill.temperature=2.0"], "steps": ["train.steps=400"], "top_k": ["distill.top_k=9"]}.items():
+    bad = {"seed": ["train.seed=7"], "seq_len": ["train.seq_len=16"], "temperature": ["distill.temperature=2.0"],
+           "steps": ["train.steps=400"], "top_k": ["distill.top_k=9"]}
+    for name, extra in bad.items():
         with pytest.raises(UserError) as e:
             tc.open_cache(_cfg(base + extra), g)
         errs[name] = str(e.value)

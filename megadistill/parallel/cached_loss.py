@@ -1,4 +1,4 @@
-"""Top-k teacher caches on vocab-sharded logits: extracting (ids, log-probs, tail mass) and the cached-teacher KD loss."""
+"""Top-k teacher caches on vocab-sharded logits: extracting (ids, log-probs, tail mass) and the cached KD loss."""
 from __future__ import annotations
 
 from typing import Dict, Optional, Tuple

@@ -1,4 +1,4 @@
-"""CLI verbs of the trainer: train, eval, export, teacher-cache, and plan-memory (defined in megadistill.train.memory)."""
+"""CLI verbs of the trainer: train, eval, export, teacher-cache, and plan-memory (in megadistill.train.memory)."""
 from __future__ import annotations
 
 import argparse

@@ -35,7 +35,7 @@ class Objective(nn.Module):
                 ) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
         d, z_w = self.cfg.distill, self.cfg.train.z_loss
         kd_w = d.kd_weight if self.distill else 0.0
-        if teacher_ids is not None:  # a cached top-k teacher (distill.teacher=cache:DIR): autograd over the student logits
+        if teacher_ids is not None:  # a cached top-k teacher (distill.teacher=cache:DIR); autograd over the logits
             return cached_distill_loss(self.student(input_ids, doc_ids), teacher_ids, teacher_logprobs, teacher_tail,
                                        labels, group=self.tp_group, kd_weight=kd_w, z_loss=z_w, top_k=d.top_k)
         if self.fused:

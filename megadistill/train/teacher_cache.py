@@ -59,8 +59,8 @@ def tokenizer_hash(cfg: Config) -> str:
     """Synthetic: the language itself; text: the bytes of the tokenizer's files."""
     d = cfg.data
     if d.source == "synthetic":
-        return _blake({k: getattr(d, k) for k in ("synthetic_order", "synthetic_branching", "synthetic_zipf",
-                                                  "synthetic_doc_len", "synthetic_seed")} | {"vocab": cfg.model.vocab_size})
+        keys = ("synthetic_order", "synthetic_branching", "synthetic_zipf", "synthetic_doc_len", "synthetic_seed")
+        return _blake({**{k: getattr(d, k) for k in keys}, "vocab": cfg.model.vocab_size})
     h = hashlib.blake2b(digest_size=8)
     root = Path(d.tokenizer)
     files = sorted(p for p in root.rglob("*") if p.is_file()) if root.is_dir() else [root]
