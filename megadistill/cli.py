@@ -11,7 +11,7 @@ from megadistill.errors import UserError
 
 # Each module defines register(subparsers); every parser it adds sets `func(args) -> int`.
 REGISTRARS = (
-    "megadistill.train.commands",   # train, eval, export, import, plan-memory
+    "megadistill.train.commands",   # train, eval, export, import, teacher-cache, plan-memory
     "megadistill.demo.commands",    # demo
     "megadistill.data.commands",    # tokenizer
     "megadistill.laws.commands",    # aggregate, fit, predict, plan, sweep, plot

@@ -130,3 +130,51 @@ def test_teacher_loads_exactly_the_exported_weights(trained):
         wq = teacher.module.blocks[0].attn.wq.weight
         assert wq.tensor_model_parallel and wq.partition_dim == 0 and wq.mup_role == "hidden"
         assert not teacher.module.training
+
+
+def test_teacher_cache_verb_and_cached_student(trained, tmp_path):
+    """`megadistill teacher-cache` writes a complete cache; a student trains from it; its records say so."""
+    cache, run = tmp_path / "cache", tmp_path / "student"
+    student = ["configs/tiny/distill.yaml", *TINY, "train.steps=2"]
+    proc = cli("teacher-cache", str(trained), "--data", *student, "-o", str(cache), "--top-k", "16", "--bf16")
+    manifest = json.loads((cache / "manifest.json").read_text())
+    assert manifest["complete"] and manifest["k"] == 16 and manifest["teacher_dtype"] == "bf16"
+    assert manifest["tokens"] >= 2 * 4 * 32
+    assert manifest["teacher"]["eval_loss"] > 0 and "bytes/token" in proc.stdout
+    cli("train", *student, f"distill.teacher=cache:{cache}", f"train.run_dir={run}")
+    rec = [json.loads(line) for line in open(run / "eval.jsonl")][-1]
+    assert rec["teacher"]["cache"] == str(cache) and rec["teacher"]["cache_k"] == 16
+    assert rec["flops_teacher_inference"] == 0.0 and rec["teacher"]["eval_loss"] == manifest["teacher"]["eval_loss"]
+    bad = cli("train", *student, f"distill.teacher=cache:{cache}", "train.seq_len=16", f"train.run_dir={run}2",
+              check=False)
+    assert bad.returncode == 2 and "does not match this run" in bad.stderr
+    assert not (run.parent / "student2" / "train.jsonl").exists()  # refused before any step
+
+
+@pytest.mark.slow  # ~30 s; test_teacher_cache.py covers a stopped writer with torn temp files in the default run
+def test_teacher_cache_survives_a_kill(trained, tmp_path):
+    """SIGKILL the writer mid-way: the cache refuses to serve; the same command continues it to a valid cache."""
+    import signal
+    import time
+    from megadistill.train import teacher_cache as tc
+    N_SHARDS = 200  # one window each: many small atomic writes, so the kill lands between the first and the last
+    cache = tmp_path / "cache"
+    args = [sys.executable, "-m", "megadistill.cli", "teacher-cache", str(trained), "--data",
+            "configs/tiny/distill.yaml", *TINY, "train.steps=2", "-o", str(cache), "--top-k", "8",
+            "--shard-windows", "1", "--tokens", str(N_SHARDS * 32)]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    proc = subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while len(list(cache.glob("stream*.safetensors"))) < 3 and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    n_before = len(list(cache.glob("stream*.safetensors")))
+    assert 3 <= n_before < N_SHARDS, n_before  # killed part-way
+    with pytest.raises(tc.CacheError, match="incomplete"):
+        tc.TeacherCache(str(cache))
+    cli(*args[3:])
+    m = json.loads((cache / "manifest.json").read_text())
+    assert m["complete"] and len(list(cache.glob("stream*.safetensors"))) == N_SHARDS
+    for i in range(N_SHARDS):  # every shard, the ones before the kill included, reads back and checks its digest
+        assert tc.read_shard(tc.shard_path(cache, 0, i), m["data_hash"])["ids"].shape == (1, 32, 8)

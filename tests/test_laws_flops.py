@@ -48,3 +48,29 @@ def test_tokens_for_compute_inverts_supervised_cost():
     n = np.array([1e7, 1e8, 1e9])
     d = tokens_for_compute(n, 1e20)
     np.testing.assert_allclose(training_flops(n, d), 1e20, rtol=1e-12)
+
+
+def test_students_sharing_a_teacher_cache_pay_its_forward_once():
+    n_s, d_s, n_t = 1e8, 2e9, 1e9
+    one = training_flops(n_s, d_s, n_t, 0.0, delta_lgt=1.0)
+    four = training_flops(n_s, d_s, n_t, 0.0, delta_lgt=1.0, students_per_cache=4)
+    student_only = training_flops(n_s, d_s)
+    teacher_fwd = forward_flops_per_token(n_t) * d_s
+    assert one - student_only == pytest.approx(teacher_fwd, rel=1e-12)
+    assert 4 * (four - student_only) == pytest.approx(teacher_fwd, rel=1e-12)  # four students: one forward in all
+    assert scenario_flops("teacher-inference", n_s, d_s, n_t, students_per_cache=4) == pytest.approx(four, rel=1e-12)
+    with pytest.raises(UserError, match="students_per_cache"):
+        training_flops(n_s, d_s, n_t, 0.0, delta_lgt=1.0, students_per_cache=0.5)
+
+
+def test_planner_and_aggregate_share_the_cache():
+    from megadistill.laws.planner import plan
+    from megadistill.laws.records import share_cache_flops
+    p1 = plan(1e21, "teacher-inference", 1e9)
+    p8 = plan(1e21, "teacher-inference", 1e9, students_per_cache=8)
+    assert p8.flops == pytest.approx(1e21, rel=1e-3) and p1.flops == pytest.approx(1e21, rel=1e-3)
+    assert p8.student_loss <= p1.student_loss + 1e-9  # a cheaper teacher forward never hurts the student
+    rows = [{"run": r, "tokens": 1000, "flops": 5.0, "teacher_cache": "c1", "cache_flops_per_token": 2.0}
+            for r in ("a", "b")] + [{"run": "c", "tokens": 1000, "flops": 5.0, "teacher_cache": None}]
+    out = share_cache_flops(rows)
+    assert [r["flops"] for r in out] == [1005.0, 1005.0, 5.0]  # 2 x 1000 teacher FLOPs paid once over a and b

@@ -46,3 +46,12 @@ def test_bench_import_tiny():
     assert full == 2 * r["params"]  # bf16, nothing more
     assert all(0.45 * full <= x["shard_bytes"] <= 0.6 * full for x in r["tp2"])
     assert isinstance(r["goal_met"], bool)
+
+
+def test_bench_cache_tiny():
+    r = _run("tools/bench_cache.py", "--teacher", "48", "1", "2", "--student", "32", "1", "2", "--vocab", "128",
+             "--students", "2", "--steps", "2", "--seq-len", "32", "--batch", "2", "--top-k", "16", "--threads", "1")
+    assert r["online_students_s"] > 0 and r["cache_write_s"] > 0 and r["cached_students_s"] > 0
+    assert r["bytes_per_token"] == 16 * 8 + 4 and r["cache_tokens"] == 2 * 2 * 32
+    assert r["bytes_per_token"] <= r["bytes_per_token_on_disk"] < r["bytes_per_token"] + 8  # + the shard headers
+    assert len(r["final_loss_cached"]) == 2 and r["student_params"][1] > r["student_params"][0]

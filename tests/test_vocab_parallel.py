@@ -58,10 +58,12 @@ KL_CASES = ([dict(temperature=t) for t in (0.5, 1.0, 2.0)]
             + [dict(top_k=5, temperature=2.0)]
             + [dict(top_p=p) for p in (0.5, 0.9, 1.0)]
             + [dict(top_p=0.9, temperature=0.5), dict(top_p=0.9, top_p_candidates=2),  # fallback: bisection
-               dict(top_p=0.97, top_p_candidates=1), dict(top_k=12, top_p=0.8)]
+               dict(top_p=0.97, top_p_candidates=1), dict(top_k=12, top_p=0.8),
+               dict(top_p=0.5, top_p_candidates=4)]  # rows split between the candidate and the full bisection
             + [dict(reverse=True), dict(reverse=True, temperature=2.0), dict(mask=True)])
 CASES = ([("ce", {}), ("ce", dict(dtype=torch.bfloat16)), ("z", {})]
-         + [("kl", c) for c in KL_CASES] + [("kl", dict(dtype=torch.bfloat16, top_k=5))])
+         + [("kl", c) for c in KL_CASES] + [("kl", dict(dtype=torch.bfloat16, top_k=5)),
+            ("kl", dict(dtype=torch.bfloat16, top_p=0.8, top_p_candidates=3))])  # bf16 rounding: ties at the cut
 
 
 def _inputs(seed, vocab=V, dtype=torch.float32):
@@ -223,6 +225,14 @@ def _tp_worker(rank, world):
             moved = [_kl_traffic(v, group, rank, world, **opts) for v in (V, 2 * V, 8 * V)]
             assert moved[0] == moved[1] == moved[2] <= bound, (opts, moved, bound)
             done.append(f"traffic:{opts}:{moved[0]}")
+        # exact top-p: O(tokens) per bisection step, the same for any nucleus size (top_p, a flat teacher that
+        # overflows the candidates) and any V; the earlier candidate gather moved [n, tp 256] numbers
+        base = _kl_traffic(V, group, rank, world)
+        top_p = [_kl_traffic(v, group, rank, world, **o) for v in (V, 8 * V)
+                 for o in (dict(top_p=0.3), dict(top_p=0.99), dict(top_p=0.9, top_p_candidates=2),
+                           dict(top_p=0.9, temperature=20.0))]
+        assert len(set(top_p)) == 1 and top_p[0] - base == 37 * n_tok, (base, top_p)
+        done.append(f"traffic:top_p:{top_p[0]}")
     return done
 
 
@@ -232,4 +242,4 @@ def test_tp_matches_dense(world):
     done = run_distributed(_tp_worker, world)
     assert all(len(d) >= len(CASES) for d in done)
     if world == 2:
-        assert sum(s.startswith("traffic") for s in done[0]) == 3
+        assert sum(s.startswith("traffic") for s in done[0]) == 4

@@ -163,7 +163,7 @@ def format_plan(p: Plan) -> str:
 
 def cmd_plan(args) -> int:
     sup, dist = load_fits(args.fit)
-    p = plan(args.compute, args.scenario, args.student_params, sup, dist)
+    p = plan(args.compute, args.scenario, args.student_params, sup, dist, students_per_cache=args.students_per_cache)
     if args.answer:
         _out(answer_line(p))
     elif args.json:
@@ -245,6 +245,8 @@ def register(subparsers) -> None:
     p.add_argument("--compute", type=_positive_float, required=True, help="FLOPs budget")
     p.add_argument("--scenario", choices=list(SCENARIOS), default="best-case")
     p.add_argument("--student-params", type=_positive_float, help="fix the student size N_S")
+    p.add_argument("--students-per-cache", type=_positive_float, default=1.0,
+                   help="students sharing one offline teacher cache (teacher-inference scenarios: each pays 1/n)")
     p.add_argument("--fit", nargs="+", default=[], help="fit.json files (default: the paper's Table 6)")
     p.add_argument("--answer", action="store_true", help="print one line: distil|supervise and L_distil - L_sup")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")

@@ -50,13 +50,18 @@ def forward_flops_per_token(n_params: ArrayLike, n_ctx: int = N_CTX, n_vocab: in
 def training_flops(student_params: ArrayLike, student_tokens: ArrayLike,
                    teacher_params: ArrayLike = 0.0, teacher_tokens: ArrayLike = 0.0,
                    delta_lgt: float = 0.0, delta_pre: float = 0.0, n_ctx: int = N_CTX,
-                   n_vocab: int = N_VOCAB, rho: float = RHO, omega: float = OMEGA) -> ArrayLike:
-    """FLOPs = 3 F(N_S) D_S + F(N_T) (delta_Lgt D_S + delta_Pre 3 D_T)  (PAPER.md total).
+                   n_vocab: int = N_VOCAB, rho: float = RHO, omega: float = OMEGA,
+                   students_per_cache: float = 1.0) -> ArrayLike:
+    """FLOPs = 3 F(N_S) D_S + F(N_T) (delta_Lgt D_S / n_cache + delta_Pre 3 D_T)  (PAPER.md total).
 
     3 F: one forward plus a backward costing two forwards. delta_Lgt = 1 pays the teacher forward on every
     student token (teacher logits), delta_Pre = 1 pays the teacher's own pretraining on D_T tokens.
+    students_per_cache = n_cache: students distilled from one offline teacher cache (`megadistill teacher-cache`)
+    share its forward, so each pays 1 / n_cache of it (1: the paper's co-resident teacher).
     A supervised run is training_flops(N, D). Works elementwise on numpy arrays.
     """
+    check_students_per_cache(students_per_cache)
+    delta_lgt = delta_lgt / students_per_cache
     kw = dict(n_ctx=n_ctx, n_vocab=n_vocab, rho=rho, omega=omega)
     d_s = np.asarray(student_tokens, dtype=np.float64)
     total = 3.0 * np.asarray(forward_flops_per_token(student_params, **kw)) * d_s
@@ -66,11 +71,18 @@ def training_flops(student_params: ArrayLike, student_tokens: ArrayLike,
     return float(total) if np.ndim(total) == 0 else total
 
 
+def check_students_per_cache(n: float) -> None:
+    if not n >= 1:
+        raise UserError(f"students_per_cache={n!r} must be >= 1 (students sharing one teacher cache)")
+
+
 def scenario_flops(scenario: str, student_params: ArrayLike, student_tokens: ArrayLike,
-                   teacher_params: ArrayLike = 0.0, teacher_tokens: ArrayLike = 0.0) -> ArrayLike:
+                   teacher_params: ArrayLike = 0.0, teacher_tokens: ArrayLike = 0.0,
+                   students_per_cache: float = 1.0) -> ArrayLike:
     """training_flops with the (delta_Lgt, delta_Pre) of a named scenario (see SCENARIOS)."""
     d_lgt, d_pre = scenario_deltas(scenario)
-    return training_flops(student_params, student_tokens, teacher_params, teacher_tokens, d_lgt, d_pre)
+    return training_flops(student_params, student_tokens, teacher_params, teacher_tokens, d_lgt, d_pre,
+                          students_per_cache=students_per_cache)
 
 
 def tokens_for_compute(n_params: ArrayLike, compute: ArrayLike) -> ArrayLike:

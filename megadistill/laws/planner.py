@@ -11,7 +11,8 @@ import numpy as np
 from scipy.optimize import brentq, minimize
 
 from megadistill.errors import UserError
-from megadistill.laws.flops import N_CTX, N_VOCAB, OMEGA, RHO, SCENARIOS, forward_flops_per_token, scenario_deltas
+from megadistill.laws.flops import (N_CTX, N_VOCAB, OMEGA, RHO, SCENARIOS, check_students_per_cache,
+                                   forward_flops_per_token, scenario_deltas)
 from megadistill.laws.forms import PAPER_DISTILLATION, PAPER_SUPERVISED, distillation_loss, supervised_loss
 
 _GRID = 45  # coarse grid points per free log10 variable before the SLSQP polish
@@ -31,6 +32,10 @@ class Accounting:
     rho: float = RHO
     omega: float = OMEGA
     bounds: Tuple[float, float] = (1e6, 1e17)
+    students_per_cache: float = 1.0  # students sharing one offline teacher cache: each pays 1/n of its forward
+
+    def __post_init__(self):
+        check_students_per_cache(self.students_per_cache)
 
     def f(self, n):
         return forward_flops_per_token(n, self.n_ctx, self.n_vocab, self.rho, self.omega)
@@ -70,6 +75,7 @@ class Plan:
 
 def _cost(acct: Accounting, scenario, n_s, d_s, n_t, d_t):
     d_lgt, d_pre = scenario_deltas(scenario)
+    d_lgt /= acct.students_per_cache
     f_s, f_t = acct.f(n_s), acct.f(n_t)
     return 3.0 * f_s * d_s + f_t * (d_lgt * d_s + d_pre * 3.0 * d_t)
 
@@ -77,6 +83,7 @@ def _cost(acct: Accounting, scenario, n_s, d_s, n_t, d_t):
 def _student_tokens(acct: Accounting, scenario, compute, n_s, n_t, d_t):
     """D_S that spends exactly `compute` given the other three (NaN when the teacher alone exceeds it)."""
     d_lgt, d_pre = scenario_deltas(scenario)
+    d_lgt /= acct.students_per_cache
     f_s, f_t = acct.f(n_s), acct.f(n_t)
     left = compute - d_pre * 3.0 * f_t * d_t
     with np.errstate(invalid="ignore", divide="ignore"):

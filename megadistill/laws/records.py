@@ -203,7 +203,24 @@ def record_row(rec: dict) -> dict:
     return {"run": rec["run"], "mode": rec["mode"], "step": rec["step"], "params": rec["params"],
             "tokens": rec["tokens"], "flops": float(flops), "eval_loss": float(rec["eval_loss"]),
             "teacher_run": t.get("run"), "teacher_params": t.get("params"), "teacher_tokens": t.get("tokens"),
-            "teacher_loss": t.get("eval_loss")}
+            "teacher_loss": t.get("eval_loss"), "teacher_cache": t.get("cache_id"),
+            "cache_flops_per_token": (t["cache_flops"] / t["cache_tokens"]) if t.get("cache_tokens") else None}
+
+
+def share_cache_flops(rows: List[dict]) -> List[dict]:
+    """Charge each cached-teacher student its share of the one teacher forward that wrote its cache.
+
+    A cached run's own flops exclude the teacher forward; the n distinct runs of `rows` that read one cache each
+    add F_T D / n (D: the row's tokens), so students that all read the whole cache pay F_T D_cache once in total.
+    """
+    users: Dict[str, set] = {}
+    for r in rows:
+        if r.get("teacher_cache"):
+            users.setdefault(r["teacher_cache"], set()).add(r["run"])
+    for r in rows:
+        if r.get("teacher_cache") and r.get("cache_flops_per_token"):
+            r["flops"] = r["flops"] + r["cache_flops_per_token"] * r["tokens"] / len(users[r["teacher_cache"]])
+    return rows
 
 
 def aggregate(paths: Sequence[str], all_steps: bool = False, stats: Optional[dict] = None) -> List[dict]:
@@ -230,7 +247,7 @@ def aggregate(paths: Sequence[str], all_steps: bool = False, stats: Optional[dic
     if not rows:
         raise UserError(f"no usable eval records in {', '.join(map(str, files)) or 'the given paths'} "
                         f"({stats.get('n_bad', 0)} malformed lines, {stats.get('n_nonfinite', 0)} non-finite losses)")
-    return rows
+    return share_cache_flops(rows)
 
 
 def _num(v: Optional[str]) -> Optional[float]:

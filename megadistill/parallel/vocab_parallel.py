@@ -119,57 +119,53 @@ def _top_p_support(t: torch.Tensor, support: Optional[torch.Tensor], top_p: floa
     """Mask [n, v/tp] of the teacher's top-p nucleus (of the distribution already restricted to `support`).
 
     Definition: token a is kept iff the mass of tokens strictly more likely than a is < top_p, i.e. the smallest
-    set of most likely tokens whose mass reaches top_p (ties at the boundary all kept). It is {a: t_a >= u} for a
-    per-token threshold u, found without gathering the vocab:
-    1. candidates: every rank's top-n_cand logits are gathered ([n, tp n_cand] numbers) and sorted; the mass above
-       each candidate is an exclusive cumulative sum. With c = max over ranks of each rank's smallest candidate,
-       every token with logit > c is a candidate, so the mass above any candidate >= c is exact. If the first
-       dropped candidate is >= c, the threshold is certified (the common case: nuclei of trained teachers are small).
-    2. otherwise (a flat teacher, nucleus wider than the candidates) an exact bisection on the fp32 bit pattern of
-       u between the global minimum and c: 32 steps, each an all-reduce of one number per uncertified token.
-    All ranks hold identical gathered / reduced values, so they take the same branch and the same number of steps.
+    set of most likely tokens whose mass reaches top_p (ties at the boundary all kept). It is {a: t_a >= u} with
+    u the smallest fp32 number whose mass above, G(u) = sum_{t_b > u} p_b, is < top_p. u is found by an exact
+    bisection on the fp32 bit pattern (keys span < 2^32, so 32 halvings close every interval); each step is one
+    all-reduce of the per-token mass G(mid), [n] numbers, so the traffic is O(tokens) whatever the nucleus and V:
+    - each rank keeps its top-n_cand logits locally (never communicated). With c = max over ranks of each rank's
+      smallest candidate, every token with logit > c is a candidate on its rank, so G(u) for u >= c is a sum over
+      the candidates: for rows with G(c) >= top_p (u > c: the common case, nuclei of trained teachers are small)
+      each step costs O(n_cand) per token;
+    - rows with G(c) < top_p (a flat teacher, nucleus wider than the candidates) bisect in [min, c] over the full
+      local shard.
+    Collectives: max + sum of [n] (normaliser), one max of [2, n] (c and -min), then 33 sums of [n]. All ranks
+    hold identical reduced values, so they take the same branch per row.
     """
     n, v_local = t.shape
     if support is not None:
         t = t.masked_fill(~support, -math.inf)
-    lse = logsumexp(t, group)  # [n] log-normaliser of the (top-k) teacher
+    m, _, s = softmax_stats(t, group)
+    lse = m + torch.log(s)  # [n] log-normaliser of the (top-k) teacher
     k = min(n_cand, v_local)
-    local = t.topk(k, dim=-1).values  # [n, k] descending
-    cand = gather_from_tp_region(local, group)  # [n, tp k]
-    c = cand.view(n, -1, k)[..., -1].amax(dim=-1)  # [n] every logit > c is a candidate
-    sv = cand.sort(dim=-1, descending=True).values
-    w = torch.exp(sv - lse.unsqueeze(-1))
-    excl = torch.cat([torch.zeros_like(w[:, :1]), w.cumsum(dim=-1)[:, :-1]], dim=-1)  # mass before each position
-    first = torch.searchsorted(-sv, -sv, side="left")  # first position of each value: mass strictly above it
-    dropped = excl.gather(-1, first) >= top_p  # non-decreasing along the sorted row
-    n_keep = (~dropped).sum(dim=-1)
-    has_drop = n_keep < sv.shape[-1]
-    v_drop = sv.gather(-1, n_keep.clamp(max=sv.shape[-1] - 1).unsqueeze(-1)).squeeze(-1)
-    u = torch.where(has_drop, torch.nextafter(v_drop, torch.full_like(v_drop, math.inf)),
-                    torch.full_like(v_drop, -math.inf))  # keep iff t >= u
-    if k < v_local:
-        certified = (c == -math.inf) | (has_drop & (v_drop >= c))
-        rows = (~certified).nonzero().squeeze(-1)
-        if rows.numel() > 0:
-            u[rows] = _top_p_bisect(t[rows], lse[rows], c[rows], top_p, group)
-    keep = (t >= u.unsqueeze(-1)) & (t > -math.inf)
-    return keep
-
-
-@torch.no_grad()
-def _top_p_bisect(t: torch.Tensor, lse: torch.Tensor, hi_val: torch.Tensor, top_p: float, group) -> torch.Tensor:
-    """Smallest fp32 u with G(u) = sum_{t_a > u} p_a < top_p, per row; G(hi_val) < top_p holds on entry."""
-    p = torch.exp(t - lse.unsqueeze(-1))  # [r, v/tp]
-    lo_val = all_reduce_min(torch.where(t > -math.inf, t, math.inf).amin(dim=-1), group)
-    lo, hi = _float_key(lo_val) - 1, _float_key(hi_val)  # G(lo) = all mass >= top_p, G(hi) < top_p
-    for _ in range(32):  # keys span < 2^32, so 32 halvings close every interval
+    cand = t.topk(k, dim=-1).values  # [n, k] local candidates, descending
+    p_cand = torch.exp(cand - lse.unsqueeze(-1))
+    c_local = cand[:, -1] if k < v_local else torch.full_like(lse, -math.inf)
+    finite_min = torch.where(t > -math.inf, t, math.inf).amin(dim=-1)
+    c, neg_min = all_reduce_max(torch.stack([c_local, -finite_min]), group)  # every logit > c is a candidate
+    lo_all = _float_key(-neg_min) - 1  # G(lo_all) = all the mass >= top_p
+    c_key = torch.maximum(_float_key(c), lo_all)
+    hi = _float_key(m)  # G(max) = 0 < top_p
+    g_c = reduce_from_tp_region(torch.where(cand > _key_float(c_key).unsqueeze(-1), p_cand, 0.0).sum(dim=-1), group)
+    in_cand = g_c >= top_p  # u > c: the candidates decide
+    lo = torch.where(in_cand, c_key, lo_all)
+    hi = torch.where(in_cand, hi, c_key)
+    flat_rows = (~in_cand).nonzero().squeeze(-1)  # identical on every rank
+    t_flat = t[flat_rows]
+    p_flat = torch.exp(t_flat - lse[flat_rows].unsqueeze(-1))  # [r, v/tp]
+    cand_rows = in_cand.nonzero().squeeze(-1)
+    cand, p_cand = cand[cand_rows], p_cand[cand_rows]
+    g = torch.empty_like(lse)
+    for _ in range(32):
         active = hi - lo > 1
         mid = (lo + hi) // 2
-        g = reduce_from_tp_region(torch.where(t > _key_float(mid).unsqueeze(-1), p, 0.0).sum(dim=-1), group)
-        below = g < top_p
+        u = _key_float(mid).unsqueeze(-1)
+        g[cand_rows] = torch.where(cand > u[cand_rows], p_cand, 0.0).sum(dim=-1)
+        g[flat_rows] = torch.where(t_flat > u[flat_rows], p_flat, 0.0).sum(dim=-1)
+        below = reduce_from_tp_region(g, group) < top_p
         hi = torch.where(active & below, mid, hi)
         lo = torch.where(active & ~below, mid, lo)
-    return _key_float(hi)
+    return (t >= _key_float(hi).unsqueeze(-1)) & (t > -math.inf)
 
 
 @torch.no_grad()

@@ -1,4 +1,4 @@
-"""CLI verbs of the trainer: train, eval, export, import, and plan-memory (defined in megadistill.train.memory)."""
+"""CLI verbs of the trainer: train, eval, export, import, teacher-cache, plan-memory (in megadistill.train.memory)."""
 from __future__ import annotations
 
 import argparse
@@ -62,6 +62,25 @@ def _import(args) -> int:
     return 0
 
 
+def _teacher_cache(args) -> int:
+    from megadistill import config
+    from megadistill.train.teacher_cache import write_cache
+
+    paths, overrides = split_args(args.data + list(args.overrides))
+    overrides = overrides + [f"distill.teacher={args.teacher}", "train.mode=distill"]
+    if args.tp:
+        overrides.append(f"parallel.tp_size={args.tp}")
+    if args.bf16:
+        overrides.append("distill.teacher_dtype=bf16")
+    cfg = config.load(paths, overrides)
+    m = write_cache(cfg, args.teacher, args.out, top_k=args.top_k, tokens=args.tokens, student_dp=args.student_dp,
+                    shard_windows=args.shard_windows, max_shards=args.max_shards)
+    state = "complete" if m["complete"] else f"partial ({m.get('missing_shards')} shards to go: re-run to continue)"
+    print(f"teacher cache {args.out}: {m['tokens']} tokens, k={m['k']}, {m['k'] * 8 + 4} bytes/token, {state}; "
+          f"train from it with distill.teacher=cache:{args.out}")
+    return 0
+
+
 def register(sub) -> None:
     p = sub.add_parser("train", help="train a model (supervised or distill) from YAML configs + key=value overrides",
                        formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -79,7 +98,8 @@ def register(sub) -> None:
 
     p = sub.add_parser("export", help="write a run's consolidated weights as safetensors + config.yaml, or as a "
                                       "Hugging Face folder (--format hf)",
-                       formatter_class=argparse.RawDescriptionHelpFormatter, epilog="examples: megadistill export runs/t1 -o exports/t1\n"
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       epilog="examples: megadistill export runs/t1 -o exports/t1\n"
                               "          megadistill export runs/t1 --format hf -o exports/t1-hf")
     p.add_argument("run_dir")
     p.add_argument("-o", "--out", required=True)
@@ -94,5 +114,23 @@ def register(sub) -> None:
     p.add_argument("--dtype", choices=("auto", "fp32", "bf16"), default="auto",
                    help="weights' dtype in the model dir (auto: as stored, bit-exact)")
     p.set_defaults(func=_import)
+
+    p = sub.add_parser("teacher-cache", help="run a teacher once over the student split and write its top-k logits",
+                       epilog="example: megadistill teacher-cache runs/tiny/teacher --data configs/tiny/distill.yaml "
+                              "-o caches/tiny --top-k 128; then train with distill.teacher=cache:caches/tiny. "
+                              "Re-running on the same -o continues a killed write.")
+    p.add_argument("teacher", help="teacher run dir, export dir or any spec distill.teacher accepts")
+    p.add_argument("--data", nargs="+", required=True, metavar="CONFIG.yaml",
+                   help="the student's config(s): data.*, train.seq_len / seed / batch, model.vocab_size")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="overrides of the student config")
+    p.add_argument("-o", "--out", required=True, help="cache directory")
+    p.add_argument("--top-k", type=int, default=128, help="teacher tokens kept per position (default 128)")
+    p.add_argument("--tokens", type=int, default=None, help="tokens to cover (default: the student's training tokens)")
+    p.add_argument("--tp", type=int, default=0, help="tensor-parallel size of the teacher (world = tp x dp)")
+    p.add_argument("--bf16", action="store_true", help="run the teacher in bf16")
+    p.add_argument("--student-dp", type=int, default=1, help="text data: the student's dp_size (one stream per rank)")
+    p.add_argument("--shard-windows", type=int, default=64, help="windows (sequences) per shard file")
+    p.add_argument("--max-shards", type=int, default=0, help="stop after this many new shards per rank (0: all)")
+    p.set_defaults(func=_teacher_cache)
 
     memory.register(sub)

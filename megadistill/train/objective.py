@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from megadistill.config import Config
+from megadistill.parallel.cached_loss import cached_distill_loss
 from megadistill.parallel.mappings import copy_to_tp_region
 from megadistill.parallel.fused_loss import fused_linear_distill_loss, logits_distill_loss
 
@@ -29,9 +30,14 @@ class Objective(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor, doc_ids: Optional[torch.Tensor] = None,
                 teacher_logits: Optional[torch.Tensor] = None, teacher_hidden: Optional[torch.Tensor] = None,
-                teacher_weight: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+                teacher_weight: Optional[torch.Tensor] = None, teacher_ids: Optional[torch.Tensor] = None,
+                teacher_logprobs: Optional[torch.Tensor] = None, teacher_tail: Optional[torch.Tensor] = None
+                ) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
         d, z_w = self.cfg.distill, self.cfg.train.z_loss
         kd_w = d.kd_weight if self.distill else 0.0
+        if teacher_ids is not None:  # a cached top-k teacher (distill.teacher=cache:DIR); autograd over the logits
+            return cached_distill_loss(self.student(input_ids, doc_ids), teacher_ids, teacher_logprobs, teacher_tail,
+                                       labels, group=self.tp_group, kd_weight=kd_w, z_loss=z_w, top_k=d.top_k)
         if self.fused:
             h = self.student.hidden_states(input_ids, doc_ids)  # [b, s, d]
             h = copy_to_tp_region(h, self.tp_group)  # the head is column-parallel over the vocab

@@ -24,7 +24,7 @@ from megadistill.model.sizes import params_of
 from megadistill.model.transformer import Transformer
 from megadistill.parallel.groups import ParallelGroups
 from megadistill.parallel.init import init_distributed
-from megadistill.train import checkpoint, engine as engine_mod
+from megadistill.train import checkpoint, engine as engine_mod, teacher_cache
 from megadistill.train.evaluate import eval_record, evaluate
 from megadistill.train.metrics import MetricsLog, forward_flops, peak_flops
 from megadistill.train.objective import Objective, teacher_outputs
@@ -129,21 +129,27 @@ class Live:
 def build(cfg: Config, info) -> Live:
     """Model, engine, teacher and data loader of cfg on this rank (every rank calls it; no resume, no run dir)."""
     t = cfg.train
-    source = teacher_source(cfg) if t.mode == "distill" else None  # vocab / tokenizer / layout errors first
+    cached = t.mode == "distill" and teacher_cache.is_cache(cfg.distill.teacher)
+    # a co-resident teacher's vocab / tokenizer / layout errors come first, before any compute
+    source = teacher_source(cfg) if t.mode == "distill" and not cached else None
     groups = ParallelGroups.build(cfg.parallel.tp_size)
+    cache_teacher = teacher_cache.open_cache(cfg, groups) if cached else None  # checked before any compute
     torch.manual_seed(t.seed)  # identical on every rank: TP shards are slices of one full initialisation
     student = Transformer(cfg.model, groups.factory(device=info.device))
     if t.init_from:
         load_student_init(student, cfg, groups)
     objective = Objective(student, cfg, groups.tp_group)
     eng, scheduler = engine_mod.initialize(objective, cfg, groups, total_steps(cfg))
-    teacher: Optional[Teacher] = load_teacher(cfg, groups, eng.device, source) if source else None
+    teacher: Optional[Teacher] = (cache_teacher if cached else
+                                  load_teacher(cfg, groups, eng.device, source) if source else None)
     if teacher is not None and cfg.distill.fused and engine_mod.effective_stage(cfg, groups.dp_size) == 3:
         import deepspeed
         deepspeed.zero.register_external_parameter(objective, student.output_weight)
     loader = build_train_loader(cfg.data, vocab_size=cfg.model.vocab_size, seq_len=t.seq_len,
                                 micro_batch_size=t.micro_batch_size, dp_rank=groups.dp_rank,
                                 dp_size=groups.dp_size, seed=t.seed)
+    if cached:
+        loader = teacher_cache.CachedTeacherLoader(loader, cache_teacher.cache)
     return Live(cfg, info, groups, student, objective, eng, scheduler, teacher, loader, eng.device)
 
 
@@ -158,7 +164,10 @@ def train_step(live: Live) -> Dict[str, float]:
         ids = batch["input_ids"].to(device)
         labels = batch["labels"].to(device)
         doc_ids = batch["doc_ids"].to(device) if cfg.data.document_mask else None
-        extra = teacher_outputs(teacher.module, cfg, ids, doc_ids) if teacher else {}
+        if "teacher_ids" in batch:
+            extra = teacher_cache.cached_outputs(batch, device)
+        else:
+            extra = teacher_outputs(teacher.module, cfg, ids, doc_ids) if teacher else {}
         ctx = contextlib.nullcontext()
         if teacher is not None and teacher.engine is not None and cfg.distill.fused:
             import deepspeed
@@ -248,9 +257,12 @@ def train(cfg: Config, progress: Optional[Callable[[int, int], None]] = None,
                                       n_tokens=t.eval_tokens, batch_size=t.micro_batch_size)
     n_params, n_total = params_of(cfg.model)
     f_student = forward_flops(cfg.model, t.seq_len)
-    f_teacher = forward_flops(teacher.model_cfg, t.seq_len) if teacher else 0.0
+    # a cached teacher's forward was paid once by the cache, for every student sharing it (teacher block: cache_flops)
+    f_teacher = forward_flops(teacher.model_cfg, t.seq_len) if teacher and teacher.module is not None else 0.0
     tokens_per_step = t.global_batch_size * t.seq_len
     step, tokens, teacher_eval_loss = 0, 0, None
+    if isinstance(teacher, teacher_cache.CachedTeacher):
+        teacher_eval_loss = teacher.eval_loss  # measured on this eval split by the cache writer
 
     state = checkpoint.load(eng, run_dir) if t.resume else None
     if state is not None:
@@ -283,6 +295,8 @@ def train(cfg: Config, progress: Optional[Callable[[int, int], None]] = None,
             if teacher is not None:
                 teacher_info = {"run": teacher.run, "params": teacher.params, "tokens": teacher.tokens,
                                 "eval_loss": teacher_eval_loss, "own_eval_loss": teacher.eval_loss}
+                if isinstance(teacher, teacher_cache.CachedTeacher):
+                    teacher_info.update(teacher.record_block())
             rec = eval_record(cfg, run_name, step, tokens, ev, teacher_info, f_teacher)
             records.append_record(run_dir, rec)
         return ev
