@@ -331,3 +331,29 @@ def test_export_hf_carries_the_runs_tokenizer(tokenizers, tmp_path):
     assert model.config.eos_token_id == tok.eos_token_id and model.config.vocab_size == 288
     ids = tok("alpha beta gamma", return_tensors="pt").input_ids
     assert model.generate(ids, max_new_tokens=4, do_sample=False).shape[1] == ids.shape[1] + 4
+
+
+def _cache_worker(rank, world, root, folder):
+    from megadistill.train import teacher_cache as tc
+    from megadistill.train.trainer import train
+    root = Path(root)
+
+    def student(name, extra):
+        return config.load([], tiny_overrides(root / name, "distill", ["train.steps=4", "train.eval_tokens=256",
+                                                                       *extra]))
+
+    m = tc.write_cache(student("w", [f"distill.teacher=hf:{folder}"]), f"hf:{folder}", str(root / "cache"),
+                       top_k=128, shard_windows=16)
+    out = {"complete": m["complete"]}
+    for name, ref in (("online", f"hf:{folder}"), ("cached", f"cache:{root / 'cache'}")):
+        train(student(name, [f"distill.teacher={ref}"]))
+        out[name] = [json.loads(line)["loss"] for line in open(root / name / "train.jsonl")]
+    return out
+
+
+@pytest.mark.multiproc
+def test_teacher_cache_from_an_hf_teacher(hf_dirs, tmp_path):
+    """teacher-cache takes an hf: teacher; with k = V the cached student's curve equals the online one's."""
+    out = run_distributed(_cache_worker, 1, str(tmp_path), str(hf_dirs["qwen3_gqa"][0]), timeout=600)[0]
+    assert out["complete"]
+    assert_close(torch.tensor(out["cached"]), torch.tensor(out["online"]), atol=2e-5, rtol=0)
