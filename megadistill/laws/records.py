@@ -7,11 +7,11 @@ import glob
 import json
 import logging
 import math
-import os
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 from megadistill.errors import UserError
+from megadistill.fileio import append_line
 from megadistill.laws.flops import training_flops
 
 log = logging.getLogger(__name__)
@@ -105,17 +105,14 @@ def validate_record(rec, strict: bool = True) -> List[str]:
 
 
 def append_record(run_dir, record: dict) -> Path:
-    """Append one record as a JSON line to <run_dir>/eval.jsonl (flush + fsync so a crash loses at most this line)."""
+    """Append one record as a JSON line to <run_dir>/eval.jsonl (flush + fsync so a crash loses at most this line; a
+    failed write, e.g. disk full, leaves no partial line and raises a UserError)."""
     problems = validate_record(record)
     if problems:
         raise UserError(f"eval record for run {record.get('run')!r}: " + "; ".join(problems))
     path = Path(run_dir) / EVAL_FILE
     path.parent.mkdir(parents=True, exist_ok=True)
-    line = json.dumps(record, separators=(",", ":"), sort_keys=False) + "\n"
-    with open(path, "a", encoding="utf-8") as fh:
-        fh.write(line)
-        fh.flush()
-        os.fsync(fh.fileno())
+    append_line(path, json.dumps(record, separators=(",", ":"), sort_keys=False))  # whole line or nothing
     return path
 
 

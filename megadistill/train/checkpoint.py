@@ -12,6 +12,7 @@ import torch
 import torch.distributed as dist
 
 from megadistill.errors import UserError
+from megadistill.fileio import atomic_write_bytes, fsync_dir as _fsync_dir
 from megadistill.parallel.groups import ParallelGroups
 
 log = logging.getLogger(__name__)
@@ -20,24 +21,9 @@ WEIGHTS = "model.safetensors"
 MODEL_DIR = "model"  # <run_dir>/model/: consolidated weights + config.yaml of a finished run
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def atomic_write_text(path: Path, text: str) -> None:
     """Write to a temp name, fsync, rename: readers see the old or the new file, never a torn one."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
+    atomic_write_bytes(path, text.encode("utf-8"))
 
 
 def _barrier():

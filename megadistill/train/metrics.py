@@ -2,13 +2,13 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Dict, Optional
 
 import torch
 
 from megadistill.config import ModelConfig
+from megadistill.fileio import append_line
 from megadistill.laws.flops import forward_flops_per_token
 from megadistill.model.sizes import params_of
 
@@ -50,10 +50,7 @@ class MetricsLog:
     def write(self, record: Dict) -> None:
         if not self.enabled:
             return
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
+        append_line(self.path, json.dumps(record))
         if self.tb is not None:
             for k, v in record.items():
                 if isinstance(v, (int, float)) and k != "step":
