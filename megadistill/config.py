@@ -120,6 +120,7 @@ def _size_shape(size: str) -> Dict:
 class ParallelConfig:
     tp_size: int = 1  # tensor-parallel degree (ranks tp-contiguous); dp_size = world_size / tp_size
     backend: str = "auto"  # auto (nccl with CUDA, else gloo) | nccl | gloo
+    timeout_s: int = 600  # a collective waiting longer (a peer died or hangs) fails the job instead of hanging it
 
 
 @dataclass
@@ -223,6 +224,7 @@ class Config:
         m.validate()
         _positive("parallel.tp_size", p.tp_size)
         _choice("parallel.backend", p.backend, ("auto", "nccl", "gloo"))
+        _positive("parallel.timeout_s", p.timeout_s)
         if m.n_heads % p.tp_size:
             raise ConfigError(f"parallel.tp_size={p.tp_size} does not divide model.n_heads={m.n_heads}")
         if m.n_kv_heads % p.tp_size:

@@ -124,3 +124,61 @@ def test_sigusr1_checkpoints_and_resume_is_exact(teacher, tmp_path):
     assert _losses(run_dir) == reference  # bit-for-bit, step by step, across the interruption
     assert json.loads((run_dir / "eval.jsonl").read_text().splitlines()[-1])["eval_loss"] == \
         json.loads((ref_dir / "eval.jsonl").read_text().splitlines()[-1])["eval_loss"]
+
+
+def _children(pid):
+    out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout.split()
+    return [int(p) for p in out]
+
+
+def _torchrun(items, port):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc-per-node=2",
+           f"--master-port={port}", "-m", "megadistill.cli", "train", *map(str, items)]
+    return subprocess.Popen(cmd, env=_env(), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+@pytest.mark.slow  # ~2 min: three 2-process torchrun jobs
+def test_kill9_of_one_rank_fails_the_job_and_resume_is_exact(tmp_path):
+    """kill -9 of one of 2 ranks mid-run: the job exits non-zero within a bounded time (no hang), and
+    train.resume=true continues from the last checkpoint to the same loss curve as an uninterrupted run."""
+    steps = 40
+    base = ["train.steps=%d" % steps, "train.checkpoint_interval=4", "zero.stage=1", "parallel.timeout_s=60",
+            "train.eval_tokens=256"]
+    ref_dir, run_dir = tmp_path / "ref", tmp_path / "killed"
+    run = _torchrun(tiny_overrides(run_dir, "supervised", base), _free_port())
+    try:
+        deadline = time.time() + 240
+        while len((run_dir / "train.jsonl").read_text().splitlines() if (run_dir / "train.jsonl").is_file()
+                  else []) < 6:
+            assert run.poll() is None, run.stdout.read()[-3000:]
+            assert time.time() < deadline, "no training steps logged in time"
+            time.sleep(0.05)
+        workers = _children(run.pid)  # torchrun's workers are its children
+        assert len(workers) >= 2, workers
+        os.kill(workers[-1], signal.SIGKILL)
+        t0 = time.time()
+        log = run.communicate(timeout=120)[0]
+        waited = time.time() - t0
+    finally:
+        if run.poll() is None:
+            run.kill()
+    assert run.returncode != 0, log[-3000:]
+    assert waited < 90, waited
+    print(f"job exited {waited:.1f} s after the kill")
+    assert not (run_dir / "DONE").exists()
+    killed_at = len(_losses(run_dir))
+    assert killed_at < steps
+    ref = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc-per-node=2",
+                          f"--master-port={_free_port()}", "-m", "megadistill.cli", "train",
+                          *tiny_overrides(ref_dir, "supervised", base)], env=_env(), cwd=ROOT, capture_output=True,
+                         text=True, timeout=600)
+    assert ref.returncode == 0, ref.stdout[-3000:] + ref.stderr[-3000:]
+    resumed = _torchrun(tiny_overrides(run_dir, "supervised", base + ["train.resume=true"]), _free_port())
+    log = resumed.communicate(timeout=600)[0]
+    assert resumed.returncode == 0, log[-3000:]
+    by_step = {}
+    for line in open(run_dir / "train.jsonl"):  # steps after the last checkpoint were logged twice: the last wins
+        r = json.loads(line)
+        by_step[r["step"]] = r["loss"]
+    reference = {json.loads(line)["step"]: json.loads(line)["loss"] for line in open(ref_dir / "train.jsonl")}
+    assert by_step == reference

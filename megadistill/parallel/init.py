@@ -1,10 +1,12 @@
 """Process-group start-up: the only place that reads the launcher's environment (torchrun / srun / single process)."""
 from __future__ import annotations
 
+import datetime
 import logging
 import os
 import socket
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -36,10 +38,11 @@ def _slurm_env_fallback() -> None:
     os.environ["LOCAL_RANK"] = os.environ.get("SLURM_LOCALID", "0")
 
 
-def init_distributed(backend: str = "auto") -> DistInfo:
+def init_distributed(backend: str = "auto", timeout_s: Optional[float] = None) -> DistInfo:
     """Initialise torch.distributed (through DeepSpeed) once per process; a bare process becomes a world of 1.
 
-    backend: auto (nccl when CUDA is available, else gloo) | nccl | gloo.
+    backend: auto (nccl when CUDA is available, else gloo) | nccl | gloo. timeout_s: how long a collective may wait
+    for its peers before it fails (parallel.timeout_s; None: torch's default).
     """
     if backend == "auto":
         backend = "nccl" if torch.cuda.is_available() else "gloo"
@@ -56,7 +59,8 @@ def init_distributed(backend: str = "auto") -> DistInfo:
         device = torch.device("cpu")
     if not dist.is_initialized():
         import deepspeed
-        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False)
+        kw = {"timeout": datetime.timedelta(seconds=timeout_s)} if timeout_s else {}
+        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False, **kw)
     rank, world = dist.get_rank(), dist.get_world_size()
     if rank == 0:
         log.info("distributed: world_size=%d backend=%s", world, backend)

@@ -58,7 +58,7 @@ def evaluate_run(run_dir: str, overrides: List[str] = (), eval_tokens: Optional[
     """Evaluate the run's latest checkpoint on its held-out split (data.* overrides allowed); append a record."""
     run_dir = Path(run_dir)
     cfg = run_config(run_dir, overrides)
-    info = init_distributed(cfg.parallel.backend)
+    info = init_distributed(cfg.parallel.backend, cfg.parallel.timeout_s)
     cfg.validate(info.world_size)
     groups = ParallelGroups.build(cfg.parallel.tp_size)
     eng, student, state = _engine_from_checkpoint(cfg, groups, info.device, run_dir)
@@ -85,7 +85,7 @@ def export_run(run_dir: str, out_dir: str) -> Path:
     """Consolidate the latest checkpoint's weights (any TP / ZeRO layout) to out_dir as safetensors + config.yaml."""
     run_dir = Path(run_dir)
     cfg = run_config(run_dir)
-    info = init_distributed(cfg.parallel.backend)
+    info = init_distributed(cfg.parallel.backend, cfg.parallel.timeout_s)
     cfg.validate(info.world_size)
     groups = ParallelGroups.build(cfg.parallel.tp_size)
     eng, _, state = _engine_from_checkpoint(cfg, groups, info.device, run_dir)

@@ -148,7 +148,7 @@ def write_cache(cfg: Config, teacher_spec: str, out_dir: str, top_k: int = 128, 
     from megadistill.train.teacher import load_teacher
     from megadistill.train.trainer import total_steps
 
-    info = init_distributed(cfg.parallel.backend)
+    info = init_distributed(cfg.parallel.backend, cfg.parallel.timeout_s)
     if info.world_size % cfg.parallel.tp_size:
         raise UserError(f"parallel.tp_size={cfg.parallel.tp_size} does not divide the world size {info.world_size}")
     if shard_windows < 1:

@@ -233,7 +233,7 @@ def train(cfg: Config, progress: Optional[Callable[[int, int], None]] = None,
     progress(step, total) is called on rank 0 after each step (the demo's study-wide bar uses it).
     inspect({"engine", "student", "teacher", "groups"}) is called on every rank before teardown (tests, tooling).
     """
-    info = init_distributed(cfg.parallel.backend)
+    info = init_distributed(cfg.parallel.backend, cfg.parallel.timeout_s)
     cfg.validate(info.world_size)
     t = cfg.train
     run_dir = Path(t.run_dir)
