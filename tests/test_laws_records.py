@@ -105,3 +105,20 @@ def test_tables_roundtrip_and_short_csv(tmp_path):
     (tmp_path / "cols.csv").write_text("n,d,l\n1,2,3\n")
     with pytest.raises(UserError, match="lacks column"):
         read_table(tmp_path / "cols.csv")
+
+
+def test_requeued_duplicates_and_mixed_versions(tmp_path, caplog):
+    """A requeued job re-evaluates steps (same run, same step twice): counted once, the latest line wins, with a
+    warning; a record of another schema version is skipped and counted, the good ones kept."""
+    for step, loss in ((10, 3.0), (20, 2.8), (20, 2.7), (30, 2.6), (30, 2.5)):
+        append_record(tmp_path / "a", _rec(run="a", step=step, loss=loss))
+    with open(tmp_path / "a" / "eval.jsonl", "a") as fh:
+        fh.write(json.dumps(dict(_rec(run="a", step=40, loss=1.0), version=2)) + "\n")
+    stats = {}
+    with caplog.at_level(logging.WARNING, logger="megadistill.laws.records"):
+        rows = aggregate([str(tmp_path / "a")], all_steps=True, stats=stats)
+    assert sorted((r["step"], r["eval_loss"]) for r in rows) == [(10, 3.0), (20, 2.7), (30, 2.5)]
+    assert stats["n_duplicate"] == 2 and stats["n_bad"] == 1
+    assert "2 records repeat a (run, step)" in caplog.text
+    last = aggregate([str(tmp_path / "a")])
+    assert [(r["step"], r["eval_loss"]) for r in last] == [(30, 2.5)]

@@ -222,7 +222,8 @@ def share_cache_flops(rows: List[dict]) -> List[dict]:
 
 def aggregate(paths: Sequence[str], all_steps: bool = False, stats: Optional[dict] = None) -> List[dict]:
     """Rows (see TABLE_COLUMNS) from run dirs / eval.jsonl / CSV tables / globs: the last eval per run
-    (highest step, latest line on ties) unless all_steps. Fills `stats` with n_files, n_records, n_bad, n_nonfinite.
+    (highest step, latest line on ties) unless all_steps; records repeating a (run, step) of the same file (a requeued
+    job) count once, the latest line. Fills `stats` with n_files, n_records, n_bad, n_nonfinite, n_duplicate.
     """
     stats = {} if stats is None else stats
     rows: List[dict] = []
@@ -233,11 +234,20 @@ def aggregate(paths: Sequence[str], all_steps: bool = False, stats: Optional[dic
             rows.extend(read_table(f, stats))
             continue
         recs, _ = read_records(f, stats)
+        # a requeued job re-evaluates the steps after its last checkpoint: one record per (run, step), the latest line
+        by_step: Dict[Tuple[str, int], dict] = {}
+        for r in recs:
+            by_step[(r["run"], r["step"])] = r
+        n_dup = len(recs) - len(by_step)
+        if n_dup:
+            stats["n_duplicate"] = stats.get("n_duplicate", 0) + n_dup
+            log.warning("%s: %d records repeat a (run, step) already recorded (a requeued job): the latest kept",
+                        f, n_dup)
         if all_steps:
-            rows.extend(record_row(r) for r in recs)
+            rows.extend(record_row(r) for r in by_step.values())
             continue
         last: Dict[str, dict] = {}
-        for r in recs:
+        for r in by_step.values():
             if r["run"] not in last or r["step"] >= last[r["run"]]["step"]:
                 last[r["run"]] = r
         rows.extend(record_row(r) for r in last.values())
