@@ -206,6 +206,8 @@ class TrainConfig:
     progress: bool = True  # tqdm bar on rank 0
     stop_after_steps: int = 0  # stop (checkpointing) after this many steps of this process; testing / preemption drills
     init_from: Optional[str] = None  # start the student from these weights: a run / model dir or hf:PATH (same shape)
+    compile: str = "auto"  # regional torch.compile of each transformer block: true | false | auto (on with CUDA)
+    compile_backend: str = "inductor"  # torch.compile backend when compiling (inductor | aot_eager | eager)
 
 
 @dataclass
@@ -253,6 +255,9 @@ class Config:
             raise ConfigError(f"optim.final_lr_ratio={o.final_lr_ratio} must be in [0, 1]")
         _choice("train.mode", t.mode, ("supervised", "distill"))
         _choice("train.precision", t.precision, ("fp32", "bf16"))
+        t.compile = str(t.compile).lower()  # a YAML / dotlist boolean arrives as True / False
+        _choice("train.compile", t.compile, ("true", "false", "auto"))
+        _choice("train.compile_backend", t.compile_backend, ("inductor", "aot_eager", "eager"))
         for k in ("seq_len", "micro_batch_size", "global_batch_size", "log_interval", "eval_tokens", "keep_checkpoints"):
             _positive(f"train.{k}", getattr(t, k))
         for k in ("steps", "tokens", "tokens_per_param", "eval_interval", "checkpoint_interval", "z_loss", "stop_after_steps"):

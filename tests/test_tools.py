@@ -20,9 +20,11 @@ def _run(*args, timeout=300):
 def test_bench_train_tiny():
     r = _run("tools/bench_train.py", "--d-model", "32", "--layers", "1", "--heads", "2", "--teacher-d-model", "48",
              "--teacher-layers", "1", "--vocab", "128", "--seq-len", "32", "--batch", "2", "--steps", "2",
-             "--threads", "1")
-    for k in ("supervised_step_s", "distill_step_s", "teacher_forward_s", "hf_llama_step_s", "ours_model_only_step_s"):
+             "--threads", "1", "--compile", "--compile-backend", "aot_eager")
+    for k in ("supervised_step_s", "distill_step_s", "teacher_forward_s", "hf_llama_step_s", "ours_model_only_step_s",
+              "supervised_compiled_step_s", "compile_first_step_s"):
         assert r[k] > 0, (k, r)
+    assert r["compile_backend"] == "aot_eager" and r["compiled_speedup_over_eager"] > 0
     assert r["tokens_per_step"] == 64 and r["teacher_params"] > r["student_params"]
     assert isinstance(r["goal_supervised_at_least_hf_speed"], bool)
 

@@ -3,6 +3,7 @@
 
 The trainer's own step (train_step on a built run: DeepSpeed engine, loader, loss, optimizer) is timed round-robin
 with the teacher's forward, the HF step and our bare model's step, so that machine noise hits all of them alike.
+--compile adds the supervised step with train.compile=true (its compilation timed apart, on a first step).
 """
 from __future__ import annotations
 
@@ -47,6 +48,9 @@ def main() -> int:
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--steps", type=int, default=10, help="measured rounds (after 2 warm-up rounds)")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--compile", action="store_true",
+                    help="also time the supervised step with train.compile=true, round-robin with the eager one")
+    ap.add_argument("--compile-backend", default="inductor", help="train.compile_backend for --compile")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -72,8 +76,20 @@ def main() -> int:
     kd_cfg = config.load([], common + student + [f"train.run_dir={tmp / 'kd'}", "train.mode=distill",
                                                  f"distill.teacher={tmp / 'teacher'}", "data.split=student"])
     sup_run, kd_run = build(sup_cfg, info), build(kd_cfg, info)
-    for live in (sup_run, kd_run):
+    runs = [sup_run, kd_run]
+    comp_run = None
+    if args.compile:  # same shape, seed and data as sup_run; its blocks compiled (on the first, warm-up, step)
+        comp_cfg = config.load([], common + student + [f"train.run_dir={tmp / 'sup_compiled'}", "train.compile=true",
+                                                       f"train.compile_backend={args.compile_backend}"])
+        comp_run = build(comp_cfg, info)
+        runs.append(comp_run)
+    for live in runs:
         live.engine.train()
+    compile_s = None
+    if comp_run is not None:
+        t0 = time.perf_counter()
+        train_step(comp_run)  # compilation happens here: timed apart from the steps
+        compile_s = time.perf_counter() - t0
 
     # the teacher's forward alone, exactly as the distill step runs it, on a batch of the same shape
     ids = torch.randint(0, args.vocab, (args.batch, args.seq_len))
@@ -104,14 +120,17 @@ def main() -> int:
         opt2.zero_grad(set_to_none=True)
 
     # all five measured round-robin, so machine noise hits them alike; medians over the rounds
-    t = _interleaved({"supervised": lambda: train_step(sup_run), "distill": lambda: train_step(kd_run),
-                      "teacher_forward": lambda: teacher_outputs(tmodel, kd_cfg, ids, None),
-                      "hf_llama": hf_step, "ours_model_only": ours_raw_step}, rounds=args.steps)
+    fns = {"supervised": lambda: train_step(sup_run), "distill": lambda: train_step(kd_run),
+           "teacher_forward": lambda: teacher_outputs(tmodel, kd_cfg, ids, None),
+           "hf_llama": hf_step, "ours_model_only": ours_raw_step}
+    if comp_run is not None:
+        fns["supervised_compiled"] = lambda: train_step(comp_run)
+    t = _interleaved(fns, rounds=args.steps)
     sup, kd, t_fwd, hf_t, raw_t = (t[k] for k in ("supervised", "distill", "teacher_forward", "hf_llama",
                                                   "ours_model_only"))
     tcfg = kd_run.teacher.model_cfg
-    release(sup_run)
-    release(kd_run)
+    for live in runs:
+        release(live)
     result = {
         "device": "cpu", "threads": args.threads, "tokens_per_step": tokens,
         "student_params": params_of(scfg)[0], "teacher_params": params_of(tcfg)[0],
@@ -126,6 +145,14 @@ def main() -> int:
         "supervised_vs_hf_speed_ratio": hf_t / sup,
         "goal_supervised_at_least_hf_speed": sup <= hf_t,
     }
+    if comp_run is not None:
+        c = t["supervised_compiled"]
+        result.update({
+            "compile_backend": args.compile_backend, "compile_first_step_s": compile_s,
+            "supervised_compiled_step_s": c, "supervised_compiled_tokens_per_s": tokens / c,
+            "compiled_speedup_over_eager": sup / c, "supervised_compiled_vs_hf_speed_ratio": hf_t / c,
+            "goal_compiled_supervised_at_least_hf_speed": c <= hf_t,
+        })
     print(json.dumps(result, indent=1))
     return 0
 

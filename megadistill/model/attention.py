@@ -67,7 +67,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str = 
                          "whose head count divides q's")
     if backend == "sdpa":
         qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))  # [b, h, s, hd], k / v [b, h_kv, s, hd]
-        gqa = kt.shape[1] != qt.shape[1]
+        gqa = bool(kt.shape[1] != qt.shape[1])  # a plain bool: SDPA rejects a SymBool (dynamic-shape compile)
         if mask is None:
             o = F.scaled_dot_product_attention(qt, kt, vt, is_causal=True, scale=scale, enable_gqa=gqa)
         else:

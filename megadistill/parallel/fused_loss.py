@@ -251,9 +251,12 @@ class _LogitsDistill(torch.autograd.Function):
         grad = zf if inplace else torch.empty_like(zf) if need_grad else None
 
         def owned(x: torch.Tensor, may_overwrite: bool) -> torch.Tensor:
-            # _chunk overwrites its inputs, in fp32: the rows themselves when allowed, else an fp32 copy
+            # _chunk overwrites its inputs, in fp32: the rows themselves when allowed, else an fp32 copy (also for an
+            # inference tensor, e.g. the teacher's logits, which cannot be written in place outside inference mode)
             if x.dtype != torch.float32:
                 return x.float()
+            if may_overwrite and x.is_inference() and not torch.is_inference_mode_enabled():
+                may_overwrite = False
             return x if may_overwrite else x.clone()
 
         for a in range(0, zf.shape[0], o.chunk_tokens):

@@ -40,7 +40,10 @@ def evaluate(student: nn.Module, batches: List[Dict[str, torch.Tensor]], groups:
         labels = batch["labels"].to(device)
         doc_ids = batch["doc_ids"].to(device) if cfg.data.document_mask else None
         logits = student(ids, doc_ids)  # [b, s, v/tp]
-        t_logits = teacher(ids, doc_ids) if teacher is not None else None
+        t_logits = None
+        if teacher is not None:
+            with torch.inference_mode():  # the frozen teacher: no autograd bookkeeping at all
+                t_logits = teacher(ids, doc_ids)
         # the single-pass loss (no gradient): per chunk of tokens, never several fp32 [tokens, V/tp] temporaries,
         # so an eval fits wherever the training step does. Means over valid tokens, turned back into sums.
         if t_logits is not None and with_teacher_loss:  # first: the call below overwrites t_logits

@@ -55,10 +55,15 @@ class Objective(nn.Module):
                                    reverse=d.reverse, chunk_tokens=d.chunk_tokens, inplace=True)
 
 
-@torch.no_grad()
 def teacher_outputs(teacher: nn.Module, cfg: Config, input_ids: torch.Tensor, doc_ids: Optional[torch.Tensor]):
-    """Teacher forward for one micro-batch: kwargs for Objective.forward (logits, or hidden + head weight when fused)."""
+    """Teacher forward for one micro-batch: kwargs for Objective.forward (logits, or hidden + head weight when fused).
+
+    The forward runs under torch.inference_mode (no autograd graph, no version counters), in the teacher's own dtype:
+    its outputs are inference tensors, read by the losses (which never save them for backward nor overwrite them in
+    place outside inference mode). The head weight is the teacher's parameter itself (ZeRO-3 gathers it in place)."""
     if cfg.distill.fused:
-        return {"teacher_hidden": teacher.hidden_states(input_ids, doc_ids),
-                "teacher_weight": teacher.output_weight}
-    return {"teacher_logits": teacher(input_ids, doc_ids)}
+        with torch.inference_mode():
+            hidden = teacher.hidden_states(input_ids, doc_ids)
+        return {"teacher_hidden": hidden, "teacher_weight": teacher.output_weight}
+    with torch.inference_mode():
+        return {"teacher_logits": teacher(input_ids, doc_ids)}

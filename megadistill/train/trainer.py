@@ -27,6 +27,7 @@ from megadistill.parallel.init import init_distributed
 from megadistill.train import checkpoint, engine as engine_mod, teacher_cache
 from megadistill.train.evaluate import eval_record, evaluate
 from megadistill.train.metrics import MetricsLog, forward_flops, peak_flops
+from megadistill.train import compile as compile_mod
 from megadistill.train.objective import Objective, teacher_outputs
 from megadistill.train.init_weights import load_student_init
 from megadistill.train.teacher import Teacher, load_teacher, teacher_source
@@ -145,6 +146,7 @@ def build(cfg: Config, info) -> Live:
     if teacher is not None and cfg.distill.fused and engine_mod.effective_stage(cfg, groups.dp_size) == 3:
         import deepspeed
         deepspeed.zero.register_external_parameter(objective, student.output_weight)
+    compile_mod.apply(cfg, eng.device, student, teacher.module if teacher is not None else None)
     loader = build_train_loader(cfg.data, vocab_size=cfg.model.vocab_size, seq_len=t.seq_len,
                                 micro_batch_size=t.micro_batch_size, dp_rank=groups.dp_rank,
                                 dp_size=groups.dp_size, seed=t.seed)
