@@ -9,9 +9,9 @@ setup(
     python_requires=">=3.10",
     install_requires=[
         # The torch spec is pinned by the Makefile (TORCH_SPEC) so GPU clusters can pick their build.
-        "torch>=2.3",
+        "torch>=2.5",  # SDPA enable_gqa (grouped-query attention)
         "deepspeed>=0.14",
-        "transformers>=4.40",
+        "transformers>=4.51",  # Qwen3ForCausalLM (export --format hf, interop tests)
         "datasets>=2.18",
         "tokenizers>=0.15",
         "scipy>=1.10",
