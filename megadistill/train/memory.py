@@ -119,10 +119,11 @@ def loss_bytes(tokens: int, m: ModelConfig, tp: int, wb: int, fused: bool, chunk
     c = min(chunk_tokens, tokens)
     if not fused:
         # the single-pass loss on materialised logits (fused_loss.logits_distill_loss, inplace): the student logits
-        # become their own gradient and fp32 teacher logits its scratch; per chunk, fp32 copies of bf16 logits and,
-        # with KD, the teacher's exp()
+        # become their own gradient; per chunk, fp32 copies of bf16 logits and, with KD, an fp32 copy of the
+        # teacher's chunk (bf16: the cast; fp32: the teacher's logits are inference tensors, never overwritten) and
+        # the teacher's exp()
         teacher_logits = tb * tokens * v if teacher is not None else 0.0
-        work = (1.0 if wb == 2 else 0.0) + ((1.0 + (1.0 if tb == 2 else 0.0)) if teacher is not None else 0.0)
+        work = (1.0 if wb == 2 else 0.0) + (2.0 if teacher is not None else 0.0)
         return wb * tokens * v + teacher_logits + work * 4 * c * v
     # per chunk: fp32 student logits (+ the bf16 matmul output it came from); with KD also the teacher's and exp()
     chunk = (3.0 if teacher is not None else 1.0 + (0.5 if wb == 2 else 0.0)) * 4 * c * v
