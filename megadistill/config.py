@@ -200,7 +200,8 @@ class TrainConfig:
     eval_tokens: int = 16384  # held-out tokens per eval
     checkpoint_interval: int = 0  # steps between checkpoints; 0 = only at the end
     keep_checkpoints: int = 2  # newest checkpoints kept
-    resume: bool = False  # continue from <run_dir>/checkpoints/latest
+    resume: str = "false"  # true: continue from <run_dir>/checkpoints/latest | latest_valid: from the newest intact
+    # checkpoint (after a corrupt / truncated one) | false
     save: bool = True  # write checkpoints and the final consolidated weights (false: benchmarks, throwaway runs)
     tensorboard: bool = False
     progress: bool = True  # tqdm bar on rank 0
@@ -258,6 +259,8 @@ class Config:
         t.compile = str(t.compile).lower()  # a YAML / dotlist boolean arrives as True / False
         _choice("train.compile", t.compile, ("true", "false", "auto"))
         _choice("train.compile_backend", t.compile_backend, ("inductor", "aot_eager", "eager"))
+        t.resume = str(t.resume).lower()  # a YAML / dotlist boolean arrives as True / False
+        _choice("train.resume", t.resume, ("true", "false", "latest_valid"))
         for k in ("seq_len", "micro_batch_size", "global_batch_size", "log_interval", "eval_tokens", "keep_checkpoints"):
             _positive(f"train.{k}", getattr(t, k))
         for k in ("steps", "tokens", "tokens_per_param", "eval_interval", "checkpoint_interval", "z_loss", "stop_after_steps"):

@@ -30,6 +30,7 @@ from megadistill.train.metrics import MetricsLog, forward_flops, peak_flops
 from megadistill.train import compile as compile_mod
 from megadistill.train.objective import Objective, teacher_outputs
 from megadistill.train.init_weights import load_student_init
+from megadistill.train.resume_check import check_resumed_config
 from megadistill.train.teacher import Teacher, load_teacher, teacher_source
 
 log = logging.getLogger(__name__)
@@ -244,9 +245,12 @@ def train(cfg: Config, progress: Optional[Callable[[int, int], None]] = None,
         if info.rank == 0:
             log.info("%s is finished (%s exists): skipping", run_dir, DONE)
         return RunResult(run_dir, "skipped", 0, 0, None)
-    if (run_dir / "checkpoints" / "latest").exists() and not t.resume:
+    if (run_dir / "checkpoints" / "latest").exists() and t.resume == "false":
         raise UserError(f"{run_dir} already holds checkpoints; pass train.resume=true to continue it, "
                         "or choose another train.run_dir")
+    # verified (partial writes removed), and its config checked against this one, before config.yaml is replaced
+    resume_from = checkpoint.resume_point(run_dir, t.resume) if t.resume != "false" else None
+    check_resumed_config(cfg, resume_from, run_dir)
     if info.rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
         checkpoint.atomic_write_text(run_dir / "config.yaml", config_mod.to_yaml(cfg))
@@ -266,7 +270,7 @@ def train(cfg: Config, progress: Optional[Callable[[int, int], None]] = None,
     if isinstance(teacher, teacher_cache.CachedTeacher):
         teacher_eval_loss = teacher.eval_loss  # measured on this eval split by the cache writer
 
-    state = checkpoint.load(eng, run_dir) if t.resume else None
+    state = checkpoint.load(eng, resume_from) if resume_from is not None else None
     if state is not None:
         step, tokens = state["step"], state["tokens"]
         teacher_eval_loss = state.get("teacher_eval_loss")
