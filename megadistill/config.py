@@ -209,6 +209,9 @@ class TrainConfig:
     init_from: Optional[str] = None  # start the student from these weights: a run / model dir or hf:PATH (same shape)
     compile: str = "auto"  # regional torch.compile of each transformer block: true | false | auto (on with CUDA)
     compile_backend: str = "inductor"  # torch.compile backend when compiling (inductor | aot_eager | eager)
+    nonfinite: str = "stop"  # a step with a non-finite loss or gradient: stop (error naming step, micro-batch and
+    # last good checkpoint) | skip (no update, counted in train.jsonl as skipped_steps)
+    nonfinite_max_skips: int = 10  # skip: stop anyway after this many skipped steps in a row (0 = never)
 
 
 @dataclass
@@ -261,6 +264,8 @@ class Config:
         _choice("train.compile_backend", t.compile_backend, ("inductor", "aot_eager", "eager"))
         t.resume = str(t.resume).lower()  # a YAML / dotlist boolean arrives as True / False
         _choice("train.resume", t.resume, ("true", "false", "latest_valid"))
+        _choice("train.nonfinite", t.nonfinite, ("stop", "skip"))
+        _positive("train.nonfinite_max_skips", t.nonfinite_max_skips, allow_zero=True)
         for k in ("seq_len", "micro_batch_size", "global_batch_size", "log_interval", "eval_tokens", "keep_checkpoints"):
             _positive(f"train.{k}", getattr(t, k))
         for k in ("steps", "tokens", "tokens_per_param", "eval_interval", "checkpoint_interval", "z_loss", "stop_after_steps"):

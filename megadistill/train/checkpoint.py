@@ -49,7 +49,8 @@ def latest_tag(run_dir: Path) -> Optional[str]:
         return None
     tag = pointer.read_text().strip()
     if not (pointer.parent / tag).is_dir():
-        raise CheckpointError(f"{pointer} names checkpoint {tag!r}, which does not exist" + _fallback_hint(pointer.parent))
+        raise CheckpointError(f"{pointer} names checkpoint {tag!r}, which does not exist"
+                              + _fallback_hint(pointer.parent))
     return tag
 
 
