@@ -39,6 +39,24 @@ KILL_CHILD = textwrap.dedent("""
     train(config.load([], sys.argv[1:]))
 """)
 
+# disk full during a checkpoint: after step 3 the kernel refuses any file past 60 kB (RLIMIT_FSIZE, as a full disk
+# refuses bytes), so the step-4 checkpoint's shards cannot be written; the logs' small appends still can
+DISK_FULL_CHILD = textwrap.dedent("""
+    import resource, signal, sys
+    from megadistill import config
+    from megadistill.errors import UserError
+    from megadistill.train.trainer import train
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # EFBIG from write() instead of being killed
+    def progress(step, total):
+        if step == 3:
+            resource.setrlimit(resource.RLIMIT_FSIZE, (60_000, 60_000))
+    try:
+        train(config.load([], sys.argv[1:]), progress=progress)
+    except UserError as e:
+        print(f"{type(e).__name__}: {e}")
+        sys.exit(2)
+""")
+
 
 def _by_step(run_dir):
     """step -> loss of train.jsonl; steps re-run after a resume were logged twice: the last line wins."""
@@ -111,6 +129,18 @@ def _checkpoint_faults(rank, world, root):
     out["killed_resumed"] = (res.status, res.step, _by_step(killed))
     out["killed_ckpts"] = sorted(p.name for p in ck.iterdir() if p.is_dir())
 
+    # 1b) disk full mid-checkpoint: the logs hold whole lines only, latest is step 2 and verifies, resume is exact
+    full = root / "diskfull"
+    from megadistill.laws.records import read_records
+    recs, bad = read_records(full / "eval.jsonl")
+    out["diskfull_eval"] = ([r["step"] for r in recs], bad)
+    out["diskfull_train_steps"] = sorted(_by_step(full))
+    out["diskfull_latest"] = (full / "checkpoints" / "latest").read_text().strip()
+    out["diskfull_point"] = checkpoint.resume_point(full, "true").name
+    res = train(config.load([], tiny_overrides(full, "supervised", BASE + ["train.resume=true"])))
+    out["diskfull_resumed"] = (res.status, res.step, _by_step(full))
+    out["diskfull_ckpts"] = sorted(p.name for p in (full / "checkpoints").iterdir() if p.is_dir())
+
     # 2) damaged checkpoints: the named error offers latest_valid and names the checkpoint it would take
     def damaged(name, fault):
         run = _copy_unfinished(ref, root / name)
@@ -181,7 +211,12 @@ def faults(tmp_path_factory):
     proc = subprocess.run([sys.executable, "-c", KILL_CHILD, *tiny_overrides(killed, "supervised", BASE)], cwd=ROOT,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == -9, (proc.returncode, proc.stderr[-3000:])
-    return run_distributed(_checkpoint_faults, 1, str(root), timeout=600)[0]
+    full = subprocess.run([sys.executable, "-c", DISK_FULL_CHILD, *tiny_overrides(
+        root / "diskfull", "supervised", BASE + ["train.eval_interval=2"])], cwd=ROOT, capture_output=True, text=True,
+        timeout=300)
+    out = run_distributed(_checkpoint_faults, 1, str(root), timeout=600)[0]
+    out["diskfull_child"] = (full.returncode, full.stdout, full.stderr[-3000:])
+    return out
 
 
 def test_kill_during_checkpoint_write_keeps_previous_latest_and_resume_is_exact(faults):
@@ -238,3 +273,17 @@ def test_resumed_config_changing_the_maths_is_refused(faults):
     status, step, curve = faults["harmless"]
     assert (status, step) == ("finished", STEPS)
     assert curve == faults["ref"]  # eval / log interval changed: same training
+
+
+def test_disk_full_during_a_checkpoint_is_a_named_error_and_nothing_is_lost(faults):
+    rc, stdout, stderr = faults["diskfull_child"]
+    assert rc == 2, (rc, stdout, stderr)
+    assert "CheckpointError: could not write checkpoint" in stdout and "step_00000004.tmp" in stdout, stdout
+    assert "disk full" in stdout and "The previous checkpoint is intact" in stdout, stdout
+    # whole lines only; the eval of step 4 came before the failed checkpoint and is complete
+    assert faults["diskfull_eval"] == ([2, 4], 0)
+    assert faults["diskfull_train_steps"] == [1, 2, 3, 4]
+    assert faults["diskfull_latest"] == faults["diskfull_point"] == "step_00000002"
+    status, step, curve = faults["diskfull_resumed"]
+    assert (status, step) == ("finished", STEPS) and curve == faults["ref"]
+    assert faults["diskfull_ckpts"] == ["step_00000004", "step_00000006"]

@@ -67,7 +67,13 @@ def save(engine, run_dir: Path, step: int, rank_state: Dict, keep: int) -> str:
         root.mkdir(parents=True, exist_ok=True)
         remove_partial(root)
     _barrier()
-    engine.save_checkpoint(str(root), tag=tmp_tag, save_latest=False)
+    try:
+        engine.save_checkpoint(str(root), tag=tmp_tag, save_latest=False)
+    except (OSError, RuntimeError) as e:  # torch.save reports a refused write (disk full, quota) as a RuntimeError
+        raise CheckpointError(f"could not write checkpoint {root / tmp_tag} ({str(e).strip().splitlines()[-1]}; disk "
+                              "full or over a quota?). The previous checkpoint is intact and stays `latest`; the "
+                              "partial one is removed on resume. Free space, then resume with train.resume=true"
+                              ) from None
     (root / tmp_tag).mkdir(parents=True, exist_ok=True)
     atomic_write_text(root / tmp_tag / f"trainer_state_rank{rank:05d}.json", json.dumps(rank_state))
     if rank == 0 and (Path(run_dir) / CONFIG).is_file():
