@@ -157,6 +157,7 @@ class DistillConfig:
     chunk_tokens: int = 1024  # token chunk of the single-pass loss (fused or on materialised logits)
     teacher_dtype: str = "fp32"  # fp32 | bf16
     teacher_zero3: bool = False  # partition teacher weights over the DP group (ZeRO-3 inference)
+    allow_data_overlap: bool = False  # accept (with a warning) a teacher trained on the student's documents
 
 
 @dataclass

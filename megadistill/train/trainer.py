@@ -33,6 +33,7 @@ from megadistill.train.init_weights import load_student_init
 from megadistill.train.nonfinite import NonFiniteGuard
 from megadistill.train.resume_check import check_resumed_config
 from megadistill.train.teacher import Teacher, load_teacher, teacher_source
+from megadistill.train.teacher_checks import check_teacher
 
 log = logging.getLogger(__name__)
 
@@ -136,6 +137,7 @@ def build(cfg: Config, info) -> Live:
     t = cfg.train
     cached = t.mode == "distill" and teacher_cache.is_cache(cfg.distill.teacher)
     # a co-resident teacher's vocab / tokenizer / layout errors come first, before any compute
+    check_teacher(cfg)  # exists, finished (else a warning), never trained on the student's documents
     source = teacher_source(cfg) if t.mode == "distill" and not cached else None
     groups = ParallelGroups.build(cfg.parallel.tp_size)
     cache_teacher = teacher_cache.open_cache(cfg, groups) if cached else None  # checked before any compute
