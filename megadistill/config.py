@@ -157,6 +157,7 @@ class DistillConfig:
     chunk_tokens: int = 1024  # token chunk of the single-pass loss (fused or on materialised logits)
     teacher_dtype: str = "fp32"  # fp32 | bf16
     teacher_zero3: bool = False  # partition teacher weights over the DP group (ZeRO-3 inference)
+    allow_data_overlap: bool = False  # accept (with a warning) a teacher trained on the student's documents
 
 
 @dataclass
@@ -200,7 +201,8 @@ class TrainConfig:
     eval_tokens: int = 16384  # held-out tokens per eval
     checkpoint_interval: int = 0  # steps between checkpoints; 0 = only at the end
     keep_checkpoints: int = 2  # newest checkpoints kept
-    resume: bool = False  # continue from <run_dir>/checkpoints/latest
+    resume: str = "false"  # true: continue from <run_dir>/checkpoints/latest | latest_valid: from the newest intact
+    # checkpoint (after a corrupt / truncated one) | false
     save: bool = True  # write checkpoints and the final consolidated weights (false: benchmarks, throwaway runs)
     tensorboard: bool = False
     progress: bool = True  # tqdm bar on rank 0
@@ -208,6 +210,9 @@ class TrainConfig:
     init_from: Optional[str] = None  # start the student from these weights: a run / model dir or hf:PATH (same shape)
     compile: str = "auto"  # regional torch.compile of each transformer block: true | false | auto (on with CUDA)
     compile_backend: str = "inductor"  # torch.compile backend when compiling (inductor | aot_eager | eager)
+    nonfinite: str = "stop"  # a step with a non-finite loss or gradient: stop (error naming step, micro-batch and
+    # last good checkpoint) | skip (no update, counted in train.jsonl as skipped_steps)
+    nonfinite_max_skips: int = 10  # skip: stop anyway after this many skipped steps in a row (0 = never)
 
 
 @dataclass
@@ -258,6 +263,10 @@ class Config:
         t.compile = str(t.compile).lower()  # a YAML / dotlist boolean arrives as True / False
         _choice("train.compile", t.compile, ("true", "false", "auto"))
         _choice("train.compile_backend", t.compile_backend, ("inductor", "aot_eager", "eager"))
+        t.resume = str(t.resume).lower()  # a YAML / dotlist boolean arrives as True / False
+        _choice("train.resume", t.resume, ("true", "false", "latest_valid"))
+        _choice("train.nonfinite", t.nonfinite, ("stop", "skip"))
+        _positive("train.nonfinite_max_skips", t.nonfinite_max_skips, allow_zero=True)
         for k in ("seq_len", "micro_batch_size", "global_batch_size", "log_interval", "eval_tokens", "keep_checkpoints"):
             _positive(f"train.{k}", getattr(t, k))
         for k in ("steps", "tokens", "tokens_per_param", "eval_interval", "checkpoint_interval", "z_loss", "stop_after_steps"):

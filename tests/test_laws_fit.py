@@ -166,3 +166,31 @@ def test_full_grid_fit_no_worse_than_exhaustive_500():
     assert fast.objective <= slow.objective * (1 + 1e-6)
     print(f"full grid {secs:.1f}s objective {fast.objective:.6g}; exhaustive-500 {slow.seconds:.1f}s "
           f"objective {slow.objective:.6g}")
+
+
+def test_points_that_cannot_identify_the_law_say_so(tmp_path, caplog):
+    """One model size (any alpha fits, A absorbs it) or one teacher: the fit says which coefficients, and how many
+    distinct values it needs; a grid over 3 sizes x 3 token counts x 2 teachers identifies everything."""
+    from megadistill.laws.commands import format_fit
+    from megadistill.laws.fit import identifiability
+    n, d = np.meshgrid(np.log([1e8, 3e8, 1e9]), np.log([1e9, 3e9, 1e10]))
+    n, d = np.tile(n.ravel(), 2), np.tile(d.ravel(), 2)
+    lt = np.log(np.repeat([2.2, 2.6], 9))
+    ly = np.log(supervised_loss(np.exp(n), np.exp(d)))
+    full = LawData(n, d, ly, lt, ly)
+    assert identifiability("supervised", full) == [] and identifiability("distillation", full) == []
+    one_size = full.take(np.flatnonzero(n == n[0]))  # 6 points, all at N = 1e8
+    caplog.set_level("WARNING")
+    fit = fit_law("supervised", one_size, grid={"log_A": [5], "log_B": [5], "log_E": [0], "alpha": [0.3],
+                                                "beta": [0.3], "gamma": [1]}, fix={"gamma": 1}, workers=1)
+    assert len(fit.warnings) == 1, fit.warnings
+    assert "A, alpha need points at >= 3 distinct N values" in fit.warnings[0] and "have 1" in fit.warnings[0]
+    assert fit.warnings[0] in caplog.text and f"warning: {fit.warnings[0]}" in format_fit(fit)
+    assert FitResult.load(fit.save(tmp_path / "fit.json")).warnings == fit.warnings
+    # a fixed exponent needs one distinct value fewer; two sizes then suffice
+    two_sizes = full.take(np.flatnonzero(n != n.max()))
+    assert identifiability("supervised", two_sizes, {"alpha": 0.3}) == []
+    assert "need points at >= 3 distinct N values" in identifiability("supervised", two_sizes)[0]
+    one_teacher = full.take(np.arange(9))
+    w = identifiability("distillation", one_teacher)
+    assert len(w) == 1 and "c0, c1, f1, d1 need points at >= 2 distinct L_T values" in w[0], w

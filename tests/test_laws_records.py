@@ -122,3 +122,18 @@ def test_requeued_duplicates_and_mixed_versions(tmp_path, caplog):
     assert "2 records repeat a (run, step)" in caplog.text
     last = aggregate([str(tmp_path / "a")])
     assert [(r["step"], r["eval_loss"]) for r in last] == [(30, 2.5)]
+
+
+def test_a_copied_run_dir_counts_once(tmp_path, caplog):
+    """A run dir copied under the aggregated tree (a backup) holds identical records: counted once, with a warning;
+    two runs that merely share a name (other losses / times) both count."""
+    import shutil
+    for step, loss in ((10, 3.0), (20, 2.8)):
+        append_record(tmp_path / "sweep" / "a", _rec(run="a", step=step, loss=loss))
+    shutil.copytree(tmp_path / "sweep" / "a", tmp_path / "sweep" / "backup" / "a")
+    append_record(tmp_path / "other" / "a", dict(_rec(run="a", step=20, loss=2.9), time="2026-12-04T00:00:00"))
+    stats = {}
+    with caplog.at_level(logging.WARNING, logger="megadistill.laws.records"):
+        rows = aggregate([str(tmp_path / "sweep"), str(tmp_path / "other")], all_steps=True, stats=stats)
+    assert sorted((r["step"], r["eval_loss"]) for r in rows) == [(10, 3.0), (20, 2.8), (20, 2.9)]
+    assert stats["n_copied"] == 2 and "2 records are identical to records of" in caplog.text

@@ -17,9 +17,14 @@ SHAPE = (3, 5)  # [b, s] tokens
 
 # ------------------------------------------------------------------------------------------- dense references
 
+def _up(x):
+    """The references compute in fp32, or in fp64 for fp64 inputs (as the losses must)."""
+    return x.double() if x.dtype == torch.float64 else x.float()
+
+
 def ref_teacher_probs(zt, tau, top_k=None, top_p=None):
     """Tempered teacher over the full vocab, top-k (ties kept) then top-p (mass strictly above < p), renormalised."""
-    t = zt.float() / tau
+    t = _up(zt) / tau
     if top_k is not None and top_k < t.shape[-1]:
         kth = t.topk(top_k, dim=-1).values[..., -1:]
         t = t.masked_fill(t < kth, -math.inf)
@@ -32,9 +37,9 @@ def ref_teacher_probs(zt, tau, top_k=None, top_p=None):
 
 def ref_kl(zs, zt, temperature=1.0, top_k=None, top_p=None, reverse=False):
     tau = temperature
-    log_q = torch.log_softmax(zs.float() / tau, dim=-1)
+    log_q = torch.log_softmax(_up(zs) / tau, dim=-1)
     if reverse:
-        log_p = torch.log_softmax(zt.float() / tau, dim=-1)
+        log_p = torch.log_softmax(_up(zt) / tau, dim=-1)
         kl = (log_q.exp() * (log_q - log_p)).sum(-1)
     else:
         p = ref_teacher_probs(zt, tau, top_k, top_p)
@@ -43,12 +48,12 @@ def ref_kl(zs, zt, temperature=1.0, top_k=None, top_p=None, reverse=False):
 
 
 def ref_ce(z, y):
-    return F.cross_entropy(z.float().reshape(-1, z.shape[-1]), y.reshape(-1), reduction="none",
+    return F.cross_entropy(_up(z).reshape(-1, z.shape[-1]), y.reshape(-1), reduction="none",
                            ignore_index=-100).reshape(y.shape)
 
 
 def ref_z(z):
-    return torch.logsumexp(z.float(), dim=-1) ** 2
+    return torch.logsumexp(_up(z), dim=-1) ** 2
 
 
 # ------------------------------------------------------------------------------------------------------ cases
@@ -63,7 +68,11 @@ KL_CASES = ([dict(temperature=t) for t in (0.5, 1.0, 2.0)]
             + [dict(reverse=True), dict(reverse=True, temperature=2.0), dict(mask=True)])
 CASES = ([("ce", {}), ("ce", dict(dtype=torch.bfloat16)), ("z", {})]
          + [("kl", c) for c in KL_CASES] + [("kl", dict(dtype=torch.bfloat16, top_k=5)),
-            ("kl", dict(dtype=torch.bfloat16, top_p=0.8, top_p_candidates=3))])  # bf16 rounding: ties at the cut
+            ("kl", dict(dtype=torch.bfloat16, top_p=0.8, top_p_candidates=3))]  # bf16 rounding: ties at the cut
+         # fp64 in, fp64 out (computed in fp64, never cut to fp32)
+         + [("ce", dict(dtype=torch.float64)), ("z", dict(dtype=torch.float64))]
+         + [("kl", dict(dtype=torch.float64, **o)) for o in ({}, dict(temperature=2.0), dict(top_k=5),
+                                                               dict(top_p=0.8), dict(reverse=True))])
 
 
 def _inputs(seed, vocab=V, dtype=torch.float32):
@@ -99,9 +108,12 @@ def check_case(kind, opts, group, rank, world, seed=0):
             ref = torch.where(mask, ref, 0.0)
     (out * w).sum().backward()
     (ref * w).sum().backward()
-    tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)
-    assert out.dtype == torch.float32 and out.shape == SHAPE
-    assert_close(out, ref, **dict(atol=1e-5, rtol=1e-5))  # bf16 values are upcast exactly, so fp32 tolerance
+    tol = {torch.float32: dict(atol=1e-5, rtol=1e-5), torch.float64: dict(atol=1e-12, rtol=1e-12)}.get(
+        dtype, dict(atol=2e-2, rtol=2e-2))
+    want = torch.float64 if dtype == torch.float64 else torch.float32
+    assert out.dtype == want and out.shape == SHAPE and zs_local.grad.dtype == dtype
+    # bf16 values are upcast exactly, so fp32 tolerance
+    assert_close(out, ref, **(tol if dtype == torch.float64 else dict(atol=1e-5, rtol=1e-5)))
     assert_close(zs_local.grad, zs_full.grad[..., cols].to(dtype), **tol)
     if kind == "ce":
         assert (out[y == -100] == 0).all() and (zs_local.grad[y == -100] == 0).all()

@@ -71,6 +71,9 @@ def load_rows(paths: Sequence[str], all_steps: bool = False) -> List[dict]:
     if stats.get("n_bad") or stats.get("n_nonfinite"):
         print(f"skipped {stats.get('n_bad', 0)} malformed lines and dropped {stats.get('n_nonfinite', 0)} "
               f"non-finite losses", file=sys.stderr)
+    if stats.get("n_duplicate") or stats.get("n_copied"):
+        print(f"counted once: {stats.get('n_duplicate', 0)} re-evaluated (run, step) records of requeued jobs and "
+              f"{stats.get('n_copied', 0)} records repeated in copied run dirs", file=sys.stderr)
     return rows
 
 
@@ -97,6 +100,7 @@ def format_fit(fit: FitResult) -> str:
     r = fit.residuals
     lines.append(f"objective {fit.objective:.6g}; in-sample relative error: mean {100 * r['mean_rel_error']:.3f}%, "
                  f"max {100 * r['max_rel_error']:.3f}%")
+    lines += [f"warning: {w}" for w in fit.warnings]
     return "\n".join(lines)
 
 

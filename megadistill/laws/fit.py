@@ -39,6 +39,7 @@ class FitResult:
     intervals: Optional[Dict[str, List[float]]] = None  # 90% bootstrap intervals (5th, 95th percentile)
     n_bootstrap: int = 0
     supervised: Optional[Dict[str, float]] = None  # the student's supervised law (distillation fits)
+    warnings: List[str] = field(default_factory=list)  # coefficients these points cannot identify (see identifiability)
     seconds: float = 0.0
     version: int = 1
 
@@ -69,6 +70,33 @@ class FitResult:
 
 # -- the fit ---------------------------------------------------------------------------------------------
 
+# Along each axis a power law with its offset has one more unknown than its free coefficients: A / N^alpha needs
+# values at (1 + free of A, alpha) distinct N (one N: any alpha fits, A absorbs it), B / D^beta likewise in D; the
+# distillation law's teacher terms need at least 2 distinct teacher losses L_T. A necessary condition, not sufficient.
+_AXES = {"supervised": (("N", "log_n", ("log_A", "alpha")), ("D", "log_d", ("log_B", "beta"))),
+         "distillation": (("N_S", "log_n", ("log_A", "alpha")), ("D_S", "log_d", ("log_B", "beta")),
+                          ("L_T", "log_lt", ("c0", "c1", "f1", "log_d1")))}
+
+
+def identifiability(law: str, data: LawData, fixed: Mapping[str, float] = ()) -> List[str]:
+    """One sentence per coefficient group these points cannot identify, with the number of distinct values needed."""
+    form = get_form(law)
+    out = []
+    for axis, attr, group in _AXES.get(law, ()):
+        free = [p for p in group if p not in fixed]
+        values = getattr(data, attr)
+        if not free or values is None:
+            continue
+        need = 1 + len(free) if axis != "L_T" else 2
+        have = len(np.unique(np.round(values, 6)))
+        if have < need:
+            names = ", ".join(form.natural_name(p) for p in free)
+            out.append(f"the {law} law's {names} need points at >= {need} distinct {axis} values to be identified; "
+                       f"these {len(data)} points have {have}: the fitted {names} are not determined by the data "
+                       f"(add runs at {need - have} more {axis} values, or fix them with --fix)")
+    return out
+
+
 def fit_law(law: str, data: LawData, huber_delta: float = 1e-4, grid="paper", fix: Optional[Mapping[str, float]] = None,
             n_refine: int = N_REFINE, bootstrap: int = 0, workers: Optional[int] = None, seed: int = 0,
             starts: Optional[np.ndarray] = None, supervised: Optional[Mapping[str, float]] = None,
@@ -93,6 +121,9 @@ def _fit_law(law, data, huber_delta, grid, fix, n_refine, bootstrap, workers, se
     if len(data) < n_free:
         raise UserError(f"the {law} fit has {n_free} free coefficients and needs at least {n_free} points; "
                         f"got {len(data)}")
+    unidentified = identifiability(law, data, fixed)
+    for w in unidentified:
+        log.warning(w)
     problem = Problem(form, data, huber_delta, fixed)
     workers = default_workers() if workers is None else max(1, int(workers))
     if starts is None:
@@ -132,7 +163,7 @@ def _fit_law(law, data, huber_delta, grid, fix, n_refine, bootstrap, workers, se
                     fixed={form.natural_name(p): nat[form.natural_name(p)] for p in fixed},
                     grid=grid if isinstance(grid, str) else "custom", n_starts=n_starts, n_refined=len(results),
                     residuals=residual_summary(form.log_pred(theta, data), data.log_y),
-                    supervised=dict(supervised) if supervised else None)
+                    supervised=dict(supervised) if supervised else None, warnings=unidentified)
     if bootstrap:
         res.intervals = bootstrap_intervals(problem, theta, bootstrap, workers, seed)
         res.n_bootstrap = int(bootstrap)

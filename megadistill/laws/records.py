@@ -223,17 +223,29 @@ def share_cache_flops(rows: List[dict]) -> List[dict]:
 def aggregate(paths: Sequence[str], all_steps: bool = False, stats: Optional[dict] = None) -> List[dict]:
     """Rows (see TABLE_COLUMNS) from run dirs / eval.jsonl / CSV tables / globs: the last eval per run
     (highest step, latest line on ties) unless all_steps; records repeating a (run, step) of the same file (a requeued
-    job) count once, the latest line. Fills `stats` with n_files, n_records, n_bad, n_nonfinite, n_duplicate.
+    job) count once, the latest line; a record found identical (run, step, tokens, loss, time) in an earlier file (a
+    copied run dir) counts once. Fills `stats` with n_files, n_records, n_bad, n_nonfinite, n_duplicate, n_copied.
     """
     stats = {} if stats is None else stats
     rows: List[dict] = []
     files = expand_paths(paths)
     stats["n_files"] = len(files)
+    seen: Dict[tuple, Path] = {}  # identity of a record -> the first file holding it
     for f in files:
         if f.suffix.lower() == ".csv":
             rows.extend(read_table(f, stats))
             continue
         recs, _ = read_records(f, stats)
+        ids = [(r["run"], r["step"], r["tokens"], r["eval_loss"], r.get("time")) for r in recs]
+        copied = [i for i, k in enumerate(ids) if seen.get(k, f) != f]
+        if copied:
+            stats["n_copied"] = stats.get("n_copied", 0) + len(copied)
+            log.warning("%s: %d records are identical to records of %s (a copied run dir?): counted once", f,
+                        len(copied), seen[ids[copied[0]]])
+            drop = set(copied)
+            recs = [r for i, r in enumerate(recs) if i not in drop]
+        for k in ids:
+            seen.setdefault(k, f)
         # a requeued job re-evaluates the steps after its last checkpoint: one record per (run, step), the latest line
         by_step: Dict[Tuple[str, int], dict] = {}
         for r in recs:

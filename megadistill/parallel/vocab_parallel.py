@@ -84,6 +84,11 @@ def _flat(x: torch.Tensor) -> torch.Tensor:
     return x.reshape(-1, x.shape[-1])
 
 
+def _compute_dtype(*xs: torch.Tensor) -> torch.dtype:
+    """Losses are computed in fp32 (bf16 / fp16 logits upcast), or in fp64 when an input is fp64 (kept, not cut)."""
+    return torch.float64 if any(x.dtype == torch.float64 for x in xs) else torch.float32
+
+
 # ------------------------------------------------------------------------------- teacher truncation (no grad)
 
 @torch.no_grad()
@@ -187,7 +192,7 @@ def vocab_parallel_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, gr
     (all-reduce of a masked gather). Targets == -100 give loss 0 and no gradient.
     """
     v_local = logits.shape[-1]
-    z, y = _flat(logits).float(), targets.reshape(-1)
+    z, y = _flat(logits).to(_compute_dtype(logits)), targets.reshape(-1)
     check_targets(y, v_local * group_size(group))
     lse = logsumexp(z, group)  # [n]
     start = group_rank(group) * v_local
@@ -200,7 +205,7 @@ def vocab_parallel_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, gr
 
 def vocab_parallel_z_loss(logits: torch.Tensor, group=None, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Per-token (log sum_V exp z)^2, shape [...] (PaLM's z-loss; the paper weights it by 1e-4)."""
-    z = _flat(logits).float()
+    z = _flat(logits).to(_compute_dtype(logits))
     loss = logsumexp(z, group) ** 2
     if mask is not None:
         loss = torch.where(mask.reshape(-1), loss, 0.0)
@@ -222,8 +227,9 @@ def vocab_parallel_kl_div(student_logits: torch.Tensor, teacher_logits: torch.Te
     if student_logits.shape != teacher_logits.shape:
         raise UserError(f"student logits {tuple(student_logits.shape)} and teacher logits "
                         f"{tuple(teacher_logits.shape)} must have the same (local-shard) shape")
-    s = _flat(student_logits).float()
-    t = _flat(teacher_logits).detach().float()
+    dtype = _compute_dtype(student_logits, teacher_logits)
+    s = _flat(student_logits).to(dtype)
+    t = _flat(teacher_logits).detach().to(dtype)
     if temperature != 1.0:
         s, t = s / temperature, t / temperature
     m_s, e_s, sum_s = softmax_stats(s, group)

@@ -41,15 +41,15 @@ def run_config(run_dir: Path, overrides: List[str] = ()) -> Config:
 
 def _engine_from_checkpoint(cfg: Config, groups: ParallelGroups, device, run_dir: Path):
     """A student engine with the latest checkpoint's weights (optimizer states not loaded)."""
-    tag = checkpoint.latest_tag(run_dir)
-    if tag is None:
+    ckpt = checkpoint.resume_point(run_dir, "true", clean=False)  # verified; a live run's partial write untouched
+    if ckpt is None:
         raise UserError(f"{run_dir} has no checkpoint (checkpoints/latest is missing)")
     torch.manual_seed(cfg.train.seed)
     student = Transformer(cfg.model, groups.factory(device=device))
     eng, _ = engine_mod.initialize(Objective(student, cfg, groups.tp_group), cfg, groups, total_steps(cfg))
-    eng.load_checkpoint(str(Path(run_dir) / "checkpoints"), tag=tag, load_optimizer_states=False,
-                        load_lr_scheduler_states=False, load_module_only=True)
-    state_file = Path(run_dir) / "checkpoints" / tag / "trainer_state_rank00000.json"
+    checkpoint.load_engine(eng, ckpt, load_optimizer_states=False, load_lr_scheduler_states=False,
+                           load_module_only=True)
+    state_file = ckpt / "trainer_state_rank00000.json"
     state = json.loads(state_file.read_text()) if state_file.is_file() else {}
     return eng, student, state
 

@@ -8,7 +8,7 @@ import json
 import logging
 import signal
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Dict, Optional
 
@@ -30,7 +30,10 @@ from megadistill.train.metrics import MetricsLog, forward_flops, peak_flops
 from megadistill.train import compile as compile_mod
 from megadistill.train.objective import Objective, teacher_outputs
 from megadistill.train.init_weights import load_student_init
+from megadistill.train.nonfinite import NonFiniteGuard
+from megadistill.train.resume_check import check_resumed_config
 from megadistill.train.teacher import Teacher, load_teacher, teacher_source
+from megadistill.train.teacher_checks import check_teacher
 
 log = logging.getLogger(__name__)
 
@@ -125,6 +128,8 @@ class Live:
     teacher: Optional[Teacher]
     loader: object
     device: torch.device
+    nonfinite: Optional[NonFiniteGuard] = None  # drops / reports steps with a non-finite loss or gradient
+    micro_losses: list = field(default_factory=list)  # this rank's loss of each micro-batch of the last step
 
 
 def build(cfg: Config, info) -> Live:
@@ -132,6 +137,7 @@ def build(cfg: Config, info) -> Live:
     t = cfg.train
     cached = t.mode == "distill" and teacher_cache.is_cache(cfg.distill.teacher)
     # a co-resident teacher's vocab / tokenizer / layout errors come first, before any compute
+    check_teacher(cfg)  # exists, finished (else a warning), never trained on the student's documents
     source = teacher_source(cfg) if t.mode == "distill" and not cached else None
     groups = ParallelGroups.build(cfg.parallel.tp_size)
     cache_teacher = teacher_cache.open_cache(cfg, groups) if cached else None  # checked before any compute
@@ -152,7 +158,8 @@ def build(cfg: Config, info) -> Live:
                                 dp_size=groups.dp_size, seed=t.seed)
     if cached:
         loader = teacher_cache.CachedTeacherLoader(loader, cache_teacher.cache)
-    return Live(cfg, info, groups, student, objective, eng, scheduler, teacher, loader, eng.device)
+    guard = NonFiniteGuard(eng, t.nonfinite, t.nonfinite_max_skips, engine_mod.effective_stage(cfg, groups.dp_size))
+    return Live(cfg, info, groups, student, objective, eng, scheduler, teacher, loader, eng.device, guard)
 
 
 def train_step(live: Live) -> Dict[str, float]:
@@ -161,6 +168,7 @@ def train_step(live: Live) -> Dict[str, float]:
     cfg, eng, teacher, device = live.cfg, live.engine, live.teacher, live.device
     gas = eng.gradient_accumulation_steps()
     sums: Dict[str, float] = {}
+    live.micro_losses = []
     for _ in range(gas):
         batch = next(live.loader)
         ids = batch["input_ids"].to(device)
@@ -179,7 +187,8 @@ def train_step(live: Live) -> Dict[str, float]:
         del extra  # the teacher logits were consumed by the loss (scratch)
         eng.backward(loss)
         eng.step()
-        sums["loss"] = sums.get("loss", 0.0) + loss.item() / gas
+        live.micro_losses.append(loss.item())
+        sums["loss"] = sums.get("loss", 0.0) + live.micro_losses[-1] / gas
         for k, v in stats.items():
             if k != "tokens":  # a count, not a mean
                 sums[k] = sums.get(k, 0.0) + float(v) / gas
@@ -194,7 +203,7 @@ def release(live: Live) -> None:
         _forget_zero3_module(live.teacher.module)
     live.engine.destroy()
     _forget_zero3_module(live.objective)
-    live.engine = live.objective = live.student = live.teacher = live.scheduler = live.loader = None
+    live.engine = live.objective = live.student = live.teacher = live.scheduler = live.loader = live.nonfinite = None
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
@@ -244,9 +253,12 @@ def train(cfg: Config, progress: Optional[Callable[[int, int], None]] = None,
         if info.rank == 0:
             log.info("%s is finished (%s exists): skipping", run_dir, DONE)
         return RunResult(run_dir, "skipped", 0, 0, None)
-    if (run_dir / "checkpoints" / "latest").exists() and not t.resume:
+    if (run_dir / "checkpoints" / "latest").exists() and t.resume == "false":
         raise UserError(f"{run_dir} already holds checkpoints; pass train.resume=true to continue it, "
                         "or choose another train.run_dir")
+    # verified (partial writes removed), and its config checked against this one, before config.yaml is replaced
+    resume_from = checkpoint.resume_point(run_dir, t.resume) if t.resume != "false" else None
+    check_resumed_config(cfg, resume_from, run_dir)
     if info.rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
         checkpoint.atomic_write_text(run_dir / "config.yaml", config_mod.to_yaml(cfg))
@@ -266,10 +278,11 @@ def train(cfg: Config, progress: Optional[Callable[[int, int], None]] = None,
     if isinstance(teacher, teacher_cache.CachedTeacher):
         teacher_eval_loss = teacher.eval_loss  # measured on this eval split by the cache writer
 
-    state = checkpoint.load(eng, run_dir) if t.resume else None
+    state = checkpoint.load(eng, resume_from) if resume_from is not None else None
     if state is not None:
         step, tokens = state["step"], state["tokens"]
         teacher_eval_loss = state.get("teacher_eval_loss")
+        live.nonfinite.skipped = state.get("skipped_steps", 0)
         loader.load_state_dict(state["loader"])
         _set_rng_state(state["rng"])
         if info.rank == 0:
@@ -284,7 +297,7 @@ def train(cfg: Config, progress: Optional[Callable[[int, int], None]] = None,
 
     def rank_state() -> Dict:
         return {"step": step, "tokens": tokens, "loader": loader.state_dict(), "rng": _rng_state(),
-                "teacher_eval_loss": teacher_eval_loss, "run": run_name}
+                "teacher_eval_loss": teacher_eval_loss, "run": run_name, "skipped_steps": live.nonfinite.skipped}
 
     def run_eval() -> Dict:
         nonlocal teacher_eval_loss
@@ -313,15 +326,17 @@ def train(cfg: Config, progress: Optional[Callable[[int, int], None]] = None,
             step += 1
             steps_this_process += 1
             tokens += tokens_per_step
+            gn = eng.get_global_grad_norm()
+            gn = None if gn is None else float(gn)
+            live.nonfinite.after_step(step, live.micro_losses, sums["loss"], gn, run_dir)  # stop mode: raises
             dt = time.perf_counter() - t0
             if info.rank == 0 and (step % t.log_interval == 0 or step == steps_total):
-                gn = eng.get_global_grad_norm()
                 tok_s = tokens_per_step / dt
                 model_flops = (3 * f_student + f_teacher) * tok_s
                 metrics.write({"step": step, "tokens": tokens, **sums, "lr": scheduler.get_last_lr()[0],
-                               "grad_norm": None if gn is None else float(gn), "tokens_per_s": tok_s,
-                               "step_time_s": dt,
-                               "mfu": model_flops / (peak * info.world_size) if peak else None})
+                               "grad_norm": gn, "tokens_per_s": tok_s, "step_time_s": dt,
+                               "mfu": model_flops / (peak * info.world_size) if peak else None,
+                               **({"skipped_steps": live.nonfinite.skipped} if live.nonfinite.skipped else {})})
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(loss=f"{sums['loss']:.3f}")
