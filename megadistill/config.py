@@ -121,6 +121,9 @@ class ParallelConfig:
     tp_size: int = 1  # tensor-parallel degree (ranks tp-contiguous); dp_size = world_size / tp_size
     backend: str = "auto"  # auto (nccl with CUDA, else gloo) | nccl | gloo
     timeout_s: int = 600  # a collective waiting longer (a peer died or hangs) fails the job instead of hanging it
+    # Megatron-style sequence parallelism inside TP: residual stream and norms cut along the sequence (all-gather /
+    # reduce-scatter in place of all-reduce); no effect at tp_size 1; train.seq_len must be a multiple of tp_size
+    sequence_parallel: bool = False
 
 
 @dataclass
@@ -241,6 +244,12 @@ class Config:
             raise ConfigError(f"parallel.tp_size={p.tp_size} does not divide model.vocab_size={m.vocab_size}")
         if m.d_ff % p.tp_size:
             raise ConfigError(f"parallel.tp_size={p.tp_size} does not divide model.d_ff={m.d_ff}")
+        if not isinstance(p.sequence_parallel, bool):
+            raise ConfigError(f"parallel.sequence_parallel={p.sequence_parallel!r} must be true or false")
+        if p.sequence_parallel and self.train.seq_len % p.tp_size:
+            raise ConfigError(f"parallel.sequence_parallel=true cuts each sequence into parallel.tp_size={p.tp_size} "
+                              f"slices, but train.seq_len={self.train.seq_len} is not a multiple of it; use a "
+                              "seq_len tp_size divides or parallel.sequence_parallel=false")
         _choice("zero.stage", z.stage, (0, 1, 2, 3))
         _choice("zero.offload_optimizer", z.offload_optimizer, ("none", "cpu"))
         _choice("zero.offload_param", z.offload_param, ("none", "cpu"))

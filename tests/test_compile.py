@@ -89,6 +89,7 @@ def _layouts(rank, world, root):
     train(config.load([], tiny_overrides(root / "teacher", "supervised", ["train.steps=4", "zero.stage=1"])))
     layouts = {
         "tp2": ["parallel.tp_size=2", "zero.stage=1", "model.activation_checkpointing=full"],
+        "tp2_sp": ["parallel.tp_size=2", "parallel.sequence_parallel=true", "zero.stage=0"],
         "z3_teacher_z3_fused": ["zero.stage=3", "distill.teacher_zero3=true", "distill.fused=true",
                                 "distill.chunk_tokens=24"],
     }
@@ -115,13 +116,15 @@ def _layouts(rank, world, root):
 
 @pytest.mark.multiproc
 def test_compiled_trainer_equals_eager(tmp_path):
-    """TP=2 (autograd collectives inside the compiled blocks) with activation checkpointing; DP=2 ZeRO-3 student with a
+    """TP=2 (autograd collectives inside the compiled blocks) with activation checkpointing, TP=2 sequence-parallel;
+    DP=2 ZeRO-3 student with a
     ZeRO-3 partitioned teacher and the fused loss: compiled curve == eager curve."""
     out = run_distributed(_layouts, 2, str(tmp_path), timeout=900)[0]
     print({k: v for k, v in out.items() if k.endswith(("_graphs", "_breaks"))})
     assert out["tp2_true_zero3"] == (False, False) and out["z3_teacher_z3_fused_true_zero3"] == (True, True)
     assert out["tp2_true_breaks"] == {}  # TP collectives (autograd Functions) trace into the block graphs
-    for name in ("tp2", "z3_teacher_z3_fused"):
+    assert out["tp2_sp_true_breaks"] == {}  # so do the sequence-parallel all-gathers / reduce-scatters
+    for name in ("tp2", "tp2_sp", "z3_teacher_z3_fused"):
         assert out[f"{name}_true_graphs"] > 0 and out[f"{name}_false_graphs"] == 0  # compiled, or not at all
         eager, comp = out[f"{name}_false"], out[f"{name}_true"]
         assert len(eager) == 3 and all(v == v for v in eager)

@@ -242,8 +242,8 @@ def test_layouts_are_the_planners_first_pick(kind, n):
                        seq_len=cfg.train.seq_len, global_batch_tokens=tokens)[0]
     lay = best["layout"]
     assert (lay["tp_size"], lay["zero_stage"], lay["micro_batch_size"], lay["checkpointing"], lay["fused"],
-            lay["teacher_zero3"]) == (cfg.parallel.tp_size, cfg.zero.stage, cfg.train.micro_batch_size,
-                                      cfg.model.activation_checkpointing, cfg.distill.fused,
-                                      cfg.distill.teacher_zero3), (rel, best["describe"])
+            lay["teacher_zero3"], lay["sequence_parallel"]) == (
+        cfg.parallel.tp_size, cfg.zero.stage, cfg.train.micro_batch_size, cfg.model.activation_checkpointing,
+        cfg.distill.fused, cfg.distill.teacher_zero3, cfg.parallel.sequence_parallel), (rel, best["describe"])
     quoted = next(ln for ln in header if ln.startswith("#   tp="))
     assert f"{best['memory']['total'] / 2 ** 30:.1f} GiB per GPU" in quoted, (quoted, best["memory"]["total"] / 2 ** 30)

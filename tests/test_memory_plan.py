@@ -63,6 +63,43 @@ def test_activation_bytes_match_live_tensors(precision, ckpt):
     assert abs(est / live - 1) < 0.05, (est, live)
 
 
+def _tp_activation_worker(rank, world):
+    """Live activation bytes of one TP rank at TP=2, sequence parallelism off / on, fp32 / bf16, against the model."""
+    from megadistill.parallel.groups import ParallelGroups
+    torch.set_num_threads(1)
+    groups = ParallelGroups.build(2)
+    cfg = _cfg()
+    out = []
+    for sp in (False, True):
+        for precision in ("fp32", "bf16"):
+            torch.manual_seed(0)
+            model = Transformer(cfg.model, groups.factory(sequence_parallel=sp))
+            if precision == "bf16":
+                model = model.bfloat16()
+            ids = torch.randint(0, 512, (2, 256))
+            with LiveTensors() as tracker:
+                tracker.track(model.parameters())
+                before = tracker.cur
+                hidden = model.hidden_states(ids)
+                live = tracker.cur - before
+            assert hidden.shape == (2, 256, 256)
+            wb = 2 if precision == "bf16" else 4
+            est = memory.activation_bytes(cfg.model, ids.numel(), tp=2, wb=wb, sequence_parallel=sp)
+            out.append((sp, precision, live, est))
+    return out
+
+
+@pytest.mark.multiproc
+def test_activation_bytes_tp2_sequence_parallel_match_live_tensors():
+    from dist_harness import run_distributed
+    rows = run_distributed(_tp_activation_worker, 2)[0]
+    for sp, precision, live, est in rows:
+        assert abs(est / live - 1) < 0.05, (sp, precision, est, live)
+    live = {(sp, p): v for sp, p, v, _ in rows}
+    for p in ("fp32", "bf16"):  # measured saving of sequence parallelism at TP=2: the norms' share of the stream
+        assert live[(True, p)] < 0.95 * live[(False, p)], live
+
+
 @pytest.mark.parametrize("mode,teacher_dtype", [("supervised", None), ("distill", "fp32"), ("distill", "bf16")])
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 @pytest.mark.parametrize("fused", [False, True])

@@ -10,7 +10,9 @@ from megadistill.config import ModelConfig
 from megadistill.errors import UserError
 from megadistill.model.transformer import Transformer
 from megadistill.parallel.groups import ParallelGroups
-from megadistill.parallel.mappings import (copy_to_tp_region, gather_from_tp_region, reduce_from_tp_region,
+from megadistill.parallel.mappings import (copy_to_tp_region, gather_from_tp_region, gather_sequence,
+                                           gather_sequence_into_tp_region, reduce_from_tp_region,
+                                           reduce_scatter_to_sequence_region, scatter_to_sequence_region,
                                            scatter_to_tp_region)
 
 pytestmark = pytest.mark.multiproc
@@ -61,6 +63,38 @@ def check_mappings(group, rank, size):
     assert_close(x.grad, chunk(w_all[0], rank))
 
 
+def check_sequence_mappings(group, rank, size):
+    """The sequence-parallel collectives on [b, s, d] tensors (b = 2, s = 3 size, d = 5): values and grads."""
+    full_all, w_all = _per_rank((2, 3 * size, 5), size, 21), _per_rank((2, 3 * size, 5), size, 22)
+    sl = lambda t, r: t[:, 3 * r:3 * (r + 1)]  # noqa: E731  rank r's sequence slice
+    # gather into TP: forward concatenates the slices along s, backward sums every rank's grad and keeps slice r
+    x = sl(full_all[rank], rank).clone().requires_grad_()
+    y = gather_sequence_into_tp_region(x, group)
+    (y * w_all[rank]).sum().backward()
+    assert_close(y, torch.cat([sl(full_all[r], r) for r in range(size)], dim=1))
+    assert_close(x.grad, sl(sum(w_all), rank))
+    # reduce-scatter: forward sums the ranks' partials and keeps slice r, backward all-gathers the slice grads
+    x = full_all[rank].clone().requires_grad_()
+    y = reduce_scatter_to_sequence_region(x, group)
+    (y * sl(w_all[rank], rank)).sum().backward()
+    assert_close(y, sl(sum(full_all), rank))
+    assert_close(x.grad, torch.cat([sl(w_all[r], r) for r in range(size)], dim=1))
+    # gather for a replicated consumer: backward keeps slice r of the (replicated) grad, no sum
+    x = sl(full_all[rank], rank).clone().requires_grad_()
+    y = gather_sequence(x, group)
+    (y * w_all[0]).sum().backward()
+    assert_close(y, torch.cat([sl(full_all[r], r) for r in range(size)], dim=1))
+    assert_close(x.grad, sl(w_all[0], rank))
+    # scatter: forward keeps slice r, backward all-gathers
+    x = full_all[0].clone().requires_grad_()
+    y = scatter_to_sequence_region(x, group)
+    (y * sl(w_all[rank], rank)).sum().backward()
+    assert_close(y, sl(full_all[0], rank))
+    assert_close(x.grad, torch.cat([sl(w_all[r], r) for r in range(size)], dim=1))
+    with pytest.raises(ValueError, match="sequence length 7 is not divisible"):
+        reduce_scatter_to_sequence_region(torch.zeros(1, 7, 2), group)
+
+
 def check_groups(groups: ParallelGroups, world, tp):
     rank = dist.get_rank()
     assert (groups.world_size, groups.rank, groups.tp_size, groups.dp_size) == (world, rank, tp, world // tp)
@@ -92,14 +126,18 @@ def check_groups(groups: ParallelGroups, world, tp):
     assert bwc.bwc_pipeline_parallel_world_size(mpu) == 1
 
 
-def check_model_vs_dense(groups: ParallelGroups, docs: bool, **cfg_kw):
-    """The TP model from the same seed: same weights (sliced), logits, hidden states and grads as the dense model."""
+def check_model_vs_dense(groups: ParallelGroups, docs: bool, sequence_parallel: bool = False, **cfg_kw):
+    """The TP model from the same seed: same weights (sliced), logits, hidden states and grads as the dense model.
+
+    sequence_parallel: the residual stream is cut along the sequence (the norm gains' grads come from every rank's
+    slice, summed over TP; they must still equal the dense grads)."""
     cfg = _cfg(**cfg_kw)
     tp, tp_rank = groups.tp_size, groups.tp_rank
     torch.manual_seed(1234)
     dense = Transformer(cfg)
     torch.manual_seed(1234)
-    model = Transformer(cfg, groups.factory())
+    model = Transformer(cfg, groups.factory(sequence_parallel=sequence_parallel))
+    assert model.sequence_shards == (tp if sequence_parallel else 1)
     g = torch.Generator().manual_seed(7)
     ids = torch.randint(0, V, (2, 16), generator=g)
     doc_ids = torch.tensor([[0] * 5 + [1] * 11, [3] * 9 + [4] * 7]) if docs else None
@@ -155,6 +193,14 @@ def tp2_worker(rank, world):
         check_model_vs_dense(groups, docs)
     check_model_vs_dense(groups, True, attention="eager", activation_checkpointing="full")
     check_model_vs_dense(groups, False, qk_norm=False, activation_checkpointing="every_k")
+    # sequence parallelism: collectives, then the model (GQA, tied, checkpointed) against the dense reference
+    check_sequence_mappings(groups.tp_group, groups.tp_rank, 2)
+    check_model_vs_dense(groups, True, sequence_parallel=True)
+    check_model_vs_dense(groups, False, sequence_parallel=True, n_kv_heads=2, tie_embeddings=True,
+                         activation_checkpointing="full")
+    sp = Transformer(_cfg(), groups.factory(sequence_parallel=True))
+    with pytest.raises(UserError, match="sequence length 15 is not divisible by parallel.tp_size=2"):
+        sp(torch.zeros(1, 15, dtype=torch.long))
     return "ok"
 
 
@@ -171,6 +217,10 @@ def world4_worker(rank, world):
     check_mappings(groups4.tp_group, groups4.tp_rank, 4)
     for docs in (False, True):
         check_model_vs_dense(groups4, docs)
+    check_sequence_mappings(groups4.tp_group, groups4.tp_rank, 4)
+    check_model_vs_dense(groups4, True, sequence_parallel=True)
+    check_model_vs_dense(groups4, False, sequence_parallel=True, n_kv_heads=4, qk_norm=False,
+                         activation_checkpointing="every_k")
     return "ok"
 
 

@@ -56,8 +56,9 @@ def _two_proc(rank, world, root):
     for name, extra in {"tp1_z1": ["zero.stage=1"], "tp1_z2": ["zero.stage=2"], "tp1_z3": ["zero.stage=3"],
                         "tp1_z2_offload": ["zero.stage=2", "zero.offload_optimizer=cpu"],
                         "tp2_z1": ["zero.stage=1", "parallel.tp_size=2"],
-                        "tp2_z0_fused": ["zero.stage=0", "parallel.tp_size=2", "distill.fused=true",
-                                         "distill.chunk_tokens=24"]}.items():
+                        # sequence parallelism on the fused path: hidden states gathered from the sequence slices
+                        "tp2_z0_fused_sp": ["zero.stage=0", "parallel.tp_size=2", "distill.fused=true",
+                                            "distill.chunk_tokens=24", "parallel.sequence_parallel=true"]}.items():
         d_over = tiny_overrides(root / name, "distill", [f"train.steps={STEPS}", f"distill.teacher={root / 'teacher'}"]
                             + extra)
         train(_load(d_over), inspect=_check_teacher_frozen)
@@ -78,9 +79,11 @@ def _four_proc(rank, world, root):
     root = Path(root)
     out = {}
     for stage in (1, 2, 3):
-        name = f"tp2dp2_z{stage}"
+        sp = stage == 2  # ZeRO-2 x TP=2 with the student and the teacher sequence-parallel
+        name = f"tp2dp2_z{stage}" + ("_sp" if sp else "")
         over = tiny_overrides(root / name, "distill", [f"train.steps={STEPS}", f"distill.teacher={root / 'teacher'}",
                                                    f"zero.stage={stage}", "parallel.tp_size=2",
+                                                   f"parallel.sequence_parallel={str(sp).lower()}",
                                                    # 5 eval windows -> 3 batches on 2 DP ranks: uneven shares must
                                                    # not hang ZeRO-3's per-forward all-gathers
                                                    "train.eval_tokens=160", "train.eval_interval=3"])
@@ -113,7 +116,8 @@ def test_layouts_agree(study):
     _, res = study
     ref = torch.tensor(res["tp1_z1"])
     assert len(ref) == STEPS and all(math.isfinite(x) for x in ref)
-    for name in ("tp1_z2", "tp1_z3", "tp1_z2_offload", "tp2_z1", "tp2_z0_fused", "tp2dp2_z1", "tp2dp2_z2", "tp2dp2_z3",
+    for name in ("tp1_z2", "tp1_z3", "tp1_z2_offload", "tp2_z1", "tp2_z0_fused_sp", "tp2dp2_z1", "tp2dp2_z2_sp",
+                 "tp2dp2_z3",
                  "tp2dp2_teacher_z3"):
         torch.testing.assert_close(torch.tensor(res[name]), ref, atol=CURVE_ATOL, rtol=0,
                                    msg=lambda m, name=name: f"{name}: {res[name]} vs {res['tp1_z1']}\n{m}")

@@ -1,9 +1,12 @@
 #!/usr/bin/env python
-"""One-GPU check (H100/H200): attention backends vs eager in bf16, distillation-loss forms (time, memory), bf16 step
-time / MFU of the real trainer, peak memory.
+"""One-GPU check (H100/H200): attention backends vs eager in bf16, distillation-loss forms and kernels (time,
+memory), Liger ops vs ours, and the bf16 step time / MFU / peak memory of the real trainer for the run matrix RUNS:
+975M and 1.82B supervised, 546M-from-1.82B and 975M-from-4.82B distillation (bf16 teachers), with train.compile on
+and off and model.kernels liger / torch; the distill step overhead against the teacher forward's FLOPs.
 
-Prints one JSON object. Runs in a few minutes: a supervised 975M step and a distill step of a 546M student from a
-co-resident 1.82B teacher at seq 4096 (PAPER.md FLOPs against the card's dense bf16 peak).
+Prints one JSON object (and one line per finished run on stderr). Runs are started in RUNS order until --budget-s
+is spent; the rest are listed as skipped. `--dry-run` validates the matrix on any machine. PAPER.md FLOPs against
+the card's dense bf16 peak.
 """
 from __future__ import annotations
 
@@ -15,6 +18,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Dict, List, Optional
 
 import torch
 
@@ -126,6 +130,68 @@ def _overrides(size: str, run_dir: Path, micro: int, steps: int, seq: int, extra
             *extra]
 
 
+# The trainer runs of the check, in the order they run (most wanted first: a run that would start past the time
+# budget is skipped and says so). (name, student size, teacher size or None, variant); variants add overrides.
+VARIANTS = {"eager": ["train.compile=false"], "compile": ["train.compile=true"],
+            "compile_liger": ["train.compile=true", "model.kernels=liger"],
+            "eager_liger": ["train.compile=false", "model.kernels=liger"]}
+RUNS = [("supervised_975M", "975M", None, "compile"), ("supervised_975M", "975M", None, "eager"),
+        ("supervised_546M", "546M", None, "compile"), ("distill_546M_from_1.82B", "546M", "1.82B", "compile"),
+        ("supervised_975M", "975M", None, "compile_liger"), ("distill_546M_from_1.82B", "546M", "1.82B", "eager"),
+        ("supervised_1.82B", "1.82B", None, "compile"), ("distill_975M_from_4.82B", "975M", "4.82B", "compile"),
+        ("supervised_975M", "975M", None, "eager_liger"), ("supervised_546M", "546M", None, "eager"),
+        ("supervised_1.82B", "1.82B", None, "eager"), ("distill_975M_from_4.82B", "975M", "4.82B", "eager"),
+        ("distill_546M_from_1.82B", "546M", "1.82B", "compile_liger"),
+        ("distill_975M_from_4.82B", "975M", "4.82B", "compile_liger")]
+
+
+def run_overrides(name: str, size: str, teacher: Optional[str], variant: str, root: Path, micro: int, steps: int,
+                  seq: int, teacher_dir: Optional[Path] = None) -> List[str]:
+    """The trainer overrides of one run of RUNS."""
+    extra = list(VARIANTS[variant])
+    if teacher is not None:
+        extra += ["train.mode=distill", f"distill.teacher={teacher_dir or root / ('teacher_' + teacher)}",
+                  "distill.teacher_dtype=bf16", "data.split=student"]
+    return _overrides(size, root / f"{name}_{variant}", micro, steps, seq, extra)
+
+
+def _liger_available() -> bool:
+    try:
+        import liger_kernel  # noqa: F401
+        return True
+    except ImportError:
+        return False
+
+
+def distill_overheads(results: Dict[str, dict]) -> Dict[str, dict]:
+    """Per distill run: step overhead over the same student's supervised step (same variant), against the teacher
+    forward's share of the FLOPs at the supervised run's throughput (goal: ratio <= 1.10)."""
+    from megadistill import config
+    from megadistill.model.sizes import params_of
+    from megadistill.laws.flops import forward_flops_per_token
+    out = {}
+    for key, kd in results.items():
+        if not key.startswith("distill_") or "step_time_s" not in kd:
+            continue
+        name, variant = key.rsplit("@", 1)
+        student, teacher = name[len("distill_"):].split("_from_")
+        sup = results.get(f"supervised_{student}@{variant}", {})
+        if "step_time_s" not in sup:
+            out[key] = {"skipped": f"no supervised_{student}@{variant} run to compare with"}
+            continue
+
+        def f(size):
+            m = config.load([], [f"model.size={size}", "train.steps=1"]).model
+            n, _ = params_of(m)
+            return forward_flops_per_token(n, n_ctx=4096, n_vocab=m.vocab_size, rho=m.d_model / m.n_layers)
+        f_t, f_s = f(teacher), f(student)
+        overhead = kd["step_time_s"] - sup["step_time_s"]
+        teacher_fwd = sup["step_time_s"] * f_t / (3 * f_s)  # the teacher forward at the student's FLOP rate
+        out[key] = {"overhead_s": overhead, "teacher_forward_at_student_rate_s": teacher_fwd,
+                    "overhead_over_teacher_forward": overhead / teacher_fwd}
+    return out
+
+
 def _run(overrides) -> dict:
     from megadistill import config
     from megadistill.laws.flops import forward_flops_per_token
@@ -193,26 +259,71 @@ def main() -> int:
     ap.add_argument("--seq", type=int, default=4096)
     ap.add_argument("--micro", type=int, default=4)
     ap.add_argument("--steps", type=int, default=6)
+    ap.add_argument("--budget-s", type=float, default=420.0,
+                    help="start no trainer run after this many seconds (the rest are listed as skipped)")
+    ap.add_argument("--runs", default="all", help="comma-separated run names (e.g. supervised_975M) or 'all'")
+    ap.add_argument("--skip-kernels", action="store_true", help="skip the attention / loss / Liger op checks")
+    ap.add_argument("--dry-run", action="store_true", help="validate and print the run matrix, run nothing (CPU ok)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
+    wanted = None if args.runs == "all" else set(args.runs.split(","))
+    runs = [r for r in RUNS if wanted is None or r[0] in wanted]
+    tmp = Path(tempfile.mkdtemp(prefix="gpu_check_"))
+    if args.dry_run:
+        from megadistill import config
+        plan = []
+        for name, size, teacher, variant in runs:
+            over = run_overrides(name, size, teacher, variant, tmp, args.micro, args.steps, args.seq)
+            cfg = config.load([], over)
+            plan.append({"run": f"{name}@{variant}", "student": cfg.model.size, "teacher": teacher,
+                         "compile": cfg.train.compile, "kernels": getattr(cfg.model, "kernels", "torch"),
+                         "tokens_per_step": cfg.train.global_batch_size * cfg.train.seq_len})
+        print(json.dumps({"dry_run": plan}, indent=1))
+        return 0
     if not torch.cuda.is_available():
         print(json.dumps({"error": "no CUDA device"}))
         return 1
-    tmp = Path(tempfile.mkdtemp(prefix="gpu_check_"))
-    result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
+    result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "liger": _liger_available()}
     t0 = time.time()
-    result["attention"] = attention_check()
-    result["loss"] = loss_check()
-    result["supervised_975M"] = _run(_overrides("975M", tmp / "sup", args.micro, args.steps, args.seq))
-    # the 546M supervised baseline runs before the distill run so its peak memory is its own
-    sup_546 = _run(_overrides("546M", tmp / "sup546", args.micro, args.steps, args.seq))
-    result["supervised_546M"] = sup_546
-    teacher = make_teacher("1.82B", tmp / "teacher")
-    result["distill_546M_from_1.82B"] = _run(_overrides(
-        "546M", tmp / "kd", args.micro, args.steps, args.seq,
-        ["train.mode=distill", f"distill.teacher={teacher}", "distill.teacher_dtype=bf16", "data.split=student"]))
-    kd = result["distill_546M_from_1.82B"]
-    result["distill_overhead_s"] = kd["step_time_s"] - sup_546["step_time_s"]
+
+    def guarded(fn, *a, **kw):  # one failing check is reported, the others still run
+        try:
+            return fn(*a, **kw)
+        except Exception as e:  # noqa: BLE001 - the report names it
+            return {"error": f"{type(e).__name__}: {e}"}
+
+    if not args.skip_kernels:
+        result["attention"] = guarded(attention_check)
+        result["loss"] = guarded(loss_check)
+        try:
+            from bench_loss import loss_kernel_check
+            result["loss_kernels"] = guarded(loss_kernel_check, "cuda", tokens=(8192, 16384, 32768))
+        except ImportError as e:
+            result["loss_kernels"] = {"error": f"tools/bench_loss.py has no loss_kernel_check: {e}"}
+        if result["liger"]:
+            from gpu_kernels import liger_check
+            result["liger_ops"] = guarded(liger_check)
+    teachers: Dict[str, Path] = {}
+    runs_out: Dict[str, dict] = {}
+    for name, size, teacher, variant in runs:
+        key = f"{name}@{variant}"
+        if "liger" in variant and not result["liger"]:
+            runs_out[key] = {"skipped": "liger_kernel not installed (pip install .[liger])"}
+            continue
+        if time.time() - t0 > args.budget_s:
+            runs_out[key] = {"skipped": f"time budget {args.budget_s:g} s spent"}
+            continue
+        if teacher is not None and teacher not in teachers:
+            teachers[teacher] = make_teacher(teacher, tmp / f"teacher_{teacher}")
+        over = run_overrides(name, size, teacher, variant, tmp, args.micro, args.steps, args.seq,
+                             teachers.get(teacher))
+        runs_out[key] = guarded(_run, over)
+        runs_out[key]["variant"] = variant
+        print(json.dumps({key: {k: runs_out[key].get(k) for k in ("step_time_s", "mfu_paper_flops", "peak_mem_gib",
+                                                                   "error", "skipped")}}), file=sys.stderr)
+    result["runs"] = runs_out
+    result["mfu_table"] = {k: v.get("mfu_paper_flops") for k, v in runs_out.items()}
+    result["distill_overhead"] = distill_overheads(runs_out)
     result["wall_s"] = time.time() - t0
     text = json.dumps(result, indent=1, default=lambda x: None if isinstance(x, float) and math.isnan(x) else str(x))
     print(text)

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# GPU check on one H100/H200 (< 8 minutes): attention vs eager, bf16 step time + MFU of the real trainer, peak memory.
+# GPU check on one H100/H200 (< 10 minutes): attention / loss kernels / Liger ops vs eager, then bf16 step time, MFU
+# and peak memory of the real trainer for a run matrix (compile on/off, liger on/off), started until --budget-s.
 # Usage: tools/gpu_check.sh [OUT.json]   (installs wheels from .whl/ when deepspeed/omegaconf are missing)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -13,4 +14,4 @@ if ! "$PYTHON" -c "import deepspeed, omegaconf" 2>/dev/null; then
   fi
 fi
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 OMP_NUM_THREADS=${OMP_NUM_THREADS:-8}
-exec timeout "${GPU_CHECK_TIMEOUT:-480}" "$PYTHON" tools/gpu_check.py ${1:+--out "$1"}
+exec timeout "${GPU_CHECK_TIMEOUT:-590}" "$PYTHON" tools/gpu_check.py ${1:+--out "$1"} "${@:2}"

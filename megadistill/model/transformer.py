@@ -23,6 +23,9 @@ from megadistill.parallel.layers import LayerFactory, RMSNorm
 # exactly the ones its query heads read under GQA -- and ffn columns [r f/tp, ...)), O and
 # the SwiGLU down projection are row-parallel (all-reduce of partial sums), the embedding is vocab-parallel and
 # the head returns this rank's vocab shard of the logits. Per block that is 2 all-reduces forward, 2 backward.
+# With the factory's sequence parallelism the residual stream between blocks is this rank's sequence slice
+# [b, s/tp, d]: each all-reduce becomes an all-gather on entering a TP region and a reduce-scatter on leaving it
+# (same bytes moved; norms and residual adds do 1/tp of the work and keep 1/tp of the activations).
 
 
 class Attention(nn.Module):
@@ -52,8 +55,8 @@ class Attention(nn.Module):
             self.q_norm = self.k_norm = None
 
     def forward(self, x, cos, sin, mask: Optional[DocMask]):
+        x = self.enter(x)  # [b, s, d] (gathered from [b, s/tp, d] under sequence parallelism)
         b, s, _ = x.shape
-        x = self.enter(x)  # [b, s, d]
         q = self.wq(x).view(b, s, self.local_heads, self.head_dim)  # [b, s, h/tp, hd]
         k = self.wk(x).view(b, s, self.local_kv_heads, self.head_dim)  # [b, s, h_kv/tp, hd]
         v = self.wv(x).view(b, s, self.local_kv_heads, self.head_dim)
@@ -119,6 +122,8 @@ class Transformer(nn.Module):
         self.embed = factory.embedding(vocab, d, mup.init_std_for("embedding"))  # [V/tp, d]
         self.blocks = nn.ModuleList(Block(cfg, d_ff, factory) for _ in range(cfg.n_layers))
         self.norm = factory.norm(d, cfg.norm_eps)
+        self.sequence_shards = factory.sequence_shards  # > 1: the residual stream is cut along the sequence
+        self.gather_sequence = factory.sequence_output()  # [b, s/tp, d] -> [b, s, d]; identity otherwise
         self.head = factory.head(d, vocab, mup.init_std_for("head", d))  # [V/tp, d]
         # tied: embedding rows and head rows are split alike over TP ([V/tp, d] each), one parameter serves both
         self.tie_weights()
@@ -155,7 +160,11 @@ class Transformer(nn.Module):
             raise ValueError(f"doc_ids {tuple(doc_ids.shape)} must have the shape of input_ids "
                              f"{tuple(input_ids.shape)}")
         s = input_ids.shape[1]
-        x = self.embed(input_ids)  # [b, s, d]
+        if s % self.sequence_shards:
+            raise UserError(f"sequence length {s} is not divisible by parallel.tp_size={self.sequence_shards}: "
+                            "parallel.sequence_parallel=true cuts the sequence into tp_size slices; use a train.seq_len "
+                            "that tp_size divides, or parallel.sequence_parallel=false")
+        x = self.embed(input_ids)  # [b, s, d], or [b, s/tp, d] (this rank's slice) under sequence parallelism
         cos, sin = self.rope(s, x.device, x.dtype)  # [s, hd]
         mask = build_doc_mask(doc_ids, self.cfg.attention)  # built once for all layers
         for i, block in enumerate(self.blocks):
@@ -164,7 +173,7 @@ class Transformer(nn.Module):
                 x = checkpoint(block, x, cos, sin, mask, use_reentrant=False)
             else:
                 x = block(x, cos, sin, mask)
-        return self.norm(x)
+        return self.gather_sequence(self.norm(x))
 
     def forward(self, input_ids: torch.Tensor, doc_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Logits of this rank's vocab shard, [b, s, V/tp] (rank r holds classes [r V/tp, (r+1) V/tp))."""

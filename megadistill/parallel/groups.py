@@ -72,10 +72,11 @@ class ParallelGroups:
         """The adapter DeepSpeed takes as `deepspeed.initialize(..., mpu=...)`."""
         return DeepSpeedMPU(self)
 
-    def factory(self, device=None, dtype=None):
-        """A LayerFactory over this rank's TP group (dense when tp_size is 1)."""
+    def factory(self, device=None, dtype=None, sequence_parallel: bool = False):
+        """A LayerFactory over this rank's TP group (dense when tp_size is 1), optionally sequence-parallel."""
         from megadistill.parallel.layers import LayerFactory
-        return LayerFactory(self.tp_group if self.tp_size > 1 else None, device=device, dtype=dtype)
+        return LayerFactory(self.tp_group if self.tp_size > 1 else None, device=device, dtype=dtype,
+                            sequence_parallel=sequence_parallel)
 
 
 class DeepSpeedMPU:

@@ -8,8 +8,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from megadistill.errors import UserError
-from megadistill.parallel.mappings import (copy_to_tp_region, gather_from_tp_region, group_rank, group_size,
-                                           reduce_from_tp_region, scatter_to_tp_region)
+from megadistill.parallel.mappings import (copy_to_tp_region, gather_from_tp_region, gather_sequence,
+                                           gather_sequence_into_tp_region, group_rank, group_size,
+                                           reduce_from_tp_region, reduce_scatter_to_sequence_region,
+                                           scatter_to_tp_region)
 
 # Initialisation contract: every sharded weight is drawn FULL, in fp32, from the current torch RNG of `device`
 # (all TP ranks are seeded identically), then this rank keeps its slice. RNG draws therefore happen in the same
@@ -74,12 +76,16 @@ class ColumnParallelLinear(nn.Module):
 
 
 class RowParallelLinear(nn.Module):
-    """Y = X A with A = [A_1; ..; A_p] split by input rows: rank r computes X_r A_r, then all-reduce (no bias)."""
+    """Y = X A with A = [A_1; ..; A_p] split by input rows: rank r computes X_r A_r, then all-reduce (no bias).
+
+    sequence_parallel: reduce-scatter along the sequence instead of the all-reduce (Y leaves as this rank's
+    sequence slice [b, s/tp, out]).
+    """
 
     def __init__(self, in_features: int, out_features: int, group=None, init_std: Optional[float] = None,
-                 input_is_parallel: bool = True, device=None, dtype=None):
+                 input_is_parallel: bool = True, device=None, dtype=None, sequence_parallel: bool = False):
         super().__init__()
-        self.group, self.input_is_parallel = group, input_is_parallel
+        self.group, self.input_is_parallel, self.sequence_parallel = group, input_is_parallel, sequence_parallel
         self.in_features, self.out_features = in_features, out_features
         self.tp_size = group_size(group)
         self.in_per_rank = divide(in_features, self.tp_size, "input features")
@@ -89,19 +95,26 @@ class RowParallelLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.input_is_parallel:
             x = scatter_to_tp_region(x, self.group)  # [..., in] -> [..., in/tp]
-        return reduce_from_tp_region(F.linear(x, self.weight), self.group)  # sum_r X_r A_r: [..., out]
+        y = F.linear(x, self.weight)  # partial X_r A_r
+        if self.sequence_parallel:
+            return reduce_scatter_to_sequence_region(y, self.group)  # [b, s/tp, out] of sum_r X_r A_r
+        return reduce_from_tp_region(y, self.group)  # sum_r X_r A_r: [..., out]
 
     def extra_repr(self) -> str:
-        return f"in={self.in_features}, out={self.out_features}, tp={self.tp_size}"
+        return (f"in={self.in_features}, out={self.out_features}, tp={self.tp_size}"
+                + (", sequence_parallel" if self.sequence_parallel else ""))
 
 
 class VocabParallelEmbedding(nn.Module):
-    """Embedding table split by vocabulary rows: rank r owns ids [r V/p, (r+1) V/p); others contribute zeros."""
+    """Embedding table split by vocabulary rows: rank r owns ids [r V/p, (r+1) V/p); others contribute zeros.
+
+    sequence_parallel: the rows are summed by a reduce-scatter along the sequence ([b, s] ids -> [b, s/tp, d]).
+    """
 
     def __init__(self, num_embeddings: int, embedding_dim: int, group=None, init_std: float = 1.0,
-                 device=None, dtype=None):
+                 device=None, dtype=None, sequence_parallel: bool = False):
         super().__init__()
-        self.group = group
+        self.group, self.sequence_parallel = group, sequence_parallel
         self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
         self.tp_size = group_size(group)
         self.per_rank = divide(num_embeddings, self.tp_size, "vocab_size")
@@ -115,6 +128,8 @@ class VocabParallelEmbedding(nn.Module):
         outside = (local < 0) | (local >= self.per_rank)  # ids owned by another rank
         out = F.embedding(local.masked_fill(outside, 0), self.weight)  # [b, s, d]
         out = out.masked_fill(outside.unsqueeze(-1), 0.0)
+        if self.sequence_parallel:
+            return reduce_scatter_to_sequence_region(out, self.group)  # [b, s/tp, d]
         return reduce_from_tp_region(out, self.group)  # exactly one rank contributes each row
 
     def extra_repr(self) -> str:
@@ -179,18 +194,49 @@ class CopyToTP(nn.Module):
         return copy_to_tp_region(x, self.group)
 
 
+class SequenceGatherIntoTP(nn.Module):
+    """Entry into the TP region from the sequence-parallel stream: [b, s/tp, d] -> [b, s, d] (all-gather forward,
+    reduce-scatter backward); takes copy_to_tp's place under sequence parallelism."""
+
+    def __init__(self, group=None):
+        super().__init__()
+        self.group = group
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return gather_sequence_into_tp_region(x, self.group)
+
+
+class SequenceGather(nn.Module):
+    """Leave sequence parallelism for a replicated consumer: [b, s/tp, d] -> [b, s, d] (all-gather forward, local
+    slice of the replicated grad backward). The identity without sequence parallelism."""
+
+    def __init__(self, group=None):
+        super().__init__()
+        self.group = group
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return gather_sequence(x, self.group)
+
+
 class LayerFactory:
     """Builds the layers of one model at one TP layout; `group=None` gives plain dense layers (TP=1).
 
     The model asks it for every weight-bearing layer, so the same model code runs at any tp_size; it also tells
     the model how many heads / ffn columns / vocab rows live on this rank (`local`).
+
+    sequence_parallel (Megatron-style, only with tp_size > 1): outside the TP regions -- the residual stream, the
+    norms, the embedding output -- activations are [b, s/tp, d], rank r holding sequence slice r. Entering a TP region
+    (`copy_to_tp`) all-gathers the sequence (backward: reduce-scatter), leaving it (`row`, `embedding`) reduce-scatters
+    (backward: all-gather) in place of the all-reduce; norm gains see only this rank's tokens, so their grads are
+    summed over TP; `sequence_output` all-gathers the final hidden states for the head and the losses.
     """
 
-    def __init__(self, group=None, device=None, dtype=None):
+    def __init__(self, group=None, device=None, dtype=None, sequence_parallel: bool = False):
         self.group = group if group is not None and group_size(group) > 1 else None
         self.device, self.dtype = device, dtype
         self.tp_size = group_size(self.group)
         self.tp_rank = group_rank(self.group)
+        self.sequence_parallel = bool(sequence_parallel) and self.group is not None
 
     def local(self, n: int, what: str) -> int:
         """This rank's share of a dimension split over TP (UserError if it does not divide)."""
@@ -205,25 +251,39 @@ class LayerFactory:
         return ColumnParallelLinear(in_features, out_features, self.group, init_std, gather_output,
                                     self.device, self.dtype, copy_input)
 
-    def copy_to_tp(self) -> CopyToTP:
-        """Entry into the TP region for an input that several copy_input=False columns read."""
-        return CopyToTP(self.group)
+    def copy_to_tp(self) -> nn.Module:
+        """Entry into the TP region for an input that several copy_input=False columns read (under sequence
+        parallelism: the sequence all-gather)."""
+        return SequenceGatherIntoTP(self.group) if self.sequence_parallel else CopyToTP(self.group)
+
+    def sequence_output(self) -> nn.Module:
+        """The final hidden states back to full sequence length (identity without sequence parallelism)."""
+        return SequenceGather(self.group if self.sequence_parallel else None)
+
+    @property
+    def sequence_shards(self) -> int:
+        """Into how many slices the residual stream's sequence is cut (tp_size under sequence parallelism, else 1)."""
+        return self.tp_size if self.sequence_parallel else 1
 
     def row(self, in_features: int, out_features: int, init_std: Optional[float] = None) -> RowParallelLinear:
         """[..., in/tp] sharded -> [..., out] replicated (all-reduce)."""
-        return RowParallelLinear(in_features, out_features, self.group, init_std, True, self.device, self.dtype)
+        return RowParallelLinear(in_features, out_features, self.group, init_std, True, self.device, self.dtype,
+                                 self.sequence_parallel)
 
     def embedding(self, vocab_size: int, dim: int, init_std: float = 1.0) -> VocabParallelEmbedding:
         """ids [...] -> [..., dim] replicated."""
-        return VocabParallelEmbedding(vocab_size, dim, self.group, init_std, self.device, self.dtype)
+        return VocabParallelEmbedding(vocab_size, dim, self.group, init_std, self.device, self.dtype,
+                                      self.sequence_parallel)
 
     def head(self, dim: int, vocab_size: int, init_std: Optional[float] = None) -> ColumnParallelLinear:
-        """Output head: [..., dim] replicated -> LOCAL vocab-shard logits [..., V/tp], never gathered."""
+        """Output head: [..., dim] replicated -> LOCAL vocab-shard logits [..., V/tp], never gathered (its input is the
+        full-sequence output of `sequence_output` under sequence parallelism)."""
         return ColumnParallelLinear(dim, vocab_size, self.group, init_std, False, self.device, self.dtype)
 
     def norm(self, dim: int, eps: float = 1e-5) -> RMSNorm:
-        """RMSNorm over a replicated input."""
-        return RMSNorm(dim, eps, None, self.device, self.dtype)
+        """RMSNorm over the residual stream: replicated, or this rank's sequence slice under sequence parallelism
+        (then its gain's grad is summed over TP, like the QK-norm's)."""
+        return RMSNorm(dim, eps, self.group if self.sequence_parallel else None, self.device, self.dtype)
 
     def sharded_input_norm(self, dim: int, eps: float = 1e-5) -> RMSNorm:
         """RMSNorm whose gain is shared by inputs sharded over TP (per-head QK-norm); its grad is summed over TP."""

@@ -44,6 +44,45 @@ def _gather_last(x: torch.Tensor, group) -> torch.Tensor:
     return torch.cat(parts, dim=-1)
 
 
+# Sequence-parallel layout: activations are [b, s, ...] (batch first); rank r of the TP group holds the contiguous
+# sequence slice [r s/tp, (r+1) s/tp) of dim 1. The collectives themselves move flat [tp, ...] buffers along dim 0
+# (NCCL's all-gather / reduce-scatter layout); the dim-1 <-> dim-0 reorder is one copy on each side.
+_all_gather_flat = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor  # torch >= 2.13 renamed
+_reduce_scatter_flat = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
+
+def _seq_split(x: torch.Tensor, group) -> torch.Tensor:
+    # [b, s, ...] -> [b, s/tp, ...]: this rank's contiguous sequence slice (no communication)
+    size, rank = group_size(group), group_rank(group)
+    s = x.shape[1]
+    if s % size:
+        raise ValueError(f"sequence length {s} is not divisible by the tensor-parallel size {size}")
+    return x.narrow(1, rank * (s // size), s // size).contiguous()
+
+
+def _seq_gather(x: torch.Tensor, group) -> torch.Tensor:
+    # [b, s/tp, ...] -> [b, s, ...], slices concatenated in group-rank order
+    size = group_size(group)
+    b, sl = x.shape[0], x.shape[1]
+    rest = tuple(x.shape[2:])
+    out = x.new_empty((size * b, sl) + rest)  # the ranks' [b, s/tp, ...] stacked along dim 0
+    _all_gather_flat(out, x.contiguous(), group=group)
+    return out.view((size, b, sl) + rest).transpose(0, 1).reshape((b, size * sl) + rest)
+
+
+def _seq_reduce_scatter(x: torch.Tensor, group) -> torch.Tensor:
+    # [b, s, ...] partial sums -> [b, s/tp, ...] of the sum over ranks, this rank's sequence slice
+    size = group_size(group)
+    b, s = x.shape[0], x.shape[1]
+    if s % size:
+        raise ValueError(f"sequence length {s} is not divisible by the tensor-parallel size {size}")
+    rest = tuple(x.shape[2:])
+    flat = x.reshape((b, size, s // size) + rest).transpose(0, 1).reshape((size * b, s // size) + rest)  # by rank
+    out = x.new_empty((b, s // size) + rest)
+    _reduce_scatter_flat(out, flat, group=group)
+    return out
+
+
 def _is_dense(group) -> bool:
     return group is None or group_size(group) == 1
 
@@ -123,3 +162,84 @@ def gather_from_tp_region(x: torch.Tensor, group=None) -> torch.Tensor:
     forward: all-gather along the last dim, backward: split along the last dim (keep the local chunk), no communication.
     """
     return x if _is_dense(group) else _GatherFromTP.apply(x, group)
+
+
+class _GatherSeqIntoTP(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return _seq_gather(x, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        # inside the TP region every rank holds a partial dL/dx (its own heads / ffn columns): sum, keep own slice
+        return _seq_reduce_scatter(grad, ctx.group), None
+
+
+class _GatherSeq(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return _seq_gather(x, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        # the consumer's grad is already complete and replicated (it entered the TP region via copy_to_tp_region)
+        return _seq_split(grad, ctx.group), None
+
+
+class _ReduceScatterSeq(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return _seq_reduce_scatter(x, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _seq_gather(grad, ctx.group), None
+
+
+class _ScatterSeq(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return _seq_split(x, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _seq_gather(grad, ctx.group), None
+
+
+def gather_sequence_into_tp_region(x: torch.Tensor, group=None) -> torch.Tensor:
+    """Enter the TP region from the sequence-parallel residual stream ([b, s/tp, d] -> [b, s, d]).
+
+    forward: all-gather along the sequence, backward: reduce-scatter along the sequence (replaces
+    copy_to_tp_region's backward all-reduce under sequence parallelism).
+    """
+    return x if _is_dense(group) else _GatherSeqIntoTP.apply(x, group)
+
+
+def reduce_scatter_to_sequence_region(x: torch.Tensor, group=None) -> torch.Tensor:
+    """Leave the TP region into the sequence-parallel stream: sum per-rank partials, keep this rank's slice.
+
+    forward: reduce-scatter along the sequence ([b, s, d] -> [b, s/tp, d]), backward: all-gather along the sequence
+    (replaces reduce_from_tp_region's forward all-reduce under sequence parallelism).
+    """
+    return x if _is_dense(group) else _ReduceScatterSeq.apply(x, group)
+
+
+def gather_sequence(x: torch.Tensor, group=None) -> torch.Tensor:
+    """Leave sequence parallelism for a consumer that takes a replicated input and makes its grad replicated
+    (the head / fused losses enter the TP region through copy_to_tp_region).
+
+    forward: all-gather along the sequence, backward: keep this rank's slice of the grad (no communication).
+    """
+    return x if _is_dense(group) else _GatherSeq.apply(x, group)
+
+
+def scatter_to_sequence_region(x: torch.Tensor, group=None) -> torch.Tensor:
+    """Keep this rank's slice of a replicated [b, s, ...] tensor.
+
+    forward: split along the sequence (no communication), backward: all-gather along the sequence.
+    """
+    return x if _is_dense(group) else _ScatterSeq.apply(x, group)

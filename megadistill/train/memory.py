@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 from dataclasses import asdict, dataclass
+from itertools import product
 from typing import Dict, List, Optional, Union
 
 from megadistill.config import Config, ModelConfig
@@ -50,11 +51,17 @@ class Layout:
     teacher_zero3: bool = False
     chunk_tokens: int = 1024
     bucket_size: int = 50_000_000  # ZeRO reduce / prefetch bucket (elements)
+    sequence_parallel: bool = False  # parallel.sequence_parallel (no effect at tp_size 1)
 
     def describe(self) -> str:
         ck = self.checkpointing if self.checkpointing != "every_k" else f"every_{self.checkpoint_every_k}"
-        return (f"tp={self.tp_size} zero={self.zero_stage} mb={self.micro_batch_size} ckpt={ck} "
-                f"fused={'on' if self.fused else 'off'}" + (" teacher=zero3" if self.teacher_zero3 else ""))
+        return (f"tp={self.tp_size}{'+sp' if self.sp else ''} zero={self.zero_stage} mb={self.micro_batch_size} "
+                f"ckpt={ck} fused={'on' if self.fused else 'off'}" + (" teacher=zero3" if self.teacher_zero3 else ""))
+
+    @property
+    def sp(self) -> bool:
+        """Sequence parallelism in effect (it needs tp_size > 1)."""
+        return self.sequence_parallel and self.tp_size > 1
 
 
 def resolve_model(model: Union[str, ModelConfig], role: str = "model") -> ModelConfig:
@@ -78,7 +85,7 @@ def rank_params(m: ModelConfig, tp: int) -> Dict[str, int]:
             "vocab": vocab}
 
 
-def activation_bytes_per_token(m: ModelConfig, tp: int, wb: int) -> float:
+def activation_bytes_per_token(m: ModelConfig, tp: int, wb: int, sequence_parallel: bool = False) -> float:
     """Bytes autograd keeps per token for one block without checkpointing; wb = bytes of the model dtype.
 
     RMSNorm keeps only its input (model dtype) and one fp32 rsqrt per row; its output is kept by the next matmul:
@@ -87,11 +94,15 @@ def activation_bytes_per_token(m: ModelConfig, tp: int, wb: int) -> float:
     by attention: 2 wb each. v and the attention output cost wb each (flash / SDPA keep q, k, v, out and an fp32 log-sum-exp, no s x s matrix).
     SwiGLU keeps gate, up, silu(gate) and their product: 4 wb f/tp. fp32: 16 d + 24 d/tp + 16 f/tp;
     bf16: 8 d + 12 d/tp + 8 f/tp.
+    Sequence parallelism: the two norms keep only this rank's sequence slice of their input (wb d/tp each, and
+    their rsqrt), while the column matmuls still keep the all-gathered full-sequence input (wb d each): 4 wb d
+    becomes 2 wb d (1 + 1/tp).
     """
     d, f, h = m.d_model, m.d_ff, m.n_heads
     q, kv = h * m.head_dim, (m.n_kv_heads or h) * m.head_dim  # = d, d without GQA (the paper's sizes)
-    per = 4 * wb * d + 3 * wb * (q + kv) / tp + 4 * wb * f / tp
-    return per + 4 * (2 + 3 * h / tp)  # fp32 rsqrt of the four norms and the attention log-sum-exp
+    s = tp if sequence_parallel else 1  # slices of the residual stream
+    per = 2 * wb * d / s + 2 * wb * d + 3 * wb * (q + kv) / tp + 4 * wb * f / tp
+    return per + 4 * (2 / s + 3 * h / tp)  # fp32 rsqrt of the four norms and the attention log-sum-exp
 
 
 def checkpointed_blocks(n_layers: int, checkpointing: str, every_k: int = 2) -> int:
@@ -102,13 +113,15 @@ def checkpointed_blocks(n_layers: int, checkpointing: str, every_k: int = 2) -> 
 
 
 def activation_bytes(m: ModelConfig, tokens: int, tp: int, wb: int, checkpointing: str = "off",
-                     every_k: int = 2) -> float:
+                     every_k: int = 2, sequence_parallel: bool = False) -> float:
     """Saved student activations for `tokens` tokens at the start of backward, incl. one recomputed block."""
-    layer = activation_bytes_per_token(m, tp, wb) * tokens
+    layer = activation_bytes_per_token(m, tp, wb, sequence_parallel) * tokens
+    s = tp if sequence_parallel else 1
     n_ckpt = checkpointed_blocks(m.n_layers, checkpointing, every_k)
-    saved = (m.n_layers - n_ckpt) * layer + n_ckpt * wb * m.d_model * tokens  # a checkpointed block keeps its input
+    # a checkpointed block keeps its input (this rank's sequence slice under sequence parallelism)
+    saved = (m.n_layers - n_ckpt) * layer + n_ckpt * wb * m.d_model * tokens / s
     recompute = layer if n_ckpt else 0.0  # backward rebuilds one checkpointed block at a time
-    final_norm = 2 * wb * m.d_model * tokens  # its input, and its output kept by the head
+    final_norm = wb * m.d_model * tokens * (1 / s + 1)  # its input (slice), and its (gathered) output kept by the head
     return saved + recompute + final_norm
 
 
@@ -176,7 +189,7 @@ def estimate_layout(student: ModelConfig, layout: Layout, world_size: int, seq_l
     # (stage 0 and 1 reduce at the accumulation boundary, so they hold full gradients until then)
     grads_fb = grads_partition if z == 3 else ((wb * P if z < 2 else grads_partition) if gas > 1 else 0.0)
 
-    acts = activation_bytes(student, n, tp, wb, layout.checkpointing, layout.checkpoint_every_k)
+    acts = activation_bytes(student, n, tp, wb, layout.checkpointing, layout.checkpoint_every_k, layout.sp)
     loss = loss_bytes(n, student, tp, wb, layout.fused, layout.chunk_tokens, teacher, tb)
     if teacher is not None and layout.fused and t_part:  # the trainer gathers the teacher's head for the fused loss
         loss += tb * teacher.vocab_size // tp * teacher.d_model
@@ -224,7 +237,8 @@ def layout_of(cfg: Config) -> Layout:
     m, d = cfg.model, cfg.distill
     return Layout(tp_size=cfg.parallel.tp_size, zero_stage=cfg.zero.stage, micro_batch_size=cfg.train.micro_batch_size,
                   checkpointing=m.activation_checkpointing, checkpoint_every_k=m.checkpoint_every_k, fused=d.fused,
-                  teacher_zero3=d.teacher_zero3, chunk_tokens=d.chunk_tokens, bucket_size=cfg.zero.bucket_size)
+                  teacher_zero3=d.teacher_zero3, chunk_tokens=d.chunk_tokens, bucket_size=cfg.zero.bucket_size,
+                  sequence_parallel=cfg.parallel.sequence_parallel)
 
 
 def estimate(cfg: Config, world_size: int, teacher: Union[None, str, ModelConfig] = None,
@@ -319,7 +333,7 @@ def plan(student: Union[str, ModelConfig], teacher: Union[None, str, ModelConfig
          seq_len: int = 4096, global_batch_tokens: int = 2 ** 22, precision: str = "bf16",
          teacher_dtype: str = "bf16", hardware: Hardware = Hardware(), micro_batches=(1, 2, 4, 8, 16, 32),
          checkpointing=("off", "full"), zero_stages=(0, 1, 2, 3), fused=(False, True), chunk_tokens: int = 1024,
-         bucket_size: int = 50_000_000) -> List[Dict]:
+         bucket_size: int = 50_000_000, sequence_parallel=(False, True)) -> List[Dict]:
     """Every layout with its memory and step time; fitting ones first, fastest first (then leanest), then the rest
     by memory. Raises UserError for impossible inputs (unknown size, batch that does not split, nothing fits)."""
     smodel, tmodel = resolve_model(student, "student"), (resolve_model(teacher, "teacher") if teacher else None)
@@ -340,15 +354,15 @@ def plan(student: Union[str, ModelConfig], teacher: Union[None, str, ModelConfig
                 continue
             for z in (zero_stages if dp > 1 else (0,)):  # one DP rank runs stage 0 (train.engine.effective_stage)
                 for t3 in ((False, True) if tmodel is not None and dp > 1 else (False,)):
-                    for ck in checkpointing:
-                        for fu in fused:
-                            lay = Layout(tp, z, mb, ck, fused=fu, teacher_zero3=t3, chunk_tokens=chunk_tokens,
-                                         bucket_size=bucket_size)
-                            args = (smodel, lay, gpus, seq_len, batch, precision, tmodel, teacher_dtype, hardware)
-                            mem = estimate_layout(*args)
-                            rows.append({"layout": asdict(lay), "describe": lay.describe(), "memory": mem,
-                                         "time": step_time(*args),
-                                         "fits": mem["total"] <= hardware.gpu_mem_gib * GIB})
+                    for ck, fu, sq in product(checkpointing, fused, sequence_parallel if tp > 1 else (False,)):
+                        if sq and seq_len % tp:
+                            continue
+                        lay = Layout(tp, z, mb, ck, fused=fu, teacher_zero3=t3, chunk_tokens=chunk_tokens,
+                                     bucket_size=bucket_size, sequence_parallel=sq)
+                        args = (smodel, lay, gpus, seq_len, batch, precision, tmodel, teacher_dtype, hardware)
+                        mem = estimate_layout(*args)
+                        rows.append({"layout": asdict(lay), "describe": lay.describe(), "memory": mem,
+                                     "time": step_time(*args), "fits": mem["total"] <= hardware.gpu_mem_gib * GIB})
     if not rows:
         raise UserError(f"the global batch of {batch} sequences ({global_batch_tokens} tokens) cannot be split into "
                         f"micro-batches of {list(micro_batches)} over dp = {[gpus // t for t in tps]} ranks; "
@@ -389,7 +403,8 @@ def _plan_command(args) -> int:
     rows = plan(args.student, args.teacher, gpus=args.gpus, seq_len=args.seq_len,
                 global_batch_tokens=args.global_batch_tokens, precision=args.precision, teacher_dtype=args.teacher_dtype,
                 hardware=hw, checkpointing=tuple(args.checkpointing), chunk_tokens=args.chunk_tokens,
-                bucket_size=args.bucket_size)
+                bucket_size=args.bucket_size,
+                sequence_parallel={"off": (False,), "on": (True,), "both": (False, True)}[args.sequence_parallel])
     n_fit = sum(r["fits"] for r in rows)
     if args.json:
         print(json.dumps({"student": args.student, "teacher": args.teacher, "gpus": args.gpus,
@@ -428,6 +443,8 @@ def register(sub) -> None:
     p.add_argument("--teacher-dtype", choices=("bf16", "fp32"), default="bf16")
     p.add_argument("--checkpointing", nargs="+", choices=("off", "full"), default=["off", "full"])
     p.add_argument("--chunk-tokens", type=int, default=1024, help="token chunk of the fused loss")
+    p.add_argument("--sequence-parallel", choices=("off", "on", "both"), default="both",
+                   help="layouts with parallel.sequence_parallel false / true / both (tp > 1 only)")
     p.add_argument("--bucket-size", type=int, default=50_000_000, help="ZeRO bucket elements (zero.bucket_size)")
     p.add_argument("--mfu", type=float, default=0.40)
     p.add_argument("--peak-tflops", type=float, default=989.0, help="dense bf16 TFLOP/s per GPU (H100 SXM)")

@@ -45,7 +45,7 @@ def _engine_from_checkpoint(cfg: Config, groups: ParallelGroups, device, run_dir
     if ckpt is None:
         raise UserError(f"{run_dir} has no checkpoint (checkpoints/latest is missing)")
     torch.manual_seed(cfg.train.seed)
-    student = Transformer(cfg.model, groups.factory(device=device))
+    student = Transformer(cfg.model, groups.factory(device=device, sequence_parallel=cfg.parallel.sequence_parallel))
     eng, _ = engine_mod.initialize(Objective(student, cfg, groups.tp_group), cfg, groups, total_steps(cfg))
     checkpoint.load_engine(eng, ckpt, load_optimizer_states=False, load_lr_scheduler_states=False,
                            load_module_only=True)

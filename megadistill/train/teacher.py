@@ -167,7 +167,9 @@ def load_teacher(cfg: Config, groups: ParallelGroups, device: torch.device,
     src = source if source is not None else teacher_source(cfg)
     tm = src.model_cfg
     dtype = torch.bfloat16 if cfg.distill.teacher_dtype == "bf16" else torch.float32
-    model = _materialize(Transformer(tm, LayerFactory(groups.tp_group, device="meta", dtype=dtype)), device)
+    factory = LayerFactory(groups.tp_group, device="meta", dtype=dtype,
+                           sequence_parallel=cfg.parallel.sequence_parallel)
+    model = _materialize(Transformer(tm, factory), device)
     if src.hf:
         from megadistill.hf.weights import load_into
         load_into(model, src.weights_dir, groups.tp_rank, groups.tp_size)

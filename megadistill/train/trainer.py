@@ -142,7 +142,8 @@ def build(cfg: Config, info) -> Live:
     groups = ParallelGroups.build(cfg.parallel.tp_size)
     cache_teacher = teacher_cache.open_cache(cfg, groups) if cached else None  # checked before any compute
     torch.manual_seed(t.seed)  # identical on every rank: TP shards are slices of one full initialisation
-    student = Transformer(cfg.model, groups.factory(device=info.device))
+    student = Transformer(cfg.model, groups.factory(device=info.device,
+                                                    sequence_parallel=cfg.parallel.sequence_parallel))
     if t.init_from:
         load_student_init(student, cfg, groups)
     objective = Objective(student, cfg, groups.tp_group)
