@@ -8,13 +8,12 @@ from typing import Optional
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from megadistill.errors import UserError
+from megadistill.model import kernels as kernels_mod
 from megadistill.model import mup
-from megadistill.model.attention import (BACKENDS, DocMask, RopeScaling, Rotary, apply_rotary, attention,
-                                         build_doc_mask)
+from megadistill.model.attention import BACKENDS, DocMask, RopeScaling, Rotary, attention, build_doc_mask
 from megadistill.model.sizes import ffn_width
 from megadistill.parallel.layers import LayerFactory, RMSNorm
 
@@ -23,6 +22,8 @@ from megadistill.parallel.layers import LayerFactory, RMSNorm
 # exactly the ones its query heads read under GQA -- and ffn columns [r f/tp, ...)), O and
 # the SwiGLU down projection are row-parallel (all-reduce of partial sums), the embedding is vocab-parallel and
 # the head returns this rank's vocab shard of the logits. Per block that is 2 all-reduces forward, 2 backward.
+# cfg.kernels (model.kernels) picks the implementation of RMSNorm, silu(a) * b and RoPE: our torch ops or
+# Liger-Kernel's (megadistill.model.kernels); every RMSNorm of the model gets it from the Transformer.
 
 
 class Attention(nn.Module):
@@ -36,7 +37,7 @@ class Attention(nn.Module):
         if cfg.n_heads % n_kv:
             raise UserError(f"model.n_kv_heads={n_kv} must divide model.n_heads={cfg.n_heads}")
         inner, kv_inner = cfg.n_heads * hd, n_kv * hd
-        self.head_dim, self.backend = hd, cfg.attention
+        self.head_dim, self.backend, self.kernels = hd, cfg.attention, cfg.kernels
         self.local_heads = factory.local(cfg.n_heads, "model.n_heads")
         self.local_kv_heads = factory.local(n_kv, "model.n_kv_heads")
         std_in, std_out = mup.init_std_for("hidden", d), mup.init_std_for("hidden", inner)
@@ -59,7 +60,7 @@ class Attention(nn.Module):
         v = self.wv(x).view(b, s, self.local_kv_heads, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        q, k = kernels_mod.rope(q, k, cos, sin, self.kernels)  # liger: in place (q, k have no other reader)
         o = attention(q, k, v, self.backend, mask)  # [b, s, h/tp, hd]
         return self.wo(o.reshape(b, s, self.local_heads * self.head_dim))  # [b, s, d]
 
@@ -69,7 +70,7 @@ class SwiGLU(nn.Module):
 
     def __init__(self, cfg, d_ff: int, factory: LayerFactory):
         super().__init__()
-        d = cfg.d_model
+        d, self.kernels = cfg.d_model, cfg.kernels
         factory.local(d_ff, "model.d_ff")
         self.enter = factory.copy_to_tp()
         self.w1 = factory.column(d, d_ff, mup.init_std_for("hidden", d), copy_input=False)  # gate [d] -> [f/tp]
@@ -78,7 +79,7 @@ class SwiGLU(nn.Module):
 
     def forward(self, x):
         x = self.enter(x)  # [b, s, d]
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))  # [b, s, d]
+        return self.w2(kernels_mod.swiglu(self.w1(x), self.w3(x), self.kernels))  # silu(W1 x) * W3 x: [b, s, d]
 
 
 class Block(nn.Module):
@@ -112,6 +113,7 @@ class Transformer(nn.Module):
         if cfg.activation_checkpointing not in ("off", "full", "every_k"):
             raise UserError(f"model.activation_checkpointing={cfg.activation_checkpointing!r} is not one of "
                             "['off', 'full', 'every_k']")
+        kernels_mod.validate(cfg.kernels)  # liger without CUDA / liger_kernel: a UserError before any weight
         d, vocab = cfg.d_model, cfg.vocab_size
         d_ff = cfg.d_ff or ffn_width(d, cfg.ff_multiple)
         self.cfg, self.tp_size = cfg, factory.tp_size
@@ -123,6 +125,9 @@ class Transformer(nn.Module):
         # tied: embedding rows and head rows are split alike over TP ([V/tp, d] each), one parameter serves both
         self.tie_weights()
         self.rope = Rotary(cfg.head_dim, cfg.rope_base, RopeScaling.of(cfg))
+        for m in self.modules():  # the factory builds norms kernel-agnostic; the model's config chooses
+            if isinstance(m, RMSNorm):
+                m.kernels = cfg.kernels
         self._tag_roles()
 
     def tie_weights(self) -> None:
