@@ -22,8 +22,17 @@ from megadistill.parallel.layers import LayerFactory, RMSNorm
 # exactly the ones its query heads read under GQA -- and ffn columns [r f/tp, ...)), O and
 # the SwiGLU down projection are row-parallel (all-reduce of partial sums), the embedding is vocab-parallel and
 # the head returns this rank's vocab shard of the logits. Per block that is 2 all-reduces forward, 2 backward.
-# cfg.kernels (model.kernels) picks the implementation of RMSNorm, silu(a) * b and RoPE: our torch ops or
-# Liger-Kernel's (megadistill.model.kernels); every RMSNorm of the model gets it from the Transformer.
+
+
+def use_kernels(module: nn.Module, kernels: str) -> None:
+    """Every RMSNorm in `module` runs with `kernels` (the factory builds norms kernel-agnostic; the config chooses).
+
+    cfg.kernels (model.kernels) picks the implementation of RMSNorm, silu(a) * b and RoPE: our torch ops or
+    Liger-Kernel's (megadistill.model.kernels); Attention and SwiGLU read it from cfg, the norms get it here.
+    """
+    for m in module.modules():
+        if isinstance(m, RMSNorm):
+            m.kernels = kernels
 
 
 class Attention(nn.Module):
@@ -91,6 +100,7 @@ class Block(nn.Module):
         self.attn = Attention(cfg, factory)
         self.ffn_norm = factory.norm(cfg.d_model, cfg.norm_eps)
         self.ffn = SwiGLU(cfg, d_ff, factory)
+        use_kernels(self, cfg.kernels)
 
     def forward(self, x, cos, sin, mask: Optional[DocMask]):
         h = x + self.attn(self.attn_norm(x), cos, sin, mask)  # [b, s, d]
@@ -125,9 +135,7 @@ class Transformer(nn.Module):
         # tied: embedding rows and head rows are split alike over TP ([V/tp, d] each), one parameter serves both
         self.tie_weights()
         self.rope = Rotary(cfg.head_dim, cfg.rope_base, RopeScaling.of(cfg))
-        for m in self.modules():  # the factory builds norms kernel-agnostic; the model's config chooses
-            if isinstance(m, RMSNorm):
-                m.kernels = cfg.kernels
+        use_kernels(self, cfg.kernels)
         self._tag_roles()
 
     def tie_weights(self) -> None:

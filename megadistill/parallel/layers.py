@@ -7,8 +7,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from megadistill.errors import UserError
 from megadistill.model.kernels import _RMSNormFn, rms_norm  # noqa: F401 (_RMSNormFn lived here; name kept)
+from megadistill.errors import UserError
 from megadistill.parallel.mappings import (copy_to_tp_region, gather_from_tp_region, group_rank, group_size,
                                            reduce_from_tp_region, scatter_to_tp_region)
 
