@@ -15,6 +15,9 @@ from megadistill.model.attention import Rotary
 # bf16: both sides rounded to bf16 at different points; liger's error against the fp32 result may be at most twice
 #   torch's own bf16 error plus BF16_SLACK (a few bf16 ulps of the largest value; bf16 eps = 2^-8 = 3.9e-3).
 FP32_TOL = 2e-5
+# whole models (two blocks, attention and matmuls in between; on CUDA SDPA's backward may sum in another order from
+# run to run, and Inductor's fused kernels round elementwise chains differently): MODEL_FP32_TOL.
+MODEL_FP32_TOL = 1e-4
 BF16_SLACK = 8e-3
 
 
@@ -149,15 +152,15 @@ def model_errors(device, dtype, small: bool = True, build_liger: bool = True) ->
     return out
 
 
-def assert_within(errs: Dict[str, float], dtype) -> None:
-    """fp32: every liger-vs-torch error <= FP32_TOL; bf16: liger's fp32 error <= 2 x torch's + BF16_SLACK."""
+def assert_within(errs: Dict[str, float], dtype, fp32_tol: float = FP32_TOL) -> None:
+    """fp32: every liger-vs-torch error <= fp32_tol; bf16: liger's fp32 error <= 2 x torch's + BF16_SLACK."""
     bad = []
     for key, e in errs.items():
         if dtype == torch.float32:
-            if e > FP32_TOL:
-                bad.append(f"{key}={e:.3g} > {FP32_TOL}")
+            if not e <= fp32_tol:  # NaN fails too
+                bad.append(f"{key}={e:.3g} > {fp32_tol}")
         elif key.endswith(".liger_vs_fp32"):
             floor = errs[key.replace(".liger_vs_fp32", ".torch_vs_fp32")]
-            if e > 2 * floor + BF16_SLACK:
+            if not e <= 2 * floor + BF16_SLACK:
                 bad.append(f"{key}={e:.3g} > 2 x torch's {floor:.3g} + {BF16_SLACK}")
     assert not bad, "; ".join(bad)
