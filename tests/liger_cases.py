@@ -135,6 +135,21 @@ def compiled_errors(device, backend: str, small: bool = True, build_liger: bool 
             "grads_max_second_call": max(rel_err(lig2_grads[n], ref_grads[n]) for n in ref_grads)}
 
 
+def graphs_per_block(kern: str) -> Dict[str, int]:
+    """torch._dynamo.explain of one Block (QK-norm, GQA) with `kern`: how many graphs and graph breaks it compiles to."""
+    from megadistill.config import ModelConfig
+    from megadistill.model.transformer import Block
+    from megadistill.parallel.layers import LayerFactory
+
+    cfg = ModelConfig(n_layers=1, d_model=64, n_heads=4, n_kv_heads=2, head_dim=16, d_ff=192, vocab_size=128)
+    cfg.validate()
+    block = Block(cfg, cfg.d_ff, LayerFactory())
+    set_kernels(block, kern)
+    torch._dynamo.reset()
+    e = torch._dynamo.explain(block)(torch.randn(2, 8, 64), *Rotary(16, 5e5)(8, "cpu", torch.float32), None)
+    return {"graphs": e.graph_count, "graph_breaks": e.graph_break_count}
+
+
 def model_errors(device, dtype, small: bool = True, build_liger: bool = True) -> Dict[str, float]:
     """A tiny Transformer (QK-norm, GQA) with kernels=liger vs torch from the same weights: logits and every grad."""
     build, run = _model_pair(device, small, build_liger)

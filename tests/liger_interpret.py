@@ -43,7 +43,8 @@ def main() -> dict:
     t0 = time.time()
     out = {"ops_fp32": liger_cases.op_errors("cpu", torch.float32, small=True),
            "model_fp32": liger_cases.model_errors("cpu", torch.float32, small=True, build_liger=False),
-           "compiled_fp32": liger_cases.compiled_errors("cpu", "aot_eager", small=True, build_liger=False)}
+           "compiled_fp32": liger_cases.compiled_errors("cpu", "aot_eager", small=True, build_liger=False),
+           "block_graphs": {k: liger_cases.graphs_per_block(k) for k in ("torch", "liger")}}
     # bf16: the interpreter keeps bf16 as raw uint16 and converts it to / from fp32, but has no bf16 arithmetic
     # (a bf16 product is a product of bit patterns). Only RMSNorm (casting_mode gemma: everything in fp32) computes
     # in fp32 throughout; SwiGLU's forward product and RoPE run in the inputs' bf16 and are left to the gpu tests.

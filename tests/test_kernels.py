@@ -2,7 +2,6 @@
 SwiGLU / RoPE against them on CUDA (gpu) and on CPU under Triton's interpreter (slow), and the teacher's choice."""
 import importlib.util
 import json
-import math
 import os
 import subprocess
 import sys
@@ -190,4 +189,7 @@ def test_liger_under_triton_interpreter_on_cpu():
     for key in ("model_fp32", "compiled_fp32"):
         liger_cases.assert_within(out[key], torch.float32, liger_cases.MODEL_FP32_TOL)
     liger_cases.assert_within(out["ops_bf16"], torch.bfloat16)
-    assert all(math.isfinite(v) for part in out.values() if isinstance(part, dict) for v in part.values())
+    # under compile each Liger call is a graph break (torch.compiler.disable): 6 calls per block with QK-norm, q-norm
+    # and k-norm back to back (no graph between them), so 6 graphs where the torch block is one
+    assert out["block_graphs"]["torch"] == {"graphs": 1, "graph_breaks": 0}
+    assert 2 <= out["block_graphs"]["liger"]["graphs"] <= 7

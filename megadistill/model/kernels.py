@@ -28,9 +28,10 @@ KERNELS = ("torch", "liger")
 #
 # torch.compile: each Liger call runs under torch.compiler.disable, one graph break per op in a compiled block.
 # Dynamo can trace user Triton kernels, but these mutate their inputs in place from inside autograd Functions and
-# carry Python-side dispatch (DTensor checks, device properties, context managers); Inductor's handling of such
-# mutating kernels has had silent-correctness bugs (pytorch/pytorch#132196, #136550; Liger-Kernel#174), and Inductor
-# already fuses these elementwise / row-reduction ops itself. Eager Liger outside the graphs is the safe contract.
+# carry Python-side dispatch (DTensor checks, device properties, context managers). Inductor's handling of such
+# mutating kernels has had silent-correctness bugs (pytorch/pytorch#132196, #136550), Liger under compile has raised
+# (Liger-Kernel#174), and Hugging Face's Liger wrappers break the graph the same way (kernels-community#906); Inductor
+# already fuses these elementwise / row-reduction ops itself. Eager Liger between the graphs is the safe contract.
 
 
 def validate(kernels: str, key: str = "model.kernels") -> None:
