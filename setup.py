@@ -24,6 +24,7 @@ setup(
     extras_require={
         "test": ["pytest>=7", "pytest-timeout>=2"],
         "gpu": ["flash-attn>=2.5"],
+        "liger": ["liger-kernel>=0.5"],  # model.kernels=liger (fused RMSNorm / SwiGLU / RoPE); not installed by CI
         "bench": ["liger-kernel>=0.4", "psutil"],
         "plot": ["matplotlib>=3.7"],
     },

@@ -50,6 +50,8 @@ class ModelConfig:
     norm_eps: float = 1e-5  # RMSNorm epsilon
     qk_norm: bool = True  # RMSNorm on queries and keys per head
     attention: str = "sdpa"  # flash | sdpa | eager
+    kernels: str = "torch"  # torch | liger: RMSNorm, SwiGLU and RoPE as our torch ops or Liger-Kernel's Triton kernels
+    # (CUDA + pip install liger-kernel; checked when the model is built)
     mup_base_width: int = 256  # µP(simple) base width: hidden-matrix LR x base/d_model
     activation_checkpointing: str = "off"  # off | full | every_k
     checkpoint_every_k: int = 2  # with activation_checkpointing=every_k: checkpoint every k-th block
@@ -92,6 +94,7 @@ class ModelConfig:
                 raise ConfigError(f"{prefix}.rope_low_freq_factor={self.rope_low_freq_factor} must be > 0 and < "
                                   f"{prefix}.rope_high_freq_factor={self.rope_high_freq_factor}")
         _choice(f"{prefix}.attention", self.attention, ("flash", "sdpa", "eager"))
+        _choice(f"{prefix}.kernels", self.kernels, ("torch", "liger"))
         _choice(f"{prefix}.activation_checkpointing", self.activation_checkpointing, ("off", "full", "every_k"))
         _positive(f"{prefix}.checkpoint_every_k", self.checkpoint_every_k)
 

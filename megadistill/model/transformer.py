@@ -8,13 +8,12 @@ from typing import Optional
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from megadistill.errors import UserError
+from megadistill.model import kernels as kernels_mod
 from megadistill.model import mup
-from megadistill.model.attention import (BACKENDS, DocMask, RopeScaling, Rotary, apply_rotary, attention,
-                                         build_doc_mask)
+from megadistill.model.attention import BACKENDS, DocMask, RopeScaling, Rotary, attention, build_doc_mask
 from megadistill.model.sizes import ffn_width
 from megadistill.parallel.layers import LayerFactory, RMSNorm
 
@@ -28,6 +27,17 @@ from megadistill.parallel.layers import LayerFactory, RMSNorm
 # (same bytes moved; norms and residual adds do 1/tp of the work and keep 1/tp of the activations).
 
 
+def use_kernels(module: nn.Module, kernels: str) -> None:
+    """Every RMSNorm in `module` runs with `kernels` (the factory builds norms kernel-agnostic; the config chooses).
+
+    cfg.kernels (model.kernels) picks the implementation of RMSNorm, silu(a) * b and RoPE: our torch ops or
+    Liger-Kernel's (megadistill.model.kernels); Attention and SwiGLU read it from cfg, the norms get it here.
+    """
+    for m in module.modules():
+        if isinstance(m, RMSNorm):
+            m.kernels = kernels
+
+
 class Attention(nn.Module):
     """Causal self-attention (MHA or GQA) with optional per-head QK-norm and RoPE; this rank computes n_heads / tp
     query heads and n_kv_heads / tp key/value heads."""
@@ -39,7 +49,7 @@ class Attention(nn.Module):
         if cfg.n_heads % n_kv:
             raise UserError(f"model.n_kv_heads={n_kv} must divide model.n_heads={cfg.n_heads}")
         inner, kv_inner = cfg.n_heads * hd, n_kv * hd
-        self.head_dim, self.backend = hd, cfg.attention
+        self.head_dim, self.backend, self.kernels = hd, cfg.attention, cfg.kernels
         self.local_heads = factory.local(cfg.n_heads, "model.n_heads")
         self.local_kv_heads = factory.local(n_kv, "model.n_kv_heads")
         std_in, std_out = mup.init_std_for("hidden", d), mup.init_std_for("hidden", inner)
@@ -62,7 +72,7 @@ class Attention(nn.Module):
         v = self.wv(x).view(b, s, self.local_kv_heads, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        q, k = kernels_mod.rope(q, k, cos, sin, self.kernels)  # liger: in place (q, k have no other reader)
         o = attention(q, k, v, self.backend, mask)  # [b, s, h/tp, hd]
         return self.wo(o.reshape(b, s, self.local_heads * self.head_dim))  # [b, s, d]
 
@@ -72,7 +82,7 @@ class SwiGLU(nn.Module):
 
     def __init__(self, cfg, d_ff: int, factory: LayerFactory):
         super().__init__()
-        d = cfg.d_model
+        d, self.kernels = cfg.d_model, cfg.kernels
         factory.local(d_ff, "model.d_ff")
         self.enter = factory.copy_to_tp()
         self.w1 = factory.column(d, d_ff, mup.init_std_for("hidden", d), copy_input=False)  # gate [d] -> [f/tp]
@@ -81,7 +91,7 @@ class SwiGLU(nn.Module):
 
     def forward(self, x):
         x = self.enter(x)  # [b, s, d]
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))  # [b, s, d]
+        return self.w2(kernels_mod.swiglu(self.w1(x), self.w3(x), self.kernels))  # silu(W1 x) * W3 x: [b, s, d]
 
 
 class Block(nn.Module):
@@ -93,6 +103,7 @@ class Block(nn.Module):
         self.attn = Attention(cfg, factory)
         self.ffn_norm = factory.norm(cfg.d_model, cfg.norm_eps)
         self.ffn = SwiGLU(cfg, d_ff, factory)
+        use_kernels(self, cfg.kernels)
 
     def forward(self, x, cos, sin, mask: Optional[DocMask]):
         h = x + self.attn(self.attn_norm(x), cos, sin, mask)  # [b, s, d]
@@ -115,6 +126,7 @@ class Transformer(nn.Module):
         if cfg.activation_checkpointing not in ("off", "full", "every_k"):
             raise UserError(f"model.activation_checkpointing={cfg.activation_checkpointing!r} is not one of "
                             "['off', 'full', 'every_k']")
+        kernels_mod.validate(cfg.kernels)  # liger without CUDA / liger_kernel: a UserError before any weight
         d, vocab = cfg.d_model, cfg.vocab_size
         d_ff = cfg.d_ff or ffn_width(d, cfg.ff_multiple)
         self.cfg, self.tp_size = cfg, factory.tp_size
@@ -128,6 +140,7 @@ class Transformer(nn.Module):
         # tied: embedding rows and head rows are split alike over TP ([V/tp, d] each), one parameter serves both
         self.tie_weights()
         self.rope = Rotary(cfg.head_dim, cfg.rope_base, RopeScaling.of(cfg))
+        use_kernels(self, cfg.kernels)
         self._tag_roles()
 
     def tie_weights(self) -> None:

@@ -7,6 +7,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from megadistill.model.kernels import _RMSNormFn, rms_norm  # noqa: F401 (_RMSNormFn lived here; name kept)
 from megadistill.errors import UserError
 from megadistill.parallel.mappings import (copy_to_tp_region, gather_from_tp_region, gather_sequence,
                                            gather_sequence_into_tp_region, group_rank, group_size,
@@ -136,48 +137,22 @@ class VocabParallelEmbedding(nn.Module):
         return f"{self.num_embeddings}, {self.embedding_dim}, tp={self.tp_size}"
 
 
-class _RMSNormFn(torch.autograd.Function):
-    """y = x r g with r = 1 / sqrt(mean(x^2) + eps), in fp32; saves only x and r (one float per row).
-
-    Backward in closed form (xhat = x r, u = dy g): dx = r (u - xhat mean(u xhat)), dg = sum_rows dy xhat: about
-    half the passes autograd makes through pow / mean / rsqrt / mul, and no fp32 copies kept for backward.
-    """
-
-    @staticmethod
-    def forward(ctx, x, g, eps: float):
-        xf = x.float()
-        r = torch.rsqrt(xf.square().mean(-1, keepdim=True).add_(eps))  # [..., 1]
-        ctx.save_for_backward(x, r, g)
-        return (xf * r).mul_(g).to(x.dtype)
-
-    @staticmethod
-    def backward(ctx, dy):
-        x, r, g = ctx.saved_tensors
-        xhat = x.float() * r
-        dyf = dy.float()
-        dg = (dyf * xhat).reshape(-1, x.shape[-1]).sum(0).to(g.dtype) if ctx.needs_input_grad[1] else None
-        dx = None
-        if ctx.needs_input_grad[0]:
-            u = dyf * g
-            dx = u.sub_(xhat.mul_((u * xhat).mean(-1, keepdim=True))).mul_(r).to(x.dtype)
-        return dx, dg, None
-
-
 class RMSNorm(nn.Module):
     """y = x / sqrt(mean(x^2) + eps) * g, normalised in fp32, learnable gain g (init 1), replicated on TP ranks.
 
     With `group` set, the input is sharded over TP (e.g. QK-norm over the heads of this rank) while g is shared by
     all heads: each rank then sees only part of dL/dg, so g passes through copy_to_tp_region and its gradient is
-    summed over the group, keeping the replicas identical.
+    summed over the group, keeping the replicas identical. `kernels`: model.kernels (torch | liger, see
+    megadistill.model.kernels); the Transformer sets it on all its norms from its config.
     """
 
-    def __init__(self, dim: int, eps: float = 1e-5, group=None, device=None, dtype=None):
+    def __init__(self, dim: int, eps: float = 1e-5, group=None, device=None, dtype=None, kernels: str = "torch"):
         super().__init__()
-        self.eps, self.group = eps, group
+        self.eps, self.group, self.kernels = eps, group, kernels
         self.weight = nn.Parameter(torch.ones(dim, device=device, dtype=dtype or torch.float32))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _RMSNormFn.apply(x, copy_to_tp_region(self.weight, self.group), self.eps)  # gain applied in fp32
+        return rms_norm(x, copy_to_tp_region(self.weight, self.group), self.eps, self.kernels)  # gain applied in fp32
 
     def extra_repr(self) -> str:
         return f"{self.weight.shape[0]}, eps={self.eps}, tp_input={self.group is not None}"

@@ -17,7 +17,7 @@ log = logging.getLogger(__name__)
 # schedule length, precision, loss, parallel layout of the trained state) changes the result or cannot be loaded.
 MAY_CHANGE = frozenset({
     "model.size",  # a label: the shape keys it fills are compared
-    "model.attention", "model.activation_checkpointing", "model.checkpoint_every_k",
+    "model.attention", "model.kernels", "model.activation_checkpointing", "model.checkpoint_every_k",
     "parallel.backend", "parallel.timeout_s",
     "zero.overlap_comm", "zero.bucket_size",
     "distill.fused", "distill.chunk_tokens", "distill.teacher_zero3",  # same loss, other evaluation order / layout

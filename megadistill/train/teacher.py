@@ -144,6 +144,7 @@ def teacher_source(cfg: Config) -> TeacherSource:
             raise UserError(f"parallel.tp_size={tp} does not divide the teacher's {key}={getattr(tm, key)} (from "
                             f"{origin}): the teacher is split like the student; pick a tp_size that divides it")
     tm.attention = cfg.model.attention  # the backend is a property of this run's hardware, not of the weights
+    tm.kernels = cfg.model.kernels  # so are the fused kernels (torch | liger), for our and HF teachers alike
     tm.activation_checkpointing = "off"  # no backward through the teacher
     return TeacherSource(tm, weights_dir, hf, run, tokens, eval_loss, limit)
 

@@ -1,0 +1,126 @@
+"""The model's fusable ops -- RMSNorm, SwiGLU's silu(a) * b, RoPE -- as our eager torch ops or Liger-Kernel's Triton
+kernels, chosen by model.kernels (torch | liger) and passed in explicitly by the caller."""
+from __future__ import annotations
+
+import functools
+from typing import Tuple
+
+import torch
+import torch.nn.functional as F
+
+from megadistill.errors import UserError
+from megadistill.model.attention import apply_rotary
+
+KERNELS = ("torch", "liger")
+
+# Liger's functions, matched to our ops (liger_kernel.ops, read at 0.8.5):
+# - LigerRMSNormFunction(x, w, eps, offset=0, casting_mode="gemma", in_place=False): gemma mode casts x and w to fp32,
+#   normalises and scales in fp32 and casts y back to x's dtype, as _RMSNormFn does; it keeps 1 / rms per row in fp32
+#   like ours. in_place=False: the default (True) writes dx into the incoming dy, which is only safe when no other
+#   node reads that gradient buffer.
+# - LigerSiLUMulFunction(a, b): silu computed in fp32 on a, cast to b's dtype, times b (what F.silu(a) * b does in
+#   bf16). Its backward writes da, db into the saved a, b (they are not needed afterwards).
+# - LigerRopeFunction(q, k, cos, sin): the rotate-half convention (x cos + rotate_half(x) sin, pairs (i, i + hd/2)),
+#   cos / sin [s, hd] with the two halves duplicated, exactly our Rotary tables. Its q / k are [b, h, s, hd] views of
+#   [b, s, h, hd] storage, so our [b, s, h, hd] tensors go in as .transpose(1, 2) without a copy. It rotates q and k
+#   IN PLACE (and dq, dk in backward): the pre-rotation q / k must have no other reader (true in Attention: neither
+#   the QK-norm nor the projections save their output for backward).
+#
+# torch.compile: each Liger call runs under torch.compiler.disable, one graph break per op in a compiled block.
+# Dynamo can trace user Triton kernels, but these mutate their inputs in place from inside autograd Functions and
+# carry Python-side dispatch (DTensor checks, device properties, context managers). Inductor's handling of such
+# mutating kernels has had silent-correctness bugs (pytorch/pytorch#132196, #136550), Liger under compile has raised
+# (Liger-Kernel#174), and Hugging Face's Liger wrappers break the graph the same way (kernels-community#906); Inductor
+# already fuses these elementwise / row-reduction ops itself. Eager Liger between the graphs is the safe contract.
+
+
+def validate(kernels: str, key: str = "model.kernels") -> None:
+    """kernels is one of KERNELS, and for liger: CUDA is present and liger_kernel imports (UserError naming the fix)."""
+    if kernels not in KERNELS:
+        raise UserError(f"{key}={kernels!r} is not one of {list(KERNELS)}")
+    if kernels != "liger":
+        return
+    if not torch.cuda.is_available():
+        raise UserError(f"{key}='liger' runs Liger-Kernel's Triton kernels, which need a CUDA GPU, and none is "
+                        f"available here; set {key}=torch")
+    try:
+        _liger()
+    except ImportError as e:
+        raise UserError(f"{key}='liger' needs the liger-kernel package ({e}): pip install liger-kernel (or "
+                        f"pip install -e '.[liger]'), or set {key}=torch") from None
+
+
+@functools.lru_cache(maxsize=None)
+def _liger():
+    """Liger's autograd functions, each wrapped in torch.compiler.disable (imported on first use only: Triton, and
+    torch._dynamo for the wrapper, are not loaded for kernels=torch)."""
+    from liger_kernel.ops.rms_norm import LigerRMSNormFunction
+    from liger_kernel.ops.rope import LigerRopeFunction
+    from liger_kernel.ops.swiglu import LigerSiLUMulFunction
+
+    @torch.compiler.disable
+    def rms_norm(x, gain, eps):
+        return LigerRMSNormFunction.apply(x, gain, eps, 0.0, "gemma", False)
+
+    @torch.compiler.disable
+    def swiglu(gate, up):
+        return LigerSiLUMulFunction.apply(gate, up)
+
+    @torch.compiler.disable
+    def rope(q, k, cos, sin):
+        qr, kr = LigerRopeFunction.apply(q.transpose(1, 2), k.transpose(1, 2), cos, sin)  # [b, h, s, hd] views
+        return qr.transpose(1, 2), kr.transpose(1, 2)  # [b, s, h, hd]
+
+    return rms_norm, swiglu, rope
+
+
+class _RMSNormFn(torch.autograd.Function):
+    """y = x r g with r = 1 / sqrt(mean(x^2) + eps), in fp32; saves only x and r (one float per row).
+
+    Backward in closed form (xhat = x r, u = dy g): dx = r (u - xhat mean(u xhat)), dg = sum_rows dy xhat: about
+    half the passes autograd makes through pow / mean / rsqrt / mul, and no fp32 copies kept for backward.
+    """
+
+    @staticmethod
+    def forward(ctx, x, g, eps: float):
+        xf = x.float()
+        r = torch.rsqrt(xf.square().mean(-1, keepdim=True).add_(eps))  # [..., 1]
+        ctx.save_for_backward(x, r, g)
+        return (xf * r).mul_(g).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, r, g = ctx.saved_tensors
+        xhat = x.float() * r
+        dyf = dy.float()
+        dg = (dyf * xhat).reshape(-1, x.shape[-1]).sum(0).to(g.dtype) if ctx.needs_input_grad[1] else None
+        dx = None
+        if ctx.needs_input_grad[0]:
+            u = dyf * g
+            dx = u.sub_(xhat.mul_((u * xhat).mean(-1, keepdim=True))).mul_(r).to(x.dtype)
+        return dx, dg, None
+
+
+def rms_norm(x: torch.Tensor, gain: torch.Tensor, eps: float, kernels: str = "torch") -> torch.Tensor:
+    """x [..., d] / sqrt(mean(x^2) + eps) * gain [d], normalised and scaled in fp32, returned in x's dtype."""
+    if kernels == "liger":
+        return _liger()[0](x, gain, eps)
+    return _RMSNormFn.apply(x, gain, eps)
+
+
+def swiglu(gate: torch.Tensor, up: torch.Tensor, kernels: str = "torch") -> torch.Tensor:
+    """silu(gate) * up, elementwise ([..., f/tp] each): the SwiGLU activation between W1 / W3 and W2."""
+    if kernels == "liger":
+        return _liger()[1](gate, up)
+    return F.silu(gate) * up
+
+
+def rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+         kernels: str = "torch") -> Tuple[torch.Tensor, torch.Tensor]:
+    """Rotate q [b, s, h, hd] and k [b, s, h_kv, hd] by the tables cos, sin [s, hd] (Rotary's half-split layout).
+
+    kernels=liger rotates q and k in place (their storage is reused for the outputs).
+    """
+    if kernels == "liger":
+        return _liger()[2](q, k, cos, sin)
+    return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)

@@ -1,0 +1,195 @@
+"""model.kernels (torch | liger): config and build-time errors, kernels=torch is our eager ops, Liger's RMSNorm /
+SwiGLU / RoPE against them on CUDA (gpu) and on CPU under Triton's interpreter (slow), and the teacher's choice."""
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch.testing import assert_close
+
+import liger_cases
+from tiny_runs import tiny_overrides
+
+from megadistill import config
+from megadistill.config import ConfigError, ModelConfig
+from megadistill.errors import UserError
+from megadistill.model import kernels
+from megadistill.model.attention import Rotary
+from megadistill.model.transformer import Transformer
+
+TINY = dict(n_layers=2, d_model=64, n_heads=4, n_kv_heads=2, head_dim=16, d_ff=192, vocab_size=128)
+
+
+def _cfg(**kw):
+    cfg = ModelConfig(**{**TINY, **kw})
+    cfg.validate()
+    return cfg
+
+
+# ---------------------------------------------------------------------------------------------------- errors (CPU)
+
+def test_unknown_kernels_value_names_the_key():
+    with pytest.raises(ConfigError, match=r"model.kernels='triton' is not one of \['torch', 'liger'\]"):
+        config.load([], ["model.kernels=triton", "train.steps=1"])
+    assert config.load([], ["model.kernels=liger", "train.steps=1"]).model.kernels == "liger"  # resolvable anywhere
+
+
+def test_liger_without_cuda_is_an_error_at_build(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(UserError, match=r"model.kernels='liger'.*need a CUDA GPU.*set model.kernels=torch"):
+        Transformer(_cfg(kernels="liger"))
+
+
+def test_liger_without_the_package_is_an_error_at_build(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # past the CUDA check, to the import
+    for mod in ("liger_kernel", "liger_kernel.ops", "liger_kernel.ops.rms_norm", "liger_kernel.ops.rope",
+                "liger_kernel.ops.swiglu"):
+        monkeypatch.setitem(sys.modules, mod, None)  # import of any of them raises ImportError
+    kernels._liger.cache_clear()
+    try:
+        with pytest.raises(UserError, match=r"model.kernels='liger' needs the liger-kernel package.*"
+                                            r"pip install liger-kernel.*or set model.kernels=torch"):
+            Transformer(_cfg(kernels="liger"))
+    finally:
+        kernels._liger.cache_clear()
+
+
+# ---------------------------------------------------------------------------------- kernels=torch is our eager ops
+
+def _grads(fn, inputs, grad_out):
+    leaves = [t.detach().clone().requires_grad_() for t in inputs]
+    outs = fn(*leaves)
+    outs = outs if isinstance(outs, tuple) else (outs,)
+    torch.autograd.backward(outs, grad_out)
+    return [o.detach() for o in outs] + [t.grad for t in leaves]
+
+
+def test_torch_kernels_match_dense_references():
+    """The dispatch's torch path against independent fp64 formulas (plain autograd), values and grads: SwiGLU and
+    RoPE in fp64 to 1e-12; RMSNorm computes in fp32 by design, so fp32 inputs against the fp64 result to 2e-6."""
+    g = torch.Generator().manual_seed(0)
+    x, w = torch.randn(3, 5, 24, generator=g, dtype=torch.float64), 1 + 0.1 * torch.randn(24, generator=g,
+                                                                                             dtype=torch.float64)
+    dy = torch.randn(3, 5, 24, generator=g, dtype=torch.float64)
+    ref = _grads(lambda x, w: x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + 1e-5) * w, [x, w], [dy])
+    got = _grads(lambda x, w: kernels.rms_norm(x, w, 1e-5), [x.float(), w.float()], [dy.float()])
+    assert_close([t.double() for t in got], ref, rtol=2e-6, atol=2e-6)
+
+    a, b = (torch.randn(3, 5, 40, generator=g, dtype=torch.float64) for _ in range(2))
+    ref = _grads(lambda a, b: a * torch.sigmoid(a) * b, [a, b], [dy[..., :1].expand(3, 5, 40)])
+    assert_close(_grads(lambda a, b: kernels.swiglu(a, b), [a, b], [dy[..., :1].expand(3, 5, 40)]), ref,
+                 rtol=1e-12, atol=1e-12)
+
+    s, hd = 7, 16
+    q, k = torch.randn(2, s, 4, hd, generator=g, dtype=torch.float64), torch.randn(2, s, 2, hd, generator=g,
+                                                                                   dtype=torch.float64)
+    gq, gk = torch.randn_like(q), torch.randn_like(k)
+    cos, sin = Rotary(hd, 500000.0)(s, "cpu", torch.float64)
+
+    def rotate(t):  # pairs (t_i, t_{i + hd/2}) as complex numbers, turned by p * base^(-2i / hd)
+        theta = 500000.0 ** (-torch.arange(0, hd, 2, dtype=torch.float64) / hd)
+        turn = torch.polar(torch.ones(s, hd // 2, dtype=torch.float64), torch.arange(s).double()[:, None] * theta)
+        z = torch.complex(t[..., : hd // 2], t[..., hd // 2:]) * turn[:, None, :]
+        return torch.cat([z.real, z.imag], -1)
+
+    ref = _grads(lambda q, k: (rotate(q), rotate(k)), [q, k], [gq, gk])
+    assert_close(_grads(lambda q, k: kernels.rope(q, k, cos, sin), [q, k], [gq, gk]), ref, rtol=1e-12, atol=1e-12)
+
+
+def _kernel_users(model):
+    users = [m for m in model.modules() if hasattr(m, "kernels")]
+    # 2 blocks x (attn norm, q / k norm, attention (RoPE), ffn norm, SwiGLU) + the final norm
+    assert len(users) == 2 * 6 + 1
+    return {m.kernels for m in users}
+
+
+def test_model_default_is_torch_everywhere():
+    assert _kernel_users(Transformer(_cfg())) == {"torch"}
+
+
+def test_liger_choice_reaches_every_op(monkeypatch):
+    """Built (not run: no CUDA here) with kernels=liger where the package imports; skipped where it does not."""
+    pytest.importorskip("liger_kernel", reason="liger-kernel not installed")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert _kernel_users(Transformer(_cfg(kernels="liger"))) == {"liger"}
+
+
+def test_hf_teacher_gets_the_students_kernels(tmp_path, monkeypatch):
+    """distill.teacher=hf:PATH: the teacher's ModelConfig comes from config.json; model.kernels is the student's."""
+    from megadistill.hf.config import from_model_config
+    from megadistill.parallel.groups import ParallelGroups
+    from megadistill.train.teacher import load_teacher, teacher_source
+
+    folder = tmp_path / "hf_teacher"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps(from_model_config(_cfg(), max_position=64)))
+    cfg = config.load([], tiny_overrides(tmp_path / "student", "distill",
+                                         ["train.steps=1", f"distill.teacher=hf:{folder}", "model.kernels=liger"]))
+    src = teacher_source(cfg)
+    assert src.hf and src.model_cfg.kernels == "liger"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(UserError, match="model.kernels='liger'"):  # the teacher's build checks it too
+        load_teacher(cfg, ParallelGroups.single(), torch.device("cpu"), src)
+
+
+# ----------------------------------------------------------------------------------------- Liger itself (GPU / CPU)
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_liger_ops_match_torch_on_cuda(dtype):
+    """975M widths (d 2176, d_ff 5888, 16 heads x 128), seq 1024: values and grads (tolerances in liger_cases)."""
+    pytest.importorskip("liger_kernel", reason="liger-kernel not installed (pip install .[liger])")
+    errs = liger_cases.op_errors("cuda", dtype)
+    print(json.dumps(errs))
+    liger_cases.assert_within(errs, dtype)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_liger_transformer_matches_torch_on_cuda(dtype):
+    """A Transformer (QK-norm, GQA 8 / 2 heads) built with model.kernels=liger vs torch: logits and every grad."""
+    pytest.importorskip("liger_kernel", reason="liger-kernel not installed (pip install .[liger])")
+    errs = liger_cases.model_errors("cuda", dtype, small=False)
+    print(json.dumps(errs))
+    liger_cases.assert_within(errs, dtype, liger_cases.MODEL_FP32_TOL)
+
+
+@pytest.mark.gpu
+def test_liger_in_compiled_blocks_matches_eager_torch():
+    """train.compile with kernels=liger: the Liger ops are graph breaks (torch.compiler.disable) inside the compiled
+    blocks; logits and grads equal the eager torch model's in fp32."""
+    pytest.importorskip("liger_kernel", reason="liger-kernel not installed (pip install .[liger])")
+    errs = liger_cases.compiled_errors("cuda", "inductor")
+    print(json.dumps(errs))
+    liger_cases.assert_within(errs, torch.float32, liger_cases.MODEL_FP32_TOL)
+
+
+def _interpreter_available() -> bool:
+    return importlib.util.find_spec("triton") is not None and importlib.util.find_spec("liger_kernel") is not None
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not _interpreter_available(), reason="needs triton and liger-kernel importable (pip install "
+                                                          "triton liger-kernel); runs them on CPU, interpreted")
+def test_liger_under_triton_interpreter_on_cpu():
+    """Liger's kernels executed by Triton's interpreter on CPU tensors (tests/liger_interpret.py, a subprocess with
+    TRITON_INTERPRET=1): every op in fp32 and RMSNorm in bf16, a whole tiny Transformer eager and compiled."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(Path(__file__).resolve().parents[1]),
+                                                       os.environ.get("PYTHONPATH", "")]))
+    run = subprocess.run([sys.executable, str(Path(__file__).with_name("liger_interpret.py"))], env=env,
+                         capture_output=True, text=True, timeout=900)
+    assert run.returncode == 0, run.stderr[-4000:]
+    out = json.loads(run.stdout)
+    print(json.dumps(out))
+    liger_cases.assert_within(out["ops_fp32"], torch.float32)
+    for key in ("model_fp32", "compiled_fp32"):
+        liger_cases.assert_within(out[key], torch.float32, liger_cases.MODEL_FP32_TOL)
+    liger_cases.assert_within(out["ops_bf16"], torch.bfloat16)
+    # under compile each Liger call is a graph break (torch.compiler.disable): 6 calls per block with QK-norm, q-norm
+    # and k-norm back to back (no graph between them), so 6 graphs where the torch block is one
+    assert out["block_graphs"]["torch"] == {"graphs": 1, "graph_breaks": 0}
+    assert 2 <= out["block_graphs"]["liger"]["graphs"] <= 7
