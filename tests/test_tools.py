@@ -57,3 +57,15 @@ def test_bench_cache_tiny():
     assert r["bytes_per_token"] == 16 * 8 + 4 and r["cache_tokens"] == 2 * 2 * 32
     assert r["bytes_per_token"] <= r["bytes_per_token_on_disk"] < r["bytes_per_token"] + 8  # + the shard headers
     assert len(r["final_loss_cached"]) == 2 and r["student_params"][1] > r["student_params"][0]
+
+
+def test_gpu_check_dry_run_validates_the_run_matrix():
+    """Every trainer run of tools/gpu_check.py (sizes x compile x kernels, distill teachers) is a valid config."""
+    r = _run("tools/gpu_check.py", "--dry-run", timeout=120)
+    runs = {p["run"]: p for p in r["dry_run"]}
+    for name in ("supervised_975M", "supervised_1.82B", "distill_546M_from_1.82B", "distill_975M_from_4.82B"):
+        assert {f"{name}@compile", f"{name}@eager"} <= set(runs), sorted(runs)
+    assert runs["supervised_975M@compile_liger"]["kernels"] == "liger"
+    assert runs["supervised_975M@eager"]["compile"] == "false" and runs["supervised_975M@compile"]["compile"] == "true"
+    assert runs["distill_975M_from_4.82B@compile"]["teacher"] == "4.82B"
+    assert all(p["tokens_per_step"] == 4 * 4096 for p in runs.values())
