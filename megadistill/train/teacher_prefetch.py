@@ -13,9 +13,10 @@ Kept on the student's stream (same prefetched order, no concurrency):
 - a ZeRO-3 teacher (distill.teacher_zero3): its forward all-gathers parameters over the DP group through DeepSpeed's
   coordinator, which works on the current stream and must see the same order on every rank;
 - CPU (no streams): the order changes, the arithmetic does not (bit-identical to teacher_prefetch=false).
-With parallel.tp_size > 1 the teacher's TP all-reduces share the TP communicator with the student's: they stay in
-host order on every rank (correct, no deadlock) but a student collective issued after one of the teacher's queues
-behind it on the NCCL stream. A teacher with its own TP communicator would lift that (not done here).
+With parallel.tp_size > 1 the teacher's TP collectives (all-reduce; all-gather / reduce-scatter with
+parallel.sequence_parallel) share the TP communicator with the student's: they stay in host order on every rank
+(correct, no deadlock) but a student collective issued after one of the teacher's queues behind it on the NCCL stream.
+A teacher with its own TP communicator would lift that (not done here).
 
 The cached teacher (distill.teacher=cache:DIR) has no forward: reading its shards (file read, digest, stack) is the
 work, done ahead on a background thread, the copy issued on the side stream from there.
