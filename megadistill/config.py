@@ -164,6 +164,7 @@ class DistillConfig:
     teacher_dtype: str = "fp32"  # fp32 | bf16
     teacher_zero3: bool = False  # partition teacher weights over the DP group (ZeRO-3 inference)
     allow_data_overlap: bool = False  # accept (with a warning) a teacher trained on the student's documents
+    teacher_prefetch: bool = True  # issue micro-batch i+1's teacher forward before student backward i (own CUDA stream)
 
 
 @dataclass
@@ -324,6 +325,9 @@ class Config:
                 raise ConfigError(f"distill.top_p={d.top_p} must be in (0, 1]")
             _positive("distill.chunk_tokens", d.chunk_tokens)
             _choice("distill.teacher_dtype", d.teacher_dtype, ("fp32", "bf16"))
+            if not isinstance(d.teacher_prefetch, bool):
+                raise ConfigError(f"distill.teacher_prefetch={d.teacher_prefetch!r} must be true or false (false: the "
+                                  "teacher forward of each micro-batch runs just before its student forward)")
         return self
 
 

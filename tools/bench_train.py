@@ -1,6 +1,8 @@
 #!/usr/bin/env python
 """Trainer throughput on CPU: supervised step, distill step (teacher 2-4x larger), and HF Llama of the same shape; JSON.
 
+The distill step runs with distill.teacher_prefetch on (the default) and off, side by side.
+
 The trainer's own step (train_step on a built run: DeepSpeed engine, loader, loss, optimizer) is timed round-robin
 with the teacher's forward, the HF step and our bare model's step, so that machine noise hits all of them alike.
 --compile adds the supervised step with train.compile=true (its compilation timed apart, on a first step).
@@ -75,8 +77,11 @@ def main() -> int:
     sup_cfg = config.load([], common + student + [f"train.run_dir={tmp / 'sup'}"])
     kd_cfg = config.load([], common + student + [f"train.run_dir={tmp / 'kd'}", "train.mode=distill",
                                                  f"distill.teacher={tmp / 'teacher'}", "data.split=student"])
-    sup_run, kd_run = build(sup_cfg, info), build(kd_cfg, info)
-    runs = [sup_run, kd_run]
+    kd_off_cfg = config.load([], common + student + [f"train.run_dir={tmp / 'kd_off'}", "train.mode=distill",
+                                                     f"distill.teacher={tmp / 'teacher'}", "data.split=student",
+                                                     "distill.teacher_prefetch=false"])
+    sup_run, kd_run, kd_off_run = build(sup_cfg, info), build(kd_cfg, info), build(kd_off_cfg, info)
+    runs = [sup_run, kd_run, kd_off_run]
     comp_run = None
     if args.compile:  # same shape, seed and data as sup_run; its blocks compiled (on the first, warm-up, step)
         comp_cfg = config.load([], common + student + [f"train.run_dir={tmp / 'sup_compiled'}", "train.compile=true",
@@ -121,6 +126,7 @@ def main() -> int:
 
     # all five measured round-robin, so machine noise hits them alike; medians over the rounds
     fns = {"supervised": lambda: train_step(sup_run), "distill": lambda: train_step(kd_run),
+           "distill_no_prefetch": lambda: train_step(kd_off_run),
            "teacher_forward": lambda: teacher_outputs(tmodel, kd_cfg, ids, None),
            "hf_llama": hf_step, "ours_model_only": ours_raw_step}
     if comp_run is not None:
@@ -140,6 +146,8 @@ def main() -> int:
         "distill_overhead_s": kd - sup,
         "distill_overhead_over_teacher_forward": (kd - sup) / t_fwd,
         "goal_distill_overhead_le_teacher_fwd_plus_10pct": (kd - sup) <= 1.1 * t_fwd,
+        "distill_no_prefetch_step_s": t["distill_no_prefetch"],
+        "distill_no_prefetch_overhead_over_teacher_forward": (t["distill_no_prefetch"] - sup) / t_fwd,
         "hf_llama_step_s": hf_t, "hf_llama_tokens_per_s": tokens / hf_t,
         "ours_model_only_step_s": raw_t,
         "supervised_vs_hf_speed_ratio": hf_t / sup,

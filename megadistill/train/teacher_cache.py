@@ -365,10 +365,10 @@ def open_cache(cfg: Config, groups: ParallelGroups) -> CachedTeacher:
                          eval_loss=t.get("eval_loss"))
 
 
-def cached_outputs(batch: dict, device) -> Dict[str, torch.Tensor]:
-    """Objective.forward kwargs of a cached-teacher batch."""
-    return {"teacher_ids": batch["teacher_ids"].to(device), "teacher_logprobs": batch["teacher_logprobs"].to(device),
-            "teacher_tail": batch["teacher_tail"].to(device)}
+def cached_outputs(batch: dict, device, to=None) -> Dict[str, torch.Tensor]:
+    """Objective.forward kwargs of a cached-teacher batch; to(tensor) moves one to the device (default .to(device))."""
+    to = to or (lambda t: t.to(device))
+    return {k: to(batch[k]) for k in ("teacher_ids", "teacher_logprobs", "teacher_tail")}
 
 
 def cache_summary(root: str) -> List[str]:

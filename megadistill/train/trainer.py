@@ -34,6 +34,7 @@ from megadistill.train.nonfinite import NonFiniteGuard
 from megadistill.train.resume_check import check_resumed_config
 from megadistill.train.teacher import Teacher, load_teacher, teacher_source
 from megadistill.train.teacher_checks import check_teacher
+from megadistill.train.teacher_prefetch import TeacherFeed
 
 log = logging.getLogger(__name__)
 
@@ -130,6 +131,7 @@ class Live:
     device: torch.device
     nonfinite: Optional[NonFiniteGuard] = None  # drops / reports steps with a non-finite loss or gradient
     micro_losses: list = field(default_factory=list)  # this rank's loss of each micro-batch of the last step
+    feed: Optional[TeacherFeed] = None  # micro-batches on the device with their teacher outputs (prefetched)
 
 
 def build(cfg: Config, info) -> Live:
@@ -160,40 +162,49 @@ def build(cfg: Config, info) -> Live:
     if cached:
         loader = teacher_cache.CachedTeacherLoader(loader, cache_teacher.cache)
     guard = NonFiniteGuard(eng, t.nonfinite, t.nonfinite_max_skips, engine_mod.effective_stage(cfg, groups.dp_size))
-    return Live(cfg, info, groups, student, objective, eng, scheduler, teacher, loader, eng.device, guard)
+    feed = TeacherFeed(loader, cfg, eng.device, teacher, prefetch=teacher is not None and cfg.distill.teacher_prefetch)
+    return Live(cfg, info, groups, student, objective, eng, scheduler, teacher, loader, eng.device, guard, feed=feed)
 
 
-def train_step(live: Live) -> Dict[str, float]:
+def train_step(live: Live, prefetch_next_step: bool = True) -> Dict[str, float]:
     """One optimizer step (gradient-accumulation micro-batches included); the loss terms averaged over the global
-    batch (DP mean), identical on every rank."""
-    cfg, eng, teacher, device = live.cfg, live.engine, live.teacher, live.device
+    batch (DP mean), identical on every rank.
+
+    No host sync inside the micro-batch loop: each micro-batch's loss and terms stay device tensors, read back in one
+    transfer after the last one. With distill.teacher_prefetch the teacher output of micro-batch i+1 is issued right
+    after the student forward of micro-batch i, before its backward; after the last micro-batch that is the next
+    step's first one (prefetch_next_step=False, on a run's last step, leaves it)."""
+    cfg, eng, teacher, feed = live.cfg, live.engine, live.teacher, live.feed
     gas = eng.gradient_accumulation_steps()
-    sums: Dict[str, float] = {}
-    live.micro_losses = []
-    for _ in range(gas):
-        batch = next(live.loader)
-        ids = batch["input_ids"].to(device)
-        labels = batch["labels"].to(device)
-        doc_ids = batch["doc_ids"].to(device) if cfg.data.document_mask else None
-        if "teacher_ids" in batch:
-            extra = teacher_cache.cached_outputs(batch, device)
-        else:
-            extra = teacher_outputs(teacher.module, cfg, ids, doc_ids) if teacher else {}
+    losses, terms = [], []
+    for i in range(gas):
+        mb = feed.next()
+        mb.wait()  # the student's stream waits for the copies and the teacher forward (side stream) here only
         ctx = contextlib.nullcontext()
         if teacher is not None and teacher.engine is not None and cfg.distill.fused:
             import deepspeed
             ctx = deepspeed.zero.GatheredParameters([teacher.module.output_weight])
         with ctx:  # gathers the ZeRO-3 teacher head in place: extra["teacher_weight"] is that parameter
-            loss, stats = eng(ids, labels, doc_ids, **extra)
-        del extra  # the teacher logits were consumed by the loss (scratch)
+            loss, stats = eng(mb.ids, mb.labels, mb.doc_ids, **mb.extra)
+        del mb  # the teacher logits were consumed by the loss (scratch)
+        if feed.prefetch and (i + 1 < gas or prefetch_next_step):
+            feed.issue()  # teacher(i + 1) depends on neither this backward nor the optimizer step
         eng.backward(loss)
         eng.step()
-        live.micro_losses.append(loss.item())
-        sums["loss"] = sums.get("loss", 0.0) + live.micro_losses[-1] / gas
-        for k, v in stats.items():
-            if k != "tokens":  # a count, not a mean
-                sums[k] = sums.get(k, 0.0) + float(v) / gas
-    return _dp_mean(sums, live.groups, device)
+        losses.append(loss.detach())
+        terms.append({k: v for k, v in stats.items() if k != "tokens"})  # tokens: a count, not a mean
+    # one device -> host transfer for the step: [gas, 1 + n_terms] in fp64 (exact for fp32 / bf16 values)
+    keys = list(terms[0])
+    rows = torch.stack([torch.stack([l.to(torch.float64)] + [torch.as_tensor(st[k], device=l.device)
+                                                             .to(torch.float64) for k in keys])
+                        for l, st in zip(losses, terms)]).tolist()
+    live.micro_losses = [r[0] for r in rows]
+    sums: Dict[str, float] = {}
+    for r in rows:  # the same float64 sums, in the same order, as one loss.item() per micro-batch gave
+        sums["loss"] = sums.get("loss", 0.0) + r[0] / gas
+        for k, v in zip(keys, r[1:]):
+            sums[k] = sums.get(k, 0.0) + v / gas
+    return _dp_mean(sums, live.groups, live.device)
 
 
 def release(live: Live) -> None:
@@ -202,9 +213,12 @@ def release(live: Live) -> None:
     if live.teacher is not None and live.teacher.engine is not None:
         live.teacher.engine.destroy()
         _forget_zero3_module(live.teacher.module)
+    if live.feed is not None:
+        live.feed.close()
     live.engine.destroy()
     _forget_zero3_module(live.objective)
     live.engine = live.objective = live.student = live.teacher = live.scheduler = live.loader = live.nonfinite = None
+    live.feed = None
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
@@ -284,7 +298,7 @@ def train(cfg: Config, progress: Optional[Callable[[int, int], None]] = None,
         step, tokens = state["step"], state["tokens"]
         teacher_eval_loss = state.get("teacher_eval_loss")
         live.nonfinite.skipped = state.get("skipped_steps", 0)
-        loader.load_state_dict(state["loader"])
+        live.feed.load_state_dict(state["loader"])
         _set_rng_state(state["rng"])
         if info.rank == 0:
             log.info("resumed %s at step %d (%d tokens)", run_dir, step, tokens)
@@ -297,7 +311,7 @@ def train(cfg: Config, progress: Optional[Callable[[int, int], None]] = None,
         bar = tqdm(total=steps_total, initial=step, desc=run_name, unit="step", dynamic_ncols=True)
 
     def rank_state() -> Dict:
-        return {"step": step, "tokens": tokens, "loader": loader.state_dict(), "rng": _rng_state(),
+        return {"step": step, "tokens": tokens, "loader": live.feed.state_dict(), "rng": _rng_state(),
                 "teacher_eval_loss": teacher_eval_loss, "run": run_name, "skipped_steps": live.nonfinite.skipped}
 
     def run_eval() -> Dict:
@@ -323,7 +337,7 @@ def train(cfg: Config, progress: Optional[Callable[[int, int], None]] = None,
     with _StopFlag() as stop:
         while step < steps_total:
             t0 = time.perf_counter()
-            sums = train_step(live)
+            sums = train_step(live, prefetch_next_step=step + 1 < steps_total)  # none past the run's last step
             step += 1
             steps_this_process += 1
             tokens += tokens_per_step
