@@ -141,14 +141,25 @@ def _kernel(name: str, dynamic: bool, variant: Tuple[bool, ...]):
     """The compiled kernel for one (step, static | dynamic, variant). Dynamo keeps its graphs per code object (at most
     torch._dynamo.config.recompile_limit = 8 each), so every key gets its own copy of the entry's code object: the
     static and dynamic twins and the variants never evict or re-specialise each other, and each holds one graph per
-    chunk size and dtype."""
+    chunk size, dtype and tensor kind (inference tensors, e.g. the trainer's teacher logits, carry other dispatch keys).
+
+    The dynamic twin (last partial chunk) marks only the token dimension of its inputs dynamic (_mark_tokens): one graph for
+    every remainder (a remainder of 1 specialises), the vocab shard and the small leading dimensions stay static."""
     key = (name, dynamic, variant)
     if key not in _KERNELS:
         entry = _stats_entry if name == "stats" else _grad_entry
         tag = f"{name}_{'dynamic' if dynamic else 'static'}_{''.join('1' if v else '0' for v in variant)}"
         fn = types.FunctionType(entry.__code__.replace(co_name=f"_{tag}"), entry.__globals__, f"_{tag}")
-        _KERNELS[key] = torch.compile(fn, dynamic=dynamic, fullgraph=True, backend=_counting_inductor(tag))
+        _KERNELS[key] = torch.compile(fn, dynamic=None if dynamic else False, fullgraph=True,
+                                      backend=_counting_inductor(tag))
     return _KERNELS[key]
+
+
+def _mark_tokens(dim: int, *xs: Optional[torch.Tensor]) -> None:
+    """Mark the token dimension of the dynamic twin's inputs dynamic (maybe_: a remainder of 1 specialises)."""
+    for x in xs:
+        if x is not None:
+            torch._dynamo.maybe_mark_dynamic(x, dim)
 
 
 # ------------------------------------------------------------------------------------------------ one chunk
@@ -173,6 +184,8 @@ def chunk_compiled(z: torch.Tensor, t: Optional[torch.Tensor], y: torch.Tensor, 
         del tt
     z, t = z.detach(), None if t is None else t.detach()  # the kernels never see autograd state (no guard on it)
     variant = (kd, scaled, reverse, support is not None)
+    if dyn:
+        _mark_tokens(0, z, t, support)
     maxes, part = _kernel("stats", dyn, variant)(z, t, support, tau, kd, scaled, reverse)
     if group_size(group) > 1:  # rescale the shard's partial sums to the global maxima, then sum them over the group
         mx = all_reduce_max(maxes, group)
@@ -213,5 +226,9 @@ def chunk_compiled(z: torch.Tensor, t: Optional[torch.Tensor], y: torch.Tensor, 
         coef = [coef_1, coef_y]
     if not need_grad:
         return None, sums
-    g = _kernel("grad", dyn, variant)(z, t, support, idx, mx, torch.stack(coef), tau, kd, scaled, reverse, out_dtype)
+    coef = torch.stack(coef)  # [k, c]
+    if dyn:
+        _mark_tokens(0, idx)  # z, t, support: marked above
+        _mark_tokens(1, mx, coef)
+    g = _kernel("grad", dyn, variant)(z, t, support, idx, mx, coef, tau, kd, scaled, reverse, out_dtype)
     return g, sums
