@@ -8,16 +8,16 @@ one chunk is three steps, each reading the logits in their own dtype (bf16 upcas
      (sum e_t (t/tau - s)) or reverse (sum e_s (s - t/tau)) KD dot product. No [c, V/tp] buffer is written.
   2. eager, outside any compiled region: one all-reduce (max) of the [2, c] maxima, the partial sums rescaled to the
      global maxima (online-softmax style: S = sum_r S_r e^(m_r - M)), one all-reduce (sum) of [<=4, c]: the same two
-     collectives of [c] numbers as the eager chunk. Per-row loss terms and gradient coefficients ([c] vectors).
+     collectives of [c] numbers as the eager chunk (the forward KD dot product stays rank-local, as there). Per-row loss terms and gradient coefficients ([c] vectors).
   3. _grad (compiled): G = dL/dz [c, V/tp] in one elementwise pass, written once in the output dtype (bf16 for a bf16
      head, so it feeds the dH / dW GEMMs without a cast).
 The teacher's top-k / top-p support mask (teacher_support: sorting, gathers, and for top-p a 32-step bisection with
 data-dependent row selection and an all-reduce per step) stays eager; the compiled steps read the mask.
 
 Shapes: full chunks compile with dynamic=False (one graph per chunk size); the last partial chunk of a call goes
-through a dynamic=True twin, so any token count costs at most one more graph per variant and no recompilation per
-chunk or per step. Variants (Python branches): with/without teacher, tau == 1 or not, forward / reverse, with a
-support mask or not. compile_count() counts the graphs compiled.
+through a twin whose token dimension is dynamic, so any token count costs at most one more graph per variant and
+nothing recompiles per chunk or per step. Variants (Python branches): with/without teacher, tau == 1 or not,
+forward / reverse, with a support mask or not. compile_count() counts the graphs compiled.
 """
 from __future__ import annotations
 
@@ -46,11 +46,12 @@ def use_compiled(kernel: str, device) -> bool:
     return torch.device(device).type == "cuda" if k == "auto" else k == "compiled"
 
 
-def default_chunk_tokens(v_local: int, dtype: torch.dtype, device, compiled: bool, budget_mib: int = 768) -> int:
-    """Token chunk when the caller gives none: 1024 for the eager kernel (its ~3 fp32 [c, V/tp] buffers) and on CPU;
-    for the compiled kernel on a GPU, as many tokens as keep its 3 live [c, V/tp] buffers (student and teacher logits,
-    G, in the logits' dtype) under budget_mib, in [1024, 8192] and a multiple of 256: larger GEMMs (the dW GEMM's
-    inner dimension is c) and fewer fp32 [V/tp, d] dW accumulations. V/tp = 32768 bf16: 4096 tokens, 768 MiB."""
+def default_chunk_tokens(v_local: int, dtype: torch.dtype, device, compiled: bool, budget_mib: int = 384) -> int:
+    """Token chunk when the caller gives none, for the compiled kernel on a GPU (the eager kernel keeps its defaults):
+    as many tokens as keep its 3 live [c, V/tp] buffers (student and teacher logits, G, in the logits' dtype) within
+    budget_mib, in [1024, 8192] and a multiple of 256. The default budget is what the eager kernel's 3 fp32 buffers
+    take at its 1024 tokens and V/tp = 32768, so memory stays the same while bf16 chunks double (2048 tokens): larger
+    GEMMs (the dW GEMM's inner dimension is c), half as many fp32 [V/tp, d] dW accumulations and launches."""
     if not compiled or torch.device(device).type != "cuda":
         return 1024
     per_token = 3 * v_local * torch.finfo(dtype).bits // 8
@@ -137,18 +138,18 @@ def _grad_entry(*args):
 _KERNELS = {}
 
 
-def _kernel(name: str, dynamic: bool, variant: Tuple[bool, ...]):
-    """The compiled kernel for one (step, static | dynamic, variant). Dynamo keeps its graphs per code object (at most
-    torch._dynamo.config.recompile_limit = 8 each), so every key gets its own copy of the entry's code object: the
-    static and dynamic twins and the variants never evict or re-specialise each other, and each holds one graph per
-    chunk size, dtype and tensor kind (inference tensors, e.g. the trainer's teacher logits, carry other dispatch keys).
-
-    The dynamic twin (last partial chunk) marks only the token dimension of its inputs dynamic (_mark_tokens): one graph for
-    every remainder (a remainder of 1 specialises), the vocab shard and the small leading dimensions stay static."""
-    key = (name, dynamic, variant)
+def _kernel(name: str, dynamic: bool, spec: tuple):
+    """The compiled kernel for one (step, static | dynamic, spec). Dynamo keeps its graphs per code object (and with
+    fullgraph=True raises past torch._dynamo.config.recompile_limit of them), so every key gets its own copy of the
+    entry's code object and holds one graph: spec = variant (teacher, tau != 1, reverse, support mask), the dtypes
+    and tensor kinds (inference tensors, e.g. the trainer's teacher logits, carry other dispatch keys) of the inputs,
+    the output dtype and, for the static twin, the chunk size. The dynamic twin (a call's last partial chunk) marks
+    only the token dimension dynamic (_mark_tokens): one graph for every remainder (plus one if a remainder of 1
+    specialises); the vocab shard and the small leading dimensions stay static."""
+    key = (name, dynamic, spec)
     if key not in _KERNELS:
         entry = _stats_entry if name == "stats" else _grad_entry
-        tag = f"{name}_{'dynamic' if dynamic else 'static'}_{''.join('1' if v else '0' for v in variant)}"
+        tag = f"{name}_{'dynamic' if dynamic else 'static'}_{len(_KERNELS)}"
         fn = types.FunctionType(entry.__code__.replace(co_name=f"_{tag}"), entry.__globals__, f"_{tag}")
         _KERNELS[key] = torch.compile(fn, dynamic=None if dynamic else False, fullgraph=True,
                                       backend=_counting_inductor(tag))
@@ -183,20 +184,24 @@ def chunk_compiled(z: torch.Tensor, t: Optional[torch.Tensor], y: torch.Tensor, 
         support = teacher_support(tt, group, o.top_k, o.top_p, o.top_p_candidates)
         del tt
     z, t = z.detach(), None if t is None else t.detach()  # the kernels never see autograd state (no guard on it)
-    variant = (kd, scaled, reverse, support is not None)
+    spec = ((kd, scaled, reverse, support is not None), z.dtype, z.is_inference(), out_dtype,
+            None if t is None else (t.dtype, t.is_inference()), None if dyn else z.shape[0])
     if dyn:
         _mark_tokens(0, z, t, support)
-    maxes, part = _kernel("stats", dyn, variant)(z, t, support, tau, kd, scaled, reverse)
+    maxes, part = _kernel("stats", dyn, spec)(z, t, support, tau, kd, scaled, reverse)
     if group_size(group) > 1:  # rescale the shard's partial sums to the global maxima, then sum them over the group
         mx = all_reduce_max(maxes, group)
         d1 = maxes[0] - mx[0]  # <= 0
-        rs = [torch.exp(d1)]
+        rs = [torch.exp(d1)]  # for sum e^(z-m)
         if kd:
-            rs.append(torch.exp(maxes[1] - mx[1]))  # 0 where this shard holds none of the support
-            if scaled:
-                rs.append(torch.exp(d1 / tau))
-            rs.append(rs[-1] if reverse else rs[1])  # the dot product is weighted by e_s (reverse) or e_t
-        red = reduce_from_tp_region(part * torch.stack(rs), group)
+            r_t = torch.exp(maxes[1] - mx[1])  # for the e_t sums; 0 where this shard holds none of the support
+            r_s = torch.exp(d1 / tau) if scaled else rs[0]  # for the e_s sums
+            rs += [r_t] + ([r_s] if scaled else []) + [r_s if reverse else r_t]  # the dot product: e_s or e_t
+        part = part * torch.stack(rs)
+        if kd and not reverse:  # the forward dot product stays rank-local (all-reduced once by the caller's _totals)
+            red = torch.cat([reduce_from_tp_region(part[:-1], group), part[-1:]])
+        else:
+            red = reduce_from_tp_region(part, group)
     else:
         mx, red = maxes, part
     sum_1 = red[0]
@@ -218,7 +223,7 @@ def chunk_compiled(z: torch.Tensor, t: Optional[torch.Tensor], y: torch.Tensor, 
             coef = [coef_1, w_s, e_q, coef_y]
         else:
             sums[3] = tau ** 2 * (row_w * (lse_s - lse_t)).sum()
-            sums[4] = tau ** 2 * (row_w * red[-1] / sum_t).sum()
+            sums[4] = tau ** 2 * (row_w * red[-1] / sum_t).sum()  # rank-local part
             if not scaled:
                 coef_1 = coef_1 + w_s
             coef = [coef_1, w_s if scaled else torch.zeros_like(w_s), -row_w * lam * tau / sum_t, coef_y]
@@ -230,5 +235,5 @@ def chunk_compiled(z: torch.Tensor, t: Optional[torch.Tensor], y: torch.Tensor, 
     if dyn:
         _mark_tokens(0, idx)  # z, t, support: marked above
         _mark_tokens(1, mx, coef)
-    g = _kernel("grad", dyn, variant)(z, t, support, idx, mx, coef, tau, kd, scaled, reverse, out_dtype)
+    g = _kernel("grad", dyn, spec)(z, t, support, idx, mx, coef, tau, kd, scaled, reverse, out_dtype)
     return g, sums
