@@ -7,6 +7,8 @@ tolerance against dense; the kernels only reorder fp32 sums). bf16 (logits, G an
 fp32), compiled vs eager: loss rtol 1e-3, grads within 1e-2 of the gradient's scale (one bf16 rounding of G may fall
 the other way: 2^-8 relative); vs dense the eager path's bf16 tolerance.
 """
+import json
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -203,8 +205,26 @@ def test_loss_kernel_check_cpu():
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
     from bench_loss import loss_kernel_check
     r = loss_kernel_check("cpu", tokens=(192,), d=32, vocab=512, dtype="fp32", repeats=1, threads=1, chunk=64)
+    assert r["chunk_kernel"]["bf16"]["eager_ms"] > 0
     res = r["results"]["192"]
     losses = [res[c]["loss"] for c in ("naive", "fused", "fused_compiled")]
     assert max(losses) - min(losses) < 1e-4 * abs(losses[0]), res
     assert {"fused_time_over_naive", "fused_compiled_time_over_naive", "compiled_time_over_eager"} <= set(
         r["ratios"]["192"])
+
+
+@pytest.mark.slow
+def test_trainer_loss_kernel_compiled_matches_eager(tmp_path):
+    """distill.loss_kernel reaches the trainer's loss and evaluation: a tiny distill run (on materialised logits, the
+    trainer's default, with inference-mode teacher logits) gives the same loss curve compiled and eager."""
+    from test_cli_train import TINY, cli
+    teacher = tmp_path / "teacher"
+    cli("train", "configs/tiny/teacher.yaml", *TINY, "train.steps=2", f"train.run_dir={teacher}")
+    curves = {}
+    for kernel in ("eager", "compiled"):
+        run = tmp_path / kernel
+        cli("train", "configs/tiny/distill.yaml", *TINY, "train.steps=3", f"distill.teacher={teacher}",
+            f"train.run_dir={run}", f"distill.loss_kernel={kernel}")
+        curves[kernel] = [json.loads(line)["loss"] for line in (run / "train.jsonl").read_text().splitlines()]
+        curves[kernel].append(json.loads((run / "eval.jsonl").read_text().splitlines()[-1])["eval_loss"])
+    assert_close(torch.tensor(curves["compiled"]), torch.tensor(curves["eager"]), atol=1e-4, rtol=1e-4)

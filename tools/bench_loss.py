@@ -254,16 +254,56 @@ def _cuda_case(case: str, n_tok: int, d: int, vocab: int, dtype: str, z_loss: fl
             "peak_gib": round(peak / 2 ** 30, 3), "inputs_gib": round(inputs / 2 ** 30, 3), "loss": loss}
 
 
+def chunk_kernel_check(device: str = "cpu", dtypes=("fp32", "bf16"), chunk: int = 1024, vocab: int = 32768,
+                       repeats: int = 5) -> dict:
+    """The per-chunk kernel alone (no GEMMs): eager _chunk (fp32 copies of the logits, as its callers make them) vs
+    chunk_compiled on the same [chunk, vocab] student / teacher logits, KD tau=1 + z-loss with the gradient; best ms."""
+    import torch
+    from megadistill.parallel.fused_loss import _chunk, _options, _row_weights
+    from megadistill.parallel.loss_kernel import chunk_compiled
+    cuda = device == "cuda"
+
+    def best(fn):
+        fn()
+        ts = []
+        for _ in range(repeats):
+            if cuda:
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            fn()
+            if cuda:
+                torch.cuda.synchronize()
+            ts.append(time.perf_counter() - t0)
+        return round(1e3 * min(ts), 2)
+
+    g = torch.Generator().manual_seed(0)
+    z0, t0 = (torch.randn(chunk, vocab, generator=g) * 4 for _ in range(2))
+    y = torch.randint(0, vocab, (chunk,), generator=g).to(device)
+    row_w = _row_weights(y)
+    out = {"chunk": chunk, "vocab": vocab}
+    for name in dtypes:
+        dt = {"fp32": torch.float32, "bf16": torch.bfloat16}[name]
+        z, t = z0.to(device, dt), t0.to(device, dt)
+        o = _options(None, 1.0, 1.0, 1e-4, None, None, False, chunk, 256, "compiled", vocab, dt, device, chunk)
+        e = best(lambda: _chunk(z.float().clone() if dt == torch.float32 else z.float(),
+                                t.float().clone() if dt == torch.float32 else t.float(), y, row_w, o, True))
+        c = best(lambda: chunk_compiled(z, t, y, row_w, o, True, True, dt))
+        out[name] = {"eager_ms": e, "compiled_ms": c, "compiled_over_eager": round(c / e, 3)}
+    return out
+
+
 def loss_kernel_check(device: str = "cuda", tokens=(8192, 16384, 32768), d: int = 2048, vocab: int = 32768,
                       dtype: str = "bf16", z_loss: float = 1e-4, repeats: int = 5, threads: int = 2,
-                      chunk: int = 1024) -> dict:
+                      chunk: int = 1024, chunk_kernel: bool = True) -> dict:
     """Naive vs single-pass eager vs single-pass compiled (vs Liger on CUDA, when importable) for the fused-linear
     distillation loss (KL at tau = 1, lambda = 1, plus z_loss: Liger has none and runs without), forward + backward.
 
     CUDA: in this process, median ms over `repeats` after a warm-up, peak torch.cuda memory above the persistent state
     (inputs, parameter grads of the previous step); each loss picks its own chunk (eager 1024, compiled from memory).
     CPU: each case in a fresh subprocess (see the module doc: fastest time, RSS peak), at `chunk` tokens, z-loss 0.
-    Returns {tokens: {case: {...}}, "ratios": {tokens: {...}}}; ratios < 1 are better than naive."""
+    chunk_kernel adds chunk_kernel_check (the per-chunk kernel alone, fp32 and bf16, in this process).
+    Returns {"results": {tokens: {case: {...}}}, "ratios": {tokens: {...}}, "chunk_kernel": {...}}; ratios < 1 are
+    better than naive."""
     cases = ["naive", "fused", "fused_compiled"] + (["liger"] if device == "cuda" else [])
     out = {"device": device, "d": d, "vocab": vocab, "dtype": dtype, "results": {}, "ratios": {}}
     if device == "cuda":
@@ -291,6 +331,8 @@ def loss_kernel_check(device: str = "cuda", tokens=(8192, 16384, 32768), d: int 
             rat["compiled_time_over_eager"] = round(r["fused_compiled"][key_t] / r["fused"][key_t], 3)
         rat["compiled_no_slower_than_naive"] = rat.get("fused_compiled_time_over_naive", 9.9) <= 1.0
         out["ratios"][n] = rat
+    if chunk_kernel:
+        out["chunk_kernel"] = chunk_kernel_check(device, chunk=chunk if device != "cuda" else 2048, vocab=vocab)
     return out
 
 
@@ -309,6 +351,7 @@ def main(argv=None) -> int:
     ap.add_argument("--timeout", type=float, default=1800.0, help="seconds per case")
     ap.add_argument("--kernel-check", action="store_true",
                     help="naive vs single-pass eager vs compiled (and Liger on CUDA): loss_kernel_check")
+    ap.add_argument("--no-chunk-kernel", action="store_true", help="--kernel-check without chunk_kernel_check")
     ap.add_argument("--device", default=None, help="--kernel-check device (default cuda if available, else cpu)")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--case", help=argparse.SUPPRESS)
@@ -320,7 +363,7 @@ def main(argv=None) -> int:
         report = loss_kernel_check(device, tuple(args.tokens or ((8192, 16384, 32768) if cuda else (1024, 4096))),
                                    d=args.hidden or (2048 if cuda else 256), vocab=args.vocab,
                                    dtype=args.dtype or ("bf16" if cuda else "fp32"), repeats=args.iters,
-                                   threads=args.threads, chunk=args.chunk)
+                                   threads=args.threads, chunk=args.chunk, chunk_kernel=not args.no_chunk_kernel)
         report.update(bench="loss_kernel", torch=torch.__version__, cpus=os.cpu_count(),
                       cpu=platform.processor() or platform.machine())
         print(json.dumps(report))
