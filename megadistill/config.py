@@ -161,6 +161,7 @@ class DistillConfig:
     reverse: bool = False  # reverse KL(q_S || p_T) instead of forward
     fused: bool = False  # chunked fused-linear loss: never materialise [tokens, V/tp] logits
     chunk_tokens: int = 1024  # token chunk of the single-pass loss (fused or on materialised logits)
+    loss_kernel: str = "auto"  # per-chunk loss kernel: auto (compiled on CUDA, eager on CPU) | compiled | eager
     teacher_dtype: str = "fp32"  # fp32 | bf16
     teacher_zero3: bool = False  # partition teacher weights over the DP group (ZeRO-3 inference)
     allow_data_overlap: bool = False  # accept (with a warning) a teacher trained on the student's documents
@@ -311,6 +312,10 @@ class Config:
             _positive("data.synthetic_branching", data.synthetic_branching)
             if data.synthetic_branching > m.vocab_size - 1:
                 raise ConfigError(f"data.synthetic_branching={data.synthetic_branching} must be < model.vocab_size")
+        if d.loss_kernel not in ("auto", "compiled", "eager"):
+            raise ConfigError(f"distill.loss_kernel={d.loss_kernel!r} is not one of ['auto', 'compiled', 'eager']: "
+                              "auto compiles the loss kernel on CUDA (torch.compile) and runs it eagerly on CPU; "
+                              "set eager if torch.compile is unavailable")
         if t.mode == "distill":
             if not d.teacher:
                 raise ConfigError("train.mode='distill' needs distill.teacher=<teacher run dir>")

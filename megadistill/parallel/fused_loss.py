@@ -13,6 +13,7 @@ from typing import Dict, Optional, Tuple
 import torch
 
 from megadistill.errors import UserError
+from megadistill.parallel.loss_kernel import chunk_compiled, default_chunk_tokens, use_compiled
 from megadistill.parallel.mappings import group_rank, group_size, reduce_from_tp_region
 from megadistill.parallel.vocab_parallel import (DEFAULT_TOP_P_CANDIDATES, IGNORE_INDEX, all_reduce_max,
                                                  check_options, check_targets, teacher_support)
@@ -29,6 +30,7 @@ class _Opts:
     reverse: bool
     chunk_tokens: int
     top_p_candidates: int
+    compiled: bool = False  # loss_kernel.chunk_compiled instead of _chunk
 
 
 def _chunk(z: torch.Tensor, t: Optional[torch.Tensor], y: torch.Tensor, row_w: torch.Tensor, o: _Opts,
@@ -115,12 +117,16 @@ def _chunk(z: torch.Tensor, t: Optional[torch.Tensor], y: torch.Tensor, row_w: t
     return g, sums
 
 
-def _options(group, kd_weight, temperature, z_loss, top_k, top_p, reverse, chunk_tokens, top_p_candidates) -> _Opts:
+def _options(group, kd_weight, temperature, z_loss, top_k, top_p, reverse, chunk_tokens, top_p_candidates,
+             loss_kernel: str, v_local: int, dtype: torch.dtype, device, eager_chunk: int) -> _Opts:
     check_options(temperature, top_k, top_p, reverse)
+    compiled = use_compiled(loss_kernel, device)
+    if chunk_tokens is None:  # the eager kernel's historical default, or sized from memory for the compiled one on GPU
+        chunk_tokens = eager_chunk if not compiled else default_chunk_tokens(v_local, dtype, device, compiled)
     if chunk_tokens < 1:
         raise UserError(f"distill.chunk_tokens={chunk_tokens} must be >= 1")
     return _Opts(group, float(kd_weight), float(temperature), float(z_loss), top_k, top_p, bool(reverse),
-                 int(chunk_tokens), int(top_p_candidates))
+                 int(chunk_tokens), int(top_p_candidates), compiled)
 
 
 def _row_weights(y: torch.Tensor) -> torch.Tensor:
@@ -162,15 +168,24 @@ class _FusedLinearDistill(torch.autograd.Function):
         sums = torch.zeros(5, dtype=torch.float64, device=h.device)
         for a in range(0, n_tok, o.chunk_tokens):
             b = min(a + o.chunk_tokens, n_tok)
-            # logits [c, v/tp] passed unnamed so that _chunk holds their only references and can free them early
-            g, s = _chunk((h[a:b] @ w.t()).float(), (h_t[a:b] @ w_t.t()).float() if kd else None,
-                          y[a:b], row_w[a:b], o, need_h or need_w)
+            if o.compiled:
+                # logits in the head's dtype (a bf16 GEMM accumulates in fp32), read by the kernel without an fp32
+                # copy; G comes back in the head's dtype, ready for the two GEMMs below
+                g, s = chunk_compiled(h[a:b] @ w.t(), h_t[a:b] @ w_t.t() if kd else None, y[a:b], row_w[a:b], o,
+                                      need_h or need_w, b - a == o.chunk_tokens, w.dtype)
+            else:
+                # logits [c, v/tp] passed unnamed so that _chunk holds their only references and can free them early
+                g, s = _chunk((h[a:b] @ w.t()).float(), (h_t[a:b] @ w_t.t()).float() if kd else None,
+                              y[a:b], row_w[a:b], o, need_h or need_w)
             sums += s
             if g is None:
                 continue
             g_mm = g.to(w.dtype)
             if need_h:
-                grad_h[a:b] = g_mm @ w  # [c, d] rank-local partial of dL/dh
+                if grad_h.dtype == w.dtype:
+                    torch.mm(g_mm, w, out=grad_h[a:b])  # [c, d] rank-local partial of dL/dh, no temporary
+                else:
+                    grad_h[a:b] = g_mm @ w
             if need_w:
                 if w.dtype == torch.float32:
                     grad_w.addmm_(g.t(), h[a:b])  # [v/tp, d]
@@ -196,8 +211,8 @@ def fused_linear_distill_loss(student_hidden: torch.Tensor, student_weight: torc
                               teacher_hidden: Optional[torch.Tensor], teacher_weight: Optional[torch.Tensor],
                               targets: torch.Tensor, group=None, kd_weight: float = 1.0, temperature: float = 1.0,
                               z_loss: float = 1e-4, top_k: Optional[int] = None, top_p: Optional[float] = None,
-                              reverse: bool = False, chunk_tokens: int = 1024,
-                              top_p_candidates: int = DEFAULT_TOP_P_CANDIDATES
+                              reverse: bool = False, chunk_tokens: Optional[int] = None,
+                              top_p_candidates: int = DEFAULT_TOP_P_CANDIDATES, loss_kernel: str = "auto"
                               ) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
     """L = (1 - lambda) NTP + lambda KD + lambda_Z Z, mean over tokens with target != -100, never holding more than
     chunk_tokens x V/tp logits.
@@ -207,9 +222,11 @@ def fused_linear_distill_loss(student_hidden: torch.Tensor, student_weight: torc
     targets [...]. With TP > 1 the caller feeds student_hidden through copy_to_tp_region (identity forward,
     all-reduce backward): the gradient returned here for it is this rank's partial sum. Same value, gradient and
     stats as vocab_parallel.distill_loss on the materialised logits: stats = detached means ntp, z, kd (when a
-    teacher is used) and the number of valid tokens.
+    teacher is used) and the number of valid tokens. loss_kernel: auto (compiled on CUDA, eager on CPU) | compiled
+    (loss_kernel.chunk_compiled) | eager (_chunk); chunk_tokens=None: 1024 eager, sized from memory when compiled.
     """
-    o = _options(group, kd_weight, temperature, z_loss, top_k, top_p, reverse, chunk_tokens, top_p_candidates)
+    o = _options(group, kd_weight, temperature, z_loss, top_k, top_p, reverse, chunk_tokens, top_p_candidates,
+                 loss_kernel, student_weight.shape[0], student_weight.dtype, student_weight.device, 1024)
     use_kd = kd_weight != 0.0
     if use_kd and (teacher_hidden is None or teacher_weight is None):
         raise UserError(f"distill.kd_weight={kd_weight} needs teacher hidden states and head weight; "
@@ -261,11 +278,15 @@ class _LogitsDistill(torch.autograd.Function):
 
         for a in range(0, zf.shape[0], o.chunk_tokens):
             b = min(a + o.chunk_tokens, zf.shape[0])
-            g, s = _chunk(owned(zf[a:b], inplace), None if tf is None else owned(tf[a:b], inplace), y[a:b],
-                          row_w[a:b], o, need_grad)
+            if o.compiled:  # reads the rows in their dtype; G is a fresh [c, v/tp] buffer in the logits' dtype
+                g, s = chunk_compiled(zf[a:b], None if tf is None else tf[a:b], y[a:b], row_w[a:b], o, need_grad,
+                                      b - a == o.chunk_tokens, z.dtype)
+            else:
+                g, s = _chunk(owned(zf[a:b], inplace), None if tf is None else owned(tf[a:b], inplace), y[a:b],
+                              row_w[a:b], o, need_grad)
             sums += s
             if g is not None and g.data_ptr() != grad[a:b].data_ptr():
-                grad[a:b].copy_(g)  # a bf16 chunk, or the not-in-place buffer
+                grad[a:b].copy_(g)  # a bf16 chunk, the compiled kernel's output, or the not-in-place buffer
             del g  # before the next chunk's fp32 copy is made
         loss, stats = _totals(sums, o)
         ctx.mark_non_differentiable(stats)
@@ -295,8 +316,8 @@ class _LogitsDistill(torch.autograd.Function):
 def logits_distill_loss(student_logits: torch.Tensor, teacher_logits: Optional[torch.Tensor], targets: torch.Tensor,
                         group=None, kd_weight: float = 1.0, temperature: float = 1.0, z_loss: float = 1e-4,
                         top_k: Optional[int] = None, top_p: Optional[float] = None, reverse: bool = False,
-                        chunk_tokens: int = 256, inplace: bool = False,
-                        top_p_candidates: int = DEFAULT_TOP_P_CANDIDATES
+                        chunk_tokens: Optional[int] = None, inplace: bool = False,
+                        top_p_candidates: int = DEFAULT_TOP_P_CANDIDATES, loss_kernel: str = "auto"
                         ) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
     """vocab_parallel.distill_loss (same value, stats and gradient) in one sweep: per chunk of chunk_tokens rows, the
     softmax statistics, the loss sums and d(loss)/d(logits) are formed together, so the logits are read a few times
@@ -305,9 +326,11 @@ def logits_distill_loss(student_logits: torch.Tensor, teacher_logits: Optional[t
     student_logits [..., V/tp] (this rank's vocab shard), teacher_logits the same shape or None (kd_weight=0),
     targets [...]. inplace=True (the trainer's choice) lets the loss overwrite student_logits with their gradient and
     teacher_logits with scratch: neither may be used afterwards. fp32 logits are then never copied; bf16 logits are
-    converted one chunk at a time.
+    converted one chunk at a time. loss_kernel as in fused_linear_distill_loss (chunk_tokens=None: 256 eager); the
+    compiled kernel reads the logits in their dtype and never overwrites the teacher's.
     """
-    o = _options(group, kd_weight, temperature, z_loss, top_k, top_p, reverse, chunk_tokens, top_p_candidates)
+    o = _options(group, kd_weight, temperature, z_loss, top_k, top_p, reverse, chunk_tokens, top_p_candidates,
+                 loss_kernel, student_logits.shape[-1], student_logits.dtype, student_logits.device, 256)
     use_kd = kd_weight != 0.0
     if use_kd and teacher_logits is None:
         raise UserError(f"distill.kd_weight={kd_weight} needs teacher logits; pass them or set kd_weight=0")

@@ -31,7 +31,7 @@ def evaluate(student: nn.Module, batches: List[Dict[str, torch.Tensor]], groups:
     # Every DP rank runs the same number of forwards: under ZeRO-3 each forward all-gathers parameters across the DP
     # group, so a rank with one batch fewer would leave the others waiting. Padding forwards reuse batch 0, uncounted.
     per_rank = -(-len(batches) // groups.dp_size)
-    chunk = cfg.distill.chunk_tokens
+    chunk, kernel = cfg.distill.chunk_tokens, cfg.distill.loss_kernel
     for j in range(per_rank):
         i = j * groups.dp_size + groups.dp_rank
         counted = i < len(batches)
@@ -48,10 +48,11 @@ def evaluate(student: nn.Module, batches: List[Dict[str, torch.Tensor]], groups:
         # so an eval fits wherever the training step does. Means over valid tokens, turned back into sums.
         if t_logits is not None and with_teacher_loss:  # first: the call below overwrites t_logits
             _, st = logits_distill_loss(t_logits, None, labels, groups.tp_group, kd_weight=0.0, z_loss=0.0,
-                                        chunk_tokens=chunk, inplace=False)
+                                        chunk_tokens=chunk, inplace=False, loss_kernel=kernel)
             sums[3] += float(st["ntp"]) * int(st["tokens"]) * counted
         _, st = logits_distill_loss(logits, t_logits, labels, groups.tp_group, kd_weight=0.0 if t_logits is None
-                                    else 1.0, z_loss=0.0, chunk_tokens=chunk, inplace=True)
+                                    else 1.0, z_loss=0.0, chunk_tokens=chunk, inplace=True,
+                                    loss_kernel=kernel)
         n = int(st["tokens"]) * counted
         sums[0] += float(st["ntp"]) * n
         sums[1] += n

@@ -45,14 +45,15 @@ class Objective(nn.Module):
             loss, stats = fused_linear_distill_loss(
                 h.reshape(-1, h.shape[-1]), self.student.output_weight, th, teacher_weight, labels.reshape(-1),
                 group=self.tp_group, kd_weight=kd_w, temperature=d.temperature, z_loss=z_w, top_k=d.top_k,
-                top_p=d.top_p, reverse=d.reverse, chunk_tokens=d.chunk_tokens)
+                top_p=d.top_p, reverse=d.reverse, chunk_tokens=d.chunk_tokens, loss_kernel=d.loss_kernel)
             return loss, stats
         logits = self.student(input_ids, doc_ids)  # [b, s, v/tp]
         # one sweep forms the loss and d loss / d logits, written over the logits (and the teacher's as scratch):
         # neither is used after this call
         return logits_distill_loss(logits, teacher_logits, labels, group=self.tp_group, kd_weight=kd_w,
                                    temperature=d.temperature, z_loss=z_w, top_k=d.top_k, top_p=d.top_p,
-                                   reverse=d.reverse, chunk_tokens=d.chunk_tokens, inplace=True)
+                                   reverse=d.reverse, chunk_tokens=d.chunk_tokens, inplace=True,
+                                   loss_kernel=d.loss_kernel)
 
 
 def teacher_outputs(teacher: nn.Module, cfg: Config, input_ids: torch.Tensor, doc_ids: Optional[torch.Tensor]):

@@ -21,6 +21,7 @@ MAY_CHANGE = frozenset({
     "parallel.backend", "parallel.timeout_s",
     "zero.overlap_comm", "zero.bucket_size",
     "distill.fused", "distill.chunk_tokens", "distill.teacher_zero3",  # same loss, other evaluation order / layout
+    "distill.loss_kernel",  # same loss, compiled or eager kernel
     "distill.allow_data_overlap",
     "data.streaming",
     "train.run_dir", "train.run_name", "train.resume", "train.init_from",  # init_from: the checkpoint's weights win
