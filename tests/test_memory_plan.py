@@ -39,13 +39,10 @@ def _cfg(extra=()):
     return config.load([], base + list(extra))
 
 
-@pytest.mark.parametrize("precision", ["fp32", "bf16"])
-@pytest.mark.parametrize("ckpt", ["off", "full", "every_k"])
-def test_activation_bytes_match_live_tensors(precision, ckpt):
-    torch.set_num_threads(1)
-    cfg = _cfg([] if ckpt == "off" else [f"model.activation_checkpointing={ckpt}"])
+def _live_activation_bytes(cfg, precision, factory=None):
+    """(ids, bytes) of every tensor a student forward of `cfg` (2 x 256 tokens) leaves alive for backward."""
     torch.manual_seed(0)
-    model = Transformer(cfg.model)
+    model = Transformer(cfg.model, factory)
     if precision == "bf16":
         model = model.bfloat16()
     ids = torch.randint(0, 512, (2, 256))
@@ -55,6 +52,15 @@ def test_activation_bytes_match_live_tensors(precision, ckpt):
         hidden = model.hidden_states(ids)  # kept alive: it is part of what backward needs
         live = tracker.cur - before
     assert hidden.shape == (2, 256, 256)
+    return ids, live
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+@pytest.mark.parametrize("ckpt", ["off", "full", "every_k"])
+def test_activation_bytes_match_live_tensors(precision, ckpt):
+    torch.set_num_threads(1)
+    cfg = _cfg([] if ckpt == "off" else [f"model.activation_checkpointing={ckpt}"])
+    ids, live = _live_activation_bytes(cfg, precision)
     wb = 2 if precision == "bf16" else 4
     n = ids.numel()
     est = memory.activation_bytes(cfg.model, n, tp=1, wb=wb, checkpointing=ckpt, every_k=2)
@@ -72,17 +78,7 @@ def _tp_activation_worker(rank, world):
     out = []
     for sp in (False, True):
         for precision in ("fp32", "bf16"):
-            torch.manual_seed(0)
-            model = Transformer(cfg.model, groups.factory(sequence_parallel=sp))
-            if precision == "bf16":
-                model = model.bfloat16()
-            ids = torch.randint(0, 512, (2, 256))
-            with LiveTensors() as tracker:
-                tracker.track(model.parameters())
-                before = tracker.cur
-                hidden = model.hidden_states(ids)
-                live = tracker.cur - before
-            assert hidden.shape == (2, 256, 256)
+            ids, live = _live_activation_bytes(cfg, precision, groups.factory(sequence_parallel=sp))
             wb = 2 if precision == "bf16" else 4
             est = memory.activation_bytes(cfg.model, ids.numel(), tp=2, wb=wb, sequence_parallel=sp)
             out.append((sp, precision, live, est))
