@@ -87,49 +87,25 @@ def _is_dense(group) -> bool:
     return group is None or group_size(group) == 1
 
 
-class _CopyToTP(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, group):
+def _collective(name: str, forward, backward):
+    """An autograd Function over a process group: forward(x, group) -> y, backward(grad, group) -> dL/dx."""
+
+    def fwd(ctx, x, group):
         ctx.group = group
-        return x.view_as(x)
+        return forward(x, group)
 
-    @staticmethod
-    def backward(ctx, grad):
-        # Each rank holds only its shard's contribution to dL/dx; the full gradient is their sum.
-        return _all_reduce(grad, ctx.group), None
+    def bwd(ctx, grad):
+        return backward(grad, ctx.group), None
 
-
-class _ReduceFromTP(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, group):
-        return _all_reduce(x, group)
-
-    @staticmethod
-    def backward(ctx, grad):
-        # d(sum_r x_r)/dx_r = I: every rank's partial receives the same (replicated) gradient.
-        return grad, None
+    return type(name, (torch.autograd.Function,), {"forward": staticmethod(fwd), "backward": staticmethod(bwd)})
 
 
-class _ScatterToTP(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return _split_last(x, group)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return _gather_last(grad, ctx.group), None
-
-
-class _GatherFromTP(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return _gather_last(x, group)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return _split_last(grad, ctx.group), None
+# copy: each rank holds only its shard's contribution to dL/dx; the full gradient is their sum
+_CopyToTP = _collective("_CopyToTP", lambda x, group: x.view_as(x), _all_reduce)
+# reduce: d(sum_r x_r)/dx_r = I, every rank's partial receives the same (replicated) gradient
+_ReduceFromTP = _collective("_ReduceFromTP", _all_reduce, lambda grad, group: grad)
+_ScatterToTP = _collective("_ScatterToTP", _split_last, _gather_last)
+_GatherFromTP = _collective("_GatherFromTP", _gather_last, _split_last)
 
 
 def copy_to_tp_region(x: torch.Tensor, group=None) -> torch.Tensor:
@@ -164,50 +140,13 @@ def gather_from_tp_region(x: torch.Tensor, group=None) -> torch.Tensor:
     return x if _is_dense(group) else _GatherFromTP.apply(x, group)
 
 
-class _GatherSeqIntoTP(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return _seq_gather(x, group)
-
-    @staticmethod
-    def backward(ctx, grad):
-        # inside the TP region every rank holds a partial dL/dx (its own heads / ffn columns): sum, keep own slice
-        return _seq_reduce_scatter(grad, ctx.group), None
-
-
-class _GatherSeq(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return _seq_gather(x, group)
-
-    @staticmethod
-    def backward(ctx, grad):
-        # the consumer's grad is already complete and replicated (it entered the TP region via copy_to_tp_region)
-        return _seq_split(grad, ctx.group), None
-
-
-class _ReduceScatterSeq(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return _seq_reduce_scatter(x, group)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return _seq_gather(grad, ctx.group), None
-
-
-class _ScatterSeq(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return _seq_split(x, group)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return _seq_gather(grad, ctx.group), None
+# gather into TP: inside the TP region every rank holds a partial dL/dx (its own heads / ffn columns): sum, keep own slice
+_GatherSeqIntoTP = _collective("_GatherSeqIntoTP", _seq_gather, _seq_reduce_scatter)
+# gather for a replicated consumer: its grad is already complete and replicated (it entered the TP region via
+# copy_to_tp_region), so each rank keeps its slice
+_GatherSeq = _collective("_GatherSeq", _seq_gather, _seq_split)
+_ReduceScatterSeq = _collective("_ReduceScatterSeq", _seq_reduce_scatter, _seq_gather)
+_ScatterSeq = _collective("_ScatterSeq", _seq_split, _seq_gather)
 
 
 def gather_sequence_into_tp_region(x: torch.Tensor, group=None) -> torch.Tensor:
