@@ -158,39 +158,19 @@ class RMSNorm(nn.Module):
         return f"{self.weight.shape[0]}, eps={self.eps}, tp_input={self.group is not None}"
 
 
-class CopyToTP(nn.Module):
-    """Module form of copy_to_tp_region (forward: identity, backward: all-reduce), for inputs shared by columns."""
+class Collective(nn.Module):
+    """Module form of one mapping of megadistill.parallel.mappings over `group` (e.g. copy_to_tp_region for an input
+    shared by several columns), so the model can hold region entries / exits like any other layer."""
 
-    def __init__(self, group=None):
+    def __init__(self, fn, group=None):
         super().__init__()
-        self.group = group
+        self.fn, self.group = fn, group
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return copy_to_tp_region(x, self.group)
+        return self.fn(x, self.group)
 
-
-class SequenceGatherIntoTP(nn.Module):
-    """Entry into the TP region from the sequence-parallel stream: [b, s/tp, d] -> [b, s, d] (all-gather forward,
-    reduce-scatter backward); takes copy_to_tp's place under sequence parallelism."""
-
-    def __init__(self, group=None):
-        super().__init__()
-        self.group = group
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return gather_sequence_into_tp_region(x, self.group)
-
-
-class SequenceGather(nn.Module):
-    """Leave sequence parallelism for a replicated consumer: [b, s/tp, d] -> [b, s, d] (all-gather forward, local
-    slice of the replicated grad backward). The identity without sequence parallelism."""
-
-    def __init__(self, group=None):
-        super().__init__()
-        self.group = group
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return gather_sequence(x, self.group)
+    def extra_repr(self) -> str:
+        return f"{self.fn.__name__}, tp={group_size(self.group)}"
 
 
 class LayerFactory:
@@ -229,11 +209,14 @@ class LayerFactory:
     def copy_to_tp(self) -> nn.Module:
         """Entry into the TP region for an input that several copy_input=False columns read (under sequence
         parallelism: the sequence all-gather)."""
-        return SequenceGatherIntoTP(self.group) if self.sequence_parallel else CopyToTP(self.group)
+        # copy_to_tp: forward identity, backward all-reduce; under sequence parallelism: all-gather along the
+        # sequence forward, reduce-scatter backward
+        return Collective(gather_sequence_into_tp_region if self.sequence_parallel else copy_to_tp_region, self.group)
 
     def sequence_output(self) -> nn.Module:
         """The final hidden states back to full sequence length (identity without sequence parallelism)."""
-        return SequenceGather(self.group if self.sequence_parallel else None)
+        # all-gather along the sequence forward, this rank's slice of the replicated grad backward
+        return Collective(gather_sequence, self.group if self.sequence_parallel else None)
 
     @property
     def sequence_shards(self) -> int:
