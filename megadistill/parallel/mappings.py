@@ -140,7 +140,8 @@ def gather_from_tp_region(x: torch.Tensor, group=None) -> torch.Tensor:
     return x if _is_dense(group) else _GatherFromTP.apply(x, group)
 
 
-# gather into TP: inside the TP region every rank holds a partial dL/dx (its own heads / ffn columns): sum, keep own slice
+# gather into TP: inside the TP region every rank holds a partial dL/dx (its own heads / ffn columns): sum them,
+# keep this rank's slice
 _GatherSeqIntoTP = _collective("_GatherSeqIntoTP", _seq_gather, _seq_reduce_scatter)
 # gather for a replicated consumer: its grad is already complete and replicated (it entered the TP region via
 # copy_to_tp_region), so each rank keeps its slice
