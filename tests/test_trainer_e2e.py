@@ -41,6 +41,18 @@ def _check_teacher_frozen(objs):
     n_state = sum(s["exp_avg"].numel() for s in inner.state.values() if "exp_avg" in s)
     n_student = sum(getattr(p, "ds_numel", p.numel()) for p in objs["student"].parameters())  # ZeRO-3: ds_numel
     assert n_teacher > 0 and 0 < n_state <= n_student, (n_state, n_student, type(inner))
+    # TP > 1 with teacher_prefetch (the default): the teacher's TP layers use a process group of their own over the
+    # same ranks (its collectives never queue behind the student's); the student's layers use tp_group
+    groups = objs["groups"]
+    teacher_groups = {id(m.group) for m in teacher.module.modules() if getattr(m, "group", None) is not None}
+    student_groups = {id(m.group) for m in objs["student"].modules() if getattr(m, "group", None) is not None}
+    if groups.tp_size > 1:
+        import torch.distributed as dist
+        assert groups.teacher_tp_group is not None and groups.teacher_tp_group is not groups.tp_group
+        assert teacher_groups == {id(groups.teacher_tp_group)} and student_groups == {id(groups.tp_group)}
+        assert dist.get_process_group_ranks(groups.teacher_tp_group) == list(groups.tp_ranks)
+    else:
+        assert groups.teacher_tp_group is None
 
 
 def _two_proc(rank, world, root):

@@ -28,6 +28,10 @@ class ParallelGroups:
     dp_group: Optional[Any]
     tp_ranks: Tuple[int, ...] = field(default=(0,))  # global ranks of this rank's TP group, in tp_rank order
     dp_ranks: Tuple[int, ...] = field(default=(0,))  # global ranks of this rank's DP group, in dp_rank order
+    # the same ranks as tp_group in a group of their own, for a co-resident teacher (None: it uses tp_group). On NCCL
+    # each process group has its own communicator and stream, so a prefetched teacher's TP collectives run beside the
+    # student's instead of queueing in one stream behind (or ahead of) them.
+    teacher_tp_group: Optional[Any] = None
 
     @classmethod
     def single(cls) -> "ParallelGroups":
@@ -36,8 +40,10 @@ class ParallelGroups:
                    dp_size=1, dp_rank=0, dp_group=None, tp_ranks=(0,), dp_ranks=(0,))
 
     @classmethod
-    def build(cls, tp_size: int) -> "ParallelGroups":
-        """Create the TP and DP groups of an initialised torch.distributed job (collective: every rank calls it)."""
+    def build(cls, tp_size: int, teacher_tp_group: bool = False) -> "ParallelGroups":
+        """Create the TP and DP groups of an initialised torch.distributed job (collective: every rank calls it).
+
+        teacher_tp_group=True (with tp_size > 1) also creates a second TP group over the same ranks for the teacher."""
         if not dist.is_initialized():
             raise UserError("ParallelGroups.build needs torch.distributed initialised first "
                             "(launch with torchrun / the launch/ scripts, or use ParallelGroups.single())")
@@ -46,7 +52,7 @@ class ParallelGroups:
             raise UserError(f"parallel.tp_size={tp_size} does not divide the world size {world}; "
                             f"pick a divisor of {world}")
         dp_size = world // tp_size
-        tp_group = dp_group = None
+        tp_group = dp_group = teacher_tp = None
         tp_ranks = dp_ranks = ()
         # new_group is collective over WORLD: every rank creates every group, in the same order.
         for k in range(dp_size):
@@ -59,9 +65,15 @@ class ParallelGroups:
             g = dist.new_group(list(ranks))
             if rank in ranks:
                 dp_group, dp_ranks = g, ranks
+        if teacher_tp_group and tp_size > 1:
+            for k in range(dp_size):
+                ranks = tuple(range(k * tp_size, (k + 1) * tp_size))
+                g = dist.new_group(list(ranks))
+                if rank in ranks:
+                    teacher_tp = g
         return cls(world_size=world, rank=rank, tp_size=tp_size, tp_rank=rank % tp_size, tp_group=tp_group,
                    dp_size=dp_size, dp_rank=rank // tp_size, dp_group=dp_group,
-                   tp_ranks=tp_ranks, dp_ranks=dp_ranks)
+                   tp_ranks=tp_ranks, dp_ranks=dp_ranks, teacher_tp_group=teacher_tp)
 
     @property
     def is_tp_src(self) -> bool:
@@ -76,6 +88,13 @@ class ParallelGroups:
         """A LayerFactory over this rank's TP group (dense when tp_size is 1), optionally sequence-parallel."""
         from megadistill.parallel.layers import LayerFactory
         return LayerFactory(self.tp_group if self.tp_size > 1 else None, device=device, dtype=dtype,
+                            sequence_parallel=sequence_parallel)
+
+    def teacher_factory(self, device=None, dtype=None, sequence_parallel: bool = False):
+        """The teacher's LayerFactory: the student's TP layout, over teacher_tp_group when there is one."""
+        from megadistill.parallel.layers import LayerFactory
+        group = self.teacher_tp_group if self.teacher_tp_group is not None else self.tp_group
+        return LayerFactory(group if self.tp_size > 1 else None, device=device, dtype=dtype,
                             sequence_parallel=sequence_parallel)
 
 

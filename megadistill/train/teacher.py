@@ -18,7 +18,6 @@ from megadistill.errors import UserError
 from megadistill.model.sizes import params_of
 from megadistill.model.transformer import Transformer
 from megadistill.parallel.groups import ParallelGroups
-from megadistill.parallel.layers import LayerFactory
 from megadistill.train import checkpoint
 
 log = logging.getLogger(__name__)
@@ -168,8 +167,7 @@ def load_teacher(cfg: Config, groups: ParallelGroups, device: torch.device,
     src = source if source is not None else teacher_source(cfg)
     tm = src.model_cfg
     dtype = torch.bfloat16 if cfg.distill.teacher_dtype == "bf16" else torch.float32
-    factory = LayerFactory(groups.tp_group, device="meta", dtype=dtype,
-                           sequence_parallel=cfg.parallel.sequence_parallel)
+    factory = groups.teacher_factory(device="meta", dtype=dtype, sequence_parallel=cfg.parallel.sequence_parallel)
     model = _materialize(Transformer(tm, factory), device)
     if src.hf:
         from megadistill.hf.weights import load_into

@@ -14,9 +14,9 @@ Kept on the student's stream (same prefetched order, no concurrency):
   coordinator, which works on the current stream and must see the same order on every rank;
 - CPU (no streams): the order changes, the arithmetic does not (bit-identical to teacher_prefetch=false).
 With parallel.tp_size > 1 the teacher's TP collectives (all-reduce; all-gather / reduce-scatter with
-parallel.sequence_parallel) share the TP communicator with the student's: they stay in host order on every rank
-(correct, no deadlock) but a student collective issued after one of the teacher's queues behind it on the NCCL stream.
-A teacher with its own TP communicator would lift that (not done here).
+parallel.sequence_parallel) go over ParallelGroups.teacher_tp_group, the same ranks in a process group of their own
+(the trainer builds it when prefetch is on): on NCCL that is a communicator and stream of its own, so a student
+collective never queues behind a teacher one. Each group's collectives stay in host order on every rank (no deadlock).
 
 The cached teacher (distill.teacher=cache:DIR) has no forward: reading its shards (file read, digest, stack) is the
 work, done ahead on a background thread, the copy issued on the side stream from there.

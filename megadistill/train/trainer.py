@@ -141,7 +141,9 @@ def build(cfg: Config, info) -> Live:
     # a co-resident teacher's vocab / tokenizer / layout errors come first, before any compute
     check_teacher(cfg)  # exists, finished (else a warning), never trained on the student's documents
     source = teacher_source(cfg) if t.mode == "distill" and not cached else None
-    groups = ParallelGroups.build(cfg.parallel.tp_size)
+    # a prefetched live teacher gets TP collectives of its own (teacher_prefetch.py: they overlap the student's)
+    groups = ParallelGroups.build(cfg.parallel.tp_size,
+                                  teacher_tp_group=source is not None and cfg.distill.teacher_prefetch)
     cache_teacher = teacher_cache.open_cache(cfg, groups) if cached else None  # checked before any compute
     torch.manual_seed(t.seed)  # identical on every rank: TP shards are slices of one full initialisation
     student = Transformer(cfg.model, groups.factory(device=info.device,
