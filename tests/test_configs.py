@@ -247,3 +247,15 @@ def test_layouts_are_the_planners_first_pick(kind, n):
         cfg.distill.fused, cfg.distill.teacher_zero3, cfg.parallel.sequence_parallel), (rel, best["describe"])
     quoted = next(ln for ln in header if ln.startswith("#   tp="))
     assert f"{best['memory']['total'] / 2 ** 30:.1f} GiB per GPU" in quoted, (quoted, best["memory"]["total"] / 2 ** 30)
+
+
+@pytest.mark.parametrize("rel", ["configs/tiny/distill.yaml", "configs/paper/layouts/distill-2.72B-from-12.6B-512gpu.yaml"])
+def test_to_yaml_and_to_dict_are_omegaconfs(rel):
+    """config.to_yaml / to_dict (dataclasses + OmegaConf's dumper, fast) give OmegaConf's own text and dict."""
+    from omegaconf import OmegaConf
+    paths, world = _compose(rel)
+    cfg = config.load(paths, [], world_size=world)
+    cfg.train.run_dir = "runs/x"  # a str, a nested path key
+    assert config.to_yaml(cfg) == OmegaConf.to_yaml(OmegaConf.structured(cfg))
+    assert config.to_dict(cfg) == OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
+    assert config.from_dict(config.to_dict(cfg)) == cfg
