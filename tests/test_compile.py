@@ -95,7 +95,7 @@ def _layouts(rank, world, root):
     }
     out = {}
     for name, extra in layouts.items():
-        for comp in ("false", "true"):
+        for comp in (("true",) if name == "tp2_sp" else ("false", "true")):  # tp2_sp: against eager tp2 (one run less)
             dynamo.reset()
             counters.clear()
             over = tiny_overrides(root / f"{name}_{comp}", "distill", [
@@ -124,11 +124,18 @@ def test_compiled_trainer_equals_eager(tmp_path):
     assert out["tp2_true_zero3"] == (False, False) and out["z3_teacher_z3_fused_true_zero3"] == (True, True)
     assert out["tp2_true_breaks"] == {}  # TP collectives (autograd Functions) trace into the block graphs
     assert out["tp2_sp_true_breaks"] == {}  # so do the sequence-parallel all-gathers / reduce-scatters
-    for name in ("tp2", "tp2_sp", "z3_teacher_z3_fused"):
+    # ZeRO-3: the only breaks are DeepSpeed's parameter hooks (none in our block code, e.g. SDPA's enable_gqa)
+    z3_breaks = out["z3_teacher_z3_fused_true_breaks"]
+    assert z3_breaks and all("DeepSpeed" in k or "instrument_w_nvtx" in k for k in z3_breaks), list(z3_breaks)
+    for name in ("tp2", "z3_teacher_z3_fused"):
         assert out[f"{name}_true_graphs"] > 0 and out[f"{name}_false_graphs"] == 0  # compiled, or not at all
         eager, comp = out[f"{name}_false"], out[f"{name}_true"]
         assert len(eager) == 3 and all(v == v for v in eager)
         torch.testing.assert_close(torch.tensor(comp), torch.tensor(eager), rtol=0, atol=AOT_EAGER_ATOL)
+    # compiled TP=2 sequence-parallel vs eager TP=2 without it: the same math in another reduction order (the e2e
+    # layout tolerance); activation checkpointing and ZeRO stage do not change the curve
+    assert out["tp2_sp_true_graphs"] > 0
+    torch.testing.assert_close(torch.tensor(out["tp2_sp_true"]), torch.tensor(out["tp2_false"]), rtol=0, atol=2e-5)
 
 
 TINY = ["train.seq_len=32", "train.micro_batch_size=4", "train.global_batch_size=4", "train.eval_tokens=512",

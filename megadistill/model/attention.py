@@ -59,15 +59,21 @@ def build_doc_mask(doc_ids: Optional[torch.Tensor], backend: str) -> Optional[Do
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str = "sdpa",
-              mask: Optional[DocMask] = None, scale: Optional[float] = None) -> torch.Tensor:
-    """Causal softmax(q k^T * scale) v, restricted to documents when `mask` is given. [b, s, h, hd] -> [b, s, h, hd]."""
+              mask: Optional[DocMask] = None, scale: Optional[float] = None,
+              gqa: Optional[bool] = None) -> torch.Tensor:
+    """Causal softmax(q k^T * scale) v, restricted to documents when `mask` is given. [b, s, h, hd] -> [b, s, h, hd].
+
+    gqa: whether k / v have fewer heads than q, when the caller knows it as a constant (a module's bool attribute):
+    under torch.compile head counts can become symbolic (blocks of different widths share the code), and SDPA takes
+    no symbolic enable_gqa."""
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     if q.shape[2] % k.shape[2] or k.shape != v.shape:
         raise ValueError(f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}: k and v must share a shape "
                          "whose head count divides q's")
     if backend == "sdpa":
         qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))  # [b, h, s, hd], k / v [b, h_kv, s, hd]
-        gqa = bool(kt.shape[1] != qt.shape[1])  # a plain bool: SDPA rejects a SymBool (dynamic-shape compile)
+        if gqa is None:
+            gqa = bool(kt.shape[1] != qt.shape[1])
         if mask is None:
             o = F.scaled_dot_product_attention(qt, kt, vt, is_causal=True, scale=scale, enable_gqa=gqa)
         else:

@@ -52,6 +52,7 @@ class Attention(nn.Module):
         self.head_dim, self.backend, self.kernels = hd, cfg.attention, cfg.kernels
         self.local_heads = factory.local(cfg.n_heads, "model.n_heads")
         self.local_kv_heads = factory.local(n_kv, "model.n_kv_heads")
+        self.gqa = bool(n_kv != cfg.n_heads)  # a constant for SDPA's enable_gqa (see attention())
         std_in, std_out = mup.init_std_for("hidden", d), mup.init_std_for("hidden", inner)
         self.enter = factory.copy_to_tp()
         self.wq = factory.column(d, inner, std_in, copy_input=False)  # [d] -> [h/tp hd]
@@ -73,7 +74,7 @@ class Attention(nn.Module):
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = kernels_mod.rope(q, k, cos, sin, self.kernels)  # liger: in place (q, k have no other reader)
-        o = attention(q, k, v, self.backend, mask)  # [b, s, h/tp, hd]
+        o = attention(q, k, v, self.backend, mask, gqa=self.gqa)  # [b, s, h/tp, hd]
         return self.wo(o.reshape(b, s, self.local_heads * self.head_dim))  # [b, s, d]
 
 
