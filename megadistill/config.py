@@ -160,7 +160,9 @@ class DistillConfig:
     top_p: Optional[float] = None  # truncate the teacher to its top-p nucleus (renormalised)
     reverse: bool = False  # reverse KL(q_S || p_T) instead of forward
     fused: bool = False  # chunked fused-linear loss: never materialise [tokens, V/tp] logits
-    chunk_tokens: int = 1024  # token chunk of the single-pass loss (fused or on materialised logits)
+    # token chunk of the single-pass loss (fused or on materialised logits); null: 1024 with the eager loss kernel,
+    # sized from memory with the compiled one on a GPU (2048 for bf16 logits at V/tp 32768: the same bytes)
+    chunk_tokens: Optional[int] = None
     loss_kernel: str = "auto"  # per-chunk loss kernel: auto (compiled on CUDA, eager on CPU) | compiled | eager
     teacher_dtype: str = "fp32"  # fp32 | bf16
     teacher_zero3: bool = False  # partition teacher weights over the DP group (ZeRO-3 inference)
@@ -328,7 +330,8 @@ class Config:
                     raise ConfigError(f"distill.top_k={d.top_k} exceeds model.vocab_size={m.vocab_size}")
             if d.top_p is not None and not 0 < d.top_p <= 1:
                 raise ConfigError(f"distill.top_p={d.top_p} must be in (0, 1]")
-            _positive("distill.chunk_tokens", d.chunk_tokens)
+            if d.chunk_tokens is not None:
+                _positive("distill.chunk_tokens", d.chunk_tokens)
             _choice("distill.teacher_dtype", d.teacher_dtype, ("fp32", "bf16"))
             if not isinstance(d.teacher_prefetch, bool):
                 raise ConfigError(f"distill.teacher_prefetch={d.teacher_prefetch!r} must be true or false (false: the "

@@ -228,3 +228,18 @@ def test_trainer_loss_kernel_compiled_matches_eager(tmp_path):
         curves[kernel] = [json.loads(line)["loss"] for line in (run / "train.jsonl").read_text().splitlines()]
         curves[kernel].append(json.loads((run / "eval.jsonl").read_text().splitlines()[-1])["eval_loss"])
     assert_close(torch.tensor(curves["compiled"]), torch.tensor(curves["eager"]), atol=1e-4, rtol=1e-4)
+
+
+def test_chunk_tokens_unset_is_1024_eager_and_sized_when_compiled():
+    """distill.chunk_tokens=null: 1024 rows with the eager kernel (CPU auto), left to default_chunk_tokens (sized from
+    memory on a GPU) with the compiled one; a configured count always wins."""
+    from megadistill import config
+    from megadistill.parallel.loss_kernel import chunk_tokens_for, default_chunk_tokens
+    assert config.load([], ["train.steps=1"]).distill.chunk_tokens is None
+    assert chunk_tokens_for(None, "auto", "cpu") == chunk_tokens_for(None, "eager", "cuda") == 1024
+    assert chunk_tokens_for(None, "compiled", "cpu") is None and chunk_tokens_for(None, "auto", "cuda") is None
+    assert chunk_tokens_for(96, "compiled", "cuda") == chunk_tokens_for(96, "eager", "cpu") == 96
+    # the compiled GPU chunk keeps the eager kernel's bytes: 3 bf16 [c, 32768] buffers at c = 2048
+    assert default_chunk_tokens(32768, torch.bfloat16, "cuda", True) == 2048
+    with pytest.raises(config.ConfigError, match="distill.chunk_tokens"):
+        config.load([], ["train.steps=1", "train.mode=distill", "distill.teacher=x", "distill.chunk_tokens=0"])

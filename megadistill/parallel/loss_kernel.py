@@ -46,6 +46,14 @@ def use_compiled(kernel: str, device) -> bool:
     return torch.device(device).type == "cuda" if k == "auto" else k == "compiled"
 
 
+def chunk_tokens_for(chunk_tokens: Optional[int], kernel: str, device) -> Optional[int]:
+    """distill.chunk_tokens for one loss call: the configured count; unset, 1024 with the eager kernel and None (the
+    loss sizes it by default_chunk_tokens) with the compiled one."""
+    if chunk_tokens is not None:
+        return int(chunk_tokens)
+    return None if use_compiled(kernel, device) else 1024
+
+
 def default_chunk_tokens(v_local: int, dtype: torch.dtype, device, compiled: bool, budget_mib: int = 384) -> int:
     """Token chunk when the caller gives none, for the compiled kernel on a GPU (the eager kernel keeps its defaults):
     as many tokens as keep its 3 live [c, V/tp] buffers (student and teacher logits, G, in the logits' dtype) within

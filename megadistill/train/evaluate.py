@@ -15,6 +15,7 @@ from megadistill.model.sizes import params_of
 from megadistill.train.metrics import forward_flops
 from megadistill.parallel.groups import ParallelGroups
 from megadistill.parallel.fused_loss import logits_distill_loss
+from megadistill.parallel.loss_kernel import chunk_tokens_for
 
 
 @torch.no_grad()
@@ -31,7 +32,8 @@ def evaluate(student: nn.Module, batches: List[Dict[str, torch.Tensor]], groups:
     # Every DP rank runs the same number of forwards: under ZeRO-3 each forward all-gathers parameters across the DP
     # group, so a rank with one batch fewer would leave the others waiting. Padding forwards reuse batch 0, uncounted.
     per_rank = -(-len(batches) // groups.dp_size)
-    chunk, kernel = cfg.distill.chunk_tokens, cfg.distill.loss_kernel
+    kernel = cfg.distill.loss_kernel
+    chunk = chunk_tokens_for(cfg.distill.chunk_tokens, kernel, device)
     for j in range(per_rank):
         i = j * groups.dp_size + groups.dp_rank
         counted = i < len(batches)

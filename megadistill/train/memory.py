@@ -237,7 +237,9 @@ def layout_of(cfg: Config) -> Layout:
     m, d = cfg.model, cfg.distill
     return Layout(tp_size=cfg.parallel.tp_size, zero_stage=cfg.zero.stage, micro_batch_size=cfg.train.micro_batch_size,
                   checkpointing=m.activation_checkpointing, checkpoint_every_k=m.checkpoint_every_k, fused=d.fused,
-                  teacher_zero3=d.teacher_zero3, chunk_tokens=d.chunk_tokens, bucket_size=cfg.zero.bucket_size,
+                  teacher_zero3=d.teacher_zero3, bucket_size=cfg.zero.bucket_size,
+                  # unset: 1024 eager; the compiled kernel's GPU chunk is sized to the same bytes
+                  chunk_tokens=d.chunk_tokens or 1024,
                   sequence_parallel=cfg.parallel.sequence_parallel)
 
 

@@ -10,6 +10,7 @@ from megadistill.config import Config
 from megadistill.parallel.cached_loss import cached_distill_loss
 from megadistill.parallel.mappings import copy_to_tp_region
 from megadistill.parallel.fused_loss import fused_linear_distill_loss, logits_distill_loss
+from megadistill.parallel.loss_kernel import chunk_tokens_for
 
 
 class Objective(nn.Module):
@@ -38,6 +39,7 @@ class Objective(nn.Module):
         if teacher_ids is not None:  # a cached top-k teacher (distill.teacher=cache:DIR); autograd over the logits
             return cached_distill_loss(self.student(input_ids, doc_ids), teacher_ids, teacher_logprobs, teacher_tail,
                                        labels, group=self.tp_group, kd_weight=kd_w, z_loss=z_w, top_k=d.top_k)
+        chunk = chunk_tokens_for(d.chunk_tokens, d.loss_kernel, input_ids.device)
         if self.fused:
             h = self.student.hidden_states(input_ids, doc_ids)  # [b, s, d]
             h = copy_to_tp_region(h, self.tp_group)  # the head is column-parallel over the vocab
@@ -45,15 +47,14 @@ class Objective(nn.Module):
             loss, stats = fused_linear_distill_loss(
                 h.reshape(-1, h.shape[-1]), self.student.output_weight, th, teacher_weight, labels.reshape(-1),
                 group=self.tp_group, kd_weight=kd_w, temperature=d.temperature, z_loss=z_w, top_k=d.top_k,
-                top_p=d.top_p, reverse=d.reverse, chunk_tokens=d.chunk_tokens, loss_kernel=d.loss_kernel)
+                top_p=d.top_p, reverse=d.reverse, chunk_tokens=chunk, loss_kernel=d.loss_kernel)
             return loss, stats
         logits = self.student(input_ids, doc_ids)  # [b, s, v/tp]
         # one sweep forms the loss and d loss / d logits, written over the logits (and the teacher's as scratch):
         # neither is used after this call
         return logits_distill_loss(logits, teacher_logits, labels, group=self.tp_group, kd_weight=kd_w,
                                    temperature=d.temperature, z_loss=z_w, top_k=d.top_k, top_p=d.top_p,
-                                   reverse=d.reverse, chunk_tokens=d.chunk_tokens, inplace=True,
-                                   loss_kernel=d.loss_kernel)
+                                   reverse=d.reverse, chunk_tokens=chunk, inplace=True, loss_kernel=d.loss_kernel)
 
 
 def teacher_outputs(teacher: nn.Module, cfg: Config, input_ids: torch.Tensor, doc_ids: Optional[torch.Tensor]):
