@@ -92,8 +92,9 @@ def test_activation_bytes_tp2_sequence_parallel_match_live_tensors():
     for sp, precision, live, est in rows:
         assert abs(est / live - 1) < 0.05, (sp, precision, est, live)
     live = {(sp, p): v for sp, p, v, _ in rows}
-    for p in ("fp32", "bf16"):  # measured saving of sequence parallelism at TP=2: the norms' share of the stream
-        assert live[(True, p)] < 0.95 * live[(False, p)], live
+    for p in ("fp32", "bf16"):  # measured saving of sequence parallelism at TP=2 (this config: 16%): the norms'
+        # inputs and the columns' inputs are kept as sequence slices (columns_entry re-gathers them in backward)
+        assert live[(True, p)] < 0.88 * live[(False, p)], live
 
 
 @pytest.mark.parametrize("mode,teacher_dtype", [("supervised", None), ("distill", "fp32"), ("distill", "bf16")])

@@ -10,7 +10,7 @@ from megadistill.config import ModelConfig
 from megadistill.errors import UserError
 from megadistill.model.transformer import Transformer
 from megadistill.parallel.groups import ParallelGroups
-from megadistill.parallel.mappings import (copy_to_tp_region, gather_from_tp_region, gather_sequence,
+from megadistill.parallel.mappings import (columns_entry, copy_to_tp_region, gather_from_tp_region, gather_sequence,
                                            gather_sequence_into_tp_region, reduce_from_tp_region,
                                            reduce_scatter_to_sequence_region, scatter_to_sequence_region,
                                            scatter_to_tp_region)
@@ -185,10 +185,42 @@ def check_grad_norm(groups: ParallelGroups, model, dense):
     assert_close(tp_norm.reshape(()), dense_norm, atol=1e-6, rtol=1e-5)
 
 
+def check_columns_entry(group, rank, size):
+    """columns_entry (the Q/K/V and gate/up entry) against dense matmuls: outputs, dL/dx and dL/dW_i, with and without
+    sequence parallelism; what its autograd node keeps for backward (the sequence slice under sequence parallelism)."""
+    b, s, d, outs = 2, 4 * size, 8, (12, 4, 4)  # three columns of different widths (GQA-like q, k, v)
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(b, s, d, generator=g, dtype=torch.float64)
+    ws = [torch.randn(o, d, generator=g, dtype=torch.float64) for o in outs]  # full weights, rows sharded over TP
+    ups = [torch.randn(b, s, o, generator=g, dtype=torch.float64) for o in outs]  # upstream grads (full)
+    rows = lambda t: t.narrow(0, rank * (t.shape[0] // size), t.shape[0] // size)  # noqa: E731
+    cols = lambda t: t.narrow(-1, rank * (t.shape[-1] // size), t.shape[-1] // size)  # noqa: E731
+    xr = x.clone().requires_grad_()  # dense reference
+    wr = [w.clone().requires_grad_() for w in ws]
+    sum((F.linear(xr, w) * u).sum() for w, u in zip(wr, ups)).backward()
+    for sp in (False, True):
+        x_in = (x.narrow(1, rank * (s // size), s // size) if sp else x).clone().requires_grad_()
+        w_loc = [rows(w).clone().requires_grad_() for w in ws]
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.shape) or t, lambda t: t):
+            ys = columns_entry(x_in, w_loc, group, sequence_parallel=sp)
+        assert (b, s // size if sp else s, d) in saved and (not sp or (b, s, d) not in saved), saved  # the slice
+        sum((y * cols(u)).sum() for y, u in zip(ys, ups)).backward()
+        for y, w in zip(ys, ws):
+            assert_close(y, cols(F.linear(x, w)))
+        assert_close(x_in.grad, xr.grad.narrow(1, rank * (s // size), s // size) if sp else xr.grad)
+        for w, r in zip(w_loc, wr):
+            assert_close(w.grad, rows(r.grad))
+        with torch.no_grad():  # the teacher's / eval's forward: no autograd node, same values
+            for y, w in zip(columns_entry(x_in, w_loc, group, sequence_parallel=sp), ws):
+                assert_close(y, cols(F.linear(x, w)))
+
+
 def tp2_worker(rank, world):
     groups = ParallelGroups.build(2)
     check_groups(groups, world, 2)
     check_mappings(groups.tp_group, groups.tp_rank, 2)
+    check_columns_entry(groups.tp_group, groups.tp_rank, 2)
     for docs in (False, True):
         check_model_vs_dense(groups, docs)
     check_model_vs_dense(groups, True, attention="eager", activation_checkpointing="full")
@@ -215,6 +247,7 @@ def world4_worker(rank, world):
     groups4 = ParallelGroups.build(4)
     check_groups(groups4, world, 4)
     check_mappings(groups4.tp_group, groups4.tp_rank, 4)
+    check_columns_entry(groups4.tp_group, groups4.tp_rank, 4)
     for docs in (False, True):
         check_model_vs_dense(groups4, docs)
     check_sequence_mappings(groups4.tp_group, groups4.tp_rank, 4)

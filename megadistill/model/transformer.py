@@ -54,10 +54,10 @@ class Attention(nn.Module):
         self.local_kv_heads = factory.local(n_kv, "model.n_kv_heads")
         self.gqa = bool(n_kv != cfg.n_heads)  # a constant for SDPA's enable_gqa (see attention())
         std_in, std_out = mup.init_std_for("hidden", d), mup.init_std_for("hidden", inner)
-        self.enter = factory.copy_to_tp()
         self.wq = factory.column(d, inner, std_in, copy_input=False)  # [d] -> [h/tp hd]
         self.wk = factory.column(d, kv_inner, std_in, copy_input=False)  # [d] -> [h_kv/tp hd]
         self.wv = factory.column(d, kv_inner, std_in, copy_input=False)
+        self.enter = factory.columns_entry(self.wq, self.wk, self.wv)  # one TP-region entry for the three
         self.wo = factory.row(inner, d, std_out)  # [h/tp hd] -> [d], all-reduce
         if cfg.qk_norm:  # RMSNorm over head_dim, one learnable gain shared by all heads
             self.q_norm = factory.sharded_input_norm(hd, cfg.norm_eps)
@@ -66,11 +66,11 @@ class Attention(nn.Module):
             self.q_norm = self.k_norm = None
 
     def forward(self, x, cos, sin, mask: Optional[DocMask]):
-        x = self.enter(x)  # [b, s, d] (gathered from [b, s/tp, d] under sequence parallelism)
-        b, s, _ = x.shape
-        q = self.wq(x).view(b, s, self.local_heads, self.head_dim)  # [b, s, h/tp, hd]
-        k = self.wk(x).view(b, s, self.local_kv_heads, self.head_dim)  # [b, s, h_kv/tp, hd]
-        v = self.wv(x).view(b, s, self.local_kv_heads, self.head_dim)
+        q, k, v = self.enter(x)  # x [b, s, d] (or its [b, s/tp, d] slice under sequence parallelism, gathered inside)
+        b, s = q.shape[0], q.shape[1]
+        q = q.view(b, s, self.local_heads, self.head_dim)  # [b, s, h/tp, hd]
+        k = k.view(b, s, self.local_kv_heads, self.head_dim)  # [b, s, h_kv/tp, hd]
+        v = v.view(b, s, self.local_kv_heads, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = kernels_mod.rope(q, k, cos, sin, self.kernels)  # liger: in place (q, k have no other reader)
@@ -85,14 +85,14 @@ class SwiGLU(nn.Module):
         super().__init__()
         d, self.kernels = cfg.d_model, cfg.kernels
         factory.local(d_ff, "model.d_ff")
-        self.enter = factory.copy_to_tp()
         self.w1 = factory.column(d, d_ff, mup.init_std_for("hidden", d), copy_input=False)  # gate [d] -> [f/tp]
         self.w3 = factory.column(d, d_ff, mup.init_std_for("hidden", d), copy_input=False)  # up   [d] -> [f/tp]
+        self.enter = factory.columns_entry(self.w1, self.w3)
         self.w2 = factory.row(d_ff, d, mup.init_std_for("hidden", d_ff))  # down [f/tp] -> [d], all-reduce
 
     def forward(self, x):
-        x = self.enter(x)  # [b, s, d]
-        return self.w2(kernels_mod.swiglu(self.w1(x), self.w3(x), self.kernels))  # silu(W1 x) * W3 x: [b, s, d]
+        gate, up = self.enter(x)  # [b, s, f/tp] each
+        return self.w2(kernels_mod.swiglu(gate, up, self.kernels))  # W2 (silu(W1 x) * W3 x): [b, s, d]
 
 
 class Block(nn.Module):

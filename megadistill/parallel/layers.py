@@ -9,10 +9,9 @@ import torch.nn.functional as F
 
 from megadistill.model.kernels import _RMSNormFn, rms_norm  # noqa: F401 (_RMSNormFn lived here; name kept)
 from megadistill.errors import UserError
-from megadistill.parallel.mappings import (copy_to_tp_region, gather_from_tp_region, gather_sequence,
-                                           gather_sequence_into_tp_region, group_rank, group_size,
-                                           reduce_from_tp_region, reduce_scatter_to_sequence_region,
-                                           scatter_to_tp_region)
+from megadistill.parallel.mappings import (columns_entry, copy_to_tp_region, gather_from_tp_region,
+                                           gather_sequence, group_rank, group_size, reduce_from_tp_region,
+                                           reduce_scatter_to_sequence_region, scatter_to_tp_region)
 
 # Initialisation contract: every sharded weight is drawn FULL, in fp32, from the current torch RNG of `device`
 # (all TP ranks are seeded identically), then this rank keeps its slice. RNG draws therefore happen in the same
@@ -173,6 +172,37 @@ class Collective(nn.Module):
         return f"{self.fn.__name__}, tp={group_size(self.group)}"
 
 
+class ColumnsEntry(nn.Module):
+    """Entry into the TP region through several column-parallel linears reading one input (Q / K / V, SwiGLU gate /
+    up): forward(x) -> one output per column, [..., out_i / tp] each (megadistill.parallel.mappings.columns_entry).
+
+    x is replicated, or this rank's sequence slice under sequence parallelism (all-gathered here; backward keeps the
+    slice and re-gathers it). The columns stay the owners of their weights (state-dict names, initialisation,
+    sharding); under TP this module reads them (dense, it calls them). Under ZeRO-3, which gathers a module's
+    parameters around its own forward, the engine registers `weights()` as this module's external parameters
+    (megadistill.train.engine.register_shared_weights).
+    """
+
+    def __init__(self, columns, group=None, sequence_parallel: bool = False):
+        super().__init__()
+        self.columns = tuple(columns)  # a tuple: referenced, not registered as submodules (their parents own them)
+        self.group, self.sequence_parallel = group, sequence_parallel
+        if any(c.copy_input or c.gather_output for c in self.columns):
+            raise ValueError("ColumnsEntry columns must be built with copy_input=False, gather_output=False")
+
+    def weights(self):
+        return [c.weight for c in self.columns]
+
+    def forward(self, x: torch.Tensor):
+        if self.group is None:  # dense: each column's own forward (and any hooks on it)
+            return tuple(c(x) for c in self.columns)
+        return columns_entry(x, self.weights(), self.group, self.sequence_parallel)
+
+    def extra_repr(self) -> str:
+        return (f"{len(self.columns)} columns, tp={group_size(self.group)}"
+                + (", sequence_parallel" if self.sequence_parallel else ""))
+
+
 class LayerFactory:
     """Builds the layers of one model at one TP layout; `group=None` gives plain dense layers (TP=1).
 
@@ -181,8 +211,8 @@ class LayerFactory:
 
     sequence_parallel (Megatron-style, only with tp_size > 1): outside the TP regions -- the residual stream, the
     norms, the embedding output -- activations are [b, s/tp, d], rank r holding sequence slice r. Entering a TP region
-    (`copy_to_tp`) all-gathers the sequence (backward: reduce-scatter), leaving it (`row`, `embedding`) reduce-scatters
-    (backward: all-gather) in place of the all-reduce; norm gains see only this rank's tokens, so their grads are
+    (`columns_entry`) all-gathers the sequence (backward: re-gathers it from the kept slice, then reduce-scatters),
+    leaving it (`row`, `embedding`) reduce-scatters (backward: all-gather) in place of the all-reduce; norm gains see only this rank's tokens, so their grads are
     summed over TP; `sequence_output` all-gathers the final hidden states for the head and the losses.
     """
 
@@ -201,17 +231,15 @@ class LayerFactory:
                gather_output: bool = False, copy_input: bool = True) -> ColumnParallelLinear:
         """[..., in] replicated -> [..., out/tp] (or [..., out] with gather_output).
 
-        copy_input=False: the input already went through `self.copy_to_tp()` (shared by several columns).
+        copy_input=False: the input enters the TP region through `self.columns_entry(...)` (shared by several columns).
         """
         return ColumnParallelLinear(in_features, out_features, self.group, init_std, gather_output,
                                     self.device, self.dtype, copy_input)
 
-    def copy_to_tp(self) -> nn.Module:
-        """Entry into the TP region for an input that several copy_input=False columns read (under sequence
-        parallelism: the sequence all-gather)."""
-        # copy_to_tp: forward identity, backward all-reduce; under sequence parallelism: all-gather along the
-        # sequence forward, reduce-scatter backward
-        return Collective(gather_sequence_into_tp_region if self.sequence_parallel else copy_to_tp_region, self.group)
+    def columns_entry(self, *columns: ColumnParallelLinear) -> ColumnsEntry:
+        """One entry into the TP region for `columns` (built with copy_input=False) sharing their input: forward(x)
+        returns their outputs (under sequence parallelism x is this rank's sequence slice, all-gathered inside)."""
+        return ColumnsEntry(columns, self.group, self.sequence_parallel)
 
     def sequence_output(self) -> nn.Module:
         """The final hidden states back to full sequence length (identity without sequence parallelism)."""

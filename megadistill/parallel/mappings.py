@@ -183,3 +183,106 @@ def scatter_to_sequence_region(x: torch.Tensor, group=None) -> torch.Tensor:
     forward: split along the sequence (no communication), backward: all-gather along the sequence.
     """
     return x if _is_dense(group) else _ScatterSeq.apply(x, group)
+
+
+# Entering the TP region through column-parallel matmuls that share one input (Q / K / V, SwiGLU gate / up) as one
+# autograd node, Megatron-style:
+# - under sequence parallelism the all-gathered [b, s, d] input is not kept for backward: the node saves this
+#   rank's [b, s/tp, d] slice and all-gathers it again in backward (tp x less activation memory for these inputs),
+#   the re-gather overlapping the input-gradient matmuls;
+# - the input gradient's reduction (reduce-scatter under sequence parallelism, else the all-reduce of
+#   copy_to_tp_region) overlaps the weight-gradient matmuls.
+# In a torch.compile graph the collectives are issued synchronously (Inductor schedules the traced graph itself).
+def _async_ok() -> bool:
+    return not torch.compiler.is_compiling()
+
+
+def _seq_gather_start(x: torch.Tensor, group):
+    """Start _seq_gather(x); returns finish() -> [b, s, ...] (waits for the all-gather)."""
+    size = group_size(group)
+    b, sl = x.shape[0], x.shape[1]
+    rest = tuple(x.shape[2:])
+    out = x.new_empty((size * b, sl) + rest)
+    work = _all_gather_flat(out, x.contiguous(), group=group, async_op=_async_ok())
+
+    def finish() -> torch.Tensor:
+        if work is not None:
+            work.wait()
+        return out.view((size, b, sl) + rest).transpose(0, 1).reshape((b, size * sl) + rest)
+    return finish
+
+
+def _seq_reduce_scatter_start(x: torch.Tensor, group):
+    """Start _seq_reduce_scatter(x); returns finish() -> [b, s/tp, ...]."""
+    size = group_size(group)
+    b, s = x.shape[0], x.shape[1]
+    rest = tuple(x.shape[2:])
+    flat = x.reshape((b, size, s // size) + rest).transpose(0, 1).reshape((size * b, s // size) + rest)
+    out = x.new_empty((b, s // size) + rest)
+    work = _reduce_scatter_flat(out, flat, group=group, async_op=_async_ok())
+
+    def finish() -> torch.Tensor:
+        if work is not None:
+            work.wait()
+        return out
+    return finish
+
+
+def _all_reduce_start(x: torch.Tensor, group):
+    """Start an in-place all-reduce (sum) of x (a fresh buffer owned by the caller); returns finish() -> x."""
+    work = dist.all_reduce(x, op=dist.ReduceOp.SUM, group=group, async_op=_async_ok())
+
+    def finish() -> torch.Tensor:
+        if work is not None:
+            work.wait()
+        return x
+    return finish
+
+
+class _ColumnsEntry(torch.autograd.Function):
+    """y_i = X W_i^T for the weights W_i of several column-parallel linears reading one X (see above)."""
+
+    @staticmethod
+    def forward(ctx, x, group, sequence_parallel, *weights):
+        ctx.group, ctx.sequence_parallel = group, sequence_parallel
+        full = _seq_gather(x, group) if sequence_parallel else x  # [b, s, d]
+        ctx.save_for_backward(x, *weights)  # x: this rank's slice under sequence parallelism
+        return tuple(torch.nn.functional.linear(full, w) for w in weights)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        x, *weights = ctx.saved_tensors
+        group, sp = ctx.group, ctx.sequence_parallel
+        gathering = _seq_gather_start(x, group) if sp else None  # overlaps the input-gradient matmuls
+        grad_x = None
+        for g, w in zip(grads, weights):
+            if g is not None:
+                part = g @ w  # [b, s, d]
+                grad_x = part if grad_x is None else grad_x.add_(part)
+        full = gathering() if sp else x
+        if grad_x is None:
+            grad_x = torch.zeros_like(full)
+        reducing = _seq_reduce_scatter_start(grad_x, group) if sp else _all_reduce_start(grad_x, group)
+        grad_ws = []  # overlap the reduction of grad_x
+        full2d = full.reshape(-1, full.shape[-1])
+        for i, (g, w) in enumerate(zip(grads, weights)):
+            if g is None or not ctx.needs_input_grad[3 + i]:
+                grad_ws.append(None)
+            else:
+                grad_ws.append(g.reshape(-1, g.shape[-1]).t() @ full2d)  # [out/tp, d]
+        return (reducing(), None, None, *grad_ws)
+
+
+def columns_entry(x: torch.Tensor, weights, group=None, sequence_parallel: bool = False):
+    """Enter the TP region through column-parallel weights sharing the input x: tuple of x_full W_i^T.
+
+    x is replicated [b, s, d], or this rank's sequence slice [b, s/tp, d] with sequence_parallel (then all-gathered
+    forward). Backward sums the input gradients of all W_i and reduces them once over `group` (reduce-scatter under
+    sequence parallelism, else all-reduce). Dense (group None or of size 1): plain matmuls.
+    """
+    if _is_dense(group):
+        return tuple(torch.nn.functional.linear(x, w) for w in weights)
+    if not (torch.is_grad_enabled() and (x.requires_grad or any(w.requires_grad for w in weights))):
+        full = _seq_gather(x, group) if sequence_parallel else x  # no backward (the teacher, eval): nothing kept
+        return tuple(torch.nn.functional.linear(full, w) for w in weights)
+    return _ColumnsEntry.apply(x, group, bool(sequence_parallel), *weights)

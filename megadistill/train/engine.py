@@ -93,7 +93,27 @@ def initialize(model: torch.nn.Module, cfg: Config, groups: ParallelGroups, tota
     engine, _, _, scheduler = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=scheduler,
         config=deepspeed_config(cfg, groups.dp_size), mpu=groups.mpu(), dist_init_required=False)
+    if effective_stage(cfg, groups.dp_size) == 3:
+        register_shared_weights(model)
     return engine, scheduler
+
+
+def register_shared_weights(model: torch.nn.Module) -> int:
+    """ZeRO-3 gathers a module's own parameters around its forward and backward; a ColumnsEntry computes with its
+    columns' weights (one TP-region entry for Q / K / V, one for gate / up), so they are registered as its external
+    parameters (gathered for it too, also inside compiled blocks, where DeepSpeed does not discover them on access).
+    Returns how many were registered."""
+    import deepspeed
+
+    from megadistill.parallel.layers import ColumnsEntry
+
+    n = 0
+    for m in model.modules():
+        if isinstance(m, ColumnsEntry) and m.group is not None:  # dense: it calls the columns themselves
+            for w in m.weights():
+                deepspeed.zero.register_external_parameter(m, w)
+                n += 1
+    return n
 
 
 def initialize_frozen(model: torch.nn.Module, cfg: Config, groups: ParallelGroups):
@@ -109,4 +129,5 @@ def initialize_frozen(model: torch.nn.Module, cfg: Config, groups: ParallelGroup
         "steps_per_print": 10**12,
     }
     engine, _, _, _ = deepspeed.initialize(model=model, config=ds, mpu=groups.mpu(), dist_init_required=False)
+    register_shared_weights(model)
     return engine

@@ -95,13 +95,13 @@ def activation_bytes_per_token(m: ModelConfig, tp: int, wb: int, sequence_parall
     SwiGLU keeps gate, up, silu(gate) and their product: 4 wb f/tp. fp32: 16 d + 24 d/tp + 16 f/tp;
     bf16: 8 d + 12 d/tp + 8 f/tp.
     Sequence parallelism: the two norms keep only this rank's sequence slice of their input (wb d/tp each, and
-    their rsqrt), while the column matmuls still keep the all-gathered full-sequence input (wb d each): 4 wb d
-    becomes 2 wb d (1 + 1/tp).
+    their rsqrt), and so do the column matmuls (megadistill.parallel.mappings.columns_entry keeps the slice of the
+    norm output and all-gathers it again in backward): 4 wb d becomes 4 wb d/tp.
     """
     d, f, h = m.d_model, m.d_ff, m.n_heads
     q, kv = h * m.head_dim, (m.n_kv_heads or h) * m.head_dim  # = d, d without GQA (the paper's sizes)
     s = tp if sequence_parallel else 1  # slices of the residual stream
-    per = 2 * wb * d / s + 2 * wb * d + 3 * wb * (q + kv) / tp + 4 * wb * f / tp
+    per = 4 * wb * d / s + 3 * wb * (q + kv) / tp + 4 * wb * f / tp
     return per + 4 * (2 / s + 3 * h / tp)  # fp32 rsqrt of the four norms and the attention log-sum-exp
 
 
