@@ -56,6 +56,7 @@ CASES: Dict[str, tuple] = {
     "sup_z0_w1_bf16": (1, ["zero.stage=0", "train.precision=bf16"]),
     "sup_z3_w2": (2, ["zero.stage=3"]),
     "sup_tp2_z1": (2, ["zero.stage=1", "parallel.tp_size=2"]),
+    "sup_tp2_z1_sp": (2, ["zero.stage=1", "parallel.tp_size=2", "parallel.sequence_parallel=true"]),
     "kd_z0_w1_fused_full": (1, ["train.mode=distill", "zero.stage=0", "distill.fused=true",
                                 "model.activation_checkpointing=full"]),
     "kd_z1_w2": (2, ["train.mode=distill", "zero.stage=1"]),
