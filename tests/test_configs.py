@@ -119,6 +119,22 @@ def test_layouts_cover_8_64_512_gpus():
                 assert cfg.distill.teacher_dtype == "bf16" and cfg.distill.teacher == "runs/paper/teacher-12.6B"
 
 
+def test_adamw_kernel_follows_the_parameters_device():
+    """CPU (and optimizer offload): foreach AdamW, as the golden curves were made; all-CUDA: the fused kernel (its
+    equality with foreach on a GPU: tests/test_gpu.py)."""
+    from megadistill.model.transformer import Transformer
+    from megadistill.train.engine import adamw_implementation, build_optimizer
+    cfg = config.load([], ["model.n_layers=1", "model.d_model=32", "model.n_heads=2", "model.head_dim=16",
+                           "model.vocab_size=64", "model.ff_multiple=32", "train.steps=1"])
+    opt = build_optimizer(Transformer(cfg.model), cfg)
+    assert opt.defaults["foreach"] and not opt.defaults["fused"]
+    from types import SimpleNamespace
+    cuda = [SimpleNamespace(device=torch.device("cuda"))] * 2  # the choice reads only .device (no CUDA here)
+    assert adamw_implementation(cuda) == {"fused": True}
+    assert adamw_implementation(cuda, "cpu") == {"foreach": True}
+    assert adamw_implementation([torch.nn.Parameter(torch.empty(2))]) == {"foreach": True}
+
+
 def test_generated_configs_are_up_to_date():
     gen = _gen_module()
     rendered = gen.render(PAPER)

@@ -1,4 +1,4 @@
-"""GPU-only checks (marker `gpu`, skipped without CUDA): flash / sdpa-flash attention vs eager in bf16."""
+"""GPU-only checks (marker `gpu`, skipped without CUDA): flash / sdpa-flash attention vs eager in bf16; fused AdamW."""
 import pytest
 import torch
 
@@ -40,3 +40,29 @@ def test_flash_attn_matches_fp32_eager(docs):
     doc_ids = (torch.arange(1024, device="cuda") // 300).expand(2, 1024) if docs else None
     ref = _run("eager", qkv, build_doc_mask(doc_ids, "eager") if docs else None, torch.float32)
     _close(_run("flash", qkv, build_doc_mask(doc_ids, "flash") if docs else None), ref, 2e-2)
+
+
+def test_fused_adamw_on_cuda_matches_foreach():
+    """build_optimizer picks torch's fused AdamW for CUDA parameters; its steps match the foreach kernel's (fp32)."""
+    from megadistill import config
+    from megadistill.model.transformer import Transformer
+    from megadistill.train.engine import build_optimizer
+    cfg = config.load([], ["model.n_layers=2", "model.d_model=64", "model.n_heads=2", "model.head_dim=32",
+                           "model.vocab_size=128", "model.ff_multiple=64", "train.steps=1"])
+    torch.manual_seed(0)
+    fused_model = Transformer(cfg.model).cuda()
+    ref_model = Transformer(cfg.model).cuda()
+    ref_model.load_state_dict(fused_model.state_dict())
+    fused = build_optimizer(fused_model, cfg)
+    assert fused.defaults["fused"] and not fused.defaults["foreach"]
+    ref = build_optimizer(ref_model, cfg)
+    for g in ref.param_groups:
+        g["fused"], g["foreach"] = False, True
+    ids = torch.randint(0, 128, (2, 32), device="cuda")
+    for _ in range(3):
+        for model, opt in ((fused_model, fused), (ref_model, ref)):
+            opt.zero_grad()
+            model(ids).float().logsumexp(-1).mean().backward()
+            opt.step()
+    for a, b in zip(fused_model.parameters(), ref_model.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

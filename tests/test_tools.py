@@ -29,6 +29,20 @@ def test_bench_train_tiny():
     assert isinstance(r["goal_supervised_at_least_hf_speed"], bool)
 
 
+def test_gpu_check_tiny_runs_the_trainer_path():
+    """tools/gpu_check.py --tiny on CPU: random teachers written (bf16) and loaded, supervised and distill runs of
+    the matrix through the real trainer, the per-run figures and the distill-overhead table."""
+    r = _run("tools/gpu_check.py", "--tiny", "--variants", "eager", "--runs", "supervised_546M,distill_546M_from_1.82B",
+             "--steps", "4", timeout=600)
+    assert r["device"] == "cpu" and r["tiny"] and set(r["runs"]) == {"supervised_546M@eager",
+                                                                     "distill_546M_from_1.82B@eager"}
+    for run in r["runs"].values():
+        assert run["step_time_s"] > 0 and run["final_loss"] == run["final_loss"] and "error" not in run, run
+    assert r["runs"]["distill_546M_from_1.82B@eager"]["size"] == "tiny-0.5M"
+    kd = r["distill_overhead"]["distill_546M_from_1.82B@eager"]
+    assert kd["teacher_forward_at_student_rate_s"] > 0 and "overhead_over_teacher_forward" in kd, kd
+
+
 def test_bench_loss_tiny():
     r = _run("tools/bench_loss.py", "--tokens", "256", "--hidden", "32", "--vocab", "512", "--chunk", "64",
              "--iters", "1", "--threads", "1", "--cases", "naive", "autograd", "logits", "fused")

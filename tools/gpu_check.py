@@ -5,8 +5,9 @@ memory), Liger ops vs ours, and the bf16 step time / MFU / peak memory of the re
 and off and model.kernels liger / torch; the distill step overhead against the teacher forward's FLOPs.
 
 Prints one JSON object (and one line per finished run on stderr). Runs are started in RUNS order until --budget-s
-is spent; the rest are listed as skipped. `--dry-run` validates the matrix on any machine. PAPER.md FLOPs against
-the card's dense bf16 peak.
+is spent; the rest are listed as skipped. `--dry-run` validates the matrix on any machine; `--tiny` runs it at tiny
+sizes, on CPU too (teacher files, trainer runs, overhead table: tests/test_tools.py). PAPER.md FLOPs against the
+card's dense bf16 peak.
 """
 from __future__ import annotations
 
@@ -174,11 +175,12 @@ def distill_overheads(results: Dict[str, dict]) -> Dict[str, dict]:
         if not key.startswith("distill_") or "step_time_s" not in kd:
             continue
         name, variant = key.rsplit("@", 1)
-        student, teacher = name[len("distill_"):].split("_from_")
-        sup = results.get(f"supervised_{student}@{variant}", {})
+        student_name = name[len("distill_"):].split("_from_")[0]
+        sup = results.get(f"supervised_{student_name}@{variant}", {})
         if "step_time_s" not in sup:
-            out[key] = {"skipped": f"no supervised_{student}@{variant} run to compare with"}
+            out[key] = {"skipped": f"no supervised_{student_name}@{variant} run to compare with"}
             continue
+        student, teacher = kd["size"], kd["teacher_size"]  # the sizes run (--tiny: not the names' sizes)
 
         def f(size):
             m = config.load([], [f"model.size={size}", "train.steps=1"]).model
@@ -246,7 +248,8 @@ def make_teacher(size: str, out_dir: Path) -> Path:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = Transformer(cfg.model, LayerFactory(None, device=device))  # initialised on the GPU: seconds, not minutes
     out_dir.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
+    # stored in bf16, the runs' distill.teacher_dtype: half the bytes to write and read (4.82B: 9.6 GB, not 19)
+    save_file({k: v.detach().to(torch.bfloat16).cpu().contiguous() for k, v in model.state_dict().items()},
               str(out_dir / "model.safetensors"))
     (out_dir / "config.yaml").write_text(config.to_yaml(cfg))
     (out_dir / "meta.json").write_text(json.dumps({"run": f"random-{size}", "tokens": 0}))
@@ -262,12 +265,17 @@ def main() -> int:
     ap.add_argument("--budget-s", type=float, default=420.0,
                     help="start no trainer run after this many seconds (the rest are listed as skipped)")
     ap.add_argument("--runs", default="all", help="comma-separated run names (e.g. supervised_975M) or 'all'")
+    ap.add_argument("--variants", default="all", help=f"comma-separated variants of {list(VARIANTS)} or 'all'")
     ap.add_argument("--skip-kernels", action="store_true", help="skip the attention / loss / Liger op checks")
     ap.add_argument("--dry-run", action="store_true", help="validate and print the run matrix, run nothing (CPU ok)")
+    ap.add_argument("--tiny", action="store_true",
+                    help="the same runs at tiny sizes (students tiny-0.5M, teachers tiny-1M), on CPU if there is no "
+                         "GPU: the script's trainer path end to end (no kernel checks; figures not meaningful)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     wanted = None if args.runs == "all" else set(args.runs.split(","))
-    runs = [r for r in RUNS if wanted is None or r[0] in wanted]
+    variants = None if args.variants == "all" else set(args.variants.split(","))
+    runs = [r for r in RUNS if (wanted is None or r[0] in wanted) and (variants is None or r[3] in variants)]
     tmp = Path(tempfile.mkdtemp(prefix="gpu_check_"))
     if args.dry_run:
         from megadistill import config
@@ -280,10 +288,18 @@ def main() -> int:
                          "tokens_per_step": cfg.train.global_batch_size * cfg.train.seq_len})
         print(json.dumps({"dry_run": plan}, indent=1))
         return 0
-    if not torch.cuda.is_available():
-        print(json.dumps({"error": "no CUDA device"}))
+    if args.tiny:  # every student / teacher size of the matrix becomes a tiny one
+        tiny = {size: ("tiny-1M" if size in {r[2] for r in RUNS if r[2]} else "tiny-0.5M")
+                for r in RUNS for size in (r[1], r[2]) if size}
+        runs = [(name, tiny[size], tiny.get(teacher), variant) for name, size, teacher, variant in runs]
+        args.skip_kernels, args.seq = True, min(args.seq, 128)
+        args.micro = min(args.micro, 2)
+    elif not torch.cuda.is_available():
+        print(json.dumps({"error": "no CUDA device (--tiny runs the trainer path at tiny sizes on CPU)"}))
         return 1
-    result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "liger": _liger_available()}
+    cuda = torch.cuda.is_available()
+    result = {"device": torch.cuda.get_device_name() if cuda else "cpu", "torch": torch.__version__,
+              "liger": _liger_available() and cuda, "tiny": args.tiny}
     t0 = time.time()
 
     def guarded(fn, *a, **kw):  # one failing check is reported, the others still run
@@ -318,7 +334,7 @@ def main() -> int:
         over = run_overrides(name, size, teacher, variant, tmp, args.micro, args.steps, args.seq,
                              teachers.get(teacher))
         runs_out[key] = guarded(_run, over)
-        runs_out[key]["variant"] = variant
+        runs_out[key].update(variant=variant, teacher_size=teacher)
         print(json.dumps({key: {k: runs_out[key].get(k) for k in ("step_time_s", "mfu_paper_flops", "peak_mem_gib",
                                                                    "error", "skipped")}}), file=sys.stderr)
     result["runs"] = runs_out

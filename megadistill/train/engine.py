@@ -81,7 +81,18 @@ def build_optimizer(model: torch.nn.Module, cfg: Config) -> torch.optim.Optimize
         # torch AdamW multiplies weight_decay by the group lr; divide it out so decay tracks only the schedule
         wd = (o.weight_decay / lr) if g["decay"] else 0.0
         groups.append({"params": params, "lr": lr, "weight_decay": wd, "name": g["name"]})
-    return torch.optim.AdamW(groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, foreach=True)
+    params = [p for g in groups for p in g["params"]]
+    return torch.optim.AdamW(groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps,
+                             **adamw_implementation(params, cfg.zero.offload_optimizer))
+
+
+def adamw_implementation(params, offload_optimizer: str = "none") -> dict:
+    """torch AdamW's kernel choice: fused (one kernel over all tensors) when every parameter lives on a CUDA device and
+    the optimizer states stay there; foreach (multi-tensor) otherwise, e.g. on CPU, where the golden curves were made.
+    Fused reads and writes each parameter, gradient and moment once per step: a 975M-parameter step moves ~16 GB
+    instead of foreach's several passes."""
+    cuda = bool(params) and all(p.device.type == "cuda" for p in params)
+    return {"fused": True} if cuda and offload_optimizer == "none" else {"foreach": True}
 
 
 def initialize(model: torch.nn.Module, cfg: Config, groups: ParallelGroups, total_steps: int):
