@@ -135,6 +135,17 @@ def test_adamw_kernel_follows_the_parameters_device():
     assert adamw_implementation([torch.nn.Parameter(torch.empty(2))]) == {"foreach": True}
 
 
+def test_zero_stage_at_one_dp_rank():
+    """One DP rank: fp32 runs the plain optimizer (stage 0); bf16 keeps ZeRO-1's flat optimizer (DeepSpeed's bf16
+    path without ZeRO is per-parameter) unless zero.stage=0 asks for it; offload and DP > 1 keep the stage."""
+    from megadistill.train.engine import effective_stage, zero_stage_at
+    assert [zero_stage_at(s, 1, "fp32") for s in (0, 1, 2, 3)] == [0, 0, 0, 0]
+    assert [zero_stage_at(s, 1, "bf16") for s in (0, 1, 2, 3)] == [0, 1, 1, 1]
+    assert zero_stage_at(3, 2, "fp32") == 3 and zero_stage_at(2, 1, "fp32", offloaded=True) == 2
+    cfg = config.load([], ["model.size=tiny-0.5M", "train.steps=1", "train.precision=bf16", "zero.stage=2"])
+    assert effective_stage(cfg, 1) == 1 and effective_stage(cfg, 4) == 2
+
+
 def test_generated_configs_are_up_to_date():
     gen = _gen_module()
     rendered = gen.render(PAPER)

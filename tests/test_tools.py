@@ -33,12 +33,15 @@ def test_gpu_check_tiny_runs_the_trainer_path():
     """tools/gpu_check.py --tiny on CPU: random teachers written (bf16) and loaded, supervised and distill runs of
     the matrix through the real trainer, the per-run figures and the distill-overhead table."""
     r = _run("tools/gpu_check.py", "--tiny", "--variants", "eager", "--runs", "supervised_546M,distill_546M_from_1.82B",
-             "--steps", "4", timeout=600)
+             "--steps", "4", "--profile", "supervised_546M@eager", timeout=600)
     assert r["device"] == "cpu" and r["tiny"] and set(r["runs"]) == {"supervised_546M@eager",
                                                                      "distill_546M_from_1.82B@eager"}
     for run in r["runs"].values():
         assert run["step_time_s"] > 0 and run["final_loss"] == run["final_loss"] and "error" not in run, run
     assert r["runs"]["distill_546M_from_1.82B@eager"]["size"] == "tiny-0.5M"
+    prof = r["profile"]  # where the profiled step's time went: categories summing to the whole, top ops named
+    assert prof["run"] == "supervised_546M@eager" and abs(sum(prof["shares"].values()) - 1) < 1e-3, prof
+    assert prof["shares"].get("matmul", 0) > 0 and prof["top"] and prof["busy_s_per_step"] > 0, prof
     kd = r["distill_overhead"]["distill_546M_from_1.82B@eager"]
     assert kd["teacher_forward_at_student_rate_s"] > 0 and "overhead_over_teacher_forward" in kd, kd
 

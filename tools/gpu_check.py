@@ -135,9 +135,12 @@ def _overrides(size: str, run_dir: Path, micro: int, steps: int, seq: int, extra
 # budget is skipped and says so). (name, student size, teacher size or None, variant); variants add overrides.
 VARIANTS = {"eager": ["train.compile=false"], "compile": ["train.compile=true"],
             "compile_liger": ["train.compile=true", "model.kernels=liger"],
-            "eager_liger": ["train.compile=false", "model.kernels=liger"]}
+            "eager_liger": ["train.compile=false", "model.kernels=liger"],
+            # one GPU in bf16 runs DeepSpeed's ZeRO-1 optimizer (flat); zero.stage=0 its per-parameter unfused one
+            "compile_stage0": ["train.compile=true", "zero.stage=0"]}
 RUNS = [("supervised_975M", "975M", None, "compile"), ("supervised_975M", "975M", None, "eager"),
         ("supervised_546M", "546M", None, "compile"), ("distill_546M_from_1.82B", "546M", "1.82B", "compile"),
+        ("supervised_975M", "975M", None, "compile_stage0"),
         ("supervised_975M", "975M", None, "compile_liger"), ("distill_546M_from_1.82B", "546M", "1.82B", "eager"),
         ("supervised_1.82B", "1.82B", None, "compile"), ("distill_975M_from_4.82B", "975M", "4.82B", "compile"),
         ("supervised_975M", "975M", None, "eager_liger"), ("supervised_546M", "546M", None, "eager"),
@@ -234,6 +237,64 @@ def _run(overrides) -> dict:
     return out
 
 
+# Where a step's time goes, by kernel name (CUDA kernels on a GPU, aten ops on CPU): first matching category wins.
+CATEGORIES = (("communication", ("nccl", "all_reduce", "allreduce", "all_gather", "reduce_scatter", "gloo")),
+              ("optimizer", ("adam", "multi_tensor", "foreach")),
+              ("attention", ("flash", "fmha", "attention", "sdpa", "efficient_attention")),
+              ("matmul", ("gemm", "matmul", "aten::mm", "aten::bmm", "aten::addmm", "cutlass", "nvjet", "sm90_xmma",
+                          "sm80_xmma", "cublas", "aten::linear")),
+              ("copy", ("memcpy", "memset", "copy_", "aten::cat", "aten::to", "_to_copy")),
+              ("fused_elementwise", ("triton", "cpp_fused", "liger")))
+
+
+def _category(name: str) -> str:
+    low = name.lower()
+    return next((c for c, keys in CATEGORIES if any(k in low for k in keys)), "other")
+
+
+def profile_run(overrides, warmup: int = 3, steps: int = 2, top: int = 15) -> dict:
+    """One trainer run of `overrides` built in this process, `warmup` steps, then `steps` steps under torch.profiler:
+    the top kernels by self time and each category's share (matmul, attention, fused elementwise, communication,
+    optimizer, copies, other), so the next MFU step is aimed where the time goes."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from megadistill import config
+    from megadistill.parallel.init import init_distributed
+    from megadistill.train.trainer import build, release, train_step
+
+    cuda = torch.cuda.is_available()
+    live = build(config.load([], overrides), init_distributed("auto"))
+    try:
+        live.engine.train()
+        for _ in range(warmup):
+            train_step(live)
+        if cuda:
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
+            for _ in range(steps):
+                train_step(live)
+            if cuda:
+                torch.cuda.synchronize()
+        wall = (time.perf_counter() - t0) / steps
+    finally:
+        release(live)
+    attr = "self_device_time_total" if cuda else "self_cpu_time_total"
+    events = [e for e in prof.key_averages()  # on a GPU the kernels themselves (their CPU launchers left out)
+              if getattr(e, attr, 0) > 0 and (not cuda or str(e.device_type).endswith("CUDA"))]
+    total = sum(getattr(e, attr) for e in events) or 1.0
+    shares: Dict[str, float] = {}
+    for e in events:
+        c = _category(e.key)
+        shares[c] = shares.get(c, 0.0) + getattr(e, attr) / total
+    rows = sorted(events, key=lambda e: getattr(e, attr), reverse=True)[:top]
+    return {"timer": "cuda kernels" if cuda else "cpu ops (self time)", "profiled_steps": steps,
+            "step_wall_s_under_profiler": wall, "busy_s_per_step": total / 1e6 / steps,
+            "shares": {k: round(v, 4) for k, v in sorted(shares.items(), key=lambda kv: -kv[1])},
+            "top": [{"name": e.key[:120], "category": _category(e.key), "share": round(getattr(e, attr) / total, 4),
+                     "calls_per_step": e.count / steps} for e in rows]}
+
+
 def make_teacher(size: str, out_dir: Path) -> Path:
     """Consolidated weights of a randomly initialised teacher (speed does not depend on its quality)."""
     from safetensors.torch import save_file
@@ -271,6 +332,9 @@ def main() -> int:
     ap.add_argument("--tiny", action="store_true",
                     help="the same runs at tiny sizes (students tiny-0.5M, teachers tiny-1M), on CPU if there is no "
                          "GPU: the script's trainer path end to end (no kernel checks; figures not meaningful)")
+    ap.add_argument("--profile", default="supervised_975M@compile",
+                    help="RUN@VARIANT profiled (torch.profiler, after its timed run) for the time per kernel "
+                         "category; 'none' to skip")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     wanted = None if args.runs == "all" else set(args.runs.split(","))
@@ -335,6 +399,10 @@ def main() -> int:
                              teachers.get(teacher))
         runs_out[key] = guarded(_run, over)
         runs_out[key].update(variant=variant, teacher_size=teacher)
+        if key == args.profile and "step_time_s" in runs_out[key] and time.time() - t0 <= args.budget_s:
+            result["profile"] = dict(guarded(profile_run, run_overrides(name, size, teacher, variant, tmp / "profile",
+                                                                        args.micro, 5 + 1, args.seq,
+                                                                        teachers.get(teacher))), run=key)
         print(json.dumps({key: {k: runs_out[key].get(k) for k in ("step_time_s", "mfu_paper_flops", "peak_mem_gib",
                                                                    "error", "skipped")}}), file=sys.stderr)
     result["runs"] = runs_out

@@ -54,6 +54,7 @@ CASES: Dict[str, tuple] = {
     "sup_z2_w2": (2, ["zero.stage=2"]),
     "sup_z1_w2_bf16": (2, ["zero.stage=1", "train.precision=bf16"]),
     "sup_z0_w1_bf16": (1, ["zero.stage=0", "train.precision=bf16"]),
+    "sup_z1_w1_bf16": (1, ["zero.stage=1", "train.precision=bf16"]),  # one rank, bf16: the ZeRO-1 optimizer
     "sup_z3_w2": (2, ["zero.stage=3"]),
     "sup_tp2_z1": (2, ["zero.stage=1", "parallel.tp_size=2"]),
     "sup_tp2_z1_sp": (2, ["zero.stage=1", "parallel.tp_size=2", "parallel.sequence_parallel=true"]),

@@ -12,12 +12,21 @@ from megadistill.parallel.groups import ParallelGroups
 
 
 def effective_stage(cfg: Config, dp_size: int) -> int:
-    """The ZeRO stage the engine runs: ZeRO partitions over the DP group, so with one DP rank (and no offload) it
-    partitions nothing and only adds flat-buffer copies (a CPU step measured 2.5x slower at stage 1): run stage 0."""
+    """The ZeRO stage the engine runs (zero_stage_at below, from zero.stage, the DP size, train.precision, offload)."""
     z = cfg.zero
-    if dp_size == 1 and z.offload_optimizer == "none" and z.offload_param == "none":
-        return 0
-    return z.stage
+    offloaded = z.offload_optimizer != "none" or z.offload_param != "none"
+    return zero_stage_at(z.stage, dp_size, cfg.train.precision, offloaded)
+
+
+def zero_stage_at(stage: int, dp_size: int, precision: str, offloaded: bool = False) -> int:
+    """ZeRO partitions over the DP group: with one DP rank (and no offload) it partitions nothing. An fp32 run then
+    runs stage 0, the plain torch optimizer (ZeRO's flat-buffer copies made a CPU step 2.5x slower at stage 1). A
+    bf16 run runs stage min(stage, 1): DeepSpeed's bf16 path without ZeRO is its per-parameter unfused optimizer
+    (per parameter: an fp32 gradient copy, an overflow check read back to the host, the unscale and the copy back),
+    ZeRO-1's is flat (one fp32 master buffer, one overflow check per step); zero.stage=0 keeps the unfused one."""
+    if dp_size == 1 and not offloaded:
+        return min(stage, 1) if precision == "bf16" else 0
+    return stage
 
 
 def deepspeed_config(cfg: Config, dp_size: int) -> dict:

@@ -10,6 +10,7 @@ from typing import Dict, List, Optional, Union
 
 from megadistill.config import Config, ModelConfig
 from megadistill.errors import UserError
+from megadistill.train.engine import zero_stage_at
 
 GIB = 2 ** 30
 TERMS = ("student_weights", "gradients", "optimizer_states", "teacher_weights", "activations", "logits_loss",
@@ -159,7 +160,7 @@ def estimate_layout(student: ModelConfig, layout: Layout, world_size: int, seq_l
     """
     tp = layout.tp_size
     dp = world_size // tp
-    z = layout.zero_stage if dp > 1 else 0  # as train.engine.effective_stage: one DP rank runs stage 0
+    z = zero_stage_at(layout.zero_stage, dp, precision)  # what the engine runs (train.engine.effective_stage)
     wb, tb = (2 if precision == "bf16" else 4), (2 if teacher_dtype == "bf16" else 4)
     n = layout.micro_batch_size * seq_len  # tokens per micro-step on this rank
     gas = max(1, global_batch_size // (layout.micro_batch_size * dp))
@@ -354,7 +355,8 @@ def plan(student: Union[str, ModelConfig], teacher: Union[None, str, ModelConfig
         for mb in micro_batches:
             if batch % (mb * dp):
                 continue
-            for z in (zero_stages if dp > 1 else (0,)):  # one DP rank runs stage 0 (train.engine.effective_stage)
+            # one DP rank: only the stages the engine would run there (train.engine.zero_stage_at)
+            for z in (zero_stages if dp > 1 else sorted({zero_stage_at(s, 1, precision) for s in zero_stages})):
                 for t3 in ((False, True) if tmodel is not None and dp > 1 else (False,)):
                     for ck, fu, sq in product(checkpointing, fused, sequence_parallel if tp > 1 else (False,)):
                         if sq and seq_len % tp:
