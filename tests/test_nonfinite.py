@@ -49,6 +49,9 @@ def _nonfinite_runs(rank, world, root):
     base = [f"train.steps={STEPS}", "train.checkpoint_interval=1", "train.keep_checkpoints=10", "train.eval_tokens=256"]
     for name, extra in {"zero1_skip": ["zero.stage=1", "train.nonfinite=skip"],
                         "zero0_skip": ["zero.stage=0", "train.nonfinite=skip"],
+                        # bf16: DeepSpeed's ZeRO-1 optimizer, and its unfused bf16 wrapper without ZeRO
+                        "zero1_bf16_skip": ["zero.stage=1", "train.precision=bf16", "train.nonfinite=skip"],
+                        "zero0_bf16_skip": ["zero.stage=0", "train.precision=bf16", "train.nonfinite=skip"],
                         "zero1_stop": ["zero.stage=1"],  # the default: stop
                         "zero0_stop": ["zero.stage=0", "train.nonfinite=stop"]}.items():
         run = root / name
@@ -78,7 +81,7 @@ def runs(tmp_path_factory):
     return run_distributed(_nonfinite_runs, 2, str(tmp_path_factory.mktemp("nonfinite")), timeout=600)
 
 
-@pytest.mark.parametrize("name", ["zero1_skip", "zero0_skip"])
+@pytest.mark.parametrize("name", ["zero1_skip", "zero0_skip", "zero1_bf16_skip", "zero0_bf16_skip"])
 def test_skip_drops_exactly_the_nonfinite_step_and_counts_it(runs, name):
     r = runs[0][name]
     assert r["status"] == "finished" and r["step"] == STEPS, r

@@ -1,8 +1,8 @@
 """Non-finite loss or gradient (train.nonfinite=stop|skip): never a silent NaN run.
 
-A step whose gradients are not all finite is not applied: DeepSpeed's ZeRO optimizers (stages 1-3) drop it themselves
-(their overflow check, in every precision); without ZeRO (effective stage 0) a pre-step hook on the torch optimizer
-drops it (every rank agrees through one all-reduce). The trainer then stops with an error naming the step, the
+A step whose gradients are not all finite is not applied: DeepSpeed's ZeRO optimizers (stages 1-3) and its bf16 / fp16
+wrapper without ZeRO drop it themselves (their overflow check); where DeepSpeed steps our torch optimizer directly
+(fp32, effective stage 0) a pre-step hook on it drops it (every rank agrees through one all-reduce). The trainer then stops with an error naming the step, the
 micro-batch and the last good checkpoint, or (skip) counts it and goes on, up to train.nonfinite_max_skips in a row.
 """
 from __future__ import annotations
@@ -60,7 +60,9 @@ class NonFiniteGuard:
         self.skipped = 0  # skipped steps in this process
         self.in_a_row = 0
         self.hook = None
-        if zero_stage == 0:
+        # the hook only where DeepSpeed steps our torch optimizer itself: its bf16 / fp16 wrappers (stage 0 in half
+        # precision) check overflow and skip the step themselves, reported by engine.was_step_applied()
+        if zero_stage == 0 and getattr(engine, "optimizer", None) is getattr(engine, "basic_optimizer", None):
             self.hook = _PreStepHook()
             engine.basic_optimizer.register_step_pre_hook(self.hook)
 
