@@ -287,3 +287,32 @@ def test_disk_full_during_a_checkpoint_is_a_named_error_and_nothing_is_lost(faul
     status, step, curve = faults["diskfull_resumed"]
     assert (status, step) == ("finished", STEPS) and curve == faults["ref"]
     assert faults["diskfull_ckpts"] == ["step_00000004", "step_00000006"]
+
+
+def _stage0_checkpoint_under_zero1(rank, world, root):
+    """A bf16 one-rank run checkpointed at ZeRO stage 0 (as megadistill ran it before it kept ZeRO-1 there), resumed
+    by a config saying zero.stage=1: a named error telling how to resume, not DeepSpeed's missing-file failure."""
+    import re
+    from megadistill import config
+    from megadistill.errors import UserError
+    from megadistill.train.trainer import train
+    run = Path(root) / "bf16_z0"
+    extra = ["train.steps=3", "train.checkpoint_interval=1", "train.eval_tokens=256", "train.precision=bf16"]
+    train(config.load([], tiny_overrides(run, "supervised", extra + ["zero.stage=0", "train.stop_after_steps=1"])))
+    for cfg_file in [run / "config.yaml", *run.glob("checkpoints/step_*/config.yaml")]:  # as the old version wrote
+        cfg_file.write_text(re.sub(r"(?m)^  stage: 0$", "  stage: 1", cfg_file.read_text()))
+        manifest = cfg_file.parent / "manifest.json"
+        if manifest.is_file():  # and its checksum, as written then
+            m = json.loads(manifest.read_text())
+            m["files"]["config.yaml"] = {"bytes": cfg_file.stat().st_size, "crc32": zlib.crc32(cfg_file.read_bytes())}
+            manifest.write_text(json.dumps(m))
+    try:
+        train(config.load([], tiny_overrides(run, "supervised", extra + ["zero.stage=1", "train.resume=true"])))
+    except UserError as e:
+        return f"{type(e).__name__}: {e}"
+    return "resumed"
+
+
+def test_stage0_checkpoint_resumed_under_zero1_is_a_named_error(tmp_path):
+    err = run_distributed(_stage0_checkpoint_under_zero1, 1, str(tmp_path))[0]
+    assert err.startswith("CheckpointError:") and "resume it with zero.stage=0" in err, err

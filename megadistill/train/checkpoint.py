@@ -102,6 +102,11 @@ def load(engine, ckpt: Path) -> Dict:
     if not state_file.is_file():
         raise UserError(f"{state_file} is missing: the checkpoint was written with a different world size; "
                         "resume with the same number of processes")
+    zero_shards = any(ckpt.glob("*zero_pp_rank_*optim_states.pt"))
+    if engine.zero_optimization_stage() >= 1 and not zero_shards and any(ckpt.glob("mp_rank_*_model_states.pt")):
+        raise CheckpointError(f"{ckpt} holds its optimizer state without ZeRO (written at ZeRO stage 0) but this run "
+                              "uses ZeRO's optimizer (a bf16 run on one DP rank runs ZeRO-1 unless zero.stage=0; "
+                              "megadistill.train.engine.zero_stage_at): resume it with zero.stage=0")
     load_engine(engine, ckpt, load_optimizer_states=True, load_lr_scheduler_states=True)
     return json.loads(state_file.read_text())
 
