@@ -10,7 +10,8 @@ setup(
     install_requires=[
         # The torch spec is pinned by the Makefile (TORCH_SPEC) so GPU clusters can pick their build.
         "torch>=2.5",  # SDPA enable_gqa (grouped-query attention)
-        "deepspeed>=0.14",
+        # tested with 0.19.8; the memory model and the ZeRO-3 / compile paths read its behaviour (gathers, hooks)
+        "deepspeed>=0.19.8,<0.20",
         "transformers>=4.51",  # Qwen3ForCausalLM (export --format hf, interop tests)
         "datasets>=2.18",
         "tokenizers>=0.15",
