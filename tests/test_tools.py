@@ -42,6 +42,10 @@ def test_gpu_check_tiny_runs_the_trainer_path():
     prof = r["profile"]  # where the profiled step's time went: categories summing to the whole, top ops named
     assert prof["run"] == "supervised_546M@eager" and abs(sum(prof["shares"].values()) - 1) < 1e-3, prof
     assert prof["shares"].get("matmul", 0) > 0 and prof["top"] and prof["busy_s_per_step"] > 0, prof
+    g = r["goals"]  # read off the runs: no 975M run and no loss kernels here, the overhead ratio measured
+    assert not g["mfu_975M_supervised_ge_0.45"]["measured"] and not g["fused_loss_no_slower_than_naive"]["measured"]
+    assert g["distill_overhead_le_1.10"]["measured"] and "distill_546M_from_1.82B@eager" in g[
+        "distill_overhead_le_1.10"]["ratios"], g
     kd = r["distill_overhead"]["distill_546M_from_1.82B@eager"]
     assert kd["teacher_forward_at_student_rate_s"] > 0 and "overhead_over_teacher_forward" in kd, kd
 
@@ -86,3 +90,21 @@ def test_gpu_check_dry_run_validates_the_run_matrix():
     assert runs["supervised_975M@eager"]["compile"] == "false" and runs["supervised_975M@compile"]["compile"] == "true"
     assert runs["distill_975M_from_4.82B@compile"]["teacher"] == "4.82B"
     assert all(p["tokens_per_step"] == 4 * 4096 for p in runs.values())
+
+
+def test_gpu_check_goals_read_off_a_result():
+    """The goal table gpu_check prints, from a result shaped like a GPU run's."""
+    sys.path.insert(0, str(REPO / "tools"))
+    import gpu_check
+    result = {"runs": {"supervised_975M@compile": {"mfu_paper_flops": 0.47},
+                       "supervised_975M@eager": {"mfu_paper_flops": 0.31}, "supervised_975M@compile_liger": {}},
+              "distill_overhead": {"distill_546M_from_1.82B@compile": {"overhead_over_teacher_forward": 1.04},
+                                   "distill_975M_from_4.82B@compile": {"skipped": "no supervised run"}},
+              "loss_kernels": {"ratios": {"8192": {"fused_compiled_time_over_naive": 0.8},
+                                          "32768": {"fused_compiled_time_over_naive": 1.2}}}}
+    g = gpu_check.goals(result)
+    assert g["mfu_975M_supervised_ge_0.45"] == {"measured": True, "best_run": "supervised_975M@compile", "mfu": 0.47,
+                                                "met": True}
+    assert g["distill_overhead_le_1.10"]["met"] and list(g["distill_overhead_le_1.10"]["ratios"]) == [
+        "distill_546M_from_1.82B@compile"]
+    assert g["fused_loss_no_slower_than_naive"]["measured"] and not g["fused_loss_no_slower_than_naive"]["met"]

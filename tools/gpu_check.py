@@ -197,6 +197,31 @@ def distill_overheads(results: Dict[str, dict]) -> Dict[str, dict]:
     return out
 
 
+def goals(result: dict) -> Dict[str, dict]:
+    """Issue 11's GPU goals read off one result: 975M supervised MFU >= 45% (PAPER.md F(N), best variant), each
+    distill step's overhead <= 1.10x the teacher forward, the compiled fused loss no slower than naive at every shape;
+    "measured": false where the check did not run."""
+    runs = result.get("runs", {})
+    mfus = {k: v["mfu_paper_flops"] for k, v in runs.items()
+            if k.startswith("supervised_975M@") and isinstance(v.get("mfu_paper_flops"), float)
+            and v["mfu_paper_flops"] == v["mfu_paper_flops"]}
+    out = {"mfu_975M_supervised_ge_0.45": {"measured": bool(mfus)}}
+    if mfus:
+        best = max(mfus, key=mfus.get)
+        out["mfu_975M_supervised_ge_0.45"].update(best_run=best, mfu=mfus[best], met=mfus[best] >= 0.45)
+    over = {k: v["overhead_over_teacher_forward"] for k, v in result.get("distill_overhead", {}).items()
+            if "overhead_over_teacher_forward" in v}
+    out["distill_overhead_le_1.10"] = {"measured": bool(over), "ratios": over,
+                                       "met": bool(over) and all(r <= 1.10 for r in over.values())}
+    ratios = result.get("loss_kernels", {}).get("ratios", {}) if isinstance(result.get("loss_kernels"), dict) else {}
+    per_shape = {n: r.get("fused_compiled_time_over_naive") for n, r in ratios.items()}
+    out["fused_loss_no_slower_than_naive"] = {
+        "measured": bool(per_shape) and all(v is not None for v in per_shape.values()),
+        "compiled_time_over_naive": per_shape,
+        "met": bool(per_shape) and all(v is not None and v <= 1.0 for v in per_shape.values())}
+    return out
+
+
 def _run(overrides) -> dict:
     from megadistill import config
     from megadistill.laws.flops import forward_flops_per_token
@@ -408,6 +433,7 @@ def main() -> int:
     result["runs"] = runs_out
     result["mfu_table"] = {k: v.get("mfu_paper_flops") for k, v in runs_out.items()}
     result["distill_overhead"] = distill_overheads(runs_out)
+    result["goals"] = goals(result)
     result["wall_s"] = time.time() - t0
     text = json.dumps(result, indent=1, default=lambda x: None if isinstance(x, float) and math.isnan(x) else str(x))
     print(text)
