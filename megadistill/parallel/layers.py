@@ -212,8 +212,9 @@ class LayerFactory:
     sequence_parallel (Megatron-style, only with tp_size > 1): outside the TP regions -- the residual stream, the
     norms, the embedding output -- activations are [b, s/tp, d], rank r holding sequence slice r. Entering a TP region
     (`columns_entry`) all-gathers the sequence (backward: re-gathers it from the kept slice, then reduce-scatters),
-    leaving it (`row`, `embedding`) reduce-scatters (backward: all-gather) in place of the all-reduce; norm gains see only this rank's tokens, so their grads are
-    summed over TP; `sequence_output` all-gathers the final hidden states for the head and the losses.
+    leaving it (`row`, `embedding`) reduce-scatters (backward: all-gather) in place of the all-reduce; norm gains see
+    only this rank's tokens, so their grads are summed over TP; `sequence_output` all-gathers the final hidden states
+    for the head and the losses.
     """
 
     def __init__(self, group=None, device=None, dtype=None, sequence_parallel: bool = False):

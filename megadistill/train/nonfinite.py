@@ -2,8 +2,9 @@
 
 A step whose gradients are not all finite is not applied: DeepSpeed's ZeRO optimizers (stages 1-3) and its bf16 / fp16
 wrapper without ZeRO drop it themselves (their overflow check); where DeepSpeed steps our torch optimizer directly
-(fp32, effective stage 0) a pre-step hook on it drops it (every rank agrees through one all-reduce). The trainer then stops with an error naming the step, the
-micro-batch and the last good checkpoint, or (skip) counts it and goes on, up to train.nonfinite_max_skips in a row.
+(fp32, effective stage 0) a pre-step hook on it drops it (every rank agrees through one all-reduce). The trainer then
+stops with an error naming the step, the micro-batch and the last good checkpoint, or (skip) counts it and goes on, up
+to train.nonfinite_max_skips in a row.
 """
 from __future__ import annotations
 
