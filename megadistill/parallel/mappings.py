@@ -202,10 +202,10 @@ def _seq_gather_start(x: torch.Tensor, group):
     size = group_size(group)
     b, sl = x.shape[0], x.shape[1]
     rest = tuple(x.shape[2:])
-    out = x.new_empty((size * b, sl) + rest)
-    work = _all_gather_flat(out, x.contiguous(), group=group, async_op=_async_ok())
+    out, src = x.new_empty((size * b, sl) + rest), x.contiguous()
+    work = _all_gather_flat(out, src, group=group, async_op=_async_ok())
 
-    def finish() -> torch.Tensor:
+    def finish(_reads=(src,)) -> torch.Tensor:  # holds src until the collective has read it
         if work is not None:
             work.wait()
         return out.view((size, b, sl) + rest).transpose(0, 1).reshape((b, size * sl) + rest)
@@ -221,7 +221,7 @@ def _seq_reduce_scatter_start(x: torch.Tensor, group):
     out = x.new_empty((b, s // size) + rest)
     work = _reduce_scatter_flat(out, flat, group=group, async_op=_async_ok())
 
-    def finish() -> torch.Tensor:
+    def finish(_reads=(flat,)) -> torch.Tensor:  # holds flat until the collective has read it
         if work is not None:
             work.wait()
         return out
