@@ -37,6 +37,7 @@ def test_gpu_check_tiny_runs_the_trainer_path():
     assert r["device"] == "cpu" and r["tiny"] and set(r["runs"]) == {"supervised_546M@eager",
                                                                      "distill_546M_from_1.82B@eager"}
     for run in r["runs"].values():
+        assert run["micro_batches_per_step"] == 4 and run["tokens_per_step"] == 4 * 2 * 128, run
         assert run["step_time_s"] > 0 and run["final_loss"] == run["final_loss"] and "error" not in run, run
     assert r["runs"]["distill_546M_from_1.82B@eager"]["size"] == "tiny-0.5M"
     prof = r["profile"]  # where the profiled step's time went: categories summing to the whole, top ops named
@@ -89,7 +90,8 @@ def test_gpu_check_dry_run_validates_the_run_matrix():
     assert runs["supervised_975M@compile_liger"]["kernels"] == "liger"
     assert runs["supervised_975M@eager"]["compile"] == "false" and runs["supervised_975M@compile"]["compile"] == "true"
     assert runs["distill_975M_from_4.82B@compile"]["teacher"] == "4.82B"
-    assert all(p["tokens_per_step"] == 4 * 4096 for p in runs.values())
+    # 4 x 4096-token micro-batches, 4 per optimizer step by default (the optimizer shared as in a sweep)
+    assert all(p["tokens_per_step"] == 4 * 4096 * 4 and p["micro_batches_per_step"] == 4 for p in runs.values())
 
 
 def test_gpu_check_goals_read_off_a_result():

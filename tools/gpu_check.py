@@ -4,7 +4,8 @@ memory), Liger ops vs ours, and the bf16 step time / MFU / peak memory of the re
 975M and 1.82B supervised, 546M-from-1.82B and 975M-from-4.82B distillation (bf16 teachers), with train.compile on
 and off and model.kernels liger / torch; the distill step overhead against the teacher forward's FLOPs.
 
-Prints one JSON object (and one line per finished run on stderr). Runs are started in RUNS order until --budget-s
+Each optimizer step accumulates --gas micro-batches (default 4: a sweep shares the optimizer step over many; the
+earlier 27.8% figure was at one). Prints one JSON object (and one line per finished run on stderr). Runs are started in RUNS order until --budget-s
 is spent; the rest are listed as skipped. `--dry-run` validates the matrix on any machine; `--tiny` runs it at tiny
 sizes, on CPU too (teacher files, trainer runs, overhead table: tests/test_tools.py). PAPER.md FLOPs against the
 card's dense bf16 peak.
@@ -123,9 +124,9 @@ def loss_check(tokens: int = 16384, d: int = 2048, vocab: int = 32768, device: s
     return out
 
 
-def _overrides(size: str, run_dir: Path, micro: int, steps: int, seq: int, extra=()):
+def _overrides(size: str, run_dir: Path, micro: int, steps: int, seq: int, extra=(), gas: int = 1):
     return [f"model.size={size}", "model.attention=sdpa", f"train.run_dir={run_dir}", f"train.steps={steps}",
-            f"train.seq_len={seq}", f"train.micro_batch_size={micro}", f"train.global_batch_size={micro}",
+            f"train.seq_len={seq}", f"train.micro_batch_size={micro}", f"train.global_batch_size={micro * gas}",
             "train.precision=bf16", "train.eval_tokens=8192", "train.progress=false", "train.save=false",
             "train.log_interval=1", "optim.warmup_steps=2", "zero.stage=1", "data.synthetic_branching=64",
             *extra]
@@ -150,13 +151,13 @@ RUNS = [("supervised_975M", "975M", None, "compile"), ("supervised_975M", "975M"
 
 
 def run_overrides(name: str, size: str, teacher: Optional[str], variant: str, root: Path, micro: int, steps: int,
-                  seq: int, teacher_dir: Optional[Path] = None) -> List[str]:
+                  seq: int, teacher_dir: Optional[Path] = None, gas: int = 1) -> List[str]:
     """The trainer overrides of one run of RUNS."""
     extra = list(VARIANTS[variant])
     if teacher is not None:
         extra += ["train.mode=distill", f"distill.teacher={teacher_dir or root / ('teacher_' + teacher)}",
                   "distill.teacher_dtype=bf16", "data.split=student"]
-    return _overrides(size, root / f"{name}_{variant}", micro, steps, seq, extra)
+    return _overrides(size, root / f"{name}_{variant}", micro, steps, seq, extra, gas)
 
 
 def _liger_available() -> bool:
@@ -240,7 +241,9 @@ def _run(overrides) -> dict:
     step_s = statistics.median(r["step_time_s"] for r in rows[2:])
     tokens = cfg.train.global_batch_size * cfg.train.seq_len
     n, n_total = params_of(cfg.model)
-    out = {"size": cfg.model.size, "tokens_per_step": tokens, "step_time_s": step_s, "tokens_per_s": tokens / step_s,
+    out = {"size": cfg.model.size, "tokens_per_step": tokens, "micro_batches_per_step":
+           cfg.train.global_batch_size // cfg.train.micro_batch_size, "step_time_s": step_s,
+           "tokens_per_s": tokens / step_s,
            "mfu_paper_flops": statistics.median([r["mfu"] for r in rows[2:] if r["mfu"] is not None] or [math.nan]),
            "mfu_6N_total": 6 * n_total * tokens / step_s / 989e12,
            "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None,
@@ -348,6 +351,9 @@ def main() -> int:
     ap.add_argument("--seq", type=int, default=4096)
     ap.add_argument("--micro", type=int, default=4)
     ap.add_argument("--steps", type=int, default=6)
+    ap.add_argument("--gas", type=int, default=4,
+                    help="micro-batches per optimizer step (a sweep accumulates many: the optimizer step's cost is "
+                         "shared by them, as in training; 1 gives the optimizer-per-micro-batch figure)")
     ap.add_argument("--budget-s", type=float, default=420.0,
                     help="start no trainer run after this many seconds (the rest are listed as skipped)")
     ap.add_argument("--runs", default="all", help="comma-separated run names (e.g. supervised_975M) or 'all'")
@@ -370,11 +376,12 @@ def main() -> int:
         from megadistill import config
         plan = []
         for name, size, teacher, variant in runs:
-            over = run_overrides(name, size, teacher, variant, tmp, args.micro, args.steps, args.seq)
+            over = run_overrides(name, size, teacher, variant, tmp, args.micro, args.steps, args.seq, gas=args.gas)
             cfg = config.load([], over)
             plan.append({"run": f"{name}@{variant}", "student": cfg.model.size, "teacher": teacher,
                          "compile": cfg.train.compile, "kernels": getattr(cfg.model, "kernels", "torch"),
-                         "tokens_per_step": cfg.train.global_batch_size * cfg.train.seq_len})
+                         "tokens_per_step": cfg.train.global_batch_size * cfg.train.seq_len,
+                         "micro_batches_per_step": cfg.train.global_batch_size // cfg.train.micro_batch_size})
         print(json.dumps({"dry_run": plan}, indent=1))
         return 0
     if args.tiny:  # every student / teacher size of the matrix becomes a tiny one
@@ -421,13 +428,13 @@ def main() -> int:
         if teacher is not None and teacher not in teachers:
             teachers[teacher] = make_teacher(teacher, tmp / f"teacher_{teacher}")
         over = run_overrides(name, size, teacher, variant, tmp, args.micro, args.steps, args.seq,
-                             teachers.get(teacher))
+                             teachers.get(teacher), gas=args.gas)
         runs_out[key] = guarded(_run, over)
         runs_out[key].update(variant=variant, teacher_size=teacher)
         if key == args.profile and "step_time_s" in runs_out[key] and time.time() - t0 <= args.budget_s:
             result["profile"] = dict(guarded(profile_run, run_overrides(name, size, teacher, variant, tmp / "profile",
                                                                         args.micro, 5 + 1, args.seq,
-                                                                        teachers.get(teacher))), run=key)
+                                                                        teachers.get(teacher), gas=args.gas)), run=key)
         print(json.dumps({key: {k: runs_out[key].get(k) for k in ("step_time_s", "mfu_paper_flops", "peak_mem_gib",
                                                                    "error", "skipped")}}), file=sys.stderr)
     result["runs"] = runs_out
