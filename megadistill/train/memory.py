@@ -357,8 +357,11 @@ def plan(student: Union[str, ModelConfig], teacher: Union[None, str, ModelConfig
         for mb in micro_batches:
             if batch % (mb * dp):
                 continue
-            # one DP rank: only the stages the engine would run there (train.engine.zero_stage_at)
-            for z in (zero_stages if dp > 1 else sorted({zero_stage_at(s, 1, precision) for s in zero_stages})):
+            # one DP rank: only the stages the engine would run there (train.engine.zero_stage_at); in bf16 ZeRO-1
+            # first: same modelled memory and time as stage 0, whose unfused optimizer's per-parameter host syncs the
+            # step-time model does not count
+            single = sorted({zero_stage_at(s, 1, precision) for s in zero_stages}, reverse=precision == "bf16")
+            for z in (zero_stages if dp > 1 else single):
                 for t3 in ((False, True) if tmodel is not None and dp > 1 else (False,)):
                     for ck, fu, sq in product(checkpointing, fused, sequence_parallel if tp > 1 else (False,)):
                         if sq and seq_len % tp:
