@@ -20,11 +20,20 @@ def group_rank(group: Optional[dist.ProcessGroup]) -> int:
     return 0 if group is None else dist.get_rank(group)
 
 
+def _all_reduce_start(x: torch.Tensor, group, async_op: bool = False):
+    """Start an in-place all-reduce (sum) of x (a buffer the caller owns); returns finish() -> x, summed."""
+    work = dist.all_reduce(x, op=dist.ReduceOp.SUM, group=group, async_op=async_op)
+
+    def finish() -> torch.Tensor:
+        if work is not None:
+            work.wait()
+        return x
+    return finish
+
+
 def _all_reduce(x: torch.Tensor, group) -> torch.Tensor:
     # Reduce into a fresh buffer: the input may be saved for another node's backward.
-    out = x.contiguous().clone()
-    dist.all_reduce(out, op=dist.ReduceOp.SUM, group=group)
-    return out
+    return _all_reduce_start(x.contiguous().clone(), group)()
 
 
 def _split_last(x: torch.Tensor, group) -> torch.Tensor:
@@ -60,18 +69,25 @@ def _seq_split(x: torch.Tensor, group) -> torch.Tensor:
     return x.narrow(1, rank * (s // size), s // size).contiguous()
 
 
-def _seq_gather(x: torch.Tensor, group) -> torch.Tensor:
-    # [b, s/tp, ...] -> [b, s, ...], slices concatenated in group-rank order
+def _seq_gather_start(x: torch.Tensor, group, async_op: bool = False):
+    """Start the all-gather of [b, s/tp, ...] slices into [b, s, ...] (slices in group-rank order); returns finish(),
+    which waits (async_op) and returns the gathered tensor."""
     size = group_size(group)
     b, sl = x.shape[0], x.shape[1]
     rest = tuple(x.shape[2:])
-    out = x.new_empty((size * b, sl) + rest)  # the ranks' [b, s/tp, ...] stacked along dim 0
-    _all_gather_flat(out, x.contiguous(), group=group)
-    return out.view((size, b, sl) + rest).transpose(0, 1).reshape((b, size * sl) + rest)
+    out, src = x.new_empty((size * b, sl) + rest), x.contiguous()  # the ranks' slices stacked along dim 0
+    work = _all_gather_flat(out, src, group=group, async_op=async_op)
+
+    def finish(_reads=(src,)) -> torch.Tensor:  # holds src until the collective has read it
+        if work is not None:
+            work.wait()
+        return out.view((size, b, sl) + rest).transpose(0, 1).reshape((b, size * sl) + rest)
+    return finish
 
 
-def _seq_reduce_scatter(x: torch.Tensor, group) -> torch.Tensor:
-    # [b, s, ...] partial sums -> [b, s/tp, ...] of the sum over ranks, this rank's sequence slice
+def _seq_reduce_scatter_start(x: torch.Tensor, group, async_op: bool = False):
+    """Start the reduce-scatter of [b, s, ...] partial sums into this rank's [b, s/tp, ...] slice of their sum;
+    returns finish(), which waits (async_op) and returns the slice."""
     size = group_size(group)
     b, s = x.shape[0], x.shape[1]
     if s % size:
@@ -79,8 +95,23 @@ def _seq_reduce_scatter(x: torch.Tensor, group) -> torch.Tensor:
     rest = tuple(x.shape[2:])
     flat = x.reshape((b, size, s // size) + rest).transpose(0, 1).reshape((size * b, s // size) + rest)  # by rank
     out = x.new_empty((b, s // size) + rest)
-    _reduce_scatter_flat(out, flat, group=group)
-    return out
+    work = _reduce_scatter_flat(out, flat, group=group, async_op=async_op)
+
+    def finish(_reads=(flat,)) -> torch.Tensor:  # holds flat until the collective has read it
+        if work is not None:
+            work.wait()
+        return out
+    return finish
+
+
+def _seq_gather(x: torch.Tensor, group) -> torch.Tensor:
+    # [b, s/tp, ...] -> [b, s, ...], slices concatenated in group-rank order
+    return _seq_gather_start(x, group)()
+
+
+def _seq_reduce_scatter(x: torch.Tensor, group) -> torch.Tensor:
+    # [b, s, ...] partial sums -> [b, s/tp, ...] of the sum over ranks, this rank's sequence slice
+    return _seq_reduce_scatter_start(x, group)()
 
 
 def _is_dense(group) -> bool:
@@ -197,48 +228,6 @@ def _async_ok() -> bool:
     return not torch.compiler.is_compiling()
 
 
-def _seq_gather_start(x: torch.Tensor, group):
-    """Start _seq_gather(x); returns finish() -> [b, s, ...] (waits for the all-gather)."""
-    size = group_size(group)
-    b, sl = x.shape[0], x.shape[1]
-    rest = tuple(x.shape[2:])
-    out, src = x.new_empty((size * b, sl) + rest), x.contiguous()
-    work = _all_gather_flat(out, src, group=group, async_op=_async_ok())
-
-    def finish(_reads=(src,)) -> torch.Tensor:  # holds src until the collective has read it
-        if work is not None:
-            work.wait()
-        return out.view((size, b, sl) + rest).transpose(0, 1).reshape((b, size * sl) + rest)
-    return finish
-
-
-def _seq_reduce_scatter_start(x: torch.Tensor, group):
-    """Start _seq_reduce_scatter(x); returns finish() -> [b, s/tp, ...]."""
-    size = group_size(group)
-    b, s = x.shape[0], x.shape[1]
-    rest = tuple(x.shape[2:])
-    flat = x.reshape((b, size, s // size) + rest).transpose(0, 1).reshape((size * b, s // size) + rest)
-    out = x.new_empty((b, s // size) + rest)
-    work = _reduce_scatter_flat(out, flat, group=group, async_op=_async_ok())
-
-    def finish(_reads=(flat,)) -> torch.Tensor:  # holds flat until the collective has read it
-        if work is not None:
-            work.wait()
-        return out
-    return finish
-
-
-def _all_reduce_start(x: torch.Tensor, group):
-    """Start an in-place all-reduce (sum) of x (a fresh buffer owned by the caller); returns finish() -> x."""
-    work = dist.all_reduce(x, op=dist.ReduceOp.SUM, group=group, async_op=_async_ok())
-
-    def finish() -> torch.Tensor:
-        if work is not None:
-            work.wait()
-        return x
-    return finish
-
-
 class _ColumnsEntry(torch.autograd.Function):
     """y_i = X W_i^T for the weights W_i of several column-parallel linears reading one X (see above)."""
 
@@ -253,7 +242,7 @@ class _ColumnsEntry(torch.autograd.Function):
     def backward(ctx, *grads):
         x, *weights = ctx.saved_tensors
         group, sp = ctx.group, ctx.sequence_parallel
-        gathering = _seq_gather_start(x, group) if sp else None  # overlaps the input-gradient matmuls
+        gathering = _seq_gather_start(x, group, _async_ok()) if sp else None  # overlaps the input-gradient matmuls
         grad_x = None
         for g, w in zip(grads, weights):
             if g is not None:
@@ -262,7 +251,8 @@ class _ColumnsEntry(torch.autograd.Function):
         full = gathering() if sp else x
         if grad_x is None:
             grad_x = torch.zeros_like(full)
-        reducing = _seq_reduce_scatter_start(grad_x, group) if sp else _all_reduce_start(grad_x, group)
+        start = _seq_reduce_scatter_start if sp else _all_reduce_start
+        reducing = start(grad_x, group, _async_ok())
         grad_ws = []  # overlap the reduction of grad_x
         full2d = full.reshape(-1, full.shape[-1])
         for i, (g, w) in enumerate(zip(grads, weights)):
@@ -280,9 +270,9 @@ def columns_entry(x: torch.Tensor, weights, group=None, sequence_parallel: bool 
     forward). Backward sums the input gradients of all W_i and reduces them once over `group` (reduce-scatter under
     sequence parallelism, else all-reduce). Dense (group None or of size 1): plain matmuls.
     """
-    if _is_dense(group):
-        return tuple(torch.nn.functional.linear(x, w) for w in weights)
-    if not (torch.is_grad_enabled() and (x.requires_grad or any(w.requires_grad for w in weights))):
-        full = _seq_gather(x, group) if sequence_parallel else x  # no backward (the teacher, eval): nothing kept
+    dense = _is_dense(group)
+    if dense or not (torch.is_grad_enabled() and (x.requires_grad or any(w.requires_grad for w in weights))):
+        # dense, or no backward (the teacher, eval): plain matmuls, nothing kept
+        full = _seq_gather(x, group) if sequence_parallel and not dense else x
         return tuple(torch.nn.functional.linear(full, w) for w in weights)
     return _ColumnsEntry.apply(x, group, bool(sequence_parallel), *weights)
