@@ -5,10 +5,10 @@ memory), Liger ops vs ours, and the bf16 step time / MFU / peak memory of the re
 and off and model.kernels liger / torch; the distill step overhead against the teacher forward's FLOPs.
 
 Each optimizer step accumulates --gas micro-batches (default 4: a sweep shares the optimizer step over many; the
-earlier 27.8% figure was at one). Prints one JSON object (and one line per finished run on stderr). Runs are started in RUNS order until --budget-s
-is spent; the rest are listed as skipped. `--dry-run` validates the matrix on any machine; `--tiny` runs it at tiny
-sizes, on CPU too (teacher files, trainer runs, overhead table: tests/test_tools.py). PAPER.md FLOPs against the
-card's dense bf16 peak.
+earlier 27.8% figure was at one). Prints one JSON object (and one line per finished run on stderr). Runs are started
+in RUNS order until --budget-s is spent; the rest are listed as skipped. `--dry-run` validates the matrix on any
+machine; `--tiny` runs it at tiny sizes, on CPU too (teacher files, trainer runs, overhead table:
+tests/test_tools.py). PAPER.md FLOPs against the card's dense bf16 peak.
 """
 from __future__ import annotations
 
@@ -385,7 +385,8 @@ def main() -> int:
         print(json.dumps({"dry_run": plan}, indent=1))
         return 0
     if args.tiny:  # every student / teacher size of the matrix becomes a tiny one
-        tiny = {size: ("tiny-1M" if size in {r[2] for r in RUNS if r[2]} else "tiny-0.5M")
+        teacher_sizes = {r[2] for r in RUNS if r[2]}
+        tiny = {size: ("tiny-1M" if size in teacher_sizes else "tiny-0.5M")
                 for r in RUNS for size in (r[1], r[2]) if size}
         runs = [(name, tiny[size], tiny.get(teacher), variant) for name, size, teacher, variant in runs]
         args.skip_kernels, args.seq = True, min(args.seq, 128)

@@ -149,15 +149,13 @@ def loss_bytes(tokens: int, m: ModelConfig, tp: int, wb: int, fused: bool, chunk
 
 def estimate_layout(student: ModelConfig, layout: Layout, world_size: int, seq_len: int, global_batch_size: int,
                     precision: str = "bf16", teacher: Optional[ModelConfig] = None, teacher_dtype: str = "bf16",
-                    hardware: Hardware = Hardware(), backend: str = "nccl") -> Dict:
+                    hardware: Hardware = Hardware()) -> Dict:
     """Per-GPU memory of one layout (bytes): the TERMS at the peak phase, `modeled` (their sum), the allowance
     `overhead`, `total`, and every phase's modelled total in `phases`.
 
     Phases: forward_backward (all saved activations with the loss buffers, or a little later in backward with
     ZeRO-1/2's reduce bucket and the head's gradient), backward_end (gradients complete, activations freed),
     optimizer_step (fp32 gradient copies and foreach temporaries), teacher_forward (distillation).
-    backend: the collective library, "nccl" on GPUs or "gloo" for the CPU runs the model is checked against (no term
-    depends on it with DeepSpeed 0.19.8; kept for the terms that did and may again).
     """
     tp = layout.tp_size
     dp = world_size // tp
@@ -265,12 +263,8 @@ def estimate(cfg: Config, world_size: int, teacher: Union[None, str, ModelConfig
             tmodel = teacher_model_config(find_weights(cfg.distill.teacher)).model
         else:
             tmodel = resolve_model(teacher, "teacher")
-    backend = cfg.parallel.backend
-    if backend == "auto":
-        import torch
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
     return estimate_layout(cfg.model, layout_of(cfg), world_size, cfg.train.seq_len, cfg.train.global_batch_size,
-                           cfg.train.precision, tmodel, cfg.distill.teacher_dtype, hardware, backend)
+                           cfg.train.precision, tmodel, cfg.distill.teacher_dtype, hardware)
 
 
 def step_time(student: ModelConfig, layout: Layout, world_size: int, seq_len: int, global_batch_size: int,
@@ -351,17 +345,17 @@ def plan(student: Union[str, ModelConfig], teacher: Union[None, str, ModelConfig
     if not tps:
         raise UserError(f"no tensor-parallel degree <= {min(8, hardware.gpus_per_node)} divides --gpus={gpus} and "
                         "the models' heads, d_ff and vocabulary")
+    # one DP rank: only the stages the engine would run there (train.engine.zero_stage_at); in bf16 ZeRO-1 first:
+    # same modelled memory and time as stage 0, whose unfused optimizer's per-parameter host syncs the step-time model
+    # does not count
+    single_rank_stages = sorted({zero_stage_at(s, 1, precision) for s in zero_stages}, reverse=precision == "bf16")
     rows = []
     for tp in tps:
         dp = gpus // tp
         for mb in micro_batches:
             if batch % (mb * dp):
                 continue
-            # one DP rank: only the stages the engine would run there (train.engine.zero_stage_at); in bf16 ZeRO-1
-            # first: same modelled memory and time as stage 0, whose unfused optimizer's per-parameter host syncs the
-            # step-time model does not count
-            single = sorted({zero_stage_at(s, 1, precision) for s in zero_stages}, reverse=precision == "bf16")
-            for z in (zero_stages if dp > 1 else single):
+            for z in (zero_stages if dp > 1 else single_rank_stages):
                 for t3 in ((False, True) if tmodel is not None and dp > 1 else (False,)):
                     for ck, fu, sq in product(checkpointing, fused, sequence_parallel if tp > 1 else (False,)):
                         if sq and seq_len % tp:

@@ -63,7 +63,7 @@ class NonFiniteGuard:
         self.hook = None
         # the hook only where DeepSpeed steps our torch optimizer itself: its bf16 / fp16 wrappers (stage 0 in half
         # precision) check overflow and skip the step themselves, reported by engine.was_step_applied()
-        if zero_stage == 0 and getattr(engine, "optimizer", None) is getattr(engine, "basic_optimizer", None):
+        if zero_stage == 0 and engine.optimizer is engine.basic_optimizer:
             self.hook = _PreStepHook()
             engine.basic_optimizer.register_step_pre_hook(self.hook)
 
