@@ -110,3 +110,21 @@ def test_gpu_check_goals_read_off_a_result():
     assert g["distill_overhead_le_1.10"]["met"] and list(g["distill_overhead_le_1.10"]["ratios"]) == [
         "distill_546M_from_1.82B@compile"]
     assert g["fused_loss_no_slower_than_naive"]["measured"] and not g["fused_loss_no_slower_than_naive"]["met"]
+
+
+def test_gpu_wheels_pins_are_the_tested_versions():
+    """tools/gpu_wheels.sh pins each wheel it carries to a GPU machine; those pins are the versions this environment
+    runs the suite with (and pydantic-core the one pydantic asks for), so the GPU check runs the code that was tested."""
+    import importlib.metadata as md
+    import re
+
+    text = (REPO / "tools" / "gpu_wheels.sh").read_text()
+    pins = dict(re.findall(r"([A-Za-z][\w.-]*)==([\w.]+)", " ".join(
+        m for m in re.findall(r"^(?:PURE|BINARY|BUILT)=\(([^)]*)\)", text, flags=re.M | re.S))))
+    assert {"deepspeed", "omegaconf", "pydantic", "pydantic-core", "hjson", "liger-kernel"} <= set(pins), pins
+    for name, version in pins.items():
+        assert md.version(name) == version, f"tools/gpu_wheels.sh pins {name}=={version}, tested {md.version(name)}"
+    core = [r for r in md.requires("pydantic") if r.replace("_", "-").startswith("pydantic-core")]
+    assert core and pins["pydantic-core"] in core[0], core
+    assert not any(n for n in md.requires("omegaconf") or [] if "extra ==" not in n and
+                   not n.lower().startswith(("pyyaml", "typing"))), "omegaconf needs a wheel the list lacks"

@@ -25,7 +25,7 @@ def _all_reduce_start(x: torch.Tensor, group, async_op: bool = False):
     work = dist.all_reduce(x, op=dist.ReduceOp.SUM, group=group, async_op=async_op)
 
     def finish() -> torch.Tensor:
-        if work is not None:
+        if async_op:  # a synchronous call returns None (traced by torch 2.11's dynamo: a tensor): nothing to wait on
             work.wait()
         return x
     return finish
@@ -79,7 +79,7 @@ def _seq_gather_start(x: torch.Tensor, group, async_op: bool = False):
     work = _all_gather_flat(out, src, group=group, async_op=async_op)
 
     def finish(_reads=(src,)) -> torch.Tensor:  # holds src until the collective has read it
-        if work is not None:
+        if async_op:  # a synchronous call returns None (traced by torch 2.11's dynamo: a tensor): nothing to wait on
             work.wait()
         return out.view((size, b, sl) + rest).transpose(0, 1).reshape((b, size * sl) + rest)
     return finish
@@ -98,7 +98,7 @@ def _seq_reduce_scatter_start(x: torch.Tensor, group, async_op: bool = False):
     work = _reduce_scatter_flat(out, flat, group=group, async_op=async_op)
 
     def finish(_reads=(flat,)) -> torch.Tensor:  # holds flat until the collective has read it
-        if work is not None:
+        if async_op:  # a synchronous call returns None (traced by torch 2.11's dynamo: a tensor): nothing to wait on
             work.wait()
         return out
     return finish
@@ -118,12 +118,20 @@ def _is_dense(group) -> bool:
     return group is None or group_size(group) == 1
 
 
+def traced_output(y: torch.Tensor) -> torch.Tensor:
+    """What an autograd Function's forward returns: y, or a view of it inside a torch.compile graph. torch 2.11's
+    dynamo drops the gradient of a Function whose output is a collective's result tensor or an in-place result (the
+    backward is never called: zero gradients; tests/test_compile.py); a view of it traces correctly, for free. Eager
+    code returns y itself (a view made inside a Function could not be modified in place later)."""
+    return y.view_as(y) if torch.compiler.is_compiling() else y
+
+
 def _collective(name: str, forward, backward):
     """An autograd Function over a process group: forward(x, group) -> y, backward(grad, group) -> dL/dx."""
 
     def fwd(ctx, x, group):
         ctx.group = group
-        return forward(x, group)
+        return traced_output(forward(x, group))
 
     def bwd(ctx, grad):
         return backward(grad, ctx.group), None
