@@ -6,7 +6,7 @@ TORCH_SPEC ?= torch==2.13.0
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: install test test-all demo clean bench
+.PHONY: install test test-all test-compat demo clean bench
 
 $(VENV)/.installed: setup.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -23,6 +23,24 @@ test: install
 test-all: install
 	$(PY) -m pytest -q -m "" $(PYTEST_ARGS)
 
+# The torch-version-sensitive tests (dynamo tracing of our autograd Functions and collectives, compiled vs eager
+# trainer runs, SDPA / kernels, TP model) under a second torch: by default the lent GPU image's 2.11 (a CUDA build from
+# PyPI, run on the CPU here). Its own venv and DeepSpeed op cache (a JIT op built for one torch crashes the other).
+COMPAT_TORCH ?= torch==2.11.0
+COMPAT_VENV ?= .venv-compat
+COMPAT_TESTS ?= tests/test_compile.py tests/test_tp_model.py tests/test_kernels.py tests/test_model.py
+CPY := $(COMPAT_VENV)/bin/python
+
+$(COMPAT_VENV)/.installed: setup.py Makefile
+	test -x $(CPY) || $(PYTHON) -m venv $(COMPAT_VENV)
+	$(CPY) -m pip install -q --upgrade pip
+	$(CPY) -m pip install -q "$(COMPAT_TORCH)"
+	$(CPY) -m pip install -q -e ".[test]" "$(COMPAT_TORCH)"
+	touch $@
+
+test-compat: $(COMPAT_VENV)/.installed
+	TORCH_EXTENSIONS_DIR=$(abspath $(COMPAT_VENV))/torch_extensions $(CPY) -m pytest -q $(PYTEST_ARGS) $(COMPAT_TESTS)
+
 demo: install
 	$(VENV)/bin/megadistill demo --out runs/demo
 
@@ -32,4 +50,4 @@ bench: install
 	$(PY) tools/bench_train.py
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache
+	rm -rf $(VENV) $(COMPAT_VENV) runs .pytest_cache

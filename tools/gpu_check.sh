@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # GPU check on one H100/H200 (< 10 minutes): attention / loss kernels / Liger ops vs eager, then bf16 step time, MFU
 # and peak memory of the real trainer for a run matrix (compile on/off, liger on/off), started until --budget-s.
-# Usage: tools/gpu_check.sh [OUT.json]   (installs wheels from .whl/ when deepspeed/omegaconf are missing)
+# Usage: tools/gpu_check.sh [OUT.json]   (installs wheels from .whl/ when deepspeed/omegaconf are missing: make them
+# with tools/gpu_wheels.sh where PyPI is reachable and carry .whl/ to a GPU machine that has torch but no index)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
