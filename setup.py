@@ -9,7 +9,7 @@ setup(
     python_requires=">=3.10",
     install_requires=[
         # The torch spec is pinned by the Makefile (TORCH_SPEC) so GPU clusters can pick their build.
-        "torch>=2.5",  # SDPA enable_gqa (grouped-query attention)
+        "torch>=2.5",  # SDPA enable_gqa (grouped-query attention); tested: 2.13 (make test), 2.11 (make test-compat)
         # tested with 0.19.8; the memory model and the ZeRO-3 / compile paths read its behaviour (gathers, hooks)
         "deepspeed>=0.19.8,<0.20",
         "transformers>=4.51",  # Qwen3ForCausalLM (export --format hf, interop tests)
