@@ -136,6 +136,17 @@ def test_rms_norm_traced_equals_eager(dtype):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gpu_check_compile_check_on_cpu(dtype):
+    """tools/gpu_check.py's compile check (one block compiled vs eager vs fp32, run first on a GPU) at a tiny size."""
+    sys.path.insert(0, str(REPO / "tools"))
+    import gpu_check
+    out = gpu_check.compile_check("tiny-0.5M", seq=32, batch=2, device="cpu", dtype=dtype, backend="aot_eager")
+    assert out["ok"] and out["zero_grads"] == 0, out
+    if dtype == torch.float32:  # aot_eager runs eager's aten ops: the same numbers
+        assert out["compiled_vs_fp32"] == out["compiled_vs_eager"] == 0.0, out
+
+
 def _losses(run_dir):
     return [json.loads(x)["loss"] for x in open(Path(run_dir) / "train.jsonl")]
 

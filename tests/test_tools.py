@@ -105,6 +105,8 @@ def test_gpu_check_goals_read_off_a_result():
               "loss_kernels": {"ratios": {"8192": {"fused_compiled_time_over_naive": 0.8},
                                           "32768": {"fused_compiled_time_over_naive": 1.2}}}}
     g = gpu_check.goals(result)
+    assert g["compiled_block_matches_eager"] == {"measured": False, "met": False}
+    assert gpu_check.goals({"compile": {"ok": True}})["compiled_block_matches_eager"]["met"]
     assert g["mfu_975M_supervised_ge_0.45"] == {"measured": True, "best_run": "supervised_975M@compile", "mfu": 0.47,
                                                 "met": True}
     assert g["distill_overhead_le_1.10"]["met"] and list(g["distill_overhead_le_1.10"]["ratios"]) == [
