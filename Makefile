@@ -24,11 +24,11 @@ test-all: install
 	$(PY) -m pytest -q -m "" $(PYTEST_ARGS)
 
 # The torch-version-sensitive tests (dynamo tracing of our autograd Functions and collectives, compiled vs eager
-# trainer runs, SDPA / kernels, TP model) under a second torch: by default the lent GPU image's 2.11 (a CUDA build from
-# PyPI, run on the CPU here). Its own venv and DeepSpeed op cache (a JIT op built for one torch crashes the other).
+# trainer runs, SDPA / kernels, TP model, the compiled loss kernel) under a second torch: by default the lent GPU
+# image's 2.11 (a CUDA build from PyPI, run on the CPU here). Its own venv and DeepSpeed op cache (a JIT op built for one torch crashes the other).
 COMPAT_TORCH ?= torch==2.11.0
 COMPAT_VENV ?= .venv-compat
-COMPAT_TESTS ?= tests/test_compile.py tests/test_tp_model.py tests/test_kernels.py tests/test_model.py
+COMPAT_TESTS ?= tests/test_compile.py tests/test_tp_model.py tests/test_kernels.py tests/test_model.py tests/test_loss_kernel.py
 CPY := $(COMPAT_VENV)/bin/python
 
 $(COMPAT_VENV)/.installed: setup.py Makefile
