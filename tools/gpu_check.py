@@ -14,6 +14,7 @@ compiled by Inductor against eager and fp32 (values and every gradient): the com
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
 import statistics
@@ -149,9 +150,7 @@ def compile_check(size: str = "975M", seq: int = 4096, batch: int = 4, device: s
     dy = torch.randn(batch, seq, shape["d_model"], device=device)
 
     def run(dt, compiled):
-        model = Transformer(cfg.model).to(device)
-        model.load_state_dict(base.state_dict())
-        model.to(dt)
+        model = copy.deepcopy(base).to(dt)
         if compiled:
             dynamo.reset()
             compile_mod.compile_blocks(model, backend)
@@ -280,6 +279,12 @@ def goals(result: dict) -> Dict[str, dict]:
     return out
 
 
+def _step_shape(cfg) -> dict:
+    """Tokens and micro-batches per optimizer step of one run (one DP rank)."""
+    return {"tokens_per_step": cfg.train.global_batch_size * cfg.train.seq_len,
+            "micro_batches_per_step": cfg.train.global_batch_size // cfg.train.micro_batch_size}
+
+
 def _run(overrides) -> dict:
     from megadistill import config
     from megadistill.laws.flops import forward_flops_per_token
@@ -296,11 +301,10 @@ def _run(overrides) -> dict:
     wall = time.time() - t0
     rows = [json.loads(line) for line in open(Path(cfg.train.run_dir) / "train.jsonl")]
     step_s = statistics.median(r["step_time_s"] for r in rows[2:])
-    tokens = cfg.train.global_batch_size * cfg.train.seq_len
+    shape = _step_shape(cfg)
+    tokens = shape["tokens_per_step"]
     n, n_total = params_of(cfg.model)
-    out = {"size": cfg.model.size, "tokens_per_step": tokens, "micro_batches_per_step":
-           cfg.train.global_batch_size // cfg.train.micro_batch_size, "step_time_s": step_s,
-           "tokens_per_s": tokens / step_s,
+    out = {"size": cfg.model.size, **shape, "step_time_s": step_s, "tokens_per_s": tokens / step_s,
            "mfu_paper_flops": statistics.median([r["mfu"] for r in rows[2:] if r["mfu"] is not None] or [math.nan]),
            "mfu_6N_total": 6 * n_total * tokens / step_s / 989e12,
            "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None,
@@ -437,8 +441,7 @@ def main() -> int:
             cfg = config.load([], over)
             plan.append({"run": f"{name}@{variant}", "student": cfg.model.size, "teacher": teacher,
                          "compile": cfg.train.compile, "kernels": getattr(cfg.model, "kernels", "torch"),
-                         "tokens_per_step": cfg.train.global_batch_size * cfg.train.seq_len,
-                         "micro_batches_per_step": cfg.train.global_batch_size // cfg.train.micro_batch_size})
+                         **_step_shape(cfg)})
         print(json.dumps({"dry_run": plan}, indent=1))
         return 0
     if args.tiny:  # every student / teacher size of the matrix becomes a tiny one

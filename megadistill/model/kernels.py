@@ -74,6 +74,14 @@ def _liger():
     return rms_norm, swiglu, rope
 
 
+def traced_output(y: torch.Tensor) -> torch.Tensor:
+    """What an autograd Function's forward returns: y, or a view of it inside a torch.compile graph. torch 2.11's
+    dynamo drops the gradient of a Function whose output is an in-place result or a collective's result tensor (the
+    backward is never called: zero gradients; tests/test_compile.py); a view of it traces correctly, for free. Eager
+    code returns y itself (a view made inside a Function could not be modified in place later)."""
+    return y.view_as(y) if torch.compiler.is_compiling() else y
+
+
 class _RMSNormFn(torch.autograd.Function):
     """y = x r g with r = 1 / sqrt(mean(x^2) + eps), in fp32; saves only x and r (one float per row).
 
@@ -87,11 +95,7 @@ class _RMSNormFn(torch.autograd.Function):
         r = torch.rsqrt(xf.square().mean(-1, keepdim=True).add_(eps))  # [..., 1]
         ctx.save_for_backward(x, r, g)
         y = (xf * r).mul_(g)
-        if y.dtype != x.dtype:
-            return y.to(x.dtype)
-        # fp32: torch 2.11's dynamo drops the gradients of a Function whose output is an in-place result (its backward
-        # is never called); a view of it traces correctly (tests/test_compile.py). Eager returns y itself.
-        return y.view_as(y) if torch.compiler.is_compiling() else y
+        return y.to(x.dtype) if y.dtype != x.dtype else traced_output(y)  # fp32: y is an in-place result
 
     @staticmethod
     def backward(ctx, dy):

@@ -6,6 +6,8 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
+from megadistill.model.kernels import traced_output  # torch 2.11 dynamo: see there
+
 # Convention: `group=None` means "no tensor parallelism" (a dense single process), NOT the WORLD group as in
 # torch.distributed; every function below is then the identity, as it is for a group of size 1.
 
@@ -20,13 +22,17 @@ def group_rank(group: Optional[dist.ProcessGroup]) -> int:
     return 0 if group is None else dist.get_rank(group)
 
 
+def _wait(work, async_op: bool) -> None:
+    if async_op:  # a synchronous call returns None (traced by torch 2.11's dynamo: a tensor): nothing to wait on
+        work.wait()
+
+
 def _all_reduce_start(x: torch.Tensor, group, async_op: bool = False):
     """Start an in-place all-reduce (sum) of x (a buffer the caller owns); returns finish() -> x, summed."""
     work = dist.all_reduce(x, op=dist.ReduceOp.SUM, group=group, async_op=async_op)
 
     def finish() -> torch.Tensor:
-        if async_op:  # a synchronous call returns None (traced by torch 2.11's dynamo: a tensor): nothing to wait on
-            work.wait()
+        _wait(work, async_op)
         return x
     return finish
 
@@ -79,8 +85,7 @@ def _seq_gather_start(x: torch.Tensor, group, async_op: bool = False):
     work = _all_gather_flat(out, src, group=group, async_op=async_op)
 
     def finish(_reads=(src,)) -> torch.Tensor:  # holds src until the collective has read it
-        if async_op:  # a synchronous call returns None (traced by torch 2.11's dynamo: a tensor): nothing to wait on
-            work.wait()
+        _wait(work, async_op)
         return out.view((size, b, sl) + rest).transpose(0, 1).reshape((b, size * sl) + rest)
     return finish
 
@@ -98,8 +103,7 @@ def _seq_reduce_scatter_start(x: torch.Tensor, group, async_op: bool = False):
     work = _reduce_scatter_flat(out, flat, group=group, async_op=async_op)
 
     def finish(_reads=(flat,)) -> torch.Tensor:  # holds flat until the collective has read it
-        if async_op:  # a synchronous call returns None (traced by torch 2.11's dynamo: a tensor): nothing to wait on
-            work.wait()
+        _wait(work, async_op)
         return out
     return finish
 
@@ -116,14 +120,6 @@ def _seq_reduce_scatter(x: torch.Tensor, group) -> torch.Tensor:
 
 def _is_dense(group) -> bool:
     return group is None or group_size(group) == 1
-
-
-def traced_output(y: torch.Tensor) -> torch.Tensor:
-    """What an autograd Function's forward returns: y, or a view of it inside a torch.compile graph. torch 2.11's
-    dynamo drops the gradient of a Function whose output is a collective's result tensor or an in-place result (the
-    backward is never called: zero gradients; tests/test_compile.py); a view of it traces correctly, for free. Eager
-    code returns y itself (a view made inside a Function could not be modified in place later)."""
-    return y.view_as(y) if torch.compiler.is_compiling() else y
 
 
 def _collective(name: str, forward, backward):
