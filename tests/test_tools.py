@@ -29,11 +29,14 @@ def test_bench_train_tiny():
     assert isinstance(r["goal_supervised_at_least_hf_speed"], bool)
 
 
-def test_gpu_check_tiny_runs_the_trainer_path():
+def test_gpu_check_tiny_runs_the_trainer_path(tmp_path):
     """tools/gpu_check.py --tiny on CPU: random teachers written (bf16) and loaded, supervised and distill runs of
-    the matrix through the real trainer, the per-run figures and the distill-overhead table."""
+    the matrix through the real trainer, the per-run figures and the distill-overhead table; --out holds the same
+    report (rewritten after each run, no temp file left)."""
+    out = tmp_path / "gpu.json"
     r = _run("tools/gpu_check.py", "--tiny", "--variants", "eager", "--runs", "supervised_546M,distill_546M_from_1.82B",
-             "--steps", "4", "--profile", "supervised_546M@eager", timeout=600)
+             "--steps", "4", "--profile", "supervised_546M@eager", "--out", str(out), timeout=600)
+    assert json.loads(out.read_text()) == r and r["complete"] and os.listdir(tmp_path) == ["gpu.json"]
     assert r["device"] == "cpu" and r["tiny"] and set(r["runs"]) == {"supervised_546M@eager",
                                                                      "distill_546M_from_1.82B@eager"}
     for run in r["runs"].values():

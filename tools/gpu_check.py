@@ -5,9 +5,10 @@ memory), Liger ops vs ours, and the bf16 step time / MFU / peak memory of the re
 and off and model.kernels liger / torch; the distill step overhead against the teacher forward's FLOPs.
 
 Each optimizer step accumulates --gas micro-batches (default 4: a sweep shares the optimizer step over many; the
-earlier 27.8% figure was at one). Prints one JSON object (and one line per finished run on stderr). Runs are started
-in RUNS order until --budget-s is spent; the rest are listed as skipped. `--dry-run` validates the matrix on any
-machine; `--tiny` runs it at tiny sizes, on CPU too (teacher files, trainer runs, overhead table:
+earlier 27.8% figure was at one). Prints one JSON object (and one line per finished run on stderr); --out is rewritten
+after every check and run ("complete": false until the end), so a run cut off by a timeout keeps what it measured.
+Runs are started in RUNS order until --budget-s is spent; the rest are listed as skipped. `--dry-run` validates the
+matrix on any machine; `--tiny` runs it at tiny sizes, on CPU too (teacher files, trainer runs, overhead table:
 tests/test_tools.py). PAPER.md FLOPs against the card's dense bf16 peak. First of all, `compile` checks one 975M block
 compiled by Inductor against eager and fp32 (values and every gradient): the compiled figures count only if it is ok.
 """
@@ -458,6 +459,22 @@ def main() -> int:
     result = {"device": torch.cuda.get_device_name() if cuda else "cpu", "torch": torch.__version__,
               "liger": _liger_available() and cuda, "tiny": args.tiny}
     t0 = time.time()
+    runs_out: Dict[str, dict] = {}
+
+    def summarise(done: bool) -> str:
+        """The report so far: the tables are recomputed from what has run (done=False: a later stage is pending)."""
+        result["runs"] = runs_out
+        result["mfu_table"] = {k: v.get("mfu_paper_flops") for k, v in runs_out.items()}
+        result["distill_overhead"] = distill_overheads(runs_out)
+        result["goals"] = goals(result)
+        result["wall_s"] = time.time() - t0
+        result["complete"] = done
+        return json.dumps(result, indent=1,
+                          default=lambda x: None if isinstance(x, float) and math.isnan(x) else str(x))
+
+    def checkpoint() -> None:  # --out after every stage: a run killed by gpu_check.sh's timeout keeps what it measured
+        if args.out:
+            write_atomic(Path(args.out), summarise(False) + "\n")
 
     def guarded(fn, *a, **kw):  # one failing check is reported, the others still run
         try:
@@ -467,18 +484,21 @@ def main() -> int:
 
     if not args.skip_kernels:
         result["compile"] = guarded(compile_check)
+        checkpoint()
         result["attention"] = guarded(attention_check)
         result["loss"] = guarded(loss_check)
+        checkpoint()
         try:
             from bench_loss import loss_kernel_check
             result["loss_kernels"] = guarded(loss_kernel_check, "cuda", tokens=(8192, 16384, 32768))
         except ImportError as e:
             result["loss_kernels"] = {"error": f"tools/bench_loss.py has no loss_kernel_check: {e}"}
+        checkpoint()
         if result["liger"]:
             from gpu_kernels import liger_check
             result["liger_ops"] = guarded(liger_check)
+            checkpoint()
     teachers: Dict[str, Path] = {}
-    runs_out: Dict[str, dict] = {}
     for name, size, teacher, variant in runs:
         key = f"{name}@{variant}"
         if "liger" in variant and not result["liger"]:
@@ -499,16 +519,20 @@ def main() -> int:
                                                                         teachers.get(teacher), gas=args.gas)), run=key)
         print(json.dumps({key: {k: runs_out[key].get(k) for k in ("step_time_s", "mfu_paper_flops", "peak_mem_gib",
                                                                    "error", "skipped")}}), file=sys.stderr)
-    result["runs"] = runs_out
-    result["mfu_table"] = {k: v.get("mfu_paper_flops") for k, v in runs_out.items()}
-    result["distill_overhead"] = distill_overheads(runs_out)
-    result["goals"] = goals(result)
-    result["wall_s"] = time.time() - t0
-    text = json.dumps(result, indent=1, default=lambda x: None if isinstance(x, float) and math.isnan(x) else str(x))
+        if "skipped" not in runs_out[key]:
+            checkpoint()
+    text = summarise(True)
     print(text)
     if args.out:
-        Path(args.out).write_text(text + "\n")
+        write_atomic(Path(args.out), text + "\n")
     return 0
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """path holds the old text or the new one, never a torn mix (the shell's timeout may kill us mid-write)."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
 
 
 if __name__ == "__main__":
