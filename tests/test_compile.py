@@ -151,10 +151,30 @@ def _losses(run_dir):
     return [json.loads(x)["loss"] for x in open(Path(run_dir) / "train.jsonl")]
 
 
+def _symbolic(gm, example_inputs) -> bool:
+    """Whether a graph handed to a backend was traced with symbolic (dynamic) sizes."""
+    vals = [n.meta.get("example_value") for n in gm.graph.nodes if n.op == "placeholder"] + list(example_inputs)
+    return any(isinstance(v, torch.SymInt) or (isinstance(v, torch.Tensor) and
+                                               any(isinstance(d, torch.SymInt) for d in v.shape)) for v in vals)
+
+
+def _recording_blocks(graphs):
+    """compile_mod.compile_blocks with aot_eager behind a backend that appends _symbolic(graph) to `graphs`."""
+    from torch._dynamo.backends.registry import lookup_backend
+    orig = compile_mod.compile_blocks
+
+    def backend(gm, example_inputs):
+        graphs.append(_symbolic(gm, example_inputs))
+        return lookup_backend("aot_eager")(gm, example_inputs)
+    return lambda model, _backend: orig(model, backend)
+
+
 def _layouts(rank, world, root):
     from torch._dynamo.utils import counters
     from megadistill.train.trainer import train
     root = Path(root)
+    graphs = []  # per compiled graph of the block code: traced with symbolic sizes?
+    compile_mod.compile_blocks = _recording_blocks(graphs)  # this worker process only
     train(config.load([], tiny_overrides(root / "teacher", "supervised", ["train.steps=4", "zero.stage=1"])))
     layouts = {
         "tp2": ["parallel.tp_size=2", "zero.stage=1", "model.activation_checkpointing=full"],
@@ -180,6 +200,8 @@ def _layouts(rank, world, root):
             out[f"{name}_{comp}"] = _losses(root / f"{name}_{comp}")
             out[f"{name}_{comp}_graphs"] = counters["stats"]["unique_graphs"]
             out[f"{name}_{comp}_breaks"] = dict(counters["graph_break"])
+            out[f"{name}_{comp}_symbolic"] = sum(graphs)
+            graphs.clear()
     return out
 
 
@@ -191,6 +213,8 @@ def test_compiled_trainer_equals_eager(tmp_path):
     out = run_distributed(_layouts, 2, str(tmp_path), timeout=900)[0]
     print({k: v for k, v in out.items() if k.endswith(("_graphs", "_breaks"))})
     assert out["tp2_true_zero3"] == (False, False) and out["z3_teacher_z3_fused_true_zero3"] == (True, True)
+    # the prefetched teacher's blocks compile first; the student's training graphs stay static all the same
+    assert all(out[f"{name}_true_symbolic"] == 0 for name in ("tp2", "tp2_sp", "z3_teacher_z3_fused")), out
     assert out["tp2_true_breaks"] == {}  # TP collectives (autograd Functions) trace into the block graphs
     assert out["tp2_sp_true_breaks"] == {}  # so do the sequence-parallel all-gathers / reduce-scatters
     # ZeRO-3: the only breaks are DeepSpeed's parameter hooks (none in our block code, e.g. SDPA's enable_gqa)

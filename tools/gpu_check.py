@@ -286,6 +286,14 @@ def _step_shape(cfg) -> dict:
             "micro_batches_per_step": cfg.train.global_batch_size // cfg.train.micro_batch_size}
 
 
+def fresh_compile() -> None:
+    """Forget the graphs of earlier runs, as a job of its own would start: every Block of every size shares one code
+    object, whose graphs count against torch._dynamo.config.recompile_limit (8) -- past it a later run's blocks would
+    silently run eager. Inductor's on-disk caches still serve a shape compiled before."""
+    import torch._dynamo
+    torch._dynamo.reset()
+
+
 def _run(overrides) -> dict:
     from megadistill import config
     from megadistill.laws.flops import forward_flops_per_token
@@ -293,6 +301,7 @@ def _run(overrides) -> dict:
     from megadistill.train.trainer import train
 
     cfg = config.load([], overrides)
+    fresh_compile()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
@@ -353,6 +362,7 @@ def profile_run(overrides, warmup: int = 3, steps: int = 2, top: int = 15) -> di
     from megadistill.train.trainer import build, release, train_step
 
     cuda = torch.cuda.is_available()
+    fresh_compile()
     live = build(config.load([], overrides), init_distributed("auto"))
     try:
         live.engine.train()

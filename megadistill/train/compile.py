@@ -31,12 +31,19 @@ def enabled(cfg: Config, device: torch.device) -> bool:
 
 
 def compile_blocks(model: nn.Module, backend: str = "inductor") -> int:
-    """Compile every transformer Block of `model` in place (Module.compile); returns how many were compiled."""
+    """Compile every transformer Block of `model` in place (Module.compile); returns how many were compiled.
+
+    Static shapes (dynamic=False): dynamo keeps the graphs of every Block -- student and teacher, training and
+    no-grad -- under one code object (Block.forward), and by default a second shape seen there recompiles with the
+    differing sizes symbolic. A distillation step runs the teacher's blocks first (its forward is prefetched), so the
+    student's training graph would be the dynamic one: symbolic widths in every fused kernel of the step being timed.
+    Each shape gets its own static graph instead (a run has a few: student training and eval, teacher forward; past
+    torch._dynamo.config.recompile_limit a new shape runs eager)."""
     from megadistill.model.transformer import Block
 
     blocks = [m for m in model.modules() if isinstance(m, Block)]
     for block in blocks:
-        block.compile(backend=backend)
+        block.compile(backend=backend, dynamic=False)
     return len(blocks)
 
 
