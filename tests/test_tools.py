@@ -117,6 +117,22 @@ def test_gpu_check_goals_read_off_a_result():
     assert g["fused_loss_no_slower_than_naive"]["measured"] and not g["fused_loss_no_slower_than_naive"]["met"]
 
 
+def test_gpu_check_noprefetch_variant_compares_with_the_compiled_supervised_run():
+    """distill ...@compile_noprefetch (teacher in line, no side stream) is set against supervised ...@compile, and
+    stays out of the overhead goal, which judges the default (prefetching) runs."""
+    sys.path.insert(0, str(REPO / "tools"))
+    import gpu_check
+    runs = {"supervised_546M@compile": {"step_time_s": 1.0},
+            "distill_546M_from_1.82B@compile": {"step_time_s": 1.5, "size": "546M", "teacher_size": "1.82B"},
+            "distill_546M_from_1.82B@compile_noprefetch": {"step_time_s": 1.8, "size": "546M", "teacher_size": "1.82B"}}
+    over = gpu_check.distill_overheads(runs)
+    on, off = over["distill_546M_from_1.82B@compile"], over["distill_546M_from_1.82B@compile_noprefetch"]
+    assert on["teacher_forward_at_student_rate_s"] == off["teacher_forward_at_student_rate_s"] > 0
+    assert abs(on["overhead_s"] - 0.5) < 1e-12 and abs(off["overhead_s"] - 0.8) < 1e-12
+    g = gpu_check.goals({"runs": runs, "distill_overhead": over})["distill_overhead_le_1.10"]
+    assert list(g["ratios"]) == ["distill_546M_from_1.82B@compile"]
+
+
 def test_gpu_wheels_pins_are_the_tested_versions():
     """tools/gpu_wheels.sh pins each wheel it carries to a GPU machine; those pins are the versions this environment
     runs the suite with (and pydantic-core the one pydantic asks for), so the GPU check runs the code that was tested."""
