@@ -473,6 +473,8 @@ def main() -> int:
     elif not torch.cuda.is_available():
         print(json.dumps({"error": "no CUDA device (--tiny runs the trainer path at tiny sizes on CPU)"}))
         return 1
+    from megadistill.fileio import atomic_write_bytes
+
     cuda = torch.cuda.is_available()
     result = {"device": torch.cuda.get_device_name() if cuda else "cpu", "torch": torch.__version__,
               "liger": _liger_available() and cuda, "tiny": args.tiny}
@@ -490,9 +492,11 @@ def main() -> int:
         return json.dumps(result, indent=1,
                           default=lambda x: None if isinstance(x, float) and math.isnan(x) else str(x))
 
-    def checkpoint() -> None:  # --out after every stage: a run killed by gpu_check.sh's timeout keeps what it measured
+    def save(done: bool = False) -> str:  # --out after every stage (atomic): a run killed by the timeout keeps it
+        text = summarise(done)
         if args.out:
-            write_atomic(Path(args.out), summarise(False) + "\n")
+            atomic_write_bytes(args.out, (text + "\n").encode())
+        return text
 
     def guarded(fn, *a, **kw):  # one failing check is reported, the others still run
         try:
@@ -502,20 +506,20 @@ def main() -> int:
 
     if not args.skip_kernels:
         result["compile"] = guarded(compile_check)
-        checkpoint()
+        save()
         result["attention"] = guarded(attention_check)
         result["loss"] = guarded(loss_check)
-        checkpoint()
+        save()
         try:
             from bench_loss import loss_kernel_check
             result["loss_kernels"] = guarded(loss_kernel_check, "cuda", tokens=(8192, 16384, 32768))
         except ImportError as e:
             result["loss_kernels"] = {"error": f"tools/bench_loss.py has no loss_kernel_check: {e}"}
-        checkpoint()
+        save()
         if result["liger"]:
             from gpu_kernels import liger_check
             result["liger_ops"] = guarded(liger_check)
-            checkpoint()
+            save()
     teachers: Dict[str, Path] = {}
     for name, size, teacher, variant in runs:
         key = f"{name}@{variant}"
@@ -538,19 +542,9 @@ def main() -> int:
         print(json.dumps({key: {k: runs_out[key].get(k) for k in ("step_time_s", "mfu_paper_flops", "peak_mem_gib",
                                                                    "error", "skipped")}}), file=sys.stderr)
         if "skipped" not in runs_out[key]:
-            checkpoint()
-    text = summarise(True)
-    print(text)
-    if args.out:
-        write_atomic(Path(args.out), text + "\n")
+            save()
+    print(save(done=True))
     return 0
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """path holds the old text or the new one, never a torn mix (the shell's timeout may kill us mid-write)."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
 
 
 if __name__ == "__main__":
