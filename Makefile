@@ -28,7 +28,7 @@ test-all: install
 # image's 2.11 (a CUDA build from PyPI, run on the CPU here). Its own venv and DeepSpeed op cache (a JIT op built for one torch crashes the other).
 COMPAT_TORCH ?= torch==2.11.0
 COMPAT_VENV ?= .venv-compat
-COMPAT_TESTS ?= tests/test_compile.py tests/test_tp_model.py tests/test_kernels.py tests/test_model.py tests/test_loss_kernel.py
+COMPAT_TESTS ?= tests/test_compile.py tests/test_tp_model.py tests/test_kernels.py tests/test_model.py tests/test_loss_kernel.py tests/test_grad_accum.py
 CPY := $(COMPAT_VENV)/bin/python
 
 $(COMPAT_VENV)/.installed: setup.py Makefile

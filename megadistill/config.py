@@ -204,6 +204,10 @@ class TrainConfig:
     micro_batch_size: int = 4  # sequences per DP rank per micro-step
     global_batch_size: int = 8  # sequences per optimizer step over all DP ranks
     precision: str = "fp32"  # fp32 | bf16
+    grad_accum_dtype: str = "auto"  # bf16 runs: dtype the gradients are accumulated over micro-batches and reduced
+    # over DP ranks in: fp32 (Megatron's default; +4 bytes per parameter at ZeRO-1, 4/dp at ZeRO-2/3, twice the
+    # gradient bytes on the wire) | bf16 (one rounding per micro-batch) | auto (fp32, bf16 at zero.stage=0, where
+    # DeepSpeed's bf16 optimizer has no fp32 accumulation). fp32 runs accumulate in fp32.
     z_loss: float = 1e-4  # lambda_Z
     seed: int = 0
     log_interval: int = 1  # steps between train.jsonl lines
@@ -276,6 +280,14 @@ class Config:
             raise ConfigError(f"optim.final_lr_ratio={o.final_lr_ratio} must be in [0, 1]")
         _choice("train.mode", t.mode, ("supervised", "distill"))
         _choice("train.precision", t.precision, ("fp32", "bf16"))
+        _choice("train.grad_accum_dtype", t.grad_accum_dtype, ("auto", "fp32", "bf16"))
+        if t.grad_accum_dtype == "bf16" and t.precision == "fp32":
+            raise ConfigError("train.grad_accum_dtype=bf16 needs train.precision=bf16 (an fp32 model's gradients are "
+                              "fp32); drop it or set train.grad_accum_dtype=auto")
+        if t.grad_accum_dtype == "fp32" and t.precision == "bf16" and z.stage == 0:
+            raise ConfigError("train.grad_accum_dtype=fp32 with train.precision=bf16 needs zero.stage >= 1: "
+                              "DeepSpeed's bf16 optimizer without ZeRO accumulates gradients in bf16; set zero.stage=1 "
+                              "(on one DP rank it partitions nothing) or train.grad_accum_dtype=bf16")
         t.compile = str(t.compile).lower()  # a YAML / dotlist boolean arrives as True / False
         _choice("train.compile", t.compile, ("true", "false", "auto"))
         _choice("train.compile_backend", t.compile_backend, ("inductor", "aot_eager", "eager"))

@@ -144,11 +144,12 @@ def test_zero_stage_at_one_dp_rank():
     assert zero_stage_at(3, 2, "fp32") == 3 and zero_stage_at(2, 1, "fp32", offloaded=True) == 2
     cfg = config.load([], ["model.size=tiny-0.5M", "train.steps=1", "train.precision=bf16", "zero.stage=2"])
     assert effective_stage(cfg, 1) == 1 and effective_stage(cfg, 4) == 2
-    from megadistill.train import memory  # the planner on one GPU: what the engine runs, ZeRO-1 first in bf16
-    for precision, stages in (("bf16", [1, 0]), ("fp32", [0])):
+    from megadistill.train import memory  # the planner on one GPU: what the engine runs, ZeRO-1 first in bf16;
+    # stage 0 in bf16 (bf16 gradient accumulation) only when bf16 accumulation is asked for
+    for precision, accum, stages in (("bf16", "auto", [1]), ("bf16", "bf16", [1, 0]), ("fp32", "auto", [0])):
         rows = memory.plan("975M", gpus=1, global_batch_tokens=65536, precision=precision, micro_batches=(1,),
-                           checkpointing=("off",), fused=(False,))
-        assert [r["layout"]["zero_stage"] for r in rows] == stages, precision
+                           checkpointing=("off",), fused=(False,), grad_accum_dtype=accum)
+        assert [r["layout"]["zero_stage"] for r in rows] == stages, (precision, accum)
 
 
 def test_generated_configs_are_up_to_date():

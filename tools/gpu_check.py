@@ -194,6 +194,8 @@ VARIANTS = {"eager": ["train.compile=false"], "compile": ["train.compile=true"],
             "eager_liger": ["train.compile=false", "model.kernels=liger"],
             # one GPU in bf16 runs DeepSpeed's ZeRO-1 optimizer (flat); zero.stage=0 its per-parameter unfused one
             "compile_stage0": ["train.compile=true", "zero.stage=0"],
+            # bf16 gradients accumulated in bf16 (the default is fp32: DeepSpeed's BF16_Optimizer): what fp32 costs
+            "compile_bf16accum": ["train.compile=true", "train.grad_accum_dtype=bf16"],
             # distillation with the teacher forward in line on the student's stream (no side stream, no look-ahead)
             "compile_noprefetch": ["train.compile=true", "distill.teacher_prefetch=false"]}
 # A diagnostic distill variant measured against the supervised run of another one (the same student step; only the
@@ -204,6 +206,7 @@ RUNS = [("supervised_975M", "975M", None, "compile"), ("supervised_975M", "975M"
         ("supervised_975M", "975M", None, "compile_stage0"),
         ("supervised_975M", "975M", None, "compile_liger"), ("distill_546M_from_1.82B", "546M", "1.82B", "eager"),
         ("distill_546M_from_1.82B", "546M", "1.82B", "compile_noprefetch"),
+        ("supervised_975M", "975M", None, "compile_bf16accum"),
         ("supervised_1.82B", "1.82B", None, "compile"), ("distill_975M_from_4.82B", "975M", "4.82B", "compile"),
         ("supervised_975M", "975M", None, "eager_liger"), ("supervised_546M", "546M", None, "eager"),
         ("supervised_1.82B", "1.82B", None, "eager"), ("distill_975M_from_4.82B", "975M", "4.82B", "eager"),

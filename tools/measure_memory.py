@@ -55,6 +55,13 @@ CASES: Dict[str, tuple] = {
     "sup_z1_w2_bf16": (2, ["zero.stage=1", "train.precision=bf16"]),
     "sup_z0_w1_bf16": (1, ["zero.stage=0", "train.precision=bf16"]),
     "sup_z1_w1_bf16": (1, ["zero.stage=1", "train.precision=bf16"]),  # one rank, bf16: the ZeRO-1 optimizer
+    # bf16 gradients accumulated in fp32 (train.grad_accum_dtype=auto): ZeRO-1 is DeepSpeed's BF16_Optimizer (full
+    # fp32 gradient buffer), ZeRO-2/3 accumulate fp32 partitions; the bf16 opt-out keeps ZeRO's bf16 buffers
+    "sup_z1_w2_bf16_gas2": (2, ["zero.stage=1", "train.precision=bf16", f"train.global_batch_size={4 * MB}"]),
+    "sup_z1_w2_bf16_gas2_bf16acc": (2, ["zero.stage=1", "train.precision=bf16", f"train.global_batch_size={4 * MB}",
+                                        "train.grad_accum_dtype=bf16"]),
+    "sup_z2_w2_bf16_gas2": (2, ["zero.stage=2", "train.precision=bf16", f"train.global_batch_size={4 * MB}"]),
+    "sup_z3_w2_bf16_gas2": (2, ["zero.stage=3", "train.precision=bf16", f"train.global_batch_size={4 * MB}"]),
     "sup_z3_w2": (2, ["zero.stage=3"]),
     "sup_tp2_z1": (2, ["zero.stage=1", "parallel.tp_size=2"]),
     "sup_tp2_z1_sp": (2, ["zero.stage=1", "parallel.tp_size=2", "parallel.sequence_parallel=true"]),

@@ -1,6 +1,7 @@
 """DeepSpeed engine set-up: our config -> DeepSpeed config dict, µP AdamW param groups, cosine schedule, ZeRO wrap."""
 from __future__ import annotations
 
+import logging
 import math
 from typing import List
 
@@ -9,6 +10,8 @@ import torch
 from megadistill.config import Config
 from megadistill.model import mup
 from megadistill.parallel.groups import ParallelGroups
+
+log = logging.getLogger(__name__)
 
 
 def effective_stage(cfg: Config, dp_size: int) -> int:
@@ -29,6 +32,22 @@ def zero_stage_at(stage: int, dp_size: int, precision: str, offloaded: bool = Fa
     return stage
 
 
+def grad_accum_dtype(cfg: Config) -> str:
+    """The dtype gradients are accumulated over micro-batches and reduced over the DP group in (train.grad_accum_dtype
+    resolved): fp32 for fp32 runs; for bf16 runs fp32 unless asked for bf16 or at zero.stage=0 (auto), where
+    DeepSpeed's bf16 optimizer accumulates in bf16 only.
+
+    Why fp32: with bf16 accumulation each micro-batch's gradient is added to a bf16 sum, one rounding (relative
+    2^-9) per add: measured on a tiny model against the exact sum of the micro-batch gradients, 0.26% relative error
+    at 4 micro-batches, 0.43% at 16, where fp32 accumulation and reduction leave ~3e-9 (tests/test_grad_accum.py)."""
+    t = cfg.train
+    if t.precision == "fp32":
+        return "fp32"
+    if t.grad_accum_dtype == "auto":
+        return "bf16" if cfg.zero.stage == 0 else "fp32"
+    return t.grad_accum_dtype
+
+
 def deepspeed_config(cfg: Config, dp_size: int) -> dict:
     """The DeepSpeed config dict, generated from ours (never a hand-kept JSON)."""
     t, z = cfg.train, cfg.zero
@@ -47,7 +66,7 @@ def deepspeed_config(cfg: Config, dp_size: int) -> dict:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
     if z.offload_param == "cpu":
         zero["offload_param"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
-    return {
+    ds = {
         "train_batch_size": t.global_batch_size,
         "train_micro_batch_size_per_gpu": t.micro_batch_size,
         "gradient_accumulation_steps": gas,
@@ -60,6 +79,13 @@ def deepspeed_config(cfg: Config, dp_size: int) -> dict:
         "steps_per_print": 10**12,
         "wall_clock_breakdown": False,
     }
+    if t.precision == "bf16" and grad_accum_dtype(cfg) == "fp32":
+        # Megatron's accumulate_allreduce_grads_in_fp32: fp32 gradient buffers (ZeRO-1: DeepSpeed's BF16_Optimizer,
+        # which keeps the full fp32 gradient; ZeRO-2/3: fp32 partitions) and reductions in fp32, else the reduce
+        # rounds the fp32 sum to bf16 again on the way
+        ds["data_types"] = {"grad_accum_dtype": "fp32"}
+        ds["communication_data_type"] = "fp32"
+    return ds
 
 
 def lr_lambda(cfg: Config, total_steps: int):
@@ -115,6 +141,10 @@ def initialize(model: torch.nn.Module, cfg: Config, groups: ParallelGroups, tota
         config=deepspeed_config(cfg, groups.dp_size), mpu=groups.mpu(), dist_init_required=False)
     if effective_stage(cfg, groups.dp_size) == 3:
         register_shared_weights(model)
+    if cfg.train.precision == "bf16":
+        log.info("ZeRO stage %d, %s; gradients accumulated over %d micro-batches and reduced in %s "
+                 "(train.grad_accum_dtype=%s)", effective_stage(cfg, groups.dp_size), type(engine.optimizer).__name__,
+                 engine.gradient_accumulation_steps(), grad_accum_dtype(cfg), cfg.train.grad_accum_dtype)
     return engine, scheduler
 
 

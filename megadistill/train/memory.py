@@ -53,6 +53,7 @@ class Layout:
     chunk_tokens: int = 1024
     bucket_size: int = 50_000_000  # ZeRO reduce / prefetch bucket (elements)
     sequence_parallel: bool = False  # parallel.sequence_parallel (no effect at tp_size 1)
+    grad_accum: str = "auto"  # train.grad_accum_dtype: auto | fp32 | bf16 (bf16 runs; see fp32_accumulation)
 
     def describe(self) -> str:
         ck = self.checkpointing if self.checkpointing != "every_k" else f"every_{self.checkpoint_every_k}"
@@ -63,6 +64,13 @@ class Layout:
     def sp(self) -> bool:
         """Sequence parallelism in effect (it needs tp_size > 1)."""
         return self.sequence_parallel and self.tp_size > 1
+
+
+def fp32_accumulation(layout: Layout, zero_stage: int, precision: str) -> bool:
+    """Whether a bf16 run accumulates and reduces gradients in fp32 (train.engine.grad_accum_dtype) at the stage the
+    engine runs: DeepSpeed's BF16_Optimizer at ZeRO-1 (a full fp32 gradient buffer, all-reduced at the boundary),
+    fp32 gradient partitions at ZeRO-2/3 (reduce-scattered in fp32 every micro-step)."""
+    return precision == "bf16" and zero_stage >= 1 and layout.grad_accum != "bf16"
 
 
 def resolve_model(model: Union[str, ModelConfig], role: str = "model") -> ModelConfig:
@@ -165,6 +173,8 @@ def estimate_layout(student: ModelConfig, layout: Layout, world_size: int, seq_l
     gas = max(1, global_batch_size // (layout.micro_batch_size * dp))
     sp = rank_params(student, tp)
     P, share = sp["total"], (dp if z >= 1 else 1)
+    acc32 = fp32_accumulation(layout, z, precision)
+    bf16_opt = acc32 and z == 1  # DeepSpeed's BF16_Optimizer
 
     weights = wb * P / (dp if z == 3 else 1)
     master = 4 * P / share if (wb == 2 or z >= 1) else 0.0  # ZeRO 1-3 clone an fp32 partition even for fp32 models
@@ -178,6 +188,8 @@ def estimate_layout(student: ModelConfig, layout: Layout, world_size: int, seq_l
     common = {"student_weights": weights, "optimizer_states": optim, "teacher_weights": teacher_w}
 
     bucket = wb * layout.bucket_size if z >= 1 else 0.0  # ZeRO's contiguous reduce (ipg) buffer
+    if acc32 and z == 3:  # its reduce bucket is cast to fp32 for the reduce-scatter (measured)
+        bucket = 4 * layout.bucket_size
     gathered = wb * min(P, ZERO3_MAX_LIVE, ZERO3_MAX_REUSE // 2 + layout.bucket_size) if z == 3 else 0.0
     # ZeRO-1/2 copy reduced gradients into a buffer holding every parameter that overlaps this rank's partition:
     # P/dp plus the parameters straddling its ends, i.e. whole single-tensor groups (embedding, head) and about
@@ -185,9 +197,16 @@ def estimate_layout(student: ModelConfig, layout: Layout, world_size: int, seq_l
     matrix = max(student.d_model * student.d_ff, student.d_model * student.n_heads * student.head_dim) // tp
     in_partition = min(P, (P - 2 * sp["vocab"]) / dp + 2 * matrix + 2 * sp["vocab"]) if z in (1, 2) else 0.0
     grads_partition = {0: wb * P, 1: wb * in_partition, 2: wb * in_partition, 3: wb * P / dp}[z]
+    if acc32 and z >= 2:  # one flat fp32 buffer of exactly this rank's partition
+        grads_partition = 4 * P / dp
     # held through forward/backward: ZeRO-3's flat partition buffer always, others only while accumulating
     # (stage 0 and 1 reduce at the accumulation boundary, so they hold full gradients until then)
     grads_fb = grads_partition if z == 3 else ((wb * P if z < 2 else grads_partition) if gas > 1 else 0.0)
+    if bf16_opt:
+        # BF16_Optimizer allocates the full fp32 gradient at start-up and keeps it; each micro-batch's bf16 gradients
+        # (zeroed, not freed, between micro-batches) are added to it after their backward
+        grads_partition = 4 * P + wb * P
+        grads_fb = 4 * P + (wb * P if gas > 1 else 0.0)
 
     acts = activation_bytes(student, n, tp, wb, layout.checkpointing, layout.checkpoint_every_k, layout.sp)
     loss = loss_bytes(n, student, tp, wb, layout.fused, layout.chunk_tokens, teacher, tb)
@@ -202,10 +221,14 @@ def estimate_layout(student: ModelConfig, layout: Layout, world_size: int, seq_l
 
     # end of backward: stage 1 still holds every parameter's gradient while it reduces them into its partition
     end_grads = {0: wb * P, 1: wb * P + grads_partition, 2: grads_partition, 3: grads_partition}[z]
+    if bf16_opt:  # all-reduced (DP > 1) through flat fp32 copies of up to ALLREDUCE_BUFFER elements
+        end_grads = grads_partition + (4 * min(P, ALLREDUCE_BUFFER) if dp > 1 else 0.0)
     # optimizer step: stage 0 bf16 makes fp32 copies of all gradients; ZeRO 1-3 flatten the partition's gradients
     # into the fp32 partition's .grad; foreach Adam adds a sqrt(v) temporary of its largest group; stage 0 with
     # DP all-reduces through flat gradient copies
     fp32_grads = 4 * P / share if (wb == 2 or z >= 1) else 0.0
+    if bf16_opt:  # the fp32 partition's .grad is a view of the fp32 gradient buffer
+        fp32_grads = 0.0
     transient = fp32_grads + 4 * sp["largest_group"] / share
     if z == 0 and dp > 1:
         transient += wb * min(P, ALLREDUCE_BUFFER)
@@ -241,7 +264,7 @@ def layout_of(cfg: Config) -> Layout:
                   teacher_zero3=d.teacher_zero3, bucket_size=cfg.zero.bucket_size,
                   # unset: 1024 eager; the compiled kernel's GPU chunk is sized to the same bytes
                   chunk_tokens=d.chunk_tokens or 1024,
-                  sequence_parallel=cfg.parallel.sequence_parallel)
+                  sequence_parallel=cfg.parallel.sequence_parallel, grad_accum=cfg.train.grad_accum_dtype)
 
 
 def estimate(cfg: Config, world_size: int, teacher: Union[None, str, ModelConfig] = None,
@@ -278,7 +301,9 @@ def step_time(student: ModelConfig, layout: Layout, world_size: int, seq_len: in
     2 L + 1 times forward and 2 L + 1 backward (+ 2 per recomputed block; teacher: 2 L_T + 1); ZeRO moves the
     gradient bytes G: stage 0 all-reduce per step, stage 1 reduce-scatter per step + parameter all-gather, stage 2
     reduce-scatter per micro-step + all-gather, stage 3 two parameter all-gathers + a reduce-scatter per
-    micro-step; a ZeRO-3 teacher all-gathers its weights per micro-step. TP stays inside a node (NVLink); DP crosses
+    micro-step; a ZeRO-3 teacher all-gathers its weights per micro-step. bf16 gradients accumulated in fp32
+    (train.grad_accum_dtype) are reduced in fp32: twice the gradient bytes, and ZeRO-1 (BF16_Optimizer) all-reduces
+    them. TP stays inside a node (NVLink); DP crosses
     nodes (InfiniBand) once the job spans more than one node.
     """
     from megadistill.train.metrics import forward_flops
@@ -307,10 +332,15 @@ def step_time(student: ModelConfig, layout: Layout, world_size: int, seq_len: in
     bw_dp = (hardware.intra_node_gbps if world_size <= hardware.gpus_per_node else hardware.inter_node_gbps) * 1e9
     dp_bytes = 0.0
     if dp > 1:
-        g = wb * rank_params(student, tp)["total"]
+        P = rank_params(student, tp)["total"]
+        z = zero_stage_at(layout.zero_stage, dp, precision)
+        acc32 = fp32_accumulation(layout, z, precision)
+        g, w = (4 if acc32 else wb) * P, wb * P  # gradient bytes (fp32 accumulation reduces in fp32), weight bytes
         frac = (dp - 1) / dp
-        per_step = {0: 2 * frac * g, 1: 2 * frac * g, 2: (gas + 1) * frac * g, 3: 3 * gas * frac * g}
-        dp_bytes = per_step[layout.zero_stage]
+        # ZeRO-1 with fp32 accumulation (BF16_Optimizer) all-reduces the fp32 gradient, then all-gathers weights
+        per_step = {0: 2 * frac * g, 1: (2 * frac * g if acc32 else frac * g) + frac * w,
+                    2: gas * frac * g + frac * w, 3: gas * (2 * frac * w + frac * g)}
+        dp_bytes = per_step[z]
         if teacher is not None and layout.teacher_zero3:
             dp_bytes += gas * frac * tb * rank_params(teacher, tp)["total"]
     t_tp, t_dp = tp_bytes / bw_tp, dp_bytes / bw_dp
@@ -332,7 +362,7 @@ def plan(student: Union[str, ModelConfig], teacher: Union[None, str, ModelConfig
          seq_len: int = 4096, global_batch_tokens: int = 2 ** 22, precision: str = "bf16",
          teacher_dtype: str = "bf16", hardware: Hardware = Hardware(), micro_batches=(1, 2, 4, 8, 16, 32),
          checkpointing=("off", "full"), zero_stages=(0, 1, 2, 3), fused=(False, True), chunk_tokens: int = 1024,
-         bucket_size: int = 50_000_000, sequence_parallel=(False, True)) -> List[Dict]:
+         bucket_size: int = 50_000_000, sequence_parallel=(False, True), grad_accum_dtype: str = "auto") -> List[Dict]:
     """Every layout with its memory and step time; fitting ones first, fastest first (then leanest), then the rest
     by memory. Raises UserError for impossible inputs (unknown size, batch that does not split, nothing fits)."""
     smodel, tmodel = resolve_model(student, "student"), (resolve_model(teacher, "teacher") if teacher else None)
@@ -348,6 +378,10 @@ def plan(student: Union[str, ModelConfig], teacher: Union[None, str, ModelConfig
     # one DP rank: only the stages the engine would run there (train.engine.zero_stage_at); in bf16 ZeRO-1 first:
     # same modelled memory and time as stage 0, whose unfused optimizer's per-parameter host syncs the step-time model
     # does not count
+    if precision == "bf16" and grad_accum_dtype != "bf16":
+        # stage 0 in bf16 accumulates gradients in bf16 (DeepSpeed has no fp32 path there): a change of numerics, not
+        # of layout, so it is planned only when asked for (grad_accum_dtype=bf16)
+        zero_stages = tuple(z for z in zero_stages if z >= 1)
     single_rank_stages = sorted({zero_stage_at(s, 1, precision) for s in zero_stages}, reverse=precision == "bf16")
     rows = []
     for tp in tps:
@@ -361,7 +395,7 @@ def plan(student: Union[str, ModelConfig], teacher: Union[None, str, ModelConfig
                         if sq and seq_len % tp:
                             continue
                         lay = Layout(tp, z, mb, ck, fused=fu, teacher_zero3=t3, chunk_tokens=chunk_tokens,
-                                     bucket_size=bucket_size, sequence_parallel=sq)
+                                     bucket_size=bucket_size, sequence_parallel=sq, grad_accum=grad_accum_dtype)
                         args = (smodel, lay, gpus, seq_len, batch, precision, tmodel, teacher_dtype, hardware)
                         mem = estimate_layout(*args)
                         rows.append({"layout": asdict(lay), "describe": lay.describe(), "memory": mem,
@@ -406,13 +440,14 @@ def _plan_command(args) -> int:
     rows = plan(args.student, args.teacher, gpus=args.gpus, seq_len=args.seq_len,
                 global_batch_tokens=args.global_batch_tokens, precision=args.precision, teacher_dtype=args.teacher_dtype,
                 hardware=hw, checkpointing=tuple(args.checkpointing), chunk_tokens=args.chunk_tokens,
-                bucket_size=args.bucket_size,
+                bucket_size=args.bucket_size, grad_accum_dtype=args.grad_accum_dtype,
                 sequence_parallel={"off": (False,), "on": (True,), "both": (False, True)}[args.sequence_parallel])
     n_fit = sum(r["fits"] for r in rows)
     if args.json:
         print(json.dumps({"student": args.student, "teacher": args.teacher, "gpus": args.gpus,
                           "seq_len": args.seq_len, "global_batch_tokens": args.global_batch_tokens,
-                          "precision": args.precision, "teacher_dtype": args.teacher_dtype, "hardware": asdict(hw),
+                          "precision": args.precision, "grad_accum_dtype": args.grad_accum_dtype,
+                          "teacher_dtype": args.teacher_dtype, "hardware": asdict(hw),
                           "fitting": n_fit, "layouts": rows[:args.top] if args.top else rows}, indent=1))
         return 0
     s = resolve_model(args.student, "student")
@@ -444,6 +479,8 @@ def register(sub) -> None:
                    help="tokens per optimizer step (default 4M = 1024 x 4096; the paper does not state its batch)")
     p.add_argument("--precision", choices=("bf16", "fp32"), default="bf16")
     p.add_argument("--teacher-dtype", choices=("bf16", "fp32"), default="bf16")
+    p.add_argument("--grad-accum-dtype", choices=("auto", "fp32", "bf16"), default="auto",
+                   help="train.grad_accum_dtype of a bf16 run (auto: fp32 with ZeRO 1-3, bf16 at stage 0)")
     p.add_argument("--checkpointing", nargs="+", choices=("off", "full"), default=["off", "full"])
     p.add_argument("--chunk-tokens", type=int, default=1024, help="token chunk of the fused loss")
     p.add_argument("--sequence-parallel", choices=("off", "on", "both"), default="both",

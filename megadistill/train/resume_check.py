@@ -43,8 +43,11 @@ def _flat(d: Dict, prefix: str = "") -> Dict[str, object]:
 
 
 def config_differences(saved: Config, cfg: Config) -> List[Tuple[str, object, object]]:
-    """(key, checkpoint's value, this run's value) for every math-changing key that differs."""
+    """(key, checkpoint's value, this run's value) for every math-changing key that differs. train.grad_accum_dtype
+    is compared as resolved (auto is fp32 or bf16, megadistill.train.engine.grad_accum_dtype)."""
+    from megadistill.train.engine import grad_accum_dtype
     a, b = _flat(config_mod.to_dict(saved)), _flat(config_mod.to_dict(cfg))
+    a["train.grad_accum_dtype"], b["train.grad_accum_dtype"] = grad_accum_dtype(saved), grad_accum_dtype(cfg)
     return [(k, a.get(k), b.get(k)) for k in sorted(set(a) | set(b))
             if k not in MAY_CHANGE and a.get(k) != b.get(k)]
 
@@ -56,11 +59,14 @@ def _saved_config(ckpt: Path, run_dir: Path) -> Optional[Config]:
     for path in (Path(ckpt) / CONFIG, Path(run_dir) / CONFIG):
         if path.is_file():
             try:
-                saved = config_mod.from_dict(OmegaConf.to_container(OmegaConf.load(path)))
+                raw = OmegaConf.to_container(OmegaConf.load(path))
+                saved = config_mod.from_dict(raw)
             except Exception as e:  # a config of an older version: unknown or retyped keys
                 log.warning("cannot compare this run's config with %s (%s): resuming unchecked", path, e)
                 return None
             saved.train.resume = str(saved.train.resume).lower()
+            if "grad_accum_dtype" not in (raw.get("train") or {}) and saved.train.precision == "bf16":
+                saved.train.grad_accum_dtype = "bf16"  # written before the key: bf16 runs accumulated in bf16
             return saved
     log.warning("%s has no %s: resuming without checking the config", ckpt, CONFIG)
     return None
