@@ -2,8 +2,9 @@
 many micro-batches, against the exact (fp64) sum of the bf16 model's per-micro-batch gradients, DP-averaged.
 
 One 2-process gloo job builds the trainer (megadistill.train.trainer.build) at ZeRO-1 (DeepSpeed's BF16_Optimizer),
-ZeRO-2, ZeRO-3, ZeRO-2 with the optimizer offloaded and TP=2, drives one optimizer step of 16-32 micro-batches and
-reads the accumulated gradient of every parameter (deepspeed.utils.safe_get_full_grad) before the step.
+ZeRO-2, ZeRO-3, ZeRO-2 with the optimizer offloaded, TP=2 and ZeRO-1 with recomputed compiled blocks, drives one
+optimizer step of 16-32 micro-batches and reads the accumulated gradient of every parameter
+(deepspeed.utils.safe_get_full_grad) before the step.
 The reference model is the same initialisation run densely in bf16 on the same micro-batches."""
 import math
 
@@ -23,6 +24,9 @@ LAYOUTS = {
     "z3_fp32": ["zero.stage=3"],
     "z2_offload_fp32": ["zero.stage=2", "zero.offload_optimizer=cpu"],
     "tp2_z1_fp32": ["zero.stage=1", "parallel.tp_size=2"],
+    # BF16_Optimizer adds each gradient from a hook as autograd produces it: also from recomputed, compiled blocks
+    "z1_ckpt_compiled_fp32": ["zero.stage=1", "model.activation_checkpointing=full", "train.compile=true",
+                              "train.compile_backend=aot_eager"],
 }
 
 

@@ -35,8 +35,8 @@ def global_batch(n_params: int, seq_len: int, tokens_per_param: float) -> int:
 def node_layout(shape: Dict[str, int], stored: int, seq_len: int, gbs: int) -> Dict:
     """Cheapest ZeRO stage / activation checkpointing / micro-batch whose rough per-GPU bytes fit BUDGET_BYTES.
 
-    bf16 weights 2S, gradients accumulated in fp32 (train.grad_accum_dtype=auto): 6S at ZeRO-1 (BF16_Optimizer's
-    full fp32 gradient + the bf16 one) or 4S/dp (ZeRO-2's fp32 partitions), fp32 master + Adam 12S/dp;
+    bf16 weights 2S, gradients accumulated in fp32 (train.grad_accum_dtype=auto): 4S at ZeRO-1 (BF16_Optimizer's
+    full fp32 gradient) or 4S/dp (ZeRO-2's fp32 partitions), fp32 master + Adam 12S/dp;
     activations per token per block as plan-memory models them (megadistill.train.memory.activation_bytes_per_token,
     bf16, TP=1), or 2 d when the block is recomputed; logits and loss buffers ~ 12 V bytes per token (generous).
     `megadistill plan-memory` is the full estimate (a test checks every generated layout fits by it); this only picks
@@ -54,7 +54,7 @@ def node_layout(shape: Dict[str, int], stored: int, seq_len: int, gbs: int) -> D
         for stage, ckpt in ((1, "off"), (2, "off"), (2, "every_k"), (2, "full")):
             n_saved = {"off": n_layers, "every_k": n_layers - n_layers // 2, "full": 0}[ckpt]
             per_tok = n_saved * act_full + (n_layers - n_saved) * act_ckpt + (act_full if ckpt != "off" else 0)
-            grads = 6 * stored if stage == 1 else 4 * stored / dp
+            grads = 4 * stored / (1 if stage == 1 else dp)
             total = 2 * stored + grads + 12 * stored / dp + micro * seq_len * (per_tok + 12 * vocab)
             rank = {"off": 0, "every_k": 1, "full": 2}[ckpt]
             options.append((rank, stage, -micro, total, {"stage": stage, "ckpt": ckpt, "micro": micro}))

@@ -85,6 +85,9 @@ def deepspeed_config(cfg: Config, dp_size: int) -> dict:
         # rounds the fp32 sum to bf16 again on the way
         ds["data_types"] = {"grad_accum_dtype": "fp32"}
         ds["communication_data_type"] = "fp32"
+        # BF16_Optimizer: add each parameter's bf16 gradient to the fp32 one as soon as autograd has it and free it,
+        # instead of keeping every bf16 gradient until the step (2 bytes per parameter); read by no other optimizer
+        ds["bf16"]["immediate_grad_update"] = True
     return ds
 
 

@@ -203,10 +203,9 @@ def estimate_layout(student: ModelConfig, layout: Layout, world_size: int, seq_l
     # (stage 0 and 1 reduce at the accumulation boundary, so they hold full gradients until then)
     grads_fb = grads_partition if z == 3 else ((wb * P if z < 2 else grads_partition) if gas > 1 else 0.0)
     if bf16_opt:
-        # BF16_Optimizer allocates the full fp32 gradient at start-up and keeps it; each micro-batch's bf16 gradients
-        # (zeroed, not freed, between micro-batches) are added to it after their backward
-        grads_partition = 4 * P + wb * P
-        grads_fb = 4 * P + (wb * P if gas > 1 else 0.0)
+        # BF16_Optimizer allocates the full fp32 gradient at start-up and keeps it; each parameter's bf16 gradient is
+        # added to it as soon as autograd has it, and freed (immediate_grad_update, train.engine.deepspeed_config)
+        grads_partition = grads_fb = 4 * P
 
     acts = activation_bytes(student, n, tp, wb, layout.checkpointing, layout.checkpoint_every_k, layout.sp)
     loss = loss_bytes(n, student, tp, wb, layout.fused, layout.chunk_tokens, teacher, tb)
