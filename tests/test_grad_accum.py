@@ -140,7 +140,7 @@ def test_grad_accum_dtype_is_validated_and_resolved():
 def _resume_across_versions(rank, world, root):
     """A bf16 checkpoint written before train.grad_accum_dtype existed (its config lacks the key: it accumulated in
     bf16) is not resumed in fp32 silently; with train.grad_accum_dtype=bf16 it resumes. A run written with auto
-    resumes with fp32 spelt out (the same resolved dtype)."""
+    resumes with fp32 spelt out (the same resolved dtype), on the uninterrupted run's curve."""
     import json
     import re
     import zlib
@@ -168,9 +168,13 @@ def _resume_across_versions(rank, world, root):
         out["old_default"] = str(e)
     out["old_bf16"] = train(config.load([], tiny_overrides(
         old, "supervised", extra + ["train.resume=true", "train.grad_accum_dtype=bf16"]))).status
-    train(config.load([], tiny_overrides(new, "supervised", extra + ["train.stop_after_steps=1"])))
+    three = extra + ["train.steps=3"]  # step 3's loss reads the Adam moments step 2 was taken with
+    train(config.load([], tiny_overrides(new, "supervised", three + ["train.stop_after_steps=1"])))
     out["new_fp32"] = train(config.load([], tiny_overrides(
-        new, "supervised", extra + ["train.resume=true", "train.grad_accum_dtype=fp32"]))).status
+        new, "supervised", three + ["train.resume=true", "train.grad_accum_dtype=fp32"]))).status
+    whole = Path(root) / "whole"  # the same run uninterrupted: BF16_Optimizer's state resumes bit for bit
+    train(config.load([], tiny_overrides(whole, "supervised", three)))
+    out["curves"] = [[json.loads(line)["loss"] for line in open(d / "train.jsonl")] for d in (new, whole)]
     return out
 
 
@@ -178,3 +182,5 @@ def test_resume_keeps_the_checkpoints_accumulation_dtype(tmp_path):
     out = run_distributed(_resume_across_versions, 1, str(tmp_path), timeout=600)[0]
     assert "train.grad_accum_dtype: checkpoint 'bf16', now 'fp32'" in out["old_default"], out
     assert out["old_bf16"] == "finished" and out["new_fp32"] == "finished", out
+    resumed, whole = out["curves"]
+    assert len(whole) == 3 and resumed == whole, out["curves"]
