@@ -23,6 +23,7 @@ LAYOUTS = {
     "z2_bf16": ["zero.stage=2", "train.grad_accum_dtype=bf16"],
     "z3_fp32": ["zero.stage=3"],
     "z2_offload_fp32": ["zero.stage=2", "zero.offload_optimizer=cpu"],
+    "z1_offload_fp32": ["zero.stage=1", "zero.offload_optimizer=cpu"],  # ZeRO's optimizer, not BF16_Optimizer
     "tp2_z1_fp32": ["zero.stage=1", "parallel.tp_size=2"],
     # BF16_Optimizer adds each gradient from a hook as autograd produces it: also from recomputed, compiled blocks
     "z1_ckpt_compiled_fp32": ["zero.stage=1", "model.activation_checkpointing=full", "train.compile=true",
