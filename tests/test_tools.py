@@ -102,7 +102,9 @@ def test_gpu_check_goals_read_off_a_result():
     sys.path.insert(0, str(REPO / "tools"))
     import gpu_check
     result = {"runs": {"supervised_975M@compile": {"mfu_paper_flops": 0.47},
-                       "supervised_975M@eager": {"mfu_paper_flops": 0.31}, "supervised_975M@compile_liger": {}},
+                       "supervised_975M@eager": {"mfu_paper_flops": 0.31}, "supervised_975M@compile_liger": {},
+                       # bf16 accumulation: timed, not the goal's (the default accumulates in fp32)
+                       "supervised_975M@compile_bf16accum": {"mfu_paper_flops": 0.49}},
               "distill_overhead": {"distill_546M_from_1.82B@compile": {"overhead_over_teacher_forward": 1.04},
                                    "distill_975M_from_4.82B@compile": {"skipped": "no supervised run"}},
               "loss_kernels": {"ratios": {"8192": {"fused_compiled_time_over_naive": 0.8},

@@ -201,6 +201,9 @@ VARIANTS = {"eager": ["train.compile=false"], "compile": ["train.compile=true"],
 # A diagnostic distill variant measured against the supervised run of another one (the same student step; only the
 # teacher's scheduling differs); the goals judge the default configuration, so they leave these out.
 SUPERVISED_BASELINE = {"compile_noprefetch": "compile"}
+# Variants that accumulate gradients in bf16 (the default is fp32, train.grad_accum_dtype): timed, but the MFU goal
+# judges the default numerics.
+BF16_ACCUMULATION = {"compile_stage0", "compile_bf16accum"}
 RUNS = [("supervised_975M", "975M", None, "compile"), ("supervised_975M", "975M", None, "eager"),
         ("supervised_546M", "546M", None, "compile"), ("distill_546M_from_1.82B", "546M", "1.82B", "compile"),
         ("supervised_975M", "975M", None, "compile_stage0"),
@@ -265,12 +268,13 @@ def distill_overheads(results: Dict[str, dict]) -> Dict[str, dict]:
 
 
 def goals(result: dict) -> Dict[str, dict]:
-    """Issue 11's GPU goals read off one result: 975M supervised MFU >= 45% (PAPER.md F(N), best variant), each
-    distill step's overhead <= 1.10x the teacher forward, the compiled fused loss no slower than naive at every shape;
-    "measured": false where the check did not run."""
+    """Issue 11's GPU goals read off one result: 975M supervised MFU >= 45% (PAPER.md F(N), best variant with fp32
+    gradient accumulation), each distill step's overhead <= 1.10x the teacher forward, the compiled fused loss no
+    slower than naive at every shape; "measured": false where the check did not run."""
     runs = result.get("runs", {})
     mfus = {k: v["mfu_paper_flops"] for k, v in runs.items()
-            if k.startswith("supervised_975M@") and isinstance(v.get("mfu_paper_flops"), float)
+            if k.startswith("supervised_975M@") and k.rsplit("@", 1)[1] not in BF16_ACCUMULATION
+            and isinstance(v.get("mfu_paper_flops"), float)
             and v["mfu_paper_flops"] == v["mfu_paper_flops"]}
     out = {"mfu_975M_supervised_ge_0.45": {"measured": bool(mfus)}}
     if mfus:
