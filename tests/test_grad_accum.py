@@ -102,8 +102,9 @@ def test_fp32_accumulation_is_the_exact_sum_of_the_micro_batch_gradients(accumul
         # measured ~3e-9 (fp32 round-off of the sum); bf16 accumulation is ~1e6 times further off
         assert got["rel_err"] < 1e-6, got
         assert got["norm"] == pytest.approx(got["exact_norm"], rel=1e-5), got
-    if name.startswith("z1"):  # ZeRO-1 in bf16 with fp32 accumulation is DeepSpeed's BF16_Optimizer
-        assert accumulated[0][name]["optimizer"] == "BF16_Optimizer"
+    # ZeRO-1 in bf16 with fp32 accumulation is DeepSpeed's BF16_Optimizer, unless offloaded (ZeRO's optimizer)
+    want = "BF16_Optimizer" if name.startswith(("z1", "tp2_z1")) and "offload" not in name else "DeepSpeedZero"
+    assert accumulated[0][name]["optimizer"].startswith(want), accumulated[0][name]
 
 
 @pytest.mark.parametrize("name", ["z1_bf16", "z2_bf16"])
