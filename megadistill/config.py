@@ -208,6 +208,8 @@ class TrainConfig:
     # over DP ranks in: fp32 (Megatron's default; +4 bytes per parameter at ZeRO-1, 4/dp at ZeRO-2/3, twice the
     # gradient bytes on the wire) | bf16 (one rounding per micro-batch) | auto (fp32, bf16 at zero.stage=0, where
     # DeepSpeed's bf16 optimizer has no fp32 accumulation). fp32 runs accumulate in fp32.
+    grad_reduce_dtype: str = "auto"  # bf16 runs: dtype of the gradients' DP reductions: auto (the accumulation
+    # dtype) | bf16 (with fp32 accumulation: half the bytes on the wire, one bf16 rounding per reduction) | fp32
     z_loss: float = 1e-4  # lambda_Z
     seed: int = 0
     log_interval: int = 1  # steps between train.jsonl lines
@@ -288,6 +290,15 @@ class Config:
             raise ConfigError("train.grad_accum_dtype=fp32 with train.precision=bf16 needs zero.stage >= 1: "
                               "DeepSpeed's bf16 optimizer without ZeRO accumulates gradients in bf16; set zero.stage=1 "
                               "(on one DP rank it partitions nothing) or train.grad_accum_dtype=bf16")
+        _choice("train.grad_reduce_dtype", t.grad_reduce_dtype, ("auto", "fp32", "bf16"))
+        if t.grad_reduce_dtype == "bf16" and t.precision == "fp32":
+            raise ConfigError("train.grad_reduce_dtype=bf16 needs train.precision=bf16; drop it or set "
+                              "train.grad_reduce_dtype=auto")
+        accum16 = t.precision == "bf16" and (t.grad_accum_dtype == "bf16" or (t.grad_accum_dtype == "auto"
+                                                                              and z.stage == 0))
+        if t.grad_reduce_dtype == "fp32" and accum16:
+            raise ConfigError("train.grad_reduce_dtype=fp32 needs gradients accumulated in fp32 (train.grad_accum_dtype"
+                              "=fp32 or auto, with zero.stage >= 1): bf16 sums reduced in fp32 come back as bf16")
         t.compile = str(t.compile).lower()  # a YAML / dotlist boolean arrives as True / False
         _choice("train.compile", t.compile, ("true", "false", "auto"))
         _choice("train.compile_backend", t.compile_backend, ("inductor", "aot_eager", "eager"))

@@ -157,6 +157,25 @@ def test_estimate_terms_follow_the_layout():
     z3, z3_16 = est("train.precision=bf16", "zero.stage=3"), est("train.precision=bf16", "zero.stage=3", acc16)
     assert z3["gradients"] == pytest.approx(4 * p / 4) and z3_16["gradients"] == pytest.approx(2 * p / 4)
     assert z3["zero_buffers"] - z3_16["zero_buffers"] == 2 * 50_000_000  # the bucket: fp32 instead of bf16
+    z3_r16 = est("train.precision=bf16", "zero.stage=3", "train.grad_reduce_dtype=bf16")
+    assert z3_r16["gradients"] == z3["gradients"] and z3_r16["zero_buffers"] == z3_16["zero_buffers"]
+
+
+def test_step_time_counts_the_reduction_dtype():
+    """DP traffic: fp32 reductions move twice the gradient bytes; ZeRO-1 with fp32 accumulation (BF16_Optimizer)
+    all-reduces; bf16 reductions of fp32 sums move what bf16 accumulation moved, except at ZeRO-1 (all-reduce)."""
+    m = memory.resolve_model("975M")
+
+    def dp_s(stage, **kw):
+        lay = memory.Layout(tp_size=1, zero_stage=stage, micro_batch_size=1, **kw)
+        return memory.step_time(m, lay, 64, 4096, 256, "bf16")["dp_comm_s"]
+
+    for stage, gas in ((2, 4), (3, 4)):  # 256 sequences / (1 x 64 ranks): 4 micro-batches
+        fp32, r16, a16 = dp_s(stage), dp_s(stage, grad_reduce="bf16"), dp_s(stage, grad_accum="bf16")
+        assert r16 == pytest.approx(a16) and fp32 > 1.3 * r16, (stage, fp32, r16)
+    # ZeRO-1: reduce-scatter + all-gather (2 P bf16 each) vs all-reduce of 4 P (fp32) or 2 P (bf16) + all-gather
+    assert dp_s(1) / dp_s(1, grad_accum="bf16") == pytest.approx((2 * 4 + 2) / (2 + 2))
+    assert dp_s(1, grad_reduce="bf16") / dp_s(1, grad_accum="bf16") == pytest.approx((2 * 2 + 2) / (2 + 2))
 
 
 def test_estimate_reads_the_teacher_from_its_weights(tmp_path):

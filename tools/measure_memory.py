@@ -62,6 +62,11 @@ CASES: Dict[str, tuple] = {
                                         "train.grad_accum_dtype=bf16"]),
     "sup_z2_w2_bf16_gas2": (2, ["zero.stage=2", "train.precision=bf16", f"train.global_batch_size={4 * MB}"]),
     "sup_z3_w2_bf16_gas2": (2, ["zero.stage=3", "train.precision=bf16", f"train.global_batch_size={4 * MB}"]),
+    # fp32 accumulation, bf16 reductions (train.grad_reduce_dtype=bf16)
+    "sup_z1_w2_bf16_gas2_bf16reduce": (2, ["zero.stage=1", "train.precision=bf16", f"train.global_batch_size={4 * MB}",
+                                           "train.grad_reduce_dtype=bf16"]),
+    "sup_z3_w2_bf16_gas2_bf16reduce": (2, ["zero.stage=3", "train.precision=bf16", f"train.global_batch_size={4 * MB}",
+                                           "train.grad_reduce_dtype=bf16"]),
     "sup_z3_w2": (2, ["zero.stage=3"]),
     "sup_tp2_z1": (2, ["zero.stage=1", "parallel.tp_size=2"]),
     "sup_tp2_z1_sp": (2, ["zero.stage=1", "parallel.tp_size=2", "parallel.sequence_parallel=true"]),

@@ -54,6 +54,7 @@ class Layout:
     bucket_size: int = 50_000_000  # ZeRO reduce / prefetch bucket (elements)
     sequence_parallel: bool = False  # parallel.sequence_parallel (no effect at tp_size 1)
     grad_accum: str = "auto"  # train.grad_accum_dtype: auto | fp32 | bf16 (bf16 runs; see fp32_accumulation)
+    grad_reduce: str = "auto"  # train.grad_reduce_dtype: auto (as accumulated) | fp32 | bf16
 
     def describe(self) -> str:
         ck = self.checkpointing if self.checkpointing != "every_k" else f"every_{self.checkpoint_every_k}"
@@ -71,6 +72,15 @@ def fp32_accumulation(layout: Layout, zero_stage: int, precision: str) -> bool:
     engine runs: DeepSpeed's BF16_Optimizer at ZeRO-1 (a full fp32 gradient buffer, all-reduced at the boundary),
     fp32 gradient partitions at ZeRO-2/3 (reduce-scattered in fp32 every micro-step)."""
     return precision == "bf16" and zero_stage >= 1 and layout.grad_accum != "bf16"
+
+
+def reduce_bytes(layout: Layout, zero_stage: int, precision: str) -> int:
+    """Bytes per gradient element in the DP reductions (train.engine.grad_reduce_dtype)."""
+    if precision == "fp32":
+        return 4
+    if layout.grad_reduce == "auto":
+        return 4 if fp32_accumulation(layout, zero_stage, precision) else 2
+    return 4 if layout.grad_reduce == "fp32" else 2
 
 
 def resolve_model(model: Union[str, ModelConfig], role: str = "model") -> ModelConfig:
@@ -175,6 +185,7 @@ def estimate_layout(student: ModelConfig, layout: Layout, world_size: int, seq_l
     P, share = sp["total"], (dp if z >= 1 else 1)
     acc32 = fp32_accumulation(layout, z, precision)
     bf16_opt = acc32 and z == 1  # DeepSpeed's BF16_Optimizer
+    rb = reduce_bytes(layout, z, precision)
 
     weights = wb * P / (dp if z == 3 else 1)
     master = 4 * P / share if (wb == 2 or z >= 1) else 0.0  # ZeRO 1-3 clone an fp32 partition even for fp32 models
@@ -188,8 +199,8 @@ def estimate_layout(student: ModelConfig, layout: Layout, world_size: int, seq_l
     common = {"student_weights": weights, "optimizer_states": optim, "teacher_weights": teacher_w}
 
     bucket = wb * layout.bucket_size if z >= 1 else 0.0  # ZeRO's contiguous reduce (ipg) buffer
-    if acc32 and z == 3:  # its reduce bucket is cast to fp32 for the reduce-scatter (measured)
-        bucket = 4 * layout.bucket_size
+    if acc32 and z == 3:  # its reduce bucket is in the reduction's dtype (fp32 unless train.grad_reduce_dtype=bf16)
+        bucket = rb * layout.bucket_size
     gathered = wb * min(P, ZERO3_MAX_LIVE, ZERO3_MAX_REUSE // 2 + layout.bucket_size) if z == 3 else 0.0
     # ZeRO-1/2 copy reduced gradients into a buffer holding every parameter that overlaps this rank's partition:
     # P/dp plus the parameters straddling its ends, i.e. whole single-tensor groups (embedding, head) and about
@@ -220,8 +231,8 @@ def estimate_layout(student: ModelConfig, layout: Layout, world_size: int, seq_l
 
     # end of backward: stage 1 still holds every parameter's gradient while it reduces them into its partition
     end_grads = {0: wb * P, 1: wb * P + grads_partition, 2: grads_partition, 3: grads_partition}[z]
-    if bf16_opt:  # all-reduced (DP > 1) through flat fp32 copies of up to ALLREDUCE_BUFFER elements
-        end_grads = grads_partition + (4 * min(P, ALLREDUCE_BUFFER) if dp > 1 else 0.0)
+    if bf16_opt:  # all-reduced (DP > 1) through flat fp32 copies of up to ALLREDUCE_BUFFER elements (+ a bf16 cast)
+        end_grads = grads_partition + ((4 + (2 if rb == 2 else 0)) * min(P, ALLREDUCE_BUFFER) if dp > 1 else 0.0)
     # optimizer step: stage 0 bf16 makes fp32 copies of all gradients; ZeRO 1-3 flatten the partition's gradients
     # into the fp32 partition's .grad; foreach Adam adds a sqrt(v) temporary of its largest group; stage 0 with
     # DP all-reduces through flat gradient copies
@@ -263,7 +274,8 @@ def layout_of(cfg: Config) -> Layout:
                   teacher_zero3=d.teacher_zero3, bucket_size=cfg.zero.bucket_size,
                   # unset: 1024 eager; the compiled kernel's GPU chunk is sized to the same bytes
                   chunk_tokens=d.chunk_tokens or 1024,
-                  sequence_parallel=cfg.parallel.sequence_parallel, grad_accum=cfg.train.grad_accum_dtype)
+                  sequence_parallel=cfg.parallel.sequence_parallel, grad_accum=cfg.train.grad_accum_dtype,
+                  grad_reduce=cfg.train.grad_reduce_dtype)
 
 
 def estimate(cfg: Config, world_size: int, teacher: Union[None, str, ModelConfig] = None,
@@ -334,7 +346,7 @@ def step_time(student: ModelConfig, layout: Layout, world_size: int, seq_len: in
         P = rank_params(student, tp)["total"]
         z = zero_stage_at(layout.zero_stage, dp, precision)
         acc32 = fp32_accumulation(layout, z, precision)
-        g, w = (4 if acc32 else wb) * P, wb * P  # gradient bytes (fp32 accumulation reduces in fp32), weight bytes
+        g, w = reduce_bytes(layout, z, precision) * P, wb * P  # gradient bytes on the wire, weight bytes
         frac = (dp - 1) / dp
         # ZeRO-1 with fp32 accumulation (BF16_Optimizer) all-reduces the fp32 gradient, then all-gathers weights
         per_step = {0: 2 * frac * g, 1: (2 * frac * g if acc32 else frac * g) + frac * w,
@@ -361,7 +373,8 @@ def plan(student: Union[str, ModelConfig], teacher: Union[None, str, ModelConfig
          seq_len: int = 4096, global_batch_tokens: int = 2 ** 22, precision: str = "bf16",
          teacher_dtype: str = "bf16", hardware: Hardware = Hardware(), micro_batches=(1, 2, 4, 8, 16, 32),
          checkpointing=("off", "full"), zero_stages=(0, 1, 2, 3), fused=(False, True), chunk_tokens: int = 1024,
-         bucket_size: int = 50_000_000, sequence_parallel=(False, True), grad_accum_dtype: str = "auto") -> List[Dict]:
+         bucket_size: int = 50_000_000, sequence_parallel=(False, True), grad_accum_dtype: str = "auto",
+         grad_reduce_dtype: str = "auto") -> List[Dict]:
     """Every layout with its memory and step time; fitting ones first, fastest first (then leanest), then the rest
     by memory. Raises UserError for impossible inputs (unknown size, batch that does not split, nothing fits)."""
     smodel, tmodel = resolve_model(student, "student"), (resolve_model(teacher, "teacher") if teacher else None)
@@ -377,6 +390,8 @@ def plan(student: Union[str, ModelConfig], teacher: Union[None, str, ModelConfig
     # one DP rank: only the stages the engine would run there (train.engine.zero_stage_at); in bf16 ZeRO-1 first:
     # same modelled memory and time as stage 0, whose unfused optimizer's per-parameter host syncs the step-time model
     # does not count
+    if precision == "bf16" and grad_accum_dtype == "bf16" and grad_reduce_dtype == "fp32":
+        raise UserError("--grad-reduce-dtype fp32 needs fp32 accumulation (--grad-accum-dtype auto or fp32)")
     if precision == "bf16" and grad_accum_dtype != "bf16":
         # stage 0 in bf16 accumulates gradients in bf16 (DeepSpeed has no fp32 path there): a change of numerics, not
         # of layout, so it is planned only when asked for (grad_accum_dtype=bf16)
@@ -394,7 +409,8 @@ def plan(student: Union[str, ModelConfig], teacher: Union[None, str, ModelConfig
                         if sq and seq_len % tp:
                             continue
                         lay = Layout(tp, z, mb, ck, fused=fu, teacher_zero3=t3, chunk_tokens=chunk_tokens,
-                                     bucket_size=bucket_size, sequence_parallel=sq, grad_accum=grad_accum_dtype)
+                                     bucket_size=bucket_size, sequence_parallel=sq, grad_accum=grad_accum_dtype,
+                                     grad_reduce=grad_reduce_dtype)
                         args = (smodel, lay, gpus, seq_len, batch, precision, tmodel, teacher_dtype, hardware)
                         mem = estimate_layout(*args)
                         rows.append({"layout": asdict(lay), "describe": lay.describe(), "memory": mem,
@@ -440,12 +456,14 @@ def _plan_command(args) -> int:
                 global_batch_tokens=args.global_batch_tokens, precision=args.precision, teacher_dtype=args.teacher_dtype,
                 hardware=hw, checkpointing=tuple(args.checkpointing), chunk_tokens=args.chunk_tokens,
                 bucket_size=args.bucket_size, grad_accum_dtype=args.grad_accum_dtype,
+                grad_reduce_dtype=args.grad_reduce_dtype,
                 sequence_parallel={"off": (False,), "on": (True,), "both": (False, True)}[args.sequence_parallel])
     n_fit = sum(r["fits"] for r in rows)
     if args.json:
         print(json.dumps({"student": args.student, "teacher": args.teacher, "gpus": args.gpus,
                           "seq_len": args.seq_len, "global_batch_tokens": args.global_batch_tokens,
                           "precision": args.precision, "grad_accum_dtype": args.grad_accum_dtype,
+                          "grad_reduce_dtype": args.grad_reduce_dtype,
                           "teacher_dtype": args.teacher_dtype, "hardware": asdict(hw),
                           "fitting": n_fit, "layouts": rows[:args.top] if args.top else rows}, indent=1))
         return 0
@@ -480,6 +498,8 @@ def register(sub) -> None:
     p.add_argument("--teacher-dtype", choices=("bf16", "fp32"), default="bf16")
     p.add_argument("--grad-accum-dtype", choices=("auto", "fp32", "bf16"), default="auto",
                    help="train.grad_accum_dtype of a bf16 run (auto: fp32 with ZeRO 1-3, bf16 at stage 0)")
+    p.add_argument("--grad-reduce-dtype", choices=("auto", "fp32", "bf16"), default="auto",
+                   help="train.grad_reduce_dtype of a bf16 run (auto: the accumulation dtype)")
     p.add_argument("--checkpointing", nargs="+", choices=("off", "full"), default=["off", "full"])
     p.add_argument("--chunk-tokens", type=int, default=1024, help="token chunk of the fused loss")
     p.add_argument("--sequence-parallel", choices=("off", "on", "both"), default="both",

@@ -44,10 +44,11 @@ def _flat(d: Dict, prefix: str = "") -> Dict[str, object]:
 
 def config_differences(saved: Config, cfg: Config) -> List[Tuple[str, object, object]]:
     """(key, checkpoint's value, this run's value) for every math-changing key that differs. train.grad_accum_dtype
-    is compared as resolved (auto is fp32 or bf16, megadistill.train.engine.grad_accum_dtype)."""
-    from megadistill.train.engine import grad_accum_dtype
+    and train.grad_reduce_dtype are compared as resolved (auto is fp32 or bf16, megadistill.train.engine)."""
+    from megadistill.train.engine import grad_accum_dtype, grad_reduce_dtype
     a, b = _flat(config_mod.to_dict(saved)), _flat(config_mod.to_dict(cfg))
-    a["train.grad_accum_dtype"], b["train.grad_accum_dtype"] = grad_accum_dtype(saved), grad_accum_dtype(cfg)
+    for key, resolve in (("train.grad_accum_dtype", grad_accum_dtype), ("train.grad_reduce_dtype", grad_reduce_dtype)):
+        a[key], b[key] = resolve(saved), resolve(cfg)
     return [(k, a.get(k), b.get(k)) for k in sorted(set(a) | set(b))
             if k not in MAY_CHANGE and a.get(k) != b.get(k)]
 
