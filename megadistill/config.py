@@ -5,7 +5,7 @@ import dataclasses
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, ValidationError
@@ -26,6 +26,18 @@ def _choice(key: str, value, allowed) -> None:
 def _positive(key: str, value, allow_zero: bool = False) -> None:
     if value is None or (value < 0 if allow_zero else value <= 0):
         raise ConfigError(f"{key}={value!r} must be {'>= 0' if allow_zero else '> 0'}")
+
+
+def grad_dtypes(precision: str, zero_stage: int, accum: str = "auto", reduce: str = "auto") -> Tuple[str, str]:
+    """(accumulation dtype, DP-reduction dtype) of the gradients, train.grad_accum_dtype / grad_reduce_dtype resolved
+    (the one rule the engine, the resume check and the memory model read). fp32 runs: fp32. bf16 runs: fp32
+    accumulation unless bf16 is asked for; at ZeRO stage 0 always bf16 (DeepSpeed's bf16 optimizer without ZeRO has
+    no fp32 accumulation; validate() refuses an explicit fp32 there). Reductions follow the accumulation (auto) or
+    are as asked."""
+    if precision == "fp32":
+        return "fp32", "fp32"
+    acc = "bf16" if zero_stage == 0 or accum == "bf16" else "fp32"
+    return acc, (acc if reduce == "auto" else reduce)
 
 
 @dataclass
@@ -294,9 +306,7 @@ class Config:
         if t.grad_reduce_dtype == "bf16" and t.precision == "fp32":
             raise ConfigError("train.grad_reduce_dtype=bf16 needs train.precision=bf16; drop it or set "
                               "train.grad_reduce_dtype=auto")
-        accum16 = t.precision == "bf16" and (t.grad_accum_dtype == "bf16" or (t.grad_accum_dtype == "auto"
-                                                                              and z.stage == 0))
-        if t.grad_reduce_dtype == "fp32" and accum16:
+        if t.grad_reduce_dtype == "fp32" and grad_dtypes(t.precision, z.stage, t.grad_accum_dtype)[0] == "bf16":
             raise ConfigError("train.grad_reduce_dtype=fp32 needs gradients accumulated in fp32 (train.grad_accum_dtype"
                               "=fp32 or auto, with zero.stage >= 1): bf16 sums reduced in fp32 come back as bf16")
         t.compile = str(t.compile).lower()  # a YAML / dotlist boolean arrives as True / False

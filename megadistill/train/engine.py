@@ -7,7 +7,7 @@ from typing import List
 
 import torch
 
-from megadistill.config import Config
+from megadistill.config import Config, grad_dtypes
 from megadistill.model import mup
 from megadistill.parallel.groups import ParallelGroups
 
@@ -40,12 +40,7 @@ def grad_accum_dtype(cfg: Config) -> str:
     Why fp32: with bf16 accumulation each micro-batch's gradient is added to a bf16 sum, one rounding (relative
     2^-9) per add: measured on a tiny model against the exact sum of the micro-batch gradients, 0.26% relative error
     at 4 micro-batches, 0.43% at 16, where fp32 accumulation and reduction leave ~3e-9 (tests/test_grad_accum.py)."""
-    t = cfg.train
-    if t.precision == "fp32":
-        return "fp32"
-    if t.grad_accum_dtype == "auto":
-        return "bf16" if cfg.zero.stage == 0 else "fp32"
-    return t.grad_accum_dtype
+    return _grad_dtypes(cfg)[0]
 
 
 def grad_reduce_dtype(cfg: Config) -> str:
@@ -53,9 +48,12 @@ def grad_reduce_dtype(cfg: Config) -> str:
     bf16 is asked for. bf16 with fp32 accumulation halves the bytes on the wire; each reduction rounds once (ZeRO-1:
     the fp32 sum at the boundary; ZeRO-2/3: every micro-batch's gradient), so the error does not grow with the
     number of micro-batches (measured 0.1-0.2%, tests/test_grad_accum.py)."""
-    if cfg.train.precision == "fp32":
-        return "fp32"
-    return grad_accum_dtype(cfg) if cfg.train.grad_reduce_dtype == "auto" else cfg.train.grad_reduce_dtype
+    return _grad_dtypes(cfg)[1]
+
+
+def _grad_dtypes(cfg: Config):
+    t = cfg.train
+    return grad_dtypes(t.precision, cfg.zero.stage, t.grad_accum_dtype, t.grad_reduce_dtype)
 
 
 def deepspeed_config(cfg: Config, dp_size: int) -> dict:

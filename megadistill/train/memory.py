@@ -8,7 +8,7 @@ from dataclasses import asdict, dataclass
 from itertools import product
 from typing import Dict, List, Optional, Union
 
-from megadistill.config import Config, ModelConfig
+from megadistill.config import Config, ModelConfig, grad_dtypes
 from megadistill.errors import UserError
 from megadistill.train.engine import zero_stage_at
 
@@ -71,16 +71,12 @@ def fp32_accumulation(layout: Layout, zero_stage: int, precision: str) -> bool:
     """Whether a bf16 run accumulates and reduces gradients in fp32 (train.engine.grad_accum_dtype) at the stage the
     engine runs: DeepSpeed's BF16_Optimizer at ZeRO-1 (a full fp32 gradient buffer, all-reduced at the boundary),
     fp32 gradient partitions at ZeRO-2/3 (reduce-scattered in fp32 every micro-step)."""
-    return precision == "bf16" and zero_stage >= 1 and layout.grad_accum != "bf16"
+    return precision == "bf16" and grad_dtypes(precision, zero_stage, layout.grad_accum)[0] == "fp32"
 
 
 def reduce_bytes(layout: Layout, zero_stage: int, precision: str) -> int:
     """Bytes per gradient element in the DP reductions (train.engine.grad_reduce_dtype)."""
-    if precision == "fp32":
-        return 4
-    if layout.grad_reduce == "auto":
-        return 4 if fp32_accumulation(layout, zero_stage, precision) else 2
-    return 4 if layout.grad_reduce == "fp32" else 2
+    return 4 if grad_dtypes(precision, zero_stage, layout.grad_accum, layout.grad_reduce)[1] == "fp32" else 2
 
 
 def resolve_model(model: Union[str, ModelConfig], role: str = "model") -> ModelConfig:
@@ -207,16 +203,16 @@ def estimate_layout(student: ModelConfig, layout: Layout, world_size: int, seq_l
     # two matrices of the hidden group
     matrix = max(student.d_model * student.d_ff, student.d_model * student.n_heads * student.head_dim) // tp
     in_partition = min(P, (P - 2 * sp["vocab"]) / dp + 2 * matrix + 2 * sp["vocab"]) if z in (1, 2) else 0.0
-    grads_partition = {0: wb * P, 1: wb * in_partition, 2: wb * in_partition, 3: wb * P / dp}[z]
-    if acc32 and z >= 2:  # one flat fp32 buffer of exactly this rank's partition
-        grads_partition = 4 * P / dp
+    # fp32 accumulation: BF16_Optimizer's full fp32 gradient (ZeRO-1), one flat fp32 buffer of exactly this rank's
+    # partition (ZeRO-2/3)
+    grads_partition = {0: wb * P, 1: 4 * P if bf16_opt else wb * in_partition,
+                       2: 4 * P / dp if acc32 else wb * in_partition, 3: (4 if acc32 else wb) * P / dp}[z]
     # held through forward/backward: ZeRO-3's flat partition buffer always, others only while accumulating
-    # (stage 0 and 1 reduce at the accumulation boundary, so they hold full gradients until then)
-    grads_fb = grads_partition if z == 3 else ((wb * P if z < 2 else grads_partition) if gas > 1 else 0.0)
-    if bf16_opt:
-        # BF16_Optimizer allocates the full fp32 gradient at start-up and keeps it; each parameter's bf16 gradient is
-        # added to it as soon as autograd has it, and freed (immediate_grad_update, train.engine.deepspeed_config)
-        grads_partition = grads_fb = 4 * P
+    # (stage 0 and 1 reduce at the accumulation boundary, so they hold full gradients until then); BF16_Optimizer
+    # allocates its fp32 gradient at start-up and keeps it, each parameter's bf16 gradient added to it as soon as
+    # autograd has it, and freed (immediate_grad_update, train.engine.deepspeed_config)
+    grads_fb = grads_partition if z == 3 or bf16_opt else (
+        (wb * P if z < 2 else grads_partition) if gas > 1 else 0.0)
 
     acts = activation_bytes(student, n, tp, wb, layout.checkpointing, layout.checkpoint_every_k, layout.sp)
     loss = loss_bytes(n, student, tp, wb, layout.fused, layout.chunk_tokens, teacher, tb)
