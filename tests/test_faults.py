@@ -7,13 +7,12 @@ import shutil
 import subprocess
 import sys
 import textwrap
-import zlib
 from pathlib import Path
 
 import pytest
 
 from dist_harness import run_distributed
-from tiny_runs import tiny_overrides
+from tiny_runs import rewrite_saved_configs, set_manifest_entry, tiny_overrides
 
 pytestmark = pytest.mark.multiproc
 
@@ -77,14 +76,6 @@ def _snapshot(run: Path) -> dict:
     """The logs' bytes and every checkpoint file's bytes (config.yaml is rewritten by each start, by design)."""
     files = [run / "train.jsonl", run / "eval.jsonl", *sorted((run / "checkpoints").rglob("*"))]
     return {str(p): p.read_bytes() for p in files if p.is_file()}
-
-
-def _set_manifest_entry(ckpt: Path, name: str) -> None:
-    """Record `name`'s current size and CRC in the manifest, as a writer of a foreign checkpoint would."""
-    m = json.loads((ckpt / "manifest.json").read_text())
-    data = (ckpt / name).read_bytes()
-    m["files"][name] = {"bytes": len(data), "crc32": zlib.crc32(data)}
-    (ckpt / "manifest.json").write_text(json.dumps(m))
 
 
 class _Exec:
@@ -185,7 +176,7 @@ def _checkpoint_faults(rank, world, root):
     s6 = run / "checkpoints" / "step_00000006"
     marker = root / "payload_ran"
     torch.save({"module": _Exec(marker)}, s6 / "mp_rank_00_model_states.pt")
-    _set_manifest_entry(s6, "mp_rank_00_model_states.pt")
+    set_manifest_entry(s6, "mp_rank_00_model_states.pt")
     out["crafted_error"] = _error(lambda: train(config.load([], tiny_overrides(
         run, "supervised", BASE + ["train.resume=true"]))))
     out["crafted_ran"] = marker.exists()
@@ -292,20 +283,13 @@ def test_disk_full_during_a_checkpoint_is_a_named_error_and_nothing_is_lost(faul
 def _stage0_checkpoint_under_zero1(rank, world, root):
     """A bf16 one-rank run checkpointed at ZeRO stage 0 (as megadistill ran it before it kept ZeRO-1 there), resumed
     by a config saying zero.stage=1: a named error telling how to resume, not DeepSpeed's missing-file failure."""
-    import re
     from megadistill import config
     from megadistill.errors import UserError
     from megadistill.train.trainer import train
     run = Path(root) / "bf16_z0"
     extra = ["train.steps=3", "train.checkpoint_interval=1", "train.eval_tokens=256", "train.precision=bf16"]
     train(config.load([], tiny_overrides(run, "supervised", extra + ["zero.stage=0", "train.stop_after_steps=1"])))
-    for cfg_file in [run / "config.yaml", *run.glob("checkpoints/step_*/config.yaml")]:  # as the old version wrote
-        cfg_file.write_text(re.sub(r"(?m)^  stage: 0$", "  stage: 1", cfg_file.read_text()))
-        manifest = cfg_file.parent / "manifest.json"
-        if manifest.is_file():  # and its checksum, as written then
-            m = json.loads(manifest.read_text())
-            m["files"]["config.yaml"] = {"bytes": cfg_file.stat().st_size, "crc32": zlib.crc32(cfg_file.read_bytes())}
-            manifest.write_text(json.dumps(m))
+    rewrite_saved_configs(run, r"(?m)^  stage: 0$", "  stage: 1")  # as the old version wrote them
     try:
         train(config.load([], tiny_overrides(run, "supervised", extra + ["zero.stage=1", "train.resume=true"])))
     except UserError as e:

@@ -11,7 +11,7 @@ import math
 import pytest
 
 from dist_harness import run_distributed
-from tiny_runs import tiny_overrides
+from tiny_runs import rewrite_saved_configs, tiny_overrides
 
 pytestmark = pytest.mark.multiproc
 
@@ -167,8 +167,6 @@ def _resume_across_versions(rank, world, root):
     bf16) is not resumed in fp32 silently; with train.grad_accum_dtype=bf16 it resumes. A run written with auto
     resumes with fp32 spelt out (the same resolved dtype), on the uninterrupted run's curve."""
     import json
-    import re
-    import zlib
     from pathlib import Path
     from megadistill import config
     from megadistill.config import ConfigError
@@ -179,13 +177,7 @@ def _resume_across_versions(rank, world, root):
     old, new = Path(root) / "old", Path(root) / "new"
     train(config.load([], tiny_overrides(old, "supervised", extra + ["train.grad_accum_dtype=bf16",
                                                                     "train.stop_after_steps=1"])))
-    for cfg_file in [old / "config.yaml", *old.glob("checkpoints/step_*/config.yaml")]:  # as the old version wrote
-        cfg_file.write_text(re.sub(r"(?m)^  grad_accum_dtype: bf16\n", "", cfg_file.read_text()))
-        manifest = cfg_file.parent / "manifest.json"
-        if manifest.is_file():  # and its checksum
-            m = json.loads(manifest.read_text())
-            m["files"]["config.yaml"] = {"bytes": cfg_file.stat().st_size, "crc32": zlib.crc32(cfg_file.read_bytes())}
-            manifest.write_text(json.dumps(m))
+    rewrite_saved_configs(old, r"(?m)^  grad_accum_dtype: bf16\n", "")  # as the old version wrote them
     try:
         train(config.load([], tiny_overrides(old, "supervised", extra + ["train.resume=true"])))
         out["old_default"] = "resumed"
