@@ -72,3 +72,26 @@ def _dp_worker(rank, world):
 def test_evaluate_dp2_counts_each_batch_once():
     for got, ref in run_distributed(_dp_worker, 2):
         _check(got, ref)
+
+
+def test_partial_last_batch_is_padded_to_one_shape_and_counted_once():
+    """eval_tokens not a multiple of micro-batch x seq_len leaves a short last batch: evaluate fills it with ignored
+    rows, so compiled blocks see one shape (one graph, no compile for the eval's last batch) and the losses are
+    still the dense reference's over the real rows."""
+    import torch._dynamo as dynamo
+    from torch._dynamo.utils import counters
+    from megadistill.train.compile import compile_blocks
+
+    cfg, student, teacher, batches = _setup()
+    batches[-1] = {k: v[:1] for k, v in batches[-1].items()}  # rows 2, 2, 1
+    ref = _reference(student, teacher, batches)
+    groups = SimpleNamespace(dp_size=1, dp_rank=0, tp_group=None, dp_group=None)
+    dynamo.reset()
+    counters.clear()
+    compile_blocks(student, backend="eager")
+    compile_blocks(teacher, backend="eager")
+    got = evaluate(student, batches, groups, cfg, torch.device("cpu"), teacher=teacher, with_teacher_loss=True)
+    _check(got, ref)
+    assert counters["stats"]["unique_graphs"] == 2  # one block graph each for student and teacher, not 4
+    assert [b["input_ids"].shape[0] for b in batches] == [2, 2, 1]  # the caller's batches are left as they were
+    dynamo.reset()

@@ -14,6 +14,9 @@ from megadistill.errors import UserError
 
 log = logging.getLogger(__name__)
 
+# A label the losses skip (megadistill.parallel.vocab_parallel.IGNORE_INDEX, torch's cross-entropy default).
+IGNORE_LABEL = -100
+
 
 def doc_ids_of(inputs: np.ndarray, eos_id: int) -> np.ndarray:
     """Document number of each input position within its window: EOS tokens seen strictly before it.
@@ -32,6 +35,20 @@ def make_batch(windows: np.ndarray, eos_id: int) -> dict:
     return {"input_ids": torch.from_numpy(np.ascontiguousarray(inputs)),
             "labels": torch.from_numpy(np.ascontiguousarray(labels)),
             "doc_ids": torch.from_numpy(doc_ids_of(inputs, eos_id))}
+
+
+def pad_batch(batch: dict, rows: int) -> dict:
+    """`batch` grown to `rows` rows by repeating its first row with every label IGNORE_LABEL.
+
+    The extra rows are computed and never counted, so a forward keeps one shape (one compiled graph) for the
+    whole eval set while the losses over it are unchanged.
+    """
+    b = batch["input_ids"].shape[0]
+    if b >= rows:
+        return batch
+    out = {k: torch.cat([v, v[:1].expand(rows - b, *v.shape[1:])]) for k, v in batch.items()}
+    out["labels"][b:] = IGNORE_LABEL
+    return out
 
 
 # A document stream yields (resume_state, tokens with EOS); restart(state) makes the next item the

@@ -10,6 +10,7 @@ from torch import nn
 
 from megadistill import config as config_mod
 from megadistill.config import Config
+from megadistill.data.packing import pad_batch
 from megadistill.laws import records
 from megadistill.model.sizes import params_of
 from megadistill.train.metrics import forward_flops
@@ -31,13 +32,17 @@ def evaluate(student: nn.Module, batches: List[Dict[str, torch.Tensor]], groups:
     sums = torch.zeros(4, dtype=torch.float64)  # [ce, tokens, kl, teacher ce]
     # Every DP rank runs the same number of forwards: under ZeRO-3 each forward all-gathers parameters across the DP
     # group, so a rank with one batch fewer would leave the others waiting. Padding forwards reuse batch 0, uncounted.
+    # A partial batch (the last one, when eval_tokens is not a multiple of micro-batch x seq_len) is filled up to
+    # batch 0's rows with ignored labels: one input shape for the whole eval, so a compiled model compiles no graph
+    # for it (past torch._dynamo's recompile limit it would run eager).
+    rows = batches[0]["input_ids"].shape[0] if batches else 0
     per_rank = -(-len(batches) // groups.dp_size)
     kernel = cfg.distill.loss_kernel
     chunk = chunk_tokens_for(cfg.distill.chunk_tokens, kernel, device)
     for j in range(per_rank):
         i = j * groups.dp_size + groups.dp_rank
         counted = i < len(batches)
-        batch = batches[i] if counted else batches[0]
+        batch = pad_batch(batches[i] if counted else batches[0], rows)
         ids = batch["input_ids"].to(device)
         labels = batch["labels"].to(device)
         doc_ids = batch["doc_ids"].to(device) if cfg.data.document_mask else None
