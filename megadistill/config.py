@@ -43,7 +43,7 @@ def grad_dtypes(precision: str, zero_stage: int, accum: str = "auto", reduce: st
 @dataclass
 class ModelConfig:
     size: Optional[str] = None  # a name from megadistill.model.sizes ("546M", "tiny-2M") or hf:PATH (a local HF
-    # Qwen3 / Llama folder's config.json); fills the shape fields below
+    # Qwen3 / Qwen2 / Llama / Mistral folder's config.json); fills the shape fields below
     n_layers: int = 2  # transformer blocks
     d_model: int = 128  # residual width
     n_heads: int = 4  # attention (query) heads
@@ -61,6 +61,9 @@ class ModelConfig:
     tie_embeddings: bool = False  # the output head shares the input embedding matrix
     norm_eps: float = 1e-5  # RMSNorm epsilon
     qk_norm: bool = True  # RMSNorm on queries and keys per head
+    qkv_bias: bool = False  # biases on the Q, K and V projections (Qwen2 / Qwen2.5)
+    sliding_window: int = 0  # an imported model's attention window (Mistral's sliding_window); 0 = none. We run full
+    # causal attention, which is the same function while train.seq_len <= sliding_window (checked)
     attention: str = "sdpa"  # flash | sdpa | eager
     kernels: str = "torch"  # torch | liger: RMSNorm, SwiGLU and RoPE as our torch ops or Liger-Kernel's Triton kernels
     # (CUDA + pip install liger-kernel; checked when the model is built)
@@ -105,6 +108,8 @@ class ModelConfig:
             if not 0 < self.rope_low_freq_factor < self.rope_high_freq_factor:
                 raise ConfigError(f"{prefix}.rope_low_freq_factor={self.rope_low_freq_factor} must be > 0 and < "
                                   f"{prefix}.rope_high_freq_factor={self.rope_high_freq_factor}")
+        if self.sliding_window < 0:
+            raise ConfigError(f"{prefix}.sliding_window={self.sliding_window} must be >= 0 (0 = full causal attention)")
         _choice(f"{prefix}.attention", self.attention, ("flash", "sdpa", "eager"))
         _choice(f"{prefix}.kernels", self.kernels, ("torch", "liger"))
         _choice(f"{prefix}.activation_checkpointing", self.activation_checkpointing, ("off", "full", "every_k"))
@@ -114,7 +119,7 @@ class ModelConfig:
 # the fields an hf:PATH size fills (everything of the architecture; attention backend and checkpointing stay ours)
 HF_SHAPE_KEYS = ("n_layers", "d_model", "n_heads", "n_kv_heads", "head_dim", "d_ff", "vocab_size", "rope_base",
                  "rope_scaling", "rope_factor", "rope_low_freq_factor", "rope_high_freq_factor",
-                 "rope_original_max_position", "norm_eps", "qk_norm", "tie_embeddings")
+                 "rope_original_max_position", "norm_eps", "qk_norm", "qkv_bias", "sliding_window", "tie_embeddings")
 
 
 def _size_shape(size: str) -> Dict:
@@ -269,6 +274,11 @@ class Config:
             raise ConfigError(f"parallel.tp_size={p.tp_size} does not divide model.vocab_size={m.vocab_size}")
         if m.d_ff % p.tp_size:
             raise ConfigError(f"parallel.tp_size={p.tp_size} does not divide model.d_ff={m.d_ff}")
+        if m.sliding_window and self.train.seq_len > m.sliding_window:
+            raise ConfigError(f"train.seq_len={self.train.seq_len} exceeds model.sliding_window={m.sliding_window}: "
+                              "the model was trained to attend to its last sliding_window tokens only, and megadistill "
+                              "runs full causal attention (the same function up to that length); use a train.seq_len "
+                              f"<= {m.sliding_window}")
         if not isinstance(p.sequence_parallel, bool):
             raise ConfigError(f"parallel.sequence_parallel={p.sequence_parallel!r} must be true or false")
         if p.sequence_parallel and self.train.seq_len % p.tp_size:

@@ -1,4 +1,5 @@
-"""Tiny random Hugging Face Qwen3 / Llama checkpoints written locally (no download) for the interop tests."""
+"""Tiny random Hugging Face Qwen3 / Qwen2 / Llama / Mistral checkpoints written locally (no download) for the interop
+tests."""
 import json
 from pathlib import Path
 
@@ -7,21 +8,30 @@ import torch
 LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                "original_max_position_embeddings": 64}
 
-# name -> (family, n_kv_heads, tied): GQA and MHA, tied and untied, QK-norm (qwen3) and not (llama)
+# name -> (family, n_kv_heads, tied): GQA and MHA, tied and untied, QK-norm (qwen3) and not (llama), Q/K/V biases
+# (qwen2), a sliding window as long as the tiny runs' sequences (mistral: full causal attention up to that length)
 VARIANTS = {"qwen3_gqa": ("qwen3", 2, False), "qwen3_mha_tied": ("qwen3", 4, True),
-            "llama_gqa_tied": ("llama", 2, True), "llama_mha": ("llama", 4, False)}
+            "llama_gqa_tied": ("llama", 2, True), "llama_mha": ("llama", 4, False),
+            "qwen2_gqa_tied": ("qwen2", 2, True), "mistral_gqa": ("mistral", 2, False)}
+MISTRAL_WINDOW = 32  # = the tiny runs' train.seq_len (the interop logits are checked on 24 tokens)
 
 
 def make_hf(folder, family="qwen3", n_kv_heads=2, tied=False, vocab=128, seed=0, max_shard_size=None,
             dtype=torch.float32, n_layers=2, d_model=64):
     """Save a random tiny model (every weight, norm gains included, drawn at random) with save_pretrained."""
-    from transformers import LlamaConfig, LlamaForCausalLM, Qwen3Config, Qwen3ForCausalLM
+    from transformers import (LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config,
+                              Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM)
 
     common = dict(vocab_size=vocab, hidden_size=d_model, intermediate_size=96, num_hidden_layers=n_layers,
                   num_attention_heads=4, num_key_value_heads=n_kv_heads, tie_word_embeddings=tied,
                   max_position_embeddings=256)
     if family == "qwen3":
         model = Qwen3ForCausalLM(Qwen3Config(head_dim=24, rope_theta=10000.0, rms_norm_eps=1e-6, **common))
+    elif family == "qwen2":  # biases on Q, K, V (drawn at random below like every weight)
+        model = Qwen2ForCausalLM(Qwen2Config(rope_theta=1000000.0, rms_norm_eps=1e-6, **common))
+    elif family == "mistral":
+        model = MistralForCausalLM(MistralConfig(head_dim=20, rope_theta=10000.0, rms_norm_eps=1e-5,
+                                                 sliding_window=MISTRAL_WINDOW, **common))
     else:
         model = LlamaForCausalLM(LlamaConfig(rope_scaling=dict(LLAMA3_ROPE), rope_theta=500000.0, rms_norm_eps=1e-5,
                                              **common))

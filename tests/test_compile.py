@@ -264,7 +264,8 @@ def _tp2_dp2_zero3_sp(rank, world, root):
         counters.clear()
         over = tiny_overrides(root / comp, "supervised", [
             "train.steps=3", "parallel.tp_size=2", "parallel.sequence_parallel=true", "zero.stage=3",
-            f"train.compile={comp}", "train.compile_backend=aot_eager", "train.eval_tokens=160"])
+            f"train.compile={comp}", "train.compile_backend=aot_eager", "train.eval_tokens=160",
+            "model.qkv_bias=true"])
         train(config.load([], over, world_size=world))
         out[comp] = _losses(root / comp)
         out[f"{comp}_graphs"] = counters["stats"]["unique_graphs"]
@@ -273,8 +274,9 @@ def _tp2_dp2_zero3_sp(rank, world, root):
 
 @pytest.mark.multiproc
 def test_compiled_tp2_dp2_zero3_sequence_parallel_equals_eager(tmp_path):
-    """TP=2 x DP=2, ZeRO-3, sequence parallelism: the Q/K/V and gate/up entries read their columns' weights, which
-    ZeRO-3 gathers for them as registered external parameters, also around compiled blocks; same curve as eager."""
+    """TP=2 x DP=2, ZeRO-3, sequence parallelism: the Q/K/V and gate/up entries read their columns' weights (and the
+    Q/K/V biases, model.qkv_bias), which ZeRO-3 gathers for them as registered external parameters, also around
+    compiled blocks; same curve as eager."""
     out = run_distributed(_tp2_dp2_zero3_sp, 4, str(tmp_path), timeout=900)[0]
     assert out["true_graphs"] > 0 and out["false_graphs"] == 0 and len(out["false"]) == 3
     torch.testing.assert_close(torch.tensor(out["true"]), torch.tensor(out["false"]), rtol=0, atol=AOT_EAGER_ATOL)

@@ -10,7 +10,7 @@ import torch.distributed as dist
 from torch.testing import assert_close
 
 from dist_harness import run_distributed
-from hf_models import VARIANTS, edit_config, hf_logits, make_hf
+from hf_models import MISTRAL_WINDOW, VARIANTS, edit_config, hf_logits, make_hf
 from tiny_runs import tiny_overrides
 
 from megadistill import config
@@ -57,7 +57,10 @@ def test_teacher_logits_equal_transformers_tp1(hf_dirs, tmp_path, name):
     assert all(not p.requires_grad for p in teacher.module.parameters())
     family, kv, tied = VARIANTS[name]
     m = teacher.model_cfg
-    assert (m.n_kv_heads, m.tie_embeddings, m.qk_norm) == (kv, tied, family == "qwen3")
+    assert (m.n_kv_heads, m.tie_embeddings, m.qk_norm, m.qkv_bias) == (kv, tied, family == "qwen3", family == "qwen2")
+    assert m.sliding_window == (MISTRAL_WINDOW if family == "mistral" else 0)
+    if family == "qwen2":  # the biases are loaded (drawn at random in the checkpoint, so the logits depend on them)
+        assert float(teacher.module.blocks[0].attn.wk.bias.abs().sum()) > 0
     assert m.rope_scaling == ("llama3" if family == "llama" else "default")
     if tied:
         assert teacher.module.head.weight is teacher.module.embed.weight
@@ -144,12 +147,17 @@ def _train_tiny(run_dir, extra):
     run_distributed(_train_worker, 1, str(run_dir), list(extra), timeout=600)
 
 
+EXPORT_ARCH = {"qwen3_gqa_tied": "Qwen3ForCausalLM", "llama_rope3": "LlamaForCausalLM",
+               "qwen2_gqa_tied": "Qwen2ForCausalLM"}
+
+
 @pytest.mark.parametrize("shape", [
     ["model.n_kv_heads=2", "model.tie_embeddings=true"],  # -> Qwen3ForCausalLM (QK-norm), GQA, tied
     ["model.qk_norm=false", "model.rope_scaling=llama3", "model.rope_factor=8", "model.rope_original_max_position=64",
      "model.rope_base=10000"],  # -> LlamaForCausalLM with llama3 RoPE
-], ids=["qwen3_gqa_tied", "llama_rope3"])
-def test_export_hf_loads_in_transformers_and_round_trips(tmp_path, shape):
+    ["model.qk_norm=false", "model.qkv_bias=true", "model.n_kv_heads=2", "model.tie_embeddings=true"],  # -> Qwen2
+], ids=list(EXPORT_ARCH))
+def test_export_hf_loads_in_transformers_and_round_trips(tmp_path, shape, request):
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
@@ -162,12 +170,14 @@ def test_export_hf_loads_in_transformers_and_round_trips(tmp_path, shape):
     assert main(["export", str(run), "--format", "hf", "-o", str(tmp_path / "hf")]) == 0
     hf = AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf")).eval()
     arch = json.loads((tmp_path / "hf" / "config.json").read_text())["architectures"][0]
-    assert arch == ("LlamaForCausalLM" if "model.qk_norm=false" in shape else "Qwen3ForCausalLM")
+    assert arch == EXPORT_ARCH[request.node.callspec.id]
     assert type(hf).__name__ == arch
     # our model from the run's weights (what eval uses) vs transformers on the exported folder
     tcfg = teacher_model_config(run / "model")
     ours = Transformer(tcfg.model).eval()
     load_sharded_weights(ours, run / "model", ParallelGroups.single())
+    if tcfg.model.qkv_bias:  # trained from 0: the export carries biases that matter
+        assert float(ours.blocks[0].attn.wq.bias.detach().abs().min()) > 0
     with torch.no_grad():
         assert_close(hf(IDS).logits, ours(IDS))
         gen = hf.generate(IDS[:1, :5], max_new_tokens=6, do_sample=False, pad_token_id=0)
@@ -178,7 +188,7 @@ def test_export_hf_loads_in_transformers_and_round_trips(tmp_path, shape):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) and a[k].dtype == b[k].dtype for k in a)
     back = teacher_model_config(tmp_path / "back").model
     for key in ("n_layers", "d_model", "n_heads", "n_kv_heads", "head_dim", "d_ff", "vocab_size", "rope_base",
-                "rope_scaling", "rope_factor", "norm_eps", "qk_norm", "tie_embeddings"):
+                "rope_scaling", "rope_factor", "norm_eps", "qk_norm", "qkv_bias", "tie_embeddings"):
         assert getattr(back, key) == getattr(tcfg.model, key), key
 
 
@@ -212,6 +222,31 @@ def test_student_init_needs_the_same_architecture(hf_dirs, tmp_path):
         assert_close(student(IDS), hf_dirs["qwen3_gqa"][1])
     with pytest.raises(ConfigError, match="contradicts model.size"):  # an explicit key against the HF shape
         config.load([], tiny_overrides(tmp_path, "supervised", ["train.steps=1", f"model.size={src}"]))
+
+
+def test_mistral_window_is_full_attention_up_to_its_length_and_refused_beyond(hf_dirs, tmp_path):
+    """HF Mistral attends to its last sliding_window tokens; megadistill runs full causal attention, which is the same
+    function on sequences up to the window: equal logits on exactly MISTRAL_WINDOW tokens, different ones past it
+    (so the window is real), and a run whose train.seq_len exceeds it is refused, as a teacher and as a student."""
+    from transformers import AutoModelForCausalLM
+
+    from megadistill.config import ConfigError
+    from megadistill.hf.config import from_model_config
+    folder, _ = hf_dirs["mistral_gqa"]
+    hf = AutoModelForCausalLM.from_pretrained(str(folder)).eval()
+    teacher = _load(_teacher_cfg(tmp_path, folder)).module
+    long_ids = torch.randint(0, 128, (2, MISTRAL_WINDOW + 8), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        theirs, ours = hf_logits(hf, long_ids), teacher(long_ids)
+    assert_close(ours[:, :MISTRAL_WINDOW], theirs[:, :MISTRAL_WINDOW])  # up to the window: one function
+    assert (ours[:, MISTRAL_WINDOW:] - theirs[:, MISTRAL_WINDOW:]).abs().max() > 1e-3  # past it: the window bites
+    longer = f"train.seq_len={MISTRAL_WINDOW + 8}"
+    with pytest.raises(UserError, match=f"window of {MISTRAL_WINDOW} tokens.*train.seq_len={MISTRAL_WINDOW + 8}"):
+        _load(_teacher_cfg(tmp_path, folder, [longer]))
+    with pytest.raises(ConfigError, match=f"train.seq_len={MISTRAL_WINDOW + 8} exceeds model.sliding_window"):
+        config.load([], _shapeless(tiny_overrides(tmp_path, "supervised")) + [f"model.size=hf:{folder}", longer])
+    exported = from_model_config(teacher.cfg, 256)  # export keeps the window
+    assert exported["architectures"] == ["MistralForCausalLM"] and exported["sliding_window"] == MISTRAL_WINDOW
 
 
 # ---------------------------------------------------------------- bad input: named errors that say what to change

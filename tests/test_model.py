@@ -205,11 +205,29 @@ def test_mup_groups_cover_every_parameter_once():
     by = {g["name"]: g for g in groups}
     assert by["hidden"]["lr_mult"] == by["head"]["lr_mult"] == 32 / 64
     assert by["embedding"]["lr_mult"] == by["norm"]["lr_mult"] == 1.0
-    assert [by[r]["decay"] for r in mup.ROLES] == [True, True, True, False]
+    assert [by[r]["decay"] for r in ("embedding", "hidden", "head", "norm")] == [True, True, True, False]
     assert len(by["norm"]["params"]) == 2 * 4 + 1  # 2 pre-norms + 2 QK-norms per block, final norm
     assert by["embedding"]["params"] == [model.embed.weight] and by["head"]["params"] == [model.head.weight]
     model.embed.weight.requires_grad_(False)
     assert [g["name"] for g in mup.param_groups(model, cfg)] == ["hidden", "head", "norm"]
+
+
+def test_qkv_biases_are_their_own_mup_group_counted_in_n():
+    """model.qkv_bias (Qwen2): Q/K/V biases, zero at init, in a "bias" group with an unscaled LR and no weight decay;
+    params_of's N counts them (the built model's stored weights minus the vocabulary matrices)."""
+    from megadistill.model.sizes import params_of
+    cfg = tiny_cfg(mup_base_width=32, qkv_bias=True, qk_norm=False, n_kv_heads=2)
+    model = Transformer(cfg)
+    by = {g["name"]: g for g in mup.param_groups(model, cfg)}
+    assert list(by) == ["embedding", "hidden", "head", "norm", "bias"]
+    biases = [p for n, p in model.named_parameters() if n.endswith(".bias")]
+    assert by["bias"]["params"] == biases and len(biases) == 3 * cfg.n_layers
+    assert by["bias"]["lr_mult"] == 1.0 and by["bias"]["decay"] is False
+    assert all(not b.detach().any() for b in biases)
+    attn = model.blocks[0].attn
+    assert [b.shape[0] for b in (attn.wq.bias, attn.wk.bias, attn.wv.bias)] == [4 * 16, 2 * 16, 2 * 16]
+    n = sum(p.numel() for p in model.parameters()) - model.embed.weight.numel() - model.head.weight.numel()
+    assert params_of(cfg)[0] == n
 
 
 def test_mup_init_scales():
@@ -223,7 +241,7 @@ def test_mup_init_scales():
     assert torch.equal(blk.attn.q_norm.weight, torch.ones(32))
     assert mup.init_std_for("hidden", 100) == 0.1 and mup.lr_mult_for("head", 512, 256) == 0.5
     with pytest.raises(ValueError, match="unknown µP role"):
-        mup.tag(model, "bias")
+        mup.tag(model, "gain")
 
 
 def test_mappings_are_identity_without_a_group():

@@ -138,6 +138,14 @@ def check_model_vs_dense(groups: ParallelGroups, docs: bool, sequence_parallel: 
     torch.manual_seed(1234)
     model = Transformer(cfg, groups.factory(sequence_parallel=sequence_parallel))
     assert model.sequence_shards == (tp if sequence_parallel else 1)
+    if cfg.qkv_bias:  # built as zeros: give both models the same nonzero biases (this rank's slice for the TP one)
+        with torch.no_grad():
+            tp_params = dict(model.named_parameters())
+            for i, (name, p) in enumerate(dense.named_parameters()):
+                if name.endswith(".bias"):
+                    p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(100 + i)))
+                    n = tp_params[name].shape[0]
+                    tp_params[name].copy_(p[tp_rank * n:(tp_rank + 1) * n] if tp > 1 else p)
     g = torch.Generator().manual_seed(7)
     ids = torch.randint(0, V, (2, 16), generator=g)
     doc_ids = torch.tensor([[0] * 5 + [1] * 11, [3] * 9 + [4] * 7]) if docs else None
@@ -230,6 +238,10 @@ def tp2_worker(rank, world):
     check_model_vs_dense(groups, True, sequence_parallel=True)
     check_model_vs_dense(groups, False, sequence_parallel=True, n_kv_heads=2, tie_embeddings=True,
                          activation_checkpointing="full")
+    # Q/K/V biases (Qwen2): split like the columns, added after the TP-region entry, with and without SP
+    check_model_vs_dense(groups, True, qkv_bias=True, qk_norm=False, n_kv_heads=2)
+    check_model_vs_dense(groups, False, sequence_parallel=True, qkv_bias=True, qk_norm=False,
+                         activation_checkpointing="full")
     sp = Transformer(_cfg(), groups.factory(sequence_parallel=True))
     with pytest.raises(UserError, match="sequence length 15 is not divisible by parallel.tp_size=2"):
         sp(torch.zeros(1, 15, dtype=torch.long))
@@ -254,6 +266,7 @@ def world4_worker(rank, world):
     check_model_vs_dense(groups4, True, sequence_parallel=True)
     check_model_vs_dense(groups4, False, sequence_parallel=True, n_kv_heads=4, qk_norm=False,
                          activation_checkpointing="every_k")
+    check_model_vs_dense(groups4, False, sequence_parallel=True, n_kv_heads=4, qk_norm=False, qkv_bias=True)
     return "ok"
 
 

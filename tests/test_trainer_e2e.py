@@ -15,6 +15,7 @@ STEPS = 6
 # Layout agreement: fp32, same global batch and seed; reduction order differs across layouts (TP all-reduces, ZeRO
 # bucketed reductions), so curves agree to round-off, not bit-for-bit. Measured: at most 1e-6 apart over 6 steps.
 CURVE_ATOL = 2e-5
+BIAS = ["model.qk_norm=false", "model.qkv_bias=true"]  # a Qwen2-shaped student
 
 
 
@@ -70,7 +71,9 @@ def _two_proc(rank, world, root):
                         "tp2_z1": ["zero.stage=1", "parallel.tp_size=2"],
                         # sequence parallelism on the fused path: hidden states gathered from the sequence slices
                         "tp2_z0_fused_sp": ["zero.stage=0", "parallel.tp_size=2", "distill.fused=true",
-                                            "distill.chunk_tokens=24", "parallel.sequence_parallel=true"]}.items():
+                                            "distill.chunk_tokens=24", "parallel.sequence_parallel=true"],
+                        # a Qwen2-shaped student (Q/K/V biases, no QK-norm): the reference of tp2dp2_z3_sp_bias
+                        "tp1_z1_bias": ["zero.stage=1", *BIAS]}.items():
         d_over = tiny_overrides(root / name, "distill", [f"train.steps={STEPS}", f"distill.teacher={root / 'teacher'}"]
                             + extra)
         train(_load(d_over), inspect=_check_teacher_frozen)
@@ -101,6 +104,13 @@ def _four_proc(rank, world, root):
                                                    "train.eval_tokens=160", "train.eval_interval=3"])
         train(_load(over), inspect=_check_teacher_frozen)
         out[name] = _losses(root / name)
+    # the Qwen2-shaped student under ZeRO-3 x TP=2 with sequence parallelism: its Q/K/V biases are split over TP,
+    # partitioned over DP and gathered for the Q/K/V entry as registered external parameters
+    over = tiny_overrides(root / "tp2dp2_z3_sp_bias", "distill", [
+        f"train.steps={STEPS}", f"distill.teacher={root / 'teacher'}", "zero.stage=3", "parallel.tp_size=2",
+        "parallel.sequence_parallel=true", *BIAS])
+    train(_load(over))
+    out["tp2dp2_z3_sp_bias"] = _losses(root / "tp2dp2_z3_sp_bias")
     over = tiny_overrides(root / "tp2dp2_teacher_z3", "distill", [
         f"train.steps={STEPS}", f"distill.teacher={root / 'teacher'}", "zero.stage=1", "parallel.tp_size=2",
         "distill.teacher_zero3=true"])
@@ -133,6 +143,14 @@ def test_layouts_agree(study):
                  "tp2dp2_teacher_z3"):
         torch.testing.assert_close(torch.tensor(res[name]), ref, atol=CURVE_ATOL, rtol=0,
                                    msg=lambda m, name=name: f"{name}: {res[name]} vs {res['tp1_z1']}\n{m}")
+
+
+def test_qkv_bias_layouts_agree(study):
+    _, res = study
+    ref = torch.tensor(res["tp1_z1_bias"])
+    assert len(ref) == STEPS and all(math.isfinite(x) for x in ref)
+    assert res["tp1_z1_bias"] != res["tp1_z1"]  # another model (no QK-norm; biases that train)
+    torch.testing.assert_close(torch.tensor(res["tp2dp2_z3_sp_bias"]), ref, atol=CURVE_ATOL, rtol=0)
 
 
 def test_resume_equals_uninterrupted(study):

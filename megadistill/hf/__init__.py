@@ -1,1 +1,2 @@
-"""Hugging Face interop: import Qwen3 / Llama checkpoints as teachers or model dirs, export runs transformers loads."""
+"""Hugging Face interop: import Qwen3 / Qwen2 / Llama / Mistral checkpoints as teachers or model dirs, export runs
+transformers loads."""

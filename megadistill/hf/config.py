@@ -1,4 +1,5 @@
-"""Hugging Face config.json (Qwen3 / Llama) <-> our ModelConfig, with a named error for anything we cannot run."""
+"""Hugging Face config.json (Qwen3 / Qwen2 / Llama / Mistral) <-> our ModelConfig, with a named error for anything we
+cannot run."""
 from __future__ import annotations
 
 import json
@@ -8,8 +9,10 @@ from typing import Dict, Optional
 from megadistill.config import ModelConfig
 from megadistill.errors import UserError
 
-# architecture -> (model_type, has QK-norm)
-ARCHITECTURES = {"Qwen3ForCausalLM": ("qwen3", True), "LlamaForCausalLM": ("llama", False)}
+# architecture -> (model_type, has QK-norm, has Q/K/V biases). Qwen2 (and Qwen2.5, the same architecture) always
+# has the biases and no attention_bias key; Mistral is Llama's computation plus an optional sliding window.
+ARCHITECTURES = {"Qwen3ForCausalLM": ("qwen3", True, False), "Qwen2ForCausalLM": ("qwen2", False, True),
+                 "LlamaForCausalLM": ("llama", False, False), "MistralForCausalLM": ("mistral", False, False)}
 HF_PREFIX = "hf:"
 
 
@@ -58,16 +61,18 @@ def to_model_config(hf: Dict, where: str = "config.json") -> ModelConfig:
     if arch is None:
         raise UserError(f"{where}: architecture {archs or hf.get('model_type')!r} is not supported; supported: "
                         f"{sorted(ARCHITECTURES)} (convert the model, or distil from a megadistill run)")
-    model_type, qk_norm = ARCHITECTURES[arch]
+    model_type, qk_norm, qkv_bias = ARCHITECTURES[arch]
     if hf.get("model_type", model_type) != model_type:
         raise UserError(f"{where}: model_type={hf.get('model_type')!r} contradicts architectures={archs}")
     for key in ("attention_bias", "mlp_bias"):
-        if hf.get(key):
-            raise UserError(f"{where}: {key}=true is not supported (our projections have no biases)")
+        if hf.get(key):  # Llama / Qwen3 attention_bias also puts a bias on O, which no model of ours has
+            raise UserError(f"{where}: {key}=true is not supported (our projections carry no biases besides "
+                            "Qwen2's Q / K / V ones)")
     if hf.get("hidden_act", "silu") != "silu":
         raise UserError(f"{where}: hidden_act={hf['hidden_act']!r} is not supported (SwiGLU with silu only)")
     if hf.get("use_sliding_window"):
         raise UserError(f"{where}: use_sliding_window=true is not supported (full causal attention only)")
+    window = int(hf.get("sliding_window") or 0) if model_type == "mistral" else 0  # Qwen2/3: used only with the flag
     try:
         n_heads = int(hf["num_attention_heads"])
         d = int(hf["hidden_size"])
@@ -75,7 +80,8 @@ def to_model_config(hf: Dict, where: str = "config.json") -> ModelConfig:
                         n_kv_heads=int(hf.get("num_key_value_heads") or n_heads),
                         head_dim=int(hf.get("head_dim") or d // n_heads), d_ff=int(hf["intermediate_size"]),
                         vocab_size=int(hf["vocab_size"]), norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
-                        qk_norm=qk_norm, tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+                        qk_norm=qk_norm, qkv_bias=qkv_bias, sliding_window=window,
+                        tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
                         **_rope(hf, where))
     except KeyError as e:
         raise UserError(f"{where}: required key {e.args[0]!r} is missing") from None
@@ -88,9 +94,14 @@ def to_model_config(hf: Dict, where: str = "config.json") -> ModelConfig:
 
 
 def from_model_config(m: ModelConfig, max_position: int, dtype: str = "float32") -> Dict:
-    """config.json for our model: Qwen3ForCausalLM with QK-norm, LlamaForCausalLM without (both load with no
-    custom code)."""
-    arch = "Qwen3ForCausalLM" if m.qk_norm else "LlamaForCausalLM"
+    """config.json for our model: Qwen3ForCausalLM with QK-norm, Qwen2ForCausalLM with Q/K/V biases,
+    LlamaForCausalLM with neither (all load with no custom code); a window of an imported Mistral is kept."""
+    if m.qk_norm and m.qkv_bias:
+        raise UserError("a model with both QK-norm and Q/K/V biases (model.qk_norm=true, model.qkv_bias=true) has no "
+                        "Hugging Face architecture that computes it (Qwen3 has QK-norm, Qwen2 the biases); export it "
+                        "in megadistill's format instead")
+    arch = "Qwen3ForCausalLM" if m.qk_norm else "Qwen2ForCausalLM" if m.qkv_bias else \
+        "MistralForCausalLM" if m.sliding_window else "LlamaForCausalLM"
     rope: Dict = {"rope_theta": m.rope_base, "rope_type": m.rope_scaling}
     if m.rope_scaling != "default":
         rope["factor"] = m.rope_factor
@@ -109,6 +120,11 @@ def from_model_config(m: ModelConfig, max_position: int, dtype: str = "float32")
     }
     if m.rope_scaling != "default":
         out["rope_scaling"] = dict(rope)
-    if arch == "Qwen3ForCausalLM":
+    if arch in ("Qwen3ForCausalLM", "Qwen2ForCausalLM"):
         out.update(use_sliding_window=False, sliding_window=None, max_window_layers=m.n_layers)
+    if arch == "Qwen2ForCausalLM":
+        del out["attention_bias"], out["mlp_bias"]  # Qwen2's Q/K/V biases are built in, not configured
+    if arch == "MistralForCausalLM":
+        del out["attention_bias"], out["mlp_bias"]
+        out["sliding_window"] = m.sliding_window
     return out

@@ -46,7 +46,8 @@ def _copy_tokenizer(src: Path, dst: Path) -> bool:
 
 def import_hf(ref: str, out_dir: str, dtype: str = "auto") -> Path:
     """Write a megadistill model dir (model.safetensors with our names, config.yaml, meta.json, tokenizer/) from a
-    local HF Qwen3 / Llama folder. dtype auto keeps the stored dtype (bit-exact), else casts per tensor."""
+    local HF Qwen3 / Qwen2 / Llama / Mistral folder. dtype auto keeps the stored dtype (bit-exact), else casts per
+    tensor."""
     folder = hf_path(ref) if hf_path(ref) is not None else Path(ref)
     if dtype not in _DTYPES:
         raise UserError(f"--dtype {dtype!r} is not one of {list(_DTYPES)}")
@@ -82,7 +83,8 @@ def _full_shape(m, name: str) -> tuple:
     return {"embed.weight": (m.vocab_size, d), "head.weight": (m.vocab_size, d), "norm.weight": (d,),
             "attn_norm.weight": (d,), "ffn_norm.weight": (d,), "attn.wq.weight": (m.n_heads * hd, d),
             "attn.wk.weight": (kv * hd, d), "attn.wv.weight": (kv * hd, d), "attn.wo.weight": (d, m.n_heads * hd),
-            "attn.q_norm.weight": (hd,), "attn.k_norm.weight": (hd,), "ffn.w1.weight": (m.d_ff, d),
+            "attn.q_norm.weight": (hd,), "attn.k_norm.weight": (hd,), "attn.wq.bias": (m.n_heads * hd,),
+            "attn.wk.bias": (kv * hd,), "attn.wv.bias": (kv * hd,), "ffn.w1.weight": (m.d_ff, d),
             "ffn.w3.weight": (m.d_ff, d), "ffn.w2.weight": (d, m.d_ff)}[leaf]
 
 
@@ -100,7 +102,8 @@ def _weights_of_run(run_dir: Path, work: Path) -> Path:
 
 def export_hf(run_dir: str, out_dir: str, max_position: Optional[int] = None) -> Path:
     """Write config.json + model.safetensors (+ generation_config.json and the tokenizer files when the run used an
-    HF tokenizer) that transformers loads as Qwen3ForCausalLM (QK-norm) or LlamaForCausalLM, with no custom code."""
+    HF tokenizer) that transformers loads as Qwen3ForCausalLM (QK-norm), Qwen2ForCausalLM (Q/K/V biases) or
+    LlamaForCausalLM (MistralForCausalLM for an imported Mistral with a window), with no custom code."""
     from safetensors.torch import load_file
 
     from megadistill.train.teacher import teacher_model_config

@@ -1,4 +1,5 @@
-"""Weights between our Transformer and HF Qwen3 / Llama checkpoints: name map, streamed TP-sharded load, export."""
+"""Weights between our Transformer and HF Qwen3 / Qwen2 / Llama / Mistral checkpoints: name map, streamed TP-sharded
+load, export."""
 from __future__ import annotations
 
 import json
@@ -19,6 +20,8 @@ log = logging.getLogger(__name__)
 _BLOCK = {"attn_norm.weight": "input_layernorm.weight", "ffn_norm.weight": "post_attention_layernorm.weight",
           "attn.wq.weight": "self_attn.q_proj.weight", "attn.wk.weight": "self_attn.k_proj.weight",
           "attn.wv.weight": "self_attn.v_proj.weight", "attn.wo.weight": "self_attn.o_proj.weight",
+          "attn.wq.bias": "self_attn.q_proj.bias", "attn.wk.bias": "self_attn.k_proj.bias",
+          "attn.wv.bias": "self_attn.v_proj.bias",
           "attn.q_norm.weight": "self_attn.q_norm.weight", "attn.k_norm.weight": "self_attn.k_norm.weight",
           "ffn.w1.weight": "mlp.gate_proj.weight", "ffn.w3.weight": "mlp.up_proj.weight",
           "ffn.w2.weight": "mlp.down_proj.weight"}

@@ -11,6 +11,7 @@ import torch.nn as nn
 #   hidden     Q, K, V, O and the three SwiGLU matrices
 #   head       output (unembedding) matrix [V, d]
 #   norm       RMSNorm gains (pre-norms, QK-norm, final norm)
+#   bias       biases of the Q, K, V projections (model.qkv_bias, Qwen2-style models)
 #
 # The paper (Appendix H) uses µP (simple) with peak LR 1e-2 at every size and does not state the details; ours:
 #   role       init std            LR multiplier              weight decay
@@ -18,6 +19,7 @@ import torch.nn as nn
 #   hidden     1/sqrt(fan_in)      base_width / d_model       yes
 #   head       1/sqrt(d_model)     base_width / d_model       yes
 #   norm       gain = 1            1                          no
+#   bias       0                   1                          no
 # Why: with Adam, a matrix whose fan_in grows with width must take steps ~ 1/width for its output to change by
 # O(1) per step (the µP hidden-layer rule); the embedding's fan_in is a one-hot (1), so neither its init nor its LR
 # depends on width; the head is a fan_in = d_model matrix and is treated like the hidden ones ("simple" µP: no
@@ -25,7 +27,9 @@ import torch.nn as nn
 # The multiplier uses d_model for every hidden matrix (also the d_ff-fan-in down projection): d_ff / d_model is
 # fixed (8/3), so this differs from a per-matrix 1/fan_in only by a width-independent constant absorbed by the LR.
 # Norm gains are not decayed: decoupled decay pulls them towards 0, not towards their identity value 1.
-ROLES = ("embedding", "hidden", "head", "norm")
+# Biases are vectors whose size grows with width but whose fan_in is 1 (like the embedding's): µP leaves their LR
+# unscaled; like norm gains they are not decayed (the common practice for biases).
+ROLES = ("embedding", "hidden", "head", "norm", "bias")
 ATTR = "mup_role"
 
 
@@ -38,7 +42,7 @@ def init_std_for(role: str, fan_in: Optional[int] = None) -> float:
         if not fan_in or fan_in <= 0:
             raise ValueError(f"init_std_for({role!r}) needs the matrix's fan_in (> 0), got {fan_in!r}")
         return 1.0 / math.sqrt(fan_in)
-    raise ValueError("norm gains are initialised to 1, they have no init std")
+    raise ValueError("norm gains are initialised to 1 and biases to 0, they have no init std")
 
 
 def lr_mult_for(role: str, d_model: int, base_width: int) -> float:
@@ -50,7 +54,7 @@ def lr_mult_for(role: str, d_model: int, base_width: int) -> float:
 def decay_for(role: str) -> bool:
     """Whether decoupled weight decay applies to this role."""
     _check(role)
-    return role != "norm"
+    return role not in ("norm", "bias")
 
 
 def tag(params: Union[nn.Module, nn.Parameter, Iterable[nn.Parameter]], role: str) -> None:

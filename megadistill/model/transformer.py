@@ -1,6 +1,7 @@
 """The paper's decoder-only Transformer (MHA + QK-norm + RoPE, pre-norm RMSNorm, SwiGLU, untied head), TP-agnostic.
 
-Options for imported models (Qwen3 / Llama): GQA (n_kv_heads), QK-norm off, tied embeddings, RoPE scaling.
+Options for imported models (Qwen3 / Qwen2 / Llama / Mistral): GQA (n_kv_heads), QK-norm off, Q/K/V biases
+(qkv_bias), tied embeddings, RoPE scaling.
 """
 from __future__ import annotations
 
@@ -54,9 +55,10 @@ class Attention(nn.Module):
         self.local_kv_heads = factory.local(n_kv, "model.n_kv_heads")
         self.gqa = bool(n_kv != cfg.n_heads)  # a constant for SDPA's enable_gqa (see attention())
         std_in, std_out = mup.init_std_for("hidden", d), mup.init_std_for("hidden", inner)
-        self.wq = factory.column(d, inner, std_in, copy_input=False)  # [d] -> [h/tp hd]
-        self.wk = factory.column(d, kv_inner, std_in, copy_input=False)  # [d] -> [h_kv/tp hd]
-        self.wv = factory.column(d, kv_inner, std_in, copy_input=False)
+        bias = bool(getattr(cfg, "qkv_bias", False))  # Qwen2: biases on Q, K and V (not on O)
+        self.wq = factory.column(d, inner, std_in, copy_input=False, bias=bias)  # [d] -> [h/tp hd]
+        self.wk = factory.column(d, kv_inner, std_in, copy_input=False, bias=bias)  # [d] -> [h_kv/tp hd]
+        self.wv = factory.column(d, kv_inner, std_in, copy_input=False, bias=bias)
         self.enter = factory.columns_entry(self.wq, self.wk, self.wv)  # one TP-region entry for the three
         self.wo = factory.row(inner, d, std_out)  # [h/tp hd] -> [d], all-reduce
         if cfg.qk_norm:  # RMSNorm over head_dim, one learnable gain shared by all heads
@@ -156,6 +158,9 @@ class Transformer(nn.Module):
         for m in self.modules():
             if isinstance(m, RMSNorm):
                 mup.tag(m, "norm")
+        for name, p in self.named_parameters():
+            if name.endswith(".bias"):
+                mup.tag(p, "bias")
 
     @property
     def output_weight(self) -> torch.Tensor:

@@ -48,15 +48,23 @@ def _sharded_normal(shape, std: float, partition_dim: int, group, device, dtype)
     return mark_tensor_parallel(nn.Parameter(local), partition_dim)
 
 
+def _sharded_zeros(n: int, group, device, dtype) -> nn.Parameter:
+    """A bias of n outputs split like its column-parallel weight's rows: this rank's [n/tp], zeros (no RNG draw)."""
+    local = divide(n, group_size(group), f"a bias of {n} outputs")
+    return mark_tensor_parallel(nn.Parameter(torch.zeros(local, device=device, dtype=dtype or torch.float32)), 0)
+
+
 class ColumnParallelLinear(nn.Module):
-    """Y = X A with A = [A_1 .. A_p] split by output columns: rank r holds A_r and computes Y_r = X A_r (no bias).
+    """Y = X A (+ b) with A = [A_1 .. A_p] split by output columns: rank r holds A_r (and b_r) and computes
+    Y_r = X A_r (+ b_r). The bias (bias=True, e.g. Qwen2's Q / K / V) is split like the columns, initialised to 0;
+    each rank's slice of Y is its own, so the bias gradient needs no TP reduction.
 
     copy_input=False when the caller already passed X through copy_to_tp_region (several column layers reading the
     same X, e.g. Q/K/V: one backward all-reduce of their summed dL/dX instead of one per layer).
     """
 
     def __init__(self, in_features: int, out_features: int, group=None, init_std: Optional[float] = None,
-                 gather_output: bool = False, device=None, dtype=None, copy_input: bool = True):
+                 gather_output: bool = False, device=None, dtype=None, copy_input: bool = True, bias: bool = False):
         super().__init__()
         self.group, self.gather_output, self.copy_input = group, gather_output, copy_input
         self.in_features, self.out_features = in_features, out_features
@@ -64,15 +72,17 @@ class ColumnParallelLinear(nn.Module):
         self.out_per_rank = divide(out_features, self.tp_size, "output features")
         std = in_features ** -0.5 if init_std is None else init_std
         self.weight = _sharded_normal((out_features, in_features), std, 0, group, device, dtype)  # [out/tp, in]
+        self.bias = _sharded_zeros(out_features, group, device, dtype) if bias else None  # [out/tp]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.copy_input:
             x = copy_to_tp_region(x, self.group)  # [..., in], replicated; backward sums dL/dX over ranks
-        y = F.linear(x, self.weight)  # [..., out/tp]
+        y = F.linear(x, self.weight, self.bias)  # [..., out/tp]
         return gather_from_tp_region(y, self.group) if self.gather_output else y
 
     def extra_repr(self) -> str:
-        return f"in={self.in_features}, out={self.out_features}, tp={self.tp_size}"
+        bias = ", bias" if self.bias is not None else ""
+        return f"in={self.in_features}, out={self.out_features}, tp={self.tp_size}{bias}"
 
 
 class RowParallelLinear(nn.Module):
@@ -193,10 +203,15 @@ class ColumnsEntry(nn.Module):
     def weights(self):
         return [c.weight for c in self.columns]
 
+    def shared_parameters(self):
+        """Every parameter this module reads from its columns (weights, then biases): ZeRO-3's external parameters."""
+        return self.weights() + [c.bias for c in self.columns if c.bias is not None]
+
     def forward(self, x: torch.Tensor):
         if self.group is None:  # dense: each column's own forward (and any hooks on it)
             return tuple(c(x) for c in self.columns)
-        return columns_entry(x, self.weights(), self.group, self.sequence_parallel)
+        ys = columns_entry(x, self.weights(), self.group, self.sequence_parallel)
+        return tuple(y if c.bias is None else y + c.bias for y, c in zip(ys, self.columns))  # [..., out_i/tp]
 
     def extra_repr(self) -> str:
         return (f"{len(self.columns)} columns, tp={group_size(self.group)}"
@@ -229,13 +244,13 @@ class LayerFactory:
         return divide(n, self.tp_size, what)
 
     def column(self, in_features: int, out_features: int, init_std: Optional[float] = None,
-               gather_output: bool = False, copy_input: bool = True) -> ColumnParallelLinear:
-        """[..., in] replicated -> [..., out/tp] (or [..., out] with gather_output).
+               gather_output: bool = False, copy_input: bool = True, bias: bool = False) -> ColumnParallelLinear:
+        """[..., in] replicated -> [..., out/tp] (or [..., out] with gather_output), plus a sharded bias if asked.
 
         copy_input=False: the input enters the TP region through `self.columns_entry(...)` (shared by several columns).
         """
         return ColumnParallelLinear(in_features, out_features, self.group, init_std, gather_output,
-                                    self.device, self.dtype, copy_input)
+                                    self.device, self.dtype, copy_input, bias)
 
     def columns_entry(self, *columns: ColumnParallelLinear) -> ColumnsEntry:
         """One entry into the TP region for `columns` (built with copy_input=False) sharing their input: forward(x)

@@ -104,10 +104,12 @@ def register(sub) -> None:
     p.add_argument("run_dir")
     p.add_argument("-o", "--out", required=True)
     p.add_argument("--format", choices=("megadistill", "hf"), default="megadistill",
-                   help="hf: config.json + safetensors with HF names (Qwen3ForCausalLM / LlamaForCausalLM)")
+                   help="hf: config.json + safetensors with HF names (Qwen3ForCausalLM / Qwen2ForCausalLM / "
+                   "LlamaForCausalLM)")
     p.set_defaults(func=_export)
 
-    p = sub.add_parser("import", help="convert a local Hugging Face Qwen3 / Llama folder to a megadistill model dir",
+    p = sub.add_parser("import", help="convert a local Hugging Face Qwen3 / Qwen2 / Llama / Mistral folder to a "
+                       "megadistill model dir",
                        epilog="example: megadistill import hf:/models/Qwen3-1.7B -o teachers/qwen3-1.7b")
     p.add_argument("source", metavar="hf:PATH")
     p.add_argument("-o", "--out", required=True)

@@ -163,7 +163,8 @@ def initialize(model: torch.nn.Module, cfg: Config, groups: ParallelGroups, tota
 def register_shared_weights(model: torch.nn.Module) -> int:
     """ZeRO-3 gathers a module's own parameters around its forward and backward; a ColumnsEntry computes with its
     columns' weights (one TP-region entry for Q / K / V, one for gate / up), so they are registered as its external
-    parameters (gathered for it too, also inside compiled blocks, where DeepSpeed does not discover them on access).
+    parameters (gathered for it too, also inside compiled blocks, where DeepSpeed does not discover them on access),
+    and so are their biases (Qwen2's Q / K / V), which it adds.
     Returns how many were registered."""
     import deepspeed
 
@@ -172,7 +173,7 @@ def register_shared_weights(model: torch.nn.Module) -> int:
     n = 0
     for m in model.modules():
         if isinstance(m, ColumnsEntry) and m.group is not None:  # dense: it calls the columns themselves
-            for w in m.weights():
+            for w in m.shared_parameters():
                 deepspeed.zero.register_external_parameter(m, w)
                 n += 1
     return n
