@@ -245,3 +245,35 @@ def test_plan_memory_errors(capsys):
         memory.plan("12.6B", gpus=1, hardware=memory.Hardware(gpu_mem_gib=24))
     assert cli.main(["plan-memory", "--student", "2.72B", "--teacher", "nope", "--gpus", "8"]) == 2
     assert "known sizes" in capsys.readouterr().err
+
+
+QWEN25 = {  # the published config.json shape fields of Qwen2.5-1.5B and -7B (no weights needed to plan)
+    "1.5B": dict(hidden_size=1536, intermediate_size=8960, num_attention_heads=12, num_hidden_layers=28,
+                 num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True),
+    "7B": dict(hidden_size=3584, intermediate_size=18944, num_attention_heads=28, num_hidden_layers=28,
+               num_key_value_heads=4, vocab_size=152064, tie_word_embeddings=False)}
+
+
+def test_plan_memory_takes_hugging_face_folders(tmp_path, capsys):
+    """--student / --teacher hf:PATH read the folder's config.json (Qwen2.5 here, with its Q/K/V biases): N as Qwen
+    publishes it (1.31B / 6.53B non-embedding), and only TP degrees that split the key/value heads."""
+    from megadistill.model.sizes import params_of
+    dirs = {}
+    for name, shape in QWEN25.items():
+        dirs[name] = tmp_path / f"qwen2.5-{name}"
+        dirs[name].mkdir()
+        (dirs[name] / "config.json").write_text(json.dumps({
+            "architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "hidden_act": "silu", "rms_norm_eps": 1e-6,
+            "rope_theta": 1000000.0, "rope_scaling": None, "sliding_window": 131072, "use_sliding_window": False,
+            "max_window_layers": 21, **shape}))
+    small, big = (memory.resolve_model(f"hf:{dirs[n]}") for n in ("1.5B", "7B"))
+    assert small.qkv_bias and not small.qk_norm and small.sliding_window == 0  # Qwen2's window needs the flag
+    assert params_of(small)[0] == pytest.approx(1.31e9, rel=0.005)
+    assert params_of(big)[0] == pytest.approx(6.53e9, rel=0.005)
+    rows = memory.plan(f"hf:{dirs['1.5B']}", f"hf:{dirs['7B']}", gpus=8)
+    assert rows[0]["fits"] and {r["layout"]["tp_size"] for r in rows} == {1, 2}  # 2 kv heads: not 4 or 8
+    assert cli.main(["plan-memory", "--student", f"hf:{dirs['1.5B']}", "--teacher", f"hf:{dirs['7B']}", "--gpus", "8",
+                     "--top", "2"]) == 0
+    assert "distilled from teacher hf:" in capsys.readouterr().out
+    with pytest.raises(UserError, match="does not exist"):
+        memory.plan(f"hf:{tmp_path / 'nowhere'}", gpus=8)

@@ -80,13 +80,21 @@ def reduce_bytes(layout: Layout, zero_stage: int, precision: str) -> int:
 
 
 def resolve_model(model: Union[str, ModelConfig], role: str = "model") -> ModelConfig:
-    """A ModelConfig from a size name of megadistill.model.sizes (UserError listing the known names) or as given."""
+    """A ModelConfig from a size name of megadistill.model.sizes, a Hugging Face folder hf:PATH (its config.json; no
+    weights are read) or a megadistill run / model dir, or as given; else a UserError listing the known names."""
     if isinstance(model, ModelConfig):
         return model
     from megadistill.model.sizes import SIZES
-    if model not in SIZES:
-        raise UserError(f"{role} size {model!r} is unknown; known sizes: {', '.join(SIZES)}")
-    return ModelConfig(size=model).resolve()
+    if model in SIZES:
+        return ModelConfig(size=model).resolve()
+    from pathlib import Path
+
+    from megadistill.hf.config import hf_path
+    if hf_path(model) is not None or Path(model).is_dir():
+        from megadistill.train.teacher import weights_source
+        return weights_source(model)[0]
+    raise UserError(f"{role} {model!r} is none of the known sizes: {', '.join(SIZES)}; nor hf:PATH (a local Hugging "
+                    "Face folder), nor a megadistill run / model dir")
 
 
 def rank_params(m: ModelConfig, tp: int) -> Dict[str, int]:
@@ -280,8 +288,8 @@ def estimate(cfg: Config, world_size: int, teacher: Union[None, str, ModelConfig
              hardware: Hardware = Hardware()) -> Dict:
     """Per-GPU memory breakdown (bytes) of a trainer Config on `world_size` processes; see estimate_layout.
 
-    For a distillation config the teacher's shape comes from `teacher` (a size name or ModelConfig) or else from
-    the weights directory distill.teacher points at.
+    For a distillation config the teacher's shape comes from `teacher` (see resolve_model) or else from what
+    distill.teacher points at (a run / model dir, or hf:PATH).
     """
     cfg.validate(world_size)
     if cfg.zero.offload_optimizer != "none" or cfg.zero.offload_param != "none":
@@ -289,10 +297,9 @@ def estimate(cfg: Config, world_size: int, teacher: Union[None, str, ModelConfig
                         "zero.offload_param=none to estimate")
     tmodel = None
     if cfg.train.mode == "distill":
-        if teacher is None:
-            from megadistill.train.checkpoint import find_weights
-            from megadistill.train.teacher import teacher_model_config
-            tmodel = teacher_model_config(find_weights(cfg.distill.teacher)).model
+        if teacher is None:  # a run / model dir or hf:PATH (its config.json)
+            from megadistill.train.teacher import weights_source
+            tmodel = weights_source(cfg.distill.teacher)[0]
         else:
             tmodel = resolve_model(teacher, "teacher")
     return estimate_layout(cfg.model, layout_of(cfg), world_size, cfg.train.seq_len, cfg.train.global_batch_size,
@@ -360,11 +367,12 @@ def step_time(student: ModelConfig, layout: Layout, world_size: int, seq_len: in
 
 
 def tp_candidates(student: ModelConfig, teacher: Optional[ModelConfig], gpus: int, gpus_per_node: int) -> List[int]:
-    """TP degrees inside one node that divide the GPUs, both models' heads, d_ff and the vocabulary."""
+    """TP degrees inside one node that divide the GPUs, both models' query and key/value heads, d_ff and the
+    vocabulary."""
     models = [m for m in (student, teacher) if m is not None]
     return [t for t in range(1, min(8, gpus_per_node, gpus) + 1)
-            if gpus % t == 0 and all(m.n_heads % t == 0 and m.d_ff % t == 0 and m.vocab_size % t == 0
-                                     for m in models)]
+            if gpus % t == 0 and all(m.n_heads % t == 0 and (m.n_kv_heads or m.n_heads) % t == 0 and m.d_ff % t == 0
+                                     and m.vocab_size % t == 0 for m in models)]
 
 
 def plan(student: Union[str, ModelConfig], teacher: Union[None, str, ModelConfig] = None, gpus: int = 8,
@@ -378,6 +386,10 @@ def plan(student: Union[str, ModelConfig], teacher: Union[None, str, ModelConfig
     smodel, tmodel = resolve_model(student, "student"), (resolve_model(teacher, "teacher") if teacher else None)
     if gpus < 1 or seq_len < 1:
         raise UserError(f"--gpus={gpus} and --seq-len={seq_len} must be >= 1")
+    for role, m in (("student", smodel), ("teacher", tmodel)):
+        if m is not None and m.sliding_window and seq_len > m.sliding_window:
+            raise UserError(f"--seq-len={seq_len} exceeds the {role}'s sliding window of {m.sliding_window} tokens "
+                            "(megadistill runs full causal attention, its function only up to that length)")
     if global_batch_tokens % seq_len:
         raise UserError(f"--global-batch-tokens={global_batch_tokens} is not a multiple of --seq-len={seq_len}")
     batch = global_batch_tokens // seq_len  # sequences per optimizer step
@@ -484,8 +496,9 @@ def register(sub) -> None:
                                            "estimated step time", formatter_class=argparse.RawDescriptionHelpFormatter,
                        epilog="example: megadistill plan-memory --teacher 12.6B --student 2.72B --gpus 64 "
                               "--gpu-mem-gib 80\nwithout --teacher it plans supervised training of --student")
-    p.add_argument("--student", required=True, help="size name of the model being trained (e.g. 2.72B, 12.6B)")
-    p.add_argument("--teacher", default=None, help="size name of the frozen teacher (distillation)")
+    p.add_argument("--student", required=True, help="the model being trained: a size name (e.g. 2.72B, 12.6B), "
+                   "hf:PATH (a local Hugging Face folder's config.json) or a run / model dir")
+    p.add_argument("--teacher", default=None, help="the frozen teacher (distillation), given like --student")
     p.add_argument("--gpus", type=int, required=True)
     p.add_argument("--gpu-mem-gib", type=float, default=80.0)
     p.add_argument("--gpus-per-node", type=int, default=8)
