@@ -6,6 +6,7 @@ import argparse
 import json
 from dataclasses import asdict, dataclass
 from itertools import product
+from pathlib import Path
 from typing import Dict, List, Optional, Union
 
 from megadistill.config import Config, ModelConfig, grad_dtypes
@@ -87,8 +88,6 @@ def resolve_model(model: Union[str, ModelConfig], role: str = "model") -> ModelC
     from megadistill.model.sizes import SIZES
     if model in SIZES:
         return ModelConfig(size=model).resolve()
-    from pathlib import Path
-
     from megadistill.hf.config import hf_path
     if hf_path(model) is not None or Path(model).is_dir():
         from megadistill.train.teacher import weights_source
