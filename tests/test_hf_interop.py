@@ -192,9 +192,11 @@ def test_export_hf_loads_in_transformers_and_round_trips(tmp_path, shape, reques
         assert getattr(back, key) == getattr(tcfg.model, key), key
 
 
-def test_import_dir_is_a_teacher(hf_dirs, tmp_path):
-    """`megadistill import` writes a model dir that distill.teacher accepts; bf16 import casts."""
-    folder, ref = hf_dirs["llama_gqa_tied"]
+@pytest.mark.parametrize("name", ["llama_gqa_tied", "qwen2_gqa_tied"])
+def test_import_dir_is_a_teacher(hf_dirs, tmp_path, name):
+    """`megadistill import` writes a model dir that distill.teacher accepts (Q/K/V biases included); bf16 import
+    casts."""
+    folder, ref = hf_dirs[name]
     assert main(["import", f"hf:{folder}", "-o", str(tmp_path / "imp"), "--dtype", "fp32"]) == 0
     teacher = _load(config.load([], tiny_overrides(tmp_path / "s", "distill", ["train.steps=1",
                                                                            f"distill.teacher={tmp_path / 'imp'}"])))
