@@ -43,7 +43,7 @@ def grad_dtypes(precision: str, zero_stage: int, accum: str = "auto", reduce: st
 @dataclass
 class ModelConfig:
     size: Optional[str] = None  # a name from megadistill.model.sizes ("546M", "tiny-2M") or hf:PATH (a local HF
-    # Qwen3 / Qwen2 / Llama / Mistral folder's config.json); fills the shape fields below
+    # Qwen3 / Qwen2 / Llama / Mistral / Phi-3 folder's config.json); fills the shape fields below
     n_layers: int = 2  # transformer blocks
     d_model: int = 128  # residual width
     n_heads: int = 4  # attention (query) heads
@@ -62,8 +62,8 @@ class ModelConfig:
     norm_eps: float = 1e-5  # RMSNorm epsilon
     qk_norm: bool = True  # RMSNorm on queries and keys per head
     qkv_bias: bool = False  # biases on the Q, K and V projections (Qwen2 / Qwen2.5)
-    sliding_window: int = 0  # an imported model's attention window (Mistral's sliding_window); 0 = none. We run full
-    # causal attention, which is the same function while train.seq_len <= sliding_window (checked)
+    sliding_window: int = 0  # an imported model's attention window (Mistral's / Phi-3's sliding_window); 0 = none.
+    # We run full causal attention, which is the same function while train.seq_len <= sliding_window (checked)
     attention: str = "sdpa"  # flash | sdpa | eager
     kernels: str = "torch"  # torch | liger: RMSNorm, SwiGLU and RoPE as our torch ops or Liger-Kernel's Triton kernels
     # (CUDA + pip install liger-kernel; checked when the model is built)

@@ -1,5 +1,5 @@
-"""Tiny random Hugging Face Qwen3 / Qwen2 / Llama / Mistral checkpoints written locally (no download) for the interop
-tests."""
+"""Tiny random Hugging Face Qwen3 / Qwen2 / Llama / Mistral / Phi-3 checkpoints written locally (no download) for the
+interop tests."""
 import json
 from pathlib import Path
 
@@ -9,18 +9,20 @@ LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "hi
                "original_max_position_embeddings": 64}
 
 # name -> (family, n_kv_heads, tied): GQA and MHA, tied and untied, QK-norm (qwen3) and not (llama), Q/K/V biases
-# (qwen2), a sliding window as long as the tiny runs' sequences (mistral: full causal attention up to that length)
+# (qwen2), a sliding window as long as the tiny runs' sequences (mistral: full causal attention up to that length),
+# fused Q/K/V and gate/up matrices (phi3)
 VARIANTS = {"qwen3_gqa": ("qwen3", 2, False), "qwen3_mha_tied": ("qwen3", 4, True),
             "llama_gqa_tied": ("llama", 2, True), "llama_mha": ("llama", 4, False),
-            "qwen2_gqa_tied": ("qwen2", 2, True), "mistral_gqa": ("mistral", 2, False)}
+            "qwen2_gqa_tied": ("qwen2", 2, True), "mistral_gqa": ("mistral", 2, False),
+            "phi3_gqa": ("phi3", 2, False)}
 MISTRAL_WINDOW = 32  # = the tiny runs' train.seq_len (the interop logits are checked on 24 tokens)
 
 
 def make_hf(folder, family="qwen3", n_kv_heads=2, tied=False, vocab=128, seed=0, max_shard_size=None,
             dtype=torch.float32, n_layers=2, d_model=64):
     """Save a random tiny model (every weight, norm gains included, drawn at random) with save_pretrained."""
-    from transformers import (LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config,
-                              Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM)
+    from transformers import (LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Phi3Config,
+                              Phi3ForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM)
 
     common = dict(vocab_size=vocab, hidden_size=d_model, intermediate_size=96, num_hidden_layers=n_layers,
                   num_attention_heads=4, num_key_value_heads=n_kv_heads, tie_word_embeddings=tied,
@@ -29,6 +31,9 @@ def make_hf(folder, family="qwen3", n_kv_heads=2, tied=False, vocab=128, seed=0,
         model = Qwen3ForCausalLM(Qwen3Config(head_dim=24, rope_theta=10000.0, rms_norm_eps=1e-6, **common))
     elif family == "qwen2":  # biases on Q, K, V (drawn at random below like every weight)
         model = Qwen2ForCausalLM(Qwen2Config(rope_theta=1000000.0, rms_norm_eps=1e-6, **common))
+    elif family == "phi3":  # qkv_proj [(4 + 2 + 2) x 16, 64] and gate_up_proj [2 x 96, 64], no window
+        model = Phi3ForCausalLM(Phi3Config(rope_theta=10000.0, rms_norm_eps=1e-5, sliding_window=None,
+                                           pad_token_id=0, **common))
     elif family == "mistral":
         model = MistralForCausalLM(MistralConfig(head_dim=20, rope_theta=10000.0, rms_norm_eps=1e-5,
                                                  sliding_window=MISTRAL_WINDOW, **common))

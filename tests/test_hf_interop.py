@@ -61,6 +61,11 @@ def test_teacher_logits_equal_transformers_tp1(hf_dirs, tmp_path, name):
     assert m.sliding_window == (MISTRAL_WINDOW if family == "mistral" else 0)
     if family == "qwen2":  # the biases are loaded (drawn at random in the checkpoint, so the logits depend on them)
         assert float(teacher.module.blocks[0].attn.wk.bias.abs().sum()) > 0
+    if family == "phi3":  # one Q/K/V matrix and one gate/up matrix per layer, read as row views
+        from megadistill.hf.safetensors_io import SafetensorsFolder
+        names = set(SafetensorsFolder(folder).entries)
+        assert "model.layers.1.self_attn.qkv_proj.weight" in names and "model.layers.1.mlp.gate_up_proj.weight" in names
+        assert "model.layers.1.self_attn.q_proj.weight" not in names
     assert m.rope_scaling == ("llama3" if family == "llama" else "default")
     if tied:
         assert teacher.module.head.weight is teacher.module.embed.weight
@@ -192,10 +197,10 @@ def test_export_hf_loads_in_transformers_and_round_trips(tmp_path, shape, reques
         assert getattr(back, key) == getattr(tcfg.model, key), key
 
 
-@pytest.mark.parametrize("name", ["llama_gqa_tied", "qwen2_gqa_tied"])
+@pytest.mark.parametrize("name", ["llama_gqa_tied", "qwen2_gqa_tied", "phi3_gqa"])
 def test_import_dir_is_a_teacher(hf_dirs, tmp_path, name):
-    """`megadistill import` writes a model dir that distill.teacher accepts (Q/K/V biases included); bf16 import
-    casts."""
+    """`megadistill import` writes a model dir that distill.teacher accepts (Q/K/V biases, fused Phi-3 matrices
+    split); bf16 import casts."""
     folder, ref = hf_dirs[name]
     assert main(["import", f"hf:{folder}", "-o", str(tmp_path / "imp"), "--dtype", "fp32"]) == 0
     teacher = _load(config.load([], tiny_overrides(tmp_path / "s", "distill", ["train.steps=1",
@@ -274,6 +279,14 @@ def test_bad_folders_are_named_errors(hf_dirs, tmp_path, capsys):
     edit_config(deeper, num_hidden_layers=3)
     fails(deeper, "missing from the checkpoint.*layers.2")
     fails(folder, "parallel.tp_size=4 does not divide the teacher's n_kv_heads=2", ["parallel.tp_size=4"])
+    fused = tmp_path / "phi3_kv"  # Phi-3's fused Q/K/V rows do not split as config.json says
+    shutil.copytree(hf_dirs["phi3_gqa"][0], fused)
+    edit_config(fused, num_key_value_heads=4)
+    fails(fused, r"qkv_proj.weight has shape \(128, 64\), but config.json implies 192 rows \(q_proj 64, k_proj 64")
+    partial = tmp_path / "phi3_partial"
+    shutil.copytree(hf_dirs["phi3_gqa"][0], partial)
+    edit_config(partial, partial_rotary_factor=0.75)
+    fails(partial, "partial_rotary_factor=0.75 is not supported")
     # a sharded checkpoint with a shard gone
     make_hf(tmp_path / "sharded", "qwen3", 2, False, max_shard_size="40KB")
     next(iter(sorted((tmp_path / "sharded").glob("model-*.safetensors")))).unlink()

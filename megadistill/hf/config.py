@@ -1,5 +1,5 @@
-"""Hugging Face config.json (Qwen3 / Qwen2 / Llama / Mistral) <-> our ModelConfig, with a named error for anything we
-cannot run."""
+"""Hugging Face config.json (Qwen3 / Qwen2 / Llama / Mistral / Phi-3) <-> our ModelConfig, with a named error for
+anything we cannot run."""
 from __future__ import annotations
 
 import json
@@ -10,9 +10,12 @@ from megadistill.config import ModelConfig
 from megadistill.errors import UserError
 
 # architecture -> (model_type, has QK-norm, has Q/K/V biases). Qwen2 (and Qwen2.5, the same architecture) always
-# has the biases and no attention_bias key; Mistral is Llama's computation plus an optional sliding window.
+# has the biases and no attention_bias key; Mistral is Llama's computation plus an optional sliding window; Phi-3
+# (and Phi-4) too, with Q/K/V and gate/up each stored as one matrix (megadistill.hf.weights splits them).
 ARCHITECTURES = {"Qwen3ForCausalLM": ("qwen3", True, False), "Qwen2ForCausalLM": ("qwen2", False, True),
-                 "LlamaForCausalLM": ("llama", False, False), "MistralForCausalLM": ("mistral", False, False)}
+                 "LlamaForCausalLM": ("llama", False, False), "MistralForCausalLM": ("mistral", False, False),
+                 "Phi3ForCausalLM": ("phi3", False, False)}
+WINDOWED = ("mistral", "phi3")  # sliding_window applies whenever set (Qwen2/3: only with use_sliding_window)
 HF_PREFIX = "hf:"
 
 
@@ -72,7 +75,13 @@ def to_model_config(hf: Dict, where: str = "config.json") -> ModelConfig:
         raise UserError(f"{where}: hidden_act={hf['hidden_act']!r} is not supported (SwiGLU with silu only)")
     if hf.get("use_sliding_window"):
         raise UserError(f"{where}: use_sliding_window=true is not supported (full causal attention only)")
-    window = int(hf.get("sliding_window") or 0) if model_type == "mistral" else 0  # Qwen2/3: used only with the flag
+    window = int(hf.get("sliding_window") or 0) if model_type in WINDOWED else 0
+    # transformers v5 keeps it in rope_parameters, v4 configs (most of the hub) at the top level: either counts
+    partial = next((float(f) for f in ((hf.get("rope_parameters") or {}).get("partial_rotary_factor"),
+                                       hf.get("partial_rotary_factor")) if f is not None and float(f) != 1.0), 1.0)
+    if partial != 1.0:
+        raise UserError(f"{where}: partial_rotary_factor={partial} is not supported (RoPE over the whole head_dim "
+                        "only)")
     try:
         n_heads = int(hf["num_attention_heads"])
         d = int(hf["hidden_size"])

@@ -14,8 +14,7 @@ from megadistill import config as config_mod
 from megadistill.config import Config
 from megadistill.errors import UserError
 from megadistill.hf.config import from_model_config, hf_path, read_config, to_model_config
-from megadistill.hf.safetensors_io import SafetensorsFolder
-from megadistill.hf.weights import hf_name, state_to_hf, write_json, write_safetensors
+from megadistill.hf.weights import hf_name, open_hf, state_to_hf, write_json, write_safetensors
 from megadistill.model.sizes import params_of
 from megadistill.train import checkpoint
 
@@ -46,13 +45,13 @@ def _copy_tokenizer(src: Path, dst: Path) -> bool:
 
 def import_hf(ref: str, out_dir: str, dtype: str = "auto") -> Path:
     """Write a megadistill model dir (model.safetensors with our names, config.yaml, meta.json, tokenizer/) from a
-    local HF Qwen3 / Qwen2 / Llama / Mistral folder. dtype auto keeps the stored dtype (bit-exact), else casts per
-    tensor."""
+    local HF Qwen3 / Qwen2 / Llama / Mistral / Phi-3 folder. dtype auto keeps the stored dtype (bit-exact), else casts
+    per tensor."""
     folder = hf_path(ref) if hf_path(ref) is not None else Path(ref)
     if dtype not in _DTYPES:
         raise UserError(f"--dtype {dtype!r} is not one of {list(_DTYPES)}")
     m = to_model_config(read_config(folder), where=f"{folder}/config.json")
-    st = SafetensorsFolder(folder)
+    st = open_hf(folder, m)
     state = {}
     for name in _param_names(m):
         h = hf_name(name)

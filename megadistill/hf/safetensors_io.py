@@ -96,6 +96,22 @@ class SafetensorsFolder:
     def files(self) -> List[Path]:
         return sorted({e.file for e in self.entries.values()})
 
+    def split_rows(self, name: str, parts: Dict[str, int]) -> None:
+        """Replace tensor `name` by consecutive blocks of its rows, named and sized by `parts` (in order): views into
+        the same bytes (rows of a row-major tensor are contiguous), read like any other tensor. For checkpoints that
+        store several projections as one matrix (Phi-3's qkv_proj, gate_up_proj)."""
+        e = self.entries[name]
+        if sum(parts.values()) != e.shape[0] or len(e.shape) != 2:
+            what = ", ".join(f"{k.split('.')[-2]} {v}" for k, v in parts.items())  # e.g. "q_proj 3072, ..."
+            raise UserError(f"{self.folder}: {name} has shape {e.shape}, but config.json implies "
+                            f"{sum(parts.values())} rows ({what}): the config contradicts the weights")
+        row = e.shape[1] * torch.empty((), dtype=e.dtype).element_size()
+        offset = 0
+        del self.entries[name]
+        for part, rows in parts.items():
+            self.entries[part] = Entry(e.file, e.dtype, (rows, e.shape[1]), e.start + offset * row, rows * row)
+            offset += rows
+
     def __contains__(self, name: str) -> bool:
         return name in self.entries
 

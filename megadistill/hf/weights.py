@@ -1,5 +1,5 @@
-"""Weights between our Transformer and HF Qwen3 / Qwen2 / Llama / Mistral checkpoints: name map, streamed TP-sharded
-load, export."""
+"""Weights between our Transformer and HF Qwen3 / Qwen2 / Llama / Mistral / Phi-3 checkpoints: name map, streamed
+TP-sharded load, export."""
 from __future__ import annotations
 
 import json
@@ -27,6 +27,10 @@ _BLOCK = {"attn_norm.weight": "input_layernorm.weight", "ffn_norm.weight": "post
           "ffn.w2.weight": "mlp.down_proj.weight"}
 _GLOBAL = {"embed.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight",
            "head.weight": "lm_head.weight"}
+# Phi-3 / Phi-4 store Q, K, V as one matrix and gate, up as another (rows in this order); read as views of their rows
+_FUSED = {"self_attn.qkv_proj.weight": ("self_attn.q_proj.weight", "self_attn.k_proj.weight",
+                                        "self_attn.v_proj.weight"),
+          "mlp.gate_up_proj.weight": ("mlp.gate_proj.weight", "mlp.up_proj.weight")}
 _BLOCK_RE = re.compile(r"^blocks\.(\d+)\.(.+)$")
 _HF_BLOCK_RE = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
 _VOCAB = ("embed.weight", "head.weight")
@@ -54,6 +58,21 @@ def our_name(hf: str) -> Optional[str]:
     return None
 
 
+def open_hf(folder: Path, model_cfg) -> SafetensorsFolder:
+    """The checkpoint's tensors under the per-projection names: fused Q/K/V and gate/up matrices (Phi-3) are split
+    into row views sized by model_cfg (a ModelConfig of this checkpoint)."""
+    st = SafetensorsFolder(folder)
+    hd, kv = model_cfg.head_dim, model_cfg.n_kv_heads or model_cfg.n_heads
+    rows = {"self_attn.q_proj.weight": model_cfg.n_heads * hd, "self_attn.k_proj.weight": kv * hd,
+            "self_attn.v_proj.weight": kv * hd, "mlp.gate_proj.weight": model_cfg.d_ff,
+            "mlp.up_proj.weight": model_cfg.d_ff}
+    for name in list(st.entries):
+        m = _HF_BLOCK_RE.match(name)
+        if m and m.group(2) in _FUSED:
+            st.split_rows(name, {f"model.layers.{m.group(1)}.{p}": rows[p] for p in _FUSED[m.group(2)]})
+    return st
+
+
 def load_into(module: nn.Module, folder: Path, tp_rank: int = 0, tp_size: int = 1, hf_names: bool = True) -> int:
     """Fill `module` (built at this TP layout, any dtype / device) from the checkpoint in `folder`: an HF one, or
     with hf_names=False a megadistill model dir (our names).
@@ -62,7 +81,7 @@ def load_into(module: nn.Module, folder: Path, tp_rank: int = 0, tp_size: int = 
     memory is the rank's shard plus one tensor slice. Embedding / head rows beyond the module's vocab are dropped
     (a teacher padded larger than the student's vocab). Returns the bytes read.
     """
-    st = SafetensorsFolder(folder)
+    st = open_hf(folder, module.cfg) if hf_names else SafetensorsFolder(folder)
     params = dict(module.named_parameters())  # a tied head is the embedding: named once
     wanted = {name: hf_name(name) if hf_names else name for name in params}
     tied = "head.weight" not in params and "embed.weight" in params
@@ -113,15 +132,6 @@ def state_to_hf(state: Dict[str, torch.Tensor], tied: bool) -> Dict[str, torch.T
     if tied:
         out.pop("lm_head.weight", None)
     return out
-
-
-def state_from_hf(folder: Path, names) -> Dict[str, torch.Tensor]:
-    """Full tensors of `names` (ours) from an HF checkpoint, in their stored dtype, one at a time."""
-    st = SafetensorsFolder(folder)
-    missing = [hf_name(n) for n in names if hf_name(n) not in st]
-    if missing:
-        raise UserError(f"{folder}: tensors the config implies are missing from the checkpoint ({missing[:4]})")
-    return {n: st.read(hf_name(n)) for n in names}
 
 
 def write_safetensors(state: Dict[str, torch.Tensor], out_dir: Path, name: str = "model.safetensors") -> None:
