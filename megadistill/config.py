@@ -58,6 +58,8 @@ class ModelConfig:
     rope_low_freq_factor: float = 1.0  # llama3: wavelengths above original_max / low are divided by rope_factor
     rope_high_freq_factor: float = 4.0  # llama3: wavelengths below original_max / high are kept
     rope_original_max_position: int = 8192  # llama3: the context length the model was pretrained at
+    rope_fraction: float = 1.0  # share of head_dim that RoPE rotates (its first int(head_dim x fraction) dims; the
+    # rest pass through): HF's partial_rotary_factor (Phi-4-mini: 0.75)
     tie_embeddings: bool = False  # the output head shares the input embedding matrix
     norm_eps: float = 1e-5  # RMSNorm epsilon
     qk_norm: bool = True  # RMSNorm on queries and keys per head
@@ -108,6 +110,11 @@ class ModelConfig:
             if not 0 < self.rope_low_freq_factor < self.rope_high_freq_factor:
                 raise ConfigError(f"{prefix}.rope_low_freq_factor={self.rope_low_freq_factor} must be > 0 and < "
                                   f"{prefix}.rope_high_freq_factor={self.rope_high_freq_factor}")
+        rotary = int(self.head_dim * self.rope_fraction)
+        if not 0 < self.rope_fraction <= 1 or rotary < 2 or rotary % 2:
+            raise ConfigError(f"{prefix}.rope_fraction={self.rope_fraction} must be in (0, 1] and rotate an even "
+                              f"number (>= 2) of the head_dim={self.head_dim} dims (int(head_dim x fraction) = "
+                              f"{rotary})")
         if self.sliding_window < 0:
             raise ConfigError(f"{prefix}.sliding_window={self.sliding_window} must be >= 0 (0 = full causal attention)")
         _choice(f"{prefix}.attention", self.attention, ("flash", "sdpa", "eager"))
@@ -119,7 +126,8 @@ class ModelConfig:
 # the fields an hf:PATH size fills (everything of the architecture; attention backend and checkpointing stay ours)
 HF_SHAPE_KEYS = ("n_layers", "d_model", "n_heads", "n_kv_heads", "head_dim", "d_ff", "vocab_size", "rope_base",
                  "rope_scaling", "rope_factor", "rope_low_freq_factor", "rope_high_freq_factor",
-                 "rope_original_max_position", "norm_eps", "qk_norm", "qkv_bias", "sliding_window", "tie_embeddings")
+                 "rope_original_max_position", "rope_fraction", "norm_eps", "qk_norm", "qkv_bias", "sliding_window",
+                 "tie_embeddings")
 
 
 def _size_shape(size: str) -> Dict:

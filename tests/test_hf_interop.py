@@ -10,7 +10,7 @@ import torch.distributed as dist
 from torch.testing import assert_close
 
 from dist_harness import run_distributed
-from hf_models import MISTRAL_WINDOW, VARIANTS, edit_config, hf_logits, make_hf
+from hf_models import MISTRAL_WINDOW, PHI3_PARTIAL, VARIANTS, edit_config, hf_logits, make_hf
 from tiny_runs import tiny_overrides
 
 from megadistill import config
@@ -59,6 +59,7 @@ def test_teacher_logits_equal_transformers_tp1(hf_dirs, tmp_path, name):
     m = teacher.model_cfg
     assert (m.n_kv_heads, m.tie_embeddings, m.qk_norm, m.qkv_bias) == (kv, tied, family == "qwen3", family == "qwen2")
     assert m.sliding_window == (MISTRAL_WINDOW if family == "mistral" else 0)
+    assert m.rope_fraction == (PHI3_PARTIAL if family == "phi3" else 1.0)
     if family == "qwen2":  # the biases are loaded (drawn at random in the checkpoint, so the logits depend on them)
         assert float(teacher.module.blocks[0].attn.wk.bias.abs().sum()) > 0
     if family == "phi3":  # one Q/K/V matrix and one gate/up matrix per layer, read as row views
@@ -153,7 +154,7 @@ def _train_tiny(run_dir, extra):
 
 
 EXPORT_ARCH = {"qwen3_gqa_tied": "Qwen3ForCausalLM", "llama_rope3": "LlamaForCausalLM",
-               "qwen2_gqa_tied": "Qwen2ForCausalLM"}
+               "qwen2_gqa_tied": "Qwen2ForCausalLM", "phi3_partial": "Phi3ForCausalLM"}
 
 
 @pytest.mark.parametrize("shape", [
@@ -161,6 +162,7 @@ EXPORT_ARCH = {"qwen3_gqa_tied": "Qwen3ForCausalLM", "llama_rope3": "LlamaForCau
     ["model.qk_norm=false", "model.rope_scaling=llama3", "model.rope_factor=8", "model.rope_original_max_position=64",
      "model.rope_base=10000"],  # -> LlamaForCausalLM with llama3 RoPE
     ["model.qk_norm=false", "model.qkv_bias=true", "model.n_kv_heads=2", "model.tie_embeddings=true"],  # -> Qwen2
+    ["model.qk_norm=false", "model.rope_fraction=0.5", "model.n_kv_heads=2"],  # -> Phi3 (fused matrices written)
 ], ids=list(EXPORT_ARCH))
 def test_export_hf_loads_in_transformers_and_round_trips(tmp_path, shape, request):
     from safetensors.torch import load_file
@@ -193,7 +195,7 @@ def test_export_hf_loads_in_transformers_and_round_trips(tmp_path, shape, reques
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) and a[k].dtype == b[k].dtype for k in a)
     back = teacher_model_config(tmp_path / "back").model
     for key in ("n_layers", "d_model", "n_heads", "n_kv_heads", "head_dim", "d_ff", "vocab_size", "rope_base",
-                "rope_scaling", "rope_factor", "norm_eps", "qk_norm", "qkv_bias", "tie_embeddings"):
+                "rope_scaling", "rope_factor", "rope_fraction", "norm_eps", "qk_norm", "qkv_bias", "tie_embeddings"):
         assert getattr(back, key) == getattr(tcfg.model, key), key
 
 
@@ -283,10 +285,14 @@ def test_bad_folders_are_named_errors(hf_dirs, tmp_path, capsys):
     shutil.copytree(hf_dirs["phi3_gqa"][0], fused)
     edit_config(fused, num_key_value_heads=4)
     fails(fused, r"qkv_proj.weight has shape \(128, 64\), but config.json implies 192 rows \(q_proj 64, k_proj 64")
-    partial = tmp_path / "phi3_partial"
-    shutil.copytree(hf_dirs["phi3_gqa"][0], partial)
+    partial = tmp_path / "llama_partial"  # transformers rotates part of each head for Phi-3 only
+    shutil.copytree(hf_dirs["llama_mha"][0], partial)
     edit_config(partial, partial_rotary_factor=0.75)
-    fails(partial, "partial_rotary_factor=0.75 is not supported")
+    fails(partial, "partial_rotary_factor=0.75 is not supported for LlamaForCausalLM")
+    odd = tmp_path / "phi3_odd"  # int(16 x 0.3) = 4 dims would do; 0.1 rotates 1, which no RoPE pairs up
+    shutil.copytree(hf_dirs["phi3_gqa"][0], odd)
+    edit_config(odd, rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.1})
+    fails(odd, "rope_fraction=0.1 must be in")
     # a sharded checkpoint with a shard gone
     make_hf(tmp_path / "sharded", "qwen3", 2, False, max_shard_size="40KB")
     next(iter(sorted((tmp_path / "sharded").glob("model-*.safetensors")))).unlink()

@@ -249,3 +249,26 @@ def test_mappings_are_identity_without_a_group():
     for fn in (copy_to_tp_region, reduce_from_tp_region, scatter_to_tp_region, gather_from_tp_region):
         y = fn(x, None)
         assert y is x
+
+
+def test_partial_rope_rotates_the_first_dims_and_keeps_relative_positions():
+    """model.rope_fraction (HF partial_rotary_factor): the first int(head_dim x fraction) dims of each head rotate,
+    the rest pass through; scores still depend on positions only through their difference."""
+    from megadistill.config import ConfigError
+    from megadistill.model import kernels
+    model = Transformer(tiny_cfg(rope_fraction=0.5))  # head_dim 16: 8 dims rotate
+    cos, sin = model.rope(12, "cpu", torch.float64)
+    assert cos.shape == (12, 8)
+    g = torch.Generator().manual_seed(0)
+    q, k = (torch.randn(1, 12, 4, 16, generator=g, dtype=torch.float64) for _ in range(2))
+    qr, kr = kernels.rope(q, k, cos, sin)
+    assert torch.equal(qr[..., 8:], q[..., 8:]) and torch.equal(kr[..., 8:], k[..., 8:])
+    assert_close(qr[..., :8], apply_rotary(q[..., :8], cos, sin))
+    one_q, one_k = q[:, :1].expand(1, 12, 4, 16), k[:, :1].expand(1, 12, 4, 16)  # the same vectors at every position
+    qr, kr = kernels.rope(one_q, one_k, cos, sin)
+    score = lambda m, n: (qr[0, m] * kr[0, n]).sum(-1)  # noqa: E731  [h]
+    assert_close(score(5, 2), score(9, 6))
+    assert_close(score(3, 3), score(11, 11))
+    assert not torch.allclose(score(5, 2), score(5, 4))
+    with pytest.raises(ConfigError, match="rope_fraction=0.1 must be in"):
+        tiny_cfg(rope_fraction=0.1)  # int(16 x 0.1) = 1 dim: nothing to pair it with

@@ -79,9 +79,8 @@ def to_model_config(hf: Dict, where: str = "config.json") -> ModelConfig:
     # transformers v5 keeps it in rope_parameters, v4 configs (most of the hub) at the top level: either counts
     partial = next((float(f) for f in ((hf.get("rope_parameters") or {}).get("partial_rotary_factor"),
                                        hf.get("partial_rotary_factor")) if f is not None and float(f) != 1.0), 1.0)
-    if partial != 1.0:
-        raise UserError(f"{where}: partial_rotary_factor={partial} is not supported (RoPE over the whole head_dim "
-                        "only)")
+    if partial != 1.0 and model_type != "phi3":  # transformers' other families rotate whole heads
+        raise UserError(f"{where}: partial_rotary_factor={partial} is not supported for {arch} (Phi-3 only)")
     try:
         n_heads = int(hf["num_attention_heads"])
         d = int(hf["hidden_size"])
@@ -89,7 +88,7 @@ def to_model_config(hf: Dict, where: str = "config.json") -> ModelConfig:
                         n_kv_heads=int(hf.get("num_key_value_heads") or n_heads),
                         head_dim=int(hf.get("head_dim") or d // n_heads), d_ff=int(hf["intermediate_size"]),
                         vocab_size=int(hf["vocab_size"]), norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
-                        qk_norm=qk_norm, qkv_bias=qkv_bias, sliding_window=window,
+                        qk_norm=qk_norm, qkv_bias=qkv_bias, sliding_window=window, rope_fraction=partial,
                         tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
                         **_rope(hf, where))
     except KeyError as e:
@@ -104,13 +103,14 @@ def to_model_config(hf: Dict, where: str = "config.json") -> ModelConfig:
 
 def from_model_config(m: ModelConfig, max_position: int, dtype: str = "float32") -> Dict:
     """config.json for our model: Qwen3ForCausalLM with QK-norm, Qwen2ForCausalLM with Q/K/V biases,
-    LlamaForCausalLM with neither (all load with no custom code); a window of an imported Mistral is kept."""
-    if m.qk_norm and m.qkv_bias:
-        raise UserError("a model with both QK-norm and Q/K/V biases (model.qk_norm=true, model.qkv_bias=true) has no "
-                        "Hugging Face architecture that computes it (Qwen3 has QK-norm, Qwen2 the biases); export it "
-                        "in megadistill's format instead")
+    Phi3ForCausalLM with partial RoPE, LlamaForCausalLM with none of them (all load with no custom code); a window of
+    an imported Mistral / Phi-3 is kept (MistralForCausalLM)."""
+    if m.qk_norm + m.qkv_bias + (m.rope_fraction < 1) > 1:
+        raise UserError("no Hugging Face architecture computes a model with more than one of QK-norm (Qwen3), Q/K/V "
+                        f"biases (Qwen2) and partial RoPE (Phi-3): model.qk_norm={m.qk_norm}, model.qkv_bias="
+                        f"{m.qkv_bias}, model.rope_fraction={m.rope_fraction}; export it in megadistill's format")
     arch = "Qwen3ForCausalLM" if m.qk_norm else "Qwen2ForCausalLM" if m.qkv_bias else \
-        "MistralForCausalLM" if m.sliding_window else "LlamaForCausalLM"
+        "Phi3ForCausalLM" if m.rope_fraction < 1 else "MistralForCausalLM" if m.sliding_window else "LlamaForCausalLM"
     rope: Dict = {"rope_theta": m.rope_base, "rope_type": m.rope_scaling}
     if m.rope_scaling != "default":
         rope["factor"] = m.rope_factor
@@ -133,7 +133,15 @@ def from_model_config(m: ModelConfig, max_position: int, dtype: str = "float32")
         out.update(use_sliding_window=False, sliding_window=None, max_window_layers=m.n_layers)
     if arch == "Qwen2ForCausalLM":
         del out["attention_bias"], out["mlp_bias"]  # Qwen2's Q/K/V biases are built in, not configured
-    if arch == "MistralForCausalLM":
+    if arch in ("MistralForCausalLM", "Phi3ForCausalLM"):
         del out["attention_bias"], out["mlp_bias"]
-        out["sliding_window"] = m.sliding_window
+        out["sliding_window"] = m.sliding_window or None
+    if arch == "Phi3ForCausalLM":  # fused qkv_proj / gate_up_proj (megadistill.hf.weights.state_to_hf)
+        rope["partial_rotary_factor"] = out["partial_rotary_factor"] = m.rope_fraction
+        out["pad_token_id"] = None  # Phi3Config's default (32000) would index past a smaller vocabulary
     return out
+
+
+def fused_layout(hf: Dict) -> bool:
+    """Whether this config.json's architecture stores Q/K/V and gate/up as one matrix each (Phi-3)."""
+    return "Phi3ForCausalLM" in (hf.get("architectures") or [])

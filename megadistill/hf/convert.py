@@ -13,7 +13,7 @@ import torch
 from megadistill import config as config_mod
 from megadistill.config import Config
 from megadistill.errors import UserError
-from megadistill.hf.config import from_model_config, hf_path, read_config, to_model_config
+from megadistill.hf.config import from_model_config, fused_layout, hf_path, read_config, to_model_config
 from megadistill.hf.weights import hf_name, open_hf, state_to_hf, write_json, write_safetensors
 from megadistill.model.sizes import params_of
 from megadistill.train import checkpoint
@@ -101,8 +101,9 @@ def _weights_of_run(run_dir: Path, work: Path) -> Path:
 
 def export_hf(run_dir: str, out_dir: str, max_position: Optional[int] = None) -> Path:
     """Write config.json + model.safetensors (+ generation_config.json and the tokenizer files when the run used an
-    HF tokenizer) that transformers loads as Qwen3ForCausalLM (QK-norm), Qwen2ForCausalLM (Q/K/V biases) or
-    LlamaForCausalLM (MistralForCausalLM for an imported Mistral with a window), with no custom code."""
+    HF tokenizer) that transformers loads as Qwen3ForCausalLM (QK-norm), Qwen2ForCausalLM (Q/K/V biases),
+    Phi3ForCausalLM (partial RoPE) or LlamaForCausalLM (MistralForCausalLM for an imported window), with no custom
+    code."""
     from safetensors.torch import load_file
 
     from megadistill.train.teacher import teacher_model_config
@@ -122,7 +123,7 @@ def export_hf(run_dir: str, out_dir: str, max_position: Optional[int] = None) ->
         hf.update(eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id, pad_token_id=tok.pad_token_id)
         write_json(out / "generation_config.json", {"eos_token_id": tok.eos_token_id,
                                                     "bos_token_id": tok.bos_token_id})
-    write_safetensors(state_to_hf(state, m.tie_embeddings), out)
+    write_safetensors(state_to_hf(state, m.tie_embeddings, fused=fused_layout(hf)), out)
     write_json(out / "config.json", hf)
     shutil.rmtree(out / ".consolidated", ignore_errors=True)
     return out

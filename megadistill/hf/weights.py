@@ -126,11 +126,16 @@ def load_into(module: nn.Module, folder: Path, tp_rank: int = 0, tp_size: int = 
     return read
 
 
-def state_to_hf(state: Dict[str, torch.Tensor], tied: bool) -> Dict[str, torch.Tensor]:
-    """Our full (consolidated) state dict -> HF names; a tied model stores only the embedding."""
+def state_to_hf(state: Dict[str, torch.Tensor], tied: bool, fused: bool = False) -> Dict[str, torch.Tensor]:
+    """Our full (consolidated) state dict -> HF names; a tied model stores only the embedding. fused: Q/K/V and
+    gate/up concatenated by rows into one matrix each (Phi-3's layout)."""
     out = {hf_name(k): v for k, v in state.items()}
     if tied:
         out.pop("lm_head.weight", None)
+    if fused:
+        layers = sorted({int(m.group(1)) for m in map(_HF_BLOCK_RE.match, out) if m})
+        for i, (name, parts) in ((i, f) for i in layers for f in _FUSED.items()):
+            out[f"model.layers.{i}.{name}"] = torch.cat([out.pop(f"model.layers.{i}.{p}") for p in parts])
     return out
 
 

@@ -128,8 +128,14 @@ def rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
          kernels: str = "torch") -> Tuple[torch.Tensor, torch.Tensor]:
     """Rotate q [b, s, h, hd] and k [b, s, h_kv, hd] by the tables cos, sin [s, hd] (Rotary's half-split layout).
 
+    Tables narrower than the heads ([s, r], r < hd: partial RoPE, model.rope_fraction) rotate the first r dims of each
+    head and pass the rest through; that runs our torch op (Liger's kernel rotates whole heads, in place).
     kernels=liger rotates q and k in place (their storage is reused for the outputs).
     """
+    r = cos.shape[-1]
+    if r < q.shape[-1]:
+        qr, kr = apply_rotary(q[..., :r], cos, sin), apply_rotary(k[..., :r], cos, sin)
+        return torch.cat([qr, q[..., r:]], dim=-1), torch.cat([kr, k[..., r:]], dim=-1)
     if kernels == "liger":
         return _liger()[2](q, k, cos, sin)
     return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)

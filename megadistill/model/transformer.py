@@ -142,7 +142,8 @@ class Transformer(nn.Module):
         self.head = factory.head(d, vocab, mup.init_std_for("head", d))  # [V/tp, d]
         # tied: embedding rows and head rows are split alike over TP ([V/tp, d] each), one parameter serves both
         self.tie_weights()
-        self.rope = Rotary(cfg.head_dim, cfg.rope_base, RopeScaling.of(cfg))
+        rotary = int(cfg.head_dim * getattr(cfg, "rope_fraction", 1.0))  # partial RoPE: the first `rotary` dims
+        self.rope = Rotary(rotary, cfg.rope_base, RopeScaling.of(cfg))
         use_kernels(self, cfg.kernels)
         self._tag_roles()
 
