@@ -53,11 +53,16 @@ class ModelConfig:
     ff_multiple: int = 128  # rounding multiple for the default d_ff
     vocab_size: int = 32768  # output classes; must match the tokenizer / synthetic language
     rope_base: float = 500000.0  # RoPE theta
-    rope_scaling: str = "default"  # default | linear | llama3 (RoPE frequency rescaling, as HF's rope_type)
+    rope_scaling: str = "default"  # default | linear | llama3 | longrope (RoPE frequency rescaling, HF's rope_type)
     rope_factor: float = 1.0  # linear / llama3: context extension factor
     rope_low_freq_factor: float = 1.0  # llama3: wavelengths above original_max / low are divided by rope_factor
     rope_high_freq_factor: float = 4.0  # llama3: wavelengths below original_max / high are kept
-    rope_original_max_position: int = 8192  # llama3: the context length the model was pretrained at
+    rope_original_max_position: int = 8192  # llama3 / longrope: the context length the model was pretrained at
+    # longrope (Phi-3.5 / Phi-4-mini): per-frequency divisors of the rotary frequencies for sequences up to
+    # rope_original_max_position tokens (short) and beyond (long), and a scale on cos / sin
+    rope_short_factor: List[float] = field(default_factory=list)
+    rope_long_factor: List[float] = field(default_factory=list)
+    rope_attention_factor: float = 1.0
     rope_fraction: float = 1.0  # share of head_dim that RoPE rotates (its first int(head_dim x fraction) dims; the
     # rest pass through): HF's partial_rotary_factor (Phi-4-mini: 0.75)
     tie_embeddings: bool = False  # the output head shares the input embedding matrix
@@ -102,7 +107,7 @@ class ModelConfig:
         if self.n_kv_heads < 0 or (self.n_kv_heads and self.n_heads % self.n_kv_heads):
             raise ConfigError(f"{prefix}.n_kv_heads={self.n_kv_heads} must divide {prefix}.n_heads={self.n_heads} "
                               "(0 = n_heads, plain multi-head attention)")
-        _choice(f"{prefix}.rope_scaling", self.rope_scaling, ("default", "linear", "llama3"))
+        _choice(f"{prefix}.rope_scaling", self.rope_scaling, ("default", "linear", "llama3", "longrope"))
         if self.rope_scaling != "default":
             _positive(f"{prefix}.rope_factor", self.rope_factor)
         if self.rope_scaling == "llama3":
@@ -115,6 +120,14 @@ class ModelConfig:
             raise ConfigError(f"{prefix}.rope_fraction={self.rope_fraction} must be in (0, 1] and rotate an even "
                               f"number (>= 2) of the head_dim={self.head_dim} dims (int(head_dim x fraction) = "
                               f"{rotary})")
+        if self.rope_scaling == "longrope":
+            _positive(f"{prefix}.rope_original_max_position", self.rope_original_max_position)
+            _positive(f"{prefix}.rope_attention_factor", self.rope_attention_factor)
+            for key in ("rope_short_factor", "rope_long_factor"):
+                factors = list(getattr(self, key))
+                if len(factors) != rotary // 2 or not all(f > 0 for f in factors):
+                    raise ConfigError(f"{prefix}.{key} must hold {rotary // 2} positive factors (one per rotary "
+                                      f"frequency: int(head_dim x rope_fraction) / 2), got {len(factors)}")
         if self.sliding_window < 0:
             raise ConfigError(f"{prefix}.sliding_window={self.sliding_window} must be >= 0 (0 = full causal attention)")
         _choice(f"{prefix}.attention", self.attention, ("flash", "sdpa", "eager"))
@@ -126,7 +139,8 @@ class ModelConfig:
 # the fields an hf:PATH size fills (everything of the architecture; attention backend and checkpointing stay ours)
 HF_SHAPE_KEYS = ("n_layers", "d_model", "n_heads", "n_kv_heads", "head_dim", "d_ff", "vocab_size", "rope_base",
                  "rope_scaling", "rope_factor", "rope_low_freq_factor", "rope_high_freq_factor",
-                 "rope_original_max_position", "rope_fraction", "norm_eps", "qk_norm", "qkv_bias", "sliding_window",
+                 "rope_original_max_position", "rope_short_factor", "rope_long_factor", "rope_attention_factor",
+                 "rope_fraction", "norm_eps", "qk_norm", "qkv_bias", "sliding_window",
                  "tie_embeddings")
 
 

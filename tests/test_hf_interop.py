@@ -10,7 +10,7 @@ import torch.distributed as dist
 from torch.testing import assert_close
 
 from dist_harness import run_distributed
-from hf_models import MISTRAL_WINDOW, PHI3_PARTIAL, VARIANTS, edit_config, hf_logits, make_hf
+from hf_models import MISTRAL_WINDOW, PHI3_ORIGINAL_MAX, PHI3_PARTIAL, VARIANTS, edit_config, hf_logits, make_hf
 from tiny_runs import tiny_overrides
 
 from megadistill import config
@@ -63,11 +63,16 @@ def test_teacher_logits_equal_transformers_tp1(hf_dirs, tmp_path, name):
     if family == "qwen2":  # the biases are loaded (drawn at random in the checkpoint, so the logits depend on them)
         assert float(teacher.module.blocks[0].attn.wk.bias.abs().sum()) > 0
     if family == "phi3":  # one Q/K/V matrix and one gate/up matrix per layer, read as row views
+        assert m.rope_scaling == "longrope" and m.rope_attention_factor == pytest.approx(2 ** 0.5)  # 256 / 16
+        from transformers import AutoModelForCausalLM
+        hf = AutoModelForCausalLM.from_pretrained(str(folder)).eval()  # short factors: up to PHI3_ORIGINAL_MAX tokens
+        with torch.no_grad():
+            assert_close(teacher.module(IDS[:, :PHI3_ORIGINAL_MAX]), hf_logits(hf, IDS[:, :PHI3_ORIGINAL_MAX]))
         from megadistill.hf.safetensors_io import SafetensorsFolder
         names = set(SafetensorsFolder(folder).entries)
         assert "model.layers.1.self_attn.qkv_proj.weight" in names and "model.layers.1.mlp.gate_up_proj.weight" in names
         assert "model.layers.1.self_attn.q_proj.weight" not in names
-    assert m.rope_scaling == ("llama3" if family == "llama" else "default")
+    assert m.rope_scaling == {"llama": "llama3", "phi3": "longrope"}.get(family, "default")
     if tied:
         assert teacher.module.head.weight is teacher.module.embed.weight
 
@@ -162,7 +167,9 @@ EXPORT_ARCH = {"qwen3_gqa_tied": "Qwen3ForCausalLM", "llama_rope3": "LlamaForCau
     ["model.qk_norm=false", "model.rope_scaling=llama3", "model.rope_factor=8", "model.rope_original_max_position=64",
      "model.rope_base=10000"],  # -> LlamaForCausalLM with llama3 RoPE
     ["model.qk_norm=false", "model.qkv_bias=true", "model.n_kv_heads=2", "model.tie_embeddings=true"],  # -> Qwen2
-    ["model.qk_norm=false", "model.rope_fraction=0.5", "model.n_kv_heads=2"],  # -> Phi3 (fused matrices written)
+    ["model.qk_norm=false", "model.rope_fraction=0.5", "model.n_kv_heads=2", "model.rope_scaling=longrope",
+     "model.rope_short_factor=[1,1.5,2,4]", "model.rope_long_factor=[2,3,5,8]", "model.rope_original_max_position=16",
+     "model.rope_attention_factor=1.2"],  # -> Phi3 (fused matrices written, longrope)
 ], ids=list(EXPORT_ARCH))
 def test_export_hf_loads_in_transformers_and_round_trips(tmp_path, shape, request):
     from safetensors.torch import load_file
@@ -195,7 +202,8 @@ def test_export_hf_loads_in_transformers_and_round_trips(tmp_path, shape, reques
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) and a[k].dtype == b[k].dtype for k in a)
     back = teacher_model_config(tmp_path / "back").model
     for key in ("n_layers", "d_model", "n_heads", "n_kv_heads", "head_dim", "d_ff", "vocab_size", "rope_base",
-                "rope_scaling", "rope_factor", "rope_fraction", "norm_eps", "qk_norm", "qkv_bias", "tie_embeddings"):
+                "rope_scaling", "rope_factor", "rope_fraction", "rope_short_factor", "rope_long_factor",
+                "rope_attention_factor", "norm_eps", "qk_norm", "qkv_bias", "tie_embeddings"):
         assert getattr(back, key) == getattr(tcfg.model, key), key
 
 
@@ -289,6 +297,13 @@ def test_bad_folders_are_named_errors(hf_dirs, tmp_path, capsys):
     shutil.copytree(hf_dirs["llama_mha"][0], partial)
     edit_config(partial, partial_rotary_factor=0.75)
     fails(partial, "partial_rotary_factor=0.75 is not supported for LlamaForCausalLM")
+    rope = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 64}
+    yarn = tmp_path / "llama_yarn"
+    shutil.copytree(hf_dirs["llama_mha"][0], yarn)
+    edit_config(yarn, rope_parameters=rope)
+    fails(yarn, "rope type 'yarn' is not supported")
+    edit_config(yarn, rope_parameters=dict(rope, rope_type="longrope", short_factor=[1.0] * 8, long_factor=[2.0] * 8))
+    fails(yarn, "'longrope' is supported for Phi3ForCausalLM only")
     odd = tmp_path / "phi3_odd"  # int(16 x 0.3) = 4 dims would do; 0.1 rotates 1, which no RoPE pairs up
     shutil.copytree(hf_dirs["phi3_gqa"][0], odd)
     edit_config(odd, rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.1})

@@ -3,6 +3,7 @@ anything we cannot run."""
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Dict, Optional
 
@@ -47,8 +48,17 @@ def _rope(hf: Dict, where: str) -> Dict:
     out = {"rope_base": float(params.get("rope_theta", hf.get("rope_theta", 10000.0))), "rope_scaling": kind}
     if kind == "default":
         return out
+    if kind == "longrope":  # Phi-3.5 / Phi-4-mini; v4 configs keep original_max_position_embeddings at the top level
+        orig = int(params.get("original_max_position_embeddings") or hf["original_max_position_embeddings"])
+        factor = float(params.get("factor") or hf["max_position_embeddings"] / orig)  # transformers' default
+        attention = params.get("attention_factor") or (
+            1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(orig)))
+        return dict(out, rope_original_max_position=orig, rope_attention_factor=float(attention),
+                    rope_short_factor=[float(f) for f in params["short_factor"]],
+                    rope_long_factor=[float(f) for f in params["long_factor"]])
     if kind not in ("linear", "llama3"):
-        raise UserError(f"{where}: rope type {kind!r} is not supported (supported: default, linear, llama3)")
+        raise UserError(f"{where}: rope type {kind!r} is not supported (supported: default, linear, llama3, and "
+                        "longrope for Phi-3)")
     out["rope_factor"] = float(params["factor"])
     if kind == "llama3":
         out.update(rope_low_freq_factor=float(params["low_freq_factor"]),
@@ -81,6 +91,9 @@ def to_model_config(hf: Dict, where: str = "config.json") -> ModelConfig:
                                        hf.get("partial_rotary_factor")) if f is not None and float(f) != 1.0), 1.0)
     if partial != 1.0 and model_type != "phi3":  # transformers' other families rotate whole heads
         raise UserError(f"{where}: partial_rotary_factor={partial} is not supported for {arch} (Phi-3 only)")
+    rope = _rope(hf, where)
+    if rope["rope_scaling"] == "longrope" and model_type != "phi3":
+        raise UserError(f"{where}: rope type 'longrope' is supported for Phi3ForCausalLM only, not {arch}")
     try:
         n_heads = int(hf["num_attention_heads"])
         d = int(hf["hidden_size"])
@@ -89,8 +102,7 @@ def to_model_config(hf: Dict, where: str = "config.json") -> ModelConfig:
                         head_dim=int(hf.get("head_dim") or d // n_heads), d_ff=int(hf["intermediate_size"]),
                         vocab_size=int(hf["vocab_size"]), norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
                         qk_norm=qk_norm, qkv_bias=qkv_bias, sliding_window=window, rope_fraction=partial,
-                        tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
-                        **_rope(hf, where))
+                        tie_embeddings=bool(hf.get("tie_word_embeddings", False)), **rope)
     except KeyError as e:
         raise UserError(f"{where}: required key {e.args[0]!r} is missing") from None
     m.resolve()
@@ -105,15 +117,21 @@ def from_model_config(m: ModelConfig, max_position: int, dtype: str = "float32")
     """config.json for our model: Qwen3ForCausalLM with QK-norm, Qwen2ForCausalLM with Q/K/V biases,
     Phi3ForCausalLM with partial RoPE, LlamaForCausalLM with none of them (all load with no custom code); a window of
     an imported Mistral / Phi-3 is kept (MistralForCausalLM)."""
-    if m.qk_norm + m.qkv_bias + (m.rope_fraction < 1) > 1:
+    phi3 = m.rope_fraction < 1 or m.rope_scaling == "longrope"
+    if m.qk_norm + m.qkv_bias + phi3 > 1:
         raise UserError("no Hugging Face architecture computes a model with more than one of QK-norm (Qwen3), Q/K/V "
-                        f"biases (Qwen2) and partial RoPE (Phi-3): model.qk_norm={m.qk_norm}, model.qkv_bias="
-                        f"{m.qkv_bias}, model.rope_fraction={m.rope_fraction}; export it in megadistill's format")
+                        f"biases (Qwen2) and partial RoPE or longrope (Phi-3): model.qk_norm={m.qk_norm}, "
+                        f"model.qkv_bias={m.qkv_bias}, model.rope_fraction={m.rope_fraction}, model.rope_scaling="
+                        f"{m.rope_scaling!r}; export it in megadistill's format")
     arch = "Qwen3ForCausalLM" if m.qk_norm else "Qwen2ForCausalLM" if m.qkv_bias else \
-        "Phi3ForCausalLM" if m.rope_fraction < 1 else "MistralForCausalLM" if m.sliding_window else "LlamaForCausalLM"
+        "Phi3ForCausalLM" if phi3 else "MistralForCausalLM" if m.sliding_window else "LlamaForCausalLM"
     rope: Dict = {"rope_theta": m.rope_base, "rope_type": m.rope_scaling}
-    if m.rope_scaling != "default":
+    if m.rope_scaling in ("linear", "llama3"):
         rope["factor"] = m.rope_factor
+    if m.rope_scaling == "longrope":
+        rope.update(short_factor=list(m.rope_short_factor), long_factor=list(m.rope_long_factor),
+                    attention_factor=m.rope_attention_factor,
+                    original_max_position_embeddings=m.rope_original_max_position)
     if m.rope_scaling == "llama3":
         rope.update(low_freq_factor=m.rope_low_freq_factor, high_freq_factor=m.rope_high_freq_factor,
                     original_max_position_embeddings=m.rope_original_max_position)
@@ -138,6 +156,8 @@ def from_model_config(m: ModelConfig, max_position: int, dtype: str = "float32")
         out["sliding_window"] = m.sliding_window or None
     if arch == "Phi3ForCausalLM":  # fused qkv_proj / gate_up_proj (megadistill.hf.weights.state_to_hf)
         rope["partial_rotary_factor"] = out["partial_rotary_factor"] = m.rope_fraction
+        if m.rope_scaling == "longrope":
+            out["original_max_position_embeddings"] = m.rope_original_max_position
         out["pad_token_id"] = None  # Phi3Config's default (32000) would index past a smaller vocabulary
     return out
 

@@ -122,28 +122,42 @@ def _flash(q, k, v, mask: Optional[DocMask], scale: float) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class RopeScaling:
-    """RoPE frequency rescaling (HF's rope_type): default (none), linear (all / factor) or llama3 (by wavelength)."""
+    """RoPE frequency rescaling (HF's rope_type): default (none), linear (all / factor), llama3 (by wavelength) or
+    longrope (a divisor per frequency: the short set up to original_max_position tokens, the long set beyond -- chosen
+    by the length of the sequence being embedded, as transformers does per forward -- and cos / sin scaled)."""
 
-    kind: str = "default"  # default | linear | llama3
+    kind: str = "default"  # default | linear | llama3 | longrope
     factor: float = 1.0
     low_freq_factor: float = 1.0
     high_freq_factor: float = 4.0
     original_max_position: int = 8192
+    short_factor: Tuple[float, ...] = ()
+    long_factor: Tuple[float, ...] = ()
+    attention_factor: float = 1.0
 
     @classmethod
     def of(cls, cfg) -> "RopeScaling":
         """From a ModelConfig's rope_* fields."""
         return cls(cfg.rope_scaling, cfg.rope_factor, cfg.rope_low_freq_factor, cfg.rope_high_freq_factor,
-                   cfg.rope_original_max_position)
+                   cfg.rope_original_max_position, tuple(getattr(cfg, "rope_short_factor", ())),
+                   tuple(getattr(cfg, "rope_long_factor", ())), getattr(cfg, "rope_attention_factor", 1.0))
 
-    def apply(self, inv_freq: torch.Tensor) -> torch.Tensor:
-        """Rescaled inverse frequencies [hd/2]."""
+    def scale(self) -> float:
+        """Factor on cos and sin (longrope's attention factor; 1 otherwise)."""
+        return self.attention_factor if self.kind == "longrope" else 1.0
+
+    def apply(self, inv_freq: torch.Tensor, seq_len: int = 0) -> torch.Tensor:
+        """Rescaled inverse frequencies [hd/2] for sequences of seq_len tokens."""
         if self.kind == "default":
             return inv_freq
         if self.kind == "linear":  # positions compressed by factor: p theta / factor
             return inv_freq / self.factor
+        if self.kind == "longrope":
+            ext = self.long_factor if seq_len > self.original_max_position else self.short_factor
+            return inv_freq / torch.tensor(ext, dtype=inv_freq.dtype, device=inv_freq.device)
         if self.kind != "llama3":
-            raise UserError(f"model.rope_scaling={self.kind!r} is not one of ['default', 'linear', 'llama3']")
+            raise UserError(f"model.rope_scaling={self.kind!r} is not one of ['default', 'linear', 'llama3', "
+                            "'longrope']")
         # llama3: wavelength 2 pi / theta below L / high_freq is kept, above L / low_freq divided by factor, and
         # interpolated in between by s = (L / wavelength - low) / (high - low), L the original context.
         wavelength = 2 * math.pi / inv_freq
@@ -175,10 +189,11 @@ class Rotary:
                 self._cache.clear()
             # angles in fp64: p * theta_i stays exact enough for long contexts before the cast
             inv_freq = self.base ** (-torch.arange(0, self.dim, 2, dtype=torch.float64, device=device) / self.dim)
-            inv_freq = self.scaling.apply(inv_freq)  # [hd/2]
+            inv_freq = self.scaling.apply(inv_freq, seq_len)  # [hd/2]
             angles = torch.arange(seq_len, dtype=torch.float64, device=device).unsqueeze(1) * inv_freq  # [s, hd/2]
             angles = torch.cat([angles, angles], dim=-1)  # [s, hd]
-            self._cache[key] = (angles.cos().to(dtype), angles.sin().to(dtype))
+            scale = self.scaling.scale()
+            self._cache[key] = ((angles.cos() * scale).to(dtype), (angles.sin() * scale).to(dtype))
         return self._cache[key]
 
 
