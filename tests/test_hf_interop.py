@@ -304,6 +304,11 @@ def test_bad_folders_are_named_errors(hf_dirs, tmp_path, capsys):
     fails(yarn, "rope type 'yarn' is not supported")
     edit_config(yarn, rope_parameters=dict(rope, rope_type="longrope", short_factor=[1.0] * 8, long_factor=[2.0] * 8))
     fails(yarn, "'longrope' is supported for Phi3ForCausalLM only")
+    half = tmp_path / "phi3_no_long_factor"
+    shutil.copytree(hf_dirs["phi3_gqa"][0], half)
+    rope = json.loads((half / "config.json").read_text())["rope_parameters"]
+    edit_config(half, rope_parameters={k: v for k, v in rope.items() if k != "long_factor"})
+    fails(half, "required key 'long_factor' is missing")
     odd = tmp_path / "phi3_odd"  # int(16 x 0.3) = 4 dims would do; 0.1 rotates 1, which no RoPE pairs up
     shutil.copytree(hf_dirs["phi3_gqa"][0], odd)
     edit_config(odd, rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.1})

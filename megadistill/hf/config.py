@@ -91,10 +91,10 @@ def to_model_config(hf: Dict, where: str = "config.json") -> ModelConfig:
                                        hf.get("partial_rotary_factor")) if f is not None and float(f) != 1.0), 1.0)
     if partial != 1.0 and model_type != "phi3":  # transformers' other families rotate whole heads
         raise UserError(f"{where}: partial_rotary_factor={partial} is not supported for {arch} (Phi-3 only)")
-    rope = _rope(hf, where)
-    if rope["rope_scaling"] == "longrope" and model_type != "phi3":
-        raise UserError(f"{where}: rope type 'longrope' is supported for Phi3ForCausalLM only, not {arch}")
     try:
+        rope = _rope(hf, where)
+        if rope["rope_scaling"] == "longrope" and model_type != "phi3":
+            raise UserError(f"{where}: rope type 'longrope' is supported for Phi3ForCausalLM only, not {arch}")
         n_heads = int(hf["num_attention_heads"])
         d = int(hf["hidden_size"])
         m = ModelConfig(size=None, n_layers=int(hf["num_hidden_layers"]), d_model=d, n_heads=n_heads,
