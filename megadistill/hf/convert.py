@@ -14,7 +14,7 @@ from megadistill import config as config_mod
 from megadistill.config import Config
 from megadistill.errors import UserError
 from megadistill.hf.config import from_model_config, fused_layout, hf_path, read_config, to_model_config
-from megadistill.hf.weights import hf_name, open_hf, state_to_hf, write_json, write_safetensors
+from megadistill.hf.weights import full_shape, hf_name, open_hf, state_to_hf, write_json, write_safetensors
 from megadistill.model.sizes import params_of
 from megadistill.train import checkpoint
 
@@ -58,7 +58,7 @@ def import_hf(ref: str, out_dir: str, dtype: str = "auto") -> Path:
         if h not in st:
             raise UserError(f"{folder}: tensor {h!r} (our {name}) is missing: does config.json match the weights?")
         t = st.read(h)
-        expected = _full_shape(m, name)
+        expected = full_shape(m, name)
         if tuple(t.shape) != expected:
             raise UserError(f"{folder}: {h} has shape {tuple(t.shape)} but config.json implies {expected}: the "
                             "config contradicts the weights")
@@ -73,18 +73,6 @@ def import_hf(ref: str, out_dir: str, dtype: str = "auto") -> Path:
     meta = {"run": folder.name, "tokens": 0, "params": params_of(m)[0], "source": f"hf:{folder.resolve()}"}
     checkpoint.atomic_write_text(out / "meta.json", json.dumps(meta) + "\n")
     return out
-
-
-def _full_shape(m, name: str) -> tuple:
-    """Full (unsharded) shape of one of our parameters for model config m."""
-    kv, hd, d = m.n_kv_heads or m.n_heads, m.head_dim, m.d_model
-    leaf = name.split(".", 2)[-1] if name.startswith("blocks.") else name
-    return {"embed.weight": (m.vocab_size, d), "head.weight": (m.vocab_size, d), "norm.weight": (d,),
-            "attn_norm.weight": (d,), "ffn_norm.weight": (d,), "attn.wq.weight": (m.n_heads * hd, d),
-            "attn.wk.weight": (kv * hd, d), "attn.wv.weight": (kv * hd, d), "attn.wo.weight": (d, m.n_heads * hd),
-            "attn.q_norm.weight": (hd,), "attn.k_norm.weight": (hd,), "attn.wq.bias": (m.n_heads * hd,),
-            "attn.wk.bias": (kv * hd,), "attn.wv.bias": (kv * hd,), "ffn.w1.weight": (m.d_ff, d),
-            "ffn.w3.weight": (m.d_ff, d), "ffn.w2.weight": (d, m.d_ff)}[leaf]
 
 
 def _weights_of_run(run_dir: Path, work: Path) -> Path:

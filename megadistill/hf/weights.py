@@ -58,18 +58,27 @@ def our_name(hf: str) -> Optional[str]:
     return None
 
 
+def full_shape(m, name: str) -> tuple:
+    """Full (unsharded) shape of one of our parameters for model config m."""
+    kv, hd, d = m.n_kv_heads or m.n_heads, m.head_dim, m.d_model
+    leaf = name.split(".", 2)[-1] if name.startswith("blocks.") else name
+    return {"embed.weight": (m.vocab_size, d), "head.weight": (m.vocab_size, d), "norm.weight": (d,),
+            "attn_norm.weight": (d,), "ffn_norm.weight": (d,), "attn.wq.weight": (m.n_heads * hd, d),
+            "attn.wk.weight": (kv * hd, d), "attn.wv.weight": (kv * hd, d), "attn.wo.weight": (d, m.n_heads * hd),
+            "attn.q_norm.weight": (hd,), "attn.k_norm.weight": (hd,), "attn.wq.bias": (m.n_heads * hd,),
+            "attn.wk.bias": (kv * hd,), "attn.wv.bias": (kv * hd,), "ffn.w1.weight": (m.d_ff, d),
+            "ffn.w3.weight": (m.d_ff, d), "ffn.w2.weight": (d, m.d_ff)}[leaf]
+
+
 def open_hf(folder: Path, model_cfg) -> SafetensorsFolder:
     """The checkpoint's tensors under the per-projection names: fused Q/K/V and gate/up matrices (Phi-3) are split
     into row views sized by model_cfg (a ModelConfig of this checkpoint)."""
     st = SafetensorsFolder(folder)
-    hd, kv = model_cfg.head_dim, model_cfg.n_kv_heads or model_cfg.n_heads
-    rows = {"self_attn.q_proj.weight": model_cfg.n_heads * hd, "self_attn.k_proj.weight": kv * hd,
-            "self_attn.v_proj.weight": kv * hd, "mlp.gate_proj.weight": model_cfg.d_ff,
-            "mlp.up_proj.weight": model_cfg.d_ff}
     for name in list(st.entries):
         m = _HF_BLOCK_RE.match(name)
         if m and m.group(2) in _FUSED:
-            st.split_rows(name, {f"model.layers.{m.group(1)}.{p}": rows[p] for p in _FUSED[m.group(2)]})
+            parts = [f"model.layers.{m.group(1)}.{p}" for p in _FUSED[m.group(2)]]
+            st.split_rows(name, {p: full_shape(model_cfg, our_name(p))[0] for p in parts})
     return st
 
 
