@@ -101,6 +101,11 @@ class ModelConfig:
             self.n_kv_heads = self.n_heads
         return self
 
+    @property
+    def rotary_dim(self) -> int:
+        """Dims of each head that RoPE rotates: the first int(head_dim x rope_fraction)."""
+        return int(self.head_dim * self.rope_fraction)
+
     def validate(self, prefix: str = "model") -> None:
         for k in ("n_layers", "d_model", "n_heads", "head_dim", "d_ff", "vocab_size", "mup_base_width"):
             _positive(f"{prefix}.{k}", getattr(self, k))
@@ -115,7 +120,7 @@ class ModelConfig:
             if not 0 < self.rope_low_freq_factor < self.rope_high_freq_factor:
                 raise ConfigError(f"{prefix}.rope_low_freq_factor={self.rope_low_freq_factor} must be > 0 and < "
                                   f"{prefix}.rope_high_freq_factor={self.rope_high_freq_factor}")
-        rotary = int(self.head_dim * self.rope_fraction)
+        rotary = self.rotary_dim
         if not 0 < self.rope_fraction <= 1 or rotary < 2 or rotary % 2:
             raise ConfigError(f"{prefix}.rope_fraction={self.rope_fraction} must be in (0, 1] and rotate an even "
                               f"number (>= 2) of the head_dim={self.head_dim} dims (int(head_dim x fraction) = "

@@ -142,8 +142,7 @@ class Transformer(nn.Module):
         self.head = factory.head(d, vocab, mup.init_std_for("head", d))  # [V/tp, d]
         # tied: embedding rows and head rows are split alike over TP ([V/tp, d] each), one parameter serves both
         self.tie_weights()
-        rotary = int(cfg.head_dim * getattr(cfg, "rope_fraction", 1.0))  # partial RoPE: the first `rotary` dims
-        self.rope = Rotary(rotary, cfg.rope_base, RopeScaling.of(cfg))
+        self.rope = Rotary(cfg.rotary_dim, cfg.rope_base, RopeScaling.of(cfg))  # partial RoPE: rotary_dim < head_dim
         use_kernels(self, cfg.kernels)
         self._tag_roles()
 
