@@ -142,17 +142,16 @@ def from_model_config(m: ModelConfig, max_position: int, dtype: str = "float32")
         "num_attention_heads": m.n_heads, "num_key_value_heads": m.n_kv_heads or m.n_heads, "head_dim": m.head_dim,
         "vocab_size": m.vocab_size, "rms_norm_eps": m.norm_eps, "hidden_act": "silu",
         "max_position_embeddings": int(max_position), "tie_word_embeddings": bool(m.tie_embeddings),
-        "attention_bias": False, "attention_dropout": 0.0, "mlp_bias": False, "use_cache": True,
+        "attention_dropout": 0.0, "use_cache": True,
         "rope_parameters": rope, "rope_theta": m.rope_base, "torch_dtype": dtype, "dtype": dtype,
     }
     if m.rope_scaling != "default":
         out["rope_scaling"] = dict(rope)
+    if arch in ("Qwen3ForCausalLM", "LlamaForCausalLM"):  # configurable biases (Qwen2 has its Q/K/V ones built in)
+        out.update(attention_bias=False, mlp_bias=False)
     if arch in ("Qwen3ForCausalLM", "Qwen2ForCausalLM"):
         out.update(use_sliding_window=False, sliding_window=None, max_window_layers=m.n_layers)
-    if arch == "Qwen2ForCausalLM":
-        del out["attention_bias"], out["mlp_bias"]  # Qwen2's Q/K/V biases are built in, not configured
     if arch in ("MistralForCausalLM", "Phi3ForCausalLM"):
-        del out["attention_bias"], out["mlp_bias"]
         out["sliding_window"] = m.sliding_window or None
     if arch == "Phi3ForCausalLM":  # fused qkv_proj / gate_up_proj (megadistill.hf.weights.state_to_hf)
         rope["partial_rotary_factor"] = out["partial_rotary_factor"] = m.rope_fraction
