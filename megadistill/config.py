@@ -69,8 +69,8 @@ class ModelConfig:
     norm_eps: float = 1e-5  # RMSNorm epsilon
     qk_norm: bool = True  # RMSNorm on queries and keys per head
     qkv_bias: bool = False  # biases on the Q, K and V projections (Qwen2 / Qwen2.5)
-    sliding_window: int = 0  # an imported model's attention window (Mistral's / Phi-3's sliding_window); 0 = none.
-    # We run full causal attention, which is the same function while train.seq_len <= sliding_window (checked)
+    sliding_window: int = 0  # attention window (Mistral's / Phi-3's sliding_window): token i attends to tokens
+    # i - sliding_window + 1 .. i only; 0 = full causal attention. No effect while train.seq_len <= sliding_window
     attention: str = "sdpa"  # flash | sdpa | eager
     kernels: str = "torch"  # torch | liger: RMSNorm, SwiGLU and RoPE as our torch ops or Liger-Kernel's Triton kernels
     # (CUDA + pip install liger-kernel; checked when the model is built)
@@ -301,11 +301,6 @@ class Config:
             raise ConfigError(f"parallel.tp_size={p.tp_size} does not divide model.vocab_size={m.vocab_size}")
         if m.d_ff % p.tp_size:
             raise ConfigError(f"parallel.tp_size={p.tp_size} does not divide model.d_ff={m.d_ff}")
-        if m.sliding_window and self.train.seq_len > m.sliding_window:
-            raise ConfigError(f"train.seq_len={self.train.seq_len} exceeds model.sliding_window={m.sliding_window}: "
-                              "the model was trained to attend to its last sliding_window tokens only, and megadistill "
-                              "runs full causal attention (the same function up to that length); use a train.seq_len "
-                              f"<= {m.sliding_window}")
         if not isinstance(p.sequence_parallel, bool):
             raise ConfigError(f"parallel.sequence_parallel={p.sequence_parallel!r} must be true or false")
         if p.sequence_parallel and self.train.seq_len % p.tp_size:

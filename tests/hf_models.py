@@ -9,15 +9,16 @@ LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "hi
                "original_max_position_embeddings": 64}
 
 # name -> (family, n_kv_heads, tied): GQA and MHA, tied and untied, QK-norm (qwen3) and not (llama), Q/K/V biases
-# (qwen2), a sliding window as long as the tiny runs' sequences (mistral: full causal attention up to that length),
-# fused Q/K/V and gate/up matrices, partial RoPE and longrope (phi3)
+# (qwen2), sliding windows shorter than the interop tests' 24 tokens and the tiny runs' 32 (mistral, phi3), fused
+# Q/K/V and gate/up matrices, partial RoPE and longrope (phi3)
 VARIANTS = {"qwen3_gqa": ("qwen3", 2, False), "qwen3_mha_tied": ("qwen3", 4, True),
             "llama_gqa_tied": ("llama", 2, True), "llama_mha": ("llama", 4, False),
             "qwen2_gqa_tied": ("qwen2", 2, True), "mistral_gqa": ("mistral", 2, False),
             "phi3_gqa": ("phi3", 2, False)}
 PHI3_PARTIAL = 0.5  # Phi-4-mini: 0.75
 PHI3_ORIGINAL_MAX = 16  # longrope's switch: the interop tests' 24-token sequences take the long factors
-MISTRAL_WINDOW = 32  # = the tiny runs' train.seq_len (the interop logits are checked on 24 tokens)
+MISTRAL_WINDOW = 16  # attention windows: each token sees itself and the window - 1 tokens before it
+PHI3_WINDOW = 20
 
 
 def make_hf(folder, family="qwen3", n_kv_heads=2, tied=False, vocab=128, seed=0, max_shard_size=None,
@@ -38,7 +39,7 @@ def make_hf(folder, family="qwen3", n_kv_heads=2, tied=False, vocab=128, seed=0,
         rope = {"rope_type": "longrope", "rope_theta": 10000.0, "partial_rotary_factor": PHI3_PARTIAL,
                 "short_factor": [1.0, 1.3, 2.0, 3.5], "long_factor": [1.5, 2.5, 6.0, 11.0],
                 "original_max_position_embeddings": PHI3_ORIGINAL_MAX}
-        model = Phi3ForCausalLM(Phi3Config(rms_norm_eps=1e-5, sliding_window=None, pad_token_id=0,
+        model = Phi3ForCausalLM(Phi3Config(rms_norm_eps=1e-5, sliding_window=PHI3_WINDOW, pad_token_id=0,
                                            rope_parameters=rope, original_max_position_embeddings=PHI3_ORIGINAL_MAX,
                                            **common))
     elif family == "mistral":

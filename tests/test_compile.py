@@ -43,15 +43,15 @@ def test_config_values():
 
 
 @pytest.mark.parametrize("extra", [[], ["model.qk_norm=false", "model.n_kv_heads=1"], ["model.attention=eager"]])
-@pytest.mark.parametrize("doc_mask", [False, True])
-def test_block_has_no_graph_breaks(extra, doc_mask):
-    from megadistill.model.attention import build_doc_mask
+@pytest.mark.parametrize("doc_mask,window", [(False, 0), (True, 0), (True, 6)])
+def test_block_has_no_graph_breaks(extra, doc_mask, window):
+    from megadistill.model.attention import build_mask
     cfg = config.load([], SHAPE + extra)
     model = Transformer(cfg.model)
     x = torch.randn(2, 16, 32, requires_grad=True)
     cos, sin = model.rope(16, x.device, x.dtype)
     doc_ids = torch.tensor([[0] * 5 + [1] * 11, [0] * 16]) if doc_mask else None
-    mask = build_doc_mask(doc_ids, cfg.model.attention)
+    mask = build_mask(doc_ids, cfg.model.attention, 16, window)  # window: a sliding window of 6 tokens
     for grad in (True, False):  # training and the teacher's / eval's no-grad forward
         with torch.set_grad_enabled(grad):
             dynamo.reset()

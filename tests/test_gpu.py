@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from megadistill.model.attention import attention, build_doc_mask
+from megadistill.model.attention import attention, build_mask
 
 pytestmark = pytest.mark.gpu
 
@@ -25,21 +25,25 @@ def _close(a, b, tol):
         assert ((x - y).abs().max() / y.abs().max()).item() < tol
 
 
-@pytest.mark.parametrize("docs", [False, True])
-def test_sdpa_bf16_matches_fp32_eager(docs):
-    qkv = _qkv()
+def _mask(backend, docs, window):
     doc_ids = (torch.arange(1024, device="cuda") // 300).expand(2, 1024) if docs else None
-    ref = _run("eager", qkv, build_doc_mask(doc_ids, "eager") if docs else None, torch.float32)
-    _close(_run("sdpa", qkv, build_doc_mask(doc_ids, "sdpa") if docs else None), ref, 2e-2)
+    return build_mask(doc_ids, backend, 1024, window, "cuda")
 
 
-@pytest.mark.parametrize("docs", [False, True])
-def test_flash_attn_matches_fp32_eager(docs):
+@pytest.mark.parametrize("docs,window", [(False, 0), (True, 0), (False, 200), (True, 200)])
+def test_sdpa_bf16_matches_fp32_eager(docs, window):
+    qkv = _qkv()
+    ref = _run("eager", qkv, _mask("eager", docs, window), torch.float32)
+    _close(_run("sdpa", qkv, _mask("sdpa", docs, window)), ref, 2e-2)
+
+
+@pytest.mark.parametrize("docs,window", [(False, 0), (True, 0), (False, 200), (True, 200)])
+def test_flash_attn_matches_fp32_eager(docs, window):
+    """flash-attn's cu_seqlens and window_size give the dense mask's attention (documents of 300, a window of 200)."""
     pytest.importorskip("flash_attn", reason="flash-attn not installed (pip install .[gpu])")
     qkv = _qkv()
-    doc_ids = (torch.arange(1024, device="cuda") // 300).expand(2, 1024) if docs else None
-    ref = _run("eager", qkv, build_doc_mask(doc_ids, "eager") if docs else None, torch.float32)
-    _close(_run("flash", qkv, build_doc_mask(doc_ids, "flash") if docs else None), ref, 2e-2)
+    ref = _run("eager", qkv, _mask("eager", docs, window), torch.float32)
+    _close(_run("flash", qkv, _mask("flash", docs, window)), ref, 2e-2)
 
 
 def test_fused_adamw_on_cuda_matches_foreach():

@@ -10,7 +10,8 @@ import torch.distributed as dist
 from torch.testing import assert_close
 
 from dist_harness import run_distributed
-from hf_models import MISTRAL_WINDOW, PHI3_ORIGINAL_MAX, PHI3_PARTIAL, VARIANTS, edit_config, hf_logits, make_hf
+from hf_models import (MISTRAL_WINDOW, PHI3_ORIGINAL_MAX, PHI3_PARTIAL, PHI3_WINDOW, VARIANTS, edit_config, hf_logits,
+                       make_hf)
 from tiny_runs import tiny_overrides
 
 from megadistill import config
@@ -58,7 +59,7 @@ def test_teacher_logits_equal_transformers_tp1(hf_dirs, tmp_path, name):
     family, kv, tied = VARIANTS[name]
     m = teacher.model_cfg
     assert (m.n_kv_heads, m.tie_embeddings, m.qk_norm, m.qkv_bias) == (kv, tied, family == "qwen3", family == "qwen2")
-    assert m.sliding_window == (MISTRAL_WINDOW if family == "mistral" else 0)
+    assert m.sliding_window == {"mistral": MISTRAL_WINDOW, "phi3": PHI3_WINDOW}.get(family, 0)  # < 24 tokens
     assert m.rope_fraction == (PHI3_PARTIAL if family == "phi3" else 1.0)
     if family == "qwen2":  # the biases are loaded (drawn at random in the checkpoint, so the logits depend on them)
         assert float(teacher.module.blocks[0].attn.wk.bias.abs().sum()) > 0
@@ -241,28 +242,35 @@ def test_student_init_needs_the_same_architecture(hf_dirs, tmp_path):
         config.load([], tiny_overrides(tmp_path, "supervised", ["train.steps=1", f"model.size={src}"]))
 
 
-def test_mistral_window_is_full_attention_up_to_its_length_and_refused_beyond(hf_dirs, tmp_path):
-    """HF Mistral attends to its last sliding_window tokens; megadistill runs full causal attention, which is the same
-    function on sequences up to the window: equal logits on exactly MISTRAL_WINDOW tokens, different ones past it
-    (so the window is real), and a run whose train.seq_len exceeds it is refused, as a teacher and as a student."""
+def test_sliding_window_student_trains_past_its_window_and_exports(hf_dirs, tmp_path):
+    """Mistral attends to its last MISTRAL_WINDOW tokens (the TP=1 / TP=2 logits tests check that against transformers
+    on 24 tokens). A `model.size=hf:` student with train.seq_len=32, twice its window, initialises to transformers'
+    function on 32 tokens, the window changes the logits there (so it is not silently full attention), and its
+    export keeps the window."""
+    import dataclasses
+
     from transformers import AutoModelForCausalLM
 
-    from megadistill.config import ConfigError
     from megadistill.hf.config import from_model_config
+    from megadistill.model.transformer import Transformer
+    from megadistill.train.init_weights import load_student_init
     folder, _ = hf_dirs["mistral_gqa"]
+    src = f"hf:{folder}"
+    cfg = config.load([], _shapeless(tiny_overrides(tmp_path, "supervised")) + [
+        "train.steps=1", "train.seq_len=32", f"model.size={src}", f"train.init_from={src}"])
+    assert cfg.model.sliding_window == MISTRAL_WINDOW < cfg.train.seq_len
+    student = Transformer(cfg.model)
+    load_student_init(student, cfg, ParallelGroups.single())
+    full = Transformer(dataclasses.replace(cfg.model, sliding_window=0))
+    full.load_state_dict(student.state_dict())
+    ids = torch.randint(0, 128, (2, 32), generator=torch.Generator().manual_seed(3))
     hf = AutoModelForCausalLM.from_pretrained(str(folder)).eval()
-    teacher = _load(_teacher_cfg(tmp_path, folder)).module
-    long_ids = torch.randint(0, 128, (2, MISTRAL_WINDOW + 8), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
-        theirs, ours = hf_logits(hf, long_ids), teacher(long_ids)
-    assert_close(ours[:, :MISTRAL_WINDOW], theirs[:, :MISTRAL_WINDOW])  # up to the window: one function
-    assert (ours[:, MISTRAL_WINDOW:] - theirs[:, MISTRAL_WINDOW:]).abs().max() > 1e-3  # past it: the window bites
-    longer = f"train.seq_len={MISTRAL_WINDOW + 8}"
-    with pytest.raises(UserError, match=f"window of {MISTRAL_WINDOW} tokens.*train.seq_len={MISTRAL_WINDOW + 8}"):
-        _load(_teacher_cfg(tmp_path, folder, [longer]))
-    with pytest.raises(ConfigError, match=f"train.seq_len={MISTRAL_WINDOW + 8} exceeds model.sliding_window"):
-        config.load([], _shapeless(tiny_overrides(tmp_path, "supervised")) + [f"model.size=hf:{folder}", longer])
-    exported = from_model_config(teacher.cfg, 256)  # export keeps the window
+        ours, theirs, unwindowed = student(ids), hf_logits(hf, ids), full(ids)
+    assert_close(ours, theirs)
+    assert_close(unwindowed[:, :MISTRAL_WINDOW], ours[:, :MISTRAL_WINDOW])  # the window restricts nothing yet
+    assert (unwindowed[:, MISTRAL_WINDOW:] - ours[:, MISTRAL_WINDOW:]).abs().max() > 1e-3  # past it, it does
+    exported = from_model_config(cfg.model, 128)
     assert exported["architectures"] == ["MistralForCausalLM"] and exported["sliding_window"] == MISTRAL_WINDOW
 
 
@@ -313,6 +321,10 @@ def test_bad_folders_are_named_errors(hf_dirs, tmp_path, capsys):
     shutil.copytree(hf_dirs["phi3_gqa"][0], odd)
     edit_config(odd, rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.1})
     fails(odd, "rope_fraction=0.1 must be in")
+    layered = tmp_path / "qwen2_layer_windows"  # Qwen2's window on layers >= max_window_layers only
+    shutil.copytree(hf_dirs["qwen2_gqa_tied"][0], layered)
+    edit_config(layered, use_sliding_window=True, sliding_window=8, max_window_layers=1)
+    fails(layered, "use_sliding_window=true is not supported.*windows all layers or none")
     # a sharded checkpoint with a shard gone
     make_hf(tmp_path / "sharded", "qwen3", 2, False, max_shard_size="40KB")
     next(iter(sorted((tmp_path / "sharded").glob("model-*.safetensors")))).unlink()

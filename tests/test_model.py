@@ -9,7 +9,7 @@ from torch.testing import assert_close
 from megadistill.config import ModelConfig
 from megadistill.errors import UserError
 from megadistill.model import mup
-from megadistill.model.attention import Rotary, apply_rotary, attention, build_doc_mask, document_segments
+from megadistill.model.attention import Rotary, apply_rotary, attention, build_mask, document_segments
 from megadistill.model.transformer import Transformer
 from megadistill.parallel.layers import LayerFactory
 from megadistill.parallel.mappings import (copy_to_tp_region, gather_from_tp_region, reduce_from_tp_region,
@@ -108,7 +108,7 @@ def test_sdpa_matches_eager_values_and_grads(with_docs):
     doc_ids = torch.tensor([[0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2], [5, 5, 5, 5, 5, 5, 7, 7, 7, 7, 7]])
     out = {}
     for backend in ("sdpa", "eager"):
-        mask = build_doc_mask(doc_ids, backend) if with_docs else None
+        mask = build_mask(doc_ids, backend) if with_docs else None
         o = attention(q, k, v, backend, mask)
         out[backend] = (o, torch.autograd.grad((o * o.detach().sin()).sum(), (q, k, v)))
     assert_close(out["sdpa"][0], out["eager"][0])
@@ -120,7 +120,7 @@ def test_doc_masked_attention_equals_each_document_alone():
     q, k, v = _qkv(b=2, s=10)
     doc_ids = torch.tensor([[3, 3, 3, 3, 9, 9, 1, 1, 1, 1], [0, 0, 0, 0, 0, 0, 0, 2, 2, 2]])
     for backend in ("sdpa", "eager"):
-        packed = attention(q, k, v, backend, build_doc_mask(doc_ids, backend))
+        packed = attention(q, k, v, backend, build_mask(doc_ids, backend))
         for row in range(2):
             seg = document_segments(doc_ids)[row]
             for sid in seg.unique():
@@ -132,9 +132,45 @@ def test_doc_masked_attention_equals_each_document_alone():
 
 def test_documents_are_runs_of_equal_ids():
     assert document_segments(torch.tensor([[4, 4, 2, 2, 4, 7]])).tolist() == [[0, 0, 1, 1, 2, 3]]
-    mask = build_doc_mask(torch.tensor([[4, 4, 2, 4]]), "eager").allowed[0, 0]
+    mask = build_mask(torch.tensor([[4, 4, 2, 4]]), "eager").allowed[0, 0]
     assert mask.tolist() == [[True, False, False, False], [True, True, False, False],
                              [False, False, True, False], [False, False, False, True]]
+
+
+@pytest.mark.parametrize("with_docs", [False, True])
+def test_sliding_window_is_each_querys_last_window_alone(with_docs):
+    """Window w: query i attends to keys i - w + 1 .. i (within its document) -- each output equals attention over
+    that slice alone; sdpa and eager agree on values and grads."""
+    q, k, v = _qkv(b=2, s=12)
+    w = 4
+    doc_ids = torch.tensor([[0] * 7 + [1] * 5, [2] * 12]) if with_docs else None
+    out = {}
+    for backend in ("sdpa", "eager"):
+        mask = build_mask(doc_ids, backend, 12, w)
+        o = attention(q, k, v, backend, mask)
+        out[backend] = (o, torch.autograd.grad((o * o.detach().sin()).sum(), (q, k, v)))
+        starts = document_segments(doc_ids) if with_docs else torch.zeros(2, 12, dtype=torch.long)
+        for row in range(2):
+            for i in range(12):
+                doc_start = int((starts[row] == starts[row, i]).nonzero()[0])
+                lo = max(i - w + 1, doc_start)
+                alone = attention(*(t[row:row + 1, lo:i + 1] for t in (q, k, v)), "eager")[:, -1]
+                assert_close(o[row:row + 1, i], alone)
+    assert_close(out["sdpa"][0], out["eager"][0])
+    for gs, ge in zip(out["sdpa"][1], out["eager"][1]):
+        assert_close(gs, ge)
+
+
+def test_window_masks_per_backend():
+    assert build_mask(None, "sdpa", 12, 12) is None and build_mask(None, "flash", 12, 0) is None  # plain causal
+    assert build_mask(None, "sdpa", 13, 12).allowed[0, 0].sum(1).tolist() == list(range(1, 13)) + [12]
+    flash = build_mask(None, "flash", 16, 4)  # flash-attn takes the window as window_size=(3, 0)
+    assert flash.window == 4 and flash.cu_seqlens is None
+    docs = build_mask(torch.tensor([[0] * 10 + [1] * 6]), "flash", window=4)
+    assert docs.window == 4 and docs.cu_seqlens.tolist() == [0, 10, 16]
+    assert build_mask(torch.tensor([[0] * 10 + [1] * 6]), "flash", window=16).window == 0
+    with pytest.raises(ValueError, match="window=-1"):
+        build_mask(None, "sdpa", 8, -1)
 
 
 def test_model_sdpa_matches_eager_with_and_without_docs():

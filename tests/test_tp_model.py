@@ -242,6 +242,9 @@ def tp2_worker(rank, world):
     check_model_vs_dense(groups, True, qkv_bias=True, qk_norm=False, n_kv_heads=2)
     check_model_vs_dense(groups, False, sequence_parallel=True, qkv_bias=True, qk_norm=False,
                          activation_checkpointing="full")
+    # a sliding window (Mistral, Phi-3) of 6 of the 16 tokens, with documents, under SP: the mask spans the gathered
+    # sequence, not this rank's slice
+    check_model_vs_dense(groups, True, sequence_parallel=True, sliding_window=6, qk_norm=False, n_kv_heads=2)
     sp = Transformer(_cfg(), groups.factory(sequence_parallel=True))
     with pytest.raises(UserError, match="sequence length 15 is not divisible by parallel.tp_size=2"):
         sp(torch.zeros(1, 15, dtype=torch.long))
@@ -266,7 +269,8 @@ def world4_worker(rank, world):
     check_model_vs_dense(groups4, True, sequence_parallel=True)
     check_model_vs_dense(groups4, False, sequence_parallel=True, n_kv_heads=4, qk_norm=False,
                          activation_checkpointing="every_k")
-    check_model_vs_dense(groups4, False, sequence_parallel=True, n_kv_heads=4, qk_norm=False, qkv_bias=True)
+    check_model_vs_dense(groups4, False, sequence_parallel=True, n_kv_heads=4, qk_norm=False, qkv_bias=True,
+                         sliding_window=6)
     return "ok"
 
 

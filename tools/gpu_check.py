@@ -32,7 +32,7 @@ def attention_check(seq: int = 4096, heads: int = 16, hd: int = 128, batch: int 
     """sdpa (forced flash kernel), sdpa with a document mask, and flash-attn (if installed) vs the eager reference."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    from megadistill.model.attention import attention, build_doc_mask
+    from megadistill.model.attention import attention, build_mask
 
     torch.manual_seed(0)
     q, k, v = (torch.randn(batch, seq, heads, hd, device="cuda", dtype=torch.bfloat16, requires_grad=True)
@@ -55,13 +55,15 @@ def attention_check(seq: int = 4096, heads: int = 16, hd: int = 128, batch: int 
 
     ref = run("eager", dtype=torch.float32)
     out = {"sdpa_flash_vs_eager_fp32": err(run("sdpa", kernel=SDPBackend.FLASH_ATTENTION), ref)}
-    ref_m = run("eager", build_doc_mask(doc_ids, "eager"), dtype=torch.float32)
-    out["sdpa_docmask_vs_eager_fp32"] = err(run("sdpa", build_doc_mask(doc_ids, "sdpa")), ref_m)
+    ref_m = run("eager", build_mask(doc_ids, "eager"), dtype=torch.float32)
+    out["sdpa_docmask_vs_eager_fp32"] = err(run("sdpa", build_mask(doc_ids, "sdpa")), ref_m)
     out["eager_bf16_vs_eager_fp32"] = err(run("eager"), ref)  # the bf16 noise floor the others are judged by
     try:
         import flash_attn  # noqa: F401
         out["flash_attn_vs_eager_fp32"] = err(run("flash"), ref)
-        out["flash_attn_varlen_docmask_vs_eager_fp32"] = err(run("flash", build_doc_mask(doc_ids, "flash")), ref_m)
+        out["flash_attn_varlen_docmask_vs_eager_fp32"] = err(run("flash", build_mask(doc_ids, "flash")), ref_m)
+        ref_w = run("eager", build_mask(None, "eager", seq, 1024, "cuda"), dtype=torch.float32)  # sliding window
+        out["flash_attn_window_vs_eager_fp32"] = err(run("flash", build_mask(None, "flash", seq, 1024, "cuda")), ref_w)
     except ImportError:
         out["flash_attn"] = "not installed (pip install .[gpu]); sdpa's flash kernel checked instead"
     out["ok"] = all(v <= 2 * out["eager_bf16_vs_eager_fp32"] + 1e-2 for kk, v in out.items()

@@ -84,7 +84,8 @@ def to_model_config(hf: Dict, where: str = "config.json") -> ModelConfig:
     if hf.get("hidden_act", "silu") != "silu":
         raise UserError(f"{where}: hidden_act={hf['hidden_act']!r} is not supported (SwiGLU with silu only)")
     if hf.get("use_sliding_window"):
-        raise UserError(f"{where}: use_sliding_window=true is not supported (full causal attention only)")
+        raise UserError(f"{where}: use_sliding_window=true is not supported (a window on some layers only: ours "
+                        "windows all layers or none; released Qwen2 / Qwen2.5 checkpoints set it false)")
     window = int(hf.get("sliding_window") or 0) if model_type in WINDOWED else 0
     # transformers v5 keeps it in rope_parameters, v4 configs (most of the hub) at the top level: either counts
     partial = next((float(f) for f in ((hf.get("rope_parameters") or {}).get("partial_rotary_factor"),

@@ -18,16 +18,21 @@ BACKENDS = ("flash", "sdpa", "eager")
 # Documents: `doc_ids` [b, s] labels the packed documents of each row. A document is a maximal run of equal
 # consecutive ids, and token i attends to token j iff j <= i and both lie in the same run. Defining documents as
 # runs (not as equal ids) makes the dense mask and flash-attn's cu_seqlens describe exactly the same attention.
+#
+# Sliding window (Mistral, Phi-3): with window w > 0, token i also needs i - j < w -- it sees itself and the w - 1
+# tokens before it, transformers' rule (kv_idx > q_idx - sliding_window; flash-attn's window_size=(w - 1, 0)).
+# Within one document positions differ as they do in the row, so documents and windows combine per token pair.
 
 
 @dataclass
-class DocMask:
-    """Per-forward document-mask data, built once and shared by every layer."""
+class AttnMask:
+    """Which keys each query may attend to beyond plain causality: built once per forward, shared by every layer."""
 
-    segments: torch.Tensor  # [b, s] int64, run index of each token within its row
-    allowed: Optional[torch.Tensor] = None  # [b, 1, s, s] bool, True = may attend (sdpa / eager)
+    segments: Optional[torch.Tensor] = None  # [b, s] int64, run index of each token within its row (documents)
+    allowed: Optional[torch.Tensor] = None  # [b or 1, 1, s, s] bool, True = may attend (sdpa / eager)
     cu_seqlens: Optional[torch.Tensor] = None  # [n_docs + 1] int32, starts of the runs in the flattened batch (flash)
     max_seqlen: int = 0  # longest run (flash)
+    window: int = 0  # flash: keys j with i - j < window only (0 = no window)
 
 
 def document_segments(doc_ids: torch.Tensor) -> torch.Tensor:
@@ -36,32 +41,48 @@ def document_segments(doc_ids: torch.Tensor) -> torch.Tensor:
     return torch.cat([torch.zeros_like(change[:, :1]), change.cumsum(1)], dim=1)
 
 
-def build_doc_mask(doc_ids: Optional[torch.Tensor], backend: str) -> Optional[DocMask]:
-    """The mask data `backend` needs for these document ids (None when doc_ids is None: plain causal)."""
-    if doc_ids is None:
+def build_mask(doc_ids: Optional[torch.Tensor], backend: str, seq_len: int = 0, window: int = 0,
+               device=None) -> Optional[AttnMask]:
+    """The mask data `backend` needs for these document ids and a sliding `window` over sequences of seq_len tokens
+    (read from doc_ids when given). None when plain causal attention is the same function: no documents, and no
+    window or one at least as long as the sequence."""
+    if doc_ids is not None:
+        if doc_ids.dim() != 2:
+            raise ValueError(f"doc_ids must be [batch, seq], got shape {tuple(doc_ids.shape)}")
+        seq_len, device = doc_ids.shape[1], doc_ids.device
+    if window < 0:
+        raise ValueError(f"window={window} must be >= 0 (0 = no sliding window)")
+    window = window if 0 < window < seq_len else 0  # a window covering the whole sequence restricts nothing
+    if doc_ids is None and not window:
         return None
-    if doc_ids.dim() != 2:
-        raise ValueError(f"doc_ids must be [batch, seq], got shape {tuple(doc_ids.shape)}")
-    seg = document_segments(doc_ids)  # [b, s]
-    b, s = seg.shape
+    seg = document_segments(doc_ids) if doc_ids is not None else None  # [b, s]
     if backend == "flash":
+        if seg is None:
+            return AttnMask(window=window)
+        b, s = seg.shape
         # distinct ids across rows: offset each row's runs by s, then find run starts in the flattened batch
         flat = (seg + s * torch.arange(b, device=seg.device).unsqueeze(1)).reshape(-1)  # [b s]
         start = torch.ones_like(flat, dtype=torch.bool)
         start[1:] = flat[1:] != flat[:-1]
         starts = start.nonzero().squeeze(1)
         cu = torch.cat([starts, starts.new_tensor([b * s])]).to(torch.int32)
-        return DocMask(seg, cu_seqlens=cu, max_seqlen=int((cu[1:] - cu[:-1]).max().item()))
-    pos = torch.arange(s, device=seg.device)
-    causal = pos.unsqueeze(1) >= pos.unsqueeze(0)  # [s, s], query i >= key j
-    same = seg.unsqueeze(2) == seg.unsqueeze(1)  # [b, s, s]
-    return DocMask(seg, allowed=(same & causal).unsqueeze(1))  # [b, 1, s, s]
+        return AttnMask(seg, cu_seqlens=cu, max_seqlen=int((cu[1:] - cu[:-1]).max().item()), window=window)
+    pos = torch.arange(seq_len, device=device)
+    lag = pos.unsqueeze(1) - pos.unsqueeze(0)  # [s, s], query i - key j
+    allowed = lag >= 0  # causal
+    if window:
+        allowed = allowed & (lag < window)
+    if seg is not None:
+        allowed = allowed & (seg.unsqueeze(2) == seg.unsqueeze(1))  # [b, s, s]
+    else:
+        allowed = allowed.unsqueeze(0)  # [1, s, s]
+    return AttnMask(seg, allowed=allowed.unsqueeze(1), window=window)  # [b or 1, 1, s, s]
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str = "sdpa",
-              mask: Optional[DocMask] = None, scale: Optional[float] = None,
+              mask: Optional[AttnMask] = None, scale: Optional[float] = None,
               gqa: Optional[bool] = None) -> torch.Tensor:
-    """Causal softmax(q k^T * scale) v, restricted to documents when `mask` is given. [b, s, h, hd] -> [b, s, h, hd].
+    """Causal softmax(q k^T * scale) v, restricted to documents / a sliding window when `mask` says so. [b, s, h, hd] -> [b, s, h, hd].
 
     gqa: whether k / v have fewer heads than q, when the caller knows it as a constant (a module's bool attribute):
     under torch.compile head counts can become symbolic (blocks of different widths share the code), and SDPA takes
@@ -86,7 +107,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str = 
     raise UserError(f"model.attention={backend!r} is not one of {list(BACKENDS)}")
 
 
-def _eager(q, k, v, mask: Optional[DocMask], scale: float) -> torch.Tensor:
+def _eager(q, k, v, mask: Optional[AttnMask], scale: float) -> torch.Tensor:
     # Reference path: explicit scores and softmax in fp32 (or the inputs' dtype if wider).
     ct = torch.promote_types(q.dtype, torch.float32)
     group = q.shape[2] // k.shape[2]
@@ -97,12 +118,12 @@ def _eager(q, k, v, mask: Optional[DocMask], scale: float) -> torch.Tensor:
         s = q.shape[1]
         allowed = torch.ones(s, s, dtype=torch.bool, device=q.device).tril()  # [s, s]
     else:
-        allowed = mask.allowed  # [b, 1, s, s]
+        allowed = mask.allowed  # [b or 1, 1, s, s]
     probs = scores.masked_fill(~allowed, float("-inf")).softmax(-1)  # diagonal always allowed: no empty rows
     return (probs @ vt).transpose(1, 2).to(q.dtype)
 
 
-def _flash(q, k, v, mask: Optional[DocMask], scale: float) -> torch.Tensor:
+def _flash(q, k, v, mask: Optional[AttnMask], scale: float) -> torch.Tensor:
     try:
         from flash_attn import flash_attn_func, flash_attn_varlen_func
     except ImportError:
@@ -111,12 +132,13 @@ def _flash(q, k, v, mask: Optional[DocMask], scale: float) -> torch.Tensor:
     if not q.is_cuda or q.dtype not in (torch.float16, torch.bfloat16):
         raise UserError(f"model.attention='flash' runs on CUDA in bf16/fp16 (got {q.dtype} on {q.device}); "
                         "set train.precision=bf16 or model.attention=sdpa")
-    if mask is None:
-        return flash_attn_func(q, k, v, softmax_scale=scale, causal=True)
+    window = (mask.window - 1, 0) if mask is not None and mask.window else (-1, -1)  # (-1, -1): unlimited
+    if mask is None or mask.cu_seqlens is None:
+        return flash_attn_func(q, k, v, softmax_scale=scale, causal=True, window_size=window)
     b, s, h, hd = q.shape
     qf, kf, vf = (t.reshape(b * s, t.shape[2], hd) for t in (q, k, v))  # [b s, h(_kv), hd], runs back to back
     o = flash_attn_varlen_func(qf, kf, vf, mask.cu_seqlens, mask.cu_seqlens, mask.max_seqlen, mask.max_seqlen,
-                               softmax_scale=scale, causal=True)
+                               softmax_scale=scale, causal=True, window_size=window)
     return o.reshape(b, s, h, hd)
 
 

@@ -1,7 +1,7 @@
 """The paper's decoder-only Transformer (MHA + QK-norm + RoPE, pre-norm RMSNorm, SwiGLU, untied head), TP-agnostic.
 
-Options for imported models (Qwen3 / Qwen2 / Llama / Mistral): GQA (n_kv_heads), QK-norm off, Q/K/V biases
-(qkv_bias), tied embeddings, RoPE scaling.
+Options for imported models (Qwen3 / Qwen2 / Llama / Mistral / Phi-3): GQA (n_kv_heads), QK-norm off, Q/K/V biases
+(qkv_bias), tied embeddings, RoPE scaling and partial RoPE, a sliding attention window.
 """
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from torch.utils.checkpoint import checkpoint
 from megadistill.errors import UserError
 from megadistill.model import kernels as kernels_mod
 from megadistill.model import mup
-from megadistill.model.attention import BACKENDS, DocMask, RopeScaling, Rotary, attention, build_doc_mask
+from megadistill.model.attention import BACKENDS, AttnMask, RopeScaling, Rotary, attention, build_mask
 from megadistill.model.sizes import ffn_width
 from megadistill.parallel.layers import LayerFactory, RMSNorm
 
@@ -67,7 +67,7 @@ class Attention(nn.Module):
         else:
             self.q_norm = self.k_norm = None
 
-    def forward(self, x, cos, sin, mask: Optional[DocMask]):
+    def forward(self, x, cos, sin, mask: Optional[AttnMask]):
         q, k, v = self.enter(x)  # x [b, s, d] (or its [b, s/tp, d] slice under sequence parallelism, gathered inside)
         b, s = q.shape[0], q.shape[1]
         q = q.view(b, s, self.local_heads, self.head_dim)  # [b, s, h/tp, hd]
@@ -108,7 +108,7 @@ class Block(nn.Module):
         self.ffn = SwiGLU(cfg, d_ff, factory)
         use_kernels(self, cfg.kernels)
 
-    def forward(self, x, cos, sin, mask: Optional[DocMask]):
+    def forward(self, x, cos, sin, mask: Optional[AttnMask]):
         h = x + self.attn(self.attn_norm(x), cos, sin, mask)  # [b, s, d]
         return h + self.ffn(self.ffn_norm(h))
 
@@ -185,7 +185,8 @@ class Transformer(nn.Module):
                             "that tp_size divides, or parallel.sequence_parallel=false")
         x = self.embed(input_ids)  # [b, s, d], or [b, s/tp, d] (this rank's slice) under sequence parallelism
         cos, sin = self.rope(s, x.device, x.dtype)  # [s, hd]
-        mask = build_doc_mask(doc_ids, self.cfg.attention)  # built once for all layers
+        # documents and the sliding window (Mistral, Phi-3), built once for all layers; None: plain causal
+        mask = build_mask(doc_ids, self.cfg.attention, s, getattr(self.cfg, "sliding_window", 0), x.device)
         for i, block in enumerate(self.blocks):
             if self._checkpointed(i):
                 # recompute the block in backward (its collectives too, in the same order on every TP rank)

@@ -385,10 +385,6 @@ def plan(student: Union[str, ModelConfig], teacher: Union[None, str, ModelConfig
     smodel, tmodel = resolve_model(student, "student"), (resolve_model(teacher, "teacher") if teacher else None)
     if gpus < 1 or seq_len < 1:
         raise UserError(f"--gpus={gpus} and --seq-len={seq_len} must be >= 1")
-    for role, m in (("student", smodel), ("teacher", tmodel)):
-        if m is not None and m.sliding_window and seq_len > m.sliding_window:
-            raise UserError(f"--seq-len={seq_len} exceeds the {role}'s sliding window of {m.sliding_window} tokens "
-                            "(megadistill runs full causal attention, its function only up to that length)")
     if global_batch_tokens % seq_len:
         raise UserError(f"--global-batch-tokens={global_batch_tokens} is not a multiple of --seq-len={seq_len}")
     batch = global_batch_tokens // seq_len  # sequences per optimizer step

@@ -137,10 +137,6 @@ def teacher_source(cfg: Config) -> TeacherSource:
                         "padding rows are masked on materialised logits, which distill.fused=true never forms; set "
                         f"distill.fused=false (or model.vocab_size={n_tok} if parallel.tp_size divides it)")
 
-    if tm.sliding_window and cfg.train.seq_len > tm.sliding_window:
-        raise UserError(f"the teacher attends to a sliding window of {tm.sliding_window} tokens (from {origin}), "
-                        f"shorter than train.seq_len={cfg.train.seq_len}: megadistill runs full causal attention, "
-                        f"the teacher's function only up to that length; use a train.seq_len <= {tm.sliding_window}")
     tp = cfg.parallel.tp_size
     for key in ("n_heads", "n_kv_heads", "d_ff"):
         if getattr(tm, key) % tp:
