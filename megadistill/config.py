@@ -43,7 +43,7 @@ def grad_dtypes(precision: str, zero_stage: int, accum: str = "auto", reduce: st
 @dataclass
 class ModelConfig:
     size: Optional[str] = None  # a name from megadistill.model.sizes ("546M", "tiny-2M") or hf:PATH (a local HF
-    # Qwen3 / Qwen2 / Llama / Mistral / Phi-3 folder's config.json); fills the shape fields below
+    # Qwen3 / Qwen2 / Llama / Mistral / Phi-3 / OLMo 2 folder's config.json); fills the shape fields below
     n_layers: int = 2  # transformer blocks
     d_model: int = 128  # residual width
     n_heads: int = 4  # attention (query) heads
@@ -67,7 +67,11 @@ class ModelConfig:
     # rest pass through): HF's partial_rotary_factor (Phi-4-mini: 0.75)
     tie_embeddings: bool = False  # the output head shares the input embedding matrix
     norm_eps: float = 1e-5  # RMSNorm epsilon
-    qk_norm: bool = True  # RMSNorm on queries and keys per head
+    qk_norm: bool = True  # RMSNorm on queries and keys
+    qk_norm_scope: str = "head"  # head: over each head's head_dim, one gain shared by all heads (the paper, Qwen3) |
+    # full: over all heads' dims together, one gain per dim (OLMo 2); under TP the sum of squares is all-reduced
+    norm_position: str = "pre"  # pre: x + f(norm(x)) (the paper, Llama) | post: x + norm(f(x)) (OLMo 2: each
+    # sublayer's output normalised before the residual add, no norm on its input)
     qkv_bias: bool = False  # biases on the Q, K and V projections (Qwen2 / Qwen2.5)
     sliding_window: int = 0  # attention window (Mistral's / Phi-3's sliding_window): token i attends to tokens
     # i - sliding_window + 1 .. i only; 0 = full causal attention. No effect while train.seq_len <= sliding_window
@@ -135,6 +139,8 @@ class ModelConfig:
                                       f"frequency: int(head_dim x rope_fraction) / 2), got {len(factors)}")
         if self.sliding_window < 0:
             raise ConfigError(f"{prefix}.sliding_window={self.sliding_window} must be >= 0 (0 = full causal attention)")
+        _choice(f"{prefix}.qk_norm_scope", self.qk_norm_scope, ("head", "full"))
+        _choice(f"{prefix}.norm_position", self.norm_position, ("pre", "post"))
         _choice(f"{prefix}.attention", self.attention, ("flash", "sdpa", "eager"))
         _choice(f"{prefix}.kernels", self.kernels, ("torch", "liger"))
         _choice(f"{prefix}.activation_checkpointing", self.activation_checkpointing, ("off", "full", "every_k"))
@@ -145,7 +151,7 @@ class ModelConfig:
 HF_SHAPE_KEYS = ("n_layers", "d_model", "n_heads", "n_kv_heads", "head_dim", "d_ff", "vocab_size", "rope_base",
                  "rope_scaling", "rope_factor", "rope_low_freq_factor", "rope_high_freq_factor",
                  "rope_original_max_position", "rope_short_factor", "rope_long_factor", "rope_attention_factor",
-                 "rope_fraction", "norm_eps", "qk_norm", "qkv_bias", "sliding_window",
+                 "rope_fraction", "norm_eps", "qk_norm", "qk_norm_scope", "norm_position", "qkv_bias", "sliding_window",
                  "tie_embeddings")
 
 

@@ -42,7 +42,8 @@ def test_config_values():
         config.load([], SHAPE + ["train.compile_backend=tvm"])
 
 
-@pytest.mark.parametrize("extra", [[], ["model.qk_norm=false", "model.n_kv_heads=1"], ["model.attention=eager"]])
+@pytest.mark.parametrize("extra", [[], ["model.qk_norm=false", "model.n_kv_heads=1"], ["model.attention=eager"],
+                                   ["model.norm_position=post", "model.qk_norm_scope=full"]])
 @pytest.mark.parametrize("doc_mask,window", [(False, 0), (True, 0), (True, 6)])
 def test_block_has_no_graph_breaks(extra, doc_mask, window):
     from megadistill.model.attention import build_mask
@@ -97,6 +98,7 @@ def _collectives_traced_vs_eager(rank, world):
         "scatter_to_sequence_region": lambda x, w: M.scatter_to_sequence_region(x, group) * scale,
         "columns_entry": lambda x, w: sum(y * (i + 1) for i, y in enumerate(M.columns_entry(x, w, group))) * scale,
         "columns_entry_sp": lambda x, w: sum(M.columns_entry(x, w, group, True)) * scale,
+        "sum_in_tp_region": lambda x, w: M.sum_in_tp_region(x * scale, group) * scale,
     }
     bad = {}
     for name, fn in cases.items():
@@ -265,7 +267,7 @@ def _tp2_dp2_zero3_sp(rank, world, root):
         over = tiny_overrides(root / comp, "supervised", [
             "train.steps=3", "parallel.tp_size=2", "parallel.sequence_parallel=true", "zero.stage=3",
             f"train.compile={comp}", "train.compile_backend=aot_eager", "train.eval_tokens=160",
-            "model.qkv_bias=true"])
+            "model.qkv_bias=true", "model.norm_position=post", "model.qk_norm_scope=full"])
         train(config.load([], over, world_size=world))
         out[comp] = _losses(root / comp)
         out[f"{comp}_graphs"] = counters["stats"]["unique_graphs"]
@@ -276,7 +278,8 @@ def _tp2_dp2_zero3_sp(rank, world, root):
 def test_compiled_tp2_dp2_zero3_sequence_parallel_equals_eager(tmp_path):
     """TP=2 x DP=2, ZeRO-3, sequence parallelism: the Q/K/V and gate/up entries read their columns' weights (and the
     Q/K/V biases, model.qkv_bias), which ZeRO-3 gathers for them as registered external parameters, also around
-    compiled blocks; same curve as eager."""
+    compiled blocks; same curve as eager. With OLMo 2's post-norms and full-width QK-norm (gains split over TP, the
+    sum of squares all-reduced inside the compiled block)."""
     out = run_distributed(_tp2_dp2_zero3_sp, 4, str(tmp_path), timeout=900)[0]
     assert out["true_graphs"] > 0 and out["false_graphs"] == 0 and len(out["false"]) == 3
     torch.testing.assert_close(torch.tensor(out["true"]), torch.tensor(out["false"]), rtol=0, atol=AOT_EAGER_ATOL)

@@ -58,7 +58,12 @@ def test_teacher_logits_equal_transformers_tp1(hf_dirs, tmp_path, name):
     assert all(not p.requires_grad for p in teacher.module.parameters())
     family, kv, tied = VARIANTS[name]
     m = teacher.model_cfg
-    assert (m.n_kv_heads, m.tie_embeddings, m.qk_norm, m.qkv_bias) == (kv, tied, family == "qwen3", family == "qwen2")
+    assert (m.n_kv_heads, m.tie_embeddings, m.qk_norm, m.qkv_bias) == (kv, tied, family in ("qwen3", "olmo2"),
+                                                                       family == "qwen2")
+    olmo2 = family == "olmo2"  # post-norm blocks, QK-norm gains over all heads' dims (split over TP like the heads)
+    assert (m.norm_position, m.qk_norm_scope) == (("post", "full") if olmo2 else ("pre", "head"))
+    assert teacher.module.blocks[0].attn.q_norm is None or teacher.module.blocks[0].attn.q_norm.weight.shape == (
+        (4 * m.head_dim,) if olmo2 else (m.head_dim,))
     assert m.sliding_window == {"mistral": MISTRAL_WINDOW, "phi3": PHI3_WINDOW}.get(family, 0)  # < 24 tokens
     assert m.rope_fraction == (PHI3_PARTIAL if family == "phi3" else 1.0)
     if family == "qwen2":  # the biases are loaded (drawn at random in the checkpoint, so the logits depend on them)
@@ -160,7 +165,8 @@ def _train_tiny(run_dir, extra):
 
 
 EXPORT_ARCH = {"qwen3_gqa_tied": "Qwen3ForCausalLM", "llama_rope3": "LlamaForCausalLM",
-               "qwen2_gqa_tied": "Qwen2ForCausalLM", "phi3_partial": "Phi3ForCausalLM"}
+               "qwen2_gqa_tied": "Qwen2ForCausalLM", "phi3_partial": "Phi3ForCausalLM",
+               "olmo2_post": "Olmo2ForCausalLM"}
 
 
 @pytest.mark.parametrize("shape", [
@@ -171,6 +177,7 @@ EXPORT_ARCH = {"qwen3_gqa_tied": "Qwen3ForCausalLM", "llama_rope3": "LlamaForCau
     ["model.qk_norm=false", "model.rope_fraction=0.5", "model.n_kv_heads=2", "model.rope_scaling=longrope",
      "model.rope_short_factor=[1,1.5,2,4]", "model.rope_long_factor=[2,3,5,8]", "model.rope_original_max_position=16",
      "model.rope_attention_factor=1.2"],  # -> Phi3 (fused matrices written, longrope)
+    ["model.norm_position=post", "model.qk_norm_scope=full", "model.n_kv_heads=2"],  # -> OLMo 2
 ], ids=list(EXPORT_ARCH))
 def test_export_hf_loads_in_transformers_and_round_trips(tmp_path, shape, request):
     from safetensors.torch import load_file
@@ -204,11 +211,12 @@ def test_export_hf_loads_in_transformers_and_round_trips(tmp_path, shape, reques
     back = teacher_model_config(tmp_path / "back").model
     for key in ("n_layers", "d_model", "n_heads", "n_kv_heads", "head_dim", "d_ff", "vocab_size", "rope_base",
                 "rope_scaling", "rope_factor", "rope_fraction", "rope_short_factor", "rope_long_factor",
-                "rope_attention_factor", "norm_eps", "qk_norm", "qkv_bias", "tie_embeddings"):
+                "rope_attention_factor", "norm_eps", "qk_norm", "qk_norm_scope", "norm_position", "qkv_bias",
+                "tie_embeddings"):
         assert getattr(back, key) == getattr(tcfg.model, key), key
 
 
-@pytest.mark.parametrize("name", ["llama_gqa_tied", "qwen2_gqa_tied", "phi3_gqa"])
+@pytest.mark.parametrize("name", ["llama_gqa_tied", "qwen2_gqa_tied", "phi3_gqa", "olmo2_gqa"])
 def test_import_dir_is_a_teacher(hf_dirs, tmp_path, name):
     """`megadistill import` writes a model dir that distill.teacher accepts (Q/K/V biases, fused Phi-3 matrices
     split); bf16 import casts."""
@@ -272,6 +280,25 @@ def test_sliding_window_student_trains_past_its_window_and_exports(hf_dirs, tmp_
     assert (unwindowed[:, MISTRAL_WINDOW:] - ours[:, MISTRAL_WINDOW:]).abs().max() > 1e-3  # past it, it does
     exported = from_model_config(cfg.model, 128)
     assert exported["architectures"] == ["MistralForCausalLM"] and exported["sliding_window"] == MISTRAL_WINDOW
+
+
+def test_export_refuses_models_no_hf_architecture_computes():
+    """from_model_config names the keys when no transformers class computes our model, instead of writing a config
+    that would load as another function (e.g. a Qwen3 that silently drops a sliding window)."""
+    import dataclasses
+
+    from megadistill.config import ModelConfig
+    from megadistill.hf.config import from_model_config
+    base = ModelConfig(n_layers=2, d_model=64, n_heads=4, head_dim=16, d_ff=96, vocab_size=128).resolve()
+    assert from_model_config(dataclasses.replace(base, norm_position="post", qk_norm_scope="full"),
+                             64)["architectures"] == ["Olmo2ForCausalLM"]
+    for bad, match in [({"norm_position": "post"}, "post-norm blocks or a full-width QK-norm without the other"),
+                       ({"qk_norm_scope": "full"}, "without the other"),
+                       ({"norm_position": "post", "qk_norm": False}, "without the other"),
+                       ({"sliding_window": 16}, "a sliding window is Mistral's or Phi-3's only"),
+                       ({"norm_position": "post", "qk_norm_scope": "full", "qkv_bias": True}, "more than one of")]:
+        with pytest.raises(UserError, match=match):
+            from_model_config(dataclasses.replace(base, **bad), 64)
 
 
 # ---------------------------------------------------------------- bad input: named errors that say what to change

@@ -13,6 +13,7 @@ What is checked against reality, and how:
   ZeRO-1 (teacher weights, partitioned optimizer states, reduce bucket, activations, unfused logits); the other
   layouts (ZeRO 0/2/3, TP=2, ZeRO-3 teacher, checkpointing, fused loss, gradient accumulation) are marked slow.
 """
+import dataclasses
 import json
 import sys
 import time
@@ -277,3 +278,27 @@ def test_plan_memory_takes_hugging_face_folders(tmp_path, capsys):
     assert "distilled from teacher hf:" in capsys.readouterr().out
     with pytest.raises(UserError, match="does not exist"):
         memory.plan(f"hf:{tmp_path / 'nowhere'}", gpus=8)
+
+
+def test_olmo2_counts_its_full_width_qk_norm(tmp_path):
+    """OLMo-2-1124-7B's published config.json shape: 7.30B weights stored (as AI2 states it), its QK-norm gains counted
+    per dim of all heads ((h + h_kv) hd per block, split over TP like the heads), post-norm blocks planned."""
+    from megadistill.model.sizes import params_of
+    folder = tmp_path / "olmo2-7b"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({
+        "architectures": ["Olmo2ForCausalLM"], "model_type": "olmo2", "hidden_act": "silu", "rms_norm_eps": 1e-6,
+        "rope_theta": 500000, "rope_scaling": None, "attention_bias": False, "hidden_size": 4096,
+        "intermediate_size": 11008, "num_attention_heads": 32, "num_hidden_layers": 32, "num_key_value_heads": 32,
+        "vocab_size": 100352, "tie_word_embeddings": False}))
+    m = memory.resolve_model(f"hf:{folder}")
+    assert (m.norm_position, m.qk_norm_scope, m.qk_norm) == ("post", "full", True)
+    n, _ = params_of(m)
+    assert n + 2 * m.vocab_size * m.d_model == pytest.approx(7.30e9, rel=0.002)
+    per_head = dataclasses.replace(m, qk_norm_scope="head")
+    assert n - params_of(per_head)[0] == m.n_layers * (64 * m.head_dim - 2 * m.head_dim)  # (32 + 32) hd vs 2 hd
+    for tp in (1, 2, 8):
+        assert (memory.rank_params(m, tp)["total"] - memory.rank_params(per_head, tp)["total"]
+                == m.n_layers * (64 * m.head_dim // tp - 2 * m.head_dim))
+    rows = memory.plan("975M", f"hf:{folder}", gpus=8)  # a distillation from it on 8 GPUs
+    assert rows[0]["fits"] and rows[0]["memory"]["teacher_weights"] == pytest.approx(7.30e9 * 2, rel=0.002)  # bf16

@@ -138,11 +138,13 @@ def check_model_vs_dense(groups: ParallelGroups, docs: bool, sequence_parallel: 
     torch.manual_seed(1234)
     model = Transformer(cfg, groups.factory(sequence_parallel=sequence_parallel))
     assert model.sequence_shards == (tp if sequence_parallel else 1)
-    if cfg.qkv_bias:  # built as zeros: give both models the same nonzero biases (this rank's slice for the TP one)
+    full_qk = cfg.qk_norm and cfg.qk_norm_scope == "full"
+    if cfg.qkv_bias or full_qk:  # built as zeros / ones: give both models the same random biases and full-width
+        # QK-norm gains (this rank's slice for the TP one), so that a wrong slice shows in the values
         with torch.no_grad():
             tp_params = dict(model.named_parameters())
             for i, (name, p) in enumerate(dense.named_parameters()):
-                if name.endswith(".bias"):
+                if name.endswith(".bias") or (full_qk and name.endswith(("q_norm.weight", "k_norm.weight"))):
                     p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(100 + i)))
                     n = tp_params[name].shape[0]
                     tp_params[name].copy_(p[tp_rank * n:(tp_rank + 1) * n] if tp > 1 else p)
@@ -245,6 +247,10 @@ def tp2_worker(rank, world):
     # a sliding window (Mistral, Phi-3) of 6 of the 16 tokens, with documents, under SP: the mask spans the gathered
     # sequence, not this rank's slice
     check_model_vs_dense(groups, True, sequence_parallel=True, sliding_window=6, qk_norm=False, n_kv_heads=2)
+    # OLMo 2: post-norm blocks and a QK-norm over all heads' dims (sum of squares summed over TP), with and without SP
+    check_model_vs_dense(groups, False, norm_position="post", qk_norm_scope="full", n_kv_heads=2)
+    check_model_vs_dense(groups, True, sequence_parallel=True, norm_position="post", qk_norm_scope="full",
+                         activation_checkpointing="full")
     sp = Transformer(_cfg(), groups.factory(sequence_parallel=True))
     with pytest.raises(UserError, match="sequence length 15 is not divisible by parallel.tp_size=2"):
         sp(torch.zeros(1, 15, dtype=torch.long))
@@ -271,6 +277,8 @@ def world4_worker(rank, world):
                          activation_checkpointing="every_k")
     check_model_vs_dense(groups4, False, sequence_parallel=True, n_kv_heads=4, qk_norm=False, qkv_bias=True,
                          sliding_window=6)
+    check_model_vs_dense(groups4, True, sequence_parallel=True, n_kv_heads=4, norm_position="post",
+                         qk_norm_scope="full")
     return "ok"
 
 

@@ -1,5 +1,5 @@
-"""Hugging Face config.json (Qwen3 / Qwen2 / Llama / Mistral / Phi-3) <-> our ModelConfig, with a named error for
-anything we cannot run."""
+"""Hugging Face config.json (Qwen3 / Qwen2 / Llama / Mistral / Phi-3 / OLMo 2) <-> our ModelConfig, with a named error
+for anything we cannot run."""
 from __future__ import annotations
 
 import json
@@ -12,10 +12,12 @@ from megadistill.errors import UserError
 
 # architecture -> (model_type, has QK-norm, has Q/K/V biases). Qwen2 (and Qwen2.5, the same architecture) always
 # has the biases and no attention_bias key; Mistral is Llama's computation plus an optional sliding window; Phi-3
-# (and Phi-4) too, with Q/K/V and gate/up each stored as one matrix (megadistill.hf.weights splits them).
+# (and Phi-4) too, with Q/K/V and gate/up each stored as one matrix (megadistill.hf.weights splits them). OLMo 2
+# normalises each sublayer's output instead of its input and its QK-norm spans all heads' dims (OLMO2).
 ARCHITECTURES = {"Qwen3ForCausalLM": ("qwen3", True, False), "Qwen2ForCausalLM": ("qwen2", False, True),
                  "LlamaForCausalLM": ("llama", False, False), "MistralForCausalLM": ("mistral", False, False),
-                 "Phi3ForCausalLM": ("phi3", False, False)}
+                 "Phi3ForCausalLM": ("phi3", False, False), "Olmo2ForCausalLM": ("olmo2", True, False)}
+OLMO2 = {"norm_position": "post", "qk_norm_scope": "full"}
 WINDOWED = ("mistral", "phi3")  # sliding_window applies whenever set (Qwen2/3: only with use_sliding_window)
 HF_PREFIX = "hf:"
 
@@ -103,7 +105,8 @@ def to_model_config(hf: Dict, where: str = "config.json") -> ModelConfig:
                         head_dim=int(hf.get("head_dim") or d // n_heads), d_ff=int(hf["intermediate_size"]),
                         vocab_size=int(hf["vocab_size"]), norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
                         qk_norm=qk_norm, qkv_bias=qkv_bias, sliding_window=window, rope_fraction=partial,
-                        tie_embeddings=bool(hf.get("tie_word_embeddings", False)), **rope)
+                        tie_embeddings=bool(hf.get("tie_word_embeddings", False)), **rope,
+                        **(OLMO2 if model_type == "olmo2" else {}))
     except KeyError as e:
         raise UserError(f"{where}: required key {e.args[0]!r} is missing") from None
     m.resolve()
@@ -116,16 +119,23 @@ def to_model_config(hf: Dict, where: str = "config.json") -> ModelConfig:
 
 def from_model_config(m: ModelConfig, max_position: int, dtype: str = "float32") -> Dict:
     """config.json for our model: Qwen3ForCausalLM with QK-norm, Qwen2ForCausalLM with Q/K/V biases,
-    Phi3ForCausalLM with partial RoPE, LlamaForCausalLM with none of them (all load with no custom code); a window of
-    an imported Mistral / Phi-3 is kept (MistralForCausalLM)."""
+    Phi3ForCausalLM with partial RoPE, Olmo2ForCausalLM with post-norms and a full-width QK-norm, LlamaForCausalLM with
+    none of them (all load with no custom code); a sliding window goes to MistralForCausalLM (or Phi-3)."""
     phi3 = m.rope_fraction < 1 or m.rope_scaling == "longrope"
-    if m.qk_norm + m.qkv_bias + phi3 > 1:
-        raise UserError("no Hugging Face architecture computes a model with more than one of QK-norm (Qwen3), Q/K/V "
-                        f"biases (Qwen2) and partial RoPE or longrope (Phi-3): model.qk_norm={m.qk_norm}, "
-                        f"model.qkv_bias={m.qkv_bias}, model.rope_fraction={m.rope_fraction}, model.rope_scaling="
-                        f"{m.rope_scaling!r}; export it in megadistill's format")
-    arch = "Qwen3ForCausalLM" if m.qk_norm else "Qwen2ForCausalLM" if m.qkv_bias else \
-        "Phi3ForCausalLM" if phi3 else "MistralForCausalLM" if m.sliding_window else "LlamaForCausalLM"
+    olmo2 = m.norm_position == "post" or (m.qk_norm and m.qk_norm_scope == "full")
+    keys = (f"model.qk_norm={m.qk_norm}, model.qk_norm_scope={m.qk_norm_scope!r}, model.norm_position="
+            f"{m.norm_position!r}, model.qkv_bias={m.qkv_bias}, model.rope_fraction={m.rope_fraction}, "
+            f"model.rope_scaling={m.rope_scaling!r}, model.sliding_window={m.sliding_window}")
+    if olmo2 and not (m.norm_position == "post" and m.qk_norm and m.qk_norm_scope == "full"):
+        raise UserError("no Hugging Face architecture computes post-norm blocks or a full-width QK-norm without the "
+                        f"other (OLMo 2 has both): {keys}; export it in megadistill's format")
+    if (m.qk_norm and not olmo2) + m.qkv_bias + phi3 + olmo2 > 1 or (m.sliding_window and (m.qk_norm or m.qkv_bias)):
+        raise UserError("no Hugging Face architecture computes a model with more than one of a per-head QK-norm "
+                        "(Qwen3), Q/K/V biases (Qwen2), partial RoPE or longrope (Phi-3), post-norms with a "
+                        "full-width QK-norm (OLMo 2), and a sliding window is Mistral's or Phi-3's only: "
+                        f"{keys}; export it in megadistill's format")
+    arch = "Olmo2ForCausalLM" if olmo2 else "Qwen3ForCausalLM" if m.qk_norm else "Qwen2ForCausalLM" if m.qkv_bias \
+        else "Phi3ForCausalLM" if phi3 else "MistralForCausalLM" if m.sliding_window else "LlamaForCausalLM"
     rope: Dict = {"rope_theta": m.rope_base, "rope_type": m.rope_scaling}
     if m.rope_scaling in ("linear", "llama3"):
         rope["factor"] = m.rope_factor
@@ -150,6 +160,8 @@ def from_model_config(m: ModelConfig, max_position: int, dtype: str = "float32")
         out["rope_scaling"] = dict(rope)
     if arch in ("Qwen3ForCausalLM", "LlamaForCausalLM"):  # configurable biases (Qwen2 has its Q/K/V ones built in)
         out.update(attention_bias=False, mlp_bias=False)
+    if arch == "Olmo2ForCausalLM":
+        out["attention_bias"] = False
     if arch in ("Qwen3ForCausalLM", "Qwen2ForCausalLM"):
         out.update(use_sliding_window=False, sliding_window=None, max_window_layers=m.n_layers)
     if arch in ("MistralForCausalLM", "Phi3ForCausalLM"):

@@ -45,8 +45,8 @@ def _copy_tokenizer(src: Path, dst: Path) -> bool:
 
 def import_hf(ref: str, out_dir: str, dtype: str = "auto") -> Path:
     """Write a megadistill model dir (model.safetensors with our names, config.yaml, meta.json, tokenizer/) from a
-    local HF Qwen3 / Qwen2 / Llama / Mistral / Phi-3 folder. dtype auto keeps the stored dtype (bit-exact), else casts
-    per tensor."""
+    local HF Qwen3 / Qwen2 / Llama / Mistral / Phi-3 / OLMo 2 folder. dtype auto keeps the stored dtype (bit-exact),
+    else casts per tensor."""
     folder = hf_path(ref) if hf_path(ref) is not None else Path(ref)
     if dtype not in _DTYPES:
         raise UserError(f"--dtype {dtype!r} is not one of {list(_DTYPES)}")

@@ -1,5 +1,5 @@
-"""Weights between our Transformer and HF Qwen3 / Qwen2 / Llama / Mistral / Phi-3 checkpoints: name map, streamed
-TP-sharded load, export."""
+"""Weights between our Transformer and HF Qwen3 / Qwen2 / Llama / Mistral / Phi-3 / OLMo 2 checkpoints: name map,
+streamed TP-sharded load, export."""
 from __future__ import annotations
 
 import json
@@ -24,7 +24,11 @@ _BLOCK = {"attn_norm.weight": "input_layernorm.weight", "ffn_norm.weight": "post
           "attn.wv.bias": "self_attn.v_proj.bias",
           "attn.q_norm.weight": "self_attn.q_norm.weight", "attn.k_norm.weight": "self_attn.k_norm.weight",
           "ffn.w1.weight": "mlp.gate_proj.weight", "ffn.w3.weight": "mlp.up_proj.weight",
-          "ffn.w2.weight": "mlp.down_proj.weight"}
+          "ffn.w2.weight": "mlp.down_proj.weight",
+          # post-norm blocks (OLMo 2): the norms on each sublayer's output. HF's post_attention_layernorm is Llama's
+          # pre-FFN norm (our ffn_norm) and OLMo 2's post-attention one: our_name gives the first, pre-norm meaning
+          "attn_out_norm.weight": "post_attention_layernorm.weight",
+          "ffn_out_norm.weight": "post_feedforward_layernorm.weight"}
 _GLOBAL = {"embed.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight",
            "head.weight": "lm_head.weight"}
 # Phi-3 / Phi-4 store Q, K, V as one matrix and gate, up as another (rows in this order); read as views of their rows
@@ -53,7 +57,7 @@ def our_name(hf: str) -> Optional[str]:
         return inverse[hf]
     m = _HF_BLOCK_RE.match(hf)
     if m:
-        block = {v: k for k, v in _BLOCK.items()}.get(m.group(2))
+        block = next((k for k, v in _BLOCK.items() if v == m.group(2)), None)
         return f"blocks.{m.group(1)}.{block}" if block else None
     return None
 
@@ -62,10 +66,13 @@ def full_shape(m, name: str) -> tuple:
     """Full (unsharded) shape of one of our parameters for model config m."""
     kv, hd, d = m.n_kv_heads or m.n_heads, m.head_dim, m.d_model
     leaf = name.split(".", 2)[-1] if name.startswith("blocks.") else name
+    full_qk = m.qk_norm_scope == "full"  # OLMo 2: a gain per dim of all heads
     return {"embed.weight": (m.vocab_size, d), "head.weight": (m.vocab_size, d), "norm.weight": (d,),
-            "attn_norm.weight": (d,), "ffn_norm.weight": (d,), "attn.wq.weight": (m.n_heads * hd, d),
+            "attn_norm.weight": (d,), "ffn_norm.weight": (d,), "attn_out_norm.weight": (d,),
+            "ffn_out_norm.weight": (d,), "attn.wq.weight": (m.n_heads * hd, d),
             "attn.wk.weight": (kv * hd, d), "attn.wv.weight": (kv * hd, d), "attn.wo.weight": (d, m.n_heads * hd),
-            "attn.q_norm.weight": (hd,), "attn.k_norm.weight": (hd,), "attn.wq.bias": (m.n_heads * hd,),
+            "attn.q_norm.weight": (m.n_heads * hd if full_qk else hd,),
+            "attn.k_norm.weight": (kv * hd if full_qk else hd,), "attn.wq.bias": (m.n_heads * hd,),
             "attn.wk.bias": (kv * hd,), "attn.wv.bias": (kv * hd,), "ffn.w1.weight": (m.d_ff, d),
             "ffn.w3.weight": (m.d_ff, d), "ffn.w2.weight": (d, m.d_ff)}[leaf]
 

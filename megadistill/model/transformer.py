@@ -1,7 +1,8 @@
 """The paper's decoder-only Transformer (MHA + QK-norm + RoPE, pre-norm RMSNorm, SwiGLU, untied head), TP-agnostic.
 
-Options for imported models (Qwen3 / Qwen2 / Llama / Mistral / Phi-3): GQA (n_kv_heads), QK-norm off, Q/K/V biases
-(qkv_bias), tied embeddings, RoPE scaling and partial RoPE, a sliding attention window.
+Options for imported models (Qwen3 / Qwen2 / Llama / Mistral / Phi-3 / OLMo 2): GQA (n_kv_heads), QK-norm off or over
+all heads' dims, Q/K/V biases (qkv_bias), post-norm blocks, tied embeddings, RoPE scaling and partial RoPE, a sliding
+attention window.
 """
 from __future__ import annotations
 
@@ -29,7 +30,8 @@ from megadistill.parallel.layers import LayerFactory, RMSNorm
 
 
 def use_kernels(module: nn.Module, kernels: str) -> None:
-    """Every RMSNorm in `module` runs with `kernels` (the factory builds norms kernel-agnostic; the config chooses).
+    """Every RMSNorm in `module` runs with `kernels` (the factory builds norms kernel-agnostic; the config chooses;
+    a full-width QK-norm split over TP always runs its torch ops: its sum of squares spans the TP ranks).
 
     cfg.kernels (model.kernels) picks the implementation of RMSNorm, silu(a) * b and RoPE: our torch ops or
     Liger-Kernel's (megadistill.model.kernels); Attention and SwiGLU read it from cfg, the norms get it here.
@@ -61,7 +63,11 @@ class Attention(nn.Module):
         self.wv = factory.column(d, kv_inner, std_in, copy_input=False, bias=bias)
         self.enter = factory.columns_entry(self.wq, self.wk, self.wv)  # one TP-region entry for the three
         self.wo = factory.row(inner, d, std_out)  # [h/tp hd] -> [d], all-reduce
-        if cfg.qk_norm:  # RMSNorm over head_dim, one learnable gain shared by all heads
+        self.qk_norm_full = bool(cfg.qk_norm) and getattr(cfg, "qk_norm_scope", "head") == "full"
+        if self.qk_norm_full:  # OLMo 2: RMSNorm over all heads' dims of q (and of k), a gain per dim, split over TP
+            self.q_norm = factory.width_sharded_norm(inner, cfg.norm_eps)
+            self.k_norm = factory.width_sharded_norm(kv_inner, cfg.norm_eps)
+        elif cfg.qk_norm:  # RMSNorm over head_dim, one learnable gain shared by all heads
             self.q_norm = factory.sharded_input_norm(hd, cfg.norm_eps)
             self.k_norm = factory.sharded_input_norm(hd, cfg.norm_eps)
         else:
@@ -70,10 +76,12 @@ class Attention(nn.Module):
     def forward(self, x, cos, sin, mask: Optional[AttnMask]):
         q, k, v = self.enter(x)  # x [b, s, d] (or its [b, s/tp, d] slice under sequence parallelism, gathered inside)
         b, s = q.shape[0], q.shape[1]
+        if self.qk_norm_full:  # over [b, s, h/tp hd] and [b, s, h_kv/tp hd], before the split into heads
+            q, k = self.q_norm(q), self.k_norm(k)
         q = q.view(b, s, self.local_heads, self.head_dim)  # [b, s, h/tp, hd]
         k = k.view(b, s, self.local_kv_heads, self.head_dim)  # [b, s, h_kv/tp, hd]
         v = v.view(b, s, self.local_kv_heads, self.head_dim)
-        if self.q_norm is not None:
+        if self.q_norm is not None and not self.qk_norm_full:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = kernels_mod.rope(q, k, cos, sin, self.kernels)  # liger: in place (q, k have no other reader)
         o = attention(q, k, v, self.backend, mask, gqa=self.gqa)  # [b, s, h/tp, hd]
@@ -98,17 +106,28 @@ class SwiGLU(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-norm block: x + Attn(RMSNorm(x)), then h + SwiGLU(RMSNorm(h))."""
+    """Pre-norm block: x + Attn(RMSNorm(x)), then h + SwiGLU(RMSNorm(h)); with model.norm_position=post (OLMo 2)
+    x + RMSNorm(Attn(x)), then h + RMSNorm(SwiGLU(h)), the norms named attn_out_norm / ffn_out_norm."""
 
     def __init__(self, cfg, d_ff: int, factory: LayerFactory):
         super().__init__()
-        self.attn_norm = factory.norm(cfg.d_model, cfg.norm_eps)
+        self.post_norm = getattr(cfg, "norm_position", "pre") == "post"
+        if not self.post_norm:
+            self.attn_norm = factory.norm(cfg.d_model, cfg.norm_eps)
         self.attn = Attention(cfg, factory)
-        self.ffn_norm = factory.norm(cfg.d_model, cfg.norm_eps)
+        if self.post_norm:
+            self.attn_out_norm = factory.norm(cfg.d_model, cfg.norm_eps)
+        else:
+            self.ffn_norm = factory.norm(cfg.d_model, cfg.norm_eps)
         self.ffn = SwiGLU(cfg, d_ff, factory)
+        if self.post_norm:
+            self.ffn_out_norm = factory.norm(cfg.d_model, cfg.norm_eps)
         use_kernels(self, cfg.kernels)
 
     def forward(self, x, cos, sin, mask: Optional[AttnMask]):
+        if self.post_norm:  # the residual stream is never normalised, each sublayer's output is
+            h = x + self.attn_out_norm(self.attn(x, cos, sin, mask))  # [b, s, d]
+            return h + self.ffn_out_norm(self.ffn(h))
         h = x + self.attn(self.attn_norm(x), cos, sin, mask)  # [b, s, d]
         return h + self.ffn(self.ffn_norm(h))
 

@@ -11,7 +11,7 @@ from megadistill.model.kernels import _RMSNormFn, rms_norm  # noqa: F401 (_RMSNo
 from megadistill.errors import UserError
 from megadistill.parallel.mappings import (columns_entry, copy_to_tp_region, gather_from_tp_region,
                                            gather_sequence, group_rank, group_size, reduce_from_tp_region,
-                                           reduce_scatter_to_sequence_region, scatter_to_tp_region)
+                                           reduce_scatter_to_sequence_region, scatter_to_tp_region, sum_in_tp_region)
 
 # Initialisation contract: every sharded weight is drawn FULL, in fp32, from the current torch RNG of `device`
 # (all TP ranks are seeded identically), then this rank keeps its slice. RNG draws therefore happen in the same
@@ -167,6 +167,26 @@ class RMSNorm(nn.Module):
         return f"{self.weight.shape[0]}, eps={self.eps}, tp_input={self.group is not None}"
 
 
+class WidthShardedRMSNorm(RMSNorm):
+    """RMSNorm over a width split over TP (OLMo 2's QK-norm over all heads' dims): rank r holds columns
+    [r w/tp, (r+1) w/tp) of the input and the same slice of the gain (one per dim, init 1, sharded like the columns).
+    The mean of squares spans the whole width: each rank's sum of squares is summed over TP (sum_in_tp_region)."""
+
+    def __init__(self, width: int, eps: float = 1e-5, group=None, device=None, dtype=None):
+        super().__init__(divide(width, group_size(group), f"a norm over {width} sharded dims"), eps, None, device,
+                         dtype)
+        self.width, self.tp_group = width, group
+        mark_tensor_parallel(self.weight, 0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()  # [..., w/tp]; normalised and scaled in fp32, cast back (as rms_norm does)
+        total = sum_in_tp_region(xf.pow(2).sum(-1, keepdim=True), self.tp_group)  # [..., 1]: sum over all w dims
+        return (xf * torch.rsqrt(total / self.width + self.eps) * self.weight.float()).to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"{self.width} (this rank: {self.weight.shape[0]}), eps={self.eps}"
+
+
 class Collective(nn.Module):
     """Module form of one mapping of megadistill.parallel.mappings over `group` (e.g. copy_to_tp_region for an input
     shared by several columns), so the model can hold region entries / exits like any other layer."""
@@ -290,4 +310,8 @@ class LayerFactory:
     def sharded_input_norm(self, dim: int, eps: float = 1e-5) -> RMSNorm:
         """RMSNorm whose gain is shared by inputs sharded over TP (per-head QK-norm); its grad is summed over TP."""
         return RMSNorm(dim, eps, self.group, self.device, self.dtype)
+
+    def width_sharded_norm(self, width: int, eps: float = 1e-5) -> WidthShardedRMSNorm:
+        """RMSNorm over `width` dims split over TP like a column-parallel output (full-width QK-norm): [..., w/tp]."""
+        return WidthShardedRMSNorm(width, eps, self.group, self.device, self.dtype)
 

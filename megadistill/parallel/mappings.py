@@ -139,6 +139,9 @@ def _collective(name: str, forward, backward):
 _CopyToTP = _collective("_CopyToTP", lambda x, group: x.view_as(x), _all_reduce)
 # reduce: d(sum_r x_r)/dx_r = I, every rank's partial receives the same (replicated) gradient
 _ReduceFromTP = _collective("_ReduceFromTP", _all_reduce, lambda grad, group: grad)
+# sum inside: every rank's partial enters a total that every rank then uses for its own shard; each rank's use
+# contributes its own part of dL/dtotal, so the backward is a sum too
+_SumInTP = _collective("_SumInTP", _all_reduce, _all_reduce)
 _ScatterToTP = _collective("_ScatterToTP", _split_last, _gather_last)
 _GatherFromTP = _collective("_GatherFromTP", _gather_last, _split_last)
 
@@ -157,6 +160,15 @@ def reduce_from_tp_region(x: torch.Tensor, group=None) -> torch.Tensor:
     forward: all-reduce (sum) over `group`, backward: identity.
     """
     return x if _is_dense(group) else _ReduceFromTP.apply(x, group)
+
+
+def sum_in_tp_region(x: torch.Tensor, group=None) -> torch.Tensor:
+    """Total of per-rank partials (e.g. sums of squares over each rank's heads) used by every rank inside the region.
+
+    forward: all-reduce (sum) over `group`, backward: all-reduce (sum) -- unlike reduce_from_tp_region, whose output
+    feeds replicated computation that already yields the complete gradient on every rank.
+    """
+    return x if _is_dense(group) else _SumInTP.apply(x, group)
 
 
 def scatter_to_tp_region(x: torch.Tensor, group=None) -> torch.Tensor:

@@ -97,11 +97,13 @@ def resolve_model(model: Union[str, ModelConfig], role: str = "model") -> ModelC
 
 
 def rank_params(m: ModelConfig, tp: int) -> Dict[str, int]:
-    """Elements one TP rank stores: matrices (and Q/K/V biases) split over TP, norm gains replicated, untied embedding
-    and head split."""
+    """Elements one TP rank stores: matrices (and Q/K/V biases) split over TP, norm gains replicated (a full-width
+    QK-norm's split), untied embedding and head split."""
     kv = m.n_kv_heads or m.n_heads
     hidden = m.n_layers * (2 * m.d_model * (m.n_heads + kv) * m.head_dim + 3 * m.d_model * m.d_ff) // tp
-    norms = m.n_layers * (2 * m.d_model + (2 * m.head_dim if m.qk_norm else 0)) + m.d_model
+    full_qk = m.qk_norm and m.qk_norm_scope == "full"
+    norms = m.n_layers * (2 * m.d_model + (2 * m.head_dim if m.qk_norm and not full_qk else 0)) + m.d_model
+    norms += m.n_layers * (m.n_heads + kv) * m.head_dim // tp if full_qk else 0
     norms += m.n_layers * (m.n_heads + 2 * kv) * m.head_dim // tp if m.qkv_bias else 0  # Q/K/V biases, split
     vocab = m.vocab_size * m.d_model // tp  # each of embedding and head (one matrix when tied)
     # optimizer groups are the µP roles (hidden, embedding, head, norm): foreach Adam works one group at a time
