@@ -53,16 +53,23 @@ class ModelConfig:
     ff_multiple: int = 128  # rounding multiple for the default d_ff
     vocab_size: int = 32768  # output classes; must match the tokenizer / synthetic language
     rope_base: float = 500000.0  # RoPE theta
-    rope_scaling: str = "default"  # default | linear | llama3 | longrope (RoPE frequency rescaling, HF's rope_type)
-    rope_factor: float = 1.0  # linear / llama3: context extension factor
+    rope_scaling: str = "default"  # default | linear | llama3 | longrope | yarn (RoPE frequency rescaling, HF's
+    # rope_type)
+    rope_factor: float = 1.0  # linear / llama3 / yarn: context extension factor
     rope_low_freq_factor: float = 1.0  # llama3: wavelengths above original_max / low are divided by rope_factor
     rope_high_freq_factor: float = 4.0  # llama3: wavelengths below original_max / high are kept
-    rope_original_max_position: int = 8192  # llama3 / longrope: the context length the model was pretrained at
+    rope_original_max_position: int = 8192  # llama3 / longrope / yarn: the context length the model was pretrained at
     # longrope (Phi-3.5 / Phi-4-mini): per-frequency divisors of the rotary frequencies for sequences up to
     # rope_original_max_position tokens (short) and beyond (long), and a scale on cos / sin
     rope_short_factor: List[float] = field(default_factory=list)
     rope_long_factor: List[float] = field(default_factory=list)
-    rope_attention_factor: float = 1.0
+    rope_attention_factor: float = 1.0  # longrope / yarn: scale on cos / sin (import writes transformers' default)
+    # yarn (Qwen2.5 / Qwen3 long context): frequencies that turn fewer than rope_beta_slow times over the original
+    # context are divided by rope_factor, more than rope_beta_fast times kept, linearly blended between (by dim index,
+    # the range rounded outwards when rope_truncate)
+    rope_beta_fast: float = 32.0
+    rope_beta_slow: float = 1.0
+    rope_truncate: bool = True
     rope_fraction: float = 1.0  # share of head_dim that RoPE rotates (its first int(head_dim x fraction) dims; the
     # rest pass through): HF's partial_rotary_factor (Phi-4-mini: 0.75)
     tie_embeddings: bool = False  # the output head shares the input embedding matrix
@@ -116,7 +123,7 @@ class ModelConfig:
         if self.n_kv_heads < 0 or (self.n_kv_heads and self.n_heads % self.n_kv_heads):
             raise ConfigError(f"{prefix}.n_kv_heads={self.n_kv_heads} must divide {prefix}.n_heads={self.n_heads} "
                               "(0 = n_heads, plain multi-head attention)")
-        _choice(f"{prefix}.rope_scaling", self.rope_scaling, ("default", "linear", "llama3", "longrope"))
+        _choice(f"{prefix}.rope_scaling", self.rope_scaling, ("default", "linear", "llama3", "longrope", "yarn"))
         if self.rope_scaling != "default":
             _positive(f"{prefix}.rope_factor", self.rope_factor)
         if self.rope_scaling == "llama3":
@@ -129,9 +136,13 @@ class ModelConfig:
             raise ConfigError(f"{prefix}.rope_fraction={self.rope_fraction} must be in (0, 1] and rotate an even "
                               f"number (>= 2) of the head_dim={self.head_dim} dims (int(head_dim x fraction) = "
                               f"{rotary})")
-        if self.rope_scaling == "longrope":
+        if self.rope_scaling in ("longrope", "yarn"):
             _positive(f"{prefix}.rope_original_max_position", self.rope_original_max_position)
             _positive(f"{prefix}.rope_attention_factor", self.rope_attention_factor)
+        if self.rope_scaling == "yarn" and not 0 < self.rope_beta_slow < self.rope_beta_fast:
+            raise ConfigError(f"{prefix}.rope_beta_slow={self.rope_beta_slow} must be > 0 and < "
+                              f"{prefix}.rope_beta_fast={self.rope_beta_fast} (rotations over the original context: slow ones interpolated, "
+                              "fast ones kept)")
             for key in ("rope_short_factor", "rope_long_factor"):
                 factors = list(getattr(self, key))
                 if len(factors) != rotary // 2 or not all(f > 0 for f in factors):
@@ -151,6 +162,7 @@ class ModelConfig:
 HF_SHAPE_KEYS = ("n_layers", "d_model", "n_heads", "n_kv_heads", "head_dim", "d_ff", "vocab_size", "rope_base",
                  "rope_scaling", "rope_factor", "rope_low_freq_factor", "rope_high_freq_factor",
                  "rope_original_max_position", "rope_short_factor", "rope_long_factor", "rope_attention_factor",
+                 "rope_beta_fast", "rope_beta_slow", "rope_truncate",
                  "rope_fraction", "norm_eps", "qk_norm", "qk_norm_scope", "norm_position", "qkv_bias", "sliding_window",
                  "tie_embeddings")
 

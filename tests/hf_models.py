@@ -9,12 +9,13 @@ LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "hi
                "original_max_position_embeddings": 64}
 
 # name -> (family, n_kv_heads, tied): GQA and MHA, tied and untied, QK-norm (qwen3) and not (llama), Q/K/V biases
-# (qwen2), sliding windows shorter than the interop tests' 24 tokens and the tiny runs' 32 (mistral, phi3), fused
+# and yarn RoPE (qwen2), sliding windows shorter than the interop tests' 24 tokens and the tiny runs' 32 (mistral, phi3), fused
 # Q/K/V and gate/up matrices, partial RoPE and longrope (phi3), post-norms and a QK-norm over all heads (olmo2)
 VARIANTS = {"qwen3_gqa": ("qwen3", 2, False), "qwen3_mha_tied": ("qwen3", 4, True),
             "llama_gqa_tied": ("llama", 2, True), "llama_mha": ("llama", 4, False),
             "qwen2_gqa_tied": ("qwen2", 2, True), "mistral_gqa": ("mistral", 2, False),
             "phi3_gqa": ("phi3", 2, False), "olmo2_gqa": ("olmo2", 2, False)}
+QWEN2_YARN = {"rope_type": "yarn", "rope_theta": 1000000.0, "factor": 4.0, "original_max_position_embeddings": 32768}
 PHI3_PARTIAL = 0.5  # Phi-4-mini: 0.75
 PHI3_ORIGINAL_MAX = 16  # longrope's switch: the interop tests' 24-token sequences take the long factors
 MISTRAL_WINDOW = 16  # attention windows: each token sees itself and the window - 1 tokens before it
@@ -33,8 +34,9 @@ def make_hf(folder, family="qwen3", n_kv_heads=2, tied=False, vocab=128, seed=0,
                   max_position_embeddings=256)
     if family == "qwen3":
         model = Qwen3ForCausalLM(Qwen3Config(head_dim=24, rope_theta=10000.0, rms_norm_eps=1e-6, **common))
-    elif family == "qwen2":  # biases on Q, K, V (drawn at random below like every weight)
-        model = Qwen2ForCausalLM(Qwen2Config(rope_theta=1000000.0, rms_norm_eps=1e-6, **common))
+    elif family == "qwen2":  # biases on Q, K, V (drawn at random below like every weight); Qwen2.5's long-context
+        # yarn: on 16 rotary dims, frequencies 0-2 kept, 3-4 blended, 5-7 divided by 4; cos / sin x (0.1 ln 4 + 1)
+        model = Qwen2ForCausalLM(Qwen2Config(rope_parameters=dict(QWEN2_YARN), rms_norm_eps=1e-6, **common))
     elif family == "phi3":  # qkv_proj [(4 + 2 + 2) x 16, 64], gate_up_proj [2 x 96, 64], RoPE on 8 of 16 dims,
         # longrope: the short factors up to PHI3_ORIGINAL_MAX tokens, the long ones beyond (cos / sin x sqrt(2))
         rope = {"rope_type": "longrope", "rope_theta": 10000.0, "partial_rotary_factor": PHI3_PARTIAL,

@@ -1,6 +1,7 @@
 """Hugging Face interop: hf: teachers equal transformers' logits (TP 1 and 2), distillation from them through the real
 trainer, `export --format hf` loads in transformers, import(export(x)) == x, and named errors for bad folders."""
 import json
+import math
 import shutil
 from pathlib import Path
 
@@ -78,7 +79,10 @@ def test_teacher_logits_equal_transformers_tp1(hf_dirs, tmp_path, name):
         names = set(SafetensorsFolder(folder).entries)
         assert "model.layers.1.self_attn.qkv_proj.weight" in names and "model.layers.1.mlp.gate_up_proj.weight" in names
         assert "model.layers.1.self_attn.q_proj.weight" not in names
-    assert m.rope_scaling == {"llama": "llama3", "phi3": "longrope"}.get(family, "default")
+    assert m.rope_scaling == {"llama": "llama3", "phi3": "longrope", "qwen2": "yarn"}.get(family, "default")
+    if family == "qwen2":
+        assert (m.rope_factor, m.rope_original_max_position) == (4.0, 32768)
+        assert m.rope_attention_factor == pytest.approx(0.1 * math.log(4) + 1)  # transformers' default
     if tied:
         assert teacher.module.head.weight is teacher.module.embed.weight
 
@@ -173,7 +177,9 @@ EXPORT_ARCH = {"qwen3_gqa_tied": "Qwen3ForCausalLM", "llama_rope3": "LlamaForCau
     ["model.n_kv_heads=2", "model.tie_embeddings=true"],  # -> Qwen3ForCausalLM (QK-norm), GQA, tied
     ["model.qk_norm=false", "model.rope_scaling=llama3", "model.rope_factor=8", "model.rope_original_max_position=64",
      "model.rope_base=10000"],  # -> LlamaForCausalLM with llama3 RoPE
-    ["model.qk_norm=false", "model.qkv_bias=true", "model.n_kv_heads=2", "model.tie_embeddings=true"],  # -> Qwen2
+    ["model.qk_norm=false", "model.qkv_bias=true", "model.n_kv_heads=2", "model.tie_embeddings=true",
+     "model.rope_scaling=yarn", "model.rope_factor=4", "model.rope_original_max_position=256", "model.rope_base=10000",
+     "model.rope_attention_factor=1.2", "model.rope_beta_fast=16"],  # -> Qwen2 with yarn
     ["model.qk_norm=false", "model.rope_fraction=0.5", "model.n_kv_heads=2", "model.rope_scaling=longrope",
      "model.rope_short_factor=[1,1.5,2,4]", "model.rope_long_factor=[2,3,5,8]", "model.rope_original_max_position=16",
      "model.rope_attention_factor=1.2"],  # -> Phi3 (fused matrices written, longrope)
@@ -211,8 +217,8 @@ def test_export_hf_loads_in_transformers_and_round_trips(tmp_path, shape, reques
     back = teacher_model_config(tmp_path / "back").model
     for key in ("n_layers", "d_model", "n_heads", "n_kv_heads", "head_dim", "d_ff", "vocab_size", "rope_base",
                 "rope_scaling", "rope_factor", "rope_fraction", "rope_short_factor", "rope_long_factor",
-                "rope_attention_factor", "norm_eps", "qk_norm", "qk_norm_scope", "norm_position", "qkv_bias",
-                "tie_embeddings"):
+                "rope_attention_factor", "rope_beta_fast", "rope_beta_slow", "rope_truncate", "norm_eps", "qk_norm",
+                "qk_norm_scope", "norm_position", "qkv_bias", "tie_embeddings"):
         assert getattr(back, key) == getattr(tcfg.model, key), key
 
 
@@ -332,13 +338,14 @@ def test_bad_folders_are_named_errors(hf_dirs, tmp_path, capsys):
     shutil.copytree(hf_dirs["llama_mha"][0], partial)
     edit_config(partial, partial_rotary_factor=0.75)
     fails(partial, "partial_rotary_factor=0.75 is not supported for LlamaForCausalLM")
-    rope = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 64}
-    yarn = tmp_path / "llama_yarn"
-    shutil.copytree(hf_dirs["llama_mha"][0], yarn)
-    edit_config(yarn, rope_parameters=rope)
-    fails(yarn, "rope type 'yarn' is not supported")
-    edit_config(yarn, rope_parameters=dict(rope, rope_type="longrope", short_factor=[1.0] * 8, long_factor=[2.0] * 8))
-    fails(yarn, "'longrope' is supported for Phi3ForCausalLM only")
+    rope = {"rope_type": "dynamic", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 64}
+    dynamic = tmp_path / "llama_dynamic"
+    shutil.copytree(hf_dirs["llama_mha"][0], dynamic)
+    edit_config(dynamic, rope_parameters=rope)
+    fails(dynamic, "rope type 'dynamic' is not supported")
+    edit_config(dynamic, rope_parameters=dict(rope, rope_type="longrope", short_factor=[1.0] * 8,
+                                              long_factor=[2.0] * 8))
+    fails(dynamic, "'longrope' is supported for Phi3ForCausalLM only")
     half = tmp_path / "phi3_no_long_factor"
     shutil.copytree(hf_dirs["phi3_gqa"][0], half)
     rope = json.loads((half / "config.json").read_text())["rope_parameters"]

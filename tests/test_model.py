@@ -308,3 +308,31 @@ def test_partial_rope_rotates_the_first_dims_and_keeps_relative_positions():
     assert not torch.allclose(score(5, 2), score(5, 4))
     with pytest.raises(ConfigError, match="rope_fraction=0.1 must be in"):
         tiny_cfg(rope_fraction=0.1)  # int(16 x 0.1) = 1 dim: nothing to pair it with
+
+
+@pytest.mark.parametrize("params", [
+    {"factor": 4.0, "original_max_position_embeddings": 32768},  # Qwen2.5 / Qwen3's long-context setting
+    {"factor": 8.0, "original_max_position_embeddings": 4096, "beta_fast": 16, "beta_slow": 2, "truncate": False},
+    {"factor": 2.0, "original_max_position_embeddings": 2048, "attention_factor": 1.3},
+])
+@pytest.mark.parametrize("base,head_dim", [(1e6, 128), (1e4, 64)])
+def test_yarn_frequencies_equal_transformers(params, base, head_dim):
+    """YaRN's per-frequency ramp (kept / blended / divided by factor) and cos / sin scale, against transformers'
+    _compute_yarn_parameters on realistic head sizes, through the HF config import."""
+    from transformers import Qwen2Config
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    from megadistill.hf.config import to_model_config
+    from megadistill.model.attention import RopeScaling
+    rope = {"rope_type": "yarn", "rope_theta": base, **params}
+    hf = dict(architectures=["Qwen2ForCausalLM"], model_type="qwen2", hidden_size=head_dim * 4, intermediate_size=64,
+              num_attention_heads=4, num_key_value_heads=4, num_hidden_layers=1, vocab_size=64,
+              max_position_embeddings=131072, rope_parameters=rope)
+    theirs, their_scale = ROPE_INIT_FUNCTIONS["yarn"](Qwen2Config(**hf))
+    m = to_model_config(hf)
+    inv = base ** (-torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
+    ours = RopeScaling.of(m).apply(inv, 0, m.rope_base)
+    assert_close(ours.float(), theirs, rtol=1e-6, atol=0)
+    assert RopeScaling.of(m).scale() == pytest.approx(their_scale)
+    kept, divided = (ours / inv - 1).abs() < 1e-12, (ours * m.rope_factor / inv - 1).abs() < 1e-12
+    assert kept[0] and divided[-1] and kept.sum() + divided.sum() < len(inv)  # all three regimes present

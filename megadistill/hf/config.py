@@ -58,9 +58,26 @@ def _rope(hf: Dict, where: str) -> Dict:
         return dict(out, rope_original_max_position=orig, rope_attention_factor=float(attention),
                     rope_short_factor=[float(f) for f in params["short_factor"]],
                     rope_long_factor=[float(f) for f in params["long_factor"]])
+    if kind == "yarn":  # transformers: a top-level original_max_position_embeddings wins, then the dict's, then
+        # max_position_embeddings; factor defaults to their ratio, the attention factor to YaRN's 0.1 ln(factor) + 1
+        orig = int(hf.get("original_max_position_embeddings") or params.get("original_max_position_embeddings")
+                   or hf["max_position_embeddings"])
+        factor = float(params.get("factor") or hf["max_position_embeddings"] / orig)
+
+        def mscale(f: float, m: float = 1.0) -> float:
+            return 1.0 if f <= 1 else 0.1 * m * math.log(f) + 1.0
+
+        attention = params.get("attention_factor")
+        if attention is None:
+            m, m_all = params.get("mscale"), params.get("mscale_all_dim")
+            attention = mscale(factor, m) / mscale(factor, m_all) if m and m_all else mscale(factor)
+        return dict(out, rope_factor=factor, rope_original_max_position=orig, rope_attention_factor=float(attention),
+                    rope_beta_fast=float(params.get("beta_fast") or 32),
+                    rope_beta_slow=float(params.get("beta_slow") or 1),
+                    rope_truncate=bool(params.get("truncate", True)))
     if kind not in ("linear", "llama3"):
-        raise UserError(f"{where}: rope type {kind!r} is not supported (supported: default, linear, llama3, and "
-                        "longrope for Phi-3)")
+        raise UserError(f"{where}: rope type {kind!r} is not supported (supported: default, linear, llama3, yarn, "
+                        "and longrope for Phi-3)")
     out["rope_factor"] = float(params["factor"])
     if kind == "llama3":
         out.update(rope_low_freq_factor=float(params["low_freq_factor"]),
@@ -137,8 +154,12 @@ def from_model_config(m: ModelConfig, max_position: int, dtype: str = "float32")
     arch = "Olmo2ForCausalLM" if olmo2 else "Qwen3ForCausalLM" if m.qk_norm else "Qwen2ForCausalLM" if m.qkv_bias \
         else "Phi3ForCausalLM" if phi3 else "MistralForCausalLM" if m.sliding_window else "LlamaForCausalLM"
     rope: Dict = {"rope_theta": m.rope_base, "rope_type": m.rope_scaling}
-    if m.rope_scaling in ("linear", "llama3"):
+    if m.rope_scaling in ("linear", "llama3", "yarn"):
         rope["factor"] = m.rope_factor
+    if m.rope_scaling == "yarn":
+        rope.update(original_max_position_embeddings=m.rope_original_max_position,
+                    attention_factor=m.rope_attention_factor, beta_fast=m.rope_beta_fast, beta_slow=m.rope_beta_slow,
+                    truncate=bool(m.rope_truncate))
     if m.rope_scaling == "longrope":
         rope.update(short_factor=list(m.rope_short_factor), long_factor=list(m.rope_long_factor),
                     attention_factor=m.rope_attention_factor,

@@ -146,9 +146,10 @@ def _flash(q, k, v, mask: Optional[AttnMask], scale: float) -> torch.Tensor:
 class RopeScaling:
     """RoPE frequency rescaling (HF's rope_type): default (none), linear (all / factor), llama3 (by wavelength) or
     longrope (a divisor per frequency: the short set up to original_max_position tokens, the long set beyond -- chosen
-    by the length of the sequence being embedded, as transformers does per forward -- and cos / sin scaled)."""
+    by the length of the sequence being embedded, as transformers does per forward -- and cos / sin scaled) or yarn
+    (slow frequencies divided by factor, fast ones kept, a linear ramp between; cos / sin scaled)."""
 
-    kind: str = "default"  # default | linear | llama3 | longrope
+    kind: str = "default"  # default | linear | llama3 | longrope | yarn
     factor: float = 1.0
     low_freq_factor: float = 1.0
     high_freq_factor: float = 4.0
@@ -156,20 +157,25 @@ class RopeScaling:
     short_factor: Tuple[float, ...] = ()
     long_factor: Tuple[float, ...] = ()
     attention_factor: float = 1.0
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    truncate: bool = True
 
     @classmethod
     def of(cls, cfg) -> "RopeScaling":
         """From a ModelConfig's rope_* fields."""
         return cls(cfg.rope_scaling, cfg.rope_factor, cfg.rope_low_freq_factor, cfg.rope_high_freq_factor,
                    cfg.rope_original_max_position, tuple(getattr(cfg, "rope_short_factor", ())),
-                   tuple(getattr(cfg, "rope_long_factor", ())), getattr(cfg, "rope_attention_factor", 1.0))
+                   tuple(getattr(cfg, "rope_long_factor", ())), getattr(cfg, "rope_attention_factor", 1.0),
+                   getattr(cfg, "rope_beta_fast", 32.0), getattr(cfg, "rope_beta_slow", 1.0),
+                   bool(getattr(cfg, "rope_truncate", True)))
 
     def scale(self) -> float:
-        """Factor on cos and sin (longrope's attention factor; 1 otherwise)."""
-        return self.attention_factor if self.kind == "longrope" else 1.0
+        """Factor on cos and sin (longrope's and yarn's attention factor; 1 otherwise)."""
+        return self.attention_factor if self.kind in ("longrope", "yarn") else 1.0
 
-    def apply(self, inv_freq: torch.Tensor, seq_len: int = 0) -> torch.Tensor:
-        """Rescaled inverse frequencies [hd/2] for sequences of seq_len tokens."""
+    def apply(self, inv_freq: torch.Tensor, seq_len: int = 0, base: float = 0.0) -> torch.Tensor:
+        """Rescaled inverse frequencies [hd/2] (= base^(-2i / dim)) for sequences of seq_len tokens."""
         if self.kind == "default":
             return inv_freq
         if self.kind == "linear":  # positions compressed by factor: p theta / factor
@@ -177,15 +183,37 @@ class RopeScaling:
         if self.kind == "longrope":
             ext = self.long_factor if seq_len > self.original_max_position else self.short_factor
             return inv_freq / torch.tensor(ext, dtype=inv_freq.dtype, device=inv_freq.device)
+        if self.kind == "yarn":
+            return self._yarn(inv_freq, base)
         if self.kind != "llama3":
             raise UserError(f"model.rope_scaling={self.kind!r} is not one of ['default', 'linear', 'llama3', "
-                            "'longrope']")
+                            "'longrope', 'yarn']")
         # llama3: wavelength 2 pi / theta below L / high_freq is kept, above L / low_freq divided by factor, and
         # interpolated in between by s = (L / wavelength - low) / (high - low), L the original context.
         wavelength = 2 * math.pi / inv_freq
         L, lo, hi = self.original_max_position, self.low_freq_factor, self.high_freq_factor
         s = ((L / wavelength - lo) / (hi - lo)).clamp(0.0, 1.0)
         return (1 - s) * inv_freq / self.factor + s * inv_freq
+
+    def _yarn(self, inv_freq: torch.Tensor, base: float) -> torch.Tensor:
+        # Frequency i turns L inv_freq_i / (2 pi) times over the original context L: the index at which that count is
+        # r is dim ln(L / (2 pi r)) / (2 ln base). Indices up to the one for beta_fast turns keep their frequency,
+        # from the one for beta_slow on they are divided by factor, linearly blended between (YaRN's ramp).
+        if base <= 0:
+            raise ValueError("yarn needs the RoPE base")
+        dim, L = 2 * inv_freq.shape[0], self.original_max_position
+
+        def index(turns: float) -> float:
+            return dim * math.log(L / (turns * 2 * math.pi)) / (2 * math.log(base))
+
+        lo, hi = index(self.beta_fast), index(self.beta_slow)
+        if self.truncate:
+            lo, hi = math.floor(lo), math.ceil(hi)
+        lo, hi = max(lo, 0), min(hi, dim - 1)
+        hi = hi + 0.001 if hi == lo else hi  # a step, not a division by zero
+        i = torch.arange(inv_freq.shape[0], dtype=inv_freq.dtype, device=inv_freq.device)
+        interpolated = ((i - lo) / (hi - lo)).clamp(0.0, 1.0)  # 0: kept (fast), 1: divided by factor (slow)
+        return inv_freq * (1 - interpolated) + inv_freq / self.factor * interpolated
 
 
 class Rotary:
@@ -211,7 +239,7 @@ class Rotary:
                 self._cache.clear()
             # angles in fp64: p * theta_i stays exact enough for long contexts before the cast
             inv_freq = self.base ** (-torch.arange(0, self.dim, 2, dtype=torch.float64, device=device) / self.dim)
-            inv_freq = self.scaling.apply(inv_freq, seq_len)  # [hd/2]
+            inv_freq = self.scaling.apply(inv_freq, seq_len, self.base)  # [hd/2]
             angles = torch.arange(seq_len, dtype=torch.float64, device=device).unsqueeze(1) * inv_freq  # [s, hd/2]
             angles = torch.cat([angles, angles], dim=-1)  # [s, hd]
             scale = self.scaling.scale()
