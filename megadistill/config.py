@@ -43,7 +43,7 @@ def grad_dtypes(precision: str, zero_stage: int, accum: str = "auto", reduce: st
 @dataclass
 class ModelConfig:
     size: Optional[str] = None  # a name from megadistill.model.sizes ("546M", "tiny-2M") or hf:PATH (a local HF
-    # Qwen3 / Qwen2 / Llama / Mistral / Phi-3 / OLMo 2 folder's config.json); fills the shape fields below
+    # folder's config.json, megadistill.hf.config.ARCHITECTURES); fills the shape fields below
     n_layers: int = 2  # transformer blocks
     d_model: int = 128  # residual width
     n_heads: int = 4  # attention (query) heads
@@ -78,10 +78,19 @@ class ModelConfig:
     qk_norm_scope: str = "head"  # head: over each head's head_dim, one gain shared by all heads (the paper, Qwen3) |
     # full: over all heads' dims together, one gain per dim (OLMo 2); under TP the sum of squares is all-reduced
     norm_position: str = "pre"  # pre: x + f(norm(x)) (the paper, Llama) | post: x + norm(f(x)) (OLMo 2: each
-    # sublayer's output normalised before the residual add, no norm on its input)
+    # sublayer's output normalised before the residual add, no norm on its input) | sandwich: x + norm(f(norm(x)))
+    # (Gemma 3: both)
+    norm_offset: float = 0.0  # norm gains act as norm_offset + w (Gemma's 1 + w; w then starts at 1 - norm_offset)
+    activation: str = "silu"  # the gated FFN's activation: silu (SwiGLU) | gelu_tanh (GeGLU, Gemma)
+    embed_scale: float = 1.0  # embedding output x this, rounded to the activations' dtype (Gemma: sqrt(d_model))
+    attn_scale_dim: int = 0  # attention logits x 1 / sqrt(attn_scale_dim); 0 = head_dim (Gemma's
+    # query_pre_attn_scalar)
     qkv_bias: bool = False  # biases on the Q, K and V projections (Qwen2 / Qwen2.5)
     sliding_window: int = 0  # attention window (Mistral's / Phi-3's sliding_window): token i attends to tokens
     # i - sliding_window + 1 .. i only; 0 = full causal attention. No effect while train.seq_len <= sliding_window
+    layer_types: List[str] = field(default_factory=list)  # per block "sliding" (windowed) or "full" (Gemma 3: 5 of
+    # every 6 sliding; Qwen2 with use_sliding_window); empty: every block sliding when sliding_window > 0
+    rope_local_base: float = 0.0  # RoPE theta of the sliding blocks, unscaled (Gemma 3: 10000); 0: as the full ones
     attention: str = "sdpa"  # flash | sdpa | eager
     kernels: str = "torch"  # torch | liger: RMSNorm, SwiGLU and RoPE as our torch ops or Liger-Kernel's Triton kernels
     # (CUDA + pip install liger-kernel; checked when the model is built)
@@ -151,7 +160,21 @@ class ModelConfig:
         if self.sliding_window < 0:
             raise ConfigError(f"{prefix}.sliding_window={self.sliding_window} must be >= 0 (0 = full causal attention)")
         _choice(f"{prefix}.qk_norm_scope", self.qk_norm_scope, ("head", "full"))
-        _choice(f"{prefix}.norm_position", self.norm_position, ("pre", "post"))
+        _choice(f"{prefix}.norm_position", self.norm_position, ("pre", "post", "sandwich"))
+        _choice(f"{prefix}.activation", self.activation, ("silu", "gelu_tanh"))
+        _positive(f"{prefix}.embed_scale", self.embed_scale)
+        if self.attn_scale_dim < 0:
+            raise ConfigError(f"{prefix}.attn_scale_dim={self.attn_scale_dim} must be >= 0 (0 = head_dim)")
+        if self.rope_local_base < 0:
+            raise ConfigError(f"{prefix}.rope_local_base={self.rope_local_base} must be >= 0 (0 = rope_base)")
+        if self.layer_types:
+            kinds = list(self.layer_types)
+            if len(kinds) != self.n_layers or not set(kinds) <= {"sliding", "full"}:
+                raise ConfigError(f"{prefix}.layer_types must list 'sliding' or 'full' for each of the {self.n_layers} "
+                                  f"blocks (model.n_layers), got {kinds}")
+            if "sliding" in kinds and not self.sliding_window:
+                raise ConfigError(f"{prefix}.layer_types has sliding blocks but {prefix}.sliding_window=0: set the "
+                                  "window")
         _choice(f"{prefix}.attention", self.attention, ("flash", "sdpa", "eager"))
         _choice(f"{prefix}.kernels", self.kernels, ("torch", "liger"))
         _choice(f"{prefix}.activation_checkpointing", self.activation_checkpointing, ("off", "full", "every_k"))
@@ -163,7 +186,8 @@ HF_SHAPE_KEYS = ("n_layers", "d_model", "n_heads", "n_kv_heads", "head_dim", "d_
                  "rope_scaling", "rope_factor", "rope_low_freq_factor", "rope_high_freq_factor",
                  "rope_original_max_position", "rope_short_factor", "rope_long_factor", "rope_attention_factor",
                  "rope_beta_fast", "rope_beta_slow", "rope_truncate",
-                 "rope_fraction", "norm_eps", "qk_norm", "qk_norm_scope", "norm_position", "qkv_bias", "sliding_window",
+                 "rope_fraction", "norm_eps", "qk_norm", "qk_norm_scope", "norm_position", "norm_offset", "activation",
+                 "embed_scale", "attn_scale_dim", "qkv_bias", "sliding_window", "layer_types", "rope_local_base",
                  "tie_embeddings")
 
 

@@ -1,5 +1,5 @@
-"""Tiny random Hugging Face Qwen3 / Qwen2 / Llama / Mistral / Phi-3 / OLMo 2 checkpoints written locally (no download)
-for the interop tests."""
+"""Tiny random Hugging Face Qwen3 / Qwen2 / Llama / Mistral / Phi-3 / OLMo 2 / Gemma 3 checkpoints written locally (no
+download) for the interop tests."""
 import json
 from pathlib import Path
 
@@ -10,11 +10,16 @@ LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "hi
 
 # name -> (family, n_kv_heads, tied): GQA and MHA, tied and untied, QK-norm (qwen3) and not (llama), Q/K/V biases
 # and yarn RoPE (qwen2), sliding windows shorter than the interop tests' 24 tokens and the tiny runs' 32 (mistral, phi3), fused
-# Q/K/V and gate/up matrices, partial RoPE and longrope (phi3), post-norms and a QK-norm over all heads (olmo2)
+# Q/K/V and gate/up matrices, partial RoPE and longrope (phi3), post-norms and a QK-norm over all heads (olmo2),
+# sandwich norms with 1 + w gains, GeGLU, scaled embeddings, a sliding and a full block with RoPEs of their own (gemma3)
 VARIANTS = {"qwen3_gqa": ("qwen3", 2, False), "qwen3_mha_tied": ("qwen3", 4, True),
             "llama_gqa_tied": ("llama", 2, True), "llama_mha": ("llama", 4, False),
             "qwen2_gqa_tied": ("qwen2", 2, True), "mistral_gqa": ("mistral", 2, False),
-            "phi3_gqa": ("phi3", 2, False), "olmo2_gqa": ("olmo2", 2, False)}
+            "phi3_gqa": ("phi3", 2, False), "olmo2_gqa": ("olmo2", 2, False),
+            "gemma3_gqa_tied": ("gemma3", 2, True)}
+GEMMA3_WINDOW = 8
+GEMMA3_ROPE = {"full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1000000.0},
+               "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0}}
 QWEN2_YARN = {"rope_type": "yarn", "rope_theta": 1000000.0, "factor": 4.0, "original_max_position_embeddings": 32768}
 PHI3_PARTIAL = 0.5  # Phi-4-mini: 0.75
 PHI3_ORIGINAL_MAX = 16  # longrope's switch: the interop tests' 24-token sequences take the long factors
@@ -25,9 +30,9 @@ PHI3_WINDOW = 20
 def make_hf(folder, family="qwen3", n_kv_heads=2, tied=False, vocab=128, seed=0, max_shard_size=None,
             dtype=torch.float32, n_layers=2, d_model=64):
     """Save a random tiny model (every weight, norm gains included, drawn at random) with save_pretrained."""
-    from transformers import (LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Olmo2Config,
-                              Olmo2ForCausalLM, Phi3Config, Phi3ForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config,
-                              Qwen3ForCausalLM)
+    from transformers import (Gemma3ForCausalLM, Gemma3TextConfig, LlamaConfig, LlamaForCausalLM, MistralConfig,
+                              MistralForCausalLM, Olmo2Config, Olmo2ForCausalLM, Phi3Config, Phi3ForCausalLM,
+                              Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM)
 
     common = dict(vocab_size=vocab, hidden_size=d_model, intermediate_size=96, num_hidden_layers=n_layers,
                   num_attention_heads=4, num_key_value_heads=n_kv_heads, tie_word_embeddings=tied,
@@ -48,6 +53,12 @@ def make_hf(folder, family="qwen3", n_kv_heads=2, tied=False, vocab=128, seed=0,
     elif family == "olmo2":  # q_norm [4 x 16], k_norm [n_kv x 16]; post_attention / post_feedforward norms only
         model = Olmo2ForCausalLM(Olmo2Config(rope_theta=500000.0, rms_norm_eps=1e-6, pad_token_id=0, eos_token_id=1,
                                              **common))
+    elif family == "gemma3":  # query_pre_attn_scalar != head_dim, so the attention scale is checked too
+        kinds = ["sliding_attention", "full_attention"] * (n_layers // 2) + ["sliding_attention"] * (n_layers % 2)
+        model = Gemma3ForCausalLM(Gemma3TextConfig(
+            head_dim=16, query_pre_attn_scalar=24, sliding_window=GEMMA3_WINDOW, rms_norm_eps=1e-6, layer_types=kinds,
+            rope_parameters={k: dict(v) for k, v in GEMMA3_ROPE.items()}, pad_token_id=0, eos_token_id=1,
+            bos_token_id=2, **common))
     elif family == "mistral":
         model = MistralForCausalLM(MistralConfig(head_dim=20, rope_theta=10000.0, rms_norm_eps=1e-5,
                                                  sliding_window=MISTRAL_WINDOW, **common))

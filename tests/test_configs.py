@@ -178,7 +178,7 @@ TINY = ["model.n_layers=2", "model.d_model=64", "model.n_heads=4", "model.head_d
     (["model.vocab_size=130", "parallel.tp_size=4"], None, "does not divide model.vocab_size=130"),
     (["train.micro_batch_size=4", "train.global_batch_size=8"], 4, "train.global_batch_size=8"),
     (["train.mode=distill"], None, "distill.teacher"),
-    (["model.norm_position=sandwich"], None, "model.norm_position='sandwich'"),
+    (["model.norm_position=middle"], None, "model.norm_position='middle'"),
     (["model.qk_norm_scope=heads"], None, "model.qk_norm_scope='heads'"),
     (["model.rope_scaling=yarn", "model.rope_factor=4", "model.rope_beta_slow=40"], None,
      "model.rope_beta_slow=40.0 must be > 0 and < model.rope_beta_fast=32.0"),

@@ -11,8 +11,8 @@ import torch.distributed as dist
 from torch.testing import assert_close
 
 from dist_harness import run_distributed
-from hf_models import (MISTRAL_WINDOW, PHI3_ORIGINAL_MAX, PHI3_PARTIAL, PHI3_WINDOW, VARIANTS, edit_config, hf_logits,
-                       make_hf)
+from hf_models import (GEMMA3_WINDOW, MISTRAL_WINDOW, PHI3_ORIGINAL_MAX, PHI3_PARTIAL, PHI3_WINDOW, VARIANTS,
+                       edit_config, hf_logits, make_hf)
 from tiny_runs import tiny_overrides
 
 from megadistill import config
@@ -59,13 +59,17 @@ def test_teacher_logits_equal_transformers_tp1(hf_dirs, tmp_path, name):
     assert all(not p.requires_grad for p in teacher.module.parameters())
     family, kv, tied = VARIANTS[name]
     m = teacher.model_cfg
-    assert (m.n_kv_heads, m.tie_embeddings, m.qk_norm, m.qkv_bias) == (kv, tied, family in ("qwen3", "olmo2"),
-                                                                       family == "qwen2")
+    assert (m.n_kv_heads, m.tie_embeddings, m.qk_norm, m.qkv_bias) == (
+        kv, tied, family in ("qwen3", "olmo2", "gemma3"), family == "qwen2")
     olmo2 = family == "olmo2"  # post-norm blocks, QK-norm gains over all heads' dims (split over TP like the heads)
-    assert (m.norm_position, m.qk_norm_scope) == (("post", "full") if olmo2 else ("pre", "head"))
+    assert (m.norm_position, m.qk_norm_scope) == (("post", "full") if olmo2 else
+                                                  ("sandwich", "head") if family == "gemma3" else ("pre", "head"))
+    if family == "gemma3":  # 1 + w gains, GeGLU, x sqrt(64) embeddings, query_pre_attn_scalar, per-block windows
+        assert (m.norm_offset, m.activation, m.embed_scale, m.attn_scale_dim) == (1.0, "gelu_tanh", 8.0, 24)
+        assert (m.layer_types, m.rope_local_base, m.rope_factor) == (["sliding", "full"], 10000.0, 8.0)
     assert teacher.module.blocks[0].attn.q_norm is None or teacher.module.blocks[0].attn.q_norm.weight.shape == (
         (4 * m.head_dim,) if olmo2 else (m.head_dim,))
-    assert m.sliding_window == {"mistral": MISTRAL_WINDOW, "phi3": PHI3_WINDOW}.get(family, 0)  # < 24 tokens
+    assert m.sliding_window == {"mistral": MISTRAL_WINDOW, "phi3": PHI3_WINDOW, "gemma3": GEMMA3_WINDOW}.get(family, 0)
     assert m.rope_fraction == (PHI3_PARTIAL if family == "phi3" else 1.0)
     if family == "qwen2":  # the biases are loaded (drawn at random in the checkpoint, so the logits depend on them)
         assert float(teacher.module.blocks[0].attn.wk.bias.abs().sum()) > 0
@@ -79,12 +83,18 @@ def test_teacher_logits_equal_transformers_tp1(hf_dirs, tmp_path, name):
         names = set(SafetensorsFolder(folder).entries)
         assert "model.layers.1.self_attn.qkv_proj.weight" in names and "model.layers.1.mlp.gate_up_proj.weight" in names
         assert "model.layers.1.self_attn.q_proj.weight" not in names
-    assert m.rope_scaling == {"llama": "llama3", "phi3": "longrope", "qwen2": "yarn"}.get(family, "default")
+    assert m.rope_scaling == {"llama": "llama3", "phi3": "longrope", "qwen2": "yarn", "gemma3": "linear"}.get(
+        family, "default")
     if family == "qwen2":
         assert (m.rope_factor, m.rope_original_max_position) == (4.0, 32768)
         assert m.rope_attention_factor == pytest.approx(0.1 * math.log(4) + 1)  # transformers' default
     if tied:
         assert teacher.module.head.weight is teacher.module.embed.weight
+    # N (biases, full-width QK-norms and sandwich norms counted) + the stored vocabulary matrices = the checkpoint
+    from megadistill.hf.safetensors_io import SafetensorsFolder
+    from megadistill.model.sizes import params_of
+    stored = sum(math.prod(e.shape) for e in SafetensorsFolder(folder).entries.values())
+    assert params_of(m)[0] + (1 if tied else 2) * m.vocab_size * m.d_model == stored
 
 
 def test_sharded_bf16_checkpoint_streams(tmp_path):
@@ -170,7 +180,7 @@ def _train_tiny(run_dir, extra):
 
 EXPORT_ARCH = {"qwen3_gqa_tied": "Qwen3ForCausalLM", "llama_rope3": "LlamaForCausalLM",
                "qwen2_gqa_tied": "Qwen2ForCausalLM", "phi3_partial": "Phi3ForCausalLM",
-               "olmo2_post": "Olmo2ForCausalLM"}
+               "olmo2_post": "Olmo2ForCausalLM", "gemma3_sandwich": "Gemma3ForCausalLM"}
 
 
 @pytest.mark.parametrize("shape", [
@@ -184,6 +194,9 @@ EXPORT_ARCH = {"qwen3_gqa_tied": "Qwen3ForCausalLM", "llama_rope3": "LlamaForCau
      "model.rope_short_factor=[1,1.5,2,4]", "model.rope_long_factor=[2,3,5,8]", "model.rope_original_max_position=16",
      "model.rope_attention_factor=1.2"],  # -> Phi3 (fused matrices written, longrope)
     ["model.norm_position=post", "model.qk_norm_scope=full", "model.n_kv_heads=2"],  # -> OLMo 2
+    ["model.norm_position=sandwich", "model.norm_offset=1", "model.activation=gelu_tanh", "model.embed_scale=8",
+     "model.attn_scale_dim=24", "model.sliding_window=8", "model.layer_types=[sliding,full]",
+     "model.rope_local_base=10000", "model.tie_embeddings=true", "model.n_kv_heads=2"],  # -> Gemma 3
 ], ids=list(EXPORT_ARCH))
 def test_export_hf_loads_in_transformers_and_round_trips(tmp_path, shape, request):
     from safetensors.torch import load_file
@@ -218,11 +231,12 @@ def test_export_hf_loads_in_transformers_and_round_trips(tmp_path, shape, reques
     for key in ("n_layers", "d_model", "n_heads", "n_kv_heads", "head_dim", "d_ff", "vocab_size", "rope_base",
                 "rope_scaling", "rope_factor", "rope_fraction", "rope_short_factor", "rope_long_factor",
                 "rope_attention_factor", "rope_beta_fast", "rope_beta_slow", "rope_truncate", "norm_eps", "qk_norm",
-                "qk_norm_scope", "norm_position", "qkv_bias", "tie_embeddings"):
+                "qk_norm_scope", "norm_position", "norm_offset", "activation", "embed_scale", "attn_scale_dim",
+                "sliding_window", "layer_types", "rope_local_base", "qkv_bias", "tie_embeddings"):
         assert getattr(back, key) == getattr(tcfg.model, key), key
 
 
-@pytest.mark.parametrize("name", ["llama_gqa_tied", "qwen2_gqa_tied", "phi3_gqa", "olmo2_gqa"])
+@pytest.mark.parametrize("name", ["llama_gqa_tied", "qwen2_gqa_tied", "phi3_gqa", "olmo2_gqa", "gemma3_gqa_tied"])
 def test_import_dir_is_a_teacher(hf_dirs, tmp_path, name):
     """`megadistill import` writes a model dir that distill.teacher accepts (Q/K/V biases, fused Phi-3 matrices
     split); bf16 import casts."""
@@ -288,6 +302,61 @@ def test_sliding_window_student_trains_past_its_window_and_exports(hf_dirs, tmp_
     assert exported["architectures"] == ["MistralForCausalLM"] and exported["sliding_window"] == MISTRAL_WINDOW
 
 
+def test_qwen2_use_sliding_window_windows_the_last_blocks(hf_dirs, tmp_path):
+    """Qwen2 / Qwen3 with use_sliding_window=true window the blocks from max_window_layers on (transformers' rule):
+    imported as model.layer_types, logits equal transformers' past the window."""
+    from transformers import AutoModelForCausalLM
+    folder = tmp_path / "qwen2_windows"
+    shutil.copytree(hf_dirs["qwen2_gqa_tied"][0], folder)
+    edit_config(folder, use_sliding_window=True, sliding_window=8, max_window_layers=1, layer_types=None)  # v4-style
+    teacher = _load(_teacher_cfg(tmp_path, folder))
+    assert (teacher.model_cfg.sliding_window, teacher.model_cfg.layer_types) == (8, ["full", "sliding"])
+    hf = AutoModelForCausalLM.from_pretrained(str(folder)).eval()
+    with torch.no_grad():
+        ours = teacher.module(IDS)
+    assert_close(ours, hf_logits(hf, IDS))
+    assert (ours - hf_dirs["qwen2_gqa_tied"][1]).abs().max() > 1e-3  # the window changed block 1's attention
+
+
+@pytest.mark.parametrize("over", [
+    {"qk_norm": False, "qkv_bias": True, "sliding_window": 8, "layer_types": ["full", "sliding", "sliding"]},
+    {"sliding_window": 8},  # Qwen3, every block windowed
+    {"qk_norm": False, "sliding_window": 8},  # Mistral
+    {"norm_position": "sandwich", "norm_offset": 1.0, "activation": "gelu_tanh", "embed_scale": 8.0,
+     "sliding_window": 8, "layer_types": ["sliding", "sliding", "full"], "tie_embeddings": True},  # Gemma 3, one RoPE
+], ids=["qwen2_last_blocks", "qwen3_all_blocks", "mistral", "gemma3_shared_rope"])
+def test_exported_config_is_our_function_in_transformers(tmp_path, over):
+    """Our model with random weights (norm gains too), written as export writes it (from_model_config + state_to_hf),
+    loads in transformers with equal logits on sequences 3x the window; import reads the same config back."""
+    import dataclasses
+
+    from transformers import AutoModelForCausalLM
+
+    from megadistill.config import ModelConfig
+    from megadistill.hf.config import from_model_config, to_model_config
+    from megadistill.hf.weights import state_to_hf, write_json, write_safetensors
+    from megadistill.model.transformer import Transformer
+    m = dataclasses.replace(ModelConfig(n_layers=3, d_model=64, n_heads=4, n_kv_heads=2, head_dim=16, d_ff=96,
+                                        vocab_size=128, rope_base=10000.0).resolve(), **over)
+    m.validate()
+    torch.manual_seed(0)
+    ours = Transformer(m).eval()
+    with torch.no_grad():
+        for name, p in ours.named_parameters():
+            if name.endswith(("norm.weight", ".bias")):
+                p.copy_(0.5 + torch.rand(p.shape))
+    hf_cfg = from_model_config(m, 64)
+    write_safetensors(state_to_hf(dict(ours.state_dict()), m.tie_embeddings, model_cfg=m), tmp_path)
+    write_json(tmp_path / "config.json", hf_cfg)
+    hf = AutoModelForCausalLM.from_pretrained(str(tmp_path)).eval()
+    with torch.no_grad():
+        theirs = hf_logits(hf, IDS)
+        assert_close(ours(IDS), theirs, rtol=1e-5, atol=1e-5 * float(theirs.abs().max()))  # fp32 round-off only
+    back = to_model_config(hf_cfg)
+    for key in ("sliding_window", "layer_types", "norm_position", "norm_offset", "activation", "qkv_bias", "qk_norm"):
+        assert getattr(back, key) == getattr(m, key), key
+
+
 def test_export_refuses_models_no_hf_architecture_computes():
     """from_model_config names the keys when no transformers class computes our model, instead of writing a config
     that would load as another function (e.g. a Qwen3 that silently drops a sliding window)."""
@@ -301,7 +370,14 @@ def test_export_refuses_models_no_hf_architecture_computes():
     for bad, match in [({"norm_position": "post"}, "post-norm blocks or a full-width QK-norm without the other"),
                        ({"qk_norm_scope": "full"}, "without the other"),
                        ({"norm_position": "post", "qk_norm": False}, "without the other"),
-                       ({"sliding_window": 16}, "a sliding window is Mistral's or Phi-3's only"),
+                       ({"sliding_window": 16, "norm_position": "post", "qk_norm_scope": "full"},
+                        "a sliding window on this architecture"),
+                       ({"qk_norm": False, "qkv_bias": True, "sliding_window": 8, "layer_types": ["sliding", "full"]},
+                        "windows on blocks other than the last ones"),
+                       ({"qk_norm": False, "sliding_window": 8, "layer_types": ["sliding", "full"]},
+                        "a window on some blocks only for a Llama / Mistral model"),
+                       ({"norm_position": "sandwich"}, "part of Gemma 3's block without the rest"),
+                       ({"activation": "gelu_tanh"}, "part of Gemma 3's block without the rest"),
                        ({"norm_position": "post", "qk_norm_scope": "full", "qkv_bias": True}, "more than one of")]:
         with pytest.raises(UserError, match=match):
             from_model_config(dataclasses.replace(base, **bad), 64)
@@ -355,10 +431,12 @@ def test_bad_folders_are_named_errors(hf_dirs, tmp_path, capsys):
     shutil.copytree(hf_dirs["phi3_gqa"][0], odd)
     edit_config(odd, rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.1})
     fails(odd, "rope_fraction=0.1 must be in")
-    layered = tmp_path / "qwen2_layer_windows"  # Qwen2's window on layers >= max_window_layers only
-    shutil.copytree(hf_dirs["qwen2_gqa_tied"][0], layered)
-    edit_config(layered, use_sliding_window=True, sliding_window=8, max_window_layers=1)
-    fails(layered, "use_sliding_window=true is not supported.*windows all layers or none")
+    capped = tmp_path / "gemma2_softcap"  # Gemma 2's logit softcapping (Gemma 3 sets it null)
+    shutil.copytree(hf_dirs["gemma3_gqa_tied"][0], capped)
+    edit_config(capped, final_logit_softcapping=30.0)
+    fails(capped, "final_logit_softcapping=30.0 is not supported")
+    edit_config(capped, final_logit_softcapping=None, hidden_activation="relu")
+    fails(capped, "hidden_activation='relu' is not supported")
     # a sharded checkpoint with a shard gone
     make_hf(tmp_path / "sharded", "qwen3", 2, False, max_shard_size="40KB")
     next(iter(sorted((tmp_path / "sharded").glob("model-*.safetensors")))).unlink()

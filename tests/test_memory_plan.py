@@ -302,3 +302,24 @@ def test_olmo2_counts_its_full_width_qk_norm(tmp_path):
                 == m.n_layers * (64 * m.head_dim // tp - 2 * m.head_dim))
     rows = memory.plan("975M", f"hf:{folder}", gpus=8)  # a distillation from it on 8 GPUs
     assert rows[0]["fits"] and rows[0]["memory"]["teacher_weights"] == pytest.approx(7.30e9 * 2, rel=0.002)  # bf16
+
+
+def test_gemma3_1b_counts_its_sandwich_norms(tmp_path):
+    """Gemma-3-1B's published config.json shape: 999,885,952 weights (tied vocabulary of 262144 x 1152, four norms of
+    d per block and head_dim QK-norm gains), its 5-of-6 sliding blocks and two RoPE bases read for planning."""
+    from megadistill.model.sizes import params_of
+    folder = tmp_path / "gemma-3-1b"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({
+        "architectures": ["Gemma3ForCausalLM"], "model_type": "gemma3_text", "hidden_activation": "gelu_pytorch_tanh",
+        "hidden_size": 1152, "intermediate_size": 6912, "num_attention_heads": 4, "num_hidden_layers": 26,
+        "num_key_value_heads": 1, "head_dim": 256, "vocab_size": 262144, "query_pre_attn_scalar": 256,
+        "rms_norm_eps": 1e-6, "rope_theta": 1000000, "rope_local_base_freq": 10000, "rope_scaling": None,
+        "sliding_window": 512, "sliding_window_pattern": 6, "final_logit_softcapping": None,
+        "attn_logit_softcapping": None, "max_position_embeddings": 32768}))
+    m = memory.resolve_model(f"hf:{folder}")
+    assert params_of(m)[1] == 999_885_952 and m.tie_embeddings  # absent tie_word_embeddings: Gemma 3's default, tied
+    assert m.layer_types.count("full") == 4 and m.layer_types[5] == "full" and m.sliding_window == 512
+    assert (m.rope_base, m.rope_local_base, m.embed_scale) == (1e6, 1e4, pytest.approx(1152 ** 0.5))
+    pre = dataclasses.replace(m, norm_position="pre")
+    assert memory.rank_params(m, 1)["total"] - memory.rank_params(pre, 1)["total"] == 2 * 26 * 1152

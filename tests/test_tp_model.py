@@ -20,6 +20,11 @@ pytestmark = pytest.mark.multiproc
 V = 128
 
 
+GEMMA3_LIKE = dict(norm_position="sandwich", norm_offset=1.0, activation="gelu_tanh", embed_scale=8.0,
+                   attn_scale_dim=24, sliding_window=6, layer_types=["sliding", "full"], rope_local_base=100.0,
+                   n_kv_heads=2)
+
+
 def _cfg(**kw):
     base = dict(n_layers=2, d_model=64, n_heads=4, head_dim=16, d_ff=192, vocab_size=V)
     base.update(kw)
@@ -251,6 +256,9 @@ def tp2_worker(rank, world):
     check_model_vs_dense(groups, False, norm_position="post", qk_norm_scope="full", n_kv_heads=2)
     check_model_vs_dense(groups, True, sequence_parallel=True, norm_position="post", qk_norm_scope="full",
                          activation_checkpointing="full")
+    # Gemma 3: sandwich norms with 1 + w gains, GeGLU, scaled embeddings and attention, a windowed block with its own
+    # RoPE next to a full one
+    check_model_vs_dense(groups, True, sequence_parallel=True, **GEMMA3_LIKE)
     sp = Transformer(_cfg(), groups.factory(sequence_parallel=True))
     with pytest.raises(UserError, match="sequence length 15 is not divisible by parallel.tp_size=2"):
         sp(torch.zeros(1, 15, dtype=torch.long))
@@ -279,6 +287,7 @@ def world4_worker(rank, world):
                          sliding_window=6)
     check_model_vs_dense(groups4, True, sequence_parallel=True, n_kv_heads=4, norm_position="post",
                          qk_norm_scope="full")
+    check_model_vs_dense(groups4, False, **dict(GEMMA3_LIKE, n_kv_heads=4))
     return "ok"
 
 

@@ -1,11 +1,11 @@
-"""Hugging Face config.json (Qwen3 / Qwen2 / Llama / Mistral / Phi-3 / OLMo 2) <-> our ModelConfig, with a named error
-for anything we cannot run."""
+"""Hugging Face config.json (Qwen3 / Qwen2 / Llama / Mistral / Phi-3 / OLMo 2 / Gemma 3) <-> our ModelConfig, with a
+named error for anything we cannot run."""
 from __future__ import annotations
 
 import json
 import math
 from pathlib import Path
-from typing import Dict, Optional
+from typing import Dict, List, Optional, Tuple
 
 from megadistill.config import ModelConfig
 from megadistill.errors import UserError
@@ -16,8 +16,15 @@ from megadistill.errors import UserError
 # normalises each sublayer's output instead of its input and its QK-norm spans all heads' dims (OLMO2).
 ARCHITECTURES = {"Qwen3ForCausalLM": ("qwen3", True, False), "Qwen2ForCausalLM": ("qwen2", False, True),
                  "LlamaForCausalLM": ("llama", False, False), "MistralForCausalLM": ("mistral", False, False),
-                 "Phi3ForCausalLM": ("phi3", False, False), "Olmo2ForCausalLM": ("olmo2", True, False)}
+                 "Phi3ForCausalLM": ("phi3", False, False), "Olmo2ForCausalLM": ("olmo2", True, False),
+                 "Gemma3ForCausalLM": ("gemma3_text", True, False)}
 OLMO2 = {"norm_position": "post", "qk_norm_scope": "full"}
+# Gemma 3 (text): norms before and after each sublayer with gains 1 + w, GeGLU, embeddings x sqrt(d), attention scaled
+# by query_pre_attn_scalar, 5 of every 6 blocks windowed with RoPE of their own (base 10000, unscaled)
+GEMMA3 = {"norm_position": "sandwich", "norm_offset": 1.0}
+ACTIVATIONS = {"silu": "silu", "gelu_pytorch_tanh": "gelu_tanh"}  # transformers' name -> model.activation
+LAYER_TYPES = {"sliding_attention": "sliding", "full_attention": "full"}
+TIED_BY_DEFAULT = ("gemma3_text",)  # transformers' default when config.json has no tie_word_embeddings
 WINDOWED = ("mistral", "phi3")  # sliding_window applies whenever set (Qwen2/3: only with use_sliding_window)
 HF_PREFIX = "hf:"
 
@@ -86,6 +93,50 @@ def _rope(hf: Dict, where: str) -> Dict:
     return out
 
 
+def _windows(hf: Dict, model_type: str, where: str) -> Tuple[int, List[str]]:
+    """(sliding window, per-block kinds: [] when every block is alike) as transformers reads them: Mistral / Phi-3
+    window every block; Qwen2 / Qwen3 with use_sliding_window the blocks from max_window_layers on; Gemma 3 those
+    its layer_types (or its sliding_window_pattern, every 6th full) name sliding."""
+    n = int(hf.get("num_hidden_layers", 0))
+    if model_type in WINDOWED:
+        return int(hf.get("sliding_window") or 0), []
+    if model_type in ("qwen2", "qwen3") and hf.get("use_sliding_window") and hf.get("sliding_window"):
+        first = int(hf.get("max_window_layers", n))
+        types = hf.get("layer_types") or ["sliding_attention" if i >= first else "full_attention" for i in range(n)]
+    elif model_type == "gemma3_text" and hf.get("sliding_window"):
+        pattern = int(hf.get("sliding_window_pattern", 6))
+        types = hf.get("layer_types") or ["sliding_attention" if (i + 1) % pattern else "full_attention"
+                                          for i in range(n)]
+    else:
+        return 0, []
+    if len(types) != n or not set(types) <= set(LAYER_TYPES):
+        raise UserError(f"{where}: layer_types must give one of {sorted(LAYER_TYPES)} for each of the {n} layers, "
+                        f"got {types}")
+    kinds = [LAYER_TYPES[t] for t in types]
+    if "sliding" not in kinds:
+        return 0, []
+    return int(hf["sliding_window"]), ([] if set(kinds) == {"sliding"} else kinds)
+
+
+def _gemma3_rope(hf: Dict, where: str) -> Tuple[Dict, float]:
+    """Gemma 3's two RoPEs: the full blocks' (theta 1e6 by default, possibly linear-scaled) as our rope_*, and the
+    sliding blocks' unscaled base. transformers v5 nests them in rope_parameters by layer type; v4 configs keep
+    rope_theta / rope_scaling for the full blocks and rope_local_base_freq."""
+    params = hf.get("rope_parameters") or {}
+    if "full_attention" in params or "sliding_attention" in params:
+        full = dict(params.get("full_attention") or {})
+        local = dict(params.get("sliding_attention") or {})
+    else:
+        full = dict(hf.get("rope_scaling") or {})
+        full.setdefault("rope_theta", hf.get("rope_theta", 1e6))
+        local = {"rope_type": "default", "rope_theta": hf.get("rope_local_base_freq", 1e4)}
+    full.setdefault("rope_theta", 1e6)
+    if local.get("rope_type", local.get("type", "default")) != "default":
+        raise UserError(f"{where}: the sliding layers' rope type {local.get('rope_type')!r} is not supported "
+                        "(default only)")
+    return _rope({"rope_parameters": full}, where), float(local.get("rope_theta", 1e4))
+
+
 def to_model_config(hf: Dict, where: str = "config.json") -> ModelConfig:
     """A resolved, validated ModelConfig computing the same function as the HF model described by `hf`."""
     archs = hf.get("architectures") or []
@@ -100,30 +151,36 @@ def to_model_config(hf: Dict, where: str = "config.json") -> ModelConfig:
         if hf.get(key):  # Llama / Qwen3 attention_bias also puts a bias on O, which no model of ours has
             raise UserError(f"{where}: {key}=true is not supported (our projections carry no biases besides "
                             "Qwen2's Q / K / V ones)")
-    if hf.get("hidden_act", "silu") != "silu":
-        raise UserError(f"{where}: hidden_act={hf['hidden_act']!r} is not supported (SwiGLU with silu only)")
-    if hf.get("use_sliding_window"):
-        raise UserError(f"{where}: use_sliding_window=true is not supported (a window on some layers only: ours "
-                        "windows all layers or none; released Qwen2 / Qwen2.5 checkpoints set it false)")
-    window = int(hf.get("sliding_window") or 0) if model_type in WINDOWED else 0
+    act_key = "hidden_activation" if "hidden_activation" in hf else "hidden_act"  # Gemma names it apart
+    activation = ACTIVATIONS.get(hf.get(act_key) or "silu")
+    if activation is None:
+        raise UserError(f"{where}: {act_key}={hf[act_key]!r} is not supported (gated FFN with one of "
+                        f"{sorted(ACTIVATIONS)})")
+    for key in ("final_logit_softcapping", "attn_logit_softcapping", "use_bidirectional_attention"):
+        if hf.get(key):  # Gemma 2's softcaps (Gemma 3 sets them null)
+            raise UserError(f"{where}: {key}={hf[key]!r} is not supported")
+    window, kinds = _windows(hf, model_type, where)
     # transformers v5 keeps it in rope_parameters, v4 configs (most of the hub) at the top level: either counts
     partial = next((float(f) for f in ((hf.get("rope_parameters") or {}).get("partial_rotary_factor"),
                                        hf.get("partial_rotary_factor")) if f is not None and float(f) != 1.0), 1.0)
     if partial != 1.0 and model_type != "phi3":  # transformers' other families rotate whole heads
         raise UserError(f"{where}: partial_rotary_factor={partial} is not supported for {arch} (Phi-3 only)")
     try:
-        rope = _rope(hf, where)
+        rope, local_base = _gemma3_rope(hf, where) if model_type == "gemma3_text" else (_rope(hf, where), 0.0)
         if rope["rope_scaling"] == "longrope" and model_type != "phi3":
             raise UserError(f"{where}: rope type 'longrope' is supported for Phi3ForCausalLM only, not {arch}")
         n_heads = int(hf["num_attention_heads"])
         d = int(hf["hidden_size"])
+        family = OLMO2 if model_type == "olmo2" else dict(
+            GEMMA3, embed_scale=math.sqrt(d), attn_scale_dim=int(hf.get("query_pre_attn_scalar", 256))) \
+            if model_type == "gemma3_text" else {}
         m = ModelConfig(size=None, n_layers=int(hf["num_hidden_layers"]), d_model=d, n_heads=n_heads,
                         n_kv_heads=int(hf.get("num_key_value_heads") or n_heads),
                         head_dim=int(hf.get("head_dim") or d // n_heads), d_ff=int(hf["intermediate_size"]),
                         vocab_size=int(hf["vocab_size"]), norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
                         qk_norm=qk_norm, qkv_bias=qkv_bias, sliding_window=window, rope_fraction=partial,
-                        tie_embeddings=bool(hf.get("tie_word_embeddings", False)), **rope,
-                        **(OLMO2 if model_type == "olmo2" else {}))
+                        tie_embeddings=bool(hf.get("tie_word_embeddings", model_type in TIED_BY_DEFAULT)), **rope,
+                        activation=activation, layer_types=kinds, rope_local_base=local_base, **family)
     except KeyError as e:
         raise UserError(f"{where}: required key {e.args[0]!r} is missing") from None
     m.resolve()
@@ -134,25 +191,49 @@ def to_model_config(hf: Dict, where: str = "config.json") -> ModelConfig:
     return m
 
 
-def from_model_config(m: ModelConfig, max_position: int, dtype: str = "float32") -> Dict:
-    """config.json for our model: Qwen3ForCausalLM with QK-norm, Qwen2ForCausalLM with Q/K/V biases,
-    Phi3ForCausalLM with partial RoPE, Olmo2ForCausalLM with post-norms and a full-width QK-norm, LlamaForCausalLM with
-    none of them (all load with no custom code); a sliding window goes to MistralForCausalLM (or Phi-3)."""
+def _architecture(m: ModelConfig) -> str:
+    """The transformers class that computes our model m, or a UserError naming the keys when none does."""
+    keys = ", ".join(f"model.{k}={getattr(m, k)!r}" for k in (
+        "qk_norm", "qk_norm_scope", "norm_position", "norm_offset", "activation", "embed_scale", "qkv_bias",
+        "rope_fraction", "rope_scaling", "sliding_window", "layer_types", "rope_local_base"))
+
+    def refuse(what: str):
+        raise UserError(f"no Hugging Face architecture computes {what}: {keys}; export it in megadistill's format")
+
     phi3 = m.rope_fraction < 1 or m.rope_scaling == "longrope"
     olmo2 = m.norm_position == "post" or (m.qk_norm and m.qk_norm_scope == "full")
-    keys = (f"model.qk_norm={m.qk_norm}, model.qk_norm_scope={m.qk_norm_scope!r}, model.norm_position="
-            f"{m.norm_position!r}, model.qkv_bias={m.qkv_bias}, model.rope_fraction={m.rope_fraction}, "
-            f"model.rope_scaling={m.rope_scaling!r}, model.sliding_window={m.sliding_window}")
+    gemma3 = (m.norm_position == "sandwich" or m.norm_offset != 0 or m.activation != "silu" or m.embed_scale != 1
+              or m.attn_scale_dim != 0 or m.rope_local_base != 0)
     if olmo2 and not (m.norm_position == "post" and m.qk_norm and m.qk_norm_scope == "full"):
-        raise UserError("no Hugging Face architecture computes post-norm blocks or a full-width QK-norm without the "
-                        f"other (OLMo 2 has both): {keys}; export it in megadistill's format")
-    if (m.qk_norm and not olmo2) + m.qkv_bias + phi3 + olmo2 > 1 or (m.sliding_window and (m.qk_norm or m.qkv_bias)):
-        raise UserError("no Hugging Face architecture computes a model with more than one of a per-head QK-norm "
-                        "(Qwen3), Q/K/V biases (Qwen2), partial RoPE or longrope (Phi-3), post-norms with a "
-                        "full-width QK-norm (OLMo 2), and a sliding window is Mistral's or Phi-3's only: "
-                        f"{keys}; export it in megadistill's format")
-    arch = "Olmo2ForCausalLM" if olmo2 else "Qwen3ForCausalLM" if m.qk_norm else "Qwen2ForCausalLM" if m.qkv_bias \
-        else "Phi3ForCausalLM" if phi3 else "MistralForCausalLM" if m.sliding_window else "LlamaForCausalLM"
+        refuse("post-norm blocks or a full-width QK-norm without the other (OLMo 2 has both)")
+    if gemma3 and not (m.norm_position == "sandwich" and m.norm_offset == 1 and m.activation == "gelu_tanh"
+                       and math.isclose(m.embed_scale, math.sqrt(m.d_model)) and m.qk_norm):
+        refuse("part of Gemma 3's block without the rest (sandwich norms with 1 + w gains, GeGLU, embeddings x "
+               "sqrt(d_model), QK-norm)")
+    if (m.qk_norm and not olmo2 and not gemma3) + m.qkv_bias + phi3 + olmo2 + gemma3 > 1:
+        refuse("more than one of a per-head QK-norm (Qwen3), Q/K/V biases (Qwen2), partial RoPE or longrope (Phi-3), "
+               "post-norms with a full-width QK-norm (OLMo 2) and Gemma 3's block")
+    kinds = list(m.layer_types) or ["sliding" if m.sliding_window else "full"] * m.n_layers
+    if "sliding" in kinds and not gemma3:
+        if olmo2 or phi3 and m.layer_types:
+            refuse("a sliding window on this architecture (Mistral, Phi-3 (every block), Qwen2 / Qwen3 and Gemma 3 "
+                   "take one)")
+        if (m.qk_norm or m.qkv_bias) and kinds != sorted(kinds):  # Qwen2 / Qwen3: full blocks first
+            refuse("Qwen2 / Qwen3 windows on blocks other than the last ones (use_sliding_window windows the blocks "
+                   "from max_window_layers on)")
+        if not (m.qk_norm or m.qkv_bias or phi3) and m.layer_types:
+            refuse("a window on some blocks only for a Llama / Mistral model (Mistral windows every block)")
+    return ("Olmo2ForCausalLM" if olmo2 else "Gemma3ForCausalLM" if gemma3 else "Qwen3ForCausalLM" if m.qk_norm
+            else "Qwen2ForCausalLM" if m.qkv_bias else "Phi3ForCausalLM" if phi3
+            else "MistralForCausalLM" if m.sliding_window else "LlamaForCausalLM")
+
+
+def from_model_config(m: ModelConfig, max_position: int, dtype: str = "float32") -> Dict:
+    """config.json for our model: Qwen3ForCausalLM with QK-norm, Qwen2ForCausalLM with Q/K/V biases,
+    Phi3ForCausalLM with partial RoPE, Olmo2ForCausalLM with post-norms and a full-width QK-norm, Gemma3ForCausalLM
+    with Gemma 3's block, LlamaForCausalLM with none of them (all load with no custom code); a sliding window on every
+    block of a Llama goes to MistralForCausalLM."""
+    arch = _architecture(m)
     rope: Dict = {"rope_theta": m.rope_base, "rope_type": m.rope_scaling}
     if m.rope_scaling in ("linear", "llama3", "yarn"):
         rope["factor"] = m.rope_factor
@@ -183,10 +264,20 @@ def from_model_config(m: ModelConfig, max_position: int, dtype: str = "float32")
         out.update(attention_bias=False, mlp_bias=False)
     if arch == "Olmo2ForCausalLM":
         out["attention_bias"] = False
-    if arch in ("Qwen3ForCausalLM", "Qwen2ForCausalLM"):
-        out.update(use_sliding_window=False, sliding_window=None, max_window_layers=m.n_layers)
+    kinds = list(m.layer_types) or ["sliding" if m.sliding_window else "full"] * m.n_layers
+    if arch in ("Qwen3ForCausalLM", "Qwen2ForCausalLM"):  # windowed: the blocks from max_window_layers on
+        out.update(use_sliding_window="sliding" in kinds, sliding_window=m.sliding_window or None,
+                   max_window_layers=kinds.count("full"))
     if arch in ("MistralForCausalLM", "Phi3ForCausalLM"):
         out["sliding_window"] = m.sliding_window or None
+    if arch == "Gemma3ForCausalLM":
+        local = {"rope_type": "default", "rope_theta": m.rope_local_base} if m.rope_local_base else dict(rope)
+        del out["hidden_act"]
+        out.update(hidden_activation="gelu_pytorch_tanh", query_pre_attn_scalar=m.attn_scale_dim or m.head_dim,
+                   sliding_window=m.sliding_window or None, layer_types=[f"{k}_attention" for k in kinds],
+                   rope_parameters={"full_attention": rope, "sliding_attention": local},
+                   rope_local_base_freq=local["rope_theta"], final_logit_softcapping=None,
+                   attn_logit_softcapping=None, attention_bias=False)
     if arch == "Phi3ForCausalLM":  # fused qkv_proj / gate_up_proj (megadistill.hf.weights.state_to_hf)
         rope["partial_rotary_factor"] = out["partial_rotary_factor"] = m.rope_fraction
         if m.rope_scaling == "longrope":

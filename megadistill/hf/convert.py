@@ -45,8 +45,8 @@ def _copy_tokenizer(src: Path, dst: Path) -> bool:
 
 def import_hf(ref: str, out_dir: str, dtype: str = "auto") -> Path:
     """Write a megadistill model dir (model.safetensors with our names, config.yaml, meta.json, tokenizer/) from a
-    local HF Qwen3 / Qwen2 / Llama / Mistral / Phi-3 / OLMo 2 folder. dtype auto keeps the stored dtype (bit-exact),
-    else casts per tensor."""
+    local HF folder of a supported family (megadistill.hf.config.ARCHITECTURES). dtype auto keeps the stored dtype
+    (bit-exact), else casts per tensor."""
     folder = hf_path(ref) if hf_path(ref) is not None else Path(ref)
     if dtype not in _DTYPES:
         raise UserError(f"--dtype {dtype!r} is not one of {list(_DTYPES)}")
@@ -54,7 +54,7 @@ def import_hf(ref: str, out_dir: str, dtype: str = "auto") -> Path:
     st = open_hf(folder, m)
     state = {}
     for name in _param_names(m):
-        h = hf_name(name)
+        h = hf_name(name, m)
         if h not in st:
             raise UserError(f"{folder}: tensor {h!r} (our {name}) is missing: does config.json match the weights?")
         t = st.read(h)
@@ -111,7 +111,7 @@ def export_hf(run_dir: str, out_dir: str, max_position: Optional[int] = None) ->
         hf.update(eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id, pad_token_id=tok.pad_token_id)
         write_json(out / "generation_config.json", {"eos_token_id": tok.eos_token_id,
                                                     "bos_token_id": tok.bos_token_id})
-    write_safetensors(state_to_hf(state, m.tie_embeddings, fused=fused_layout(hf)), out)
+    write_safetensors(state_to_hf(state, m.tie_embeddings, fused=fused_layout(hf), model_cfg=m), out)
     write_json(out / "config.json", hf)
     shutil.rmtree(out / ".consolidated", ignore_errors=True)
     return out

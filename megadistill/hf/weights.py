@@ -1,5 +1,5 @@
-"""Weights between our Transformer and HF Qwen3 / Qwen2 / Llama / Mistral / Phi-3 / OLMo 2 checkpoints: name map,
-streamed TP-sharded load, export."""
+"""Weights between our Transformer and HF Qwen3 / Qwen2 / Llama / Mistral / Phi-3 / OLMo 2 / Gemma 3 checkpoints: name
+map, streamed TP-sharded load, export."""
 from __future__ import annotations
 
 import json
@@ -29,6 +29,8 @@ _BLOCK = {"attn_norm.weight": "input_layernorm.weight", "ffn_norm.weight": "post
           # pre-FFN norm (our ffn_norm) and OLMo 2's post-attention one: our_name gives the first, pre-norm meaning
           "attn_out_norm.weight": "post_attention_layernorm.weight",
           "ffn_out_norm.weight": "post_feedforward_layernorm.weight"}
+# sandwich blocks (Gemma 3) name their pre-FFN norm apart from the post-attention one
+_SANDWICH = {"ffn_norm.weight": "pre_feedforward_layernorm.weight"}
 _GLOBAL = {"embed.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight",
            "head.weight": "lm_head.weight"}
 # Phi-3 / Phi-4 store Q, K, V as one matrix and gate, up as another (rows in this order); read as views of their rows
@@ -40,13 +42,14 @@ _HF_BLOCK_RE = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
 _VOCAB = ("embed.weight", "head.weight")
 
 
-def hf_name(ours: str) -> str:
-    """Our parameter name -> the HF checkpoint's tensor name."""
+def hf_name(ours: str, model_cfg=None) -> str:
+    """Our parameter name -> the HF checkpoint's tensor name (for the block layout of model_cfg, default pre-norm)."""
     if ours in _GLOBAL:
         return _GLOBAL[ours]
     m = _BLOCK_RE.match(ours)
-    if m and m.group(2) in _BLOCK:
-        return f"model.layers.{m.group(1)}.{_BLOCK[m.group(2)]}"
+    block = dict(_BLOCK, **(_SANDWICH if getattr(model_cfg, "norm_position", "pre") == "sandwich" else {}))
+    if m and m.group(2) in block:
+        return f"model.layers.{m.group(1)}.{block[m.group(2)]}"
     raise KeyError(f"no Hugging Face name for parameter {ours!r}")
 
 
@@ -57,7 +60,7 @@ def our_name(hf: str) -> Optional[str]:
         return inverse[hf]
     m = _HF_BLOCK_RE.match(hf)
     if m:
-        block = next((k for k, v in _BLOCK.items() if v == m.group(2)), None)
+        block = next((k for k, v in (*_BLOCK.items(), *_SANDWICH.items()) if v == m.group(2)), None)
         return f"blocks.{m.group(1)}.{block}" if block else None
     return None
 
@@ -99,7 +102,7 @@ def load_into(module: nn.Module, folder: Path, tp_rank: int = 0, tp_size: int = 
     """
     st = open_hf(folder, module.cfg) if hf_names else SafetensorsFolder(folder)
     params = dict(module.named_parameters())  # a tied head is the embedding: named once
-    wanted = {name: hf_name(name) if hf_names else name for name in params}
+    wanted = {name: hf_name(name, module.cfg) if hf_names else name for name in params}
     tied = "head.weight" not in params and "embed.weight" in params
     if not hf_names:
         unexpected = sorted(set(st.entries) - set(wanted.values()))
@@ -142,10 +145,11 @@ def load_into(module: nn.Module, folder: Path, tp_rank: int = 0, tp_size: int = 
     return read
 
 
-def state_to_hf(state: Dict[str, torch.Tensor], tied: bool, fused: bool = False) -> Dict[str, torch.Tensor]:
-    """Our full (consolidated) state dict -> HF names; a tied model stores only the embedding. fused: Q/K/V and
-    gate/up concatenated by rows into one matrix each (Phi-3's layout)."""
-    out = {hf_name(k): v for k, v in state.items()}
+def state_to_hf(state: Dict[str, torch.Tensor], tied: bool, fused: bool = False,
+                model_cfg=None) -> Dict[str, torch.Tensor]:
+    """Our full (consolidated) state dict -> HF names (model_cfg: the block layout); a tied model stores only the
+    embedding. fused: Q/K/V and gate/up concatenated by rows into one matrix each (Phi-3's layout)."""
+    out = {hf_name(k, model_cfg): v for k, v in state.items()}
     if tied:
         out.pop("lm_head.weight", None)
     if fused:

@@ -117,8 +117,11 @@ def rms_norm(x: torch.Tensor, gain: torch.Tensor, eps: float, kernels: str = "to
     return _RMSNormFn.apply(x, gain, eps)
 
 
-def swiglu(gate: torch.Tensor, up: torch.Tensor, kernels: str = "torch") -> torch.Tensor:
-    """silu(gate) * up, elementwise ([..., f/tp] each): the SwiGLU activation between W1 / W3 and W2."""
+def swiglu(gate: torch.Tensor, up: torch.Tensor, kernels: str = "torch", activation: str = "silu") -> torch.Tensor:
+    """act(gate) * up, elementwise ([..., f/tp] each): the gated activation between W1 / W3 and W2. silu: SwiGLU
+    (Liger's kernel under kernels=liger); gelu_tanh: GeGLU with tanh-approximated GELU (Gemma), our torch op."""
+    if activation == "gelu_tanh":
+        return F.gelu(gate, approximate="tanh") * up
     if kernels == "liger":
         return _liger()[1](gate, up)
     return F.silu(gate) * up

@@ -18,11 +18,12 @@ def ffn_width(d_model: int, multiple: int = 128) -> int:
 
 def non_embedding_params(n_layers: int, d_model: int, d_ff: int, n_heads: int, head_dim: int,
                          vocab_size: int = PAPER_VOCAB, qk_norm: bool = True, n_kv_heads: Optional[int] = None,
-                         qkv_bias: bool = False, qk_norm_full: bool = False) -> int:
+                         qkv_bias: bool = False, qk_norm_full: bool = False, block_norms: int = 2) -> int:
     """N as the paper counts it: every weight except the vocabulary matrices, norm gains included.
 
     Per block: attention 2 d (h hd) + 2 d (h_kv hd) (Q, O; K, V; h_kv = h without GQA, i.e. 4 d h hd), with
-    qkv_bias (Qwen2) (h + 2 h_kv) hd biases, SwiGLU 3 d d_ff, two pre-norm gains 2 d (post-norm: the same two), and
+    qkv_bias (Qwen2) (h + 2 h_kv) hd biases, SwiGLU 3 d d_ff, block_norms gains of d (pre- or post-norm: 2, sandwich
+    norms: 4), and
     with QK-norm two gains of size head_dim (shared by all heads; qk_norm_full, OLMo 2: (h + h_kv) hd, one per dim).
     Plus the final norm gain d. `vocab_size` is accepted for a uniform signature; it does not enter N.
     """
@@ -30,7 +31,7 @@ def non_embedding_params(n_layers: int, d_model: int, d_ff: int, n_heads: int, h
     kv = n_kv_heads or n_heads
     attn = 2 * d_model * (n_heads + kv) * head_dim + ((n_heads + 2 * kv) * head_dim if qkv_bias else 0)
     ffn = 3 * d_model * d_ff
-    norms = 2 * d_model + (((n_heads + kv) if qk_norm_full else 2) * head_dim if qk_norm else 0)
+    norms = block_norms * d_model + (((n_heads + kv) if qk_norm_full else 2) * head_dim if qk_norm else 0)
     return n_layers * (attn + ffn + norms) + d_model
 
 
@@ -103,10 +104,16 @@ def get_size(name: str) -> Dict[str, int]:
         raise KeyError(f"unknown size {name!r}; known: {', '.join(SIZES)}") from None
 
 
+def block_norms(model_cfg) -> int:
+    """Norm gains of d_model per block: 2 (pre- or post-norm), 4 (sandwich, Gemma 3)."""
+    return 4 if getattr(model_cfg, "norm_position", "pre") == "sandwich" else 2
+
+
 def params_of(model_cfg) -> Tuple[int, int]:
     """(N, N_total) of a resolved ModelConfig (any object with the shape fields and qk_norm)."""
     args = (model_cfg.n_layers, model_cfg.d_model, model_cfg.d_ff, model_cfg.n_heads, model_cfg.head_dim,
             model_cfg.vocab_size, getattr(model_cfg, "qk_norm", True), getattr(model_cfg, "n_kv_heads", 0) or None)
     n = non_embedding_params(*args, qkv_bias=bool(getattr(model_cfg, "qkv_bias", False)),
-                             qk_norm_full=getattr(model_cfg, "qk_norm_scope", "head") == "full")
+                             qk_norm_full=getattr(model_cfg, "qk_norm_scope", "head") == "full",
+                             block_norms=block_norms(model_cfg))
     return n, n + model_cfg.vocab_size * model_cfg.d_model  # total_params: N + one vocabulary matrix

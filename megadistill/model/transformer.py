@@ -1,11 +1,13 @@
 """The paper's decoder-only Transformer (MHA + QK-norm + RoPE, pre-norm RMSNorm, SwiGLU, untied head), TP-agnostic.
 
-Options for imported models (Qwen3 / Qwen2 / Llama / Mistral / Phi-3 / OLMo 2): GQA (n_kv_heads), QK-norm off or over
-all heads' dims, Q/K/V biases (qkv_bias), post-norm blocks, tied embeddings, RoPE scaling and partial RoPE, a sliding
-attention window.
+Options for imported models (Qwen3 / Qwen2 / Llama / Mistral / Phi-3 / OLMo 2 / Gemma 3): GQA (n_kv_heads), QK-norm
+off or over all heads' dims, Q/K/V biases (qkv_bias), post-norm and sandwich blocks, 1 + w norm gains, GeGLU, scaled
+embeddings and attention, tied embeddings, RoPE scaling and partial RoPE, a sliding attention window on all or some
+blocks (with a RoPE of their own).
 """
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -53,6 +55,9 @@ class Attention(nn.Module):
             raise UserError(f"model.n_kv_heads={n_kv} must divide model.n_heads={cfg.n_heads}")
         inner, kv_inner = cfg.n_heads * hd, n_kv * hd
         self.head_dim, self.backend, self.kernels = hd, cfg.attention, cfg.kernels
+        scale_dim = getattr(cfg, "attn_scale_dim", 0)
+        self.scale = 1.0 / math.sqrt(scale_dim) if scale_dim else None  # None: 1 / sqrt(head_dim)
+        offset = getattr(cfg, "norm_offset", 0.0)
         self.local_heads = factory.local(cfg.n_heads, "model.n_heads")
         self.local_kv_heads = factory.local(n_kv, "model.n_kv_heads")
         self.gqa = bool(n_kv != cfg.n_heads)  # a constant for SDPA's enable_gqa (see attention())
@@ -65,11 +70,11 @@ class Attention(nn.Module):
         self.wo = factory.row(inner, d, std_out)  # [h/tp hd] -> [d], all-reduce
         self.qk_norm_full = bool(cfg.qk_norm) and getattr(cfg, "qk_norm_scope", "head") == "full"
         if self.qk_norm_full:  # OLMo 2: RMSNorm over all heads' dims of q (and of k), a gain per dim, split over TP
-            self.q_norm = factory.width_sharded_norm(inner, cfg.norm_eps)
-            self.k_norm = factory.width_sharded_norm(kv_inner, cfg.norm_eps)
+            self.q_norm = factory.width_sharded_norm(inner, cfg.norm_eps, offset)
+            self.k_norm = factory.width_sharded_norm(kv_inner, cfg.norm_eps, offset)
         elif cfg.qk_norm:  # RMSNorm over head_dim, one learnable gain shared by all heads
-            self.q_norm = factory.sharded_input_norm(hd, cfg.norm_eps)
-            self.k_norm = factory.sharded_input_norm(hd, cfg.norm_eps)
+            self.q_norm = factory.sharded_input_norm(hd, cfg.norm_eps, offset)
+            self.k_norm = factory.sharded_input_norm(hd, cfg.norm_eps, offset)
         else:
             self.q_norm = self.k_norm = None
 
@@ -84,16 +89,17 @@ class Attention(nn.Module):
         if self.q_norm is not None and not self.qk_norm_full:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = kernels_mod.rope(q, k, cos, sin, self.kernels)  # liger: in place (q, k have no other reader)
-        o = attention(q, k, v, self.backend, mask, gqa=self.gqa)  # [b, s, h/tp, hd]
+        o = attention(q, k, v, self.backend, mask, self.scale, gqa=self.gqa)  # [b, s, h/tp, hd]
         return self.wo(o.reshape(b, s, self.local_heads * self.head_dim))  # [b, s, d]
 
 
 class SwiGLU(nn.Module):
-    """FFN(x) = W2 (silu(W1 x) * W3 x), three matrices, hidden width d_ff split over TP."""
+    """FFN(x) = W2 (silu(W1 x) * W3 x), three matrices, hidden width d_ff split over TP (model.activation=gelu_tanh:
+    GeGLU, gelu in place of silu)."""
 
     def __init__(self, cfg, d_ff: int, factory: LayerFactory):
         super().__init__()
-        d, self.kernels = cfg.d_model, cfg.kernels
+        d, self.kernels, self.activation = cfg.d_model, cfg.kernels, getattr(cfg, "activation", "silu")
         factory.local(d_ff, "model.d_ff")
         self.w1 = factory.column(d, d_ff, mup.init_std_for("hidden", d), copy_input=False)  # gate [d] -> [f/tp]
         self.w3 = factory.column(d, d_ff, mup.init_std_for("hidden", d), copy_input=False)  # up   [d] -> [f/tp]
@@ -102,34 +108,36 @@ class SwiGLU(nn.Module):
 
     def forward(self, x):
         gate, up = self.enter(x)  # [b, s, f/tp] each
-        return self.w2(kernels_mod.swiglu(gate, up, self.kernels))  # W2 (silu(W1 x) * W3 x): [b, s, d]
+        return self.w2(kernels_mod.swiglu(gate, up, self.kernels, self.activation))  # W2 (act(W1 x) * W3 x)
 
 
 class Block(nn.Module):
-    """Pre-norm block: x + Attn(RMSNorm(x)), then h + SwiGLU(RMSNorm(h)); with model.norm_position=post (OLMo 2)
-    x + RMSNorm(Attn(x)), then h + RMSNorm(SwiGLU(h)), the norms named attn_out_norm / ffn_out_norm."""
+    """Pre-norm block: x + Attn(RMSNorm(x)), then h + SwiGLU(RMSNorm(h)). model.norm_position=post (OLMo 2):
+    x + RMSNorm(Attn(x)), then h + RMSNorm(SwiGLU(h)), those norms named attn_out_norm / ffn_out_norm; sandwich
+    (Gemma 3): both, x + RMSNorm(Attn(RMSNorm(x)))."""
 
     def __init__(self, cfg, d_ff: int, factory: LayerFactory):
         super().__init__()
-        self.post_norm = getattr(cfg, "norm_position", "pre") == "post"
-        if not self.post_norm:
-            self.attn_norm = factory.norm(cfg.d_model, cfg.norm_eps)
+        position, d, eps, offset = getattr(cfg, "norm_position", "pre"), cfg.d_model, cfg.norm_eps, \
+            getattr(cfg, "norm_offset", 0.0)
+        self.pre_norm, self.post_norm = position in ("pre", "sandwich"), position in ("post", "sandwich")
+        if self.pre_norm:
+            self.attn_norm = factory.norm(d, eps, offset)
         self.attn = Attention(cfg, factory)
         if self.post_norm:
-            self.attn_out_norm = factory.norm(cfg.d_model, cfg.norm_eps)
-        else:
-            self.ffn_norm = factory.norm(cfg.d_model, cfg.norm_eps)
+            self.attn_out_norm = factory.norm(d, eps, offset)
+        if self.pre_norm:
+            self.ffn_norm = factory.norm(d, eps, offset)
         self.ffn = SwiGLU(cfg, d_ff, factory)
         if self.post_norm:
-            self.ffn_out_norm = factory.norm(cfg.d_model, cfg.norm_eps)
+            self.ffn_out_norm = factory.norm(d, eps, offset)
         use_kernels(self, cfg.kernels)
 
     def forward(self, x, cos, sin, mask: Optional[AttnMask]):
-        if self.post_norm:  # the residual stream is never normalised, each sublayer's output is
-            h = x + self.attn_out_norm(self.attn(x, cos, sin, mask))  # [b, s, d]
-            return h + self.ffn_out_norm(self.ffn(h))
-        h = x + self.attn(self.attn_norm(x), cos, sin, mask)  # [b, s, d]
-        return h + self.ffn(self.ffn_norm(h))
+        a = self.attn(self.attn_norm(x) if self.pre_norm else x, cos, sin, mask)  # [b, s, d]
+        h = x + (self.attn_out_norm(a) if self.post_norm else a)
+        f = self.ffn(self.ffn_norm(h) if self.pre_norm else h)
+        return h + (self.ffn_out_norm(f) if self.post_norm else f)
 
 
 class Transformer(nn.Module):
@@ -154,14 +162,20 @@ class Transformer(nn.Module):
         self.cfg, self.tp_size = cfg, factory.tp_size
         self.vocab_size, self.local_vocab = vocab, factory.local(vocab, "model.vocab_size")
         self.embed = factory.embedding(vocab, d, mup.init_std_for("embedding"))  # [V/tp, d]
+        self.embed_scale = float(getattr(cfg, "embed_scale", 1.0))
         self.blocks = nn.ModuleList(Block(cfg, d_ff, factory) for _ in range(cfg.n_layers))
-        self.norm = factory.norm(d, cfg.norm_eps)
+        self.norm = factory.norm(d, cfg.norm_eps, getattr(cfg, "norm_offset", 0.0))
         self.sequence_shards = factory.sequence_shards  # > 1: the residual stream is cut along the sequence
         self.gather_sequence = factory.sequence_output()  # [b, s/tp, d] -> [b, s, d]; identity otherwise
         self.head = factory.head(d, vocab, mup.init_std_for("head", d))  # [V/tp, d]
         # tied: embedding rows and head rows are split alike over TP ([V/tp, d] each), one parameter serves both
         self.tie_weights()
         self.rope = Rotary(cfg.rotary_dim, cfg.rope_base, RopeScaling.of(cfg))  # partial RoPE: rotary_dim < head_dim
+        # which blocks attend through the sliding window; those may have RoPE of their own (Gemma 3's local base)
+        window = getattr(cfg, "sliding_window", 0)
+        self.layer_kinds = list(getattr(cfg, "layer_types", None) or ["sliding" if window else "full"] * cfg.n_layers)
+        local_base = getattr(cfg, "rope_local_base", 0.0)
+        self.local_rope = Rotary(cfg.rotary_dim, local_base) if local_base else self.rope
         use_kernels(self, cfg.kernels)
         self._tag_roles()
 
@@ -203,10 +217,16 @@ class Transformer(nn.Module):
                             "parallel.sequence_parallel=true cuts the sequence into tp_size slices; use a train.seq_len "
                             "that tp_size divides, or parallel.sequence_parallel=false")
         x = self.embed(input_ids)  # [b, s, d], or [b, s/tp, d] (this rank's slice) under sequence parallelism
-        cos, sin = self.rope(s, x.device, x.dtype)  # [s, hd]
-        # documents and the sliding window (Mistral, Phi-3), built once for all layers; None: plain causal
-        mask = build_mask(doc_ids, self.cfg.attention, s, getattr(self.cfg, "sliding_window", 0), x.device)
+        if self.embed_scale != 1.0:  # Gemma: x sqrt(d), the factor rounded to the activations' dtype as HF does
+            x = x * torch.tensor(self.embed_scale, dtype=x.dtype)
+        # per kind of block: RoPE tables [s, hd] and the mask (documents, and the window for sliding blocks), built
+        # once for all layers; mask None: plain causal
+        window = getattr(self.cfg, "sliding_window", 0)
+        inputs = {kind: (*(self.local_rope if kind == "sliding" else self.rope)(s, x.device, x.dtype),
+                         build_mask(doc_ids, self.cfg.attention, s, window if kind == "sliding" else 0, x.device))
+                  for kind in sorted(set(self.layer_kinds))}
         for i, block in enumerate(self.blocks):
+            cos, sin, mask = inputs[self.layer_kinds[i]]
             if self._checkpointed(i):
                 # recompute the block in backward (its collectives too, in the same order on every TP rank)
                 x = checkpoint(block, x, cos, sin, mask, use_reentrant=False)

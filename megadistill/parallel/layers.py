@@ -152,19 +152,26 @@ class RMSNorm(nn.Module):
     With `group` set, the input is sharded over TP (e.g. QK-norm over the heads of this rank) while g is shared by
     all heads: each rank then sees only part of dL/dg, so g passes through copy_to_tp_region and its gradient is
     summed over the group, keeping the replicas identical. `kernels`: model.kernels (torch | liger, see
-    megadistill.model.kernels); the Transformer sets it on all its norms from its config.
+    megadistill.model.kernels); the Transformer sets it on all its norms from its config. `offset`: the gain is
+    offset + w (Gemma's 1 + w, model.norm_offset), summed in fp32; w starts at 1 - offset.
     """
 
-    def __init__(self, dim: int, eps: float = 1e-5, group=None, device=None, dtype=None, kernels: str = "torch"):
+    def __init__(self, dim: int, eps: float = 1e-5, group=None, device=None, dtype=None, kernels: str = "torch",
+                 offset: float = 0.0):
         super().__init__()
-        self.eps, self.group, self.kernels = eps, group, kernels
-        self.weight = nn.Parameter(torch.ones(dim, device=device, dtype=dtype or torch.float32))
+        self.eps, self.group, self.kernels, self.offset = eps, group, kernels, float(offset)
+        self.weight = nn.Parameter(torch.full((dim,), 1.0 - self.offset, device=device, dtype=dtype or torch.float32))
+
+    def gain(self) -> torch.Tensor:
+        w = copy_to_tp_region(self.weight, self.group)
+        return w if not self.offset else w.float() + self.offset
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return rms_norm(x, copy_to_tp_region(self.weight, self.group), self.eps, self.kernels)  # gain applied in fp32
+        return rms_norm(x, self.gain(), self.eps, self.kernels)  # gain applied in fp32
 
     def extra_repr(self) -> str:
-        return f"{self.weight.shape[0]}, eps={self.eps}, tp_input={self.group is not None}"
+        return (f"{self.weight.shape[0]}, eps={self.eps}, tp_input={self.group is not None}"
+                + (f", offset={self.offset}" if self.offset else ""))
 
 
 class WidthShardedRMSNorm(RMSNorm):
@@ -172,16 +179,16 @@ class WidthShardedRMSNorm(RMSNorm):
     [r w/tp, (r+1) w/tp) of the input and the same slice of the gain (one per dim, init 1, sharded like the columns).
     The mean of squares spans the whole width: each rank's sum of squares is summed over TP (sum_in_tp_region)."""
 
-    def __init__(self, width: int, eps: float = 1e-5, group=None, device=None, dtype=None):
+    def __init__(self, width: int, eps: float = 1e-5, group=None, device=None, dtype=None, offset: float = 0.0):
         super().__init__(divide(width, group_size(group), f"a norm over {width} sharded dims"), eps, None, device,
-                         dtype)
+                         dtype, offset=offset)
         self.width, self.tp_group = width, group
         mark_tensor_parallel(self.weight, 0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         xf = x.float()  # [..., w/tp]; normalised and scaled in fp32, cast back (as rms_norm does)
         total = sum_in_tp_region(xf.pow(2).sum(-1, keepdim=True), self.tp_group)  # [..., 1]: sum over all w dims
-        return (xf * torch.rsqrt(total / self.width + self.eps) * self.weight.float()).to(x.dtype)
+        return (xf * torch.rsqrt(total / self.width + self.eps) * self.gain().float()).to(x.dtype)
 
     def extra_repr(self) -> str:
         return f"{self.width} (this rank: {self.weight.shape[0]}), eps={self.eps}"
@@ -302,16 +309,16 @@ class LayerFactory:
         full-sequence output of `sequence_output` under sequence parallelism)."""
         return ColumnParallelLinear(dim, vocab_size, self.group, init_std, False, self.device, self.dtype)
 
-    def norm(self, dim: int, eps: float = 1e-5) -> RMSNorm:
+    def norm(self, dim: int, eps: float = 1e-5, offset: float = 0.0) -> RMSNorm:
         """RMSNorm over the residual stream: replicated, or this rank's sequence slice under sequence parallelism
         (then its gain's grad is summed over TP, like the QK-norm's)."""
-        return RMSNorm(dim, eps, self.group if self.sequence_parallel else None, self.device, self.dtype)
+        return RMSNorm(dim, eps, self.group if self.sequence_parallel else None, self.device, self.dtype, offset=offset)
 
-    def sharded_input_norm(self, dim: int, eps: float = 1e-5) -> RMSNorm:
+    def sharded_input_norm(self, dim: int, eps: float = 1e-5, offset: float = 0.0) -> RMSNorm:
         """RMSNorm whose gain is shared by inputs sharded over TP (per-head QK-norm); its grad is summed over TP."""
-        return RMSNorm(dim, eps, self.group, self.device, self.dtype)
+        return RMSNorm(dim, eps, self.group, self.device, self.dtype, offset=offset)
 
-    def width_sharded_norm(self, width: int, eps: float = 1e-5) -> WidthShardedRMSNorm:
+    def width_sharded_norm(self, width: int, eps: float = 1e-5, offset: float = 0.0) -> WidthShardedRMSNorm:
         """RMSNorm over `width` dims split over TP like a column-parallel output (full-width QK-norm): [..., w/tp]."""
-        return WidthShardedRMSNorm(width, eps, self.group, self.device, self.dtype)
+        return WidthShardedRMSNorm(width, eps, self.group, self.device, self.dtype, offset)
 

@@ -11,6 +11,7 @@ from typing import Dict, List, Optional, Union
 
 from megadistill.config import Config, ModelConfig, grad_dtypes
 from megadistill.errors import UserError
+from megadistill.model.sizes import block_norms
 from megadistill.train.engine import zero_stage_at
 
 GIB = 2 ** 30
@@ -102,7 +103,7 @@ def rank_params(m: ModelConfig, tp: int) -> Dict[str, int]:
     kv = m.n_kv_heads or m.n_heads
     hidden = m.n_layers * (2 * m.d_model * (m.n_heads + kv) * m.head_dim + 3 * m.d_model * m.d_ff) // tp
     full_qk = m.qk_norm and m.qk_norm_scope == "full"
-    norms = m.n_layers * (2 * m.d_model + (2 * m.head_dim if m.qk_norm and not full_qk else 0)) + m.d_model
+    norms = m.n_layers * (block_norms(m) * m.d_model + (2 * m.head_dim if m.qk_norm and not full_qk else 0)) + m.d_model
     norms += m.n_layers * (m.n_heads + kv) * m.head_dim // tp if full_qk else 0
     norms += m.n_layers * (m.n_heads + 2 * kv) * m.head_dim // tp if m.qkv_bias else 0  # Q/K/V biases, split
     vocab = m.vocab_size * m.d_model // tp  # each of embedding and head (one matrix when tied)
@@ -123,12 +124,15 @@ def activation_bytes_per_token(m: ModelConfig, tp: int, wb: int, sequence_parall
     Sequence parallelism: the two norms keep only this rank's sequence slice of their input (wb d/tp each, and
     their rsqrt), and so do the column matmuls (megadistill.parallel.mappings.columns_entry keeps the slice of the
     norm output and all-gathers it again in backward): 4 wb d becomes 4 wb d/tp.
+    Post-norm blocks (OLMo 2) keep the same: each norm's input is a sublayer output, the matmuls' input the residual
+    stream. Sandwich blocks (Gemma 3) add two norms on sublayer outputs: 2 wb d (/tp under SP) and their rsqrt.
     """
     d, f, h = m.d_model, m.d_ff, m.n_heads
     q, kv = h * m.head_dim, (m.n_kv_heads or h) * m.head_dim  # = d, d without GQA (the paper's sizes)
     s = tp if sequence_parallel else 1  # slices of the residual stream
-    per = 4 * wb * d / s + 3 * wb * (q + kv) / tp + 4 * wb * f / tp
-    return per + 4 * (2 / s + 3 * h / tp)  # fp32 rsqrt of the four norms and the attention log-sum-exp
+    extra = block_norms(m) - 2  # norms beyond the two of a pre- / post-norm block
+    per = (4 + 2 * extra) * wb * d / s + 3 * wb * (q + kv) / tp + 4 * wb * f / tp
+    return per + 4 * ((2 + extra) / s + 3 * h / tp)  # fp32 rsqrt of the norms and the attention log-sum-exp
 
 
 def checkpointed_blocks(n_layers: int, checkpointing: str, every_k: int = 2) -> int:
