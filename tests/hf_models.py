@@ -53,12 +53,21 @@ def make_hf(folder, family="qwen3", n_kv_heads=2, tied=False, vocab=128, seed=0,
     elif family == "olmo2":  # q_norm [4 x 16], k_norm [n_kv x 16]; post_attention / post_feedforward norms only
         model = Olmo2ForCausalLM(Olmo2Config(rope_theta=500000.0, rms_norm_eps=1e-6, pad_token_id=0, eos_token_id=1,
                                              **common))
-    elif family == "gemma3":  # query_pre_attn_scalar != head_dim, so the attention scale is checked too
+    elif family in ("gemma3", "gemma3_mm"):  # query_pre_attn_scalar != head_dim: the attention scale is checked too
         kinds = ["sliding_attention", "full_attention"] * (n_layers // 2) + ["sliding_attention"] * (n_layers % 2)
-        model = Gemma3ForCausalLM(Gemma3TextConfig(
+        text = Gemma3TextConfig(
             head_dim=16, query_pre_attn_scalar=24, sliding_window=GEMMA3_WINDOW, rms_norm_eps=1e-6, layer_types=kinds,
             rope_parameters={k: dict(v) for k, v in GEMMA3_ROPE.items()}, pad_token_id=0, eos_token_id=1,
-            bos_token_id=2, **common))
+            bos_token_id=2, **common)
+        if family == "gemma3":
+            model = Gemma3ForCausalLM(text)
+        else:  # Gemma 3 4B-27B's layout: a vision tower beside the text model, the text config nested
+            from transformers import Gemma3Config, Gemma3ForConditionalGeneration, SiglipVisionConfig
+            vision = SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                        num_attention_heads=2, image_size=28, patch_size=14)
+            model = Gemma3ForConditionalGeneration(Gemma3Config(
+                text_config=text.to_dict(), vision_config=vision.to_dict(), mm_tokens_per_image=4,
+                boi_token_index=vocab - 8, eoi_token_index=vocab - 7, image_token_index=vocab - 6))
     elif family == "mistral":
         model = MistralForCausalLM(MistralConfig(head_dim=20, rope_theta=10000.0, rms_norm_eps=1e-5,
                                                  sliding_window=MISTRAL_WINDOW, **common))

@@ -302,6 +302,31 @@ def test_sliding_window_student_trains_past_its_window_and_exports(hf_dirs, tmp_
     assert exported["architectures"] == ["MistralForCausalLM"] and exported["sliding_window"] == MISTRAL_WINDOW
 
 
+def test_gemma3_multimodal_checkpoint_is_a_text_teacher(tmp_path):
+    """Gemma 3 4B-27B ship as Gemma3ForConditionalGeneration: its text model (text_config, which on the hub omits keys
+    at Gemma3TextConfig's defaults; tensors under language_model.model.*) is the teacher, the vision tower unread.
+    Logits equal the multimodal model's on text at TP=1; import writes the text model only."""
+    from transformers import AutoModelForImageTextToText, Gemma3TextConfig
+
+    from megadistill.hf.config import GEMMA3_TEXT_DEFAULTS
+    folder = tmp_path / "gemma3_mm"
+    make_hf(folder, "gemma3_mm", 2, True, seed=5)
+    cfg = json.loads((folder / "config.json").read_text())
+    for key in ("rms_norm_eps", "hidden_activation", "tie_word_embeddings"):  # at their defaults: dropped (hub)
+        cfg["text_config"].pop(key)
+    (folder / "config.json").write_text(json.dumps(cfg))
+    hf = AutoModelForImageTextToText.from_pretrained(str(folder)).eval()
+    teacher = _load(_teacher_cfg(tmp_path, folder))
+    assert teacher.model_cfg.norm_position == "sandwich" and teacher.model_cfg.tie_embeddings
+    with torch.no_grad():
+        assert_close(teacher.module(IDS), hf_logits(hf, IDS))
+    assert main(["import", f"hf:{folder}", "-o", str(tmp_path / "imported")]) == 0
+    from safetensors.torch import load_file
+    assert not [k for k in load_file(str(tmp_path / "imported" / "model.safetensors")) if "vision" in k]
+    defaults = Gemma3TextConfig()  # the table text_config is completed from is transformers' own defaults
+    assert {k: getattr(defaults, k) for k in GEMMA3_TEXT_DEFAULTS} == GEMMA3_TEXT_DEFAULTS
+
+
 def test_qwen2_use_sliding_window_windows_the_last_blocks(hf_dirs, tmp_path):
     """Qwen2 / Qwen3 with use_sliding_window=true window the blocks from max_window_layers on (transformers' rule):
     imported as model.layer_types, logits equal transformers' past the window."""

@@ -25,6 +25,13 @@ GEMMA3 = {"norm_position": "sandwich", "norm_offset": 1.0}
 ACTIVATIONS = {"silu": "silu", "gelu_pytorch_tanh": "gelu_tanh"}  # transformers' name -> model.activation
 LAYER_TYPES = {"sliding_attention": "sliding", "full_attention": "full"}
 TIED_BY_DEFAULT = ("gemma3_text",)  # transformers' default when config.json has no tie_word_embeddings
+# Gemma 3 4B-27B ship as Gemma3ForConditionalGeneration: the text model's config is `text_config`, which lists only
+# the keys that differ from Gemma3TextConfig's defaults (these; tests/test_hf_interop.py checks them against it)
+MULTIMODAL = {"Gemma3ForConditionalGeneration": "Gemma3ForCausalLM"}
+GEMMA3_TEXT_DEFAULTS = {"vocab_size": 262208, "hidden_size": 2304, "intermediate_size": 9216, "num_hidden_layers": 26,
+                        "num_attention_heads": 8, "num_key_value_heads": 4, "head_dim": 256,
+                        "query_pre_attn_scalar": 256, "rms_norm_eps": 1e-6, "sliding_window": 4096,
+                        "hidden_activation": "gelu_pytorch_tanh", "max_position_embeddings": 131072}
 WINDOWED = ("mistral", "phi3")  # sliding_window applies whenever set (Qwen2/3: only with use_sliding_window)
 HF_PREFIX = "hf:"
 
@@ -140,10 +147,17 @@ def _gemma3_rope(hf: Dict, where: str) -> Tuple[Dict, float]:
 def to_model_config(hf: Dict, where: str = "config.json") -> ModelConfig:
     """A resolved, validated ModelConfig computing the same function as the HF model described by `hf`."""
     archs = hf.get("architectures") or []
+    wrapper = next((a for a in archs if a in MULTIMODAL), None)
+    if wrapper is not None:  # its text model, whose weights megadistill.hf.weights.open_hf reads under the same names
+        text = dict(GEMMA3_TEXT_DEFAULTS, **(hf.get("text_config") or {}))
+        text.setdefault("tie_word_embeddings", hf.get("tie_word_embeddings", True))
+        return to_model_config(dict(text, architectures=[MULTIMODAL[wrapper]], model_type="gemma3_text"),
+                               f"{where} (text_config of {wrapper})")
     arch = next((a for a in archs if a in ARCHITECTURES), None)
     if arch is None:
         raise UserError(f"{where}: architecture {archs or hf.get('model_type')!r} is not supported; supported: "
-                        f"{sorted(ARCHITECTURES)} (convert the model, or distil from a megadistill run)")
+                        f"{sorted(ARCHITECTURES) + sorted(MULTIMODAL)} (convert the model, or distil from a "
+                        "megadistill run)")
     model_type, qk_norm, qkv_bias = ARCHITECTURES[arch]
     if hf.get("model_type", model_type) != model_type:
         raise UserError(f"{where}: model_type={hf.get('model_type')!r} contradicts architectures={archs}")

@@ -112,6 +112,14 @@ class SafetensorsFolder:
             self.entries[part] = Entry(e.file, e.dtype, (rows, e.shape[1]), e.start + offset * row, rows * row)
             offset += rows
 
+    def rename_prefix(self, old: str, new: str) -> int:
+        """Tensors named old... answer to new... instead (a text model inside a multimodal checkpoint); returns how
+        many were renamed."""
+        names = [k for k in self.entries if k.startswith(old)]
+        for k in names:
+            self.entries[new + k[len(old):]] = self.entries.pop(k)
+        return len(names)
+
     def __contains__(self, name: str) -> bool:
         return name in self.entries
 

@@ -37,6 +37,8 @@ _GLOBAL = {"embed.weight": "model.embed_tokens.weight", "norm.weight": "model.no
 _FUSED = {"self_attn.qkv_proj.weight": ("self_attn.q_proj.weight", "self_attn.k_proj.weight",
                                         "self_attn.v_proj.weight"),
           "mlp.gate_up_proj.weight": ("mlp.gate_proj.weight", "mlp.up_proj.weight")}
+# a multimodal checkpoint's text model (Gemma3ForConditionalGeneration) under its causal LM's names
+_TEXT_TOWER = {"language_model.model.": "model.", "language_model.lm_head.": "lm_head."}
 _BLOCK_RE = re.compile(r"^blocks\.(\d+)\.(.+)$")
 _HF_BLOCK_RE = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
 _VOCAB = ("embed.weight", "head.weight")
@@ -82,8 +84,11 @@ def full_shape(m, name: str) -> tuple:
 
 def open_hf(folder: Path, model_cfg) -> SafetensorsFolder:
     """The checkpoint's tensors under the per-projection names: fused Q/K/V and gate/up matrices (Phi-3) are split
-    into row views sized by model_cfg (a ModelConfig of this checkpoint)."""
+    into row views sized by model_cfg (a ModelConfig of this checkpoint); a multimodal checkpoint's text model is read
+    under its causal LM's names."""
     st = SafetensorsFolder(folder)
+    for old, new in _TEXT_TOWER.items():  # the vision tower's tensors keep their names and are not read
+        st.rename_prefix(old, new)
     for name in list(st.entries):
         m = _HF_BLOCK_RE.match(name)
         if m and m.group(2) in _FUSED:
