@@ -91,6 +91,8 @@ class ModelConfig:
     layer_types: List[str] = field(default_factory=list)  # per block "sliding" (windowed) or "full" (Gemma 3: 5 of
     # every 6 sliding; Qwen2 with use_sliding_window); empty: every block sliding when sliding_window > 0
     rope_local_base: float = 0.0  # RoPE theta of the sliding blocks, unscaled (Gemma 3: 10000); 0: as the full ones
+    nope_blocks: List[int] = field(default_factory=list)  # blocks (0-based) without RoPE: no positional encoding
+    # (SmolLM3: every 4th)
     attention: str = "sdpa"  # flash | sdpa | eager
     kernels: str = "torch"  # torch | liger: RMSNorm, SwiGLU and RoPE as our torch ops or Liger-Kernel's Triton kernels
     # (CUDA + pip install liger-kernel; checked when the model is built)
@@ -167,6 +169,10 @@ class ModelConfig:
             raise ConfigError(f"{prefix}.attn_scale_dim={self.attn_scale_dim} must be >= 0 (0 = head_dim)")
         if self.rope_local_base < 0:
             raise ConfigError(f"{prefix}.rope_local_base={self.rope_local_base} must be >= 0 (0 = rope_base)")
+        nope = list(self.nope_blocks)
+        if len(set(nope)) != len(nope) or not all(isinstance(i, int) and 0 <= i < self.n_layers for i in nope):
+            raise ConfigError(f"{prefix}.nope_blocks={nope} must list distinct block indices in [0, {self.n_layers}) "
+                              "(model.n_layers)")
         if self.layer_types:
             kinds = list(self.layer_types)
             if len(kinds) != self.n_layers or not set(kinds) <= {"sliding", "full"}:
@@ -188,6 +194,7 @@ HF_SHAPE_KEYS = ("n_layers", "d_model", "n_heads", "n_kv_heads", "head_dim", "d_
                  "rope_beta_fast", "rope_beta_slow", "rope_truncate",
                  "rope_fraction", "norm_eps", "qk_norm", "qk_norm_scope", "norm_position", "norm_offset", "activation",
                  "embed_scale", "attn_scale_dim", "qkv_bias", "sliding_window", "layer_types", "rope_local_base",
+                 "nope_blocks",
                  "tie_embeddings")
 
 

@@ -64,6 +64,7 @@ def test_teacher_logits_equal_transformers_tp1(hf_dirs, tmp_path, name):
     olmo2 = family == "olmo2"  # post-norm blocks, QK-norm gains over all heads' dims (split over TP like the heads)
     assert (m.norm_position, m.qk_norm_scope) == (("post", "full") if olmo2 else
                                                   ("sandwich", "head") if family == "gemma3" else ("pre", "head"))
+    assert m.nope_blocks == ([1] if family == "smollm3" else [])
     if family == "gemma3":  # 1 + w gains, GeGLU, x sqrt(64) embeddings, query_pre_attn_scalar, per-block windows
         assert (m.norm_offset, m.activation, m.embed_scale, m.attn_scale_dim) == (1.0, "gelu_tanh", 8.0, 24)
         assert (m.layer_types, m.rope_local_base, m.rope_factor) == (["sliding", "full"], 10000.0, 8.0)
@@ -349,7 +350,8 @@ def test_qwen2_use_sliding_window_windows_the_last_blocks(hf_dirs, tmp_path):
     {"qk_norm": False, "sliding_window": 8},  # Mistral
     {"norm_position": "sandwich", "norm_offset": 1.0, "activation": "gelu_tanh", "embed_scale": 8.0,
      "sliding_window": 8, "layer_types": ["sliding", "sliding", "full"], "tie_embeddings": True},  # Gemma 3, one RoPE
-], ids=["qwen2_last_blocks", "qwen3_all_blocks", "mistral", "gemma3_shared_rope"])
+    {"qk_norm": False, "nope_blocks": [0, 2], "sliding_window": 8, "layer_types": ["sliding", "full", "sliding"]},
+], ids=["qwen2_last_blocks", "qwen3_all_blocks", "mistral", "gemma3_shared_rope", "smollm3_windowed_nope"])
 def test_exported_config_is_our_function_in_transformers(tmp_path, over):
     """Our model with random weights (norm gains too), written as export writes it (from_model_config + state_to_hf),
     loads in transformers with equal logits on sequences 3x the window; import reads the same config back."""
@@ -378,7 +380,8 @@ def test_exported_config_is_our_function_in_transformers(tmp_path, over):
         theirs = hf_logits(hf, IDS)
         assert_close(ours(IDS), theirs, rtol=1e-5, atol=1e-5 * float(theirs.abs().max()))  # fp32 round-off only
     back = to_model_config(hf_cfg)
-    for key in ("sliding_window", "layer_types", "norm_position", "norm_offset", "activation", "qkv_bias", "qk_norm"):
+    for key in ("sliding_window", "layer_types", "norm_position", "norm_offset", "activation", "qkv_bias", "qk_norm",
+                "nope_blocks"):
         assert getattr(back, key) == getattr(m, key), key
 
 
@@ -396,11 +399,11 @@ def test_export_refuses_models_no_hf_architecture_computes():
                        ({"qk_norm_scope": "full"}, "without the other"),
                        ({"norm_position": "post", "qk_norm": False}, "without the other"),
                        ({"sliding_window": 16, "norm_position": "post", "qk_norm_scope": "full"},
-                        "a sliding window on this architecture"),
+                        "this sliding window"),
                        ({"qk_norm": False, "qkv_bias": True, "sliding_window": 8, "layer_types": ["sliding", "full"]},
                         "windows on blocks other than the last ones"),
                        ({"qk_norm": False, "sliding_window": 8, "layer_types": ["sliding", "full"]},
-                        "a window on some blocks only for a Llama / Mistral model"),
+                        "this sliding window"),
                        ({"norm_position": "sandwich"}, "part of Gemma 3's block without the rest"),
                        ({"activation": "gelu_tanh"}, "part of Gemma 3's block without the rest"),
                        ({"norm_position": "post", "qk_norm_scope": "full", "qkv_bias": True}, "more than one of")]:

@@ -251,7 +251,8 @@ def tp2_worker(rank, world):
                          activation_checkpointing="full")
     # a sliding window (Mistral, Phi-3) of 6 of the 16 tokens, with documents, under SP: the mask spans the gathered
     # sequence, not this rank's slice
-    check_model_vs_dense(groups, True, sequence_parallel=True, sliding_window=6, qk_norm=False, n_kv_heads=2)
+    check_model_vs_dense(groups, True, sequence_parallel=True, sliding_window=6, qk_norm=False, n_kv_heads=2,
+                         nope_blocks=[0])  # and SmolLM3's block without RoPE
     # OLMo 2: post-norm blocks and a QK-norm over all heads' dims (sum of squares summed over TP), with and without SP
     check_model_vs_dense(groups, False, norm_position="post", qk_norm_scope="full", n_kv_heads=2)
     check_model_vs_dense(groups, True, sequence_parallel=True, norm_position="post", qk_norm_scope="full",

@@ -1,5 +1,5 @@
-"""Hugging Face config.json (Qwen3 / Qwen2 / Llama / Mistral / Phi-3 / OLMo 2 / Gemma 3) <-> our ModelConfig, with a
-named error for anything we cannot run."""
+"""Hugging Face config.json (Qwen3 / Qwen2 / Llama / Mistral / Phi-3 / OLMo 2 / Gemma 3 / SmolLM3) <-> our ModelConfig,
+with a named error for anything we cannot run."""
 from __future__ import annotations
 
 import json
@@ -17,14 +17,14 @@ from megadistill.errors import UserError
 ARCHITECTURES = {"Qwen3ForCausalLM": ("qwen3", True, False), "Qwen2ForCausalLM": ("qwen2", False, True),
                  "LlamaForCausalLM": ("llama", False, False), "MistralForCausalLM": ("mistral", False, False),
                  "Phi3ForCausalLM": ("phi3", False, False), "Olmo2ForCausalLM": ("olmo2", True, False),
-                 "Gemma3ForCausalLM": ("gemma3_text", True, False)}
+                 "Gemma3ForCausalLM": ("gemma3_text", True, False), "SmolLM3ForCausalLM": ("smollm3", False, False)}
 OLMO2 = {"norm_position": "post", "qk_norm_scope": "full"}
 # Gemma 3 (text): norms before and after each sublayer with gains 1 + w, GeGLU, embeddings x sqrt(d), attention scaled
 # by query_pre_attn_scalar, 5 of every 6 blocks windowed with RoPE of their own (base 10000, unscaled)
 GEMMA3 = {"norm_position": "sandwich", "norm_offset": 1.0}
 ACTIVATIONS = {"silu": "silu", "gelu_pytorch_tanh": "gelu_tanh"}  # transformers' name -> model.activation
 LAYER_TYPES = {"sliding_attention": "sliding", "full_attention": "full"}
-TIED_BY_DEFAULT = ("gemma3_text",)  # transformers' default when config.json has no tie_word_embeddings
+TIED_BY_DEFAULT = ("gemma3_text", "smollm3")  # transformers' default when config.json has no tie_word_embeddings
 # Gemma 3 4B-27B ship as Gemma3ForConditionalGeneration: the text model's config is `text_config`, which lists only
 # the keys that differ from Gemma3TextConfig's defaults (these; tests/test_hf_interop.py checks them against it)
 MULTIMODAL = {"Gemma3ForConditionalGeneration": "Gemma3ForCausalLM"}
@@ -102,14 +102,17 @@ def _rope(hf: Dict, where: str) -> Dict:
 
 def _windows(hf: Dict, model_type: str, where: str) -> Tuple[int, List[str]]:
     """(sliding window, per-block kinds: [] when every block is alike) as transformers reads them: Mistral / Phi-3
-    window every block; Qwen2 / Qwen3 with use_sliding_window the blocks from max_window_layers on; Gemma 3 those
-    its layer_types (or its sliding_window_pattern, every 6th full) name sliding."""
+    window every block; Qwen2 / Qwen3 with use_sliding_window the blocks from max_window_layers on, SmolLM3 with it
+    its NoPE blocks; Gemma 3 those its layer_types (or its sliding_window_pattern, every 6th full) name sliding."""
     n = int(hf.get("num_hidden_layers", 0))
     if model_type in WINDOWED:
         return int(hf.get("sliding_window") or 0), []
     if model_type in ("qwen2", "qwen3") and hf.get("use_sliding_window") and hf.get("sliding_window"):
         first = int(hf.get("max_window_layers", n))
         types = hf.get("layer_types") or ["sliding_attention" if i >= first else "full_attention" for i in range(n)]
+    elif model_type == "smollm3" and hf.get("use_sliding_window") and hf.get("sliding_window"):
+        nope = set(_nope_blocks(hf, model_type))
+        types = hf.get("layer_types") or ["sliding_attention" if i in nope else "full_attention" for i in range(n)]
     elif model_type == "gemma3_text" and hf.get("sliding_window"):
         pattern = int(hf.get("sliding_window_pattern", 6))
         types = hf.get("layer_types") or ["sliding_attention" if (i + 1) % pattern else "full_attention"
@@ -123,6 +126,17 @@ def _windows(hf: Dict, model_type: str, where: str) -> Tuple[int, List[str]]:
     if "sliding" not in kinds:
         return 0, []
     return int(hf["sliding_window"]), ([] if set(kinds) == {"sliding"} else kinds)
+
+
+def _nope_blocks(hf: Dict, model_type: str) -> List[int]:
+    """SmolLM3's blocks without RoPE: no_rope_layers flags each block 1 (RoPE) or 0 (none); absent, every
+    no_rope_layer_interval-th block (default 4) has none."""
+    if model_type != "smollm3":
+        return []
+    n = int(hf["num_hidden_layers"])
+    flags = hf.get("no_rope_layers") or [int((i + 1) % int(hf.get("no_rope_layer_interval", 4)) != 0)
+                                         for i in range(n)]
+    return [i for i, has_rope in enumerate(flags) if not has_rope]
 
 
 def _gemma3_rope(hf: Dict, where: str) -> Tuple[Dict, float]:
@@ -194,7 +208,8 @@ def to_model_config(hf: Dict, where: str = "config.json") -> ModelConfig:
                         vocab_size=int(hf["vocab_size"]), norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
                         qk_norm=qk_norm, qkv_bias=qkv_bias, sliding_window=window, rope_fraction=partial,
                         tie_embeddings=bool(hf.get("tie_word_embeddings", model_type in TIED_BY_DEFAULT)), **rope,
-                        activation=activation, layer_types=kinds, rope_local_base=local_base, **family)
+                        activation=activation, layer_types=kinds, rope_local_base=local_base,
+                        nope_blocks=_nope_blocks(hf, model_type), **family)
     except KeyError as e:
         raise UserError(f"{where}: required key {e.args[0]!r} is missing") from None
     m.resolve()
@@ -209,7 +224,7 @@ def _architecture(m: ModelConfig) -> str:
     """The transformers class that computes our model m, or a UserError naming the keys when none does."""
     keys = ", ".join(f"model.{k}={getattr(m, k)!r}" for k in (
         "qk_norm", "qk_norm_scope", "norm_position", "norm_offset", "activation", "embed_scale", "qkv_bias",
-        "rope_fraction", "rope_scaling", "sliding_window", "layer_types", "rope_local_base"))
+        "rope_fraction", "rope_scaling", "sliding_window", "layer_types", "rope_local_base", "nope_blocks"))
 
     def refuse(what: str):
         raise UserError(f"no Hugging Face architecture computes {what}: {keys}; export it in megadistill's format")
@@ -218,35 +233,38 @@ def _architecture(m: ModelConfig) -> str:
     olmo2 = m.norm_position == "post" or (m.qk_norm and m.qk_norm_scope == "full")
     gemma3 = (m.norm_position == "sandwich" or m.norm_offset != 0 or m.activation != "silu" or m.embed_scale != 1
               or m.attn_scale_dim != 0 or m.rope_local_base != 0)
+    smollm3 = bool(m.nope_blocks)
     if olmo2 and not (m.norm_position == "post" and m.qk_norm and m.qk_norm_scope == "full"):
         refuse("post-norm blocks or a full-width QK-norm without the other (OLMo 2 has both)")
     if gemma3 and not (m.norm_position == "sandwich" and m.norm_offset == 1 and m.activation == "gelu_tanh"
                        and math.isclose(m.embed_scale, math.sqrt(m.d_model)) and m.qk_norm):
         refuse("part of Gemma 3's block without the rest (sandwich norms with 1 + w gains, GeGLU, embeddings x "
                "sqrt(d_model), QK-norm)")
-    if (m.qk_norm and not olmo2 and not gemma3) + m.qkv_bias + phi3 + olmo2 + gemma3 > 1:
+    if (m.qk_norm and not olmo2 and not gemma3) + m.qkv_bias + phi3 + olmo2 + gemma3 + smollm3 > 1:
         refuse("more than one of a per-head QK-norm (Qwen3), Q/K/V biases (Qwen2), partial RoPE or longrope (Phi-3), "
-               "post-norms with a full-width QK-norm (OLMo 2) and Gemma 3's block")
+               "post-norms with a full-width QK-norm (OLMo 2), Gemma 3's block and blocks without RoPE (SmolLM3)")
+    arch = ("Olmo2ForCausalLM" if olmo2 else "Gemma3ForCausalLM" if gemma3 else "SmolLM3ForCausalLM" if smollm3
+            else "Qwen3ForCausalLM" if m.qk_norm else "Qwen2ForCausalLM" if m.qkv_bias
+            else "Phi3ForCausalLM" if phi3 else "LlamaForCausalLM")
     kinds = list(m.layer_types) or ["sliding" if m.sliding_window else "full"] * m.n_layers
-    if "sliding" in kinds and not gemma3:
-        if olmo2 or phi3 and m.layer_types:
-            refuse("a sliding window on this architecture (Mistral, Phi-3 (every block), Qwen2 / Qwen3 and Gemma 3 "
-                   "take one)")
-        if (m.qk_norm or m.qkv_bias) and kinds != sorted(kinds):  # Qwen2 / Qwen3: full blocks first
+    if "sliding" not in kinds or arch in ("Gemma3ForCausalLM", "SmolLM3ForCausalLM"):  # any blocks
+        return arch
+    if arch in ("Qwen3ForCausalLM", "Qwen2ForCausalLM"):
+        if kinds != sorted(kinds):  # full blocks first
             refuse("Qwen2 / Qwen3 windows on blocks other than the last ones (use_sliding_window windows the blocks "
                    "from max_window_layers on)")
-        if not (m.qk_norm or m.qkv_bias or phi3) and m.layer_types:
-            refuse("a window on some blocks only for a Llama / Mistral model (Mistral windows every block)")
-    return ("Olmo2ForCausalLM" if olmo2 else "Gemma3ForCausalLM" if gemma3 else "Qwen3ForCausalLM" if m.qk_norm
-            else "Qwen2ForCausalLM" if m.qkv_bias else "Phi3ForCausalLM" if phi3
-            else "MistralForCausalLM" if m.sliding_window else "LlamaForCausalLM")
+        return arch
+    if arch == "Olmo2ForCausalLM" or "full" in kinds:
+        refuse("this sliding window (Mistral and Phi-3 window every block, Qwen2 / Qwen3 the last ones, Gemma 3 and "
+               "SmolLM3 any)")
+    return "MistralForCausalLM" if arch == "LlamaForCausalLM" else arch
 
 
 def from_model_config(m: ModelConfig, max_position: int, dtype: str = "float32") -> Dict:
     """config.json for our model: Qwen3ForCausalLM with QK-norm, Qwen2ForCausalLM with Q/K/V biases,
     Phi3ForCausalLM with partial RoPE, Olmo2ForCausalLM with post-norms and a full-width QK-norm, Gemma3ForCausalLM
-    with Gemma 3's block, LlamaForCausalLM with none of them (all load with no custom code); a sliding window on every
-    block of a Llama goes to MistralForCausalLM."""
+    with Gemma 3's block, SmolLM3ForCausalLM with blocks without RoPE, LlamaForCausalLM with none of them (all load
+    with no custom code); a sliding window on every block of a Llama goes to MistralForCausalLM."""
     arch = _architecture(m)
     rope: Dict = {"rope_theta": m.rope_base, "rope_type": m.rope_scaling}
     if m.rope_scaling in ("linear", "llama3", "yarn"):
@@ -284,6 +302,11 @@ def from_model_config(m: ModelConfig, max_position: int, dtype: str = "float32")
                    max_window_layers=kinds.count("full"))
     if arch in ("MistralForCausalLM", "Phi3ForCausalLM"):
         out["sliding_window"] = m.sliding_window or None
+    if arch == "SmolLM3ForCausalLM":  # per block 1: RoPE, 0: none; windows on any blocks, as layer_types says
+        out.update(no_rope_layers=[int(i not in m.nope_blocks) for i in range(m.n_layers)],
+                   use_sliding_window="sliding" in kinds, sliding_window=m.sliding_window or None,
+                   layer_types=[f"{k}_attention" for k in kinds], attention_bias=False, mlp_bias=False,
+                   pad_token_id=None)  # SmolLM3Config's default (128004) would index past a smaller vocabulary
     if arch == "Gemma3ForCausalLM":
         local = {"rope_type": "default", "rope_theta": m.rope_local_base} if m.rope_local_base else dict(rope)
         del out["hidden_act"]

@@ -1,5 +1,5 @@
-"""Weights between our Transformer and HF Qwen3 / Qwen2 / Llama / Mistral / Phi-3 / OLMo 2 / Gemma 3 checkpoints: name
-map, streamed TP-sharded load, export."""
+"""Weights between our Transformer and the HF checkpoints of megadistill.hf.config.ARCHITECTURES: name map, streamed
+TP-sharded load, export."""
 from __future__ import annotations
 
 import json

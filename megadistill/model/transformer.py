@@ -1,9 +1,9 @@
 """The paper's decoder-only Transformer (MHA + QK-norm + RoPE, pre-norm RMSNorm, SwiGLU, untied head), TP-agnostic.
 
-Options for imported models (Qwen3 / Qwen2 / Llama / Mistral / Phi-3 / OLMo 2 / Gemma 3): GQA (n_kv_heads), QK-norm
-off or over all heads' dims, Q/K/V biases (qkv_bias), post-norm and sandwich blocks, 1 + w norm gains, GeGLU, scaled
-embeddings and attention, tied embeddings, RoPE scaling and partial RoPE, a sliding attention window on all or some
-blocks (with a RoPE of their own).
+Options for imported models (Qwen3 / Qwen2 / Llama / Mistral / Phi-3 / OLMo 2 / Gemma 3 / SmolLM3): GQA (n_kv_heads),
+QK-norm off or over all heads' dims, Q/K/V biases (qkv_bias), post-norm and sandwich blocks, 1 + w norm gains, GeGLU,
+scaled embeddings and attention, tied embeddings, RoPE scaling and partial RoPE, blocks without RoPE, a sliding
+attention window on all or some blocks (with a RoPE of their own).
 """
 from __future__ import annotations
 
@@ -88,7 +88,8 @@ class Attention(nn.Module):
         v = v.view(b, s, self.local_kv_heads, self.head_dim)
         if self.q_norm is not None and not self.qk_norm_full:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = kernels_mod.rope(q, k, cos, sin, self.kernels)  # liger: in place (q, k have no other reader)
+        if cos is not None:  # None: a block without positional encoding (model.nope_blocks)
+            q, k = kernels_mod.rope(q, k, cos, sin, self.kernels)  # liger: in place (q, k have no other reader)
         o = attention(q, k, v, self.backend, mask, self.scale, gqa=self.gqa)  # [b, s, h/tp, hd]
         return self.wo(o.reshape(b, s, self.local_heads * self.head_dim))  # [b, s, d]
 
@@ -176,6 +177,7 @@ class Transformer(nn.Module):
         self.layer_kinds = list(getattr(cfg, "layer_types", None) or ["sliding" if window else "full"] * cfg.n_layers)
         local_base = getattr(cfg, "rope_local_base", 0.0)
         self.local_rope = Rotary(cfg.rotary_dim, local_base) if local_base else self.rope
+        self.nope = set(getattr(cfg, "nope_blocks", ()))
         use_kernels(self, cfg.kernels)
         self._tag_roles()
 
@@ -227,6 +229,8 @@ class Transformer(nn.Module):
                   for kind in sorted(set(self.layer_kinds))}
         for i, block in enumerate(self.blocks):
             cos, sin, mask = inputs[self.layer_kinds[i]]
+            if i in self.nope:
+                cos = sin = None
             if self._checkpointed(i):
                 # recompute the block in backward (its collectives too, in the same order on every TP rank)
                 x = checkpoint(block, x, cos, sin, mask, use_reentrant=False)

@@ -108,8 +108,8 @@ def register(sub) -> None:
                    "LlamaForCausalLM)")
     p.set_defaults(func=_export)
 
-    p = sub.add_parser("import", help="convert a local Hugging Face Qwen3 / Qwen2 / Llama / Mistral / Phi-3 / "
-                       "OLMo 2 / Gemma 3 folder to a megadistill model dir",
+    p = sub.add_parser("import", help="convert a local Hugging Face folder (Qwen3, Qwen2, Llama, Mistral, Phi-3, "
+                       "OLMo 2, Gemma 3, SmolLM3) to a megadistill model dir",
                        epilog="example: megadistill import hf:/models/Qwen3-1.7B -o teachers/qwen3-1.7b")
     p.add_argument("source", metavar="hf:PATH")
     p.add_argument("-o", "--out", required=True)
