@@ -85,6 +85,9 @@ class ModelConfig:
     embed_scale: float = 1.0  # embedding output x this, rounded to the activations' dtype (Gemma: sqrt(d_model))
     attn_scale_dim: int = 0  # attention logits x 1 / sqrt(attn_scale_dim); 0 = head_dim (Gemma's
     # query_pre_attn_scalar)
+    attn_softcap: float = 0.0  # attention logits s -> c tanh(s / c) before the softmax (Gemma 2: 50); 0 = off. sdpa
+    # then runs the explicit-scores path ([b, h, s, s] per block); flash-attn takes it natively
+    logit_softcap: float = 0.0  # output logits z -> c tanh(z / c) (Gemma 2: 30); 0 = off. Needs distill.fused=false
     qkv_bias: bool = False  # biases on the Q, K and V projections (Qwen2 / Qwen2.5)
     sliding_window: int = 0  # attention window (Mistral's / Phi-3's sliding_window): token i attends to tokens
     # i - sliding_window + 1 .. i only; 0 = full causal attention. No effect while train.seq_len <= sliding_window
@@ -165,6 +168,9 @@ class ModelConfig:
         _choice(f"{prefix}.norm_position", self.norm_position, ("pre", "post", "sandwich"))
         _choice(f"{prefix}.activation", self.activation, ("silu", "gelu_tanh"))
         _positive(f"{prefix}.embed_scale", self.embed_scale)
+        for key in ("attn_softcap", "logit_softcap"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"{prefix}.{key}={getattr(self, key)} must be >= 0 (0 = no softcapping)")
         if self.attn_scale_dim < 0:
             raise ConfigError(f"{prefix}.attn_scale_dim={self.attn_scale_dim} must be >= 0 (0 = head_dim)")
         if self.rope_local_base < 0:
@@ -194,7 +200,7 @@ HF_SHAPE_KEYS = ("n_layers", "d_model", "n_heads", "n_kv_heads", "head_dim", "d_
                  "rope_beta_fast", "rope_beta_slow", "rope_truncate",
                  "rope_fraction", "norm_eps", "qk_norm", "qk_norm_scope", "norm_position", "norm_offset", "activation",
                  "embed_scale", "attn_scale_dim", "qkv_bias", "sliding_window", "layer_types", "rope_local_base",
-                 "nope_blocks",
+                 "nope_blocks", "attn_softcap", "logit_softcap",
                  "tie_embeddings")
 
 
@@ -338,6 +344,9 @@ class Config:
         """Check every field and cross-field rule; raise ConfigError naming the key. Returns self."""
         m, p, z, o, d, data, t = self.model, self.parallel, self.zero, self.optim, self.distill, self.data, self.train
         m.validate()
+        if m.logit_softcap and d.fused:
+            raise ConfigError(f"model.logit_softcap={m.logit_softcap} needs materialised logits: the fused loss "
+                              "(distill.fused=true) never forms them to cap; set distill.fused=false")
         _positive("parallel.tp_size", p.tp_size)
         _choice("parallel.backend", p.backend, ("auto", "nccl", "gloo"))
         _positive("parallel.timeout_s", p.timeout_s)

@@ -12,12 +12,15 @@ LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "hi
 # and yarn RoPE (qwen2), sliding windows shorter than the interop tests' 24 tokens and the tiny runs' 32 (mistral, phi3), fused
 # Q/K/V and gate/up matrices, partial RoPE and longrope (phi3), post-norms and a QK-norm over all heads (olmo2),
 # sandwich norms with 1 + w gains, GeGLU, scaled embeddings, a sliding and a full block with RoPEs of their own
-# (gemma3), a block without RoPE (smollm3)
+# (gemma3), the same without QK-norm and with softcapped attention and output logits (gemma2), a block without RoPE
+# (smollm3)
 VARIANTS = {"qwen3_gqa": ("qwen3", 2, False), "qwen3_mha_tied": ("qwen3", 4, True),
             "llama_gqa_tied": ("llama", 2, True), "llama_mha": ("llama", 4, False),
             "qwen2_gqa_tied": ("qwen2", 2, True), "mistral_gqa": ("mistral", 2, False),
             "phi3_gqa": ("phi3", 2, False), "olmo2_gqa": ("olmo2", 2, False),
-            "gemma3_gqa_tied": ("gemma3", 2, True), "smollm3_gqa_tied": ("smollm3", 2, True)}
+            "gemma3_gqa_tied": ("gemma3", 2, True), "smollm3_gqa_tied": ("smollm3", 2, True),
+            "gemma2_gqa_tied": ("gemma2", 2, True)}
+GEMMA2_CAPS = (2.0, 3.0)  # attention, output logits: small enough to bite on the tiny model (Gemma 2: 50, 30)
 GEMMA3_WINDOW = 8
 GEMMA3_ROPE = {"full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1000000.0},
                "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0}}
@@ -69,6 +72,12 @@ def make_hf(folder, family="qwen3", n_kv_heads=2, tied=False, vocab=128, seed=0,
             model = Gemma3ForConditionalGeneration(Gemma3Config(
                 text_config=text.to_dict(), vision_config=vision.to_dict(), mm_tokens_per_image=4,
                 boi_token_index=vocab - 8, eoi_token_index=vocab - 7, image_token_index=vocab - 6))
+    elif family == "gemma2":  # first block sliding, second full (every other, as Gemma 2); both logits capped
+        from transformers import Gemma2Config, Gemma2ForCausalLM
+        model = Gemma2ForCausalLM(Gemma2Config(
+            head_dim=16, query_pre_attn_scalar=24, sliding_window=GEMMA3_WINDOW, rms_norm_eps=1e-6, rope_theta=10000.0,
+            attn_logit_softcapping=GEMMA2_CAPS[0], final_logit_softcapping=GEMMA2_CAPS[1], pad_token_id=0,
+            eos_token_id=1, bos_token_id=2, **common))
     elif family == "smollm3":  # the last block without RoPE (SmolLM3: every 4th)
         from transformers import SmolLM3Config, SmolLM3ForCausalLM
         model = SmolLM3ForCausalLM(SmolLM3Config(rope_theta=5000000.0, rms_norm_eps=1e-6, pad_token_id=0,

@@ -45,7 +45,8 @@ def test_config_values():
 @pytest.mark.parametrize("extra", [[], ["model.qk_norm=false", "model.n_kv_heads=1"], ["model.attention=eager"],
                                    ["model.norm_position=post", "model.qk_norm_scope=full"],
                                    ["model.norm_position=sandwich", "model.norm_offset=1", "model.activation=gelu_tanh",
-                                    "model.embed_scale=5.5", "model.attn_scale_dim=24"]])
+                                    "model.embed_scale=5.5", "model.attn_scale_dim=24"],
+                                   ["model.attn_softcap=2"]])
 @pytest.mark.parametrize("doc_mask,window", [(False, 0), (True, 0), (True, 6)])
 def test_block_has_no_graph_breaks(extra, doc_mask, window):
     from megadistill.model.attention import build_mask

@@ -181,6 +181,7 @@ TINY = ["model.n_layers=2", "model.d_model=64", "model.n_heads=4", "model.head_d
     (["model.norm_position=middle"], None, "model.norm_position='middle'"),
     (["model.qk_norm_scope=heads"], None, "model.qk_norm_scope='heads'"),
     (["model.nope_blocks=[5]"], None, "model.nope_blocks=[5] must list distinct block indices in [0, 2)"),
+    (["model.logit_softcap=30", "distill.fused=true"], None, "model.logit_softcap=30.0 needs materialised logits"),
     (["model.rope_scaling=yarn", "model.rope_factor=4", "model.rope_beta_slow=40"], None,
      "model.rope_beta_slow=40.0 must be > 0 and < model.rope_beta_fast=32.0"),
 ])

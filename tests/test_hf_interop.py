@@ -11,8 +11,8 @@ import torch.distributed as dist
 from torch.testing import assert_close
 
 from dist_harness import run_distributed
-from hf_models import (GEMMA3_WINDOW, MISTRAL_WINDOW, PHI3_ORIGINAL_MAX, PHI3_PARTIAL, PHI3_WINDOW, VARIANTS,
-                       edit_config, hf_logits, make_hf)
+from hf_models import (GEMMA2_CAPS, GEMMA3_WINDOW, MISTRAL_WINDOW, PHI3_ORIGINAL_MAX, PHI3_PARTIAL, PHI3_WINDOW,
+                       VARIANTS, edit_config, hf_logits, make_hf)
 from tiny_runs import tiny_overrides
 
 from megadistill import config
@@ -62,15 +62,20 @@ def test_teacher_logits_equal_transformers_tp1(hf_dirs, tmp_path, name):
     assert (m.n_kv_heads, m.tie_embeddings, m.qk_norm, m.qkv_bias) == (
         kv, tied, family in ("qwen3", "olmo2", "gemma3"), family == "qwen2")
     olmo2 = family == "olmo2"  # post-norm blocks, QK-norm gains over all heads' dims (split over TP like the heads)
+    gemma = family in ("gemma2", "gemma3")  # sandwich norms (Gemma 2 without QK-norm, softcapped)
     assert (m.norm_position, m.qk_norm_scope) == (("post", "full") if olmo2 else
-                                                  ("sandwich", "head") if family == "gemma3" else ("pre", "head"))
+                                                  ("sandwich", "head") if gemma else ("pre", "head"))
+    assert (m.attn_softcap, m.logit_softcap) == (GEMMA2_CAPS if family == "gemma2" else (0.0, 0.0))
     assert m.nope_blocks == ([1] if family == "smollm3" else [])
-    if family == "gemma3":  # 1 + w gains, GeGLU, x sqrt(64) embeddings, query_pre_attn_scalar, per-block windows
+    if gemma:  # 1 + w gains, GeGLU, x sqrt(64) embeddings, query_pre_attn_scalar, per-block windows
         assert (m.norm_offset, m.activation, m.embed_scale, m.attn_scale_dim) == (1.0, "gelu_tanh", 8.0, 24)
+        assert m.layer_types == ["sliding", "full"]
+    if family == "gemma3":
         assert (m.layer_types, m.rope_local_base, m.rope_factor) == (["sliding", "full"], 10000.0, 8.0)
     assert teacher.module.blocks[0].attn.q_norm is None or teacher.module.blocks[0].attn.q_norm.weight.shape == (
         (4 * m.head_dim,) if olmo2 else (m.head_dim,))
-    assert m.sliding_window == {"mistral": MISTRAL_WINDOW, "phi3": PHI3_WINDOW, "gemma3": GEMMA3_WINDOW}.get(family, 0)
+    assert m.sliding_window == {"mistral": MISTRAL_WINDOW, "phi3": PHI3_WINDOW, "gemma3": GEMMA3_WINDOW,
+                                "gemma2": GEMMA3_WINDOW}.get(family, 0)
     assert m.rope_fraction == (PHI3_PARTIAL if family == "phi3" else 1.0)
     if family == "qwen2":  # the biases are loaded (drawn at random in the checkpoint, so the logits depend on them)
         assert float(teacher.module.blocks[0].attn.wk.bias.abs().sum()) > 0
@@ -351,7 +356,11 @@ def test_qwen2_use_sliding_window_windows_the_last_blocks(hf_dirs, tmp_path):
     {"norm_position": "sandwich", "norm_offset": 1.0, "activation": "gelu_tanh", "embed_scale": 8.0,
      "sliding_window": 8, "layer_types": ["sliding", "sliding", "full"], "tie_embeddings": True},  # Gemma 3, one RoPE
     {"qk_norm": False, "nope_blocks": [0, 2], "sliding_window": 8, "layer_types": ["sliding", "full", "sliding"]},
-], ids=["qwen2_last_blocks", "qwen3_all_blocks", "mistral", "gemma3_shared_rope", "smollm3_windowed_nope"])
+    {"norm_position": "sandwich", "norm_offset": 1.0, "activation": "gelu_tanh", "embed_scale": 8.0, "qk_norm": False,
+     "attn_scale_dim": 24, "attn_softcap": 2.0, "logit_softcap": 3.0, "sliding_window": 8,
+     "layer_types": ["sliding", "full", "sliding"]},  # Gemma 2
+], ids=["qwen2_last_blocks", "qwen3_all_blocks", "mistral", "gemma3_shared_rope", "smollm3_windowed_nope",
+        "gemma2_softcapped"])
 def test_exported_config_is_our_function_in_transformers(tmp_path, over):
     """Our model with random weights (norm gains too), written as export writes it (from_model_config + state_to_hf),
     loads in transformers with equal logits on sequences 3x the window; import reads the same config back."""
@@ -381,7 +390,7 @@ def test_exported_config_is_our_function_in_transformers(tmp_path, over):
         assert_close(ours(IDS), theirs, rtol=1e-5, atol=1e-5 * float(theirs.abs().max()))  # fp32 round-off only
     back = to_model_config(hf_cfg)
     for key in ("sliding_window", "layer_types", "norm_position", "norm_offset", "activation", "qkv_bias", "qk_norm",
-                "nope_blocks"):
+                "nope_blocks", "attn_softcap", "logit_softcap", "attn_scale_dim"):
         assert getattr(back, key) == getattr(m, key), key
 
 
@@ -404,8 +413,9 @@ def test_export_refuses_models_no_hf_architecture_computes():
                         "windows on blocks other than the last ones"),
                        ({"qk_norm": False, "sliding_window": 8, "layer_types": ["sliding", "full"]},
                         "this sliding window"),
-                       ({"norm_position": "sandwich"}, "part of Gemma 3's block without the rest"),
-                       ({"activation": "gelu_tanh"}, "part of Gemma 3's block without the rest"),
+                       ({"norm_position": "sandwich"}, "part of Gemma's block without the rest"),
+                       ({"activation": "gelu_tanh"}, "part of Gemma's block without the rest"),
+                       ({"logit_softcap": 30.0}, "part of Gemma's block without the rest"),
                        ({"norm_position": "post", "qk_norm_scope": "full", "qkv_bias": True}, "more than one of")]:
         with pytest.raises(UserError, match=match):
             from_model_config(dataclasses.replace(base, **bad), 64)
@@ -434,6 +444,8 @@ def test_bad_folders_are_named_errors(hf_dirs, tmp_path, capsys):
     edit_config(deeper, num_hidden_layers=3)
     fails(deeper, "missing from the checkpoint.*layers.2")
     fails(folder, "parallel.tp_size=4 does not divide the teacher's n_kv_heads=2", ["parallel.tp_size=4"])
+    fails(hf_dirs["gemma2_gqa_tied"][0], r"caps its logits \(logit_softcap=3.0.*set distill.fused=false",
+          ["distill.fused=true"])
     fused = tmp_path / "phi3_kv"  # Phi-3's fused Q/K/V rows do not split as config.json says
     shutil.copytree(hf_dirs["phi3_gqa"][0], fused)
     edit_config(fused, num_key_value_heads=4)
@@ -459,12 +471,12 @@ def test_bad_folders_are_named_errors(hf_dirs, tmp_path, capsys):
     shutil.copytree(hf_dirs["phi3_gqa"][0], odd)
     edit_config(odd, rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.1})
     fails(odd, "rope_fraction=0.1 must be in")
-    capped = tmp_path / "gemma2_softcap"  # Gemma 2's logit softcapping (Gemma 3 sets it null)
-    shutil.copytree(hf_dirs["gemma3_gqa_tied"][0], capped)
-    edit_config(capped, final_logit_softcapping=30.0)
-    fails(capped, "final_logit_softcapping=30.0 is not supported")
-    edit_config(capped, final_logit_softcapping=None, hidden_activation="relu")
-    fails(capped, "hidden_activation='relu' is not supported")
+    relu = tmp_path / "gemma3_relu"
+    shutil.copytree(hf_dirs["gemma3_gqa_tied"][0], relu)
+    edit_config(relu, hidden_activation="relu")
+    fails(relu, "hidden_activation='relu' is not supported")
+    edit_config(relu, hidden_activation="gelu_pytorch_tanh", use_bidirectional_attention=True)
+    fails(relu, "use_bidirectional_attention=True is not supported")
     # a sharded checkpoint with a shard gone
     make_hf(tmp_path / "sharded", "qwen3", 2, False, max_shard_size="40KB")
     next(iter(sorted((tmp_path / "sharded").glob("model-*.safetensors")))).unlink()

@@ -260,6 +260,7 @@ def tp2_worker(rank, world):
     # Gemma 3: sandwich norms with 1 + w gains, GeGLU, scaled embeddings and attention, a windowed block with its own
     # RoPE next to a full one
     check_model_vs_dense(groups, True, sequence_parallel=True, **GEMMA3_LIKE)
+    check_model_vs_dense(groups, False, **dict(GEMMA3_LIKE, attn_softcap=2.0, logit_softcap=3.0))  # Gemma 2's caps
     sp = Transformer(_cfg(), groups.factory(sequence_parallel=True))
     with pytest.raises(UserError, match="sequence length 15 is not divisible by parallel.tp_size=2"):
         sp(torch.zeros(1, 15, dtype=torch.long))

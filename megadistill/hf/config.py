@@ -1,5 +1,5 @@
-"""Hugging Face config.json (Qwen3 / Qwen2 / Llama / Mistral / Phi-3 / OLMo 2 / Gemma 3 / SmolLM3) <-> our ModelConfig,
-with a named error for anything we cannot run."""
+"""Hugging Face config.json (Qwen3 / Qwen2 / Llama / Mistral / Phi-3 / OLMo 2 / Gemma 2 / Gemma 3 / SmolLM3) <-> our
+ModelConfig, with a named error for anything we cannot run."""
 from __future__ import annotations
 
 import json
@@ -17,14 +17,17 @@ from megadistill.errors import UserError
 ARCHITECTURES = {"Qwen3ForCausalLM": ("qwen3", True, False), "Qwen2ForCausalLM": ("qwen2", False, True),
                  "LlamaForCausalLM": ("llama", False, False), "MistralForCausalLM": ("mistral", False, False),
                  "Phi3ForCausalLM": ("phi3", False, False), "Olmo2ForCausalLM": ("olmo2", True, False),
-                 "Gemma3ForCausalLM": ("gemma3_text", True, False), "SmolLM3ForCausalLM": ("smollm3", False, False)}
+                 "Gemma2ForCausalLM": ("gemma2", False, False), "Gemma3ForCausalLM": ("gemma3_text", True, False),
+                 "SmolLM3ForCausalLM": ("smollm3", False, False)}
 OLMO2 = {"norm_position": "post", "qk_norm_scope": "full"}
-# Gemma 3 (text): norms before and after each sublayer with gains 1 + w, GeGLU, embeddings x sqrt(d), attention scaled
-# by query_pre_attn_scalar, 5 of every 6 blocks windowed with RoPE of their own (base 10000, unscaled)
-GEMMA3 = {"norm_position": "sandwich", "norm_offset": 1.0}
+# Gemma 2 / 3: norms before and after each sublayer with gains 1 + w, GeGLU, embeddings x sqrt(d), attention scaled
+# by query_pre_attn_scalar; Gemma 2 windows every other block and caps attention and output logits, Gemma 3 windows 5
+# of every 6 blocks with RoPE of their own (base 10000, unscaled) and has a QK-norm
+GEMMA = {"norm_position": "sandwich", "norm_offset": 1.0}
+GEMMAS = ("gemma2", "gemma3_text")
 ACTIVATIONS = {"silu": "silu", "gelu_pytorch_tanh": "gelu_tanh"}  # transformers' name -> model.activation
 LAYER_TYPES = {"sliding_attention": "sliding", "full_attention": "full"}
-TIED_BY_DEFAULT = ("gemma3_text", "smollm3")  # transformers' default when config.json has no tie_word_embeddings
+TIED_BY_DEFAULT = ("gemma2", "gemma3_text", "smollm3")  # transformers' default without tie_word_embeddings
 # Gemma 3 4B-27B ship as Gemma3ForConditionalGeneration: the text model's config is `text_config`, which lists only
 # the keys that differ from Gemma3TextConfig's defaults (these; tests/test_hf_interop.py checks them against it)
 MULTIMODAL = {"Gemma3ForConditionalGeneration": "Gemma3ForCausalLM"}
@@ -113,8 +116,8 @@ def _windows(hf: Dict, model_type: str, where: str) -> Tuple[int, List[str]]:
     elif model_type == "smollm3" and hf.get("use_sliding_window") and hf.get("sliding_window"):
         nope = set(_nope_blocks(hf, model_type))
         types = hf.get("layer_types") or ["sliding_attention" if i in nope else "full_attention" for i in range(n)]
-    elif model_type == "gemma3_text" and hf.get("sliding_window"):
-        pattern = int(hf.get("sliding_window_pattern", 6))
+    elif model_type in GEMMAS and hf.get("sliding_window"):  # Gemma 2: every other block from the first
+        pattern = int(hf.get("sliding_window_pattern", 6 if model_type == "gemma3_text" else 2))
         types = hf.get("layer_types") or ["sliding_attention" if (i + 1) % pattern else "full_attention"
                                           for i in range(n)]
     else:
@@ -126,6 +129,14 @@ def _windows(hf: Dict, model_type: str, where: str) -> Tuple[int, List[str]]:
     if "sliding" not in kinds:
         return 0, []
     return int(hf["sliding_window"]), ([] if set(kinds) == {"sliding"} else kinds)
+
+
+def _softcap(hf: Dict, model_type: str, key: str) -> float:
+    """A Gemma softcap; absent, transformers' default (Gemma 2: 50 on attention, 30 on logits; Gemma 3: none); null:
+    none."""
+    gemma2 = {"attn_logit_softcapping": 50.0, "final_logit_softcapping": 30.0}
+    default = gemma2[key] if model_type == "gemma2" else None
+    return hf.get(key, default) or 0.0
 
 
 def _nope_blocks(hf: Dict, model_type: str) -> List[int]:
@@ -184,9 +195,9 @@ def to_model_config(hf: Dict, where: str = "config.json") -> ModelConfig:
     if activation is None:
         raise UserError(f"{where}: {act_key}={hf[act_key]!r} is not supported (gated FFN with one of "
                         f"{sorted(ACTIVATIONS)})")
-    for key in ("final_logit_softcapping", "attn_logit_softcapping", "use_bidirectional_attention"):
-        if hf.get(key):  # Gemma 2's softcaps (Gemma 3 sets them null)
-            raise UserError(f"{where}: {key}={hf[key]!r} is not supported")
+    if hf.get("use_bidirectional_attention"):
+        raise UserError(f"{where}: use_bidirectional_attention={hf['use_bidirectional_attention']!r} is not supported "
+                        "(causal language models only)")
     window, kinds = _windows(hf, model_type, where)
     # transformers v5 keeps it in rope_parameters, v4 configs (most of the hub) at the top level: either counts
     partial = next((float(f) for f in ((hf.get("rope_parameters") or {}).get("partial_rotary_factor"),
@@ -199,12 +210,15 @@ def to_model_config(hf: Dict, where: str = "config.json") -> ModelConfig:
             raise UserError(f"{where}: rope type 'longrope' is supported for Phi3ForCausalLM only, not {arch}")
         n_heads = int(hf["num_attention_heads"])
         d = int(hf["hidden_size"])
+        head_dim = int(hf.get("head_dim") or d // n_heads)
+        scale_dim = int(hf.get("query_pre_attn_scalar", 256))  # = head_dim: the default scale, kept as 0
         family = OLMO2 if model_type == "olmo2" else dict(
-            GEMMA3, embed_scale=math.sqrt(d), attn_scale_dim=int(hf.get("query_pre_attn_scalar", 256))) \
-            if model_type == "gemma3_text" else {}
+            GEMMA, embed_scale=math.sqrt(d), attn_scale_dim=0 if scale_dim == head_dim else scale_dim,
+            attn_softcap=float(_softcap(hf, model_type, "attn_logit_softcapping")),
+            logit_softcap=float(_softcap(hf, model_type, "final_logit_softcapping"))) if model_type in GEMMAS else {}
         m = ModelConfig(size=None, n_layers=int(hf["num_hidden_layers"]), d_model=d, n_heads=n_heads,
                         n_kv_heads=int(hf.get("num_key_value_heads") or n_heads),
-                        head_dim=int(hf.get("head_dim") or d // n_heads), d_ff=int(hf["intermediate_size"]),
+                        head_dim=head_dim, d_ff=int(hf["intermediate_size"]),
                         vocab_size=int(hf["vocab_size"]), norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
                         qk_norm=qk_norm, qkv_bias=qkv_bias, sliding_window=window, rope_fraction=partial,
                         tie_embeddings=bool(hf.get("tie_word_embeddings", model_type in TIED_BY_DEFAULT)), **rope,
@@ -224,30 +238,34 @@ def _architecture(m: ModelConfig) -> str:
     """The transformers class that computes our model m, or a UserError naming the keys when none does."""
     keys = ", ".join(f"model.{k}={getattr(m, k)!r}" for k in (
         "qk_norm", "qk_norm_scope", "norm_position", "norm_offset", "activation", "embed_scale", "qkv_bias",
-        "rope_fraction", "rope_scaling", "sliding_window", "layer_types", "rope_local_base", "nope_blocks"))
+        "rope_fraction", "rope_scaling", "sliding_window", "layer_types", "rope_local_base", "nope_blocks",
+        "attn_softcap", "logit_softcap"))
 
     def refuse(what: str):
         raise UserError(f"no Hugging Face architecture computes {what}: {keys}; export it in megadistill's format")
 
     phi3 = m.rope_fraction < 1 or m.rope_scaling == "longrope"
     olmo2 = m.norm_position == "post" or (m.qk_norm and m.qk_norm_scope == "full")
-    gemma3 = (m.norm_position == "sandwich" or m.norm_offset != 0 or m.activation != "silu" or m.embed_scale != 1
-              or m.attn_scale_dim != 0 or m.rope_local_base != 0)
+    gemma = (m.norm_position == "sandwich" or m.norm_offset != 0 or m.activation != "silu" or m.embed_scale != 1
+             or m.attn_scale_dim != 0 or m.rope_local_base != 0 or m.attn_softcap != 0 or m.logit_softcap != 0)
     smollm3 = bool(m.nope_blocks)
     if olmo2 and not (m.norm_position == "post" and m.qk_norm and m.qk_norm_scope == "full"):
         refuse("post-norm blocks or a full-width QK-norm without the other (OLMo 2 has both)")
-    if gemma3 and not (m.norm_position == "sandwich" and m.norm_offset == 1 and m.activation == "gelu_tanh"
-                       and math.isclose(m.embed_scale, math.sqrt(m.d_model)) and m.qk_norm):
-        refuse("part of Gemma 3's block without the rest (sandwich norms with 1 + w gains, GeGLU, embeddings x "
-               "sqrt(d_model), QK-norm)")
-    if (m.qk_norm and not olmo2 and not gemma3) + m.qkv_bias + phi3 + olmo2 + gemma3 + smollm3 > 1:
+    if gemma and not (m.norm_position == "sandwich" and m.norm_offset == 1 and m.activation == "gelu_tanh"
+                      and math.isclose(m.embed_scale, math.sqrt(m.d_model))):
+        refuse("part of Gemma's block without the rest (sandwich norms with 1 + w gains, GeGLU, embeddings x "
+               "sqrt(d_model))")
+    if gemma and not m.qk_norm and m.rope_local_base:
+        refuse("a RoPE of the sliding blocks' own without Gemma 3's QK-norm (Gemma 2 has one RoPE)")
+    if (m.qk_norm and not olmo2 and not gemma) + m.qkv_bias + phi3 + olmo2 + gemma + smollm3 > 1:
         refuse("more than one of a per-head QK-norm (Qwen3), Q/K/V biases (Qwen2), partial RoPE or longrope (Phi-3), "
-               "post-norms with a full-width QK-norm (OLMo 2), Gemma 3's block and blocks without RoPE (SmolLM3)")
-    arch = ("Olmo2ForCausalLM" if olmo2 else "Gemma3ForCausalLM" if gemma3 else "SmolLM3ForCausalLM" if smollm3
+               "post-norms with a full-width QK-norm (OLMo 2), Gemma's block and blocks without RoPE (SmolLM3)")
+    arch = ("Olmo2ForCausalLM" if olmo2 else "SmolLM3ForCausalLM" if smollm3
+            else ("Gemma3ForCausalLM" if m.qk_norm else "Gemma2ForCausalLM") if gemma
             else "Qwen3ForCausalLM" if m.qk_norm else "Qwen2ForCausalLM" if m.qkv_bias
             else "Phi3ForCausalLM" if phi3 else "LlamaForCausalLM")
     kinds = list(m.layer_types) or ["sliding" if m.sliding_window else "full"] * m.n_layers
-    if "sliding" not in kinds or arch in ("Gemma3ForCausalLM", "SmolLM3ForCausalLM"):  # any blocks
+    if "sliding" not in kinds or arch in ("Gemma2ForCausalLM", "Gemma3ForCausalLM", "SmolLM3ForCausalLM"):  # any
         return arch
     if arch in ("Qwen3ForCausalLM", "Qwen2ForCausalLM"):
         if kinds != sorted(kinds):  # full blocks first
@@ -255,16 +273,17 @@ def _architecture(m: ModelConfig) -> str:
                    "from max_window_layers on)")
         return arch
     if arch == "Olmo2ForCausalLM" or "full" in kinds:
-        refuse("this sliding window (Mistral and Phi-3 window every block, Qwen2 / Qwen3 the last ones, Gemma 3 and "
+        refuse("this sliding window (Mistral and Phi-3 window every block, Qwen2 / Qwen3 the last ones, Gemma and "
                "SmolLM3 any)")
     return "MistralForCausalLM" if arch == "LlamaForCausalLM" else arch
 
 
 def from_model_config(m: ModelConfig, max_position: int, dtype: str = "float32") -> Dict:
     """config.json for our model: Qwen3ForCausalLM with QK-norm, Qwen2ForCausalLM with Q/K/V biases,
-    Phi3ForCausalLM with partial RoPE, Olmo2ForCausalLM with post-norms and a full-width QK-norm, Gemma3ForCausalLM
-    with Gemma 3's block, SmolLM3ForCausalLM with blocks without RoPE, LlamaForCausalLM with none of them (all load
-    with no custom code); a sliding window on every block of a Llama goes to MistralForCausalLM."""
+    Phi3ForCausalLM with partial RoPE, Olmo2ForCausalLM with post-norms and a full-width QK-norm, Gemma2ForCausalLM /
+    Gemma3ForCausalLM with Gemma's block (without / with QK-norm), SmolLM3ForCausalLM with blocks without RoPE,
+    LlamaForCausalLM with none of them (all load with no custom code); a sliding window on every block of a Llama goes
+    to MistralForCausalLM."""
     arch = _architecture(m)
     rope: Dict = {"rope_theta": m.rope_base, "rope_type": m.rope_scaling}
     if m.rope_scaling in ("linear", "llama3", "yarn"):
@@ -307,14 +326,16 @@ def from_model_config(m: ModelConfig, max_position: int, dtype: str = "float32")
                    use_sliding_window="sliding" in kinds, sliding_window=m.sliding_window or None,
                    layer_types=[f"{k}_attention" for k in kinds], attention_bias=False, mlp_bias=False,
                    pad_token_id=None)  # SmolLM3Config's default (128004) would index past a smaller vocabulary
-    if arch == "Gemma3ForCausalLM":
-        local = {"rope_type": "default", "rope_theta": m.rope_local_base} if m.rope_local_base else dict(rope)
+    if arch in ("Gemma2ForCausalLM", "Gemma3ForCausalLM"):
         del out["hidden_act"]
         out.update(hidden_activation="gelu_pytorch_tanh", query_pre_attn_scalar=m.attn_scale_dim or m.head_dim,
                    sliding_window=m.sliding_window or None, layer_types=[f"{k}_attention" for k in kinds],
-                   rope_parameters={"full_attention": rope, "sliding_attention": local},
-                   rope_local_base_freq=local["rope_theta"], final_logit_softcapping=None,
-                   attn_logit_softcapping=None, attention_bias=False)
+                   final_logit_softcapping=m.logit_softcap or None, attn_logit_softcapping=m.attn_softcap or None,
+                   attention_bias=False)
+    if arch == "Gemma3ForCausalLM":  # the sliding blocks' RoPE, unscaled, or the full blocks' own
+        local = {"rope_type": "default", "rope_theta": m.rope_local_base} if m.rope_local_base else dict(rope)
+        out.update(rope_parameters={"full_attention": rope, "sliding_attention": local},
+                   rope_local_base_freq=local["rope_theta"])
     if arch == "Phi3ForCausalLM":  # fused qkv_proj / gate_up_proj (megadistill.hf.weights.state_to_hf)
         rope["partial_rotary_factor"] = out["partial_rotary_factor"] = m.rope_fraction
         if m.rope_scaling == "longrope":

@@ -81,8 +81,12 @@ def build_mask(doc_ids: Optional[torch.Tensor], backend: str, seq_len: int = 0, 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str = "sdpa",
               mask: Optional[AttnMask] = None, scale: Optional[float] = None,
-              gqa: Optional[bool] = None) -> torch.Tensor:
-    """Causal softmax(q k^T * scale) v, restricted to documents / a sliding window when `mask` says so. [b, s, h, hd] -> [b, s, h, hd].
+              gqa: Optional[bool] = None, softcap: float = 0.0) -> torch.Tensor:
+    """Causal softmax(q k^T * scale) v, restricted to documents / a sliding window when `mask` says so:
+    [b, s, h, hd] -> [b, s, h, hd].
+
+    softcap c > 0 caps the scores as c tanh(s / c) before the softmax (Gemma 2): flash-attn does it in its kernel;
+    SDPA cannot, so sdpa runs the eager path's explicit scores then.
 
     gqa: whether k / v have fewer heads than q, when the caller knows it as a constant (a module's bool attribute):
     under torch.compile head counts can become symbolic (blocks of different widths share the code), and SDPA takes
@@ -91,7 +95,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str = 
     if q.shape[2] % k.shape[2] or k.shape != v.shape:
         raise ValueError(f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}: k and v must share a shape "
                          "whose head count divides q's")
-    if backend == "sdpa":
+    if backend == "sdpa" and not softcap:
         qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))  # [b, h, s, hd], k / v [b, h_kv, s, hd]
         if gqa is None:
             gqa = bool(kt.shape[1] != qt.shape[1])
@@ -100,20 +104,22 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str = 
         else:
             o = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask.allowed, scale=scale, enable_gqa=gqa)
         return o.transpose(1, 2)
-    if backend == "eager":
-        return _eager(q, k, v, mask, scale)
+    if backend in ("eager", "sdpa"):
+        return _eager(q, k, v, mask, scale, softcap)
     if backend == "flash":
-        return _flash(q, k, v, mask, scale)
+        return _flash(q, k, v, mask, scale, softcap)
     raise UserError(f"model.attention={backend!r} is not one of {list(BACKENDS)}")
 
 
-def _eager(q, k, v, mask: Optional[AttnMask], scale: float) -> torch.Tensor:
+def _eager(q, k, v, mask: Optional[AttnMask], scale: float, softcap: float = 0.0) -> torch.Tensor:
     # Reference path: explicit scores and softmax in fp32 (or the inputs' dtype if wider).
     ct = torch.promote_types(q.dtype, torch.float32)
     group = q.shape[2] // k.shape[2]
     k, v = (t.repeat_interleave(group, dim=2) if group > 1 else t for t in (k, v))  # [b, s, h, hd]
     qt, kt, vt = (t.transpose(1, 2).to(ct) for t in (q, k, v))  # [b, h, s, hd]
     scores = (qt @ kt.transpose(-1, -2)) * scale  # [b, h, s, s]
+    if softcap:
+        scores = torch.tanh(scores / softcap) * softcap
     if mask is None:
         s = q.shape[1]
         allowed = torch.ones(s, s, dtype=torch.bool, device=q.device).tril()  # [s, s]
@@ -123,7 +129,7 @@ def _eager(q, k, v, mask: Optional[AttnMask], scale: float) -> torch.Tensor:
     return (probs @ vt).transpose(1, 2).to(q.dtype)
 
 
-def _flash(q, k, v, mask: Optional[AttnMask], scale: float) -> torch.Tensor:
+def _flash(q, k, v, mask: Optional[AttnMask], scale: float, softcap: float = 0.0) -> torch.Tensor:
     try:
         from flash_attn import flash_attn_func, flash_attn_varlen_func
     except ImportError:
@@ -134,11 +140,11 @@ def _flash(q, k, v, mask: Optional[AttnMask], scale: float) -> torch.Tensor:
                         "set train.precision=bf16 or model.attention=sdpa")
     window = (mask.window - 1, 0) if mask is not None and mask.window else (-1, -1)  # (-1, -1): unlimited
     if mask is None or mask.cu_seqlens is None:
-        return flash_attn_func(q, k, v, softmax_scale=scale, causal=True, window_size=window)
+        return flash_attn_func(q, k, v, softmax_scale=scale, causal=True, window_size=window, softcap=softcap)
     b, s, h, hd = q.shape
     qf, kf, vf = (t.reshape(b * s, t.shape[2], hd) for t in (q, k, v))  # [b s, h(_kv), hd], runs back to back
     o = flash_attn_varlen_func(qf, kf, vf, mask.cu_seqlens, mask.cu_seqlens, mask.max_seqlen, mask.max_seqlen,
-                               softmax_scale=scale, causal=True, window_size=window)
+                               softmax_scale=scale, causal=True, window_size=window, softcap=softcap)
     return o.reshape(b, s, h, hd)
 
 

@@ -1,9 +1,9 @@
 """The paper's decoder-only Transformer (MHA + QK-norm + RoPE, pre-norm RMSNorm, SwiGLU, untied head), TP-agnostic.
 
-Options for imported models (Qwen3 / Qwen2 / Llama / Mistral / Phi-3 / OLMo 2 / Gemma 3 / SmolLM3): GQA (n_kv_heads),
-QK-norm off or over all heads' dims, Q/K/V biases (qkv_bias), post-norm and sandwich blocks, 1 + w norm gains, GeGLU,
-scaled embeddings and attention, tied embeddings, RoPE scaling and partial RoPE, blocks without RoPE, a sliding
-attention window on all or some blocks (with a RoPE of their own).
+Options for imported models (Qwen3 / Qwen2 / Llama / Mistral / Phi-3 / OLMo 2 / Gemma 2 / Gemma 3 / SmolLM3): GQA
+(n_kv_heads), QK-norm off or over all heads' dims, Q/K/V biases (qkv_bias), post-norm and sandwich blocks, 1 + w norm
+gains, GeGLU, scaled embeddings and attention, softcapped attention and output logits, tied embeddings, RoPE scaling
+and partial RoPE, blocks without RoPE, a sliding attention window on all or some blocks (with a RoPE of their own).
 """
 from __future__ import annotations
 
@@ -58,6 +58,7 @@ class Attention(nn.Module):
         scale_dim = getattr(cfg, "attn_scale_dim", 0)
         self.scale = 1.0 / math.sqrt(scale_dim) if scale_dim else None  # None: 1 / sqrt(head_dim)
         offset = getattr(cfg, "norm_offset", 0.0)
+        self.softcap = float(getattr(cfg, "attn_softcap", 0.0))  # Gemma 2: scores capped as c tanh(s / c)
         self.local_heads = factory.local(cfg.n_heads, "model.n_heads")
         self.local_kv_heads = factory.local(n_kv, "model.n_kv_heads")
         self.gqa = bool(n_kv != cfg.n_heads)  # a constant for SDPA's enable_gqa (see attention())
@@ -90,7 +91,7 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         if cos is not None:  # None: a block without positional encoding (model.nope_blocks)
             q, k = kernels_mod.rope(q, k, cos, sin, self.kernels)  # liger: in place (q, k have no other reader)
-        o = attention(q, k, v, self.backend, mask, self.scale, gqa=self.gqa)  # [b, s, h/tp, hd]
+        o = attention(q, k, v, self.backend, mask, self.scale, gqa=self.gqa, softcap=self.softcap)  # [b, s, h/tp, hd]
         return self.wo(o.reshape(b, s, self.local_heads * self.head_dim))  # [b, s, d]
 
 
@@ -239,5 +240,8 @@ class Transformer(nn.Module):
         return self.gather_sequence(self.norm(x))
 
     def forward(self, input_ids: torch.Tensor, doc_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """Logits of this rank's vocab shard, [b, s, V/tp] (rank r holds classes [r V/tp, (r+1) V/tp))."""
-        return self.head(self.hidden_states(input_ids, doc_ids))
+        """Logits of this rank's vocab shard, [b, s, V/tp] (rank r holds classes [r V/tp, (r+1) V/tp)); capped as
+        c tanh(z / c) with model.logit_softcap = c > 0 (Gemma 2; elementwise, so per shard)."""
+        logits = self.head(self.hidden_states(input_ids, doc_ids))
+        cap = getattr(self.cfg, "logit_softcap", 0.0)
+        return torch.tanh(logits / cap) * cap if cap else logits

@@ -109,7 +109,7 @@ def register(sub) -> None:
     p.set_defaults(func=_export)
 
     p = sub.add_parser("import", help="convert a local Hugging Face folder (Qwen3, Qwen2, Llama, Mistral, Phi-3, "
-                       "OLMo 2, Gemma 3, SmolLM3) to a megadistill model dir",
+                       "OLMo 2, Gemma 2 / 3, SmolLM3) to a megadistill model dir",
                        epilog="example: megadistill import hf:/models/Qwen3-1.7B -o teachers/qwen3-1.7b")
     p.add_argument("source", metavar="hf:PATH")
     p.add_argument("-o", "--out", required=True)

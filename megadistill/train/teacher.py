@@ -137,6 +137,9 @@ def teacher_source(cfg: Config) -> TeacherSource:
                         "padding rows are masked on materialised logits, which distill.fused=true never forms; set "
                         f"distill.fused=false (or model.vocab_size={n_tok} if parallel.tp_size divides it)")
 
+    if tm.logit_softcap and cfg.distill.fused:
+        raise UserError(f"the teacher caps its logits (logit_softcap={tm.logit_softcap}, from {origin}), which the "
+                        "fused loss (distill.fused=true) never forms; set distill.fused=false")
     tp = cfg.parallel.tp_size
     for key in ("n_heads", "n_kv_heads", "d_ff"):
         if getattr(tm, key) % tp:
