@@ -323,3 +323,9 @@ def test_gemma3_1b_counts_its_sandwich_norms(tmp_path):
     assert (m.rope_base, m.rope_local_base, m.embed_scale) == (1e6, 1e4, pytest.approx(1152 ** 0.5))
     pre = dataclasses.replace(m, norm_position="pre")
     assert memory.rank_params(m, 1)["total"] - memory.rank_params(pre, 1)["total"] == 2 * 26 * 1152
+    # a Gemma 2 teacher caps its logits: only layouts with materialised logits (the trainer refuses distill.fused)
+    capped = dict(json.loads((folder / "config.json").read_text()), architectures=["Gemma2ForCausalLM"],
+                  model_type="gemma2", final_logit_softcapping=30.0, attn_logit_softcapping=50.0)
+    (folder / "config.json").write_text(json.dumps(capped))
+    rows = memory.plan("tiny-2M", f"hf:{folder}", gpus=2, seq_len=512, global_batch_tokens=2 ** 14)
+    assert rows and {r["layout"]["fused"] for r in rows} == {False}

@@ -394,6 +394,8 @@ def plan(student: Union[str, ModelConfig], teacher: Union[None, str, ModelConfig
     if global_batch_tokens % seq_len:
         raise UserError(f"--global-batch-tokens={global_batch_tokens} is not a multiple of --seq-len={seq_len}")
     batch = global_batch_tokens // seq_len  # sequences per optimizer step
+    if any(m is not None and m.logit_softcap for m in (smodel, tmodel)):  # Gemma 2: capped logits are materialised
+        fused = tuple(f for f in fused if not f) or (False,)
     tps = tp_candidates(smodel, tmodel, gpus, hardware.gpus_per_node)
     if not tps:
         raise UserError(f"no tensor-parallel degree <= {min(8, hardware.gpus_per_node)} divides --gpus={gpus} and "
