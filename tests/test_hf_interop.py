@@ -146,8 +146,10 @@ def _tp2_and_training(rank, world, root, variants):
     out["student_init"] = torch.cat(parts, dim=-1)
     release(live)
     teacher = f"hf:{variants['qwen3_gqa']}"
+    gemma2 = f"distill.teacher=hf:{variants['gemma2_gqa_tied']}"  # windows of 8 in 32 tokens, softcapped logits
     for name, extra in {"tp2_dp1": ["parallel.tp_size=2", "zero.stage=1"],
-                        "tp1_dp2_teacher_z3": ["zero.stage=3", "distill.teacher_zero3=true"]}.items():
+                        "tp1_dp2_teacher_z3": ["zero.stage=3", "distill.teacher_zero3=true"],
+                        "tp2_gemma2_teacher": ["parallel.tp_size=2", "zero.stage=1", gemma2]}.items():
         over = tiny_overrides(root / name, "distill", ["train.steps=12", f"distill.teacher={teacher}",
                                                        "optim.lr=3e-2", "train.eval_interval=12", *extra])
         train(config.load([], over))
@@ -163,12 +165,13 @@ def test_tp2_logits_and_distillation_from_hf_teacher(hf_dirs, tmp_path):
     for name, (_, ref) in hf_dirs.items():
         assert_close(out["logits"][name], ref, msg=name)
     assert_close(out["student_init"], hf_dirs["llama_gqa_tied"][1])
-    for name in ("tp2_dp1", "tp1_dp2_teacher_z3"):
+    for name in ("tp2_dp1", "tp1_dp2_teacher_z3", "tp2_gemma2_teacher"):
         losses = out[name]
         assert len(losses) == 12 and all(map(lambda x: x == x, losses))
         assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 0.05, (name, losses)
         rec = out[name + "_record"]
-        assert rec["mode"] == "distill" and rec["teacher"]["run"] == "qwen3_gqa"
+        assert rec["mode"] == "distill" and rec["teacher"]["run"] == (
+            "gemma2_gqa_tied" if "gemma2" in name else "qwen3_gqa")
         assert rec["teacher"]["eval_loss"] > 0 and rec["flops_teacher_inference"] > 0
 
 
