@@ -300,3 +300,27 @@ def _stage0_checkpoint_under_zero1(rank, world, root):
 def test_stage0_checkpoint_resumed_under_zero1_is_a_named_error(tmp_path):
     err = run_distributed(_stage0_checkpoint_under_zero1, 1, str(tmp_path))[0]
     assert err.startswith("CheckpointError:") and "resume it with zero.stage=0" in err, err
+
+
+def test_stale_extension_build_lock_is_cleared_before_deepspeed_starts(tmp_path, caplog, monkeypatch):
+    """A process killed while torch JIT-builds DeepSpeed's op leaves <extensions dir>/<op>/lock, and every later start
+    would wait on it forever (seen here: each test of a re-run hung). init_distributed first removes locks older than
+    STALE_BUILD_LOCK_S, naming them; a younger one (a build in progress) is kept and named."""
+    import logging
+    import os
+    import time
+
+    from megadistill.parallel.init import STALE_BUILD_LOCK_S, clear_stale_build_locks
+    old, young = tmp_path / "py311_cpu" / "deepspeed_shm_comm" / "lock", tmp_path / "py311_cpu" / "other_op" / "lock"
+    for lock, age in ((old, STALE_BUILD_LOCK_S + 60), (young, 5)):
+        lock.parent.mkdir(parents=True)
+        lock.touch()
+        os.utime(lock, (time.time() - age, time.time() - age))
+    (tmp_path / "py311_cpu" / "deepspeed_shm_comm" / "deepspeed_shm_comm.so").write_bytes(b"built")
+    with caplog.at_level(logging.WARNING, logger="megadistill.parallel.init"):
+        assert clear_stale_build_locks(root=str(tmp_path)) == [old]
+    assert not old.exists() and young.exists() and (old.parent / "deepspeed_shm_comm.so").exists()
+    assert f"removed the build lock {old}" in caplog.text and f"build lock {young} is 5 s old" in caplog.text
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))  # the root init_distributed uses, as torch does
+    os.utime(young, (time.time() - 2 * STALE_BUILD_LOCK_S, time.time() - 2 * STALE_BUILD_LOCK_S))
+    assert clear_stale_build_locks() == [young]

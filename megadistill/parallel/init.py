@@ -5,13 +5,20 @@ import datetime
 import logging
 import os
 import socket
+import time
 from dataclasses import dataclass
-from typing import Optional
+from pathlib import Path
+from typing import List, Optional
 
 import torch
 import torch.distributed as dist
 
 log = logging.getLogger(__name__)
+
+# A torch JIT-extension build (DeepSpeed's shm op on CPU: about a minute) holds <extensions dir>/<op>/lock; a process
+# killed meanwhile (a preempted SLURM job, a timeout) leaves the file, and every later load of the op waits for it to
+# vanish, forever. A lock older than this is taken to be such a leftover.
+STALE_BUILD_LOCK_S = 600.0
 
 
 @dataclass(frozen=True)
@@ -38,6 +45,30 @@ def _slurm_env_fallback() -> None:
     os.environ["LOCAL_RANK"] = os.environ.get("SLURM_LOCALID", "0")
 
 
+def clear_stale_build_locks(max_age_s: float = STALE_BUILD_LOCK_S, root: Optional[str] = None) -> List[Path]:
+    """Remove JIT-extension build locks older than max_age_s under `root` (TORCH_EXTENSIONS_DIR, else torch's default
+    build root) and return them; younger ones are kept and named in a warning (a build in progress, or a leftover the
+    next start will clear)."""
+    if root is None:
+        from torch.utils.cpp_extension import get_default_build_root
+        root = os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root()
+    removed, now = [], time.time()
+    for lock in sorted(Path(root).glob("*/*/lock")) + sorted(Path(root).glob("*/lock")):
+        try:
+            age = now - lock.stat().st_mtime
+            if age > max_age_s:
+                lock.unlink()
+                removed.append(lock)
+                log.warning("removed the build lock %s, left %.0f s ago by a process that died while building the "
+                            "op: it would have made this start wait forever", lock, age)
+            else:
+                log.warning("build lock %s is %.0f s old: this start waits for it; if no process is building the op, "
+                            "remove the file", lock, age)
+        except FileNotFoundError:  # released meanwhile
+            continue
+    return removed
+
+
 def init_distributed(backend: str = "auto", timeout_s: Optional[float] = None) -> DistInfo:
     """Initialise torch.distributed (through DeepSpeed) once per process; a bare process becomes a world of 1.
 
@@ -58,6 +89,7 @@ def init_distributed(backend: str = "auto", timeout_s: Optional[float] = None) -
     else:
         device = torch.device("cpu")
     if not dist.is_initialized():
+        clear_stale_build_locks()  # DeepSpeed JIT-loads its ops from here on
         import deepspeed
         kw = {"timeout": datetime.timedelta(seconds=timeout_s)} if timeout_s else {}
         deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False, **kw)
