@@ -155,8 +155,9 @@ class ModelConfig:
             _positive(f"{prefix}.rope_attention_factor", self.rope_attention_factor)
         if self.rope_scaling == "yarn" and not 0 < self.rope_beta_slow < self.rope_beta_fast:
             raise ConfigError(f"{prefix}.rope_beta_slow={self.rope_beta_slow} must be > 0 and < "
-                              f"{prefix}.rope_beta_fast={self.rope_beta_fast} (rotations over the original context: slow ones interpolated, "
-                              "fast ones kept)")
+                              f"{prefix}.rope_beta_fast={self.rope_beta_fast} (rotations over the original context: "
+                              "slow ones interpolated, fast ones kept)")
+        if self.rope_scaling == "longrope":
             for key in ("rope_short_factor", "rope_long_factor"):
                 factors = list(getattr(self, key))
                 if len(factors) != rotary // 2 or not all(f > 0 for f in factors):

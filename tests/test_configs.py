@@ -180,6 +180,8 @@ TINY = ["model.n_layers=2", "model.d_model=64", "model.n_heads=4", "model.head_d
     (["train.mode=distill"], None, "distill.teacher"),
     (["model.norm_position=middle"], None, "model.norm_position='middle'"),
     (["model.qk_norm_scope=heads"], None, "model.qk_norm_scope='heads'"),
+    (["model.rope_scaling=longrope", "model.rope_short_factor=[1,2]", "model.rope_long_factor=[1,2,3,4,5,6,7,8]"], None,
+     "model.rope_short_factor must hold 8 positive factors"),
     (["model.nope_blocks=[5]"], None, "model.nope_blocks=[5] must list distinct block indices in [0, 2)"),
     (["model.logit_softcap=30", "distill.fused=true"], None, "model.logit_softcap=30.0 needs materialised logits"),
     (["model.rope_scaling=yarn", "model.rope_factor=4", "model.rope_beta_slow=40"], None,
