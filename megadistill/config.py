@@ -127,6 +127,11 @@ class ModelConfig:
         return self
 
     @property
+    def block_kinds(self) -> List[str]:
+        """Each block's attention: "sliding" (windowed) or "full" -- layer_types, else every block alike."""
+        return list(self.layer_types) or ["sliding" if self.sliding_window else "full"] * self.n_layers
+
+    @property
     def rotary_dim(self) -> int:
         """Dims of each head that RoPE rotates: the first int(head_dim x rope_fraction)."""
         return int(self.head_dim * self.rope_fraction)

@@ -9,8 +9,9 @@ LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "hi
                "original_max_position_embeddings": 64}
 
 # name -> (family, n_kv_heads, tied): GQA and MHA, tied and untied, QK-norm (qwen3) and not (llama), Q/K/V biases
-# and yarn RoPE (qwen2), sliding windows shorter than the interop tests' 24 tokens and the tiny runs' 32 (mistral, phi3), fused
-# Q/K/V and gate/up matrices, partial RoPE and longrope (phi3), post-norms and a QK-norm over all heads (olmo2),
+# and yarn RoPE (qwen2), sliding windows shorter than the interop tests' 24 tokens and the tiny runs' 32 (mistral,
+# phi3), fused Q/K/V and gate/up matrices, partial RoPE and longrope (phi3), post-norms and a QK-norm over all heads
+# (olmo2),
 # sandwich norms with 1 + w gains, GeGLU, scaled embeddings, a sliding and a full block with RoPEs of their own
 # (gemma3), the same without QK-norm and with softcapped attention and output logits (gemma2), a block without RoPE
 # (smollm3)

@@ -154,7 +154,8 @@ def test_qkv_bias_layouts_agree(study):
     assert len(ref) == STEPS and all(math.isfinite(x) for x in ref)
     assert res["tp1_z1_bias"] != res["tp1_z1"]  # another model (no QK-norm; biases that train)
     torch.testing.assert_close(torch.tensor(res["tp2dp2_z3_sp_bias"]), ref, atol=CURVE_ATOL, rtol=0)
-    a, b = (load_file(str(root / name / "model" / "model.safetensors")) for name in ("tp1_z1_bias", "tp2dp2_z3_sp_bias"))
+    a, b = (load_file(str(root / name / "model" / "model.safetensors"))
+            for name in ("tp1_z1_bias", "tp2dp2_z3_sp_bias"))
     assert a.keys() == b.keys() and "blocks.0.attn.wk.bias" in a
     assert float(a["blocks.0.attn.wk.bias"].abs().min()) > 0  # trained away from their zero init
     for k in a:

@@ -103,10 +103,11 @@ def _rope(hf: Dict, where: str) -> Dict:
     return out
 
 
-def _windows(hf: Dict, model_type: str, where: str) -> Tuple[int, List[str]]:
+def _windows(hf: Dict, model_type: str, nope: List[int], where: str) -> Tuple[int, List[str]]:
     """(sliding window, per-block kinds: [] when every block is alike) as transformers reads them: Mistral / Phi-3
     window every block; Qwen2 / Qwen3 with use_sliding_window the blocks from max_window_layers on, SmolLM3 with it
-    its NoPE blocks; Gemma 3 those its layer_types (or its sliding_window_pattern, every 6th full) name sliding."""
+    its NoPE blocks (`nope`); Gemma 2 / 3 those its layer_types (or its sliding_window_pattern: every 2nd / 6th full)
+    name sliding."""
     n = int(hf.get("num_hidden_layers", 0))
     if model_type in WINDOWED:
         return int(hf.get("sliding_window") or 0), []
@@ -114,7 +115,6 @@ def _windows(hf: Dict, model_type: str, where: str) -> Tuple[int, List[str]]:
         first = int(hf.get("max_window_layers", n))
         types = hf.get("layer_types") or ["sliding_attention" if i >= first else "full_attention" for i in range(n)]
     elif model_type == "smollm3" and hf.get("use_sliding_window") and hf.get("sliding_window"):
-        nope = set(_nope_blocks(hf, model_type))
         types = hf.get("layer_types") or ["sliding_attention" if i in nope else "full_attention" for i in range(n)]
     elif model_type in GEMMAS and hf.get("sliding_window"):  # Gemma 2: every other block from the first
         pattern = int(hf.get("sliding_window_pattern", 6 if model_type == "gemma3_text" else 2))
@@ -144,7 +144,7 @@ def _nope_blocks(hf: Dict, model_type: str) -> List[int]:
     no_rope_layer_interval-th block (default 4) has none."""
     if model_type != "smollm3":
         return []
-    n = int(hf["num_hidden_layers"])
+    n = int(hf.get("num_hidden_layers", 0))  # missing: a named error where the model config is built
     flags = hf.get("no_rope_layers") or [int((i + 1) % int(hf.get("no_rope_layer_interval", 4)) != 0)
                                          for i in range(n)]
     return [i for i, has_rope in enumerate(flags) if not has_rope]
@@ -198,7 +198,8 @@ def to_model_config(hf: Dict, where: str = "config.json") -> ModelConfig:
     if hf.get("use_bidirectional_attention"):
         raise UserError(f"{where}: use_bidirectional_attention={hf['use_bidirectional_attention']!r} is not supported "
                         "(causal language models only)")
-    window, kinds = _windows(hf, model_type, where)
+    nope = _nope_blocks(hf, model_type)
+    window, kinds = _windows(hf, model_type, nope, where)
     # transformers v5 keeps it in rope_parameters, v4 configs (most of the hub) at the top level: either counts
     partial = next((float(f) for f in ((hf.get("rope_parameters") or {}).get("partial_rotary_factor"),
                                        hf.get("partial_rotary_factor")) if f is not None and float(f) != 1.0), 1.0)
@@ -223,7 +224,7 @@ def to_model_config(hf: Dict, where: str = "config.json") -> ModelConfig:
                         qk_norm=qk_norm, qkv_bias=qkv_bias, sliding_window=window, rope_fraction=partial,
                         tie_embeddings=bool(hf.get("tie_word_embeddings", model_type in TIED_BY_DEFAULT)), **rope,
                         activation=activation, layer_types=kinds, rope_local_base=local_base,
-                        nope_blocks=_nope_blocks(hf, model_type), **family)
+                        nope_blocks=nope, **family)
     except KeyError as e:
         raise UserError(f"{where}: required key {e.args[0]!r} is missing") from None
     m.resolve()
@@ -264,7 +265,7 @@ def _architecture(m: ModelConfig) -> str:
             else ("Gemma3ForCausalLM" if m.qk_norm else "Gemma2ForCausalLM") if gemma
             else "Qwen3ForCausalLM" if m.qk_norm else "Qwen2ForCausalLM" if m.qkv_bias
             else "Phi3ForCausalLM" if phi3 else "LlamaForCausalLM")
-    kinds = list(m.layer_types) or ["sliding" if m.sliding_window else "full"] * m.n_layers
+    kinds = m.block_kinds
     if "sliding" not in kinds or arch in ("Gemma2ForCausalLM", "Gemma3ForCausalLM", "SmolLM3ForCausalLM"):  # any
         return arch
     if arch in ("Qwen3ForCausalLM", "Qwen2ForCausalLM"):
@@ -315,7 +316,7 @@ def from_model_config(m: ModelConfig, max_position: int, dtype: str = "float32")
         out.update(attention_bias=False, mlp_bias=False)
     if arch == "Olmo2ForCausalLM":
         out["attention_bias"] = False
-    kinds = list(m.layer_types) or ["sliding" if m.sliding_window else "full"] * m.n_layers
+    kinds = m.block_kinds
     if arch in ("Qwen3ForCausalLM", "Qwen2ForCausalLM"):  # windowed: the blocks from max_window_layers on
         out.update(use_sliding_window="sliding" in kinds, sliding_window=m.sliding_window or None,
                    max_window_layers=kinds.count("full"))

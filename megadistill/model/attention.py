@@ -171,10 +171,8 @@ class RopeScaling:
     def of(cls, cfg) -> "RopeScaling":
         """From a ModelConfig's rope_* fields."""
         return cls(cfg.rope_scaling, cfg.rope_factor, cfg.rope_low_freq_factor, cfg.rope_high_freq_factor,
-                   cfg.rope_original_max_position, tuple(getattr(cfg, "rope_short_factor", ())),
-                   tuple(getattr(cfg, "rope_long_factor", ())), getattr(cfg, "rope_attention_factor", 1.0),
-                   getattr(cfg, "rope_beta_fast", 32.0), getattr(cfg, "rope_beta_slow", 1.0),
-                   bool(getattr(cfg, "rope_truncate", True)))
+                   cfg.rope_original_max_position, tuple(cfg.rope_short_factor), tuple(cfg.rope_long_factor),
+                   cfg.rope_attention_factor, cfg.rope_beta_fast, cfg.rope_beta_slow, bool(cfg.rope_truncate))
 
     def scale(self) -> float:
         """Factor on cos and sin (longrope's and yarn's attention factor; 1 otherwise)."""

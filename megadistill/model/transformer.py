@@ -55,21 +55,21 @@ class Attention(nn.Module):
             raise UserError(f"model.n_kv_heads={n_kv} must divide model.n_heads={cfg.n_heads}")
         inner, kv_inner = cfg.n_heads * hd, n_kv * hd
         self.head_dim, self.backend, self.kernels = hd, cfg.attention, cfg.kernels
-        scale_dim = getattr(cfg, "attn_scale_dim", 0)
+        scale_dim = cfg.attn_scale_dim
         self.scale = 1.0 / math.sqrt(scale_dim) if scale_dim else None  # None: 1 / sqrt(head_dim)
-        offset = getattr(cfg, "norm_offset", 0.0)
-        self.softcap = float(getattr(cfg, "attn_softcap", 0.0))  # Gemma 2: scores capped as c tanh(s / c)
+        offset = cfg.norm_offset
+        self.softcap = float(cfg.attn_softcap)  # Gemma 2: scores capped as c tanh(s / c)
         self.local_heads = factory.local(cfg.n_heads, "model.n_heads")
         self.local_kv_heads = factory.local(n_kv, "model.n_kv_heads")
         self.gqa = bool(n_kv != cfg.n_heads)  # a constant for SDPA's enable_gqa (see attention())
         std_in, std_out = mup.init_std_for("hidden", d), mup.init_std_for("hidden", inner)
-        bias = bool(getattr(cfg, "qkv_bias", False))  # Qwen2: biases on Q, K and V (not on O)
+        bias = bool(cfg.qkv_bias)  # Qwen2: biases on Q, K and V (not on O)
         self.wq = factory.column(d, inner, std_in, copy_input=False, bias=bias)  # [d] -> [h/tp hd]
         self.wk = factory.column(d, kv_inner, std_in, copy_input=False, bias=bias)  # [d] -> [h_kv/tp hd]
         self.wv = factory.column(d, kv_inner, std_in, copy_input=False, bias=bias)
         self.enter = factory.columns_entry(self.wq, self.wk, self.wv)  # one TP-region entry for the three
         self.wo = factory.row(inner, d, std_out)  # [h/tp hd] -> [d], all-reduce
-        self.qk_norm_full = bool(cfg.qk_norm) and getattr(cfg, "qk_norm_scope", "head") == "full"
+        self.qk_norm_full = bool(cfg.qk_norm) and cfg.qk_norm_scope == "full"
         if self.qk_norm_full:  # OLMo 2: RMSNorm over all heads' dims of q (and of k), a gain per dim, split over TP
             self.q_norm = factory.width_sharded_norm(inner, cfg.norm_eps, offset)
             self.k_norm = factory.width_sharded_norm(kv_inner, cfg.norm_eps, offset)
@@ -101,7 +101,7 @@ class SwiGLU(nn.Module):
 
     def __init__(self, cfg, d_ff: int, factory: LayerFactory):
         super().__init__()
-        d, self.kernels, self.activation = cfg.d_model, cfg.kernels, getattr(cfg, "activation", "silu")
+        d, self.kernels, self.activation = cfg.d_model, cfg.kernels, cfg.activation
         factory.local(d_ff, "model.d_ff")
         self.w1 = factory.column(d, d_ff, mup.init_std_for("hidden", d), copy_input=False)  # gate [d] -> [f/tp]
         self.w3 = factory.column(d, d_ff, mup.init_std_for("hidden", d), copy_input=False)  # up   [d] -> [f/tp]
@@ -120,8 +120,7 @@ class Block(nn.Module):
 
     def __init__(self, cfg, d_ff: int, factory: LayerFactory):
         super().__init__()
-        position, d, eps, offset = getattr(cfg, "norm_position", "pre"), cfg.d_model, cfg.norm_eps, \
-            getattr(cfg, "norm_offset", 0.0)
+        position, d, eps, offset = cfg.norm_position, cfg.d_model, cfg.norm_eps, cfg.norm_offset
         self.pre_norm, self.post_norm = position in ("pre", "sandwich"), position in ("post", "sandwich")
         if self.pre_norm:
             self.attn_norm = factory.norm(d, eps, offset)
@@ -164,9 +163,9 @@ class Transformer(nn.Module):
         self.cfg, self.tp_size = cfg, factory.tp_size
         self.vocab_size, self.local_vocab = vocab, factory.local(vocab, "model.vocab_size")
         self.embed = factory.embedding(vocab, d, mup.init_std_for("embedding"))  # [V/tp, d]
-        self.embed_scale = float(getattr(cfg, "embed_scale", 1.0))
+        self.embed_scale = float(cfg.embed_scale)
         self.blocks = nn.ModuleList(Block(cfg, d_ff, factory) for _ in range(cfg.n_layers))
-        self.norm = factory.norm(d, cfg.norm_eps, getattr(cfg, "norm_offset", 0.0))
+        self.norm = factory.norm(d, cfg.norm_eps, cfg.norm_offset)
         self.sequence_shards = factory.sequence_shards  # > 1: the residual stream is cut along the sequence
         self.gather_sequence = factory.sequence_output()  # [b, s/tp, d] -> [b, s, d]; identity otherwise
         self.head = factory.head(d, vocab, mup.init_std_for("head", d))  # [V/tp, d]
@@ -174,17 +173,16 @@ class Transformer(nn.Module):
         self.tie_weights()
         self.rope = Rotary(cfg.rotary_dim, cfg.rope_base, RopeScaling.of(cfg))  # partial RoPE: rotary_dim < head_dim
         # which blocks attend through the sliding window; those may have RoPE of their own (Gemma 3's local base)
-        window = getattr(cfg, "sliding_window", 0)
-        self.layer_kinds = list(getattr(cfg, "layer_types", None) or ["sliding" if window else "full"] * cfg.n_layers)
-        local_base = getattr(cfg, "rope_local_base", 0.0)
+        self.layer_kinds = cfg.block_kinds
+        local_base = cfg.rope_local_base
         self.local_rope = Rotary(cfg.rotary_dim, local_base) if local_base else self.rope
-        self.nope = set(getattr(cfg, "nope_blocks", ()))
+        self.nope = set(cfg.nope_blocks)
         use_kernels(self, cfg.kernels)
         self._tag_roles()
 
     def tie_weights(self) -> None:
         """Re-point the head at the embedding when tied (after anything that replaces Parameters, e.g. to_empty)."""
-        if getattr(self.cfg, "tie_embeddings", False):
+        if self.cfg.tie_embeddings:
             self.head.weight = self.embed.weight
 
     def _tag_roles(self) -> None:
@@ -224,7 +222,7 @@ class Transformer(nn.Module):
             x = x * torch.tensor(self.embed_scale, dtype=x.dtype)
         # per kind of block: RoPE tables [s, hd] and the mask (documents, and the window for sliding blocks), built
         # once for all layers; mask None: plain causal
-        window = getattr(self.cfg, "sliding_window", 0)
+        window = self.cfg.sliding_window
         inputs = {kind: (*(self.local_rope if kind == "sliding" else self.rope)(s, x.device, x.dtype),
                          build_mask(doc_ids, self.cfg.attention, s, window if kind == "sliding" else 0, x.device))
                   for kind in sorted(set(self.layer_kinds))}
@@ -243,5 +241,5 @@ class Transformer(nn.Module):
         """Logits of this rank's vocab shard, [b, s, V/tp] (rank r holds classes [r V/tp, (r+1) V/tp)); capped as
         c tanh(z / c) with model.logit_softcap = c > 0 (Gemma 2; elementwise, so per shard)."""
         logits = self.head(self.hidden_states(input_ids, doc_ids))
-        cap = getattr(self.cfg, "logit_softcap", 0.0)
+        cap = self.cfg.logit_softcap
         return torch.tanh(logits / cap) * cap if cap else logits
