@@ -14,13 +14,13 @@ LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "hi
 # (olmo2),
 # sandwich norms with 1 + w gains, GeGLU, scaled embeddings, a sliding and a full block with RoPEs of their own
 # (gemma3), the same without QK-norm and with softcapped attention and output logits (gemma2), a block without RoPE
-# (smollm3)
+# (smollm3), one key/value head, replicated over TP=2 (qwen2_mqa)
 VARIANTS = {"qwen3_gqa": ("qwen3", 2, False), "qwen3_mha_tied": ("qwen3", 4, True),
             "llama_gqa_tied": ("llama", 2, True), "llama_mha": ("llama", 4, False),
             "qwen2_gqa_tied": ("qwen2", 2, True), "mistral_gqa": ("mistral", 2, False),
             "phi3_gqa": ("phi3", 2, False), "olmo2_gqa": ("olmo2", 2, False),
             "gemma3_gqa_tied": ("gemma3", 2, True), "smollm3_gqa_tied": ("smollm3", 2, True),
-            "gemma2_gqa_tied": ("gemma2", 2, True)}
+            "gemma2_gqa_tied": ("gemma2", 2, True), "qwen2_mqa": ("qwen2", 1, False)}
 GEMMA2_CAPS = (2.0, 3.0)  # attention, output logits: small enough to bite on the tiny model (Gemma 2: 50, 30)
 GEMMA3_WINDOW = 8
 GEMMA3_ROPE = {"full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1000000.0},

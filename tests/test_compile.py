@@ -101,6 +101,9 @@ def _collectives_traced_vs_eager(rank, world):
         "scatter_to_sequence_region": lambda x, w: M.scatter_to_sequence_region(x, group) * scale,
         "columns_entry": lambda x, w: sum(y * (i + 1) for i, y in enumerate(M.columns_entry(x, w, group))) * scale,
         "columns_entry_sp": lambda x, w: sum(M.columns_entry(x, w, group, True)) * scale,
+        # a replicated key/value weight (parallel.layers.HeadReplicatedLinear): this rank's rows, grads summed
+        "columns_entry_replicated_rows": lambda x, w: torch.cat(M.columns_entry(
+            x, [w[0], M.copy_to_tp_region(w[1], group).narrow(0, 3 * rank, 3)], group), -1) * scale,
         "sum_in_tp_region": lambda x, w: M.sum_in_tp_region(x * scale, group) * scale,
     }
     bad = {}

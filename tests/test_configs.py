@@ -176,6 +176,10 @@ TINY = ["model.n_layers=2", "model.d_model=64", "model.n_heads=4", "model.head_d
     (["train.steps=many"], None, "'train.steps'"),
     (["parallel.tp_size=3"], None, "parallel.tp_size=3 does not divide model.n_heads=4"),
     (["model.vocab_size=130", "parallel.tp_size=4"], None, "does not divide model.vocab_size=130"),
+    (["model.n_heads=12", "model.n_kv_heads=6", "parallel.tp_size=4"], None,
+     "parallel.tp_size=4 neither divides model.n_kv_heads=6 nor is a multiple of it"),
+    (["model.n_kv_heads=2", "model.qk_norm_scope=full", "parallel.tp_size=4"], None,
+     "model.qk_norm_scope=full normalises k over all model.n_kv_heads=2 heads"),
     (["train.micro_batch_size=4", "train.global_batch_size=8"], 4, "train.global_batch_size=8"),
     (["train.mode=distill"], None, "distill.teacher"),
     (["model.norm_position=middle"], None, "model.norm_position='middle'"),
@@ -191,6 +195,13 @@ def test_config_errors_name_the_key(overrides, world, needle):
     with pytest.raises(ConfigError) as e:
         config.load([], TINY + overrides, world_size=world)
     assert needle in str(e.value), str(e.value)
+
+
+def test_fewer_kv_heads_than_tp_ranks_validate():
+    """One or two key/value heads over 4 TP ranks: replicated, a valid layout (the model test checks its values)."""
+    for kv in (1, 2):
+        cfg = config.load([], TINY + [f"model.n_kv_heads={kv}", "parallel.tp_size=4"], world_size=4)
+        assert (cfg.model.n_kv_heads, cfg.parallel.tp_size) == (kv, 4)
 
 
 def test_unknown_key_in_a_yaml_file(tmp_path):

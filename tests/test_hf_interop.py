@@ -446,7 +446,11 @@ def test_bad_folders_are_named_errors(hf_dirs, tmp_path, capsys):
     shutil.copytree(folder, deeper)
     edit_config(deeper, num_hidden_layers=3)
     fails(deeper, "missing from the checkpoint.*layers.2")
-    fails(folder, "parallel.tp_size=4 does not divide the teacher's n_kv_heads=2", ["parallel.tp_size=4"])
+    heads = tmp_path / "heads12"  # 6 key/value heads at TP=4: neither a share per rank nor one replicated
+    shutil.copytree(folder, heads)
+    edit_config(heads, num_attention_heads=12, num_key_value_heads=6)
+    fails(heads, r"parallel.tp_size=4 does not divide the teacher's n_kv_heads=6 .*\(or a multiple of it\)",
+          ["parallel.tp_size=4"])
     fails(hf_dirs["gemma2_gqa_tied"][0], r"caps its logits \(logit_softcap=3.0.*set distill.fused=false",
           ["distill.fused=true"])
     fused = tmp_path / "phi3_kv"  # Phi-3's fused Q/K/V rows do not split as config.json says

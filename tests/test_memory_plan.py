@@ -272,7 +272,8 @@ def test_plan_memory_takes_hugging_face_folders(tmp_path, capsys):
     assert params_of(small)[0] == pytest.approx(1.31e9, rel=0.005)
     assert params_of(big)[0] == pytest.approx(6.53e9, rel=0.005)
     rows = memory.plan(f"hf:{dirs['1.5B']}", f"hf:{dirs['7B']}", gpus=8)
-    assert rows[0]["fits"] and {r["layout"]["tp_size"] for r in rows} == {1, 2}  # 2 kv heads: not 4 or 8
+    # the student's 2 key/value heads replicated over 4 ranks; 8 divides neither model's query heads (12, 28)
+    assert rows[0]["fits"] and {r["layout"]["tp_size"] for r in rows} == {1, 2, 4}
     assert cli.main(["plan-memory", "--student", f"hf:{dirs['1.5B']}", "--teacher", f"hf:{dirs['7B']}", "--gpus", "8",
                      "--top", "2"]) == 0
     assert "distilled from teacher hf:" in capsys.readouterr().out
@@ -329,3 +330,11 @@ def test_gemma3_1b_counts_its_sandwich_norms(tmp_path):
     (folder / "config.json").write_text(json.dumps(capped))
     rows = memory.plan("tiny-2M", f"hf:{folder}", gpus=2, seq_len=512, global_batch_tokens=2 ** 14)
     assert rows and {r["layout"]["fused"] for r in rows} == {False}
+    # its one key/value head at TP=2 and TP=4: K and V replicated on every rank, everything else split
+    L, d, h, hd, f, V = 26, 1152, 4, 256, 6912, 262144
+    for tp in (2, 4):
+        saved = memory.rank_params(m, 1)["total"] - memory.rank_params(m, tp)["total"]
+        assert saved == (L * (2 * d * h * hd + 3 * d * f) + V * d) * (tp - 1) // tp
+    assert memory.tp_candidates(m, None, gpus=4, gpus_per_node=4) == [1, 2, 4]
+    assert {r["layout"]["tp_size"] for r in memory.plan(m, None, gpus=4, seq_len=512,
+                                                         global_batch_tokens=2 ** 14)} == {1, 2, 4}

@@ -151,8 +151,8 @@ def check_model_vs_dense(groups: ParallelGroups, docs: bool, sequence_parallel: 
             for i, (name, p) in enumerate(dense.named_parameters()):
                 if name.endswith(".bias") or (full_qk and name.endswith(("q_norm.weight", "k_norm.weight"))):
                     p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(100 + i)))
-                    n = tp_params[name].shape[0]
-                    tp_params[name].copy_(p[tp_rank * n:(tp_rank + 1) * n] if tp > 1 else p)
+                    n, sharded = tp_params[name].shape[0], getattr(tp_params[name], "tensor_model_parallel", False)
+                    tp_params[name].copy_(p[tp_rank * n:(tp_rank + 1) * n] if tp > 1 and sharded else p)
     g = torch.Generator().manual_seed(7)
     ids = torch.randint(0, V, (2, 16), generator=g)
     doc_ids = torch.tensor([[0] * 5 + [1] * 11, [3] * 9 + [4] * 7]) if docs else None
@@ -186,6 +186,20 @@ def check_model_vs_dense(groups: ParallelGroups, docs: bool, sequence_parallel: 
         assert_close(p.grad, ref_g, atol=1e-5, rtol=1e-4, msg=name)
     assert model.output_weight.shape == (V // tp, cfg.d_model)
     check_grad_norm(groups, model, dense)
+
+
+def check_kv_replicated(groups: ParallelGroups, n_kv: int):
+    """With fewer key/value heads than ranks each rank holds all of K and V (not TP-marked: a replicated parameter
+    for the grad norm and the consolidator) and computes the head its query heads read; the refusals."""
+    tp, rank = groups.tp_size, groups.tp_rank
+    attn = Transformer(_cfg(n_kv_heads=n_kv), groups.factory()).blocks[0].attn
+    assert (attn.local_heads, attn.local_kv_heads, attn.gqa) == (4 // tp, 1, 4 // tp != 1)
+    for w in (attn.wk, attn.wv):
+        assert w.weight.shape == (n_kv * 16, 64) and not getattr(w.weight, "tensor_model_parallel", False)
+        assert w.head == rank // (tp // n_kv)  # ranks [j tp / h_kv, (j + 1) tp / h_kv) read head j
+        assert_close(w.local_weight(), w.weight[w.head * 16:(w.head + 1) * 16], atol=0, rtol=0)
+    with pytest.raises(UserError, match="qk_norm_scope=full normalises k over all"):
+        Transformer(_cfg(n_kv_heads=n_kv, qk_norm_scope="full"), groups.factory())
 
 
 def check_grad_norm(groups: ParallelGroups, model, dense):
@@ -261,6 +275,11 @@ def tp2_worker(rank, world):
     # RoPE next to a full one
     check_model_vs_dense(groups, True, sequence_parallel=True, **GEMMA3_LIKE)
     check_model_vs_dense(groups, False, **dict(GEMMA3_LIKE, attn_softcap=2.0, logit_softcap=3.0))  # Gemma 2's caps
+    # one key/value head for two ranks (Gemma 3 1B, MQA): replicated K / V, each rank's gradient share summed
+    check_kv_replicated(groups, 1)
+    check_model_vs_dense(groups, True, n_kv_heads=1, qkv_bias=True, qk_norm=False)
+    check_model_vs_dense(groups, False, sequence_parallel=True, **dict(GEMMA3_LIKE, n_kv_heads=1),
+                         activation_checkpointing="full")
     sp = Transformer(_cfg(), groups.factory(sequence_parallel=True))
     with pytest.raises(UserError, match="sequence length 15 is not divisible by parallel.tp_size=2"):
         sp(torch.zeros(1, 15, dtype=torch.long))
@@ -290,6 +309,12 @@ def world4_worker(rank, world):
     check_model_vs_dense(groups4, True, sequence_parallel=True, n_kv_heads=4, norm_position="post",
                          qk_norm_scope="full")
     check_model_vs_dense(groups4, False, **dict(GEMMA3_LIKE, n_kv_heads=4))
+    # fewer key/value heads than the 4 ranks: 2 (Qwen2.5-3B at TP=4), each read by a pair of ranks, and 1
+    check_kv_replicated(groups4, 2)
+    check_model_vs_dense(groups4, True, n_kv_heads=2, qkv_bias=True, qk_norm=False)
+    check_model_vs_dense(groups4, False, sequence_parallel=True, n_kv_heads=2, sliding_window=6,
+                         activation_checkpointing="every_k")
+    check_model_vs_dense(groups4, True, sequence_parallel=True, n_kv_heads=1)
     return "ok"
 
 

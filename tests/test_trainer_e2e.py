@@ -16,6 +16,7 @@ STEPS = 6
 # bucketed reductions), so curves agree to round-off, not bit-for-bit. Measured: at most 1e-6 apart over 6 steps.
 CURVE_ATOL = 2e-5
 BIAS = ["model.qk_norm=false", "model.qkv_bias=true"]  # a Qwen2-shaped student
+MQA = ["model.n_kv_heads=1", *BIAS]  # one key/value head: replicated over TP=2, its biases too
 
 
 
@@ -73,7 +74,8 @@ def _two_proc(rank, world, root):
                         "tp2_z0_fused_sp": ["zero.stage=0", "parallel.tp_size=2", "distill.fused=true",
                                             "distill.chunk_tokens=24", "parallel.sequence_parallel=true"],
                         # a Qwen2-shaped student (Q/K/V biases, no QK-norm): the reference of tp2dp2_z3_sp_bias
-                        "tp1_z1_bias": ["zero.stage=1", *BIAS]}.items():
+                        "tp1_z1_bias": ["zero.stage=1", *BIAS],
+                        "tp1_z1_mqa": ["zero.stage=1", *MQA]}.items():  # the reference of tp2dp2_z3_sp_mqa
         d_over = tiny_overrides(root / name, "distill", [f"train.steps={STEPS}", f"distill.teacher={root / 'teacher'}"]
                             + extra)
         train(_load(d_over), inspect=_check_teacher_frozen)
@@ -111,6 +113,13 @@ def _four_proc(rank, world, root):
         "parallel.sequence_parallel=true", *BIAS])
     train(_load(over))
     out["tp2dp2_z3_sp_bias"] = _losses(root / "tp2dp2_z3_sp_bias")
+    # the same with one key/value head for the two TP ranks: K / V replicated, their grads summed over TP, and
+    # partitioned over DP by ZeRO-3
+    over = tiny_overrides(root / "tp2dp2_z3_sp_mqa", "distill", [
+        f"train.steps={STEPS}", f"distill.teacher={root / 'teacher'}", "zero.stage=3", "parallel.tp_size=2",
+        "parallel.sequence_parallel=true", *MQA])
+    train(_load(over))
+    out["tp2dp2_z3_sp_mqa"] = _losses(root / "tp2dp2_z3_sp_mqa")
     over = tiny_overrides(root / "tp2dp2_teacher_z3", "distill", [
         f"train.steps={STEPS}", f"distill.teacher={root / 'teacher'}", "zero.stage=1", "parallel.tp_size=2",
         "distill.teacher_zero3=true"])
@@ -145,17 +154,21 @@ def test_layouts_agree(study):
                                    msg=lambda m, name=name: f"{name}: {res[name]} vs {res['tp1_z1']}\n{m}")
 
 
-def test_qkv_bias_layouts_agree(study):
-    """The Qwen2-shaped student: TP=2 x DP=2 ZeRO-3 + SP gives TP=1 ZeRO-1's curve, and its consolidated weights
-    (biases gathered over TP from their ZeRO-3 partitions) equal that run's."""
+@pytest.mark.parametrize("kind", ["bias", "mqa"])
+def test_qkv_bias_layouts_agree(study, kind):
+    """The Qwen2-shaped student (and its one-key/value-head form): TP=2 x DP=2 ZeRO-3 + SP gives TP=1 ZeRO-1's
+    curve, and its consolidated weights (biases gathered over TP from their ZeRO-3 partitions; the replicated K / V
+    and their biases taken from TP rank 0) equal that run's."""
     from safetensors.torch import load_file
     root, res = study
-    ref = torch.tensor(res["tp1_z1_bias"])
+    ref = torch.tensor(res[f"tp1_z1_{kind}"])
     assert len(ref) == STEPS and all(math.isfinite(x) for x in ref)
-    assert res["tp1_z1_bias"] != res["tp1_z1"]  # another model (no QK-norm; biases that train)
-    torch.testing.assert_close(torch.tensor(res["tp2dp2_z3_sp_bias"]), ref, atol=CURVE_ATOL, rtol=0)
+    assert res[f"tp1_z1_{kind}"] != res["tp1_z1"]  # another model (no QK-norm; biases that train)
+    torch.testing.assert_close(torch.tensor(res[f"tp2dp2_z3_sp_{kind}"]), ref, atol=CURVE_ATOL, rtol=0)
     a, b = (load_file(str(root / name / "model" / "model.safetensors"))
-            for name in ("tp1_z1_bias", "tp2dp2_z3_sp_bias"))
+            for name in (f"tp1_z1_{kind}", f"tp2dp2_z3_sp_{kind}"))
+    kv_rows = 16 * (1 if kind == "mqa" else 4)
+    assert a["blocks.0.attn.wk.weight"].shape == b["blocks.0.attn.wk.weight"].shape == (kv_rows, 64)
     assert a.keys() == b.keys() and "blocks.0.attn.wk.bias" in a
     assert float(a["blocks.0.attn.wk.bias"].abs().min()) > 0  # trained away from their zero init
     for k in a:

@@ -45,7 +45,7 @@ def use_kernels(module: nn.Module, kernels: str) -> None:
 
 class Attention(nn.Module):
     """Causal self-attention (MHA or GQA) with optional per-head QK-norm and RoPE; this rank computes n_heads / tp
-    query heads and n_kv_heads / tp key/value heads."""
+    query heads and n_kv_heads / tp key/value heads (one, replicated, when n_kv_heads < tp: LayerFactory.kv_column)."""
 
     def __init__(self, cfg, factory: LayerFactory):
         super().__init__()
@@ -60,16 +60,21 @@ class Attention(nn.Module):
         offset = cfg.norm_offset
         self.softcap = float(cfg.attn_softcap)  # Gemma 2: scores capped as c tanh(s / c)
         self.local_heads = factory.local(cfg.n_heads, "model.n_heads")
-        self.local_kv_heads = factory.local(n_kv, "model.n_kv_heads")
-        self.gqa = bool(n_kv != cfg.n_heads)  # a constant for SDPA's enable_gqa (see attention())
+        self.local_kv_heads = factory.local_kv_heads(n_kv)  # h_kv/tp, or 1 with fewer key/value heads than ranks
+        self.gqa = bool(self.local_kv_heads != self.local_heads)  # a constant for SDPA's enable_gqa (see attention())
         std_in, std_out = mup.init_std_for("hidden", d), mup.init_std_for("hidden", inner)
         bias = bool(cfg.qkv_bias)  # Qwen2: biases on Q, K and V (not on O)
         self.wq = factory.column(d, inner, std_in, copy_input=False, bias=bias)  # [d] -> [h/tp hd]
-        self.wk = factory.column(d, kv_inner, std_in, copy_input=False, bias=bias)  # [d] -> [h_kv/tp hd]
-        self.wv = factory.column(d, kv_inner, std_in, copy_input=False, bias=bias)
+        # [d] -> [h_kv/tp hd]; with h_kv < tp every rank holds all h_kv heads and computes the one it reads
+        self.wk = factory.kv_column(d, n_kv, hd, std_in, bias=bias)
+        self.wv = factory.kv_column(d, n_kv, hd, std_in, bias=bias)
         self.enter = factory.columns_entry(self.wq, self.wk, self.wv)  # one TP-region entry for the three
         self.wo = factory.row(inner, d, std_out)  # [h/tp hd] -> [d], all-reduce
         self.qk_norm_full = bool(cfg.qk_norm) and cfg.qk_norm_scope == "full"
+        if self.qk_norm_full and factory.replicates_heads(n_kv):
+            raise UserError(f"model.qk_norm_scope=full normalises k over all {n_kv} key/value heads, but with "
+                            f"parallel.tp_size={factory.tp_size} each rank computes one of them; use a tp_size that "
+                            f"divides model.n_kv_heads={n_kv}")
         if self.qk_norm_full:  # OLMo 2: RMSNorm over all heads' dims of q (and of k), a gain per dim, split over TP
             self.q_norm = factory.width_sharded_norm(inner, cfg.norm_eps, offset)
             self.k_norm = factory.width_sharded_norm(kv_inner, cfg.norm_eps, offset)

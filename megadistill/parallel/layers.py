@@ -74,6 +74,13 @@ class ColumnParallelLinear(nn.Module):
         self.weight = _sharded_normal((out_features, in_features), std, 0, group, device, dtype)  # [out/tp, in]
         self.bias = _sharded_zeros(out_features, group, device, dtype) if bias else None  # [out/tp]
 
+    def local_weight(self) -> torch.Tensor:
+        """The weight this rank multiplies by (its shard; a ColumnsEntry reads it)."""
+        return self.weight
+
+    def local_bias(self) -> Optional[torch.Tensor]:
+        return self.bias
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.copy_input:
             x = copy_to_tp_region(x, self.group)  # [..., in], replicated; backward sums dL/dX over ranks
@@ -83,6 +90,55 @@ class ColumnParallelLinear(nn.Module):
     def extra_repr(self) -> str:
         bias = ", bias" if self.bias is not None else ""
         return f"in={self.in_features}, out={self.out_features}, tp={self.tp_size}{bias}"
+
+
+class HeadReplicatedLinear(nn.Module):
+    """The K or V projection of a model with fewer key/value heads than TP ranks (n_heads < tp, tp a multiple of
+    n_heads: Gemma 3 1B's one head at TP=2, Qwen2.5-3B's two at TP=4): every rank keeps the whole [n_heads hd, in]
+    weight (replicated, like a norm gain) and uses the rows of head r // (tp / n_heads) -- the head its query heads
+    read under GQA, since rank r's h / tp query heads lie in that head's group.
+
+    The rows pass through copy_to_tp_region: each rank's gradient holds only its own query heads' share of dL/dW
+    (and zeros in the other heads' rows), and backward sums it over the TP group, so every replica gets the full
+    gradient and stays identical. Used through a ColumnsEntry (copy_input=False), which also sums dL/dX.
+    """
+
+    copy_input = gather_output = False  # ColumnsEntry's contract: it enters the TP region for its columns
+
+    def __init__(self, in_features: int, n_heads: int, head_dim: int, group, init_std: Optional[float] = None,
+                 device=None, dtype=None, bias: bool = False):
+        super().__init__()
+        self.group, self.in_features, self.n_heads, self.head_dim = group, in_features, n_heads, head_dim
+        self.tp_size = group_size(group)
+        if n_heads >= self.tp_size or self.tp_size % n_heads:
+            raise UserError(f"{n_heads} key/value heads cannot be replicated over parallel.tp_size={self.tp_size}: "
+                            "tp_size must be a multiple of them (or divide them: no replication needed)")
+        self.head = group_rank(group) // (self.tp_size // n_heads)  # the key/value head this rank's queries read
+        shape = (n_heads * head_dim, in_features)
+        std = in_features ** -0.5 if init_std is None else init_std
+        if device is not None and torch.device(device).type == "meta":  # shapes only (weights come from a load)
+            w = torch.empty(shape, device="meta", dtype=dtype or torch.float32)
+        else:  # drawn like a sharded weight (full, fp32), all of it kept
+            w = torch.empty(shape, device=device, dtype=torch.float32).normal_(0.0, std).to(dtype or torch.float32)
+        self.weight = nn.Parameter(w)  # [h_kv hd, in], not tensor_model_parallel: replicated
+        self.bias = (nn.Parameter(torch.zeros(shape[0], device=device, dtype=dtype or torch.float32))
+                     if bias else None)
+
+    def _rows(self, t: torch.Tensor) -> torch.Tensor:
+        return copy_to_tp_region(t, self.group).narrow(0, self.head * self.head_dim, self.head_dim)
+
+    def local_weight(self) -> torch.Tensor:
+        return self._rows(self.weight)  # [hd, in]
+
+    def local_bias(self) -> Optional[torch.Tensor]:
+        return None if self.bias is None else self._rows(self.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(copy_to_tp_region(x, self.group), self.local_weight(), self.local_bias())  # [..., hd]
+
+    def extra_repr(self) -> str:
+        return (f"in={self.in_features}, heads={self.n_heads}x{self.head_dim} replicated, this rank's head="
+                f"{self.head}, tp={self.tp_size}" + (", bias" if self.bias is not None else ""))
 
 
 class RowParallelLinear(nn.Module):
@@ -237,8 +293,8 @@ class ColumnsEntry(nn.Module):
     def forward(self, x: torch.Tensor):
         if self.group is None:  # dense: each column's own forward (and any hooks on it)
             return tuple(c(x) for c in self.columns)
-        ys = columns_entry(x, self.weights(), self.group, self.sequence_parallel)
-        return tuple(y if c.bias is None else y + c.bias for y, c in zip(ys, self.columns))  # [..., out_i/tp]
+        ys = columns_entry(x, [c.local_weight() for c in self.columns], self.group, self.sequence_parallel)
+        return tuple(y if c.bias is None else y + c.local_bias() for y, c in zip(ys, self.columns))  # [..., out_i/tp]
 
     def extra_repr(self) -> str:
         return (f"{len(self.columns)} columns, tp={group_size(self.group)}"
@@ -269,6 +325,24 @@ class LayerFactory:
     def local(self, n: int, what: str) -> int:
         """This rank's share of a dimension split over TP (UserError if it does not divide)."""
         return divide(n, self.tp_size, what)
+
+    def replicates_heads(self, n_heads: int) -> bool:
+        """Whether `n_heads` key/value heads are fewer than the TP ranks (then replicated: `kv_column`)."""
+        return n_heads < self.tp_size and self.tp_size % n_heads == 0
+
+    def local_kv_heads(self, n_heads: int) -> int:
+        """The key/value heads this rank computes: n_heads / tp, or 1 when they are replicated."""
+        return 1 if self.replicates_heads(n_heads) else self.local(n_heads, "model.n_kv_heads")
+
+    def kv_column(self, in_features: int, n_heads: int, head_dim: int, init_std: Optional[float] = None,
+                  bias: bool = False) -> nn.Module:
+        """K or V projection [..., in] -> [..., local_kv_heads hd] (for a ColumnsEntry): column-parallel when tp
+        divides n_heads, else every rank keeps all heads and computes the one its query heads read
+        (HeadReplicatedLinear)."""
+        if self.replicates_heads(n_heads):
+            return HeadReplicatedLinear(in_features, n_heads, head_dim, self.group, init_std, self.device,
+                                        self.dtype, bias)
+        return self.column(in_features, n_heads * head_dim, init_std, copy_input=False, bias=bias)
 
     def column(self, in_features: int, out_features: int, init_std: Optional[float] = None,
                gather_output: bool = False, copy_input: bool = True, bias: bool = False) -> ColumnParallelLinear:

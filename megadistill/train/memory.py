@@ -99,13 +99,16 @@ def resolve_model(model: Union[str, ModelConfig], role: str = "model") -> ModelC
 
 def rank_params(m: ModelConfig, tp: int) -> Dict[str, int]:
     """Elements one TP rank stores: matrices (and Q/K/V biases) split over TP, norm gains replicated (a full-width
-    QK-norm's split), untied embedding and head split."""
+    QK-norm's split), untied embedding and head split. K and V (and their biases) are replicated whole when there
+    are fewer key/value heads than TP ranks (parallel.layers.HeadReplicatedLinear)."""
     kv = m.n_kv_heads or m.n_heads
-    hidden = m.n_layers * (2 * m.d_model * (m.n_heads + kv) * m.head_dim + 3 * m.d_model * m.d_ff) // tp
+    kv_tp = tp if kv % tp == 0 else 1  # fewer key/value heads than ranks: K, V (and their biases) replicated
+    hd, d = m.head_dim, m.d_model
+    hidden = m.n_layers * (2 * d * m.n_heads * hd // tp + 2 * d * kv * hd // kv_tp + 3 * d * m.d_ff // tp)
     full_qk = m.qk_norm and m.qk_norm_scope == "full"
-    norms = m.n_layers * (block_norms(m) * m.d_model + (2 * m.head_dim if m.qk_norm and not full_qk else 0)) + m.d_model
-    norms += m.n_layers * (m.n_heads + kv) * m.head_dim // tp if full_qk else 0
-    norms += m.n_layers * (m.n_heads + 2 * kv) * m.head_dim // tp if m.qkv_bias else 0  # Q/K/V biases, split
+    norms = m.n_layers * (block_norms(m) * d + (2 * hd if m.qk_norm and not full_qk else 0)) + d
+    norms += m.n_layers * (m.n_heads + kv) * hd // tp if full_qk else 0
+    norms += m.n_layers * (m.n_heads * hd // tp + 2 * kv * hd // kv_tp) if m.qkv_bias else 0  # Q/K/V biases
     vocab = m.vocab_size * m.d_model // tp  # each of embedding and head (one matrix when tied)
     # optimizer groups are the µP roles (hidden, embedding, head, norm): foreach Adam works one group at a time
     return {"total": hidden + norms + (1 if m.tie_embeddings else 2) * vocab, "largest_group": max(hidden, vocab),
@@ -129,9 +132,10 @@ def activation_bytes_per_token(m: ModelConfig, tp: int, wb: int, sequence_parall
     """
     d, f, h = m.d_model, m.d_ff, m.n_heads
     q, kv = h * m.head_dim, (m.n_kv_heads or h) * m.head_dim  # = d, d without GQA (the paper's sizes)
+    kv_local = max(kv / tp, m.head_dim)  # fewer key/value heads than ranks: one each
     s = tp if sequence_parallel else 1  # slices of the residual stream
     extra = block_norms(m) - 2  # norms beyond the two of a pre- / post-norm block
-    per = (4 + 2 * extra) * wb * d / s + 3 * wb * (q + kv) / tp + 4 * wb * f / tp
+    per = (4 + 2 * extra) * wb * d / s + 3 * wb * (q / tp + kv_local) + 4 * wb * f / tp
     return per + 4 * ((2 + extra) / s + 3 * h / tp)  # fp32 rsqrt of the norms and the attention log-sum-exp
 
 
@@ -372,12 +376,21 @@ def step_time(student: ModelConfig, layout: Layout, world_size: int, seq_len: in
 
 
 def tp_candidates(student: ModelConfig, teacher: Optional[ModelConfig], gpus: int, gpus_per_node: int) -> List[int]:
-    """TP degrees inside one node that divide the GPUs, both models' query and key/value heads, d_ff and the
-    vocabulary."""
+    """TP degrees inside one node that divide the GPUs, both models' query heads, d_ff and the vocabulary, and lay
+    out their key/value heads (dividing them, or a multiple of them: replicated heads)."""
     models = [m for m in (student, teacher) if m is not None]
     return [t for t in range(1, min(8, gpus_per_node, gpus) + 1)
-            if gpus % t == 0 and all(m.n_heads % t == 0 and (m.n_kv_heads or m.n_heads) % t == 0 and m.d_ff % t == 0
+            if gpus % t == 0 and all(m.n_heads % t == 0 and _kv_splits(m, t) and m.d_ff % t == 0
                                      and m.vocab_size % t == 0 for m in models)]
+
+
+def _kv_splits(m: ModelConfig, tp: int) -> bool:
+    """Whether TP can lay out m's key/value heads: a share of them per rank, or one replicated (tp a multiple of
+    them; not with a QK-norm over all of them, which needs every head's k on each rank)."""
+    kv = m.n_kv_heads or m.n_heads
+    if kv >= tp:
+        return kv % tp == 0
+    return tp % kv == 0 and not (m.qk_norm and m.qk_norm_scope == "full")
 
 
 def plan(student: Union[str, ModelConfig], teacher: Union[None, str, ModelConfig] = None, gpus: int = 8,

@@ -142,9 +142,15 @@ def teacher_source(cfg: Config) -> TeacherSource:
                         "fused loss (distill.fused=true) never forms; set distill.fused=false")
     tp = cfg.parallel.tp_size
     for key in ("n_heads", "n_kv_heads", "d_ff"):
-        if getattr(tm, key) % tp:
-            raise UserError(f"parallel.tp_size={tp} does not divide the teacher's {key}={getattr(tm, key)} (from "
-                            f"{origin}): the teacher is split like the student; pick a tp_size that divides it")
+        n = getattr(tm, key)
+        if n % tp and not (key == "n_kv_heads" and tp % n == 0):  # fewer key/value heads than ranks: replicated
+            raise UserError(f"parallel.tp_size={tp} does not divide the teacher's {key}={n} (from {origin}): the "
+                            "teacher is split like the student; pick a tp_size that divides it"
+                            + (" (or a multiple of it)" if key == "n_kv_heads" else ""))
+    if tm.n_kv_heads < tp and tm.qk_norm and tm.qk_norm_scope == "full":
+        raise UserError(f"the teacher (from {origin}) normalises k over all its {tm.n_kv_heads} key/value heads "
+                        f"(qk_norm_scope=full), but parallel.tp_size={tp} leaves one per rank; use a tp_size that "
+                        "divides them")
     tm.attention = cfg.model.attention  # the backend is a property of this run's hardware, not of the weights
     tm.kernels = cfg.model.kernels  # so are the fused kernels (torch | liger), for our and HF teachers alike
     tm.activation_checkpointing = "off"  # no backward through the teacher
