@@ -73,7 +73,9 @@ class ModelConfig:
     rope_fraction: float = 1.0  # share of head_dim that RoPE rotates (its first int(head_dim x fraction) dims; the
     # rest pass through): HF's partial_rotary_factor (Phi-4-mini: 0.75)
     tie_embeddings: bool = False  # the output head shares the input embedding matrix
-    norm_eps: float = 1e-5  # RMSNorm epsilon
+    norm_eps: float = 1e-5  # norm epsilon
+    norm_type: str = "rms"  # rms: RMSNorm (gain) | layer: LayerNorm, mean-centred, with a gain and a bias (GPT-NeoX /
+    # Pythia); the QK-norm is RMSNorm either way
     qk_norm: bool = True  # RMSNorm on queries and keys
     qk_norm_scope: str = "head"  # head: over each head's head_dim, one gain shared by all heads (the paper, Qwen3) |
     # full: over all heads' dims together, one gain per dim (OLMo 2); under TP the sum of squares is all-reduced
@@ -81,7 +83,11 @@ class ModelConfig:
     # sublayer's output normalised before the residual add, no norm on its input) | sandwich: x + norm(f(norm(x)))
     # (Gemma 3: both)
     norm_offset: float = 0.0  # norm gains act as norm_offset + w (Gemma's 1 + w; w then starts at 1 - norm_offset)
-    activation: str = "silu"  # the gated FFN's activation: silu (SwiGLU) | gelu_tanh (GeGLU, Gemma)
+    activation: str = "silu"  # the FFN's activation: silu (SwiGLU) | gelu_tanh (tanh-approximated GELU: GeGLU, Gemma)
+    # | gelu (exact, erf: Pythia)
+    ffn_gated: bool = True  # W2 (act(W1 x) * W3 x); false: a plain MLP W2 act(W1 x), two matrices (GPT-NeoX / Pythia)
+    parallel_residual: bool = False  # x + Attn(norm1(x)) + FFN(norm2(x)), both sublayers reading the block's input
+    # (GPT-NeoX / Pythia's use_parallel_residual); needs norm_position=pre
     embed_scale: float = 1.0  # embedding output x this, rounded to the activations' dtype (Gemma: sqrt(d_model))
     attn_scale_dim: int = 0  # attention logits x 1 / sqrt(attn_scale_dim); 0 = head_dim (Gemma's
     # query_pre_attn_scalar)
@@ -89,6 +95,8 @@ class ModelConfig:
     # then runs the explicit-scores path ([b, h, s, s] per block); flash-attn takes it natively
     logit_softcap: float = 0.0  # output logits z -> c tanh(z / c) (Gemma 2: 30); 0 = off. Needs distill.fused=false
     qkv_bias: bool = False  # biases on the Q, K and V projections (Qwen2 / Qwen2.5)
+    o_bias: bool = False  # a bias on the attention output projection O (with qkv_bias: HF's attention_bias)
+    ffn_bias: bool = False  # biases on the FFN's matrices (HF's mlp_bias; GPT-NeoX always)
     sliding_window: int = 0  # attention window (Mistral's / Phi-3's sliding_window): token i attends to tokens
     # i - sliding_window + 1 .. i only; 0 = full causal attention. No effect while train.seq_len <= sliding_window
     layer_types: List[str] = field(default_factory=list)  # per block "sliding" (windowed) or "full" (Gemma 3: 5 of
@@ -172,7 +180,14 @@ class ModelConfig:
             raise ConfigError(f"{prefix}.sliding_window={self.sliding_window} must be >= 0 (0 = full causal attention)")
         _choice(f"{prefix}.qk_norm_scope", self.qk_norm_scope, ("head", "full"))
         _choice(f"{prefix}.norm_position", self.norm_position, ("pre", "post", "sandwich"))
-        _choice(f"{prefix}.activation", self.activation, ("silu", "gelu_tanh"))
+        _choice(f"{prefix}.activation", self.activation, ("silu", "gelu_tanh", "gelu"))
+        _choice(f"{prefix}.norm_type", self.norm_type, ("rms", "layer"))
+        for key in ("ffn_gated", "parallel_residual", "o_bias", "ffn_bias"):
+            if not isinstance(getattr(self, key), bool):
+                raise ConfigError(f"{prefix}.{key}={getattr(self, key)!r} must be true or false")
+        if self.parallel_residual and self.norm_position != "pre":
+            raise ConfigError(f"{prefix}.parallel_residual=true adds both sublayers to the block's input, each after "
+                              f"its own norm: it needs {prefix}.norm_position=pre (got {self.norm_position!r})")
         _positive(f"{prefix}.embed_scale", self.embed_scale)
         for key in ("attn_softcap", "logit_softcap"):
             if getattr(self, key) < 0:
@@ -205,7 +220,8 @@ HF_SHAPE_KEYS = ("n_layers", "d_model", "n_heads", "n_kv_heads", "head_dim", "d_
                  "rope_original_max_position", "rope_short_factor", "rope_long_factor", "rope_attention_factor",
                  "rope_beta_fast", "rope_beta_slow", "rope_truncate",
                  "rope_fraction", "norm_eps", "qk_norm", "qk_norm_scope", "norm_position", "norm_offset", "activation",
-                 "embed_scale", "attn_scale_dim", "qkv_bias", "sliding_window", "layer_types", "rope_local_base",
+                 "embed_scale", "attn_scale_dim", "qkv_bias", "o_bias", "ffn_bias", "norm_type", "ffn_gated",
+                 "parallel_residual", "sliding_window", "layer_types", "rope_local_base",
                  "nope_blocks", "attn_softcap", "logit_softcap",
                  "tie_embeddings")
 

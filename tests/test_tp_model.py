@@ -20,6 +20,9 @@ pytestmark = pytest.mark.multiproc
 V = 128
 
 
+# GPT-NeoX / Pythia: LayerNorms, a plain GELU MLP, biases on every linear, parallel residual, partial RoPE
+NEOX_LIKE = dict(norm_type="layer", ffn_gated=False, activation="gelu", parallel_residual=True, qk_norm=False,
+                 qkv_bias=True, o_bias=True, ffn_bias=True, rope_fraction=0.25, d_ff=256)
 GEMMA3_LIKE = dict(norm_position="sandwich", norm_offset=1.0, activation="gelu_tanh", embed_scale=8.0,
                    attn_scale_dim=24, sliding_window=6, layer_types=["sliding", "full"], rope_local_base=100.0,
                    n_kv_heads=2)
@@ -144,7 +147,8 @@ def check_model_vs_dense(groups: ParallelGroups, docs: bool, sequence_parallel: 
     model = Transformer(cfg, groups.factory(sequence_parallel=sequence_parallel))
     assert model.sequence_shards == (tp if sequence_parallel else 1)
     full_qk = cfg.qk_norm and cfg.qk_norm_scope == "full"
-    if cfg.qkv_bias or full_qk:  # built as zeros / ones: give both models the same random biases and full-width
+    biases = any(name.endswith(".bias") for name, _ in dense.named_parameters())
+    if biases or full_qk:  # built as zeros / ones: give both models the same random biases and full-width
         # QK-norm gains (this rank's slice for the TP one), so that a wrong slice shows in the values
         with torch.no_grad():
             tp_params = dict(model.named_parameters())
@@ -275,6 +279,12 @@ def tp2_worker(rank, world):
     # RoPE next to a full one
     check_model_vs_dense(groups, True, sequence_parallel=True, **GEMMA3_LIKE)
     check_model_vs_dense(groups, False, **dict(GEMMA3_LIKE, attn_softcap=2.0, logit_softcap=3.0))  # Gemma 2's caps
+    # GPT-NeoX / Pythia (LayerNorm gains and biases summed over TP under SP, O / FFN biases added after the
+    # reduction), and Llama's attention_bias / mlp_bias on a gated FFN
+    check_model_vs_dense(groups, True, **NEOX_LIKE)
+    check_model_vs_dense(groups, False, sequence_parallel=True, activation_checkpointing="full", **NEOX_LIKE)
+    check_model_vs_dense(groups, False, sequence_parallel=True, qk_norm=False, qkv_bias=True, o_bias=True,
+                         ffn_bias=True, n_kv_heads=2)
     # one key/value head for two ranks (Gemma 3 1B, MQA): replicated K / V, each rank's gradient share summed
     check_kv_replicated(groups, 1)
     check_model_vs_dense(groups, True, n_kv_heads=1, qkv_bias=True, qk_norm=False)
@@ -309,6 +319,7 @@ def world4_worker(rank, world):
     check_model_vs_dense(groups4, True, sequence_parallel=True, n_kv_heads=4, norm_position="post",
                          qk_norm_scope="full")
     check_model_vs_dense(groups4, False, **dict(GEMMA3_LIKE, n_kv_heads=4))
+    check_model_vs_dense(groups4, True, sequence_parallel=True, **dict(NEOX_LIKE, parallel_residual=False))
     # fewer key/value heads than the 4 ranks: 2 (Qwen2.5-3B at TP=4), each read by a pair of ranks, and 1
     check_kv_replicated(groups4, 2)
     check_model_vs_dense(groups4, True, n_kv_heads=2, qkv_bias=True, qk_norm=False)

@@ -117,14 +117,22 @@ def rms_norm(x: torch.Tensor, gain: torch.Tensor, eps: float, kernels: str = "to
     return _RMSNormFn.apply(x, gain, eps)
 
 
+def activate(x: torch.Tensor, activation: str = "silu") -> torch.Tensor:
+    """model.activation elementwise: silu, gelu_tanh (tanh-approximated GELU) or gelu (exact, erf)."""
+    if activation == "gelu_tanh":
+        return F.gelu(x, approximate="tanh")
+    if activation == "gelu":
+        return F.gelu(x)
+    return F.silu(x)
+
+
 def swiglu(gate: torch.Tensor, up: torch.Tensor, kernels: str = "torch", activation: str = "silu") -> torch.Tensor:
     """act(gate) * up, elementwise ([..., f/tp] each): the gated activation between W1 / W3 and W2. silu: SwiGLU
-    (Liger's kernel under kernels=liger); gelu_tanh: GeGLU with tanh-approximated GELU (Gemma), our torch op."""
-    if activation == "gelu_tanh":
-        return F.gelu(gate, approximate="tanh") * up
-    if kernels == "liger":
+    (Liger's kernel under kernels=liger); gelu_tanh: GeGLU with tanh-approximated GELU (Gemma), gelu: exact GeGLU,
+    our torch ops."""
+    if activation == "silu" and kernels == "liger":
         return _liger()[1](gate, up)
-    return F.silu(gate) * up
+    return activate(gate, activation) * up
 
 
 def rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,

@@ -8,10 +8,11 @@ import torch.nn as nn
 
 # Every parameter of the Transformer carries `mup_role`, one of:
 #   embedding  input token embedding [V, d]
-#   hidden     Q, K, V, O and the three SwiGLU matrices
+#   hidden     Q, K, V, O and the FFN's matrices (three SwiGLU, or two of a plain MLP)
 #   head       output (unembedding) matrix [V, d]
-#   norm       RMSNorm gains (pre-norms, QK-norm, final norm)
-#   bias       biases of the Q, K, V projections (model.qkv_bias, Qwen2-style models)
+#   norm       RMSNorm / LayerNorm gains (pre-norms, QK-norm, final norm)
+#   bias       biases: of the Q, K, V projections (model.qkv_bias, Qwen2-style models), of O and the FFN matrices
+#              (model.o_bias, model.ffn_bias) and of LayerNorms (model.norm_type=layer)
 #
 # The paper (Appendix H) uses µP (simple) with peak LR 1e-2 at every size and does not state the details; ours:
 #   role       init std            LR multiplier              weight decay

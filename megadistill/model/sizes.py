@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict
+from types import SimpleNamespace
 from typing import Dict, Optional, Tuple
 
 PAPER_VOCAB = 32768
@@ -19,7 +20,8 @@ def ffn_width(d_model: int, multiple: int = 128) -> int:
 def non_embedding_params(n_layers: int, d_model: int, d_ff: int, n_heads: int, head_dim: int,
                          vocab_size: int = PAPER_VOCAB, qk_norm: bool = True, n_kv_heads: Optional[int] = None,
                          qkv_bias: bool = False, qk_norm_full: bool = False, block_norms: int = 2) -> int:
-    """N as the paper counts it: every weight except the vocabulary matrices, norm gains included.
+    """N as the paper counts it: every weight except the vocabulary matrices, norm gains included (param_counts for
+    the shape given field by field: block_norms 4 is a sandwich block).
 
     Per block: attention 2 d (h hd) + 2 d (h_kv hd) (Q, O; K, V; h_kv = h without GQA, i.e. 4 d h hd), with
     qkv_bias (Qwen2) (h + 2 h_kv) hd biases, SwiGLU 3 d d_ff, block_norms gains of d (pre- or post-norm: 2, sandwich
@@ -27,12 +29,46 @@ def non_embedding_params(n_layers: int, d_model: int, d_ff: int, n_heads: int, h
     with QK-norm two gains of size head_dim (shared by all heads; qk_norm_full, OLMo 2: (h + h_kv) hd, one per dim).
     Plus the final norm gain d. `vocab_size` is accepted for a uniform signature; it does not enter N.
     """
-    del vocab_size
-    kv = n_kv_heads or n_heads
-    attn = 2 * d_model * (n_heads + kv) * head_dim + ((n_heads + 2 * kv) * head_dim if qkv_bias else 0)
-    ffn = 3 * d_model * d_ff
-    norms = block_norms * d_model + (((n_heads + kv) if qk_norm_full else 2) * head_dim if qk_norm else 0)
-    return n_layers * (attn + ffn + norms) + d_model
+    m = SimpleNamespace(n_layers=n_layers, d_model=d_model, d_ff=d_ff, n_heads=n_heads, head_dim=head_dim,
+                        vocab_size=vocab_size, qk_norm=qk_norm, n_kv_heads=n_kv_heads, qkv_bias=qkv_bias,
+                        qk_norm_scope="full" if qk_norm_full else "head",
+                        norm_position="sandwich" if block_norms == 4 else "pre")
+    c = param_counts(m)
+    return c["matrices"] + c["vectors"]
+
+
+def block_norms(model_cfg) -> int:
+    """Norm gains of d_model per block: 2 (pre- or post-norm), 4 (sandwich, Gemma 3)."""
+    return 4 if getattr(model_cfg, "norm_position", "pre") == "sandwich" else 2
+
+
+def param_counts(m, tp: int = 1) -> Dict[str, int]:
+    """Elements of model config m that one of tp TP ranks stores, by kind: "matrices" (Q, K, V, O and the FFN's),
+    "vectors" (norm gains and biases, linear biases) and "vocab" (ONE vocabulary matrix: the embedding or the head).
+    At tp=1 N = matrices + vectors (the paper's non-embedding count; N_total adds vocab).
+
+    Split over TP: Q, O, the FFN matrices and their column biases, the vocabulary, a full-width QK-norm's gains.
+    Replicated: norm gains (and LayerNorm biases), the biases of O and of the FFN's down projection, K and V with
+    their biases when there are fewer key/value heads than ranks (parallel.layers.HeadReplicatedLinear).
+    Per block: attention 2 d h hd + 2 d h_kv hd; FFN 3 d d_ff (gated) or 2 d d_ff (plain MLP); block_norms norms of d
+    (a LayerNorm: gain and bias); QK-norm 2 hd (per head) or (h + h_kv) hd (full width); biases (h + 2 h_kv) hd on
+    Q/K/V, d on O, d_ff (x2 gated) + d on the FFN. Plus the final norm.
+    """
+    g = lambda key, default: getattr(m, key, default)  # noqa: E731 (any object with the shape fields)
+    h, hd, d, f, n_layers = m.n_heads, m.head_dim, m.d_model, m.d_ff, m.n_layers
+    kv = g("n_kv_heads", 0) or h
+    kv_tp = tp if kv % tp == 0 else 1  # fewer key/value heads than ranks: K and V replicated
+    gated = g("ffn_gated", True)
+    ffn_in = 2 if gated else 1  # column matrices of the FFN (gate and up, or one)
+    matrices = n_layers * (2 * d * h * hd // tp + 2 * d * kv * hd // kv_tp + (ffn_in + 1) * d * f // tp)
+    per_norm = d * (2 if g("norm_type", "rms") == "layer" else 1)
+    qk = 0
+    if g("qk_norm", True):
+        qk = (h * hd // tp + kv * hd // tp) if g("qk_norm_scope", "head") == "full" else 2 * hd
+    biases = ((h * hd // tp + 2 * kv * hd // kv_tp) if g("qkv_bias", False) else 0) + (d if g("o_bias", False) else 0)
+    biases += (ffn_in * f // tp + d) if g("ffn_bias", False) else 0
+    vectors = n_layers * (block_norms(m) * per_norm + qk + biases) + per_norm
+    return {"matrices": matrices, "vectors": vectors, "vocab": m.vocab_size * d // tp}
 
 
 def total_params(n_layers: int, d_model: int, d_ff: int, n_heads: int, head_dim: int,
@@ -104,16 +140,8 @@ def get_size(name: str) -> Dict[str, int]:
         raise KeyError(f"unknown size {name!r}; known: {', '.join(SIZES)}") from None
 
 
-def block_norms(model_cfg) -> int:
-    """Norm gains of d_model per block: 2 (pre- or post-norm), 4 (sandwich, Gemma 3)."""
-    return 4 if getattr(model_cfg, "norm_position", "pre") == "sandwich" else 2
-
-
 def params_of(model_cfg) -> Tuple[int, int]:
     """(N, N_total) of a resolved ModelConfig (any object with the shape fields and qk_norm)."""
-    args = (model_cfg.n_layers, model_cfg.d_model, model_cfg.d_ff, model_cfg.n_heads, model_cfg.head_dim,
-            model_cfg.vocab_size, getattr(model_cfg, "qk_norm", True), getattr(model_cfg, "n_kv_heads", 0) or None)
-    n = non_embedding_params(*args, qkv_bias=bool(getattr(model_cfg, "qkv_bias", False)),
-                             qk_norm_full=getattr(model_cfg, "qk_norm_scope", "head") == "full",
-                             block_norms=block_norms(model_cfg))
-    return n, n + model_cfg.vocab_size * model_cfg.d_model  # total_params: N + one vocabulary matrix
+    c = param_counts(model_cfg)
+    n = c["matrices"] + c["vectors"]
+    return n, n + c["vocab"]  # total_params: N + one vocabulary matrix

@@ -1,9 +1,10 @@
 """The paper's decoder-only Transformer (MHA + QK-norm + RoPE, pre-norm RMSNorm, SwiGLU, untied head), TP-agnostic.
 
-Options for imported models (Qwen3 / Qwen2 / Llama / Mistral / Phi-3 / OLMo 2 / Gemma 2 / Gemma 3 / SmolLM3): GQA
-(n_kv_heads), QK-norm off or over all heads' dims, Q/K/V biases (qkv_bias), post-norm and sandwich blocks, 1 + w norm
-gains, GeGLU, scaled embeddings and attention, softcapped attention and output logits, tied embeddings, RoPE scaling
-and partial RoPE, blocks without RoPE, a sliding attention window on all or some blocks (with a RoPE of their own).
+Options for imported models (Qwen3 / Qwen2 / Llama / Mistral / Phi-3 / OLMo 2 / Gemma 2 / Gemma 3 / SmolLM3 /
+GPT-NeoX and Pythia): GQA (n_kv_heads), QK-norm off or over all heads' dims, biases on Q/K/V, O and the FFN,
+post-norm, sandwich and parallel-residual blocks, LayerNorm, 1 + w norm gains, GeGLU and a plain GELU MLP, scaled
+embeddings and attention, softcapped attention and output logits, tied embeddings, RoPE scaling and partial RoPE,
+blocks without RoPE, a sliding attention window on all or some blocks (with a RoPE of their own).
 """
 from __future__ import annotations
 
@@ -69,7 +70,7 @@ class Attention(nn.Module):
         self.wk = factory.kv_column(d, n_kv, hd, std_in, bias=bias)
         self.wv = factory.kv_column(d, n_kv, hd, std_in, bias=bias)
         self.enter = factory.columns_entry(self.wq, self.wk, self.wv)  # one TP-region entry for the three
-        self.wo = factory.row(inner, d, std_out)  # [h/tp hd] -> [d], all-reduce
+        self.wo = factory.row(inner, d, std_out, bias=bool(cfg.o_bias))  # [h/tp hd] -> [d], all-reduce
         self.qk_norm_full = bool(cfg.qk_norm) and cfg.qk_norm_scope == "full"
         if self.qk_norm_full and factory.replicates_heads(n_kv):
             raise UserError(f"model.qk_norm_scope=full normalises k over all {n_kv} key/value heads, but with "
@@ -100,47 +101,63 @@ class Attention(nn.Module):
         return self.wo(o.reshape(b, s, self.local_heads * self.head_dim))  # [b, s, d]
 
 
-class SwiGLU(nn.Module):
+class FeedForward(nn.Module):
     """FFN(x) = W2 (silu(W1 x) * W3 x), three matrices, hidden width d_ff split over TP (model.activation=gelu_tanh:
-    GeGLU, gelu in place of silu)."""
+    GeGLU, gelu in place of silu). model.ffn_gated=false: the plain MLP W2 act(W1 x) (GPT-NeoX / Pythia), no W3.
+    model.ffn_bias: biases on W1 (and W3), split like their columns, and on W2, replicated."""
 
     def __init__(self, cfg, d_ff: int, factory: LayerFactory):
         super().__init__()
         d, self.kernels, self.activation = cfg.d_model, cfg.kernels, cfg.activation
+        self.gated, bias = bool(cfg.ffn_gated), bool(cfg.ffn_bias)
         factory.local(d_ff, "model.d_ff")
-        self.w1 = factory.column(d, d_ff, mup.init_std_for("hidden", d), copy_input=False)  # gate [d] -> [f/tp]
-        self.w3 = factory.column(d, d_ff, mup.init_std_for("hidden", d), copy_input=False)  # up   [d] -> [f/tp]
-        self.enter = factory.columns_entry(self.w1, self.w3)
-        self.w2 = factory.row(d_ff, d, mup.init_std_for("hidden", d_ff))  # down [f/tp] -> [d], all-reduce
+        std = mup.init_std_for("hidden", d)
+        self.w1 = factory.column(d, d_ff, std, copy_input=False, bias=bias)  # gate (plain: in) [d] -> [f/tp]
+        if self.gated:
+            self.w3 = factory.column(d, d_ff, std, copy_input=False, bias=bias)  # up [d] -> [f/tp]
+            self.enter = factory.columns_entry(self.w1, self.w3)
+        else:
+            self.enter = factory.columns_entry(self.w1)
+        self.w2 = factory.row(d_ff, d, mup.init_std_for("hidden", d_ff), bias=bias)  # down [f/tp] -> [d], all-reduce
 
     def forward(self, x):
+        if not self.gated:
+            (h,) = self.enter(x)  # [b, s, f/tp]
+            return self.w2(kernels_mod.activate(h, self.activation))  # W2 act(W1 x)
         gate, up = self.enter(x)  # [b, s, f/tp] each
         return self.w2(kernels_mod.swiglu(gate, up, self.kernels, self.activation))  # W2 (act(W1 x) * W3 x)
+
+
+SwiGLU = FeedForward  # the paper's (default) form
 
 
 class Block(nn.Module):
     """Pre-norm block: x + Attn(RMSNorm(x)), then h + SwiGLU(RMSNorm(h)). model.norm_position=post (OLMo 2):
     x + RMSNorm(Attn(x)), then h + RMSNorm(SwiGLU(h)), those norms named attn_out_norm / ffn_out_norm; sandwich
-    (Gemma 3): both, x + RMSNorm(Attn(RMSNorm(x)))."""
+    (Gemma 3): both, x + RMSNorm(Attn(RMSNorm(x))). model.parallel_residual (GPT-NeoX / Pythia, pre-norm):
+    x + Attn(norm1(x)) + FFN(norm2(x)). model.norm_type=layer: LayerNorms in place of the RMSNorms."""
 
     def __init__(self, cfg, d_ff: int, factory: LayerFactory):
         super().__init__()
-        position, d, eps, offset = cfg.norm_position, cfg.d_model, cfg.norm_eps, cfg.norm_offset
+        position, d, eps, offset, kind = cfg.norm_position, cfg.d_model, cfg.norm_eps, cfg.norm_offset, cfg.norm_type
         self.pre_norm, self.post_norm = position in ("pre", "sandwich"), position in ("post", "sandwich")
+        self.parallel_residual = bool(cfg.parallel_residual)
         if self.pre_norm:
-            self.attn_norm = factory.norm(d, eps, offset)
+            self.attn_norm = factory.norm(d, eps, offset, kind)
         self.attn = Attention(cfg, factory)
         if self.post_norm:
-            self.attn_out_norm = factory.norm(d, eps, offset)
+            self.attn_out_norm = factory.norm(d, eps, offset, kind)
         if self.pre_norm:
-            self.ffn_norm = factory.norm(d, eps, offset)
-        self.ffn = SwiGLU(cfg, d_ff, factory)
+            self.ffn_norm = factory.norm(d, eps, offset, kind)
+        self.ffn = FeedForward(cfg, d_ff, factory)
         if self.post_norm:
-            self.ffn_out_norm = factory.norm(d, eps, offset)
+            self.ffn_out_norm = factory.norm(d, eps, offset, kind)
         use_kernels(self, cfg.kernels)
 
     def forward(self, x, cos, sin, mask: Optional[AttnMask]):
         a = self.attn(self.attn_norm(x) if self.pre_norm else x, cos, sin, mask)  # [b, s, d]
+        if self.parallel_residual:  # both sublayers read x (validate: pre-norm only)
+            return x + a + self.ffn(self.ffn_norm(x))
         h = x + (self.attn_out_norm(a) if self.post_norm else a)
         f = self.ffn(self.ffn_norm(h) if self.pre_norm else h)
         return h + (self.ffn_out_norm(f) if self.post_norm else f)
@@ -170,7 +187,7 @@ class Transformer(nn.Module):
         self.embed = factory.embedding(vocab, d, mup.init_std_for("embedding"))  # [V/tp, d]
         self.embed_scale = float(cfg.embed_scale)
         self.blocks = nn.ModuleList(Block(cfg, d_ff, factory) for _ in range(cfg.n_layers))
-        self.norm = factory.norm(d, cfg.norm_eps, cfg.norm_offset)
+        self.norm = factory.norm(d, cfg.norm_eps, cfg.norm_offset, cfg.norm_type)
         self.sequence_shards = factory.sequence_shards  # > 1: the residual stream is cut along the sequence
         self.gather_sequence = factory.sequence_output()  # [b, s/tp, d] -> [b, s, d]; identity otherwise
         self.head = factory.head(d, vocab, mup.init_std_for("head", d))  # [V/tp, d]

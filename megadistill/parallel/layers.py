@@ -142,14 +142,17 @@ class HeadReplicatedLinear(nn.Module):
 
 
 class RowParallelLinear(nn.Module):
-    """Y = X A with A = [A_1; ..; A_p] split by input rows: rank r computes X_r A_r, then all-reduce (no bias).
+    """Y = X A (+ b) with A = [A_1; ..; A_p] split by input rows: rank r computes X_r A_r, then all-reduce.
 
     sequence_parallel: reduce-scatter along the sequence instead of the all-reduce (Y leaves as this rank's
-    sequence slice [b, s/tp, out]).
+    sequence slice [b, s/tp, out]). The bias (bias=True: Llama's attention_bias / mlp_bias, GPT-NeoX) is replicated,
+    initialised to 0 and added once, after the reduction; under sequence parallelism each rank adds it to its own
+    tokens only, so its gradient is summed over TP (like a norm gain's).
     """
 
     def __init__(self, in_features: int, out_features: int, group=None, init_std: Optional[float] = None,
-                 input_is_parallel: bool = True, device=None, dtype=None, sequence_parallel: bool = False):
+                 input_is_parallel: bool = True, device=None, dtype=None, sequence_parallel: bool = False,
+                 bias: bool = False):
         super().__init__()
         self.group, self.input_is_parallel, self.sequence_parallel = group, input_is_parallel, sequence_parallel
         self.in_features, self.out_features = in_features, out_features
@@ -157,17 +160,24 @@ class RowParallelLinear(nn.Module):
         self.in_per_rank = divide(in_features, self.tp_size, "input features")
         std = in_features ** -0.5 if init_std is None else init_std
         self.weight = _sharded_normal((out_features, in_features), std, 1, group, device, dtype)  # [out, in/tp]
+        self.bias = (nn.Parameter(torch.zeros(out_features, device=device, dtype=dtype or torch.float32))
+                     if bias else None)  # [out], replicated
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.input_is_parallel:
             x = scatter_to_tp_region(x, self.group)  # [..., in] -> [..., in/tp]
         y = F.linear(x, self.weight)  # partial X_r A_r
         if self.sequence_parallel:
-            return reduce_scatter_to_sequence_region(y, self.group)  # [b, s/tp, out] of sum_r X_r A_r
-        return reduce_from_tp_region(y, self.group)  # sum_r X_r A_r: [..., out]
+            y = reduce_scatter_to_sequence_region(y, self.group)  # [b, s/tp, out] of sum_r X_r A_r
+        else:
+            y = reduce_from_tp_region(y, self.group)  # sum_r X_r A_r: [..., out]
+        if self.bias is None:
+            return y
+        return y + copy_to_tp_region(self.bias, self.group if self.sequence_parallel else None)
 
     def extra_repr(self) -> str:
         return (f"in={self.in_features}, out={self.out_features}, tp={self.tp_size}"
+                + (", bias" if self.bias is not None else "")
                 + (", sequence_parallel" if self.sequence_parallel else ""))
 
 
@@ -228,6 +238,21 @@ class RMSNorm(nn.Module):
     def extra_repr(self) -> str:
         return (f"{self.weight.shape[0]}, eps={self.eps}, tp_input={self.group is not None}"
                 + (f", offset={self.offset}" if self.offset else ""))
+
+
+class LayerNorm(RMSNorm):
+    """y = (x - mean(x)) / sqrt(var(x) + eps) * g + b over the last dim, in fp32, returned in x's dtype (GPT-NeoX /
+    Pythia, model.norm_type=layer): RMSNorm's gain (offset, TP handling) plus a bias b (init 0), replicated like the
+    gain; under sequence parallelism (`group` set) both gradients are summed over TP. Always our torch op
+    (F.layer_norm, one fused kernel on CUDA), whatever `kernels` says."""
+
+    def __init__(self, dim: int, eps: float = 1e-5, group=None, device=None, dtype=None, offset: float = 0.0):
+        super().__init__(dim, eps, group, device, dtype, offset=offset)
+        self.bias = nn.Parameter(torch.zeros(dim, device=device, dtype=dtype or torch.float32))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b = copy_to_tp_region(self.bias, self.group)
+        return F.layer_norm(x.float(), x.shape[-1:], self.gain().float(), b.float(), self.eps).to(x.dtype)
 
 
 class WidthShardedRMSNorm(RMSNorm):
@@ -368,10 +393,11 @@ class LayerFactory:
         """Into how many slices the residual stream's sequence is cut (tp_size under sequence parallelism, else 1)."""
         return self.tp_size if self.sequence_parallel else 1
 
-    def row(self, in_features: int, out_features: int, init_std: Optional[float] = None) -> RowParallelLinear:
-        """[..., in/tp] sharded -> [..., out] replicated (all-reduce)."""
+    def row(self, in_features: int, out_features: int, init_std: Optional[float] = None,
+            bias: bool = False) -> RowParallelLinear:
+        """[..., in/tp] sharded -> [..., out] replicated (all-reduce), plus a replicated bias if asked."""
         return RowParallelLinear(in_features, out_features, self.group, init_std, True, self.device, self.dtype,
-                                 self.sequence_parallel)
+                                 self.sequence_parallel, bias)
 
     def embedding(self, vocab_size: int, dim: int, init_std: float = 1.0) -> VocabParallelEmbedding:
         """ids [...] -> [..., dim] replicated."""
@@ -383,10 +409,13 @@ class LayerFactory:
         full-sequence output of `sequence_output` under sequence parallelism)."""
         return ColumnParallelLinear(dim, vocab_size, self.group, init_std, False, self.device, self.dtype)
 
-    def norm(self, dim: int, eps: float = 1e-5, offset: float = 0.0) -> RMSNorm:
-        """RMSNorm over the residual stream: replicated, or this rank's sequence slice under sequence parallelism
-        (then its gain's grad is summed over TP, like the QK-norm's)."""
-        return RMSNorm(dim, eps, self.group if self.sequence_parallel else None, self.device, self.dtype, offset=offset)
+    def norm(self, dim: int, eps: float = 1e-5, offset: float = 0.0, kind: str = "rms") -> RMSNorm:
+        """RMSNorm (kind=rms) or LayerNorm (kind=layer) over the residual stream: replicated, or this rank's sequence
+        slice under sequence parallelism (then its gain's and bias's grads are summed over TP, like the QK-norm's)."""
+        group = self.group if self.sequence_parallel else None
+        if kind == "layer":
+            return LayerNorm(dim, eps, group, self.device, self.dtype, offset=offset)
+        return RMSNorm(dim, eps, group, self.device, self.dtype, offset=offset)
 
     def sharded_input_norm(self, dim: int, eps: float = 1e-5, offset: float = 0.0) -> RMSNorm:
         """RMSNorm whose gain is shared by inputs sharded over TP (per-head QK-norm); its grad is summed over TP."""

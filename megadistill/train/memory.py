@@ -11,7 +11,7 @@ from typing import Dict, List, Optional, Union
 
 from megadistill.config import Config, ModelConfig, grad_dtypes
 from megadistill.errors import UserError
-from megadistill.model.sizes import block_norms
+from megadistill.model.sizes import block_norms, param_counts
 from megadistill.train.engine import zero_stage_at
 
 GIB = 2 ** 30
@@ -98,21 +98,12 @@ def resolve_model(model: Union[str, ModelConfig], role: str = "model") -> ModelC
 
 
 def rank_params(m: ModelConfig, tp: int) -> Dict[str, int]:
-    """Elements one TP rank stores: matrices (and Q/K/V biases) split over TP, norm gains replicated (a full-width
-    QK-norm's split), untied embedding and head split. K and V (and their biases) are replicated whole when there
-    are fewer key/value heads than TP ranks (parallel.layers.HeadReplicatedLinear)."""
-    kv = m.n_kv_heads or m.n_heads
-    kv_tp = tp if kv % tp == 0 else 1  # fewer key/value heads than ranks: K, V (and their biases) replicated
-    hd, d = m.head_dim, m.d_model
-    hidden = m.n_layers * (2 * d * m.n_heads * hd // tp + 2 * d * kv * hd // kv_tp + 3 * d * m.d_ff // tp)
-    full_qk = m.qk_norm and m.qk_norm_scope == "full"
-    norms = m.n_layers * (block_norms(m) * d + (2 * hd if m.qk_norm and not full_qk else 0)) + d
-    norms += m.n_layers * (m.n_heads + kv) * hd // tp if full_qk else 0
-    norms += m.n_layers * (m.n_heads * hd // tp + 2 * kv * hd // kv_tp) if m.qkv_bias else 0  # Q/K/V biases
-    vocab = m.vocab_size * m.d_model // tp  # each of embedding and head (one matrix when tied)
-    # optimizer groups are the µP roles (hidden, embedding, head, norm): foreach Adam works one group at a time
-    return {"total": hidden + norms + (1 if m.tie_embeddings else 2) * vocab, "largest_group": max(hidden, vocab),
-            "vocab": vocab}
+    """Elements one TP rank stores (megadistill.model.sizes.param_counts: what is split over TP and what replicated),
+    both vocabulary matrices unless tied; `largest_group`: the largest optimizer group."""
+    c = param_counts(m, tp)
+    # optimizer groups are the µP roles (hidden, embedding, head, norm, bias): foreach Adam works one group at a time
+    return {"total": c["matrices"] + c["vectors"] + (1 if m.tie_embeddings else 2) * c["vocab"],
+            "largest_group": max(c["matrices"], c["vocab"]), "vocab": c["vocab"]}
 
 
 def activation_bytes_per_token(m: ModelConfig, tp: int, wb: int, sequence_parallel: bool = False) -> float:
@@ -122,7 +113,8 @@ def activation_bytes_per_token(m: ModelConfig, tp: int, wb: int, sequence_parall
     2 wb per element for attn_norm and ffn_norm over the replicated d; for the QK-norms over this rank's q and k
     (d/tp each; q = h hd and kv = h_kv hd under GQA) the input is the projection output and the rotary output is kept
     by attention: 2 wb each. v and the attention output cost wb each (flash / SDPA keep q, k, v, out and an fp32 log-sum-exp, no s x s matrix).
-    SwiGLU keeps gate, up, silu(gate) and their product: 4 wb f/tp. fp32: 16 d + 24 d/tp + 16 f/tp;
+    SwiGLU keeps gate, up, silu(gate) and their product: 4 wb f/tp (a plain MLP, model.ffn_gated=false: 2 wb f/tp).
+    fp32: 16 d + 24 d/tp + 16 f/tp;
     bf16: 8 d + 12 d/tp + 8 f/tp.
     Sequence parallelism: the two norms keep only this rank's sequence slice of their input (wb d/tp each, and
     their rsqrt), and so do the column matmuls (megadistill.parallel.mappings.columns_entry keeps the slice of the
@@ -135,7 +127,10 @@ def activation_bytes_per_token(m: ModelConfig, tp: int, wb: int, sequence_parall
     kv_local = max(kv / tp, m.head_dim)  # fewer key/value heads than ranks: one each
     s = tp if sequence_parallel else 1  # slices of the residual stream
     extra = block_norms(m) - 2  # norms beyond the two of a pre- / post-norm block
-    per = (4 + 2 * extra) * wb * d / s + 3 * wb * (q / tp + kv_local) + 4 * wb * f / tp
+    ffn = (4 if m.ffn_gated else 2) * wb * f / tp  # a plain MLP keeps W1 x and act(W1 x)
+    per = (4 + 2 * extra) * wb * d / s + 3 * wb * (q / tp + kv_local) + ffn
+    if m.norm_type == "layer":  # F.layer_norm in fp32 keeps its fp32 input (in place of the model-dtype one)
+        per += (2 + extra) * (4 - wb) * d / s
     return per + 4 * ((2 + extra) / s + 3 * h / tp)  # fp32 rsqrt of the norms and the attention log-sum-exp
 
 
