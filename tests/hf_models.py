@@ -14,13 +14,17 @@ LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "hi
 # (olmo2),
 # sandwich norms with 1 + w gains, GeGLU, scaled embeddings, a sliding and a full block with RoPEs of their own
 # (gemma3), the same without QK-norm and with softcapped attention and output logits (gemma2), a block without RoPE
-# (smollm3), one key/value head, replicated over TP=2 (qwen2_mqa)
+# (smollm3), one key/value head, replicated over TP=2 (qwen2_mqa), GPT-NeoX / Pythia's LayerNorms, plain MLP,
+# biases and (non-)parallel residual (neox), Llama's attention_bias and mlp_bias (llama_biases)
 VARIANTS = {"qwen3_gqa": ("qwen3", 2, False), "qwen3_mha_tied": ("qwen3", 4, True),
             "llama_gqa_tied": ("llama", 2, True), "llama_mha": ("llama", 4, False),
             "qwen2_gqa_tied": ("qwen2", 2, True), "mistral_gqa": ("mistral", 2, False),
             "phi3_gqa": ("phi3", 2, False), "olmo2_gqa": ("olmo2", 2, False),
             "gemma3_gqa_tied": ("gemma3", 2, True), "smollm3_gqa_tied": ("smollm3", 2, True),
-            "gemma2_gqa_tied": ("gemma2", 2, True), "qwen2_mqa": ("qwen2", 1, False)}
+            "gemma2_gqa_tied": ("gemma2", 2, True), "qwen2_mqa": ("qwen2", 1, False),
+            "neox_parallel": ("neox", 4, False), "neox_sequential_tied": ("neox_seq", 4, True),
+            "llama_biases": ("llama_bias", 2, False)}
+NEOX_ROTARY = 0.25  # Pythia's rotary_pct: RoPE on the first 4 of each head's 16 dims
 GEMMA2_CAPS = (2.0, 3.0)  # attention, output logits: small enough to bite on the tiny model (Gemma 2: 50, 30)
 GEMMA3_WINDOW = 8
 GEMMA3_ROPE = {"full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1000000.0},
@@ -84,6 +88,18 @@ def make_hf(folder, family="qwen3", n_kv_heads=2, tied=False, vocab=128, seed=0,
         model = SmolLM3ForCausalLM(SmolLM3Config(rope_theta=5000000.0, rms_norm_eps=1e-6, pad_token_id=0,
                                                  bos_token_id=1, eos_token_id=2,
                                                  no_rope_layers=[1] * (n_layers - 1) + [0], **common))
+    elif family in ("neox", "neox_seq"):  # Pythia: LayerNorms, parallel residual, 25% of each head rotated, a
+        # plain GELU MLP and biases everywhere; neox_seq: sequential residual and GPT-NeoX-20B's gelu_fast
+        from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+        neox = {k: v for k, v in common.items() if k != "num_key_value_heads"}
+        seq = family == "neox_seq"
+        model = GPTNeoXForCausalLM(GPTNeoXConfig(
+            rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": NEOX_ROTARY},
+            use_parallel_residual=not seq, hidden_act="gelu_fast" if seq else "gelu", layer_norm_eps=1e-5,
+            bos_token_id=0, eos_token_id=0, **neox))
+    elif family == "llama_bias":  # attention_bias (Q, K, V, O) and mlp_bias (gate, up, down)
+        model = LlamaForCausalLM(LlamaConfig(rope_theta=500000.0, rms_norm_eps=1e-5, attention_bias=True,
+                                             mlp_bias=True, **common))
     elif family == "mistral":
         model = MistralForCausalLM(MistralConfig(head_dim=20, rope_theta=10000.0, rms_norm_eps=1e-5,
                                                  sliding_window=MISTRAL_WINDOW, **common))

@@ -46,7 +46,10 @@ def test_config_values():
                                    ["model.norm_position=post", "model.qk_norm_scope=full"],
                                    ["model.norm_position=sandwich", "model.norm_offset=1", "model.activation=gelu_tanh",
                                     "model.embed_scale=5.5", "model.attn_scale_dim=24"],
-                                   ["model.attn_softcap=2"]])
+                                   ["model.attn_softcap=2"],
+                                   ["model.norm_type=layer", "model.ffn_gated=false", "model.activation=gelu",
+                                    "model.parallel_residual=true", "model.qk_norm=false", "model.qkv_bias=true",
+                                    "model.o_bias=true", "model.ffn_bias=true", "model.rope_fraction=0.5"]])
 @pytest.mark.parametrize("doc_mask,window", [(False, 0), (True, 0), (True, 6)])
 def test_block_has_no_graph_breaks(extra, doc_mask, window):
     from megadistill.model.attention import build_mask

@@ -12,7 +12,7 @@ from torch.testing import assert_close
 
 from dist_harness import run_distributed
 from hf_models import (GEMMA2_CAPS, GEMMA3_WINDOW, MISTRAL_WINDOW, PHI3_ORIGINAL_MAX, PHI3_PARTIAL, PHI3_WINDOW,
-                       VARIANTS, edit_config, hf_logits, make_hf)
+                       NEOX_ROTARY, VARIANTS, edit_config, hf_logits, make_hf)
 from tiny_runs import tiny_overrides
 
 from megadistill import config
@@ -59,8 +59,14 @@ def test_teacher_logits_equal_transformers_tp1(hf_dirs, tmp_path, name):
     assert all(not p.requires_grad for p in teacher.module.parameters())
     family, kv, tied = VARIANTS[name]
     m = teacher.model_cfg
+    neox = family in ("neox", "neox_seq")  # LayerNorms, a plain MLP, biases on every linear
     assert (m.n_kv_heads, m.tie_embeddings, m.qk_norm, m.qkv_bias) == (
-        kv, tied, family in ("qwen3", "olmo2", "gemma3"), family == "qwen2")
+        kv, tied, family in ("qwen3", "olmo2", "gemma3"), family in ("qwen2", "llama_bias") or neox)
+    assert (m.o_bias, m.ffn_bias) == ((True, True) if neox or family == "llama_bias" else (False, False))
+    assert (m.norm_type, m.ffn_gated, m.parallel_residual) == (("layer", False, family == "neox") if neox
+                                                               else ("rms", True, False))
+    if neox:
+        assert m.activation == ("gelu" if family == "neox" else "gelu_tanh") and m.norm_eps == 1e-5
     olmo2 = family == "olmo2"  # post-norm blocks, QK-norm gains over all heads' dims (split over TP like the heads)
     gemma = family in ("gemma2", "gemma3")  # sandwich norms (Gemma 2 without QK-norm, softcapped)
     assert (m.norm_position, m.qk_norm_scope) == (("post", "full") if olmo2 else
@@ -76,9 +82,14 @@ def test_teacher_logits_equal_transformers_tp1(hf_dirs, tmp_path, name):
         (4 * m.head_dim,) if olmo2 else (m.head_dim,))
     assert m.sliding_window == {"mistral": MISTRAL_WINDOW, "phi3": PHI3_WINDOW, "gemma3": GEMMA3_WINDOW,
                                 "gemma2": GEMMA3_WINDOW}.get(family, 0)
-    assert m.rope_fraction == (PHI3_PARTIAL if family == "phi3" else 1.0)
-    if family == "qwen2":  # the biases are loaded (drawn at random in the checkpoint, so the logits depend on them)
+    assert m.rope_fraction == {"phi3": PHI3_PARTIAL, "neox": NEOX_ROTARY, "neox_seq": NEOX_ROTARY}.get(family, 1.0)
+    if m.qkv_bias:  # the biases are loaded (drawn at random in the checkpoint, so the logits depend on them)
         assert float(teacher.module.blocks[0].attn.wk.bias.abs().sum()) > 0
+    if m.o_bias:  # and the O / FFN / LayerNorm ones
+        block = teacher.module.blocks[1]
+        biases = [block.attn.wo.bias, block.ffn.w1.bias, block.ffn.w2.bias] + (
+            [block.attn_norm.bias, teacher.module.norm.bias] if neox else [block.ffn.w3.bias])
+        assert all(float(b.abs().min()) > 0 for b in biases)
     if family == "phi3":  # one Q/K/V matrix and one gate/up matrix per layer, read as row views
         assert m.rope_scaling == "longrope" and m.rope_attention_factor == pytest.approx(2 ** 0.5)  # 256 / 16
         from transformers import AutoModelForCausalLM
@@ -113,6 +124,37 @@ def test_sharded_bf16_checkpoint_streams(tmp_path):
     ref = {k: v for k, v in model.state_dict().items()}
     assert torch.equal(teacher.module.blocks[1].attn.wk.weight, ref["model.layers.1.self_attn.k_proj.weight"])
     assert torch.equal(teacher.module.head.weight, ref["lm_head.weight"])
+
+
+def test_interleaved_rows_read_as_parts(tmp_path):
+    """GPT-NeoX's query_key_value ([heads, (q, k, v), hd] rows) read as three tensors: any row range (a TP rank's
+    heads), column slices, 1-D biases and casts equal slicing the de-interleaved tensor; a shape config.json does not
+    imply is a named error."""
+    from safetensors.torch import save_file
+
+    from megadistill.hf.safetensors_io import BLOCK_BYTES, SafetensorsFolder
+    h, hd, d = 4, 3, 5
+    w, b = torch.randn(h * 3 * hd, d), torch.randn(h * 3 * hd)
+    save_file({"qkv.weight": w, "qkv.bias": b, "other": torch.zeros(2)}, str(tmp_path / "model.safetensors"))
+    st = SafetensorsFolder(tmp_path)
+    for kind, t in (("weight", w), ("bias", b)):
+        st.split_interleaved(f"qkv.{kind}", {f"q.{kind}": hd, f"k.{kind}": hd, f"v.{kind}": hd}, h)
+        per_head = t.reshape(h, 3, hd, *t.shape[1:])
+        for i, part in enumerate("qkv"):
+            ref = per_head[:, i].reshape(h * hd, *t.shape[1:])
+            assert st.shape(f"{part}.{kind}") == tuple(ref.shape)
+            assert torch.equal(st.read(f"{part}.{kind}"), ref)
+            for lo, hi in ((0, 6), (6, 12), (2, 7), (4, 5)):  # whole heads (TP ranks) and ranges across runs
+                assert torch.equal(st.read(f"{part}.{kind}", 0, lo, hi), ref[lo:hi])
+            if kind == "weight":
+                assert torch.equal(st.read(f"{part}.{kind}", 1, 1, 4), ref[:, 1:4])
+                out = torch.empty(6, d, dtype=torch.bfloat16)
+                st.read(f"{part}.{kind}", 0, 6, 12, out=out)
+                assert torch.equal(out, ref[6:].bfloat16())
+    assert BLOCK_BYTES > 0 and "qkv.weight" not in st and "other" in st
+    st2 = SafetensorsFolder(tmp_path)
+    with pytest.raises(UserError, match=r"qkv.weight has shape \(36, 5\), but config.json implies 4 heads x 6 rows"):
+        st2.split_interleaved("qkv.weight", {"q.weight": 2, "k.weight": 2, "v.weight": 2}, 4)
 
 
 # ---------------------------------------------------------------- TP=2 and the trainer, on 2 gloo processes
@@ -189,7 +231,10 @@ def _train_tiny(run_dir, extra):
 
 EXPORT_ARCH = {"qwen3_gqa_tied": "Qwen3ForCausalLM", "llama_rope3": "LlamaForCausalLM",
                "qwen2_gqa_tied": "Qwen2ForCausalLM", "phi3_partial": "Phi3ForCausalLM",
-               "olmo2_post": "Olmo2ForCausalLM", "gemma3_sandwich": "Gemma3ForCausalLM"}
+               "olmo2_post": "Olmo2ForCausalLM", "gemma3_sandwich": "Gemma3ForCausalLM",
+               "gptneox_pythia": "GPTNeoXForCausalLM"}
+NEOX = {"norm_type": "layer", "ffn_gated": False, "activation": "gelu", "parallel_residual": True, "qk_norm": False,
+        "qkv_bias": True, "o_bias": True, "ffn_bias": True, "rope_fraction": 0.25}
 
 
 @pytest.mark.parametrize("shape", [
@@ -206,6 +251,7 @@ EXPORT_ARCH = {"qwen3_gqa_tied": "Qwen3ForCausalLM", "llama_rope3": "LlamaForCau
     ["model.norm_position=sandwich", "model.norm_offset=1", "model.activation=gelu_tanh", "model.embed_scale=8",
      "model.attn_scale_dim=24", "model.sliding_window=8", "model.layer_types=[sliding,full]",
      "model.rope_local_base=10000", "model.tie_embeddings=true", "model.n_kv_heads=2"],  # -> Gemma 3
+    [f"model.{k}={str(v).lower()}" for k, v in NEOX.items()],  # -> GPT-NeoX (Pythia's block)
 ], ids=list(EXPORT_ARCH))
 def test_export_hf_loads_in_transformers_and_round_trips(tmp_path, shape, request):
     from safetensors.torch import load_file
@@ -228,6 +274,8 @@ def test_export_hf_loads_in_transformers_and_round_trips(tmp_path, shape, reques
     load_sharded_weights(ours, run / "model", ParallelGroups.single())
     if tcfg.model.qkv_bias:  # trained from 0: the export carries biases that matter
         assert float(ours.blocks[0].attn.wq.bias.detach().abs().min()) > 0
+    if tcfg.model.o_bias:
+        assert float(ours.blocks[0].attn.wo.bias.detach().abs().min()) > 0
     with torch.no_grad():
         assert_close(hf(IDS).logits, ours(IDS))
         gen = hf.generate(IDS[:1, :5], max_new_tokens=6, do_sample=False, pad_token_id=0)
@@ -241,7 +289,8 @@ def test_export_hf_loads_in_transformers_and_round_trips(tmp_path, shape, reques
                 "rope_scaling", "rope_factor", "rope_fraction", "rope_short_factor", "rope_long_factor",
                 "rope_attention_factor", "rope_beta_fast", "rope_beta_slow", "rope_truncate", "norm_eps", "qk_norm",
                 "qk_norm_scope", "norm_position", "norm_offset", "activation", "embed_scale", "attn_scale_dim",
-                "sliding_window", "layer_types", "rope_local_base", "qkv_bias", "tie_embeddings"):
+                "sliding_window", "layer_types", "rope_local_base", "qkv_bias", "tie_embeddings", "o_bias", "ffn_bias",
+                "norm_type", "ffn_gated", "parallel_residual"):
         assert getattr(back, key) == getattr(tcfg.model, key), key
 
 
@@ -362,8 +411,13 @@ def test_qwen2_use_sliding_window_windows_the_last_blocks(hf_dirs, tmp_path):
     {"norm_position": "sandwich", "norm_offset": 1.0, "activation": "gelu_tanh", "embed_scale": 8.0, "qk_norm": False,
      "attn_scale_dim": 24, "attn_softcap": 2.0, "logit_softcap": 3.0, "sliding_window": 8,
      "layer_types": ["sliding", "full", "sliding"]},  # Gemma 2
+    dict(NEOX, n_kv_heads=4),  # GPT-NeoX / Pythia
+    dict(NEOX, n_kv_heads=4, parallel_residual=False, activation="gelu_tanh", tie_embeddings=True,
+         rope_scaling="linear", rope_factor=2.0),  # GPT-NeoX, sequential
+    {"qk_norm": False, "qkv_bias": True, "o_bias": True, "ffn_bias": True},  # Llama's attention_bias and mlp_bias
+    {"qkv_bias": True, "o_bias": True},  # Qwen3's attention_bias
 ], ids=["qwen2_last_blocks", "qwen3_all_blocks", "mistral", "gemma3_shared_rope", "smollm3_windowed_nope",
-        "gemma2_softcapped"])
+        "gemma2_softcapped", "gptneox", "gptneox_sequential_tied", "llama_biases", "qwen3_biases"])
 def test_exported_config_is_our_function_in_transformers(tmp_path, over):
     """Our model with random weights (norm gains too), written as export writes it (from_model_config + state_to_hf),
     loads in transformers with equal logits on sequences 3x the window; import reads the same config back."""
@@ -393,7 +447,8 @@ def test_exported_config_is_our_function_in_transformers(tmp_path, over):
         assert_close(ours(IDS), theirs, rtol=1e-5, atol=1e-5 * float(theirs.abs().max()))  # fp32 round-off only
     back = to_model_config(hf_cfg)
     for key in ("sliding_window", "layer_types", "norm_position", "norm_offset", "activation", "qkv_bias", "qk_norm",
-                "nope_blocks", "attn_softcap", "logit_softcap", "attn_scale_dim"):
+                "nope_blocks", "attn_softcap", "logit_softcap", "attn_scale_dim", "o_bias", "ffn_bias", "norm_type",
+                "ffn_gated", "parallel_residual", "rope_fraction", "rope_scaling", "tie_embeddings"):
         assert getattr(back, key) == getattr(m, key), key
 
 
@@ -419,7 +474,13 @@ def test_export_refuses_models_no_hf_architecture_computes():
                        ({"norm_position": "sandwich"}, "part of Gemma's block without the rest"),
                        ({"activation": "gelu_tanh"}, "part of Gemma's block without the rest"),
                        ({"logit_softcap": 30.0}, "part of Gemma's block without the rest"),
-                       ({"norm_position": "post", "qk_norm_scope": "full", "qkv_bias": True}, "more than one of")]:
+                       ({"norm_position": "post", "qk_norm_scope": "full", "qkv_bias": True}, "more than one of"),
+                       ({"norm_type": "layer", "qk_norm": False}, "part of GPT-NeoX's block without the rest"),
+                       (dict(NEOX, n_kv_heads=2), "GQA or a head_dim other than"),
+                       (dict(NEOX, activation="silu"), "a silu MLP"),
+                       ({"o_bias": True, "qk_norm": False}, "a bias on O without Q/K/V biases"),
+                       ({"qkv_bias": True, "ffn_bias": True, "qk_norm": False}, "these biases"),
+                       ({"qkv_bias": True, "o_bias": True, "qk_norm": False, "sliding_window": 8}, "these biases")]:
         with pytest.raises(UserError, match=match):
             from_model_config(dataclasses.replace(base, **bad), 64)
 
@@ -457,6 +518,11 @@ def test_bad_folders_are_named_errors(hf_dirs, tmp_path, capsys):
     shutil.copytree(hf_dirs["phi3_gqa"][0], fused)
     edit_config(fused, num_key_value_heads=4)
     fails(fused, r"qkv_proj.weight has shape \(128, 64\), but config.json implies 192 rows \(q_proj 64, k_proj 64")
+    biased = tmp_path / "mistral_bias"  # MistralForCausalLM ignores attention_bias; we do not guess
+    shutil.copytree(hf_dirs["mistral_gqa"][0], biased)
+    edit_config(biased, attention_bias=True)
+    fails(biased, "attention_bias=true is not supported for MistralForCausalLM .read for Qwen3ForCausalLM, "
+                  "LlamaForCausalLM and GPT-NeoX")
     partial = tmp_path / "llama_partial"  # transformers rotates part of each head for Phi-3 only
     shutil.copytree(hf_dirs["llama_mha"][0], partial)
     edit_config(partial, partial_rotary_factor=0.75)

@@ -305,6 +305,42 @@ def test_olmo2_counts_its_full_width_qk_norm(tmp_path):
     assert rows[0]["fits"] and rows[0]["memory"]["teacher_weights"] == pytest.approx(7.30e9 * 2, rel=0.002)  # bf16
 
 
+def test_pythia_counts_its_layernorms_biases_and_plain_mlp(tmp_path):
+    """EleutherAI/pythia-1.4b's published config.json (transformers 4.24 keys: rotary_pct, rotary_emb_base):
+    1,414,647,808 weights (the Pythia paper's count: untied 50304 x 2048 embed_in / embed_out, LayerNorm gains and
+    biases, biases on every linear, a 4d plain MLP); split over TP, the O / MLP-output biases and the norms stay
+    whole; a 1.4B teacher for a 160M student on 8 GPUs is planned."""
+    from megadistill.model.sizes import params_of
+    folder = tmp_path / "pythia-1.4b"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({
+        "architectures": ["GPTNeoXForCausalLM"], "bos_token_id": 0, "eos_token_id": 0, "hidden_act": "gelu",
+        "hidden_size": 2048, "initializer_range": 0.02, "intermediate_size": 8192, "layer_norm_eps": 1e-05,
+        "max_position_embeddings": 2048, "model_type": "gpt_neox", "num_attention_heads": 16,
+        "num_hidden_layers": 24, "rotary_emb_base": 10000, "rotary_pct": 0.25, "tie_word_embeddings": False,
+        "torch_dtype": "float16", "transformers_version": "4.24.0", "use_cache": True, "use_parallel_residual": True,
+        "vocab_size": 50304}))
+    m = memory.resolve_model(f"hf:{folder}")
+    assert (m.norm_type, m.ffn_gated, m.parallel_residual, m.activation, m.rope_fraction) == (
+        "layer", False, True, "gelu", 0.25)
+    assert (m.qkv_bias, m.o_bias, m.ffn_bias, m.head_dim, m.rope_base, m.tie_embeddings) == (
+        True, True, True, 128, 10000.0, False)
+    n, _ = params_of(m)
+    assert n + 2 * 50304 * 2048 == 1_414_647_808
+    d, f, L, V = 2048, 8192, 24, 50304
+    for tp in (2, 4, 8):  # everything but 2 norms x (gain, bias) + final norm, the O and MLP-output biases splits
+        whole = L * (4 * d + 2 * d) + 2 * d
+        assert memory.rank_params(m, tp)["total"] == (n + 2 * V * d - whole) // tp + whole
+    small = dict(json.loads((folder / "config.json").read_text()), hidden_size=768, intermediate_size=3072,
+                 num_attention_heads=12, num_hidden_layers=12)  # pythia-160m: 162,322,944
+    (tmp_path / "pythia-160m").mkdir()
+    (tmp_path / "pythia-160m" / "config.json").write_text(json.dumps(small))
+    s = memory.resolve_model(f"hf:{tmp_path / 'pythia-160m'}")
+    assert params_of(s)[0] + 2 * 50304 * 768 == 162_322_944
+    rows = memory.plan(f"hf:{tmp_path / 'pythia-160m'}", f"hf:{folder}", gpus=8, seq_len=2048)
+    assert rows[0]["fits"] and {r["layout"]["tp_size"] for r in rows} == {1, 2, 4}  # 12 heads: not 8
+
+
 def test_gemma3_1b_counts_its_sandwich_norms(tmp_path):
     """Gemma-3-1B's published config.json shape: 999,885,952 weights (tied vocabulary of 262144 x 1152, four norms of
     d per block and head_dim QK-norm gains), its 5-of-6 sliding blocks and two RoPE bases read for planning."""

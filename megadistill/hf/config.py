@@ -1,5 +1,5 @@
-"""Hugging Face config.json (Qwen3 / Qwen2 / Llama / Mistral / Phi-3 / OLMo 2 / Gemma 2 / Gemma 3 / SmolLM3) <-> our
-ModelConfig, with a named error for anything we cannot run."""
+"""Hugging Face config.json (Qwen3 / Qwen2 / Llama / Mistral / Phi-3 / OLMo 2 / Gemma 2 / Gemma 3 / SmolLM3 /
+GPT-NeoX and Pythia) <-> our ModelConfig, with a named error for anything we cannot run."""
 from __future__ import annotations
 
 import json
@@ -18,14 +18,22 @@ ARCHITECTURES = {"Qwen3ForCausalLM": ("qwen3", True, False), "Qwen2ForCausalLM":
                  "LlamaForCausalLM": ("llama", False, False), "MistralForCausalLM": ("mistral", False, False),
                  "Phi3ForCausalLM": ("phi3", False, False), "Olmo2ForCausalLM": ("olmo2", True, False),
                  "Gemma2ForCausalLM": ("gemma2", False, False), "Gemma3ForCausalLM": ("gemma3_text", True, False),
-                 "SmolLM3ForCausalLM": ("smollm3", False, False)}
+                 "SmolLM3ForCausalLM": ("smollm3", False, False), "GPTNeoXForCausalLM": ("gpt_neox", False, True)}
+# GPT-NeoX / Pythia: LayerNorms, a plain MLP with biases, parallel residual (use_parallel_residual, default on), 25% of
+# each head rotated (rotary_pct), biases on Q/K/V and O (attention_bias, default on); no GQA, head_dim = d / heads
+NEOX = {"norm_type": "layer", "ffn_gated": False, "ffn_bias": True}
+# config keys -> families whose transformers class honours them: attention_bias (Q, K, V and O) as our qkv_bias and
+# o_bias, mlp_bias (gate, up, down) as ffn_bias
+BIASED = {"attention_bias": ("llama", "qwen3"), "mlp_bias": ("llama",)}
 OLMO2 = {"norm_position": "post", "qk_norm_scope": "full"}
 # Gemma 2 / 3: norms before and after each sublayer with gains 1 + w, GeGLU, embeddings x sqrt(d), attention scaled
 # by query_pre_attn_scalar; Gemma 2 windows every other block and caps attention and output logits, Gemma 3 windows 5
 # of every 6 blocks with RoPE of their own (base 10000, unscaled) and has a QK-norm
 GEMMA = {"norm_position": "sandwich", "norm_offset": 1.0}
 GEMMAS = ("gemma2", "gemma3_text")
-ACTIVATIONS = {"silu": "silu", "gelu_pytorch_tanh": "gelu_tanh"}  # transformers' name -> model.activation
+# transformers' name -> model.activation (gelu_new / gelu_fast: the tanh approximation too)
+ACTIVATIONS = {"silu": "silu", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu", "gelu_new": "gelu_tanh",
+               "gelu_fast": "gelu_tanh"}
 LAYER_TYPES = {"sliding_attention": "sliding", "full_attention": "full"}
 TIED_BY_DEFAULT = ("gemma2", "gemma3_text", "smollm3")  # transformers' default without tie_word_embeddings
 # Gemma 3 4B-27B ship as Gemma3ForConditionalGeneration: the text model's config is `text_config`, which lists only
@@ -186,15 +194,22 @@ def to_model_config(hf: Dict, where: str = "config.json") -> ModelConfig:
     model_type, qk_norm, qkv_bias = ARCHITECTURES[arch]
     if hf.get("model_type", model_type) != model_type:
         raise UserError(f"{where}: model_type={hf.get('model_type')!r} contradicts architectures={archs}")
-    for key in ("attention_bias", "mlp_bias"):
-        if hf.get(key):  # Llama / Qwen3 attention_bias also puts a bias on O, which no model of ours has
-            raise UserError(f"{where}: {key}=true is not supported (our projections carry no biases besides "
-                            "Qwen2's Q / K / V ones)")
+    neox = model_type == "gpt_neox"
+    biases = {}
+    if neox:  # attention_bias (default on) covers Q/K/V and O; the MLP always has biases
+        qkv_bias = bool(hf.get("attention_bias", True))
+        biases = dict(NEOX, o_bias=qkv_bias, parallel_residual=bool(hf.get("use_parallel_residual", True)))
+    for key, families in BIASED.items():
+        if hf.get(key) and not neox and model_type not in families:
+            raise UserError(f"{where}: {key}=true is not supported for {arch} (read for "
+                            f"{', '.join(a for a, v in ARCHITECTURES.items() if v[0] in families)} and GPT-NeoX)")
+    if model_type in BIASED["attention_bias"]:  # Q, K, V and O; Llama's mlp_bias: the gate, up and down matrices
+        qkv_bias = bool(hf.get("attention_bias"))
+        biases = {"o_bias": qkv_bias, "ffn_bias": bool(hf.get("mlp_bias")) and model_type == "llama"}
     act_key = "hidden_activation" if "hidden_activation" in hf else "hidden_act"  # Gemma names it apart
-    activation = ACTIVATIONS.get(hf.get(act_key) or "silu")
+    activation = ACTIVATIONS.get(hf.get(act_key) or ("gelu" if neox else "silu"))
     if activation is None:
-        raise UserError(f"{where}: {act_key}={hf[act_key]!r} is not supported (gated FFN with one of "
-                        f"{sorted(ACTIVATIONS)})")
+        raise UserError(f"{where}: {act_key}={hf[act_key]!r} is not supported (one of {sorted(ACTIVATIONS)})")
     if hf.get("use_bidirectional_attention"):
         raise UserError(f"{where}: use_bidirectional_attention={hf['use_bidirectional_attention']!r} is not supported "
                         "(causal language models only)")
@@ -202,16 +217,20 @@ def to_model_config(hf: Dict, where: str = "config.json") -> ModelConfig:
     window, kinds = _windows(hf, model_type, nope, where)
     # transformers v5 keeps it in rope_parameters, v4 configs (most of the hub) at the top level: either counts
     partial = next((float(f) for f in ((hf.get("rope_parameters") or {}).get("partial_rotary_factor"),
-                                       hf.get("partial_rotary_factor")) if f is not None and float(f) != 1.0), 1.0)
-    if partial != 1.0 and model_type != "phi3":  # transformers' other families rotate whole heads
-        raise UserError(f"{where}: partial_rotary_factor={partial} is not supported for {arch} (Phi-3 only)")
+                                       hf.get("partial_rotary_factor"), hf.get("rotary_pct") if neox else None)
+                    if f is not None and float(f) != 1.0), 0.25 if neox and not _neox_rotates_all(hf) else 1.0)
+    if partial != 1.0 and model_type not in ("phi3", "gpt_neox"):  # transformers' other families rotate whole heads
+        raise UserError(f"{where}: partial_rotary_factor={partial} is not supported for {arch} (Phi-3 and GPT-NeoX "
+                        "only)")
+    if neox and "rotary_emb_base" in hf and not hf.get("rope_parameters"):  # v4 configs: GPT-NeoX's name for theta
+        hf = dict(hf, rope_theta=hf.get("rope_theta", hf["rotary_emb_base"]))
     try:
         rope, local_base = _gemma3_rope(hf, where) if model_type == "gemma3_text" else (_rope(hf, where), 0.0)
         if rope["rope_scaling"] == "longrope" and model_type != "phi3":
             raise UserError(f"{where}: rope type 'longrope' is supported for Phi3ForCausalLM only, not {arch}")
         n_heads = int(hf["num_attention_heads"])
         d = int(hf["hidden_size"])
-        head_dim = int(hf.get("head_dim") or d // n_heads)
+        head_dim = d // n_heads if neox else int(hf.get("head_dim") or d // n_heads)  # GPT-NeoX has no head_dim
         scale_dim = int(hf.get("query_pre_attn_scalar", 256))  # = head_dim: the default scale, kept as 0
         family = OLMO2 if model_type == "olmo2" else dict(
             GEMMA, embed_scale=math.sqrt(d), attn_scale_dim=0 if scale_dim == head_dim else scale_dim,
@@ -220,11 +239,12 @@ def to_model_config(hf: Dict, where: str = "config.json") -> ModelConfig:
         m = ModelConfig(size=None, n_layers=int(hf["num_hidden_layers"]), d_model=d, n_heads=n_heads,
                         n_kv_heads=int(hf.get("num_key_value_heads") or n_heads),
                         head_dim=head_dim, d_ff=int(hf["intermediate_size"]),
-                        vocab_size=int(hf["vocab_size"]), norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+                        vocab_size=int(hf["vocab_size"]),
+                        norm_eps=float(hf.get("layer_norm_eps", 1e-5) if neox else hf.get("rms_norm_eps", 1e-6)),
                         qk_norm=qk_norm, qkv_bias=qkv_bias, sliding_window=window, rope_fraction=partial,
                         tie_embeddings=bool(hf.get("tie_word_embeddings", model_type in TIED_BY_DEFAULT)), **rope,
                         activation=activation, layer_types=kinds, rope_local_base=local_base,
-                        nope_blocks=nope, **family)
+                        nope_blocks=nope, **family, **biases)
     except KeyError as e:
         raise UserError(f"{where}: required key {e.args[0]!r} is missing") from None
     m.resolve()
@@ -235,16 +255,48 @@ def to_model_config(hf: Dict, where: str = "config.json") -> ModelConfig:
     return m
 
 
+def _neox_rotates_all(hf: Dict) -> bool:
+    """A GPT-NeoX config that asks for whole-head RoPE explicitly (partial_rotary_factor / rotary_pct of 1); absent,
+    transformers rotates 25%."""
+    given = [(hf.get("rope_parameters") or {}).get("partial_rotary_factor"), hf.get("partial_rotary_factor"),
+             hf.get("rotary_pct")]
+    return any(f is not None and float(f) == 1.0 for f in given)
+
+
+def _neox_refusal(m: ModelConfig) -> Optional[str]:
+    """Why GPTNeoXForCausalLM cannot compute m (which has a GPT-NeoX trait), or None."""
+    if not (m.norm_type == "layer" and not m.ffn_gated and m.ffn_bias and m.qkv_bias == m.o_bias):
+        return ("part of GPT-NeoX's block without the rest (LayerNorms, a plain MLP with biases, biases on Q/K/V "
+                "and O both or neither)")
+    if (m.n_kv_heads or m.n_heads) != m.n_heads or m.head_dim * m.n_heads != m.d_model:
+        return "GQA or a head_dim other than d_model / n_heads in a GPT-NeoX block"
+    if (m.qk_norm or m.norm_position != "pre" or m.norm_offset or m.embed_scale != 1 or m.attn_scale_dim
+            or m.attn_softcap or m.logit_softcap or m.sliding_window or m.nope_blocks or m.activation == "silu"
+            or m.rope_scaling not in ("default", "linear")):
+        return ("a GPT-NeoX block with a QK-norm, other norm placements or gains, scaled embeddings or attention, "
+                "softcaps, windows, blocks without RoPE, a silu MLP or RoPE scaling beyond linear")
+    return None
+
+
 def _architecture(m: ModelConfig) -> str:
     """The transformers class that computes our model m, or a UserError naming the keys when none does."""
     keys = ", ".join(f"model.{k}={getattr(m, k)!r}" for k in (
         "qk_norm", "qk_norm_scope", "norm_position", "norm_offset", "activation", "embed_scale", "qkv_bias",
-        "rope_fraction", "rope_scaling", "sliding_window", "layer_types", "rope_local_base", "nope_blocks",
-        "attn_softcap", "logit_softcap"))
+        "o_bias", "ffn_bias", "rope_fraction", "rope_scaling", "sliding_window", "layer_types", "rope_local_base",
+        "nope_blocks", "attn_softcap", "logit_softcap"))
 
     def refuse(what: str):
         raise UserError(f"no Hugging Face architecture computes {what}: {keys}; export it in megadistill's format")
 
+    if m.norm_type == "layer" or not m.ffn_gated or m.parallel_residual:  # GPT-NeoX's traits
+        why = _neox_refusal(m)
+        if why:
+            keys += ", " + ", ".join(f"model.{k}={getattr(m, k)!r}" for k in (
+                "norm_type", "ffn_gated", "parallel_residual", "qkv_bias", "o_bias", "ffn_bias"))
+            refuse(why)
+        return "GPTNeoXForCausalLM"
+    if m.o_bias and not m.qkv_bias:
+        refuse("a bias on O without Q/K/V biases (transformers' attention_bias sets all four)")
     phi3 = m.rope_fraction < 1 or m.rope_scaling == "longrope"
     olmo2 = m.norm_position == "post" or (m.qk_norm and m.qk_norm_scope == "full")
     gemma = (m.norm_position == "sandwich" or m.norm_offset != 0 or m.activation != "silu" or m.embed_scale != 1
@@ -258,14 +310,20 @@ def _architecture(m: ModelConfig) -> str:
                "sqrt(d_model))")
     if gemma and not m.qk_norm and m.rope_local_base:
         refuse("a RoPE of the sliding blocks' own without Gemma 3's QK-norm (Gemma 2 has one RoPE)")
-    if (m.qk_norm and not olmo2 and not gemma) + m.qkv_bias + phi3 + olmo2 + gemma + smollm3 > 1:
+    qwen2 = m.qkv_bias and not m.o_bias  # Q/K/V biases alone; with O's they are Llama's / Qwen3's attention_bias
+    if (m.qk_norm and not olmo2 and not gemma) + qwen2 + phi3 + olmo2 + gemma + smollm3 > 1:
         refuse("more than one of a per-head QK-norm (Qwen3), Q/K/V biases (Qwen2), partial RoPE or longrope (Phi-3), "
                "post-norms with a full-width QK-norm (OLMo 2), Gemma's block and blocks without RoPE (SmolLM3)")
     arch = ("Olmo2ForCausalLM" if olmo2 else "SmolLM3ForCausalLM" if smollm3
             else ("Gemma3ForCausalLM" if m.qk_norm else "Gemma2ForCausalLM") if gemma
-            else "Qwen3ForCausalLM" if m.qk_norm else "Qwen2ForCausalLM" if m.qkv_bias
+            else "Qwen3ForCausalLM" if m.qk_norm else "Qwen2ForCausalLM" if qwen2
             else "Phi3ForCausalLM" if phi3 else "LlamaForCausalLM")
     kinds = m.block_kinds
+    # biases beyond Qwen2's: Q/K/V + O (attention_bias) in Llama and Qwen3, FFN ones (mlp_bias) in Llama, unwindowed
+    if (m.o_bias and arch not in ("LlamaForCausalLM", "Qwen3ForCausalLM")) or (
+            m.ffn_bias and arch != "LlamaForCausalLM") or ((m.o_bias or m.ffn_bias) and "sliding" in kinds):
+        refuse("these biases (model.o_bias, model.ffn_bias: transformers reads attention_bias in Llama and Qwen3, "
+               "mlp_bias in Llama, without sliding windows)")
     if "sliding" not in kinds or arch in ("Gemma2ForCausalLM", "Gemma3ForCausalLM", "SmolLM3ForCausalLM"):  # any
         return arch
     if arch in ("Qwen3ForCausalLM", "Qwen2ForCausalLM"):
@@ -283,8 +341,9 @@ def from_model_config(m: ModelConfig, max_position: int, dtype: str = "float32")
     """config.json for our model: Qwen3ForCausalLM with QK-norm, Qwen2ForCausalLM with Q/K/V biases,
     Phi3ForCausalLM with partial RoPE, Olmo2ForCausalLM with post-norms and a full-width QK-norm, Gemma2ForCausalLM /
     Gemma3ForCausalLM with Gemma's block (without / with QK-norm), SmolLM3ForCausalLM with blocks without RoPE,
-    LlamaForCausalLM with none of them (all load with no custom code); a sliding window on every block of a Llama goes
-    to MistralForCausalLM."""
+    GPTNeoXForCausalLM with LayerNorms and a plain MLP, LlamaForCausalLM with none of them (its attention_bias /
+    mlp_bias from model.o_bias / ffn_bias; all load with no custom code); a sliding window on every block of a Llama
+    goes to MistralForCausalLM."""
     arch = _architecture(m)
     rope: Dict = {"rope_theta": m.rope_base, "rope_type": m.rope_scaling}
     if m.rope_scaling in ("linear", "llama3", "yarn"):
@@ -313,7 +372,15 @@ def from_model_config(m: ModelConfig, max_position: int, dtype: str = "float32")
     if m.rope_scaling != "default":
         out["rope_scaling"] = dict(rope)
     if arch in ("Qwen3ForCausalLM", "LlamaForCausalLM"):  # configurable biases (Qwen2 has its Q/K/V ones built in)
-        out.update(attention_bias=False, mlp_bias=False)
+        out.update(attention_bias=bool(m.o_bias), mlp_bias=bool(m.ffn_bias))
+    if arch == "GPTNeoXForCausalLM":
+        for key in ("num_key_value_heads", "head_dim", "rms_norm_eps"):
+            del out[key]
+        rope["partial_rotary_factor"] = out["partial_rotary_factor"] = m.rope_fraction
+        out.update(layer_norm_eps=m.norm_eps, use_parallel_residual=bool(m.parallel_residual),
+                   attention_bias=bool(m.qkv_bias), rotary_pct=m.rope_fraction, rotary_emb_base=m.rope_base,
+                   hidden_act={"gelu": "gelu", "gelu_tanh": "gelu_pytorch_tanh"}[m.activation],
+                   hidden_dropout=0.0, bos_token_id=None, eos_token_id=None)
     if arch == "Olmo2ForCausalLM":
         out["attention_bias"] = False
     kinds = m.block_kinds

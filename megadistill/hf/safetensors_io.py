@@ -32,6 +32,25 @@ class Entry:
     shape: Tuple[int, ...]
     start: int  # absolute byte offset of the tensor's data in the file
     nbytes: int
+    # rows stored apart (a part of a per-head interleaved matrix, SafetensorsFolder.split_interleaved): (absolute byte
+    # offset, rows) of each run of consecutive rows, in order; empty: all rows contiguous from `start`
+    runs: Tuple[Tuple[int, int], ...] = ()
+
+    def row_bytes(self) -> int:
+        return int(torch.Size(self.shape[1:]).numel()) * torch.empty((), dtype=self.dtype).element_size()
+
+    def row_runs(self, start: int, stop: int):
+        """(absolute byte offset, rows) of the stored runs holding rows [start, stop), in order."""
+        row = self.row_bytes()
+        if not self.runs:
+            yield self.start + start * row, stop - start
+            return
+        first = 0  # the first row of the current run
+        for offset, n in self.runs:
+            lo, hi = max(start, first), min(stop, first + n)
+            if lo < hi:
+                yield offset + (lo - first) * row, hi - lo
+            first += n
 
 
 def _read_header(path: Path) -> Dict[str, Entry]:
@@ -112,6 +131,29 @@ class SafetensorsFolder:
             self.entries[part] = Entry(e.file, e.dtype, (rows, e.shape[1]), e.start + offset * row, rows * row)
             offset += rows
 
+    def split_interleaved(self, name: str, parts: Dict[str, int], groups: int) -> None:
+        """Replace tensor `name`, stored as `groups` consecutive groups of rows each holding `parts` (in order;
+        GPT-NeoX's query_key_value: per head, its q, k and v rows), by one tensor per part gathering that part's rows
+        of every group: views into the same bytes (runs of rows), read like any other tensor."""
+        e = self.entries[name]
+        per = sum(parts.values())
+        if e.runs or e.shape[0] != groups * per:
+            what = ", ".join(f"{k.split('.')[-2]} {v}" for k, v in parts.items())
+            raise UserError(f"{self.folder}: {name} has shape {e.shape}, but config.json implies {groups} heads x "
+                            f"{per} rows ({what}): the config contradicts the weights")
+        row = e.row_bytes()
+        del self.entries[name]
+        offset = 0
+        for part, rows in parts.items():
+            runs = tuple((e.start + (g * per + offset) * row, rows) for g in range(groups))
+            self.entries[part] = Entry(e.file, e.dtype, (groups * rows, *e.shape[1:]), runs[0][0],
+                                       groups * rows * row, runs)
+            offset += rows
+
+    def rename(self, old: str, new: str) -> None:
+        """Tensor `old` answers to `new` instead."""
+        self.entries[new] = self.entries.pop(old)
+
     def rename_prefix(self, old: str, new: str) -> int:
         """Tensors named old... answer to new... instead (a text model inside a multimodal checkpoint); returns how
         many were renamed."""
@@ -134,26 +176,31 @@ class SafetensorsFolder:
         stop = shape[dim] if stop is None else stop
         if dim not in (0, 1) or dim >= len(shape) or not 0 <= start <= stop <= shape[dim]:
             raise ValueError(f"{name}: cannot slice dim {dim} [{start}, {stop}) of shape {tuple(shape)}")
-        item = torch.empty((), dtype=e.dtype).element_size()
         sliced = shape.copy()
         sliced[dim] = stop - start
         direct = out is not None and out.dtype == e.dtype and out.is_contiguous() and out.device.type == "cpu"
         dst = out if direct else torch.empty(sliced, dtype=e.dtype)
         if tuple(dst.shape) != tuple(sliced):
             raise ValueError(f"{name}: slice shape {tuple(sliced)} != destination {tuple(dst.shape)}")
-        row = int(torch.Size(shape[1:]).numel()) * item  # bytes of one index along dim 0
+        row = e.row_bytes()  # bytes of one index along dim 0
         with open(e.file, "rb") as f:
-            if dim == 0:  # one contiguous range
-                f.seek(e.start + start * row)
-                _readinto(f, dst, (stop - start) * row, e.file)
+            if dim == 0:  # one contiguous range per stored run (one run unless the rows are interleaved)
+                r = 0
+                for offset, n in e.row_runs(start, stop):
+                    f.seek(offset)
+                    _readinto(f, dst[r:r + n], n * row, e.file)
+                    r += n
             else:
                 rows = max(1, BLOCK_BYTES // max(row, 1))
-                for r0 in range(0, shape[0], rows):
-                    r1 = min(shape[0], r0 + rows)
-                    block = torch.empty([r1 - r0] + shape[1:], dtype=e.dtype)
-                    f.seek(e.start + r0 * row)
-                    _readinto(f, block, (r1 - r0) * row, e.file)
-                    dst[r0:r1].copy_(block[:, start:stop])
+                r = 0
+                for offset, n in e.row_runs(0, shape[0]):
+                    for b0 in range(0, n, rows):
+                        b1 = min(n, b0 + rows)
+                        block = torch.empty([b1 - b0] + shape[1:], dtype=e.dtype)
+                        f.seek(offset + b0 * row)
+                        _readinto(f, block, (b1 - b0) * row, e.file)
+                        dst[r + b0:r + b1].copy_(block[:, start:stop])
+                    r += n
         if out is not None and not direct:
             out.copy_(dst)
             return out

@@ -28,7 +28,10 @@ _BLOCK = {"attn_norm.weight": "input_layernorm.weight", "ffn_norm.weight": "post
           # post-norm blocks (OLMo 2): the norms on each sublayer's output. HF's post_attention_layernorm is Llama's
           # pre-FFN norm (our ffn_norm) and OLMo 2's post-attention one: our_name gives the first, pre-norm meaning
           "attn_out_norm.weight": "post_attention_layernorm.weight",
-          "ffn_out_norm.weight": "post_feedforward_layernorm.weight"}
+          "ffn_out_norm.weight": "post_feedforward_layernorm.weight",
+          # Llama's attention_bias (with Q / K / V's) and mlp_bias
+          "attn.wo.bias": "self_attn.o_proj.bias", "ffn.w1.bias": "mlp.gate_proj.bias",
+          "ffn.w3.bias": "mlp.up_proj.bias", "ffn.w2.bias": "mlp.down_proj.bias"}
 # sandwich blocks (Gemma 3) name their pre-FFN norm apart from the post-attention one
 _SANDWICH = {"ffn_norm.weight": "pre_feedforward_layernorm.weight"}
 _GLOBAL = {"embed.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight",
@@ -39,13 +42,42 @@ _FUSED = {"self_attn.qkv_proj.weight": ("self_attn.q_proj.weight", "self_attn.k_
           "mlp.gate_up_proj.weight": ("mlp.gate_proj.weight", "mlp.up_proj.weight")}
 # a multimodal checkpoint's text model (Gemma3ForConditionalGeneration) under its causal LM's names
 _TEXT_TOWER = {"language_model.model.": "model.", "language_model.lm_head.": "lm_head."}
+# GPT-NeoX / Pythia (GPTNeoXForCausalLM) name everything its own way; its Q / K / V rows are one matrix interleaved
+# per head ([h, 3, hd] rows: each head's q, k, v), read through virtual per-projection names (attention.query...)
+_NEOX_BLOCK = {"attn_norm.weight": "input_layernorm.weight", "attn_norm.bias": "input_layernorm.bias",
+               "ffn_norm.weight": "post_attention_layernorm.weight", "ffn_norm.bias": "post_attention_layernorm.bias",
+               "attn.wo.weight": "attention.dense.weight", "attn.wo.bias": "attention.dense.bias",
+               "ffn.w1.weight": "mlp.dense_h_to_4h.weight", "ffn.w1.bias": "mlp.dense_h_to_4h.bias",
+               "ffn.w2.weight": "mlp.dense_4h_to_h.weight", "ffn.w2.bias": "mlp.dense_4h_to_h.bias",
+               **{f"attn.w{p}.{kind}": f"attention.{name}.{kind}" for p, name in (("q", "query"), ("k", "key"),
+                                                                               ("v", "value"))
+                  for kind in ("weight", "bias")}}
+_NEOX_GLOBAL = {"embed.weight": "gpt_neox.embed_in.weight", "norm.weight": "gpt_neox.final_layer_norm.weight",
+                "norm.bias": "gpt_neox.final_layer_norm.bias", "head.weight": "embed_out.weight"}
+_NEOX_QKV = {f"attention.query_key_value.{kind}": tuple(f"attention.{p}.{kind}" for p in ("query", "key", "value"))
+             for kind in ("weight", "bias")}
 _BLOCK_RE = re.compile(r"^blocks\.(\d+)\.(.+)$")
 _HF_BLOCK_RE = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
+_NEOX_BLOCK_RE = re.compile(r"^gpt_neox\.layers\.(\d+)\.(.+)$")
+
+
+def neox_layout(model_cfg) -> bool:
+    """Whether model_cfg is stored the GPT-NeoX way (LayerNorm, a plain MLP or parallel residual: GPT-NeoX's traits;
+    megadistill.hf.config maps such a model to GPTNeoXForCausalLM or refuses it)."""
+    return (getattr(model_cfg, "norm_type", "rms") == "layer" or not getattr(model_cfg, "ffn_gated", True)
+            or bool(getattr(model_cfg, "parallel_residual", False)))
 _VOCAB = ("embed.weight", "head.weight")
 
 
 def hf_name(ours: str, model_cfg=None) -> str:
     """Our parameter name -> the HF checkpoint's tensor name (for the block layout of model_cfg, default pre-norm)."""
+    if model_cfg is not None and neox_layout(model_cfg):
+        if ours in _NEOX_GLOBAL:
+            return _NEOX_GLOBAL[ours]
+        m = _BLOCK_RE.match(ours)
+        if m and m.group(2) in _NEOX_BLOCK:
+            return f"gpt_neox.layers.{m.group(1)}.{_NEOX_BLOCK[m.group(2)]}"
+        raise KeyError(f"no GPT-NeoX name for parameter {ours!r}")
     if ours in _GLOBAL:
         return _GLOBAL[ours]
     m = _BLOCK_RE.match(ours)
@@ -57,13 +89,15 @@ def hf_name(ours: str, model_cfg=None) -> str:
 
 def our_name(hf: str) -> Optional[str]:
     """HF tensor name -> ours (None for tensors we do not hold, e.g. rotary inv_freq buffers)."""
-    inverse = {v: k for k, v in _GLOBAL.items()}
+    inverse = {v: k for k, v in (*_GLOBAL.items(), *_NEOX_GLOBAL.items())}
     if hf in inverse:
         return inverse[hf]
-    m = _HF_BLOCK_RE.match(hf)
-    if m:
-        block = next((k for k, v in (*_BLOCK.items(), *_SANDWICH.items()) if v == m.group(2)), None)
-        return f"blocks.{m.group(1)}.{block}" if block else None
+    for pattern, table in ((_HF_BLOCK_RE, (*_BLOCK.items(), *_SANDWICH.items())),
+                           (_NEOX_BLOCK_RE, _NEOX_BLOCK.items())):
+        m = pattern.match(hf)
+        if m:
+            block = next((k for k, v in table if v == m.group(2)), None)
+            return f"blocks.{m.group(1)}.{block}" if block else None
     return None
 
 
@@ -79,7 +113,9 @@ def full_shape(m, name: str) -> tuple:
             "attn.q_norm.weight": (m.n_heads * hd if full_qk else hd,),
             "attn.k_norm.weight": (kv * hd if full_qk else hd,), "attn.wq.bias": (m.n_heads * hd,),
             "attn.wk.bias": (kv * hd,), "attn.wv.bias": (kv * hd,), "ffn.w1.weight": (m.d_ff, d),
-            "ffn.w3.weight": (m.d_ff, d), "ffn.w2.weight": (d, m.d_ff)}[leaf]
+            "ffn.w3.weight": (m.d_ff, d), "ffn.w2.weight": (d, m.d_ff), "attn.wo.bias": (d,),
+            "ffn.w1.bias": (m.d_ff,), "ffn.w3.bias": (m.d_ff,), "ffn.w2.bias": (d,), "norm.bias": (d,),
+            "attn_norm.bias": (d,), "ffn_norm.bias": (d,)}[leaf]
 
 
 def open_hf(folder: Path, model_cfg) -> SafetensorsFolder:
@@ -89,6 +125,14 @@ def open_hf(folder: Path, model_cfg) -> SafetensorsFolder:
     st = SafetensorsFolder(folder)
     for old, new in _TEXT_TOWER.items():  # the vision tower's tensors keep their names and are not read
         st.rename_prefix(old, new)
+    if neox_layout(model_cfg):  # per head q, k, v rows of query_key_value -> three tensors of runs of rows
+        hd = model_cfg.head_dim
+        for name in list(st.entries):
+            m = _NEOX_BLOCK_RE.match(name)
+            if m and m.group(2) in _NEOX_QKV:
+                parts = {f"gpt_neox.layers.{m.group(1)}.{p}": hd for p in _NEOX_QKV[m.group(2)]}
+                st.split_interleaved(name, parts, model_cfg.n_heads)
+        return st
     for name in list(st.entries):
         m = _HF_BLOCK_RE.match(name)
         if m and m.group(2) in _FUSED:
@@ -119,8 +163,9 @@ def load_into(module: nn.Module, folder: Path, tp_rank: int = 0, tp_size: int = 
     if missing:
         raise UserError(f"{folder}: tensors the config implies are missing from the checkpoint ({missing[:4]}, "
                         f"{len(missing)} in all): does config.json match the weights?")
+    head = hf_name("head.weight", module.cfg) if hf_names else "head.weight"
     unused = sorted(h for h in st.entries if h not in set(wanted.values()) and hf_names
-                    and not (tied and h == "lm_head.weight") and our_name(h) is not None)
+                    and not (tied and h == head) and our_name(h) is not None)
     if unused:
         raise UserError(f"{folder}: the checkpoint holds tensors the config does not account for ({unused[:4]}): "
                         "does config.json match the weights (num_hidden_layers, tie_word_embeddings)?")
@@ -156,7 +201,14 @@ def state_to_hf(state: Dict[str, torch.Tensor], tied: bool, fused: bool = False,
     embedding. fused: Q/K/V and gate/up concatenated by rows into one matrix each (Phi-3's layout)."""
     out = {hf_name(k, model_cfg): v for k, v in state.items()}
     if tied:
-        out.pop("lm_head.weight", None)
+        out.pop(hf_name("head.weight", model_cfg), None)
+    if model_cfg is not None and neox_layout(model_cfg):  # q, k, v rows interleaved per head into query_key_value
+        h = model_cfg.n_heads
+        for name in [n for n in out if n.endswith(".attention.query.weight") or n.endswith(".attention.query.bias")]:
+            prefix, kind = name.rsplit(".attention.query.", 1)
+            parts = [out.pop(f"{prefix}.attention.{p}.{kind}") for p in ("query", "key", "value")]
+            stacked = torch.stack([t.reshape(h, -1, *t.shape[1:]) for t in parts], dim=1)  # [h, 3, hd, ...]
+            out[f"{prefix}.attention.query_key_value.{kind}"] = stacked.reshape(-1, *parts[0].shape[1:])
     if fused:
         layers = sorted({int(m.group(1)) for m in map(_HF_BLOCK_RE.match, out) if m})
         for i, (name, parts) in ((i, f) for i in layers for f in _FUSED.items()):
