@@ -119,6 +119,31 @@ def make_hf(folder, family="qwen3", n_kv_heads=2, tied=False, vocab=128, seed=0,
     return model
 
 
+def to_bin(src, dst, shards=1):
+    """Rewrite the checkpoint in `src` as pytorch_model.bin (shards > 1: pytorch_model-0000i-of-0000n.bin files and
+    pytorch_model.bin.index.json), the format of older checkpoints (Pythia's intermediate revisions)."""
+    import shutil
+
+    from safetensors.torch import load_file
+    src, dst = Path(src), Path(dst)
+    dst.mkdir(parents=True)
+    shutil.copyfile(src / "config.json", dst / "config.json")
+    state = {}
+    for f in sorted(src.glob("*.safetensors")):
+        state.update(load_file(str(f)))
+    names = sorted(state)
+    if shards == 1:
+        torch.save(state, dst / "pytorch_model.bin")
+        return dst
+    weight_map = {}
+    for i in range(shards):
+        part = f"pytorch_model-{i + 1:05d}-of-{shards:05d}.bin"
+        torch.save({k: state[k] for k in names[i::shards]}, dst / part)
+        weight_map.update({k: part for k in names[i::shards]})
+    (dst / "pytorch_model.bin.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    return dst
+
+
 def hf_logits(model, ids):
     with torch.no_grad():
         return model(ids).logits.float()

@@ -12,7 +12,7 @@ from torch.testing import assert_close
 
 from dist_harness import run_distributed
 from hf_models import (GEMMA2_CAPS, GEMMA3_WINDOW, MISTRAL_WINDOW, PHI3_ORIGINAL_MAX, PHI3_PARTIAL, PHI3_WINDOW,
-                       NEOX_ROTARY, VARIANTS, edit_config, hf_logits, make_hf)
+                       NEOX_ROTARY, VARIANTS, edit_config, hf_logits, make_hf, to_bin)
 from tiny_runs import tiny_overrides
 
 from megadistill import config
@@ -46,6 +46,8 @@ def hf_dirs(tmp_path_factory):
     for name, (family, kv, tied) in VARIANTS.items():
         model = make_hf(root / name, family, kv, tied, seed=len(out))
         out[name] = (root / name, hf_logits(model, IDS))
+    # Pythia's intermediate revisions ship as PyTorch pickles: the same weights in 3 pytorch_model-*.bin shards
+    out["neox_bin"] = (to_bin(root / "neox_parallel", root / "neox_bin", shards=3), out["neox_parallel"][1])
     return out
 
 
@@ -124,6 +126,36 @@ def test_sharded_bf16_checkpoint_streams(tmp_path):
     ref = {k: v for k, v in model.state_dict().items()}
     assert torch.equal(teacher.module.blocks[1].attn.wk.weight, ref["model.layers.1.self_attn.k_proj.weight"])
     assert torch.equal(teacher.module.head.weight, ref["lm_head.weight"])
+
+
+def test_pytorch_bin_checkpoints_are_read(hf_dirs, tmp_path):
+    """pytorch_model.bin (one file, or shards with their index) is a teacher equal to transformers' (GPT-NeoX's
+    interleaved Q/K/V split from it too; at TP=2 in test_tp2_logits_and_distillation_from_hf_teacher); a pickle that
+    would run code, a legacy-format file or a folder without weights is a named error."""
+    from megadistill.hf.safetensors_io import SafetensorsFolder
+    folder, ref = hf_dirs["neox_bin"]
+    assert not list(folder.glob("*.safetensors")) and len(list(folder.glob("*.bin"))) == 3
+    single = to_bin(hf_dirs["llama_biases"][0], tmp_path / "single")
+    for path, want in ((folder, ref), (single, hf_dirs["llama_biases"][1])):
+        teacher = _load(_teacher_cfg(tmp_path, path))
+        with torch.no_grad():
+            assert_close(teacher.module(IDS), want)
+    evil = tmp_path / "evil"
+    shutil.copytree(single, evil)
+
+    class Payload:  # unpickling it would call print: torch.load(weights_only=True) refuses
+        def __reduce__(self):
+            return (print, ("pwned",))
+
+    torch.save({"model.embed_tokens.weight": torch.zeros(2), "x": Payload()}, evil / "pytorch_model.bin")
+    with pytest.raises(UserError, match="cannot be read as plain tensors .*a pickle carrying code is refused"):
+        SafetensorsFolder(evil)
+    (evil / "pytorch_model.bin").write_bytes(b"not a zip")
+    with pytest.raises(UserError, match="not a zip-format PyTorch checkpoint"):
+        SafetensorsFolder(evil)
+    (evil / "pytorch_model.bin").unlink()
+    with pytest.raises(UserError, match="has no model.safetensors .* nor pytorch_model.bin"):
+        SafetensorsFolder(evil)
 
 
 def test_interleaved_rows_read_as_parts(tmp_path):

@@ -1,4 +1,5 @@
-"""Streaming reads of (sharded) safetensors checkpoints: one tensor slice at a time, with plain reads, no mmap.
+"""Streaming reads of (sharded) safetensors checkpoints: one tensor slice at a time, with plain reads, no mmap
+(PyTorch .bin checkpoints, which have no such header: memory-mapped through torch.load, weights only).
 
 A rank that loads its TP shard of a large model must not hold the whole model, nor map whole files: pages of a mapped
 file that a strided (column) slice touches count in the process's resident set. Here a slice along dim 0 is one
@@ -22,6 +23,8 @@ DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF1
           "BOOL": torch.bool}
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
+BIN_INDEX = "pytorch_model.bin.index.json"  # the PyTorch format many older checkpoints (Pythia's revisions) ship in
+BIN_SINGLE = "pytorch_model.bin"
 BLOCK_BYTES = 64 << 20  # rows read at once for a dim-1 slice
 
 
@@ -82,35 +85,55 @@ def _read_header(path: Path) -> Dict[str, Entry]:
 
 
 class SafetensorsFolder:
-    """The tensors of a checkpoint folder: model.safetensors, or the shards a model.safetensors.index.json names."""
+    """The tensors of a checkpoint folder: model.safetensors, or the shards a model.safetensors.index.json names;
+    without safetensors, pytorch_model.bin or the shards of pytorch_model.bin.index.json (torch.load with
+    weights_only=True, so a pickle carrying code is refused, and mmap=True: a slice reads only its pages)."""
 
     def __init__(self, folder: Path):
         self.folder = Path(folder)
-        index = self.folder / INDEX
+        self.tensors: Dict[str, torch.Tensor] = {}  # pytorch_model.bin tensors (mmap-backed), by entry name
+        if (self.folder / INDEX).is_file() or (self.folder / SINGLE).is_file() or \
+                not ((self.folder / BIN_INDEX).is_file() or (self.folder / BIN_SINGLE).is_file()):
+            files, weight_map, index = self._safetensors_files()
+            self.entries: Dict[str, Entry] = {}
+            for name in files:
+                for key, e in _read_header(self.folder / name).items():
+                    self.entries[key] = e
+        else:
+            files, weight_map, index = self._files(BIN_INDEX, BIN_SINGLE)
+            self.entries = {}
+            for name in files:
+                for key, t in _torch_load(self.folder / name).items():
+                    self.tensors[key] = t
+                    self.entries[key] = Entry(self.folder / name, t.dtype, tuple(t.shape), 0,
+                                              t.numel() * t.element_size())
+        if weight_map is not None:
+            absent = sorted(k for k, f in weight_map.items() if k not in self.entries)
+            if absent:
+                raise UserError(f"{self.folder}: {index} lists tensors its shards do not hold ({absent[:3]}): "
+                                "the checkpoint is incomplete or mixed")
+
+    def _files(self, index_name: str, single: str):
+        """(weight files, the index's weight map or None, the index's name) of one format."""
+        index = self.folder / index_name
         if index.is_file():
             weight_map = json.loads(index.read_text()).get("weight_map", {})
             files = sorted(set(weight_map.values()))
             missing = [f for f in files if not (self.folder / f).is_file()]
             if missing:
-                raise UserError(f"{self.folder}: {len(missing)} of the {len(files)} weight shards that {INDEX} lists "
-                                f"are missing ({missing[:3]}): copy the complete checkpoint")
-        elif (self.folder / SINGLE).is_file():
-            files, weight_map = [SINGLE], None
-        else:
-            files = sorted(p.name for p in self.folder.glob("*.safetensors"))
-            if len(files) != 1:
-                raise UserError(f"{self.folder} has no {SINGLE} and no {INDEX} (found {files or 'no safetensors'}): "
-                                "only safetensors checkpoints are read (no pickle files)")
-            weight_map = None
-        self.entries: Dict[str, Entry] = {}
-        for name in files:
-            for key, e in _read_header(self.folder / name).items():
-                self.entries[key] = e
-        if weight_map is not None:
-            absent = sorted(k for k, f in weight_map.items() if k not in self.entries)
-            if absent:
-                raise UserError(f"{self.folder}: {INDEX} lists tensors its shards do not hold ({absent[:3]}): "
-                                "the checkpoint is incomplete or mixed")
+                raise UserError(f"{self.folder}: {len(missing)} of the {len(files)} weight shards that {index_name} "
+                                f"lists are missing ({missing[:3]}): copy the complete checkpoint")
+            return files, weight_map, index_name
+        return [single], None, index_name
+
+    def _safetensors_files(self):
+        if (self.folder / INDEX).is_file() or (self.folder / SINGLE).is_file():
+            return self._files(INDEX, SINGLE)
+        files = sorted(p.name for p in self.folder.glob("*.safetensors"))
+        if len(files) != 1:
+            raise UserError(f"{self.folder} has no {SINGLE} and no {INDEX} (found {files or 'no safetensors'}), nor "
+                            f"{BIN_SINGLE} / {BIN_INDEX}: copy the checkpoint's weight files")
+        return files, None, INDEX
 
     def files(self) -> List[Path]:
         return sorted({e.file for e in self.entries.values()})
@@ -127,8 +150,11 @@ class SafetensorsFolder:
         row = e.shape[1] * torch.empty((), dtype=e.dtype).element_size()
         offset = 0
         del self.entries[name]
+        t = self.tensors.pop(name, None)
         for part, rows in parts.items():
             self.entries[part] = Entry(e.file, e.dtype, (rows, e.shape[1]), e.start + offset * row, rows * row)
+            if t is not None:
+                self.tensors[part] = t.narrow(0, offset, rows)
             offset += rows
 
     def split_interleaved(self, name: str, parts: Dict[str, int], groups: int) -> None:
@@ -143,23 +169,28 @@ class SafetensorsFolder:
                             f"{per} rows ({what}): the config contradicts the weights")
         row = e.row_bytes()
         del self.entries[name]
+        t = self.tensors.pop(name, None)
         offset = 0
         for part, rows in parts.items():
             runs = tuple((e.start + (g * per + offset) * row, rows) for g in range(groups))
             self.entries[part] = Entry(e.file, e.dtype, (groups * rows, *e.shape[1:]), runs[0][0],
                                        groups * rows * row, runs)
+            if t is not None:  # [groups, rows, ...]: flattened when read (a copy of this part only)
+                self.tensors[part] = t.view(groups, per, *e.shape[1:]).narrow(1, offset, rows)
             offset += rows
 
     def rename(self, old: str, new: str) -> None:
         """Tensor `old` answers to `new` instead."""
         self.entries[new] = self.entries.pop(old)
+        if old in self.tensors:
+            self.tensors[new] = self.tensors.pop(old)
 
     def rename_prefix(self, old: str, new: str) -> int:
         """Tensors named old... answer to new... instead (a text model inside a multimodal checkpoint); returns how
         many were renamed."""
         names = [k for k in self.entries if k.startswith(old)]
         for k in names:
-            self.entries[new + k[len(old):]] = self.entries.pop(k)
+            self.rename(k, new + k[len(old):])
         return len(names)
 
     def __contains__(self, name: str) -> bool:
@@ -178,6 +209,14 @@ class SafetensorsFolder:
             raise ValueError(f"{name}: cannot slice dim {dim} [{start}, {stop}) of shape {tuple(shape)}")
         sliced = shape.copy()
         sliced[dim] = stop - start
+        if name in self.tensors:  # pytorch_model.bin: slice the mmap-backed tensor (reads only those pages)
+            t = self.tensors[name]
+            src = (t.flatten(0, 1) if t.dim() > len(shape) else t).narrow(dim, start, stop - start)
+            if out is None:
+                return src.clone(memory_format=torch.contiguous_format)
+            if tuple(out.shape) != tuple(src.shape):
+                raise ValueError(f"{name}: slice shape {tuple(src.shape)} != destination {tuple(out.shape)}")
+            return out.copy_(src)
         direct = out is not None and out.dtype == e.dtype and out.is_contiguous() and out.device.type == "cpu"
         dst = out if direct else torch.empty(sliced, dtype=e.dtype)
         if tuple(dst.shape) != tuple(sliced):
@@ -205,6 +244,25 @@ class SafetensorsFolder:
             out.copy_(dst)
             return out
         return dst
+
+
+def _torch_load(path: Path) -> Dict[str, torch.Tensor]:
+    """A pytorch_model.bin's tensors, memory-mapped; weights_only: a pickle that would run code is refused."""
+    import pickle
+    import zipfile
+
+    if not zipfile.is_zipfile(path):
+        raise UserError(f"{path} is not a zip-format PyTorch checkpoint (torch < 1.6's legacy format, or truncated): "
+                        "re-save it with torch.save, or convert it to safetensors")
+    try:
+        state = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError) as e:
+        raise UserError(f"{path} cannot be read as plain tensors ({str(e).splitlines()[0]}): a pickle carrying code "
+                        "is refused, a truncated file cannot be read; convert it to safetensors from a trusted "
+                        "copy") from None
+    if not isinstance(state, dict) or not all(isinstance(t, torch.Tensor) for t in state.values()):
+        raise UserError(f"{path} holds {type(state).__name__}, not a state dict of tensors")
+    return state
 
 
 def _readinto(f, t: torch.Tensor, nbytes: int, path: Path) -> None:
