@@ -75,7 +75,7 @@ class ModelConfig:
     tie_embeddings: bool = False  # the output head shares the input embedding matrix
     norm_eps: float = 1e-5  # norm epsilon
     norm_type: str = "rms"  # rms: RMSNorm (gain) | layer: LayerNorm, mean-centred, with a gain and a bias (GPT-NeoX /
-    # Pythia); the QK-norm is RMSNorm either way
+    # Pythia) | layer_noaffine: LayerNorm without gain or bias (OLMo 1); the QK-norm is RMSNorm either way
     qk_norm: bool = True  # RMSNorm on queries and keys
     qk_norm_scope: str = "head"  # head: over each head's head_dim, one gain shared by all heads (the paper, Qwen3) |
     # full: over all heads' dims together, one gain per dim (OLMo 2); under TP the sum of squares is all-reduced
@@ -97,6 +97,8 @@ class ModelConfig:
     qkv_bias: bool = False  # biases on the Q, K and V projections (Qwen2 / Qwen2.5)
     o_bias: bool = False  # a bias on the attention output projection O (with qkv_bias: HF's attention_bias)
     ffn_bias: bool = False  # biases on the FFN's matrices (HF's mlp_bias; GPT-NeoX always)
+    qkv_clip: float = 0.0  # q, k and v clamped to [-qkv_clip, qkv_clip] after their projections (OLMo 1's
+    # clip_qkv); 0 = off
     sliding_window: int = 0  # attention window (Mistral's / Phi-3's sliding_window): token i attends to tokens
     # i - sliding_window + 1 .. i only; 0 = full causal attention. No effect while train.seq_len <= sliding_window
     layer_types: List[str] = field(default_factory=list)  # per block "sliding" (windowed) or "full" (Gemma 3: 5 of
@@ -181,7 +183,9 @@ class ModelConfig:
         _choice(f"{prefix}.qk_norm_scope", self.qk_norm_scope, ("head", "full"))
         _choice(f"{prefix}.norm_position", self.norm_position, ("pre", "post", "sandwich"))
         _choice(f"{prefix}.activation", self.activation, ("silu", "gelu_tanh", "gelu"))
-        _choice(f"{prefix}.norm_type", self.norm_type, ("rms", "layer"))
+        _choice(f"{prefix}.norm_type", self.norm_type, ("rms", "layer", "layer_noaffine"))
+        if self.qkv_clip < 0:
+            raise ConfigError(f"{prefix}.qkv_clip={self.qkv_clip} must be >= 0 (0 = no clamping)")
         for key in ("ffn_gated", "parallel_residual", "o_bias", "ffn_bias"):
             if not isinstance(getattr(self, key), bool):
                 raise ConfigError(f"{prefix}.{key}={getattr(self, key)!r} must be true or false")
@@ -221,7 +225,7 @@ HF_SHAPE_KEYS = ("n_layers", "d_model", "n_heads", "n_kv_heads", "head_dim", "d_
                  "rope_beta_fast", "rope_beta_slow", "rope_truncate",
                  "rope_fraction", "norm_eps", "qk_norm", "qk_norm_scope", "norm_position", "norm_offset", "activation",
                  "embed_scale", "attn_scale_dim", "qkv_bias", "o_bias", "ffn_bias", "norm_type", "ffn_gated",
-                 "parallel_residual", "sliding_window", "layer_types", "rope_local_base",
+                 "parallel_residual", "qkv_clip", "sliding_window", "layer_types", "rope_local_base",
                  "nope_blocks", "attn_softcap", "logit_softcap",
                  "tie_embeddings")
 

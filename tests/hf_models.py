@@ -15,7 +15,8 @@ LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "hi
 # sandwich norms with 1 + w gains, GeGLU, scaled embeddings, a sliding and a full block with RoPEs of their own
 # (gemma3), the same without QK-norm and with softcapped attention and output logits (gemma2), a block without RoPE
 # (smollm3), one key/value head, replicated over TP=2 (qwen2_mqa), GPT-NeoX / Pythia's LayerNorms, plain MLP,
-# biases and (non-)parallel residual (neox), Llama's attention_bias and mlp_bias (llama_biases)
+# biases and (non-)parallel residual (neox), Llama's attention_bias and mlp_bias (llama_biases), OLMo 1's
+# parameter-free LayerNorms and clamped q / k / v (olmo1)
 VARIANTS = {"qwen3_gqa": ("qwen3", 2, False), "qwen3_mha_tied": ("qwen3", 4, True),
             "llama_gqa_tied": ("llama", 2, True), "llama_mha": ("llama", 4, False),
             "qwen2_gqa_tied": ("qwen2", 2, True), "mistral_gqa": ("mistral", 2, False),
@@ -23,8 +24,9 @@ VARIANTS = {"qwen3_gqa": ("qwen3", 2, False), "qwen3_mha_tied": ("qwen3", 4, Tru
             "gemma3_gqa_tied": ("gemma3", 2, True), "smollm3_gqa_tied": ("smollm3", 2, True),
             "gemma2_gqa_tied": ("gemma2", 2, True), "qwen2_mqa": ("qwen2", 1, False),
             "neox_parallel": ("neox", 4, False), "neox_sequential_tied": ("neox_seq", 4, True),
-            "llama_biases": ("llama_bias", 2, False)}
+            "llama_biases": ("llama_bias", 2, False), "olmo1_tied": ("olmo", 4, True)}
 NEOX_ROTARY = 0.25  # Pythia's rotary_pct: RoPE on the first 4 of each head's 16 dims
+OLMO_CLIP = 0.4  # OLMo 1's clip_qkv (OLMo-7B-0424: 8), here below the largest projections
 GEMMA2_CAPS = (2.0, 3.0)  # attention, output logits: small enough to bite on the tiny model (Gemma 2: 50, 30)
 GEMMA3_WINDOW = 8
 GEMMA3_ROPE = {"full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1000000.0},
@@ -97,6 +99,10 @@ def make_hf(folder, family="qwen3", n_kv_heads=2, tied=False, vocab=128, seed=0,
             rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": NEOX_ROTARY},
             use_parallel_residual=not seq, hidden_act="gelu_fast" if seq else "gelu", layer_norm_eps=1e-5,
             bos_token_id=0, eos_token_id=0, **neox))
+    elif family == "olmo":  # OLMo 1: LayerNorms without parameters, q / k / v clamped (small enough to bite)
+        from transformers import OlmoConfig, OlmoForCausalLM
+        model = OlmoForCausalLM(OlmoConfig(rope_theta=10000.0, clip_qkv=OLMO_CLIP, pad_token_id=1, eos_token_id=0,
+                                           **common))
     elif family == "llama_bias":  # attention_bias (Q, K, V, O) and mlp_bias (gate, up, down)
         model = LlamaForCausalLM(LlamaConfig(rope_theta=500000.0, rms_norm_eps=1e-5, attention_bias=True,
                                              mlp_bias=True, **common))

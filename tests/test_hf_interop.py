@@ -12,7 +12,7 @@ from torch.testing import assert_close
 
 from dist_harness import run_distributed
 from hf_models import (GEMMA2_CAPS, GEMMA3_WINDOW, MISTRAL_WINDOW, PHI3_ORIGINAL_MAX, PHI3_PARTIAL, PHI3_WINDOW,
-                       NEOX_ROTARY, VARIANTS, edit_config, hf_logits, make_hf, to_bin)
+                       NEOX_ROTARY, OLMO_CLIP, VARIANTS, edit_config, hf_logits, make_hf, to_bin)
 from tiny_runs import tiny_overrides
 
 from megadistill import config
@@ -65,8 +65,15 @@ def test_teacher_logits_equal_transformers_tp1(hf_dirs, tmp_path, name):
     assert (m.n_kv_heads, m.tie_embeddings, m.qk_norm, m.qkv_bias) == (
         kv, tied, family in ("qwen3", "olmo2", "gemma3"), family in ("qwen2", "llama_bias") or neox)
     assert (m.o_bias, m.ffn_bias) == ((True, True) if neox or family == "llama_bias" else (False, False))
-    assert (m.norm_type, m.ffn_gated, m.parallel_residual) == (("layer", False, family == "neox") if neox
-                                                               else ("rms", True, False))
+    assert (m.norm_type, m.ffn_gated, m.parallel_residual) == (
+        ("layer", False, family == "neox") if neox else ("layer_noaffine", True, False) if family == "olmo"
+        else ("rms", True, False))
+    assert m.qkv_clip == (OLMO_CLIP if family == "olmo" else 0.0)
+    if family == "olmo":  # the clamp bites: without it the logits differ
+        for block in teacher.module.blocks:
+            block.attn.clip = 0.0
+        with torch.no_grad():
+            assert (teacher.module(IDS) - ref).abs().max() > 1e-3
     if neox:
         assert m.activation == ("gelu" if family == "neox" else "gelu_tanh") and m.norm_eps == 1e-5
     olmo2 = family == "olmo2"  # post-norm blocks, QK-norm gains over all heads' dims (split over TP like the heads)
@@ -264,7 +271,7 @@ def _train_tiny(run_dir, extra):
 EXPORT_ARCH = {"qwen3_gqa_tied": "Qwen3ForCausalLM", "llama_rope3": "LlamaForCausalLM",
                "qwen2_gqa_tied": "Qwen2ForCausalLM", "phi3_partial": "Phi3ForCausalLM",
                "olmo2_post": "Olmo2ForCausalLM", "gemma3_sandwich": "Gemma3ForCausalLM",
-               "gptneox_pythia": "GPTNeoXForCausalLM"}
+               "gptneox_pythia": "GPTNeoXForCausalLM", "olmo1_clip": "OlmoForCausalLM"}
 NEOX = {"norm_type": "layer", "ffn_gated": False, "activation": "gelu", "parallel_residual": True, "qk_norm": False,
         "qkv_bias": True, "o_bias": True, "ffn_bias": True, "rope_fraction": 0.25}
 
@@ -284,6 +291,7 @@ NEOX = {"norm_type": "layer", "ffn_gated": False, "activation": "gelu", "paralle
      "model.attn_scale_dim=24", "model.sliding_window=8", "model.layer_types=[sliding,full]",
      "model.rope_local_base=10000", "model.tie_embeddings=true", "model.n_kv_heads=2"],  # -> Gemma 3
     [f"model.{k}={str(v).lower()}" for k, v in NEOX.items()],  # -> GPT-NeoX (Pythia's block)
+    ["model.qk_norm=false", "model.norm_type=layer_noaffine", "model.qkv_clip=0.5", "model.norm_eps=1e-5"],  # -> OLMo 1
 ], ids=list(EXPORT_ARCH))
 def test_export_hf_loads_in_transformers_and_round_trips(tmp_path, shape, request):
     from safetensors.torch import load_file
@@ -322,7 +330,7 @@ def test_export_hf_loads_in_transformers_and_round_trips(tmp_path, shape, reques
                 "rope_attention_factor", "rope_beta_fast", "rope_beta_slow", "rope_truncate", "norm_eps", "qk_norm",
                 "qk_norm_scope", "norm_position", "norm_offset", "activation", "embed_scale", "attn_scale_dim",
                 "sliding_window", "layer_types", "rope_local_base", "qkv_bias", "tie_embeddings", "o_bias", "ffn_bias",
-                "norm_type", "ffn_gated", "parallel_residual"):
+                "norm_type", "ffn_gated", "parallel_residual", "qkv_clip"):
         assert getattr(back, key) == getattr(tcfg.model, key), key
 
 
@@ -448,8 +456,9 @@ def test_qwen2_use_sliding_window_windows_the_last_blocks(hf_dirs, tmp_path):
          rope_scaling="linear", rope_factor=2.0),  # GPT-NeoX, sequential
     {"qk_norm": False, "qkv_bias": True, "o_bias": True, "ffn_bias": True},  # Llama's attention_bias and mlp_bias
     {"qkv_bias": True, "o_bias": True},  # Qwen3's attention_bias
+    {"qk_norm": False, "norm_type": "layer_noaffine", "qkv_clip": 0.4, "tie_embeddings": True},  # OLMo 1
 ], ids=["qwen2_last_blocks", "qwen3_all_blocks", "mistral", "gemma3_shared_rope", "smollm3_windowed_nope",
-        "gemma2_softcapped", "gptneox", "gptneox_sequential_tied", "llama_biases", "qwen3_biases"])
+        "gemma2_softcapped", "gptneox", "gptneox_sequential_tied", "llama_biases", "qwen3_biases", "olmo1"])
 def test_exported_config_is_our_function_in_transformers(tmp_path, over):
     """Our model with random weights (norm gains too), written as export writes it (from_model_config + state_to_hf),
     loads in transformers with equal logits on sequences 3x the window; import reads the same config back."""
@@ -480,7 +489,8 @@ def test_exported_config_is_our_function_in_transformers(tmp_path, over):
     back = to_model_config(hf_cfg)
     for key in ("sliding_window", "layer_types", "norm_position", "norm_offset", "activation", "qkv_bias", "qk_norm",
                 "nope_blocks", "attn_softcap", "logit_softcap", "attn_scale_dim", "o_bias", "ffn_bias", "norm_type",
-                "ffn_gated", "parallel_residual", "rope_fraction", "rope_scaling", "tie_embeddings"):
+                "ffn_gated", "parallel_residual", "rope_fraction", "rope_scaling", "tie_embeddings", "qkv_clip",
+                "norm_eps"):
         assert getattr(back, key) == getattr(m, key), key
 
 
@@ -512,7 +522,10 @@ def test_export_refuses_models_no_hf_architecture_computes():
                        (dict(NEOX, activation="silu"), "a silu MLP"),
                        ({"o_bias": True, "qk_norm": False}, "a bias on O without Q/K/V biases"),
                        ({"qkv_bias": True, "ffn_bias": True, "qk_norm": False}, "these biases"),
-                       ({"qkv_bias": True, "o_bias": True, "qk_norm": False, "sliding_window": 8}, "these biases")]:
+                       ({"qkv_bias": True, "o_bias": True, "qk_norm": False, "sliding_window": 8}, "these biases"),
+                       ({"qkv_clip": 8.0, "qk_norm": False}, "part of OLMo 1's block"),
+                       ({"norm_type": "layer_noaffine", "norm_eps": 1e-6, "qk_norm": False}, "model.norm_eps=1e-06"),
+                       (dict(NEOX, n_kv_heads=4, qkv_clip=8.0), "clamping")]:
         with pytest.raises(UserError, match=match):
             from_model_config(dataclasses.replace(base, **bad), 64)
 

@@ -341,6 +341,28 @@ def test_pythia_counts_its_layernorms_biases_and_plain_mlp(tmp_path):
     assert rows[0]["fits"] and {r["layout"]["tp_size"] for r in rows} == {1, 2, 4}  # 12 heads: not 8
 
 
+def test_olmo1_counts_no_norm_weights(tmp_path):
+    """allenai/OLMo-1B-hf's published config.json: 1,176,764,416 weights (tied 50304 x 2048 vocabulary, SwiGLU, and
+    LayerNorms without any parameter), q / k / v clamping read from clip_qkv (OLMo-7B-0424's 8)."""
+    from megadistill.model.sizes import params_of
+    folder = tmp_path / "olmo-1b"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({
+        "architectures": ["OlmoForCausalLM"], "model_type": "olmo", "attention_bias": False, "clip_qkv": None,
+        "hidden_act": "silu", "hidden_size": 2048, "intermediate_size": 8192, "max_position_embeddings": 2048,
+        "num_attention_heads": 16, "num_hidden_layers": 16, "num_key_value_heads": 16, "rope_theta": 10000.0,
+        "rope_scaling": None, "tie_word_embeddings": True, "vocab_size": 50304, "pad_token_id": 1,
+        "eos_token_id": 50279}))
+    m = memory.resolve_model(f"hf:{folder}")
+    assert (m.norm_type, m.qkv_clip, m.norm_eps, m.tie_embeddings, m.qk_norm) == ("layer_noaffine", 0.0, 1e-5, True,
+                                                                                  False)
+    assert params_of(m)[1] == 1_176_764_416  # N + the one (tied) vocabulary matrix
+    assert memory.rank_params(m, 4)["total"] * 4 == 1_176_764_416  # no replicated norm gains
+    (folder / "config.json").write_text(json.dumps(dict(json.loads((folder / "config.json").read_text()),
+                                                        clip_qkv=8.0)))
+    assert memory.resolve_model(f"hf:{folder}").qkv_clip == 8.0
+
+
 def test_gemma3_1b_counts_its_sandwich_norms(tmp_path):
     """Gemma-3-1B's published config.json shape: 999,885,952 weights (tied vocabulary of 262144 x 1152, four norms of
     d per block and head_dim QK-norm gains), its 5-of-6 sliding blocks and two RoPE bases read for planning."""

@@ -320,6 +320,9 @@ def world4_worker(rank, world):
                          qk_norm_scope="full")
     check_model_vs_dense(groups4, False, **dict(GEMMA3_LIKE, n_kv_heads=4))
     check_model_vs_dense(groups4, True, sequence_parallel=True, **dict(NEOX_LIKE, parallel_residual=False))
+    # OLMo 1: LayerNorms without parameters, q / k / v clamped (0.3: inside the tiny model's projections' range)
+    check_model_vs_dense(groups4, False, sequence_parallel=True, norm_type="layer_noaffine", qkv_clip=0.3,
+                         qk_norm=False, n_kv_heads=2)
     # fewer key/value heads than the 4 ranks: 2 (Qwen2.5-3B at TP=4), each read by a pair of ranks, and 1
     check_kv_replicated(groups4, 2)
     check_model_vs_dense(groups4, True, n_kv_heads=2, qkv_bias=True, qk_norm=False)

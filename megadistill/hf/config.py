@@ -1,4 +1,4 @@
-"""Hugging Face config.json (Qwen3 / Qwen2 / Llama / Mistral / Phi-3 / OLMo 2 / Gemma 2 / Gemma 3 / SmolLM3 /
+"""Hugging Face config.json (Qwen3 / Qwen2 / Llama / Mistral / Phi-3 / OLMo 1 and 2 / Gemma 2 / Gemma 3 / SmolLM3 /
 GPT-NeoX and Pythia) <-> our ModelConfig, with a named error for anything we cannot run."""
 from __future__ import annotations
 
@@ -18,13 +18,17 @@ ARCHITECTURES = {"Qwen3ForCausalLM": ("qwen3", True, False), "Qwen2ForCausalLM":
                  "LlamaForCausalLM": ("llama", False, False), "MistralForCausalLM": ("mistral", False, False),
                  "Phi3ForCausalLM": ("phi3", False, False), "Olmo2ForCausalLM": ("olmo2", True, False),
                  "Gemma2ForCausalLM": ("gemma2", False, False), "Gemma3ForCausalLM": ("gemma3_text", True, False),
-                 "SmolLM3ForCausalLM": ("smollm3", False, False), "GPTNeoXForCausalLM": ("gpt_neox", False, True)}
+                 "SmolLM3ForCausalLM": ("smollm3", False, False), "GPTNeoXForCausalLM": ("gpt_neox", False, True),
+                 "OlmoForCausalLM": ("olmo", False, False)}
+# OLMo 1 (OLMo-1B / 7B, their intermediate revisions): LayerNorms without gain or bias (eps fixed at 1e-5 by
+# transformers), q / k / v optionally clamped (clip_qkv)
+OLMO1_EPS = 1e-5
 # GPT-NeoX / Pythia: LayerNorms, a plain MLP with biases, parallel residual (use_parallel_residual, default on), 25% of
 # each head rotated (rotary_pct), biases on Q/K/V and O (attention_bias, default on); no GQA, head_dim = d / heads
 NEOX = {"norm_type": "layer", "ffn_gated": False, "ffn_bias": True}
 # config keys -> families whose transformers class honours them: attention_bias (Q, K, V and O) as our qkv_bias and
 # o_bias, mlp_bias (gate, up, down) as ffn_bias
-BIASED = {"attention_bias": ("llama", "qwen3"), "mlp_bias": ("llama",)}
+BIASED = {"attention_bias": ("llama", "qwen3", "olmo"), "mlp_bias": ("llama",)}
 OLMO2 = {"norm_position": "post", "qk_norm_scope": "full"}
 # Gemma 2 / 3: norms before and after each sublayer with gains 1 + w, GeGLU, embeddings x sqrt(d), attention scaled
 # by query_pre_attn_scalar; Gemma 2 windows every other block and caps attention and output logits, Gemma 3 windows 5
@@ -194,8 +198,8 @@ def to_model_config(hf: Dict, where: str = "config.json") -> ModelConfig:
     model_type, qk_norm, qkv_bias = ARCHITECTURES[arch]
     if hf.get("model_type", model_type) != model_type:
         raise UserError(f"{where}: model_type={hf.get('model_type')!r} contradicts architectures={archs}")
-    neox = model_type == "gpt_neox"
-    biases = {}
+    neox, olmo1 = model_type == "gpt_neox", model_type == "olmo"
+    biases = {"norm_type": "layer_noaffine", "qkv_clip": float(hf.get("clip_qkv") or 0.0)} if olmo1 else {}
     if neox:  # attention_bias (default on) covers Q/K/V and O; the MLP always has biases
         qkv_bias = bool(hf.get("attention_bias", True))
         biases = dict(NEOX, o_bias=qkv_bias, parallel_residual=bool(hf.get("use_parallel_residual", True)))
@@ -205,7 +209,7 @@ def to_model_config(hf: Dict, where: str = "config.json") -> ModelConfig:
                             f"{', '.join(a for a, v in ARCHITECTURES.items() if v[0] in families)} and GPT-NeoX)")
     if model_type in BIASED["attention_bias"]:  # Q, K, V and O; Llama's mlp_bias: the gate, up and down matrices
         qkv_bias = bool(hf.get("attention_bias"))
-        biases = {"o_bias": qkv_bias, "ffn_bias": bool(hf.get("mlp_bias")) and model_type == "llama"}
+        biases.update(o_bias=qkv_bias, ffn_bias=bool(hf.get("mlp_bias")) and model_type == "llama")
     act_key = "hidden_activation" if "hidden_activation" in hf else "hidden_act"  # Gemma names it apart
     activation = ACTIVATIONS.get(hf.get(act_key) or ("gelu" if neox else "silu"))
     if activation is None:
@@ -240,7 +244,8 @@ def to_model_config(hf: Dict, where: str = "config.json") -> ModelConfig:
                         n_kv_heads=int(hf.get("num_key_value_heads") or n_heads),
                         head_dim=head_dim, d_ff=int(hf["intermediate_size"]),
                         vocab_size=int(hf["vocab_size"]),
-                        norm_eps=float(hf.get("layer_norm_eps", 1e-5) if neox else hf.get("rms_norm_eps", 1e-6)),
+                        norm_eps=(float(hf.get("layer_norm_eps", 1e-5)) if neox else OLMO1_EPS if olmo1
+                                  else float(hf.get("rms_norm_eps", 1e-6))),
                         qk_norm=qk_norm, qkv_bias=qkv_bias, sliding_window=window, rope_fraction=partial,
                         tie_embeddings=bool(hf.get("tie_word_embeddings", model_type in TIED_BY_DEFAULT)), **rope,
                         activation=activation, layer_types=kinds, rope_local_base=local_base,
@@ -272,9 +277,10 @@ def _neox_refusal(m: ModelConfig) -> Optional[str]:
         return "GQA or a head_dim other than d_model / n_heads in a GPT-NeoX block"
     if (m.qk_norm or m.norm_position != "pre" or m.norm_offset or m.embed_scale != 1 or m.attn_scale_dim
             or m.attn_softcap or m.logit_softcap or m.sliding_window or m.nope_blocks or m.activation == "silu"
-            or m.rope_scaling not in ("default", "linear")):
+            or m.rope_scaling not in ("default", "linear") or m.qkv_clip):
         return ("a GPT-NeoX block with a QK-norm, other norm placements or gains, scaled embeddings or attention, "
-                "softcaps, windows, blocks without RoPE, a silu MLP or RoPE scaling beyond linear")
+                "softcaps, windows, blocks without RoPE, a silu MLP, RoPE scaling beyond linear or q / k / v "
+                "clamping")
     return None
 
 
@@ -297,6 +303,15 @@ def _architecture(m: ModelConfig) -> str:
         return "GPTNeoXForCausalLM"
     if m.o_bias and not m.qkv_bias:
         refuse("a bias on O without Q/K/V biases (transformers' attention_bias sets all four)")
+    if m.norm_type == "layer_noaffine" or m.qkv_clip:  # OLMo 1's traits
+        if not (m.norm_type == "layer_noaffine" and m.norm_eps == OLMO1_EPS and m.ffn_gated and m.activation == "silu"
+                and not (m.qk_norm or m.ffn_bias or m.sliding_window or m.nope_blocks or m.norm_position != "pre"
+                         or m.rope_fraction < 1 or m.rope_scaling == "longrope" or m.embed_scale != 1
+                         or m.attn_scale_dim or m.attn_softcap or m.logit_softcap)):
+            refuse(f"part of OLMo 1's block, or OLMo 1's block with more (LayerNorms without parameters at eps "
+                   f"{OLMO1_EPS}, q / k / v clamping, SwiGLU, Q/K/V + O biases or none, nothing else): "
+                   f"model.norm_type={m.norm_type!r}, model.norm_eps={m.norm_eps}, model.qkv_clip={m.qkv_clip}")
+        return "OlmoForCausalLM"
     phi3 = m.rope_fraction < 1 or m.rope_scaling == "longrope"
     olmo2 = m.norm_position == "post" or (m.qk_norm and m.qk_norm_scope == "full")
     gemma = (m.norm_position == "sandwich" or m.norm_offset != 0 or m.activation != "silu" or m.embed_scale != 1
@@ -341,7 +356,8 @@ def from_model_config(m: ModelConfig, max_position: int, dtype: str = "float32")
     """config.json for our model: Qwen3ForCausalLM with QK-norm, Qwen2ForCausalLM with Q/K/V biases,
     Phi3ForCausalLM with partial RoPE, Olmo2ForCausalLM with post-norms and a full-width QK-norm, Gemma2ForCausalLM /
     Gemma3ForCausalLM with Gemma's block (without / with QK-norm), SmolLM3ForCausalLM with blocks without RoPE,
-    GPTNeoXForCausalLM with LayerNorms and a plain MLP, LlamaForCausalLM with none of them (its attention_bias /
+    GPTNeoXForCausalLM with LayerNorms and a plain MLP, OlmoForCausalLM with parameter-free LayerNorms,
+    LlamaForCausalLM with none of them (its attention_bias /
     mlp_bias from model.o_bias / ffn_bias; all load with no custom code); a sliding window on every block of a Llama
     goes to MistralForCausalLM."""
     arch = _architecture(m)
@@ -373,6 +389,10 @@ def from_model_config(m: ModelConfig, max_position: int, dtype: str = "float32")
         out["rope_scaling"] = dict(rope)
     if arch in ("Qwen3ForCausalLM", "LlamaForCausalLM"):  # configurable biases (Qwen2 has its Q/K/V ones built in)
         out.update(attention_bias=bool(m.o_bias), mlp_bias=bool(m.ffn_bias))
+    if arch == "OlmoForCausalLM":
+        del out["rms_norm_eps"]
+        out.update(attention_bias=bool(m.o_bias), clip_qkv=m.qkv_clip or None, pad_token_id=None,
+                   eos_token_id=None)
     if arch == "GPTNeoXForCausalLM":
         for key in ("num_key_value_heads", "head_dim", "rms_norm_eps"):
             del out[key]

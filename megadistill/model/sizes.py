@@ -51,8 +51,8 @@ def param_counts(m, tp: int = 1) -> Dict[str, int]:
     Replicated: norm gains (and LayerNorm biases), the biases of O and of the FFN's down projection, K and V with
     their biases when there are fewer key/value heads than ranks (parallel.layers.HeadReplicatedLinear).
     Per block: attention 2 d h hd + 2 d h_kv hd; FFN 3 d d_ff (gated) or 2 d d_ff (plain MLP); block_norms norms of d
-    (a LayerNorm: gain and bias); QK-norm 2 hd (per head) or (h + h_kv) hd (full width); biases (h + 2 h_kv) hd on
-    Q/K/V, d on O, d_ff (x2 gated) + d on the FFN. Plus the final norm.
+    (a LayerNorm: gain and bias; OLMo 1's: none); QK-norm 2 hd (per head) or (h + h_kv) hd (full width); biases
+    (h + 2 h_kv) hd on Q/K/V, d on O, d_ff (x2 gated) + d on the FFN. Plus the final norm.
     """
     g = lambda key, default: getattr(m, key, default)  # noqa: E731 (any object with the shape fields)
     h, hd, d, f, n_layers = m.n_heads, m.head_dim, m.d_model, m.d_ff, m.n_layers
@@ -61,7 +61,7 @@ def param_counts(m, tp: int = 1) -> Dict[str, int]:
     gated = g("ffn_gated", True)
     ffn_in = 2 if gated else 1  # column matrices of the FFN (gate and up, or one)
     matrices = n_layers * (2 * d * h * hd // tp + 2 * d * kv * hd // kv_tp + (ffn_in + 1) * d * f // tp)
-    per_norm = d * (2 if g("norm_type", "rms") == "layer" else 1)
+    per_norm = d * {"layer": 2, "layer_noaffine": 0}.get(g("norm_type", "rms"), 1)  # gain (and bias), or none
     qk = 0
     if g("qk_norm", True):
         qk = (h * hd // tp + kv * hd // tp) if g("qk_norm_scope", "head") == "full" else 2 * hd

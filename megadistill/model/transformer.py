@@ -1,10 +1,11 @@
 """The paper's decoder-only Transformer (MHA + QK-norm + RoPE, pre-norm RMSNorm, SwiGLU, untied head), TP-agnostic.
 
-Options for imported models (Qwen3 / Qwen2 / Llama / Mistral / Phi-3 / OLMo 2 / Gemma 2 / Gemma 3 / SmolLM3 /
+Options for imported models (Qwen3 / Qwen2 / Llama / Mistral / Phi-3 / OLMo 1 and 2 / Gemma 2 / Gemma 3 / SmolLM3 /
 GPT-NeoX and Pythia): GQA (n_kv_heads), QK-norm off or over all heads' dims, biases on Q/K/V, O and the FFN,
-post-norm, sandwich and parallel-residual blocks, LayerNorm, 1 + w norm gains, GeGLU and a plain GELU MLP, scaled
-embeddings and attention, softcapped attention and output logits, tied embeddings, RoPE scaling and partial RoPE,
-blocks without RoPE, a sliding attention window on all or some blocks (with a RoPE of their own).
+post-norm, sandwich and parallel-residual blocks, LayerNorm (with or without gain and bias), clamped q / k / v,
+1 + w norm gains, GeGLU and a plain GELU MLP, scaled embeddings and attention, softcapped attention and output
+logits, tied embeddings, RoPE scaling and partial RoPE, blocks without RoPE, a sliding attention window on all or some
+blocks (with a RoPE of their own).
 """
 from __future__ import annotations
 
@@ -60,6 +61,7 @@ class Attention(nn.Module):
         self.scale = 1.0 / math.sqrt(scale_dim) if scale_dim else None  # None: 1 / sqrt(head_dim)
         offset = cfg.norm_offset
         self.softcap = float(cfg.attn_softcap)  # Gemma 2: scores capped as c tanh(s / c)
+        self.clip = float(cfg.qkv_clip)  # OLMo 1: q, k, v clamped to [-clip, clip]
         self.local_heads = factory.local(cfg.n_heads, "model.n_heads")
         self.local_kv_heads = factory.local_kv_heads(n_kv)  # h_kv/tp, or 1 with fewer key/value heads than ranks
         self.gqa = bool(self.local_kv_heads != self.local_heads)  # a constant for SDPA's enable_gqa (see attention())
@@ -88,6 +90,8 @@ class Attention(nn.Module):
     def forward(self, x, cos, sin, mask: Optional[AttnMask]):
         q, k, v = self.enter(x)  # x [b, s, d] (or its [b, s/tp, d] slice under sequence parallelism, gathered inside)
         b, s = q.shape[0], q.shape[1]
+        if self.clip:
+            q, k, v = (t.clamp(-self.clip, self.clip) for t in (q, k, v))
         if self.qk_norm_full:  # over [b, s, h/tp hd] and [b, s, h_kv/tp hd], before the split into heads
             q, k = self.q_norm(q), self.k_norm(k)
         q = q.view(b, s, self.local_heads, self.head_dim)  # [b, s, h/tp, hd]

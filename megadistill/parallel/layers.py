@@ -255,6 +255,21 @@ class LayerNorm(RMSNorm):
         return F.layer_norm(x.float(), x.shape[-1:], self.gain().float(), b.float(), self.eps).to(x.dtype)
 
 
+class AffineFreeLayerNorm(nn.Module):
+    """y = (x - mean(x)) / sqrt(var(x) + eps) over the last dim, in fp32, returned in x's dtype: no gain, no bias,
+    no parameters (OLMo 1, model.norm_type=layer_noaffine), so nothing to reduce over TP."""
+
+    def __init__(self, dim: int, eps: float = 1e-5):
+        super().__init__()
+        self.dim, self.eps = dim, eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.layer_norm(x.float(), x.shape[-1:], None, None, self.eps).to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"{self.dim}, eps={self.eps}, no affine"
+
+
 class WidthShardedRMSNorm(RMSNorm):
     """RMSNorm over a width split over TP (OLMo 2's QK-norm over all heads' dims): rank r holds columns
     [r w/tp, (r+1) w/tp) of the input and the same slice of the gain (one per dim, init 1, sharded like the columns).
@@ -409,10 +424,13 @@ class LayerFactory:
         full-sequence output of `sequence_output` under sequence parallelism)."""
         return ColumnParallelLinear(dim, vocab_size, self.group, init_std, False, self.device, self.dtype)
 
-    def norm(self, dim: int, eps: float = 1e-5, offset: float = 0.0, kind: str = "rms") -> RMSNorm:
-        """RMSNorm (kind=rms) or LayerNorm (kind=layer) over the residual stream: replicated, or this rank's sequence
-        slice under sequence parallelism (then its gain's and bias's grads are summed over TP, like the QK-norm's)."""
+    def norm(self, dim: int, eps: float = 1e-5, offset: float = 0.0, kind: str = "rms") -> nn.Module:
+        """RMSNorm (kind=rms), LayerNorm (layer) or LayerNorm without parameters (layer_noaffine) over the residual
+        stream: replicated, or this rank's sequence slice under sequence parallelism (then its gain's and bias's grads
+        are summed over TP, like the QK-norm's)."""
         group = self.group if self.sequence_parallel else None
+        if kind == "layer_noaffine":
+            return AffineFreeLayerNorm(dim, eps)
         if kind == "layer":
             return LayerNorm(dim, eps, group, self.device, self.dtype, offset=offset)
         return RMSNorm(dim, eps, group, self.device, self.dtype, offset=offset)

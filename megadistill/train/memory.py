@@ -129,7 +129,7 @@ def activation_bytes_per_token(m: ModelConfig, tp: int, wb: int, sequence_parall
     extra = block_norms(m) - 2  # norms beyond the two of a pre- / post-norm block
     ffn = (4 if m.ffn_gated else 2) * wb * f / tp  # a plain MLP keeps W1 x and act(W1 x)
     per = (4 + 2 * extra) * wb * d / s + 3 * wb * (q / tp + kv_local) + ffn
-    if m.norm_type == "layer":  # F.layer_norm in fp32 keeps its fp32 input (in place of the model-dtype one)
+    if m.norm_type != "rms":  # F.layer_norm in fp32 keeps its fp32 input (in place of the model-dtype one)
         per += (2 + extra) * (4 - wb) * d / s
     return per + 4 * ((2 + extra) / s + 3 * h / tp)  # fp32 rsqrt of the norms and the attention log-sum-exp
 
