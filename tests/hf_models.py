@@ -16,7 +16,7 @@ LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "hi
 # (gemma3), the same without QK-norm and with softcapped attention and output logits (gemma2), a block without RoPE
 # (smollm3), one key/value head, replicated over TP=2 (qwen2_mqa), GPT-NeoX / Pythia's LayerNorms, plain MLP,
 # biases and (non-)parallel residual (neox), Llama's attention_bias and mlp_bias (llama_biases), OLMo 1's
-# parameter-free LayerNorms and clamped q / k / v (olmo1)
+# parameter-free LayerNorms and clamped q / k / v (olmo1), LayerNorms with biases in a SwiGLU block (stablelm)
 VARIANTS = {"qwen3_gqa": ("qwen3", 2, False), "qwen3_mha_tied": ("qwen3", 4, True),
             "llama_gqa_tied": ("llama", 2, True), "llama_mha": ("llama", 4, False),
             "qwen2_gqa_tied": ("qwen2", 2, True), "mistral_gqa": ("mistral", 2, False),
@@ -24,7 +24,8 @@ VARIANTS = {"qwen3_gqa": ("qwen3", 2, False), "qwen3_mha_tied": ("qwen3", 4, Tru
             "gemma3_gqa_tied": ("gemma3", 2, True), "smollm3_gqa_tied": ("smollm3", 2, True),
             "gemma2_gqa_tied": ("gemma2", 2, True), "qwen2_mqa": ("qwen2", 1, False),
             "neox_parallel": ("neox", 4, False), "neox_sequential_tied": ("neox_seq", 4, True),
-            "llama_biases": ("llama_bias", 2, False), "olmo1_tied": ("olmo", 4, True)}
+            "llama_biases": ("llama_bias", 2, False), "olmo1_tied": ("olmo", 4, True),
+            "stablelm_gqa": ("stablelm", 2, False)}
 NEOX_ROTARY = 0.25  # Pythia's rotary_pct: RoPE on the first 4 of each head's 16 dims
 OLMO_CLIP = 0.4  # OLMo 1's clip_qkv (OLMo-7B-0424: 8), here below the largest projections
 GEMMA2_CAPS = (2.0, 3.0)  # attention, output logits: small enough to bite on the tiny model (Gemma 2: 50, 30)
@@ -103,6 +104,11 @@ def make_hf(folder, family="qwen3", n_kv_heads=2, tied=False, vocab=128, seed=0,
         from transformers import OlmoConfig, OlmoForCausalLM
         model = OlmoForCausalLM(OlmoConfig(rope_theta=10000.0, clip_qkv=OLMO_CLIP, pad_token_id=1, eos_token_id=0,
                                            **common))
+    elif family == "stablelm":  # StableLM 2 1.6B: LayerNorms (with biases) in a SwiGLU block, Q/K/V biases, 25% RoPE
+        from transformers import StableLmConfig, StableLmForCausalLM
+        model = StableLmForCausalLM(StableLmConfig(
+            rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": NEOX_ROTARY},
+            use_qkv_bias=True, layer_norm_eps=1e-5, bos_token_id=0, eos_token_id=0, **common))
     elif family == "llama_bias":  # attention_bias (Q, K, V, O) and mlp_bias (gate, up, down)
         model = LlamaForCausalLM(LlamaConfig(rope_theta=500000.0, rms_norm_eps=1e-5, attention_bias=True,
                                              mlp_bias=True, **common))

@@ -63,11 +63,11 @@ def test_teacher_logits_equal_transformers_tp1(hf_dirs, tmp_path, name):
     m = teacher.model_cfg
     neox = family in ("neox", "neox_seq")  # LayerNorms, a plain MLP, biases on every linear
     assert (m.n_kv_heads, m.tie_embeddings, m.qk_norm, m.qkv_bias) == (
-        kv, tied, family in ("qwen3", "olmo2", "gemma3"), family in ("qwen2", "llama_bias") or neox)
+        kv, tied, family in ("qwen3", "olmo2", "gemma3"), family in ("qwen2", "llama_bias", "stablelm") or neox)
     assert (m.o_bias, m.ffn_bias) == ((True, True) if neox or family == "llama_bias" else (False, False))
     assert (m.norm_type, m.ffn_gated, m.parallel_residual) == (
         ("layer", False, family == "neox") if neox else ("layer_noaffine", True, False) if family == "olmo"
-        else ("rms", True, False))
+        else ("layer", True, False) if family == "stablelm" else ("rms", True, False))
     assert m.qkv_clip == (OLMO_CLIP if family == "olmo" else 0.0)
     if family == "olmo":  # the clamp bites: without it the logits differ
         for block in teacher.module.blocks:
@@ -91,7 +91,10 @@ def test_teacher_logits_equal_transformers_tp1(hf_dirs, tmp_path, name):
         (4 * m.head_dim,) if olmo2 else (m.head_dim,))
     assert m.sliding_window == {"mistral": MISTRAL_WINDOW, "phi3": PHI3_WINDOW, "gemma3": GEMMA3_WINDOW,
                                 "gemma2": GEMMA3_WINDOW}.get(family, 0)
-    assert m.rope_fraction == {"phi3": PHI3_PARTIAL, "neox": NEOX_ROTARY, "neox_seq": NEOX_ROTARY}.get(family, 1.0)
+    assert m.rope_fraction == {"phi3": PHI3_PARTIAL, "neox": NEOX_ROTARY, "neox_seq": NEOX_ROTARY,
+                               "stablelm": NEOX_ROTARY}.get(family, 1.0)
+    if m.norm_type == "layer":  # LayerNorm biases loaded (drawn at random)
+        assert float(teacher.module.blocks[1].ffn_norm.bias.abs().min()) > 0
     if m.qkv_bias:  # the biases are loaded (drawn at random in the checkpoint, so the logits depend on them)
         assert float(teacher.module.blocks[0].attn.wk.bias.abs().sum()) > 0
     if m.o_bias:  # and the O / FFN / LayerNorm ones
@@ -457,8 +460,9 @@ def test_qwen2_use_sliding_window_windows_the_last_blocks(hf_dirs, tmp_path):
     {"qk_norm": False, "qkv_bias": True, "o_bias": True, "ffn_bias": True},  # Llama's attention_bias and mlp_bias
     {"qkv_bias": True, "o_bias": True},  # Qwen3's attention_bias
     {"qk_norm": False, "norm_type": "layer_noaffine", "qkv_clip": 0.4, "tie_embeddings": True},  # OLMo 1
+    {"qk_norm": False, "norm_type": "layer", "qkv_bias": True, "rope_fraction": 0.25},  # StableLM 2
 ], ids=["qwen2_last_blocks", "qwen3_all_blocks", "mistral", "gemma3_shared_rope", "smollm3_windowed_nope",
-        "gemma2_softcapped", "gptneox", "gptneox_sequential_tied", "llama_biases", "qwen3_biases", "olmo1"])
+        "gemma2_softcapped", "gptneox", "gptneox_sequential_tied", "llama_biases", "qwen3_biases", "olmo1", "stablelm"])
 def test_exported_config_is_our_function_in_transformers(tmp_path, over):
     """Our model with random weights (norm gains too), written as export writes it (from_model_config + state_to_hf),
     loads in transformers with equal logits on sequences 3x the window; import reads the same config back."""
@@ -517,7 +521,7 @@ def test_export_refuses_models_no_hf_architecture_computes():
                        ({"activation": "gelu_tanh"}, "part of Gemma's block without the rest"),
                        ({"logit_softcap": 30.0}, "part of Gemma's block without the rest"),
                        ({"norm_position": "post", "qk_norm_scope": "full", "qkv_bias": True}, "more than one of"),
-                       ({"norm_type": "layer", "qk_norm": False}, "part of GPT-NeoX's block without the rest"),
+                       ({"ffn_gated": False, "qk_norm": False}, "part of GPT-NeoX's block without the rest"),
                        (dict(NEOX, n_kv_heads=2), "GQA or a head_dim other than"),
                        (dict(NEOX, activation="silu"), "a silu MLP"),
                        ({"o_bias": True, "qk_norm": False}, "a bias on O without Q/K/V biases"),
@@ -525,7 +529,9 @@ def test_export_refuses_models_no_hf_architecture_computes():
                        ({"qkv_bias": True, "o_bias": True, "qk_norm": False, "sliding_window": 8}, "these biases"),
                        ({"qkv_clip": 8.0, "qk_norm": False}, "part of OLMo 1's block"),
                        ({"norm_type": "layer_noaffine", "norm_eps": 1e-6, "qk_norm": False}, "model.norm_eps=1e-06"),
-                       (dict(NEOX, n_kv_heads=4, qkv_clip=8.0), "clamping")]:
+                       (dict(NEOX, n_kv_heads=4, qkv_clip=8.0), "clamping"),
+                       ({"norm_type": "layer", "qk_norm": False, "o_bias": True, "qkv_bias": True},
+                        "LayerNorms in a SwiGLU block with more than StableLM's")]:
         with pytest.raises(UserError, match=match):
             from_model_config(dataclasses.replace(base, **bad), 64)
 
@@ -567,7 +573,7 @@ def test_bad_folders_are_named_errors(hf_dirs, tmp_path, capsys):
     shutil.copytree(hf_dirs["mistral_gqa"][0], biased)
     edit_config(biased, attention_bias=True)
     fails(biased, "attention_bias=true is not supported for MistralForCausalLM .read for Qwen3ForCausalLM, "
-                  "LlamaForCausalLM and GPT-NeoX")
+                  "LlamaForCausalLM, OlmoForCausalLM and GPT-NeoX")
     partial = tmp_path / "llama_partial"  # transformers rotates part of each head for Phi-3 only
     shutil.copytree(hf_dirs["llama_mha"][0], partial)
     edit_config(partial, partial_rotary_factor=0.75)
@@ -715,3 +721,70 @@ def test_teacher_cache_from_an_hf_teacher(hf_dirs, tmp_path):
     out = run_distributed(_cache_worker, 1, str(tmp_path), str(hf_dirs["qwen3_gqa"][0]), timeout=600)[0]
     assert out["complete"]
     assert_close(torch.tensor(out["cached"]), torch.tensor(out["online"]), atol=2e-5, rtol=0)
+
+
+# ---------------------------------------------------------------- published configs: our count = transformers'
+
+PUBLISHED = {  # the shape keys of each family's published config.json (weights are never needed: meta devices)
+    "Qwen2.5-7B": {"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "hidden_size": 3584,
+                   "intermediate_size": 18944, "num_hidden_layers": 28, "num_attention_heads": 28,
+                   "num_key_value_heads": 4, "vocab_size": 152064, "rope_theta": 1e6, "rms_norm_eps": 1e-6,
+                   "max_position_embeddings": 131072, "tie_word_embeddings": False, "use_sliding_window": False},
+    "Llama-3.1-8B": {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 4096,
+                     "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32,
+                     "num_key_value_heads": 8, "vocab_size": 128256, "rope_theta": 500000.0, "rms_norm_eps": 1e-5,
+                     "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                      "high_freq_factor": 4.0, "original_max_position_embeddings": 8192},
+                     "max_position_embeddings": 131072, "attention_bias": False, "mlp_bias": False},
+    "Mistral-7B-v0.1": {"architectures": ["MistralForCausalLM"], "model_type": "mistral", "hidden_size": 4096,
+                        "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32,
+                        "num_key_value_heads": 8, "vocab_size": 32000, "rope_theta": 10000.0, "sliding_window": 4096},
+    "gemma-2-9b": {"architectures": ["Gemma2ForCausalLM"], "model_type": "gemma2", "hidden_size": 3584,
+                   "intermediate_size": 14336, "num_hidden_layers": 42, "num_attention_heads": 16,
+                   "num_key_value_heads": 8, "head_dim": 256, "vocab_size": 256000, "query_pre_attn_scalar": 256,
+                   "sliding_window": 4096, "attn_logit_softcapping": 50.0, "final_logit_softcapping": 30.0,
+                   "hidden_activation": "gelu_pytorch_tanh"},
+    "Phi-3-mini-4k": {"architectures": ["Phi3ForCausalLM"], "model_type": "phi3", "hidden_size": 3072,
+                      "intermediate_size": 8192, "num_hidden_layers": 32, "num_attention_heads": 32,
+                      "num_key_value_heads": 32, "vocab_size": 32064, "sliding_window": 2047,
+                      "max_position_embeddings": 4096, "pad_token_id": 32000},
+    "pythia-12b": {"architectures": ["GPTNeoXForCausalLM"], "model_type": "gpt_neox", "hidden_size": 5120,
+                   "intermediate_size": 20480, "num_hidden_layers": 36, "num_attention_heads": 40,
+                   "vocab_size": 50688, "rotary_pct": 0.25, "rotary_emb_base": 10000, "use_parallel_residual": True,
+                   "hidden_act": "gelu", "layer_norm_eps": 1e-5, "tie_word_embeddings": False},
+    "OLMo-7B-0424": {"architectures": ["OlmoForCausalLM"], "model_type": "olmo", "hidden_size": 4096,
+                     "intermediate_size": 11008, "num_hidden_layers": 32, "num_attention_heads": 32,
+                     "num_key_value_heads": 32, "vocab_size": 50304, "clip_qkv": 8.0, "tie_word_embeddings": False,
+                     "pad_token_id": 1, "eos_token_id": 50279},
+    "stablelm-2-1_6b": {"architectures": ["StableLmForCausalLM"], "model_type": "stablelm", "hidden_size": 2048,
+                        "intermediate_size": 5632, "num_hidden_layers": 24, "num_attention_heads": 32,
+                        "num_key_value_heads": 32, "vocab_size": 100352, "use_qkv_bias": True,
+                        "partial_rotary_factor": 0.25, "layer_norm_eps": 1e-5, "tie_word_embeddings": False},
+    "SmolLM3-3B": {"architectures": ["SmolLM3ForCausalLM"], "model_type": "smollm3", "hidden_size": 2048,
+                   "intermediate_size": 11008, "num_hidden_layers": 36, "num_attention_heads": 16,
+                   "num_key_value_heads": 4, "vocab_size": 128256, "rope_theta": 5e6, "tie_word_embeddings": True,
+                   "pad_token_id": 128004},
+}
+
+
+@pytest.mark.parametrize("name", sorted(PUBLISHED))
+def test_published_configs_count_as_transformers_builds_them(name):
+    """Each family's published config.json: our parameter count (plan-memory's) and our model built from it (on the
+    meta device) hold exactly the weights transformers' own model of that config holds."""
+    from transformers import AutoModelForCausalLM
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    from megadistill.hf.config import to_model_config
+    from megadistill.model.sizes import params_of
+    from megadistill.model.transformer import Transformer
+    from megadistill.parallel.layers import LayerFactory
+    hf = PUBLISHED[name]
+    with torch.device("meta"):
+        theirs = AutoModelForCausalLM.from_config(CONFIG_MAPPING[hf["model_type"]](**{
+            k: v for k, v in hf.items() if k not in ("architectures", "model_type")}))
+    n_theirs = sum(p.numel() for p in theirs.parameters())  # a tied head is one parameter
+    m = to_model_config(hf, name)
+    n, _ = params_of(m)
+    assert n + (1 if m.tie_embeddings else 2) * m.vocab_size * m.d_model == n_theirs
+    ours = Transformer(m, LayerFactory(device="meta"))
+    assert sum(p.numel() for p in ours.parameters()) == n_theirs

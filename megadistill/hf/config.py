@@ -1,5 +1,5 @@
 """Hugging Face config.json (Qwen3 / Qwen2 / Llama / Mistral / Phi-3 / OLMo 1 and 2 / Gemma 2 / Gemma 3 / SmolLM3 /
-GPT-NeoX and Pythia) <-> our ModelConfig, with a named error for anything we cannot run."""
+GPT-NeoX and Pythia / StableLM) <-> our ModelConfig, with a named error for anything we cannot run."""
 from __future__ import annotations
 
 import json
@@ -19,7 +19,9 @@ ARCHITECTURES = {"Qwen3ForCausalLM": ("qwen3", True, False), "Qwen2ForCausalLM":
                  "Phi3ForCausalLM": ("phi3", False, False), "Olmo2ForCausalLM": ("olmo2", True, False),
                  "Gemma2ForCausalLM": ("gemma2", False, False), "Gemma3ForCausalLM": ("gemma3_text", True, False),
                  "SmolLM3ForCausalLM": ("smollm3", False, False), "GPTNeoXForCausalLM": ("gpt_neox", False, True),
-                 "OlmoForCausalLM": ("olmo", False, False)}
+                 "OlmoForCausalLM": ("olmo", False, False), "StableLmForCausalLM": ("stablelm", False, False)}
+# StableLM 2 / StableLM-3B: LayerNorms with biases in a SwiGLU block, 25% of each head rotated, use_qkv_bias
+PARTIAL_ROPE = {"phi3": 1.0, "gpt_neox": 0.25, "stablelm": 0.25}  # families with partial RoPE -> transformers' default
 # OLMo 1 (OLMo-1B / 7B, their intermediate revisions): LayerNorms without gain or bias (eps fixed at 1e-5 by
 # transformers), q / k / v optionally clamped (clip_qkv)
 OLMO1_EPS = 1e-5
@@ -198,8 +200,15 @@ def to_model_config(hf: Dict, where: str = "config.json") -> ModelConfig:
     model_type, qk_norm, qkv_bias = ARCHITECTURES[arch]
     if hf.get("model_type", model_type) != model_type:
         raise UserError(f"{where}: model_type={hf.get('model_type')!r} contradicts architectures={archs}")
-    neox, olmo1 = model_type == "gpt_neox", model_type == "olmo"
+    neox, olmo1, stablelm = model_type == "gpt_neox", model_type == "olmo", model_type == "stablelm"
     biases = {"norm_type": "layer_noaffine", "qkv_clip": float(hf.get("clip_qkv") or 0.0)} if olmo1 else {}
+    if stablelm:
+        for key in ("use_parallel_residual", "qk_layernorm"):  # StableLM 2 12B: one shared norm, per-head QK-norms
+            if hf.get(key):
+                raise UserError(f"{where}: {key}=true is not supported for StableLmForCausalLM (StableLM 2 1.6B "
+                                "and StableLM-3B have neither)")
+        qkv_bias = bool(hf.get("use_qkv_bias"))
+        biases = {"norm_type": "layer"}
     if neox:  # attention_bias (default on) covers Q/K/V and O; the MLP always has biases
         qkv_bias = bool(hf.get("attention_bias", True))
         biases = dict(NEOX, o_bias=qkv_bias, parallel_residual=bool(hf.get("use_parallel_residual", True)))
@@ -220,12 +229,13 @@ def to_model_config(hf: Dict, where: str = "config.json") -> ModelConfig:
     nope = _nope_blocks(hf, model_type)
     window, kinds = _windows(hf, model_type, nope, where)
     # transformers v5 keeps it in rope_parameters, v4 configs (most of the hub) at the top level: either counts
-    partial = next((float(f) for f in ((hf.get("rope_parameters") or {}).get("partial_rotary_factor"),
-                                       hf.get("partial_rotary_factor"), hf.get("rotary_pct") if neox else None)
-                    if f is not None and float(f) != 1.0), 0.25 if neox and not _neox_rotates_all(hf) else 1.0)
-    if partial != 1.0 and model_type not in ("phi3", "gpt_neox"):  # transformers' other families rotate whole heads
-        raise UserError(f"{where}: partial_rotary_factor={partial} is not supported for {arch} (Phi-3 and GPT-NeoX "
-                        "only)")
+    given = [f for f in ((hf.get("rope_parameters") or {}).get("partial_rotary_factor"),
+                         hf.get("partial_rotary_factor"), hf.get("rotary_pct") if neox else None) if f is not None]
+    # a partial value wins over a 1.0 beside it (v5 rope_parameters / v4 top level); absent: transformers' default
+    partial = next((float(f) for f in given if float(f) != 1.0), 1.0 if given else PARTIAL_ROPE.get(model_type, 1.0))
+    if partial != 1.0 and model_type not in PARTIAL_ROPE:  # transformers' other families rotate whole heads
+        raise UserError(f"{where}: partial_rotary_factor={partial} is not supported for {arch} (Phi-3, GPT-NeoX and "
+                        "StableLM only)")
     if neox and "rotary_emb_base" in hf and not hf.get("rope_parameters"):  # v4 configs: GPT-NeoX's name for theta
         hf = dict(hf, rope_theta=hf.get("rope_theta", hf["rotary_emb_base"]))
     try:
@@ -244,8 +254,8 @@ def to_model_config(hf: Dict, where: str = "config.json") -> ModelConfig:
                         n_kv_heads=int(hf.get("num_key_value_heads") or n_heads),
                         head_dim=head_dim, d_ff=int(hf["intermediate_size"]),
                         vocab_size=int(hf["vocab_size"]),
-                        norm_eps=(float(hf.get("layer_norm_eps", 1e-5)) if neox else OLMO1_EPS if olmo1
-                                  else float(hf.get("rms_norm_eps", 1e-6))),
+                        norm_eps=(float(hf.get("layer_norm_eps", 1e-5)) if neox or stablelm else OLMO1_EPS
+                                  if olmo1 else float(hf.get("rms_norm_eps", 1e-6))),
                         qk_norm=qk_norm, qkv_bias=qkv_bias, sliding_window=window, rope_fraction=partial,
                         tie_embeddings=bool(hf.get("tie_word_embeddings", model_type in TIED_BY_DEFAULT)), **rope,
                         activation=activation, layer_types=kinds, rope_local_base=local_base,
@@ -258,14 +268,6 @@ def to_model_config(hf: Dict, where: str = "config.json") -> ModelConfig:
     except UserError as e:
         raise UserError(f"{where} gives an invalid model: {e}") from None
     return m
-
-
-def _neox_rotates_all(hf: Dict) -> bool:
-    """A GPT-NeoX config that asks for whole-head RoPE explicitly (partial_rotary_factor / rotary_pct of 1); absent,
-    transformers rotates 25%."""
-    given = [(hf.get("rope_parameters") or {}).get("partial_rotary_factor"), hf.get("partial_rotary_factor"),
-             hf.get("rotary_pct")]
-    return any(f is not None and float(f) == 1.0 for f in given)
 
 
 def _neox_refusal(m: ModelConfig) -> Optional[str]:
@@ -294,6 +296,12 @@ def _architecture(m: ModelConfig) -> str:
     def refuse(what: str):
         raise UserError(f"no Hugging Face architecture computes {what}: {keys}; export it in megadistill's format")
 
+    if m.norm_type == "layer" and m.ffn_gated and not m.parallel_residual:  # StableLM's block
+        if (m.qk_norm or m.o_bias or m.ffn_bias or m.activation != "silu" or m.norm_position != "pre" or m.norm_offset
+                or m.embed_scale != 1 or m.attn_scale_dim or m.attn_softcap or m.logit_softcap or m.sliding_window
+                or m.nope_blocks or m.qkv_clip or m.rope_scaling == "longrope"):
+            refuse("LayerNorms in a SwiGLU block with more than StableLM's (Q/K/V biases, partial RoPE)")
+        return "StableLmForCausalLM"
     if m.norm_type == "layer" or not m.ffn_gated or m.parallel_residual:  # GPT-NeoX's traits
         why = _neox_refusal(m)
         if why:
@@ -356,7 +364,8 @@ def from_model_config(m: ModelConfig, max_position: int, dtype: str = "float32")
     """config.json for our model: Qwen3ForCausalLM with QK-norm, Qwen2ForCausalLM with Q/K/V biases,
     Phi3ForCausalLM with partial RoPE, Olmo2ForCausalLM with post-norms and a full-width QK-norm, Gemma2ForCausalLM /
     Gemma3ForCausalLM with Gemma's block (without / with QK-norm), SmolLM3ForCausalLM with blocks without RoPE,
-    GPTNeoXForCausalLM with LayerNorms and a plain MLP, OlmoForCausalLM with parameter-free LayerNorms,
+    GPTNeoXForCausalLM with LayerNorms and a plain MLP, StableLmForCausalLM with LayerNorms in a SwiGLU block,
+    OlmoForCausalLM with parameter-free LayerNorms,
     LlamaForCausalLM with none of them (its attention_bias /
     mlp_bias from model.o_bias / ffn_bias; all load with no custom code); a sliding window on every block of a Llama
     goes to MistralForCausalLM."""
@@ -389,6 +398,11 @@ def from_model_config(m: ModelConfig, max_position: int, dtype: str = "float32")
         out["rope_scaling"] = dict(rope)
     if arch in ("Qwen3ForCausalLM", "LlamaForCausalLM"):  # configurable biases (Qwen2 has its Q/K/V ones built in)
         out.update(attention_bias=bool(m.o_bias), mlp_bias=bool(m.ffn_bias))
+    if arch == "StableLmForCausalLM":
+        del out["rms_norm_eps"]
+        rope["partial_rotary_factor"] = out["partial_rotary_factor"] = m.rope_fraction
+        out.update(layer_norm_eps=m.norm_eps, use_qkv_bias=bool(m.qkv_bias), qk_layernorm=False,
+                   use_parallel_residual=False, bos_token_id=None, eos_token_id=None)
     if arch == "OlmoForCausalLM":
         del out["rms_norm_eps"]
         out.update(attention_bias=bool(m.o_bias), clip_qkv=m.qkv_clip or None, pad_token_id=None,

@@ -31,11 +31,13 @@ _BLOCK = {"attn_norm.weight": "input_layernorm.weight", "ffn_norm.weight": "post
           "ffn_out_norm.weight": "post_feedforward_layernorm.weight",
           # Llama's attention_bias (with Q / K / V's) and mlp_bias
           "attn.wo.bias": "self_attn.o_proj.bias", "ffn.w1.bias": "mlp.gate_proj.bias",
-          "ffn.w3.bias": "mlp.up_proj.bias", "ffn.w2.bias": "mlp.down_proj.bias"}
+          "ffn.w3.bias": "mlp.up_proj.bias", "ffn.w2.bias": "mlp.down_proj.bias",
+          # LayerNorm biases (StableLM)
+          "attn_norm.bias": "input_layernorm.bias", "ffn_norm.bias": "post_attention_layernorm.bias"}
 # sandwich blocks (Gemma 3) name their pre-FFN norm apart from the post-attention one
 _SANDWICH = {"ffn_norm.weight": "pre_feedforward_layernorm.weight"}
 _GLOBAL = {"embed.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight",
-           "head.weight": "lm_head.weight"}
+           "norm.bias": "model.norm.bias", "head.weight": "lm_head.weight"}
 # Phi-3 / Phi-4 store Q, K, V as one matrix and gate, up as another (rows in this order); read as views of their rows
 _FUSED = {"self_attn.qkv_proj.weight": ("self_attn.q_proj.weight", "self_attn.k_proj.weight",
                                         "self_attn.v_proj.weight"),
@@ -62,10 +64,10 @@ _NEOX_BLOCK_RE = re.compile(r"^gpt_neox\.layers\.(\d+)\.(.+)$")
 
 
 def neox_layout(model_cfg) -> bool:
-    """Whether model_cfg is stored the GPT-NeoX way (LayerNorm, a plain MLP or parallel residual: GPT-NeoX's traits;
-    megadistill.hf.config maps such a model to GPTNeoXForCausalLM or refuses it)."""
-    return (getattr(model_cfg, "norm_type", "rms") == "layer" or not getattr(model_cfg, "ffn_gated", True)
-            or bool(getattr(model_cfg, "parallel_residual", False)))
+    """Whether model_cfg is stored the GPT-NeoX way (a plain MLP or parallel residual: GPT-NeoX's traits;
+    megadistill.hf.config maps such a model to GPTNeoXForCausalLM or refuses it; LayerNorms in a SwiGLU block, as
+    StableLM's, keep Llama's names)."""
+    return not getattr(model_cfg, "ffn_gated", True) or bool(getattr(model_cfg, "parallel_residual", False))
 _VOCAB = ("embed.weight", "head.weight")
 
 
