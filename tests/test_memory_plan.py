@@ -85,6 +85,27 @@ def test_activation_bytes_match_live_tensors(precision, ckpt):
     assert abs(est / live - 1) < 0.05, (est, live)
 
 
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+@pytest.mark.parametrize("block", ["neox", "olmo1", "eager", "sdpa_softcap"])
+def test_activation_bytes_of_other_blocks_match_live_tensors(precision, block):
+    """Pythia's block (LayerNorms, plain GELU MLP, biases, parallel residual), OLMo 1's parameter-free LayerNorms,
+    and the attentions that form their [b, h, s, s] scores (eager; sdpa with Gemma 2's softcap): within 5%."""
+    torch.set_num_threads(1)
+    extra = {"neox": ["model.norm_type=layer", "model.ffn_gated=false", "model.activation=gelu",
+                      "model.parallel_residual=true", "model.qk_norm=false", "model.qkv_bias=true", "model.o_bias=true",
+                      "model.ffn_bias=true", "model.d_ff=1024"],
+             "olmo1": ["model.norm_type=layer_noaffine", "model.qk_norm=false", "model.qkv_clip=8"],
+             "eager": ["model.attention=eager"],
+             "sdpa_softcap": ["model.attn_softcap=50"]}[block]
+    cfg = _cfg(extra)
+    ids, live = _live_activation_bytes(cfg, precision)
+    wb = 2 if precision == "bf16" else 4
+    est = memory.activation_bytes(cfg.model, ids.numel(), tp=1, wb=wb, seq_len=ids.shape[1])
+    assert abs(est / live - 1) < 0.05, (est, live)
+    if block in ("eager", "sdpa_softcap"):  # the scores matter: without them the model is far off
+        assert memory.activation_bytes(cfg.model, ids.numel(), tp=1, wb=wb) < 0.9 * live
+
+
 def _tp_activation_worker(rank, world):
     """Live activation bytes of one TP rank at TP=2, sequence parallelism off / on, fp32 / bf16, against the model."""
     from megadistill.parallel.groups import ParallelGroups

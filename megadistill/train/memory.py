@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from itertools import product
 from pathlib import Path
 from typing import Dict, List, Optional, Union
@@ -106,8 +106,27 @@ def rank_params(m: ModelConfig, tp: int) -> Dict[str, int]:
             "largest_group": max(c["matrices"], c["vocab"]), "vocab": c["vocab"]}
 
 
-def activation_bytes_per_token(m: ModelConfig, tp: int, wb: int, sequence_parallel: bool = False) -> float:
-    """Bytes autograd keeps per token for one block without checkpointing; wb = bytes of the model dtype.
+def explicit_scores(m: ModelConfig) -> bool:
+    """Whether m's attention forms its [b, h/tp, s, s] scores (model.attention=eager, or sdpa with an attention
+    softcap, which SDPA cannot apply: megadistill.model.attention.attention); flash-attn and SDPA never do."""
+    return m.attention == "eager" or (m.attention == "sdpa" and m.attn_softcap > 0)
+
+
+def scores_bytes_per_token(m: ModelConfig, tp: int, wb: int, seq_len: int) -> float:
+    """What the explicit-scores path keeps per token and block for backward beyond SDPA / flash-attn: the fp32
+    softmax output (and the tanh output of a softcap) over seq_len keys and fp32 copies of q, k and v (k and v
+    repeated to every query head), in place of the kernels' q, k, v in the model dtype and their log-sum-exp."""
+    if not explicit_scores(m):
+        return 0.0
+    h = m.n_heads / tp
+    kernel = wb * (h * m.head_dim + 2 * max((m.n_kv_heads or m.n_heads) / tp, 1) * m.head_dim) + 4 * h
+    return 4 * h * ((2 if m.attn_softcap else 1) * seq_len + 3 * m.head_dim) - kernel
+
+
+def activation_bytes_per_token(m: ModelConfig, tp: int, wb: int, sequence_parallel: bool = False,
+                               seq_len: int = 0) -> float:
+    """Bytes autograd keeps per token for one block without checkpointing; wb = bytes of the model dtype; seq_len:
+    the keys each query attends over, for an attention that forms its scores (scores_bytes_per_token).
 
     RMSNorm keeps only its input (model dtype) and one fp32 rsqrt per row; its output is kept by the next matmul:
     2 wb per element for attn_norm and ffn_norm over the replicated d; for the QK-norms over this rank's q and k
@@ -121,6 +140,10 @@ def activation_bytes_per_token(m: ModelConfig, tp: int, wb: int, sequence_parall
     norm output and all-gathers it again in backward): 4 wb d becomes 4 wb d/tp.
     Post-norm blocks (OLMo 2) keep the same: each norm's input is a sublayer output, the matmuls' input the residual
     stream. Sandwich blocks (Gemma 3) add two norms on sublayer outputs: 2 wb d (/tp under SP) and their rsqrt.
+    Without a QK-norm the projections' q and k are not kept: 2 wb (q + kv). A parallel-residual block's two norms
+    read one x. LayerNorms keep an fp32 copy of their input (one per norm in bf16) and a mean beside the rsqrt;
+    clamped q / k / v (qkv_clip) keep the clamps' inputs; an attention that forms its scores keeps them
+    (scores_bytes_per_token). Each checked against the live tensors of a forward (tests/test_memory_plan.py).
     """
     d, f, h = m.d_model, m.d_ff, m.n_heads
     q, kv = h * m.head_dim, (m.n_kv_heads or h) * m.head_dim  # = d, d without GQA (the paper's sizes)
@@ -128,9 +151,18 @@ def activation_bytes_per_token(m: ModelConfig, tp: int, wb: int, sequence_parall
     s = tp if sequence_parallel else 1  # slices of the residual stream
     extra = block_norms(m) - 2  # norms beyond the two of a pre- / post-norm block
     ffn = (4 if m.ffn_gated else 2) * wb * f / tp  # a plain MLP keeps W1 x and act(W1 x)
-    per = (4 + 2 * extra) * wb * d / s + 3 * wb * (q / tp + kv_local) + ffn
-    if m.norm_type != "rms":  # F.layer_norm in fp32 keeps its fp32 input (in place of the model-dtype one)
-        per += (2 + extra) * (4 - wb) * d / s
+    # without a QK-norm nothing keeps the projections' q and k (RoPE keeps only its tables)
+    per = (4 + 2 * extra) * wb * d / s + (3 if m.qk_norm else 2) * wb * (q / tp + kv_local) + ffn
+    layer_norm = m.norm_type != "rms"  # F.layer_norm keeps an fp32 copy of its input (x itself in fp32) and a mean
+    inputs = 2 + extra  # norm inputs kept; a parallel-residual block's two norms read one x (one copy in fp32)
+    if m.parallel_residual and not (layer_norm and wb != 4):
+        inputs -= 1
+        per -= wb * d / s
+    if layer_norm:
+        per += inputs * (4 - wb) * d / s + 4 * (2 + extra) / s
+    if m.qkv_clip:  # each clamp keeps its input (where it was in range)
+        per += wb * (q / tp + 2 * kv_local)
+    per += scores_bytes_per_token(m, tp, wb, seq_len)
     return per + 4 * ((2 + extra) / s + 3 * h / tp)  # fp32 rsqrt of the norms and the attention log-sum-exp
 
 
@@ -142,9 +174,10 @@ def checkpointed_blocks(n_layers: int, checkpointing: str, every_k: int = 2) -> 
 
 
 def activation_bytes(m: ModelConfig, tokens: int, tp: int, wb: int, checkpointing: str = "off",
-                     every_k: int = 2, sequence_parallel: bool = False) -> float:
-    """Saved student activations for `tokens` tokens at the start of backward, incl. one recomputed block."""
-    layer = activation_bytes_per_token(m, tp, wb, sequence_parallel) * tokens
+                     every_k: int = 2, sequence_parallel: bool = False, seq_len: int = 0) -> float:
+    """Saved student activations for `tokens` tokens (sequences of seq_len) at the start of backward, incl. one
+    recomputed block."""
+    layer = activation_bytes_per_token(m, tp, wb, sequence_parallel, seq_len) * tokens
     s = tp if sequence_parallel else 1
     n_ckpt = checkpointed_blocks(m.n_layers, checkpointing, every_k)
     # a checkpointed block keeps its input (this rank's sequence slice under sequence parallelism)
@@ -228,7 +261,7 @@ def estimate_layout(student: ModelConfig, layout: Layout, world_size: int, seq_l
     grads_fb = grads_partition if z == 3 or bf16_opt else (
         (wb * P if z < 2 else grads_partition) if gas > 1 else 0.0)
 
-    acts = activation_bytes(student, n, tp, wb, layout.checkpointing, layout.checkpoint_every_k, layout.sp)
+    acts = activation_bytes(student, n, tp, wb, layout.checkpointing, layout.checkpoint_every_k, layout.sp, seq_len)
     loss = loss_bytes(n, student, tp, wb, layout.fused, layout.chunk_tokens, teacher, tb)
     if teacher is not None and layout.fused and t_part:  # the trainer gathers the teacher's head for the fused loss
         loss += tb * teacher.vocab_size // tp * teacher.d_model
@@ -260,6 +293,8 @@ def estimate_layout(student: ModelConfig, layout: Layout, world_size: int, seq_l
     if teacher is not None:
         t_out = tb * n * (teacher.d_model if layout.fused else teacher.vocab_size // tp)
         t_block = tb * n * (3 * teacher.d_ff + 4 * teacher.d_model) / tp  # one block's no-grad intermediates
+        if explicit_scores(teacher):  # its fp32 scores and softmax over seq_len keys, one block at a time
+            t_block += 8 * n * teacher.n_heads / tp * seq_len
         if layout.teacher_zero3 and dp > 1:
             # DeepSpeed gathers the teacher during its forward and frees it only at the end (measured; the
             # inference trace never completes). Earlier DeepSpeed versions added a flat staging copy of the coalesced
@@ -306,6 +341,7 @@ def estimate(cfg: Config, world_size: int, teacher: Union[None, str, ModelConfig
             tmodel = weights_source(cfg.distill.teacher)[0]
         else:
             tmodel = resolve_model(teacher, "teacher")
+        tmodel = replace(tmodel, attention=cfg.model.attention)  # the run's backend, as the trainer sets it
     return estimate_layout(cfg.model, layout_of(cfg), world_size, cfg.train.seq_len, cfg.train.global_batch_size,
                            cfg.train.precision, tmodel, cfg.distill.teacher_dtype, hardware)
 
