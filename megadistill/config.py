@@ -99,6 +99,13 @@ class ModelConfig:
     ffn_bias: bool = False  # biases on the FFN's matrices (HF's mlp_bias; GPT-NeoX always)
     qkv_clip: float = 0.0  # q, k and v clamped to [-qkv_clip, qkv_clip] after their projections (OLMo 1's
     # clip_qkv); 0 = off
+    # mixture of experts (Mixtral, Qwen3-MoE, OLMoE): every block's FFN is moe_experts gated FFNs of width d_ff; a
+    # router (softmax over the experts, in fp32) sends each token to its moe_top_k best, weighted by their
+    # probabilities (renormalised over the k when moe_norm_topk); 0 = a dense FFN. Experts are split over TP like the
+    # dense FFN (no expert parallelism); no load-balancing loss (for teachers, and students started from one)
+    moe_experts: int = 0
+    moe_top_k: int = 0
+    moe_norm_topk: bool = True
     sliding_window: int = 0  # attention window (Mistral's / Phi-3's sliding_window): token i attends to tokens
     # i - sliding_window + 1 .. i only; 0 = full causal attention. No effect while train.seq_len <= sliding_window
     layer_types: List[str] = field(default_factory=list)  # per block "sliding" (windowed) or "full" (Gemma 3: 5 of
@@ -186,6 +193,11 @@ class ModelConfig:
         _choice(f"{prefix}.norm_type", self.norm_type, ("rms", "layer", "layer_noaffine"))
         if self.qkv_clip < 0:
             raise ConfigError(f"{prefix}.qkv_clip={self.qkv_clip} must be >= 0 (0 = no clamping)")
+        if self.moe_experts < 0 or (self.moe_experts and not 1 <= self.moe_top_k <= self.moe_experts):
+            raise ConfigError(f"{prefix}.moe_experts={self.moe_experts} must be >= 0 (0 = a dense FFN) and, with "
+                              f"experts, {prefix}.moe_top_k={self.moe_top_k} in [1, moe_experts]")
+        if self.moe_experts and not self.ffn_gated:
+            raise ConfigError(f"{prefix}.moe_experts={self.moe_experts} takes gated experts ({prefix}.ffn_gated=true)")
         for key in ("ffn_gated", "parallel_residual", "o_bias", "ffn_bias"):
             if not isinstance(getattr(self, key), bool):
                 raise ConfigError(f"{prefix}.{key}={getattr(self, key)!r} must be true or false")
@@ -225,9 +237,8 @@ HF_SHAPE_KEYS = ("n_layers", "d_model", "n_heads", "n_kv_heads", "head_dim", "d_
                  "rope_beta_fast", "rope_beta_slow", "rope_truncate",
                  "rope_fraction", "norm_eps", "qk_norm", "qk_norm_scope", "norm_position", "norm_offset", "activation",
                  "embed_scale", "attn_scale_dim", "qkv_bias", "o_bias", "ffn_bias", "norm_type", "ffn_gated",
-                 "parallel_residual", "qkv_clip", "sliding_window", "layer_types", "rope_local_base",
-                 "nope_blocks", "attn_softcap", "logit_softcap",
-                 "tie_embeddings")
+                 "parallel_residual", "qkv_clip", "moe_experts", "moe_top_k", "moe_norm_topk", "sliding_window",
+                 "layer_types", "rope_local_base", "nope_blocks", "attn_softcap", "logit_softcap", "tie_embeddings")
 
 
 def _size_shape(size: str) -> Dict:
@@ -396,6 +407,9 @@ class Config:
                               f"slices, but train.seq_len={self.train.seq_len} is not a multiple of it; use a "
                               "seq_len tp_size divides or parallel.sequence_parallel=false")
         _choice("zero.stage", z.stage, (0, 1, 2, 3))
+        if m.moe_experts and z.stage == 3:
+            raise ConfigError(f"zero.stage=3 partitions parameters per module forward, which the mixture of experts "
+                              f"(model.moe_experts={m.moe_experts}) bypasses; use zero.stage 0-2")
         _choice("zero.offload_optimizer", z.offload_optimizer, ("none", "cpu"))
         _choice("zero.offload_param", z.offload_param, ("none", "cpu"))
         if z.offload_param != "none" and z.stage != 3:

@@ -16,7 +16,8 @@ LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "hi
 # (gemma3), the same without QK-norm and with softcapped attention and output logits (gemma2), a block without RoPE
 # (smollm3), one key/value head, replicated over TP=2 (qwen2_mqa), GPT-NeoX / Pythia's LayerNorms, plain MLP,
 # biases and (non-)parallel residual (neox), Llama's attention_bias and mlp_bias (llama_biases), OLMo 1's
-# parameter-free LayerNorms and clamped q / k / v (olmo1), LayerNorms with biases in a SwiGLU block (stablelm)
+# parameter-free LayerNorms and clamped q / k / v (olmo1), LayerNorms with biases in a SwiGLU block (stablelm),
+# mixtures of experts with and without renormalised top-2 weights (mixtral, qwen3_moe, olmoe)
 VARIANTS = {"qwen3_gqa": ("qwen3", 2, False), "qwen3_mha_tied": ("qwen3", 4, True),
             "llama_gqa_tied": ("llama", 2, True), "llama_mha": ("llama", 4, False),
             "qwen2_gqa_tied": ("qwen2", 2, True), "mistral_gqa": ("mistral", 2, False),
@@ -25,7 +26,9 @@ VARIANTS = {"qwen3_gqa": ("qwen3", 2, False), "qwen3_mha_tied": ("qwen3", 4, Tru
             "gemma2_gqa_tied": ("gemma2", 2, True), "qwen2_mqa": ("qwen2", 1, False),
             "neox_parallel": ("neox", 4, False), "neox_sequential_tied": ("neox_seq", 4, True),
             "llama_biases": ("llama_bias", 2, False), "olmo1_tied": ("olmo", 4, True),
-            "stablelm_gqa": ("stablelm", 2, False)}
+            "stablelm_gqa": ("stablelm", 2, False), "mixtral_gqa": ("mixtral", 2, False),
+            "qwen3_moe_gqa_tied": ("qwen3_moe", 2, True), "olmoe_mha": ("olmoe", 4, False)}
+MOE_WIDTH = 32  # each expert's hidden width
 NEOX_ROTARY = 0.25  # Pythia's rotary_pct: RoPE on the first 4 of each head's 16 dims
 OLMO_CLIP = 0.4  # OLMo 1's clip_qkv (OLMo-7B-0424: 8), here below the largest projections
 GEMMA2_CAPS = (2.0, 3.0)  # attention, output logits: small enough to bite on the tiny model (Gemma 2: 50, 30)
@@ -109,6 +112,24 @@ def make_hf(folder, family="qwen3", n_kv_heads=2, tied=False, vocab=128, seed=0,
         model = StableLmForCausalLM(StableLmConfig(
             rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": NEOX_ROTARY},
             use_qkv_bias=True, layer_norm_eps=1e-5, bos_token_id=0, eos_token_id=0, **common))
+    elif family in ("mixtral", "qwen3_moe", "olmoe"):  # mixtures of 4 experts (width 32), top 2: Mixtral
+        # renormalises the two weights, Qwen3-MoE as norm_topk_prob (on here), OLMoE not (its default); OLMoE's
+        # QK-norm spans all heads' dims and clamps q / k / v after it
+        moe = {k: v for k, v in common.items() if k != "intermediate_size"}
+        if family == "mixtral":
+            from transformers import MixtralConfig, MixtralForCausalLM
+            model = MixtralForCausalLM(MixtralConfig(intermediate_size=MOE_WIDTH, num_local_experts=4,
+                                                     num_experts_per_tok=2, rope_theta=1e6, **moe))
+        elif family == "qwen3_moe":
+            from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+            model = Qwen3MoeForCausalLM(Qwen3MoeConfig(moe_intermediate_size=MOE_WIDTH, intermediate_size=96,
+                                                       num_experts=4, num_experts_per_tok=2, norm_topk_prob=True,
+                                                       head_dim=16, rope_theta=1e6, **moe))
+        else:
+            from transformers import OlmoeConfig, OlmoeForCausalLM
+            model = OlmoeForCausalLM(OlmoeConfig(intermediate_size=MOE_WIDTH, num_experts=4, num_experts_per_tok=2,
+                                                 clip_qkv=OLMO_CLIP, rope_theta=10000.0, pad_token_id=1,
+                                                 eos_token_id=0, **moe))
     elif family == "llama_bias":  # attention_bias (Q, K, V, O) and mlp_bias (gate, up, down)
         model = LlamaForCausalLM(LlamaConfig(rope_theta=500000.0, rms_norm_eps=1e-5, attention_bias=True,
                                              mlp_bias=True, **common))

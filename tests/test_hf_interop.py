@@ -63,13 +63,16 @@ def test_teacher_logits_equal_transformers_tp1(hf_dirs, tmp_path, name):
     m = teacher.model_cfg
     neox = family in ("neox", "neox_seq")  # LayerNorms, a plain MLP, biases on every linear
     assert (m.n_kv_heads, m.tie_embeddings, m.qk_norm, m.qkv_bias) == (
-        kv, tied, family in ("qwen3", "olmo2", "gemma3"), family in ("qwen2", "llama_bias", "stablelm") or neox)
+        kv, tied, family in ("qwen3", "olmo2", "gemma3", "qwen3_moe", "olmoe"),
+        family in ("qwen2", "llama_bias", "stablelm") or neox)
+    assert (m.moe_experts, m.moe_top_k, m.moe_norm_topk) == (
+        (4, 2, family != "olmoe") if family in ("mixtral", "qwen3_moe", "olmoe") else (0, 0, True))
     assert (m.o_bias, m.ffn_bias) == ((True, True) if neox or family == "llama_bias" else (False, False))
     assert (m.norm_type, m.ffn_gated, m.parallel_residual) == (
         ("layer", False, family == "neox") if neox else ("layer_noaffine", True, False) if family == "olmo"
         else ("layer", True, False) if family == "stablelm" else ("rms", True, False))
-    assert m.qkv_clip == (OLMO_CLIP if family == "olmo" else 0.0)
-    if family == "olmo":  # the clamp bites: without it the logits differ
+    assert m.qkv_clip == (OLMO_CLIP if family in ("olmo", "olmoe") else 0.0)
+    if family in ("olmo", "olmoe"):  # the clamp bites: without it the logits differ
         for block in teacher.module.blocks:
             block.attn.clip = 0.0
         with torch.no_grad():
@@ -78,8 +81,8 @@ def test_teacher_logits_equal_transformers_tp1(hf_dirs, tmp_path, name):
         assert m.activation == ("gelu" if family == "neox" else "gelu_tanh") and m.norm_eps == 1e-5
     olmo2 = family == "olmo2"  # post-norm blocks, QK-norm gains over all heads' dims (split over TP like the heads)
     gemma = family in ("gemma2", "gemma3")  # sandwich norms (Gemma 2 without QK-norm, softcapped)
-    assert (m.norm_position, m.qk_norm_scope) == (("post", "full") if olmo2 else
-                                                  ("sandwich", "head") if gemma else ("pre", "head"))
+    assert (m.norm_position, m.qk_norm_scope) == (("post", "full") if olmo2 else ("pre", "full") if family == "olmoe"
+                                                  else ("sandwich", "head") if gemma else ("pre", "head"))
     assert (m.attn_softcap, m.logit_softcap) == (GEMMA2_CAPS if family == "gemma2" else (0.0, 0.0))
     assert m.nope_blocks == ([1] if family == "smollm3" else [])
     if gemma:  # 1 + w gains, GeGLU, x sqrt(64) embeddings, query_pre_attn_scalar, per-block windows
@@ -88,7 +91,7 @@ def test_teacher_logits_equal_transformers_tp1(hf_dirs, tmp_path, name):
     if family == "gemma3":
         assert (m.layer_types, m.rope_local_base, m.rope_factor) == (["sliding", "full"], 10000.0, 8.0)
     assert teacher.module.blocks[0].attn.q_norm is None or teacher.module.blocks[0].attn.q_norm.weight.shape == (
-        (4 * m.head_dim,) if olmo2 else (m.head_dim,))
+        (4 * m.head_dim,) if m.qk_norm_scope == "full" else (m.head_dim,))
     assert m.sliding_window == {"mistral": MISTRAL_WINDOW, "phi3": PHI3_WINDOW, "gemma3": GEMMA3_WINDOW,
                                 "gemma2": GEMMA3_WINDOW}.get(family, 0)
     assert m.rope_fraction == {"phi3": PHI3_PARTIAL, "neox": NEOX_ROTARY, "neox_seq": NEOX_ROTARY,
@@ -231,9 +234,13 @@ def _tp2_and_training(rank, world, root, variants):
     release(live)
     teacher = f"hf:{variants['qwen3_gqa']}"
     gemma2 = f"distill.teacher=hf:{variants['gemma2_gqa_tied']}"  # windows of 8 in 32 tokens, softcapped logits
+    mixtral = f"distill.teacher=hf:{variants['mixtral_gqa']}"  # a mixture of 4 experts, split over TP
     for name, extra in {"tp2_dp1": ["parallel.tp_size=2", "zero.stage=1"],
                         "tp1_dp2_teacher_z3": ["zero.stage=3", "distill.teacher_zero3=true"],
-                        "tp2_gemma2_teacher": ["parallel.tp_size=2", "zero.stage=1", gemma2]}.items():
+                        "tp2_gemma2_teacher": ["parallel.tp_size=2", "zero.stage=1", gemma2],
+                        # its sharper random distributions spike at 3e-2 within 12 steps
+                        "tp2_mixtral_teacher": ["parallel.tp_size=2", "zero.stage=2", mixtral,
+                                                "optim.lr=1e-2"]}.items():
         over = tiny_overrides(root / name, "distill", ["train.steps=12", f"distill.teacher={teacher}",
                                                        "optim.lr=3e-2", "train.eval_interval=12", *extra])
         train(config.load([], over))
@@ -249,13 +256,13 @@ def test_tp2_logits_and_distillation_from_hf_teacher(hf_dirs, tmp_path):
     for name, (_, ref) in hf_dirs.items():
         assert_close(out["logits"][name], ref, msg=name)
     assert_close(out["student_init"], hf_dirs["llama_gqa_tied"][1])
-    for name in ("tp2_dp1", "tp1_dp2_teacher_z3", "tp2_gemma2_teacher"):
+    for name in ("tp2_dp1", "tp1_dp2_teacher_z3", "tp2_gemma2_teacher", "tp2_mixtral_teacher"):
         losses = out[name]
         assert len(losses) == 12 and all(map(lambda x: x == x, losses))
         assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 0.05, (name, losses)
         rec = out[name + "_record"]
         assert rec["mode"] == "distill" and rec["teacher"]["run"] == (
-            "gemma2_gqa_tied" if "gemma2" in name else "qwen3_gqa")
+            "gemma2_gqa_tied" if "gemma2" in name else "mixtral_gqa" if "mixtral" in name else "qwen3_gqa")
         assert rec["teacher"]["eval_loss"] > 0 and rec["flops_teacher_inference"] > 0
 
 
@@ -337,7 +344,8 @@ def test_export_hf_loads_in_transformers_and_round_trips(tmp_path, shape, reques
         assert getattr(back, key) == getattr(tcfg.model, key), key
 
 
-@pytest.mark.parametrize("name", ["llama_gqa_tied", "qwen2_gqa_tied", "phi3_gqa", "olmo2_gqa", "gemma3_gqa_tied"])
+@pytest.mark.parametrize("name", ["llama_gqa_tied", "qwen2_gqa_tied", "phi3_gqa", "olmo2_gqa", "gemma3_gqa_tied",
+                                  "neox_parallel", "olmoe_mha"])
 def test_import_dir_is_a_teacher(hf_dirs, tmp_path, name):
     """`megadistill import` writes a model dir that distill.teacher accepts (Q/K/V biases, fused Phi-3 matrices
     split); bf16 import casts."""
@@ -531,7 +539,8 @@ def test_export_refuses_models_no_hf_architecture_computes():
                        ({"norm_type": "layer_noaffine", "norm_eps": 1e-6, "qk_norm": False}, "model.norm_eps=1e-06"),
                        (dict(NEOX, n_kv_heads=4, qkv_clip=8.0), "clamping"),
                        ({"norm_type": "layer", "qk_norm": False, "o_bias": True, "qkv_bias": True},
-                        "LayerNorms in a SwiGLU block with more than StableLM's")]:
+                        "LayerNorms in a SwiGLU block with more than StableLM's"),
+                       ({"moe_experts": 4, "moe_top_k": 2}, "writes dense architectures only")]:
         with pytest.raises(UserError, match=match):
             from_model_config(dataclasses.replace(base, **bad), 64)
 
@@ -569,11 +578,17 @@ def test_bad_folders_are_named_errors(hf_dirs, tmp_path, capsys):
     shutil.copytree(hf_dirs["phi3_gqa"][0], fused)
     edit_config(fused, num_key_value_heads=4)
     fails(fused, r"qkv_proj.weight has shape \(128, 64\), but config.json implies 192 rows \(q_proj 64, k_proj 64")
+    dense_blocks = tmp_path / "qwen3_moe_dense"  # Qwen3-MoE with dense blocks among the mixtures
+    shutil.copytree(hf_dirs["qwen3_moe_gqa_tied"][0], dense_blocks)
+    edit_config(dense_blocks, mlp_only_layers=[1])
+    fails(dense_blocks, r"dense blocks among the sparse ones \(mlp_only_layers=\[1\]")
+    fails(hf_dirs["mixtral_gqa"][0], "distill.teacher_zero3=true partitions parameters per module forward",
+          ["distill.teacher_zero3=true"])
     biased = tmp_path / "mistral_bias"  # MistralForCausalLM ignores attention_bias; we do not guess
     shutil.copytree(hf_dirs["mistral_gqa"][0], biased)
     edit_config(biased, attention_bias=True)
-    fails(biased, "attention_bias=true is not supported for MistralForCausalLM .read for Qwen3ForCausalLM, "
-                  "LlamaForCausalLM, OlmoForCausalLM and GPT-NeoX")
+    fails(biased, r"attention_bias=true is not supported for MistralForCausalLM \(read for .*LlamaForCausalLM.* and "
+                  "GPT-NeoX")
     partial = tmp_path / "llama_partial"  # transformers rotates part of each head for Phi-3 only
     shutil.copytree(hf_dirs["llama_mha"][0], partial)
     edit_config(partial, partial_rotary_factor=0.75)
@@ -764,6 +779,19 @@ PUBLISHED = {  # the shape keys of each family's published config.json (weights 
                    "intermediate_size": 11008, "num_hidden_layers": 36, "num_attention_heads": 16,
                    "num_key_value_heads": 4, "vocab_size": 128256, "rope_theta": 5e6, "tie_word_embeddings": True,
                    "pad_token_id": 128004},
+    "Mixtral-8x7B": {"architectures": ["MixtralForCausalLM"], "model_type": "mixtral", "hidden_size": 4096,
+                     "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32,
+                     "num_key_value_heads": 8, "vocab_size": 32000, "num_local_experts": 8, "num_experts_per_tok": 2,
+                     "rope_theta": 1e6, "sliding_window": None},
+    "Qwen3-30B-A3B": {"architectures": ["Qwen3MoeForCausalLM"], "model_type": "qwen3_moe", "hidden_size": 2048,
+                      "intermediate_size": 6144, "moe_intermediate_size": 768, "num_hidden_layers": 48,
+                      "num_attention_heads": 32, "num_key_value_heads": 4, "head_dim": 128, "vocab_size": 151936,
+                      "num_experts": 128, "num_experts_per_tok": 8, "norm_topk_prob": True, "decoder_sparse_step": 1,
+                      "mlp_only_layers": [], "tie_word_embeddings": False, "rope_theta": 1e6},
+    "OLMoE-1B-7B": {"architectures": ["OlmoeForCausalLM"], "model_type": "olmoe", "hidden_size": 2048,
+                    "intermediate_size": 1024, "num_hidden_layers": 16, "num_attention_heads": 16,
+                    "num_key_value_heads": 16, "vocab_size": 50304, "num_experts": 64, "num_experts_per_tok": 8,
+                    "norm_topk_prob": False, "clip_qkv": None, "pad_token_id": 1, "eos_token_id": 50279},
 }
 
 
@@ -775,7 +803,7 @@ def test_published_configs_count_as_transformers_builds_them(name):
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
     from megadistill.hf.config import to_model_config
-    from megadistill.model.sizes import params_of
+    from megadistill.model.sizes import active_params, params_of
     from megadistill.model.transformer import Transformer
     from megadistill.parallel.layers import LayerFactory
     hf = PUBLISHED[name]
@@ -788,3 +816,8 @@ def test_published_configs_count_as_transformers_builds_them(name):
     assert n + (1 if m.tie_embeddings else 2) * m.vocab_size * m.d_model == n_theirs
     ours = Transformer(m, LayerFactory(device="meta"))
     assert sum(p.numel() for p in ours.parameters()) == n_theirs
+    vocab = (1 if m.tie_embeddings else 2) * m.vocab_size * m.d_model
+    published_active = {"Mixtral-8x7B": 12.9, "OLMoE-1B-7B": 1.3}  # the model cards' "B active" figures
+    if name in published_active:  # what F(N) and MFU count: the routed experts only
+        assert round((active_params(m) + vocab) / 1e9, 1) == published_active[name]
+    assert (active_params(m) < n) == bool(m.moe_experts)

@@ -86,17 +86,19 @@ def test_activation_bytes_match_live_tensors(precision, ckpt):
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
-@pytest.mark.parametrize("block", ["neox", "olmo1", "eager", "sdpa_softcap"])
+@pytest.mark.parametrize("block", ["neox", "olmo1", "eager", "sdpa_softcap", "moe"])
 def test_activation_bytes_of_other_blocks_match_live_tensors(precision, block):
     """Pythia's block (LayerNorms, plain GELU MLP, biases, parallel residual), OLMo 1's parameter-free LayerNorms,
-    and the attentions that form their [b, h, s, s] scores (eager; sdpa with Gemma 2's softcap): within 5%."""
+    a mixture of 8 experts (top 2), and the attentions that form their [b, h, s, s] scores (eager; sdpa with Gemma 2's
+    softcap): within 5%."""
     torch.set_num_threads(1)
     extra = {"neox": ["model.norm_type=layer", "model.ffn_gated=false", "model.activation=gelu",
                       "model.parallel_residual=true", "model.qk_norm=false", "model.qkv_bias=true", "model.o_bias=true",
                       "model.ffn_bias=true", "model.d_ff=1024"],
              "olmo1": ["model.norm_type=layer_noaffine", "model.qk_norm=false", "model.qkv_clip=8"],
              "eager": ["model.attention=eager"],
-             "sdpa_softcap": ["model.attn_softcap=50"]}[block]
+             "sdpa_softcap": ["model.attn_softcap=50"],
+             "moe": ["model.moe_experts=8", "model.moe_top_k=2", "model.d_ff=256"]}[block]
     cfg = _cfg(extra)
     ids, live = _live_activation_bytes(cfg, precision)
     wb = 2 if precision == "bf16" else 4

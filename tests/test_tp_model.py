@@ -23,6 +23,7 @@ V = 128
 # GPT-NeoX / Pythia: LayerNorms, a plain GELU MLP, biases on every linear, parallel residual, partial RoPE
 NEOX_LIKE = dict(norm_type="layer", ffn_gated=False, activation="gelu", parallel_residual=True, qk_norm=False,
                  qkv_bias=True, o_bias=True, ffn_bias=True, rope_fraction=0.25, d_ff=256)
+MOE_LIKE = dict(moe_experts=4, moe_top_k=2, d_ff=64, n_kv_heads=2)
 GEMMA3_LIKE = dict(norm_position="sandwich", norm_offset=1.0, activation="gelu_tanh", embed_scale=8.0,
                    attn_scale_dim=24, sliding_window=6, layer_types=["sliding", "full"], rope_local_base=100.0,
                    n_kv_heads=2)
@@ -285,6 +286,11 @@ def tp2_worker(rank, world):
     check_model_vs_dense(groups, False, sequence_parallel=True, activation_checkpointing="full", **NEOX_LIKE)
     check_model_vs_dense(groups, False, sequence_parallel=True, qk_norm=False, qkv_bias=True, o_bias=True,
                          ffn_bias=True, n_kv_heads=2)
+    # a mixture of 4 experts, top 2 (Mixtral / Qwen3-MoE): every rank runs its shard of each expert on the tokens
+    # routed to it, one reduction for all; the replicated router's gradient summed over TP
+    check_model_vs_dense(groups, True, **MOE_LIKE)
+    check_model_vs_dense(groups, False, sequence_parallel=True, activation_checkpointing="full",
+                         **dict(MOE_LIKE, moe_norm_topk=False))
     # one key/value head for two ranks (Gemma 3 1B, MQA): replicated K / V, each rank's gradient share summed
     check_kv_replicated(groups, 1)
     check_model_vs_dense(groups, True, n_kv_heads=1, qkv_bias=True, qk_norm=False)
@@ -320,6 +326,7 @@ def world4_worker(rank, world):
                          qk_norm_scope="full")
     check_model_vs_dense(groups4, False, **dict(GEMMA3_LIKE, n_kv_heads=4))
     check_model_vs_dense(groups4, True, sequence_parallel=True, **dict(NEOX_LIKE, parallel_residual=False))
+    check_model_vs_dense(groups4, True, sequence_parallel=True, **MOE_LIKE)
     # OLMo 1: LayerNorms without parameters, q / k / v clamped (0.3: inside the tiny model's projections' range)
     check_model_vs_dense(groups4, False, sequence_parallel=True, norm_type="layer_noaffine", qkv_clip=0.3,
                          qk_norm=False, n_kv_heads=2)

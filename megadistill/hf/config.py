@@ -1,5 +1,6 @@
 """Hugging Face config.json (Qwen3 / Qwen2 / Llama / Mistral / Phi-3 / OLMo 1 and 2 / Gemma 2 / Gemma 3 / SmolLM3 /
-GPT-NeoX and Pythia / StableLM) <-> our ModelConfig, with a named error for anything we cannot run."""
+GPT-NeoX and Pythia / StableLM; the mixtures of experts Mixtral / Qwen3-MoE / OLMoE) <-> our ModelConfig, with a
+named error for anything we cannot run."""
 from __future__ import annotations
 
 import json
@@ -19,7 +20,14 @@ ARCHITECTURES = {"Qwen3ForCausalLM": ("qwen3", True, False), "Qwen2ForCausalLM":
                  "Phi3ForCausalLM": ("phi3", False, False), "Olmo2ForCausalLM": ("olmo2", True, False),
                  "Gemma2ForCausalLM": ("gemma2", False, False), "Gemma3ForCausalLM": ("gemma3_text", True, False),
                  "SmolLM3ForCausalLM": ("smollm3", False, False), "GPTNeoXForCausalLM": ("gpt_neox", False, True),
-                 "OlmoForCausalLM": ("olmo", False, False), "StableLmForCausalLM": ("stablelm", False, False)}
+                 "OlmoForCausalLM": ("olmo", False, False), "StableLmForCausalLM": ("stablelm", False, False),
+                 "MixtralForCausalLM": ("mixtral", False, False), "Qwen3MoeForCausalLM": ("qwen3_moe", True, False),
+                 "OlmoeForCausalLM": ("olmoe", True, False)}
+# mixtures of experts: (expert width key, renormalise the top k by default); the expert count is num_experts or
+# num_local_experts (Mixtral's name, which transformers v5 also writes for the others). Mixtral always renormalises,
+# Qwen3-MoE and OLMoE as norm_topk_prob says. OLMoE's QK-norm spans all heads' dims, as OLMo 2's
+MOE = {"mixtral": ("intermediate_size", True), "qwen3_moe": ("moe_intermediate_size", False),
+       "olmoe": ("intermediate_size", False)}
 # StableLM 2 / StableLM-3B: LayerNorms with biases in a SwiGLU block, 25% of each head rotated, use_qkv_bias
 PARTIAL_ROPE = {"phi3": 1.0, "gpt_neox": 0.25, "stablelm": 0.25}  # families with partial RoPE -> transformers' default
 # OLMo 1 (OLMo-1B / 7B, their intermediate revisions): LayerNorms without gain or bias (eps fixed at 1e-5 by
@@ -30,7 +38,7 @@ OLMO1_EPS = 1e-5
 NEOX = {"norm_type": "layer", "ffn_gated": False, "ffn_bias": True}
 # config keys -> families whose transformers class honours them: attention_bias (Q, K, V and O) as our qkv_bias and
 # o_bias, mlp_bias (gate, up, down) as ffn_bias
-BIASED = {"attention_bias": ("llama", "qwen3", "olmo"), "mlp_bias": ("llama",)}
+BIASED = {"attention_bias": ("llama", "qwen3", "olmo", "qwen3_moe", "olmoe"), "mlp_bias": ("llama",)}
 OLMO2 = {"norm_position": "post", "qk_norm_scope": "full"}
 # Gemma 2 / 3: norms before and after each sublayer with gains 1 + w, GeGLU, embeddings x sqrt(d), attention scaled
 # by query_pre_attn_scalar; Gemma 2 windows every other block and caps attention and output logits, Gemma 3 windows 5
@@ -49,7 +57,7 @@ GEMMA3_TEXT_DEFAULTS = {"vocab_size": 262208, "hidden_size": 2304, "intermediate
                         "num_attention_heads": 8, "num_key_value_heads": 4, "head_dim": 256,
                         "query_pre_attn_scalar": 256, "rms_norm_eps": 1e-6, "sliding_window": 4096,
                         "hidden_activation": "gelu_pytorch_tanh", "max_position_embeddings": 131072}
-WINDOWED = ("mistral", "phi3")  # sliding_window applies whenever set (Qwen2/3: only with use_sliding_window)
+WINDOWED = ("mistral", "phi3", "mixtral")  # sliding_window applies whenever set (Qwen2/3: with use_sliding_window)
 HF_PREFIX = "hf:"
 
 
@@ -125,7 +133,7 @@ def _windows(hf: Dict, model_type: str, nope: List[int], where: str) -> Tuple[in
     n = int(hf.get("num_hidden_layers", 0))
     if model_type in WINDOWED:
         return int(hf.get("sliding_window") or 0), []
-    if model_type in ("qwen2", "qwen3") and hf.get("use_sliding_window") and hf.get("sliding_window"):
+    if model_type in ("qwen2", "qwen3", "qwen3_moe") and hf.get("use_sliding_window") and hf.get("sliding_window"):
         first = int(hf.get("max_window_layers", n))
         types = hf.get("layer_types") or ["sliding_attention" if i >= first else "full_attention" for i in range(n)]
     elif model_type == "smollm3" and hf.get("use_sliding_window") and hf.get("sliding_window"):
@@ -201,6 +209,7 @@ def to_model_config(hf: Dict, where: str = "config.json") -> ModelConfig:
     if hf.get("model_type", model_type) != model_type:
         raise UserError(f"{where}: model_type={hf.get('model_type')!r} contradicts architectures={archs}")
     neox, olmo1, stablelm = model_type == "gpt_neox", model_type == "olmo", model_type == "stablelm"
+    moe = _moe(hf, model_type, where)
     biases = {"norm_type": "layer_noaffine", "qkv_clip": float(hf.get("clip_qkv") or 0.0)} if olmo1 else {}
     if stablelm:
         for key in ("use_parallel_residual", "qk_layernorm"):  # StableLM 2 12B: one shared norm, per-head QK-norms
@@ -212,6 +221,8 @@ def to_model_config(hf: Dict, where: str = "config.json") -> ModelConfig:
     if neox:  # attention_bias (default on) covers Q/K/V and O; the MLP always has biases
         qkv_bias = bool(hf.get("attention_bias", True))
         biases = dict(NEOX, o_bias=qkv_bias, parallel_residual=bool(hf.get("use_parallel_residual", True)))
+    if model_type == "olmoe":
+        biases = {"qk_norm_scope": "full", "qkv_clip": float(hf.get("clip_qkv") or 0.0)}
     for key, families in BIASED.items():
         if hf.get(key) and not neox and model_type not in families:
             raise UserError(f"{where}: {key}=true is not supported for {arch} (read for "
@@ -252,14 +263,14 @@ def to_model_config(hf: Dict, where: str = "config.json") -> ModelConfig:
             logit_softcap=float(_softcap(hf, model_type, "final_logit_softcapping"))) if model_type in GEMMAS else {}
         m = ModelConfig(size=None, n_layers=int(hf["num_hidden_layers"]), d_model=d, n_heads=n_heads,
                         n_kv_heads=int(hf.get("num_key_value_heads") or n_heads),
-                        head_dim=head_dim, d_ff=int(hf["intermediate_size"]),
+                        head_dim=head_dim, d_ff=int(hf[MOE[model_type][0]] if moe else hf["intermediate_size"]),
                         vocab_size=int(hf["vocab_size"]),
                         norm_eps=(float(hf.get("layer_norm_eps", 1e-5)) if neox or stablelm else OLMO1_EPS
                                   if olmo1 else float(hf.get("rms_norm_eps", 1e-6))),
                         qk_norm=qk_norm, qkv_bias=qkv_bias, sliding_window=window, rope_fraction=partial,
                         tie_embeddings=bool(hf.get("tie_word_embeddings", model_type in TIED_BY_DEFAULT)), **rope,
                         activation=activation, layer_types=kinds, rope_local_base=local_base,
-                        nope_blocks=nope, **family, **biases)
+                        nope_blocks=nope, **family, **biases, **moe)
     except KeyError as e:
         raise UserError(f"{where}: required key {e.args[0]!r} is missing") from None
     m.resolve()
@@ -268,6 +279,23 @@ def to_model_config(hf: Dict, where: str = "config.json") -> ModelConfig:
     except UserError as e:
         raise UserError(f"{where} gives an invalid model: {e}") from None
     return m
+
+
+def _moe(hf: Dict, model_type: str, where: str) -> Dict:
+    """A mixture of experts' model.moe_* keys ({} for a dense family); every block must be sparse."""
+    if model_type not in MOE:
+        return {}
+    _, renorm = MOE[model_type]
+    if hf.get("mlp_only_layers") or int(hf.get("decoder_sparse_step", 1)) != 1:
+        raise UserError(f"{where}: dense blocks among the sparse ones (mlp_only_layers={hf.get('mlp_only_layers')}, "
+                        f"decoder_sparse_step={hf.get('decoder_sparse_step')}) are not supported: every block must "
+                        "be a mixture of experts")
+    try:
+        count = hf["num_experts"] if "num_experts" in hf else hf["num_local_experts"]
+        return {"moe_experts": int(count), "moe_top_k": int(hf["num_experts_per_tok"]),
+                "moe_norm_topk": True if model_type == "mixtral" else bool(hf.get("norm_topk_prob", renorm))}
+    except KeyError as e:
+        raise UserError(f"{where}: required key {e.args[0]!r} is missing") from None
 
 
 def _neox_refusal(m: ModelConfig) -> Optional[str]:
@@ -295,6 +323,10 @@ def _architecture(m: ModelConfig) -> str:
 
     def refuse(what: str):
         raise UserError(f"no Hugging Face architecture computes {what}: {keys}; export it in megadistill's format")
+
+    if m.moe_experts:
+        raise UserError(f"export --format hf writes dense architectures only; this model is a mixture of "
+                        f"{m.moe_experts} experts (model.moe_experts): export it in megadistill's format")
 
     if m.norm_type == "layer" and m.ffn_gated and not m.parallel_residual:  # StableLM's block
         if (m.qk_norm or m.o_bias or m.ffn_bias or m.activation != "silu" or m.norm_position != "pre" or m.norm_offset

@@ -58,6 +58,11 @@ _NEOX_GLOBAL = {"embed.weight": "gpt_neox.embed_in.weight", "norm.weight": "gpt_
                 "norm.bias": "gpt_neox.final_layer_norm.bias", "head.weight": "embed_out.weight"}
 _NEOX_QKV = {f"attention.query_key_value.{kind}": tuple(f"attention.{p}.{kind}" for p in ("query", "key", "value"))
              for kind in ("weight", "bias")}
+# mixtures of experts: the router and each expert's gate / up / down under mlp (Qwen3-MoE, OLMoE) or, Mixtral,
+# block_sparse_moe with w1 / w3 / w2 (ours' names); Mixtral is the mixture without a QK-norm
+_EXPERT = {"w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"}
+_OURS_MOE_RE = re.compile(r"^ffn\.(?:router|experts\.(\d+)\.(w[123]))\.weight$")
+_HF_MOE_RE = re.compile(r"^(mlp|block_sparse_moe)\.(?:gate|experts\.(\d+)\.(\w+))\.weight$")
 _BLOCK_RE = re.compile(r"^blocks\.(\d+)\.(.+)$")
 _HF_BLOCK_RE = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
 _NEOX_BLOCK_RE = re.compile(r"^gpt_neox\.layers\.(\d+)\.(.+)$")
@@ -83,6 +88,12 @@ def hf_name(ours: str, model_cfg=None) -> str:
     if ours in _GLOBAL:
         return _GLOBAL[ours]
     m = _BLOCK_RE.match(ours)
+    e = _OURS_MOE_RE.match(m.group(2)) if m else None
+    if e:
+        mixtral = not getattr(model_cfg, "qk_norm", True)
+        leaf = "gate" if e.group(1) is None else (
+            f"experts.{e.group(1)}.{e.group(2) if mixtral else _EXPERT[e.group(2)]}")
+        return f"model.layers.{m.group(1)}.{'block_sparse_moe' if mixtral else 'mlp'}.{leaf}.weight"
     block = dict(_BLOCK, **(_SANDWICH if getattr(model_cfg, "norm_position", "pre") == "sandwich" else {}))
     if m and m.group(2) in block:
         return f"model.layers.{m.group(1)}.{block[m.group(2)]}"
@@ -94,6 +105,13 @@ def our_name(hf: str) -> Optional[str]:
     inverse = {v: k for k, v in (*_GLOBAL.items(), *_NEOX_GLOBAL.items())}
     if hf in inverse:
         return inverse[hf]
+    m = _HF_BLOCK_RE.match(hf)
+    e = _HF_MOE_RE.match(m.group(2)) if m else None
+    if e:
+        if e.group(2) is None:
+            return f"blocks.{m.group(1)}.ffn.router.weight"
+        ours = {v: k for k, v in _EXPERT.items()}.get(e.group(3), e.group(3))
+        return f"blocks.{m.group(1)}.ffn.experts.{e.group(2)}.{ours}.weight" if ours in _EXPERT else None
     for pattern, table in ((_HF_BLOCK_RE, (*_BLOCK.items(), *_SANDWICH.items())),
                            (_NEOX_BLOCK_RE, _NEOX_BLOCK.items())):
         m = pattern.match(hf)
@@ -107,6 +125,9 @@ def full_shape(m, name: str) -> tuple:
     """Full (unsharded) shape of one of our parameters for model config m."""
     kv, hd, d = m.n_kv_heads or m.n_heads, m.head_dim, m.d_model
     leaf = name.split(".", 2)[-1] if name.startswith("blocks.") else name
+    e = _OURS_MOE_RE.match(leaf)
+    if e:  # a mixture's router, or an expert's matrix (shaped like the dense FFN's)
+        return (m.moe_experts, d) if e.group(2) is None else {"w2": (d, m.d_ff)}.get(e.group(2), (m.d_ff, d))
     full_qk = m.qk_norm_scope == "full"  # OLMo 2: a gain per dim of all heads
     return {"embed.weight": (m.vocab_size, d), "head.weight": (m.vocab_size, d), "norm.weight": (d,),
             "attn_norm.weight": (d,), "ffn_norm.weight": (d,), "attn_out_norm.weight": (d,),

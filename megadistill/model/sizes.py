@@ -52,7 +52,8 @@ def param_counts(m, tp: int = 1) -> Dict[str, int]:
     their biases when there are fewer key/value heads than ranks (parallel.layers.HeadReplicatedLinear).
     Per block: attention 2 d h hd + 2 d h_kv hd; FFN 3 d d_ff (gated) or 2 d d_ff (plain MLP); block_norms norms of d
     (a LayerNorm: gain and bias; OLMo 1's: none); QK-norm 2 hd (per head) or (h + h_kv) hd (full width); biases
-    (h + 2 h_kv) hd on Q/K/V, d on O, d_ff (x2 gated) + d on the FFN. Plus the final norm.
+    (h + 2 h_kv) hd on Q/K/V, d on O, d_ff (x2 gated) + d on the FFN. Plus the final norm. A mixture of E experts
+    (model.moe_experts): E FFNs and an [E, d] router per block, the router replicated over TP.
     """
     g = lambda key, default: getattr(m, key, default)  # noqa: E731 (any object with the shape fields)
     h, hd, d, f, n_layers = m.n_heads, m.head_dim, m.d_model, m.d_ff, m.n_layers
@@ -60,7 +61,9 @@ def param_counts(m, tp: int = 1) -> Dict[str, int]:
     kv_tp = tp if kv % tp == 0 else 1  # fewer key/value heads than ranks: K and V replicated
     gated = g("ffn_gated", True)
     ffn_in = 2 if gated else 1  # column matrices of the FFN (gate and up, or one)
-    matrices = n_layers * (2 * d * h * hd // tp + 2 * d * kv * hd // kv_tp + (ffn_in + 1) * d * f // tp)
+    experts = g("moe_experts", 0)
+    ffn = (ffn_in + 1) * d * f // tp * max(experts, 1) + experts * d  # a mixture: its experts and its router (whole)
+    matrices = n_layers * (2 * d * h * hd // tp + 2 * d * kv * hd // kv_tp + ffn)
     per_norm = d * {"layer": 2, "layer_noaffine": 0}.get(g("norm_type", "rms"), 1)  # gain (and bias), or none
     qk = 0
     if g("qk_norm", True):
@@ -138,6 +141,16 @@ def get_size(name: str) -> Dict[str, int]:
         return dict(SIZES[name])
     except KeyError:
         raise KeyError(f"unknown size {name!r}; known: {', '.join(SIZES)}") from None
+
+
+def active_params(model_cfg) -> int:
+    """N of the weights one token's forward multiplies by: params_of's N, less the experts a mixture of experts does
+    not route it to (moe_experts - moe_top_k per block). The compute counts (F(N), MFU, FLOPs records) use it."""
+    n = params_of(model_cfg)[0]
+    experts = getattr(model_cfg, "moe_experts", 0)
+    if experts:
+        n -= model_cfg.n_layers * (experts - model_cfg.moe_top_k) * 3 * model_cfg.d_model * model_cfg.d_ff
+    return n
 
 
 def params_of(model_cfg) -> Tuple[int, int]:

@@ -14,6 +14,7 @@ from typing import Optional
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from megadistill.errors import UserError
@@ -90,10 +91,10 @@ class Attention(nn.Module):
     def forward(self, x, cos, sin, mask: Optional[AttnMask]):
         q, k, v = self.enter(x)  # x [b, s, d] (or its [b, s/tp, d] slice under sequence parallelism, gathered inside)
         b, s = q.shape[0], q.shape[1]
-        if self.clip:
-            q, k, v = (t.clamp(-self.clip, self.clip) for t in (q, k, v))
         if self.qk_norm_full:  # over [b, s, h/tp hd] and [b, s, h_kv/tp hd], before the split into heads
             q, k = self.q_norm(q), self.k_norm(k)
+        if self.clip:  # after a full-width QK-norm (OLMoE's order)
+            q, k, v = (t.clamp(-self.clip, self.clip) for t in (q, k, v))
         q = q.view(b, s, self.local_heads, self.head_dim)  # [b, s, h/tp, hd]
         k = k.view(b, s, self.local_kv_heads, self.head_dim)  # [b, s, h_kv/tp, hd]
         v = v.view(b, s, self.local_kv_heads, self.head_dim)
@@ -135,6 +136,71 @@ class FeedForward(nn.Module):
 SwiGLU = FeedForward  # the paper's (default) form
 
 
+class Expert(nn.Module):
+    """One expert of a mixture: W2 (act(W1 x) * W3 x) on the tokens routed to it, already inside the TP region. W1 /
+    W3 are split by columns, W2 by rows, like the dense FFN's; forward returns this rank's partial sum [n, d], which
+    the mixture reduces over TP once for all its experts (the layers hold and shard the weights; their own forwards,
+    which would enter / leave the region per expert, are not used)."""
+
+    def __init__(self, cfg, d_ff: int, factory: LayerFactory):
+        super().__init__()
+        d, self.kernels, self.activation = cfg.d_model, cfg.kernels, cfg.activation
+        self.w1 = factory.column(d, d_ff, mup.init_std_for("hidden", d), copy_input=False)  # [f/tp, d]
+        self.w3 = factory.column(d, d_ff, mup.init_std_for("hidden", d), copy_input=False)
+        self.w2 = factory.row(d_ff, d, mup.init_std_for("hidden", d_ff))  # [d, f/tp]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = F.linear(x, self.w1.weight), F.linear(x, self.w3.weight)
+        return F.linear(kernels_mod.swiglu(gate, up, self.kernels, self.activation), self.w2.weight)
+
+
+class MoEFeedForward(nn.Module):
+    """Mixture of experts (Mixtral, Qwen3-MoE, OLMoE; model.moe_experts): a router scores each token against every
+    expert (softmax in fp32), the token goes to its moe_top_k best, and their outputs are summed weighted by those
+    probabilities (renormalised over the k when model.moe_norm_topk). Every rank holds its TP shard of every expert:
+    the block enters the TP region once (all-gather under SP), runs each expert on its tokens and leaves once
+    (all-reduce / reduce-scatter of the weighted partial sums). The router is replicated; its gradient is summed over
+    TP (each rank's weighted partials see only its share)."""
+
+    def __init__(self, cfg, d_ff: int, factory: LayerFactory):
+        super().__init__()
+        d = cfg.d_model
+        factory.local(d_ff, "model.d_ff")
+        self.top_k, self.norm_topk = int(cfg.moe_top_k), bool(cfg.moe_norm_topk)
+        self.enter, self.exit = factory.region_entry(), factory.region_exit()
+        self.router = factory.replicated(d, cfg.moe_experts, mup.init_std_for("hidden", d))  # [E, d]
+        self.experts = nn.ModuleList(Expert(cfg, d_ff, factory) for _ in range(cfg.moe_experts))
+
+    def route(self, x: torch.Tensor):
+        """x [t, d] -> (weights [t, k] in x's dtype, expert ids [t, k])."""
+        probs = torch.softmax(self.router(x).float(), dim=-1)  # [t, E]
+        top, ids = probs.topk(self.top_k, dim=-1)
+        if self.norm_topk:
+            top = top / top.sum(-1, keepdim=True)
+        return top.to(x.dtype), ids
+
+    def forward(self, x):
+        full = self.enter(x)  # [b, s, d] on every rank
+        flat = full.reshape(-1, full.shape[-1])
+        weights, ids = self.route(flat)
+        return self.exit(self._dispatch(flat, weights, ids).view(full.shape))
+
+    @torch.compiler.disable  # token counts per expert are data: one graph per pattern otherwise
+    def _dispatch(self, flat, weights, ids):
+        """sum over each token's k experts of weight x expert(token): this rank's partial sums [t, d]."""
+        order = ids.reshape(-1).argsort(stable=True)  # (token, slot) pairs grouped by expert
+        counts = torch.bincount(ids.reshape(-1), minlength=len(self.experts)).tolist()
+        tokens, w = order // self.top_k, weights.reshape(-1)[order]
+        out = torch.zeros_like(flat)
+        start = 0
+        for expert, n in zip(self.experts, counts):
+            if n:
+                sel = tokens[start:start + n]
+                out = out.index_add(0, sel, expert(flat[sel]) * w[start:start + n, None])
+            start += n
+        return out
+
+
 class Block(nn.Module):
     """Pre-norm block: x + Attn(RMSNorm(x)), then h + SwiGLU(RMSNorm(h)). model.norm_position=post (OLMo 2):
     x + RMSNorm(Attn(x)), then h + RMSNorm(SwiGLU(h)), those norms named attn_out_norm / ffn_out_norm; sandwich
@@ -153,7 +219,7 @@ class Block(nn.Module):
             self.attn_out_norm = factory.norm(d, eps, offset, kind)
         if self.pre_norm:
             self.ffn_norm = factory.norm(d, eps, offset, kind)
-        self.ffn = FeedForward(cfg, d_ff, factory)
+        self.ffn = MoEFeedForward(cfg, d_ff, factory) if cfg.moe_experts else FeedForward(cfg, d_ff, factory)
         if self.post_norm:
             self.ffn_out_norm = factory.norm(d, eps, offset, kind)
         use_kernels(self, cfg.kernels)

@@ -10,8 +10,9 @@ import torch.nn.functional as F
 from megadistill.model.kernels import _RMSNormFn, rms_norm  # noqa: F401 (_RMSNormFn lived here; name kept)
 from megadistill.errors import UserError
 from megadistill.parallel.mappings import (columns_entry, copy_to_tp_region, gather_from_tp_region,
-                                           gather_sequence, group_rank, group_size, reduce_from_tp_region,
-                                           reduce_scatter_to_sequence_region, scatter_to_tp_region, sum_in_tp_region)
+                                           gather_sequence, gather_sequence_into_tp_region, group_rank, group_size,
+                                           reduce_from_tp_region, reduce_scatter_to_sequence_region,
+                                           scatter_to_tp_region, sum_in_tp_region)
 
 # Initialisation contract: every sharded weight is drawn FULL, in fp32, from the current torch RNG of `device`
 # (all TP ranks are seeded identically), then this rank keeps its slice. RNG draws therefore happen in the same
@@ -139,6 +140,31 @@ class HeadReplicatedLinear(nn.Module):
     def extra_repr(self) -> str:
         return (f"in={self.in_features}, heads={self.n_heads}x{self.head_dim} replicated, this rank's head="
                 f"{self.head}, tp={self.tp_size}" + (", bias" if self.bias is not None else ""))
+
+
+class ReplicatedLinear(nn.Module):
+    """Y = X W^T with W [out, in] whole on every TP rank, for a small matrix read inside the TP region (a mixture of
+    experts' router): each rank's gradient of W is only its share of dL/dW (the rest flows through the other ranks'
+    expert shards), so W passes through copy_to_tp_region and its gradient is summed over TP, keeping the replicas
+    identical. Drawn full, like every weight, from the shared seed."""
+
+    def __init__(self, in_features: int, out_features: int, group=None, init_std: Optional[float] = None,
+                 device=None, dtype=None):
+        super().__init__()
+        self.group, self.in_features, self.out_features = group, in_features, out_features
+        std = in_features ** -0.5 if init_std is None else init_std
+        shape = (out_features, in_features)
+        if device is not None and torch.device(device).type == "meta":
+            w = torch.empty(shape, device="meta", dtype=dtype or torch.float32)
+        else:
+            w = torch.empty(shape, device=device, dtype=torch.float32).normal_(0.0, std).to(dtype or torch.float32)
+        self.weight = nn.Parameter(w)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, copy_to_tp_region(self.weight, self.group))
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, replicated, tp={group_size(self.group)}"
 
 
 class RowParallelLinear(nn.Module):
@@ -397,6 +423,20 @@ class LayerFactory:
         """One entry into the TP region for `columns` (built with copy_input=False) sharing their input: forward(x)
         returns their outputs (under sequence parallelism x is this rank's sequence slice, all-gathered inside)."""
         return ColumnsEntry(columns, self.group, self.sequence_parallel)
+
+    def region_entry(self) -> Collective:
+        """The residual stream into the TP region for a sublayer that reads it whole (a mixture of experts): copy
+        (backward: all-reduce), or under sequence parallelism all-gather the sequence (backward: reduce-scatter)."""
+        return Collective(gather_sequence_into_tp_region if self.sequence_parallel else copy_to_tp_region, self.group)
+
+    def region_exit(self) -> Collective:
+        """Per-rank partial sums out of the TP region: all-reduce, or under sequence parallelism reduce-scatter."""
+        return Collective(reduce_scatter_to_sequence_region if self.sequence_parallel else reduce_from_tp_region,
+                          self.group)
+
+    def replicated(self, in_features: int, out_features: int, init_std: Optional[float] = None) -> ReplicatedLinear:
+        """A linear read inside the TP region, whole on every rank (its gradient summed over TP)."""
+        return ReplicatedLinear(in_features, out_features, self.group, init_std, self.device, self.dtype)
 
     def sequence_output(self) -> nn.Module:
         """The final hidden states back to full sequence length (identity without sequence parallelism)."""

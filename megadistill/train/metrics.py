@@ -10,7 +10,7 @@ import torch
 from megadistill.config import ModelConfig
 from megadistill.fileio import append_line
 from megadistill.laws.flops import forward_flops_per_token
-from megadistill.model.sizes import params_of
+from megadistill.model.sizes import active_params
 
 # dense bf16 peak FLOP/s per device (no sparsity), by substring of torch.cuda.get_device_name()
 PEAK_BF16 = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 70e12, "V100": 125e12}
@@ -28,8 +28,9 @@ def peak_flops(precision: str) -> Optional[float]:
 
 
 def forward_flops(model: ModelConfig, seq_len: int) -> float:
-    """F(N) of PAPER.md (Eq. 9) for this model shape, with its own aspect ratio rho = d_model / n_layers."""
-    n, _ = params_of(model)
+    """F(N) of PAPER.md (Eq. 9) for this model shape, with its own aspect ratio rho = d_model / n_layers (N: the
+    weights a token is multiplied by, a mixture of experts' routed ones only)."""
+    n = active_params(model)
     return forward_flops_per_token(n, n_ctx=seq_len, n_vocab=model.vocab_size, rho=model.d_model / model.n_layers)
 
 
