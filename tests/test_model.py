@@ -336,3 +336,20 @@ def test_yarn_frequencies_equal_transformers(params, base, head_dim):
     assert RopeScaling.of(m).scale() == pytest.approx(their_scale)
     kept, divided = (ours / inv - 1).abs() < 1e-12, (ours * m.rope_factor / inv - 1).abs() < 1e-12
     assert kept[0] and divided[-1] and kept.sum() + divided.sum() < len(inv)  # all three regimes present
+
+
+def test_moe_unrouted_experts_get_zero_gradients():
+    """16 experts, top 1, 3 tokens: most experts see no token, yet every parameter gets a gradient (zeros for the
+    unrouted), as DeepSpeed's ZeRO reductions expect one per parameter; the routed ones get non-zero gradients."""
+    from megadistill.config import ModelConfig
+    from megadistill.model.transformer import Transformer
+    cfg = ModelConfig(n_layers=1, d_model=32, n_heads=2, head_dim=16, d_ff=32, vocab_size=64, moe_experts=16,
+                      moe_top_k=1)
+    cfg.validate()
+    torch.manual_seed(0)
+    model = Transformer(cfg)
+    model(torch.tensor([[1, 2, 3]])).float().pow(2).sum().backward()
+    grads = {n: p.grad for n, p in model.named_parameters()}
+    assert all(g is not None for g in grads.values())
+    used = {int(n.split(".")[4]) for n, g in grads.items() if ".experts." in n and float(g.abs().sum()) > 0}
+    assert 1 <= len(used) <= 3

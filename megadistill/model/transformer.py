@@ -193,8 +193,9 @@ class MoEFeedForward(nn.Module):
         tokens, w = order // self.top_k, weights.reshape(-1)[order]
         out = torch.zeros_like(flat)
         start = 0
+        training = torch.is_grad_enabled()
         for expert, n in zip(self.experts, counts):
-            if n:
+            if n or training:  # an expert no token chose still gets its (zero) gradient: ZeRO expects one per param
                 sel = tokens[start:start + n]
                 out = out.index_add(0, sel, expert(flat[sel]) * w[start:start + n, None])
             start += n
