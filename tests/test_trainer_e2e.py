@@ -17,6 +17,7 @@ STEPS = 6
 CURVE_ATOL = 2e-5
 BIAS = ["model.qk_norm=false", "model.qkv_bias=true"]  # a Qwen2-shaped student
 MQA = ["model.n_kv_heads=1", *BIAS]  # one key/value head: replicated over TP=2, its biases too
+MOE = ["model.moe_experts=4", "model.moe_top_k=2", "model.d_ff=64"]  # a mixture-of-experts student
 NEOX = [*BIAS, "model.norm_type=layer", "model.ffn_gated=false", "model.activation=gelu", "model.o_bias=true",
         "model.ffn_bias=true", "model.parallel_residual=true", "model.rope_fraction=0.25"]  # a Pythia-shaped student
 
@@ -78,7 +79,10 @@ def _two_proc(rank, world, root):
                         # a Qwen2-shaped student (Q/K/V biases, no QK-norm): the reference of tp2dp2_z3_sp_bias
                         "tp1_z1_bias": ["zero.stage=1", *BIAS],
                         "tp1_z1_mqa": ["zero.stage=1", *MQA],  # the reference of tp2dp2_z3_sp_mqa
-                        "tp1_z1_neox": ["zero.stage=1", *NEOX]}.items():
+                        "tp1_z1_neox": ["zero.stage=1", *NEOX],
+                        # a mixture of experts under DP=2 ZeRO-2 and TP=2 ZeRO-1 (its router's grads summed over TP)
+                        "tp1_z2_moe": ["zero.stage=2", *MOE], "tp2_z1_moe": ["zero.stage=1", "parallel.tp_size=2",
+                                                                           *MOE]}.items():
         d_over = tiny_overrides(root / name, "distill", [f"train.steps={STEPS}", f"distill.teacher={root / 'teacher'}"]
                             + extra)
         train(_load(d_over), inspect=_check_teacher_frozen)
@@ -193,6 +197,15 @@ def test_qkv_bias_layouts_agree(study, kind):
         if kind == "neox" and k.endswith("wk.bias"):
             x, y = x.view(4, 16)[:, :4], y.view(4, 16)[:, :4]
         torch.testing.assert_close(x, y, atol=1e-3 if k.endswith("wk.bias") else 1e-4, rtol=1e-3, msg=k)
+
+
+def test_moe_layouts_agree(study):
+    """A mixture-of-experts student (4 experts, top 2) trains under DP=2 ZeRO-2 and TP=2 ZeRO-1 along one curve."""
+    _, res = study
+    ref = torch.tensor(res["tp1_z2_moe"])
+    assert len(ref) == STEPS and all(math.isfinite(x) for x in ref) and res["tp1_z2_moe"] != res["tp1_z1"]
+    assert float(ref[-1]) < float(ref[0])
+    torch.testing.assert_close(torch.tensor(res["tp2_z1_moe"]), ref, atol=CURVE_ATOL, rtol=0)
 
 
 def test_resume_equals_uninterrupted(study):
