@@ -28,8 +28,10 @@ ARCHITECTURES = {"Qwen3ForCausalLM": ("qwen3", True, False), "Qwen2ForCausalLM":
 # Qwen3-MoE and OLMoE as norm_topk_prob says. OLMoE's QK-norm spans all heads' dims, as OLMo 2's
 MOE = {"mixtral": ("intermediate_size", True), "qwen3_moe": ("moe_intermediate_size", False),
        "olmoe": ("intermediate_size", False)}
-# StableLM 2 / StableLM-3B: LayerNorms with biases in a SwiGLU block, 25% of each head rotated, use_qkv_bias
-PARTIAL_ROPE = {"phi3": 1.0, "gpt_neox": 0.25, "stablelm": 0.25}  # families with partial RoPE -> transformers' default
+# families whose transformers class rotates part of each head -> its default share (GPT-NeoX's rotary_pct and
+# StableLM's partial_rotary_factor: 25%). StableLM 2 / StableLM-3B: LayerNorms with biases in a SwiGLU block,
+# use_qkv_bias
+PARTIAL_ROPE = {"phi3": 1.0, "gpt_neox": 0.25, "stablelm": 0.25}
 # OLMo 1 (OLMo-1B / 7B, their intermediate revisions): LayerNorms without gain or bias (eps fixed at 1e-5 by
 # transformers), q / k / v optionally clamped (clip_qkv)
 OLMO1_EPS = 1e-5
