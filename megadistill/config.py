@@ -12,6 +12,7 @@ from omegaconf.errors import ConfigAttributeError, ConfigKeyError, ValidationErr
 
 
 from megadistill.errors import UserError
+from megadistill.model.sizes import kv_layout
 
 
 class ConfigError(UserError):
@@ -389,11 +390,12 @@ class Config:
         _positive("parallel.timeout_s", p.timeout_s)
         if m.n_heads % p.tp_size:
             raise ConfigError(f"parallel.tp_size={p.tp_size} does not divide model.n_heads={m.n_heads}")
-        if m.n_kv_heads % p.tp_size and p.tp_size % m.n_kv_heads:
+        layout = kv_layout(m.n_kv_heads, p.tp_size)
+        if layout is None:
             raise ConfigError(f"parallel.tp_size={p.tp_size} neither divides model.n_kv_heads={m.n_kv_heads} nor is a "
                               "multiple of it: each TP rank needs whole key/value heads (its share, or one replicated "
                               "head); pick such a tp_size")
-        if m.n_kv_heads < p.tp_size and m.qk_norm and m.qk_norm_scope == "full":
+        if layout == "replicated" and m.qk_norm and m.qk_norm_scope == "full":
             raise ConfigError(f"model.qk_norm_scope=full normalises k over all model.n_kv_heads={m.n_kv_heads} heads, "
                               f"but parallel.tp_size={p.tp_size} leaves one per rank; use a tp_size that divides it")
         if m.vocab_size % p.tp_size:

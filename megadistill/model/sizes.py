@@ -37,6 +37,15 @@ def non_embedding_params(n_layers: int, d_model: int, d_ff: int, n_heads: int, h
     return c["matrices"] + c["vectors"]
 
 
+def kv_layout(n_kv_heads: int, tp: int) -> Optional[str]:
+    """How tp TP ranks hold n_kv_heads key/value heads: "split" (tp divides them: a share each), "replicated" (fewer
+    heads than ranks, tp a multiple of them: every rank keeps all, parallel.layers.HeadReplicatedLinear), or None
+    (neither: no layout). The one rule the config, the teacher checks, the planner and the model read."""
+    if n_kv_heads % tp == 0:
+        return "split"
+    return "replicated" if tp % n_kv_heads == 0 else None
+
+
 def block_norms(model_cfg) -> int:
     """Norm gains of d_model per block: 2 (pre- or post-norm), 4 (sandwich, Gemma 3)."""
     return 4 if getattr(model_cfg, "norm_position", "pre") == "sandwich" else 2
@@ -58,7 +67,7 @@ def param_counts(m, tp: int = 1) -> Dict[str, int]:
     g = lambda key, default: getattr(m, key, default)  # noqa: E731 (any object with the shape fields)
     h, hd, d, f, n_layers = m.n_heads, m.head_dim, m.d_model, m.d_ff, m.n_layers
     kv = g("n_kv_heads", 0) or h
-    kv_tp = tp if kv % tp == 0 else 1  # fewer key/value heads than ranks: K and V replicated
+    kv_tp = 1 if kv_layout(kv, tp) == "replicated" else tp  # fewer key/value heads than ranks: K, V replicated
     gated = g("ffn_gated", True)
     ffn_in = 2 if gated else 1  # column matrices of the FFN (gate and up, or one)
     experts = g("moe_experts", 0)

@@ -8,6 +8,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from megadistill.model.kernels import _RMSNormFn, rms_norm  # noqa: F401 (_RMSNormFn lived here; name kept)
+from megadistill.model.sizes import kv_layout
 from megadistill.errors import UserError
 from megadistill.parallel.mappings import (columns_entry, copy_to_tp_region, gather_from_tp_region,
                                            gather_sequence, gather_sequence_into_tp_region, group_rank, group_size,
@@ -111,7 +112,7 @@ class HeadReplicatedLinear(nn.Module):
         super().__init__()
         self.group, self.in_features, self.n_heads, self.head_dim = group, in_features, n_heads, head_dim
         self.tp_size = group_size(group)
-        if n_heads >= self.tp_size or self.tp_size % n_heads:
+        if kv_layout(n_heads, self.tp_size) != "replicated":
             raise UserError(f"{n_heads} key/value heads cannot be replicated over parallel.tp_size={self.tp_size}: "
                             "tp_size must be a multiple of them (or divide them: no replication needed)")
         self.head = group_rank(group) // (self.tp_size // n_heads)  # the key/value head this rank's queries read
@@ -394,7 +395,7 @@ class LayerFactory:
 
     def replicates_heads(self, n_heads: int) -> bool:
         """Whether `n_heads` key/value heads are fewer than the TP ranks (then replicated: `kv_column`)."""
-        return n_heads < self.tp_size and self.tp_size % n_heads == 0
+        return kv_layout(n_heads, self.tp_size) == "replicated"
 
     def local_kv_heads(self, n_heads: int) -> int:
         """The key/value heads this rank computes: n_heads / tp, or 1 when they are replicated."""

@@ -11,7 +11,7 @@ from typing import Dict, List, Optional, Union
 
 from megadistill.config import Config, ModelConfig, grad_dtypes
 from megadistill.errors import UserError
-from megadistill.model.sizes import block_norms, param_counts
+from megadistill.model.sizes import block_norms, kv_layout, param_counts
 from megadistill.train.engine import zero_stage_at
 
 GIB = 2 ** 30
@@ -423,10 +423,8 @@ def tp_candidates(student: ModelConfig, teacher: Optional[ModelConfig], gpus: in
 def _kv_splits(m: ModelConfig, tp: int) -> bool:
     """Whether TP can lay out m's key/value heads: a share of them per rank, or one replicated (tp a multiple of
     them; not with a QK-norm over all of them, which needs every head's k on each rank)."""
-    kv = m.n_kv_heads or m.n_heads
-    if kv >= tp:
-        return kv % tp == 0
-    return tp % kv == 0 and not (m.qk_norm and m.qk_norm_scope == "full")
+    layout = kv_layout(m.n_kv_heads or m.n_heads, tp)
+    return layout == "split" or (layout == "replicated" and not (m.qk_norm and m.qk_norm_scope == "full"))
 
 
 def plan(student: Union[str, ModelConfig], teacher: Union[None, str, ModelConfig] = None, gpus: int = 8,

@@ -15,7 +15,7 @@ from torch import nn
 from megadistill import config as config_mod
 from megadistill.config import Config, ModelConfig
 from megadistill.errors import UserError
-from megadistill.model.sizes import params_of
+from megadistill.model.sizes import kv_layout, params_of
 from megadistill.model.transformer import Transformer
 from megadistill.parallel.groups import ParallelGroups
 from megadistill.train import checkpoint
@@ -143,7 +143,7 @@ def teacher_source(cfg: Config) -> TeacherSource:
     tp = cfg.parallel.tp_size
     for key in ("n_heads", "n_kv_heads", "d_ff"):
         n = getattr(tm, key)
-        if n % tp and not (key == "n_kv_heads" and tp % n == 0):  # fewer key/value heads than ranks: replicated
+        if n % tp and not (key == "n_kv_heads" and kv_layout(n, tp)):  # fewer key/value heads than ranks: replicated
             raise UserError(f"parallel.tp_size={tp} does not divide the teacher's {key}={n} (from {origin}): the "
                             "teacher is split like the student; pick a tp_size that divides it"
                             + (" (or a multiple of it)" if key == "n_kv_heads" else ""))
@@ -151,7 +151,7 @@ def teacher_source(cfg: Config) -> TeacherSource:
         raise UserError(f"distill.teacher_zero3=true partitions parameters per module forward, which the teacher's "
                         f"mixture of experts ({tm.moe_experts} experts, from {origin}) bypasses; set "
                         "distill.teacher_zero3=false (its experts are split over parallel.tp_size instead)")
-    if tm.n_kv_heads < tp and tm.qk_norm and tm.qk_norm_scope == "full":
+    if kv_layout(tm.n_kv_heads, tp) == "replicated" and tm.qk_norm and tm.qk_norm_scope == "full":
         raise UserError(f"the teacher (from {origin}) normalises k over all its {tm.n_kv_heads} key/value heads "
                         f"(qk_norm_scope=full), but parallel.tp_size={tp} leaves one per rank; use a tp_size that "
                         "divides them")
