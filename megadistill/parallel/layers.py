@@ -50,6 +50,19 @@ def _sharded_normal(shape, std: float, partition_dim: int, group, device, dtype)
     return mark_tensor_parallel(nn.Parameter(local), partition_dim)
 
 
+def _replicated_normal(shape, std: float, device, dtype) -> nn.Parameter:
+    """A weight every TP rank keeps whole (not TP-marked), drawn like a sharded one: full, in fp32, then cast."""
+    if device is not None and torch.device(device).type == "meta":  # shapes only (weights come from a load)
+        return nn.Parameter(torch.empty(shape, device="meta", dtype=dtype or torch.float32))
+    w = torch.empty(shape, device=device, dtype=torch.float32).normal_(0.0, std)
+    return nn.Parameter(w.to(dtype or torch.float32))
+
+
+def _replicated_zeros(n: int, device, dtype) -> nn.Parameter:
+    """A bias every TP rank keeps whole (not TP-marked): zeros, no RNG draw."""
+    return nn.Parameter(torch.zeros(n, device=device, dtype=dtype or torch.float32))
+
+
 def _sharded_zeros(n: int, group, device, dtype) -> nn.Parameter:
     """A bias of n outputs split like its column-parallel weight's rows: this rank's [n/tp], zeros (no RNG draw)."""
     local = divide(n, group_size(group), f"a bias of {n} outputs")
@@ -116,15 +129,9 @@ class HeadReplicatedLinear(nn.Module):
             raise UserError(f"{n_heads} key/value heads cannot be replicated over parallel.tp_size={self.tp_size}: "
                             "tp_size must be a multiple of them (or divide them: no replication needed)")
         self.head = group_rank(group) // (self.tp_size // n_heads)  # the key/value head this rank's queries read
-        shape = (n_heads * head_dim, in_features)
         std = in_features ** -0.5 if init_std is None else init_std
-        if device is not None and torch.device(device).type == "meta":  # shapes only (weights come from a load)
-            w = torch.empty(shape, device="meta", dtype=dtype or torch.float32)
-        else:  # drawn like a sharded weight (full, fp32), all of it kept
-            w = torch.empty(shape, device=device, dtype=torch.float32).normal_(0.0, std).to(dtype or torch.float32)
-        self.weight = nn.Parameter(w)  # [h_kv hd, in], not tensor_model_parallel: replicated
-        self.bias = (nn.Parameter(torch.zeros(shape[0], device=device, dtype=dtype or torch.float32))
-                     if bias else None)
+        self.weight = _replicated_normal((n_heads * head_dim, in_features), std, device, dtype)  # [h_kv hd, in]
+        self.bias = _replicated_zeros(n_heads * head_dim, device, dtype) if bias else None
 
     def _rows(self, t: torch.Tensor) -> torch.Tensor:
         return copy_to_tp_region(t, self.group).narrow(0, self.head * self.head_dim, self.head_dim)
@@ -154,12 +161,7 @@ class ReplicatedLinear(nn.Module):
         super().__init__()
         self.group, self.in_features, self.out_features = group, in_features, out_features
         std = in_features ** -0.5 if init_std is None else init_std
-        shape = (out_features, in_features)
-        if device is not None and torch.device(device).type == "meta":
-            w = torch.empty(shape, device="meta", dtype=dtype or torch.float32)
-        else:
-            w = torch.empty(shape, device=device, dtype=torch.float32).normal_(0.0, std).to(dtype or torch.float32)
-        self.weight = nn.Parameter(w)
+        self.weight = _replicated_normal((out_features, in_features), std, device, dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, copy_to_tp_region(self.weight, self.group))
@@ -187,8 +189,7 @@ class RowParallelLinear(nn.Module):
         self.in_per_rank = divide(in_features, self.tp_size, "input features")
         std = in_features ** -0.5 if init_std is None else init_std
         self.weight = _sharded_normal((out_features, in_features), std, 1, group, device, dtype)  # [out, in/tp]
-        self.bias = (nn.Parameter(torch.zeros(out_features, device=device, dtype=dtype or torch.float32))
-                     if bias else None)  # [out], replicated
+        self.bias = _replicated_zeros(out_features, device, dtype) if bias else None  # [out]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.input_is_parallel:
@@ -275,7 +276,7 @@ class LayerNorm(RMSNorm):
 
     def __init__(self, dim: int, eps: float = 1e-5, group=None, device=None, dtype=None, offset: float = 0.0):
         super().__init__(dim, eps, group, device, dtype, offset=offset)
-        self.bias = nn.Parameter(torch.zeros(dim, device=device, dtype=dtype or torch.float32))
+        self.bias = _replicated_zeros(dim, device, dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b = copy_to_tp_region(self.bias, self.group)
