@@ -197,8 +197,9 @@ class ModelConfig:
         if self.moe_experts < 0 or (self.moe_experts and not 1 <= self.moe_top_k <= self.moe_experts):
             raise ConfigError(f"{prefix}.moe_experts={self.moe_experts} must be >= 0 (0 = a dense FFN) and, with "
                               f"experts, {prefix}.moe_top_k={self.moe_top_k} in [1, moe_experts]")
-        if self.moe_experts and not self.ffn_gated:
-            raise ConfigError(f"{prefix}.moe_experts={self.moe_experts} takes gated experts ({prefix}.ffn_gated=true)")
+        if self.moe_experts and (not self.ffn_gated or self.ffn_bias):
+            raise ConfigError(f"{prefix}.moe_experts={self.moe_experts} takes gated experts without biases "
+                              f"({prefix}.ffn_gated=true, {prefix}.ffn_bias=false)")
         for key in ("ffn_gated", "parallel_residual", "o_bias", "ffn_bias"):
             if not isinstance(getattr(self, key), bool):
                 raise ConfigError(f"{prefix}.{key}={getattr(self, key)!r} must be true or false")

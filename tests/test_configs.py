@@ -184,6 +184,7 @@ TINY = ["model.n_layers=2", "model.d_model=64", "model.n_heads=4", "model.head_d
     (["model.moe_experts=4", "model.moe_top_k=2", "zero.stage=3"], None,
      "zero.stage=3 partitions parameters per module forward, which the mixture of experts"),
     (["model.moe_experts=4", "model.moe_top_k=2", "model.ffn_gated=false"], None, "takes gated experts"),
+    (["model.moe_experts=4", "model.moe_top_k=2", "model.ffn_bias=true"], None, "without biases"),
     (["train.micro_batch_size=4", "train.global_batch_size=8"], 4, "train.global_batch_size=8"),
     (["train.mode=distill"], None, "distill.teacher"),
     (["model.norm_position=middle"], None, "model.norm_position='middle'"),
