@@ -136,18 +136,11 @@ class FeedForward(nn.Module):
 SwiGLU = FeedForward  # the paper's (default) form
 
 
-class Expert(nn.Module):
-    """One expert of a mixture: W2 (act(W1 x) * W3 x) on the tokens routed to it, already inside the TP region. W1 /
-    W3 are split by columns, W2 by rows, like the dense FFN's; forward returns this rank's partial sum [n, d], which
-    the mixture reduces over TP once for all its experts (the layers hold and shard the weights; their own forwards,
-    which would enter / leave the region per expert, are not used)."""
-
-    def __init__(self, cfg, d_ff: int, factory: LayerFactory):
-        super().__init__()
-        d, self.kernels, self.activation = cfg.d_model, cfg.kernels, cfg.activation
-        self.w1 = factory.column(d, d_ff, mup.init_std_for("hidden", d), copy_input=False)  # [f/tp, d]
-        self.w3 = factory.column(d, d_ff, mup.init_std_for("hidden", d), copy_input=False)
-        self.w2 = factory.row(d_ff, d, mup.init_std_for("hidden", d_ff))  # [d, f/tp]
+class Expert(FeedForward):
+    """One expert of a mixture: the dense gated FFN (same matrices, split and initialised alike; the config refuses
+    biases), run on the tokens routed to it already inside the TP region: forward returns this rank's partial sum
+    [n, d], which the mixture reduces over TP once for all its experts (the FFN's own region entry and W2's reduction
+    are not used)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = F.linear(x, self.w1.weight), F.linear(x, self.w3.weight)
