@@ -147,7 +147,7 @@ class SafetensorsFolder:
             what = ", ".join(f"{k.split('.')[-2]} {v}" for k, v in parts.items())  # e.g. "q_proj 3072, ..."
             raise UserError(f"{self.folder}: {name} has shape {e.shape}, but config.json implies "
                             f"{sum(parts.values())} rows ({what}): the config contradicts the weights")
-        row = e.shape[1] * torch.empty((), dtype=e.dtype).element_size()
+        row = e.row_bytes()
         offset = 0
         del self.entries[name]
         t = self.tensors.pop(name, None)
