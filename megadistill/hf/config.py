@@ -300,6 +300,14 @@ def _moe(hf: Dict, model_type: str, where: str) -> Dict:
         raise UserError(f"{where}: required key {e.args[0]!r} is missing") from None
 
 
+def _other_block_traits(m: ModelConfig) -> bool:
+    """Whether m has a trait of the Gemma / OLMo 2 / SmolLM3 / windowed blocks (norms other than pre, scaled
+    embeddings or attention, softcaps, sliding windows, blocks without RoPE), none of which the LayerNorm families
+    (GPT-NeoX, StableLM, OLMo 1) compute."""
+    return bool(m.norm_position != "pre" or m.embed_scale != 1 or m.attn_scale_dim or m.attn_softcap
+                or m.logit_softcap or m.sliding_window or m.nope_blocks)
+
+
 def _neox_refusal(m: ModelConfig) -> Optional[str]:
     """Why GPTNeoXForCausalLM cannot compute m (which has a GPT-NeoX trait), or None."""
     if not (m.norm_type == "layer" and not m.ffn_gated and m.ffn_bias and m.qkv_bias == m.o_bias):
@@ -307,8 +315,7 @@ def _neox_refusal(m: ModelConfig) -> Optional[str]:
                 "and O both or neither)")
     if (m.n_kv_heads or m.n_heads) != m.n_heads or m.head_dim * m.n_heads != m.d_model:
         return "GQA or a head_dim other than d_model / n_heads in a GPT-NeoX block"
-    if (m.qk_norm or m.norm_position != "pre" or m.norm_offset or m.embed_scale != 1 or m.attn_scale_dim
-            or m.attn_softcap or m.logit_softcap or m.sliding_window or m.nope_blocks or m.activation == "silu"
+    if (m.qk_norm or m.norm_offset or _other_block_traits(m) or m.activation == "silu"
             or m.rope_scaling not in ("default", "linear") or m.qkv_clip):
         return ("a GPT-NeoX block with a QK-norm, other norm placements or gains, scaled embeddings or attention, "
                 "softcaps, windows, blocks without RoPE, a silu MLP, RoPE scaling beyond linear or q / k / v "
@@ -331,9 +338,8 @@ def _architecture(m: ModelConfig) -> str:
                         f"{m.moe_experts} experts (model.moe_experts): export it in megadistill's format")
 
     if m.norm_type == "layer" and m.ffn_gated and not m.parallel_residual:  # StableLM's block
-        if (m.qk_norm or m.o_bias or m.ffn_bias or m.activation != "silu" or m.norm_position != "pre" or m.norm_offset
-                or m.embed_scale != 1 or m.attn_scale_dim or m.attn_softcap or m.logit_softcap or m.sliding_window
-                or m.nope_blocks or m.qkv_clip or m.rope_scaling == "longrope"):
+        if (m.qk_norm or m.o_bias or m.ffn_bias or m.activation != "silu" or m.norm_offset or _other_block_traits(m)
+                or m.qkv_clip or m.rope_scaling == "longrope"):
             refuse("LayerNorms in a SwiGLU block with more than StableLM's (Q/K/V biases, partial RoPE)")
         return "StableLmForCausalLM"
     if m.norm_type == "layer" or not m.ffn_gated or m.parallel_residual:  # GPT-NeoX's traits
@@ -347,9 +353,8 @@ def _architecture(m: ModelConfig) -> str:
         refuse("a bias on O without Q/K/V biases (transformers' attention_bias sets all four)")
     if m.norm_type == "layer_noaffine" or m.qkv_clip:  # OLMo 1's traits
         if not (m.norm_type == "layer_noaffine" and m.norm_eps == OLMO1_EPS and m.ffn_gated and m.activation == "silu"
-                and not (m.qk_norm or m.ffn_bias or m.sliding_window or m.nope_blocks or m.norm_position != "pre"
-                         or m.rope_fraction < 1 or m.rope_scaling == "longrope" or m.embed_scale != 1
-                         or m.attn_scale_dim or m.attn_softcap or m.logit_softcap)):
+                and not (m.qk_norm or m.ffn_bias or _other_block_traits(m) or m.rope_fraction < 1
+                         or m.rope_scaling == "longrope")):
             refuse(f"part of OLMo 1's block, or OLMo 1's block with more (LayerNorms without parameters at eps "
                    f"{OLMO1_EPS}, q / k / v clamping, SwiGLU, Q/K/V + O biases or none, nothing else): "
                    f"model.norm_type={m.norm_type!r}, model.norm_eps={m.norm_eps}, model.qkv_clip={m.qkv_clip}")
