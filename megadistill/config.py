@@ -410,9 +410,6 @@ class Config:
                               f"slices, but train.seq_len={self.train.seq_len} is not a multiple of it; use a "
                               "seq_len tp_size divides or parallel.sequence_parallel=false")
         _choice("zero.stage", z.stage, (0, 1, 2, 3))
-        if m.moe_experts and z.stage == 3:
-            raise ConfigError(f"zero.stage=3 partitions parameters per module forward, which the mixture of experts "
-                              f"(model.moe_experts={m.moe_experts}) bypasses; use zero.stage 0-2")
         _choice("zero.offload_optimizer", z.offload_optimizer, ("none", "cpu"))
         _choice("zero.offload_param", z.offload_param, ("none", "cpu"))
         if z.offload_param != "none" and z.stage != 3:

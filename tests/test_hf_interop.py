@@ -202,6 +202,35 @@ def test_interleaved_rows_read_as_parts(tmp_path):
         st2.split_interleaved("qkv.weight", {"q.weight": 2, "k.weight": 2, "v.weight": 2}, 4)
 
 
+def test_stacked_parts_read_as_one_tensor(tmp_path):
+    """A mixture's per-expert matrices, spread over two shard files, read as one [E, rows, cols] tensor: slices along
+    the expert dim, the rows (a column-parallel TP rank's) and the columns (a row-parallel one's), and a cast into a
+    destination, equal slicing torch.stack of them; the parts answer only through the stack; a missing expert or
+    one of another shape is a named error."""
+    from safetensors.torch import save_file
+
+    from megadistill.hf.safetensors_io import INDEX, SafetensorsFolder
+    parts = {f"e.{i}.w": torch.randn(4, 6) for i in range(3)}
+    save_file({"e.0.w": parts["e.0.w"], "e.1.w": parts["e.1.w"]}, str(tmp_path / "a.safetensors"))
+    save_file({"e.2.w": parts["e.2.w"], "odd.w": torch.zeros(4, 5)}, str(tmp_path / "b.safetensors"))
+    (tmp_path / INDEX).write_text(json.dumps({"weight_map": {"e.0.w": "a.safetensors", "e.1.w": "a.safetensors",
+                                                             "e.2.w": "b.safetensors", "odd.w": "b.safetensors"}}))
+    st = SafetensorsFolder(tmp_path)
+    st.stack("e.w", list(parts))
+    ref = torch.stack(list(parts.values()))
+    assert st.shape("e.w") == (3, 4, 6) and "e.1.w" not in st and len(st.files()) == 2
+    assert torch.equal(st.read("e.w"), ref)
+    assert torch.equal(st.read("e.w", 0, 1, 3), ref[1:3])
+    assert torch.equal(st.read("e.w", 1, 2, 4), ref[:, 2:4])
+    out = torch.empty(3, 4, 3, dtype=torch.bfloat16)
+    st.read("e.w", 2, 3, 6, out=out)
+    assert torch.equal(out, ref[:, :, 3:].bfloat16())
+    with pytest.raises(UserError, match=r"x.w stacks 2 tensors but 1 are missing \(\['e.3.w'\]\)"):
+        SafetensorsFolder(tmp_path).stack("x.w", ["e.0.w", "e.3.w"])
+    with pytest.raises(UserError, match=r"odd.w has shape \(4, 5\) .* unlike e.0.w's \(4, 6\)"):
+        SafetensorsFolder(tmp_path).stack("x.w", ["e.0.w", "odd.w"])
+
+
 # ---------------------------------------------------------------- TP=2 and the trainer, on 2 gloo processes
 
 def _tp2_and_training(rank, world, root, variants):
@@ -219,6 +248,16 @@ def _tp2_and_training(rank, world, root, variants):
         dist.all_gather(parts, local.contiguous())
         out["logits"][name] = torch.cat(parts, dim=-1)
         assert local.shape[-1] == 64
+    # a mixture as a ZeRO-3 teacher at DP=2: its stacked experts partitioned over the ranks and gathered for
+    # Experts.forward like any module's parameters; logits = transformers'
+    z3 = config.load([], tiny_overrides(root / "probe_z3", "distill", [
+        "train.steps=1", f"distill.teacher=hf:{variants['mixtral_gqa']}", "zero.stage=3", "distill.teacher_zero3=true"]),
+        world_size=2)
+    teacher = _load(z3, ParallelGroups.build(1))
+    experts = teacher.module.blocks[0].ffn.experts.w1
+    assert teacher.engine is not None and experts.numel() == 0 and experts.ds_numel == 4 * 32 * 64  # partitioned
+    with torch.no_grad():
+        out["z3_mixtral"] = teacher.module(IDS)
     # a student initialised from an HF folder (its shape from model.size=hf:PATH) computes the HF model at TP=2
     from megadistill.parallel.init import init_distributed
     from megadistill.train.trainer import build, release
@@ -256,6 +295,7 @@ def test_tp2_logits_and_distillation_from_hf_teacher(hf_dirs, tmp_path):
     for name, (_, ref) in hf_dirs.items():
         assert_close(out["logits"][name], ref, msg=name)
     assert_close(out["student_init"], hf_dirs["llama_gqa_tied"][1])
+    assert_close(out["z3_mixtral"], hf_dirs["mixtral_gqa"][1])
     for name in ("tp2_dp1", "tp1_dp2_teacher_z3", "tp2_gemma2_teacher", "tp2_mixtral_teacher"):
         losses = out[name]
         assert len(losses) == 12 and all(map(lambda x: x == x, losses))
@@ -582,8 +622,12 @@ def test_bad_folders_are_named_errors(hf_dirs, tmp_path, capsys):
     shutil.copytree(hf_dirs["qwen3_moe_gqa_tied"][0], dense_blocks)
     edit_config(dense_blocks, mlp_only_layers=[1])
     fails(dense_blocks, r"dense blocks among the sparse ones \(mlp_only_layers=\[1\]")
-    fails(hf_dirs["mixtral_gqa"][0], "distill.teacher_zero3=true partitions parameters per module forward",
-          ["distill.teacher_zero3=true"])
+    for experts, match in ((2, r"holds tensors the config does not account for \(.*block_sparse_moe\.experts\.2\."),
+                           (8, r"experts.w1.weight stacks 8 tensors but 4 are missing .*expert count")):
+        count = tmp_path / f"mixtral_{experts}"  # config.json's expert count contradicts the weights
+        shutil.copytree(hf_dirs["mixtral_gqa"][0], count)
+        edit_config(count, num_local_experts=experts)
+        fails(count, match)
     biased = tmp_path / "mistral_bias"  # MistralForCausalLM ignores attention_bias; we do not guess
     shutil.copytree(hf_dirs["mistral_gqa"][0], biased)
     edit_config(biased, attention_bias=True)

@@ -100,6 +100,55 @@ def test_torch_kernels_match_dense_references():
     assert_close(_grads(lambda q, k: kernels.rope(q, k, cos, sin), [q, k], [gq, gk]), ref, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("dtype,width", [(torch.float32, 16), (torch.bfloat16, 16), (torch.float32, 5),
+                                         (torch.bfloat16, 12)], ids=["fp32", "bf16", "fp32-loop", "bf16-loop"])
+def test_grouped_linear_matches_per_expert_linears(dtype, width):
+    """grouped_linear (a mixture's experts) against F.linear per expert in fp64, values and gradients, with experts
+    that get no rows (zero weight gradients) and experts that get all of them. Aligned rows take torch._grouped_mm
+    (one kernel), rows of 20 / 24 bytes the loop; both give the same function."""
+    g = torch.Generator().manual_seed(0)
+    n_in, counts = 32, torch.tensor([3, 0, 5, 0, 1])
+    x = torch.randn(int(counts.sum()), n_in, generator=g, dtype=torch.float64)
+    w = torch.randn(len(counts), width, n_in, generator=g, dtype=torch.float64) / n_in ** 0.5
+    dy = torch.randn(x.shape[0], width, generator=g, dtype=torch.float64)
+
+    def per_expert(x, w):
+        return torch.cat([torch.nn.functional.linear(p, w[e]) for e, p in enumerate(x.split(counts.tolist()))])
+
+    assert kernels._grouped_mm_fits(x.to(dtype), w.to(dtype)) == (width * x.to(dtype).element_size() % 16 == 0)
+    ref = _grads(per_expert, [x, w], [dy])
+    got = _grads(lambda x, w: kernels.grouped_linear(x, w, counts), [x.to(dtype), w.to(dtype)], [dy.to(dtype)])
+    tol = 1e-5 if dtype == torch.float32 else 3e-2
+    assert_close([t.double() for t in got], ref, rtol=tol, atol=tol)
+    assert float(got[2][1].abs().sum()) == 0 and float(got[2][3].abs().sum()) == 0  # unrouted: zero gradients
+    assert float(got[2][0].abs().sum()) > 0
+    every = torch.tensor([0, 0, 9, 0, 0])  # one expert takes every row
+    assert_close(kernels.grouped_linear(x.float(), w.float(), every), x.float() @ w[2].float().T, rtol=1e-5, atol=1e-5)
+
+
+def test_grouped_linear_takes_the_grouped_kernel_where_torch_has_it(monkeypatch):
+    """On this CPU (torch 2.13 and 2.11) torch._grouped_mm runs and is used for aligned fp32 / bf16 operands; made
+    to fail, the probe falls back to the loop (logged) and the result is unchanged."""
+    x, w, counts = torch.randn(6, 16), torch.randn(3, 8, 16), torch.tensor([2, 0, 4])
+    kernels._grouped_mm_works.cache_clear()
+    assert kernels._grouped_mm_fits(x, w) and kernels._grouped_mm_fits(x.bfloat16(), w.bfloat16())
+    grouped = kernels.grouped_linear(x, w, counts)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("grouped gemm is only supported on SM90")
+    monkeypatch.setattr(torch, "_grouped_mm", broken)
+    kernels._grouped_mm_works.cache_clear()
+    try:
+        assert not kernels._grouped_mm_fits(x, w)
+        assert_close(kernels.grouped_linear(x, w, counts), grouped, rtol=1e-6, atol=1e-6)
+        with torch.inference_mode():  # a teacher forward: the probe itself still runs (autograd re-enabled)
+            monkeypatch.undo()
+            kernels._grouped_mm_works.cache_clear()
+            assert kernels._grouped_mm_fits(x, w)
+    finally:
+        kernels._grouped_mm_works.cache_clear()
+
+
 def _kernel_users(model):
     users = [m for m in model.modules() if hasattr(m, "kernels")]
     # 2 blocks x (attn norm, q / k norm, attention (RoPE), ffn norm, SwiGLU) + the final norm

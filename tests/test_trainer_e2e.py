@@ -80,9 +80,10 @@ def _two_proc(rank, world, root):
                         "tp1_z1_bias": ["zero.stage=1", *BIAS],
                         "tp1_z1_mqa": ["zero.stage=1", *MQA],  # the reference of tp2dp2_z3_sp_mqa
                         "tp1_z1_neox": ["zero.stage=1", *NEOX],
-                        # a mixture of experts under DP=2 ZeRO-2 and TP=2 ZeRO-1 (its router's grads summed over TP)
-                        "tp1_z2_moe": ["zero.stage=2", *MOE], "tp2_z1_moe": ["zero.stage=1", "parallel.tp_size=2",
-                                                                           *MOE]}.items():
+                        # a mixture of experts under DP=2 ZeRO-2 and -3 and TP=2 ZeRO-1 (its router's grads summed
+                        # over TP; under ZeRO-3 its stacked experts partitioned and gathered for Experts.forward)
+                        "tp1_z2_moe": ["zero.stage=2", *MOE], "tp1_z3_moe": ["zero.stage=3", *MOE],
+                        "tp2_z1_moe": ["zero.stage=1", "parallel.tp_size=2", *MOE]}.items():
         d_over = tiny_overrides(root / name, "distill", [f"train.steps={STEPS}", f"distill.teacher={root / 'teacher'}"]
                             + extra)
         train(_load(d_over), inspect=_check_teacher_frozen)
@@ -200,12 +201,14 @@ def test_qkv_bias_layouts_agree(study, kind):
 
 
 def test_moe_layouts_agree(study):
-    """A mixture-of-experts student (4 experts, top 2) trains under DP=2 ZeRO-2 and TP=2 ZeRO-1 along one curve."""
+    """A mixture-of-experts student (4 experts, top 2) trains under DP=2 ZeRO-2 and ZeRO-3 and TP=2 ZeRO-1 along one
+    curve."""
     _, res = study
     ref = torch.tensor(res["tp1_z2_moe"])
     assert len(ref) == STEPS and all(math.isfinite(x) for x in ref) and res["tp1_z2_moe"] != res["tp1_z1"]
     assert float(ref[-1]) < float(ref[0])
-    torch.testing.assert_close(torch.tensor(res["tp2_z1_moe"]), ref, atol=CURVE_ATOL, rtol=0)
+    for name in ("tp2_z1_moe", "tp1_z3_moe"):
+        torch.testing.assert_close(torch.tensor(res[name]), ref, atol=CURVE_ATOL, rtol=0, msg=name)
 
 
 def test_resume_equals_uninterrupted(study):

@@ -92,6 +92,8 @@ class SafetensorsFolder:
     def __init__(self, folder: Path):
         self.folder = Path(folder)
         self.tensors: Dict[str, torch.Tensor] = {}  # pytorch_model.bin tensors (mmap-backed), by entry name
+        self.stacks: Dict[str, List[str]] = {}  # virtual stacked tensors (`stack`): their parts, in order
+        self._stacked: Dict[str, Entry] = {}  # those parts' entries, readable only through their stack
         if (self.folder / INDEX).is_file() or (self.folder / SINGLE).is_file() or \
                 not ((self.folder / BIN_INDEX).is_file() or (self.folder / BIN_SINGLE).is_file()):
             files, weight_map, index = self._safetensors_files()
@@ -136,7 +138,7 @@ class SafetensorsFolder:
         return files, None, INDEX
 
     def files(self) -> List[Path]:
-        return sorted({e.file for e in self.entries.values()})
+        return sorted({e.file for e in (*self.entries.values(), *self._stacked.values())})
 
     def split_rows(self, name: str, parts: Dict[str, int]) -> None:
         """Replace tensor `name` by consecutive blocks of its rows, named and sized by `parts` (in order): views into
@@ -179,6 +181,26 @@ class SafetensorsFolder:
                 self.tensors[part] = t.view(groups, per, *e.shape[1:]).narrow(1, offset, rows)
             offset += rows
 
+    def stack(self, name: str, parts: List[str]) -> None:
+        """Tensor `name` becomes the stack of `parts` (same shape and dtype, in order) along a new dim 0, and the parts
+        are read only through it: a mixture's per-expert matrices as one [E, ...] weight. Reading a slice along
+        dim 0 reads those parts; along dim >= 1, each part's slice along dim - 1."""
+        missing = [p for p in parts if p not in self.entries]
+        if missing:
+            raise UserError(f"{self.folder}: {name} stacks {len(parts)} tensors but {len(missing)} are missing "
+                            f"({missing[:3]}): does config.json's expert count match the weights?")
+        first = self.entries[parts[0]]
+        odd = [p for p in parts if (self.entries[p].shape, self.entries[p].dtype) != (first.shape, first.dtype)]
+        if odd:
+            raise UserError(f"{self.folder}: {odd[0]} has shape {self.entries[odd[0]].shape} "
+                            f"({self.entries[odd[0]].dtype}) unlike {parts[0]}'s {first.shape} ({first.dtype}): "
+                            "the experts of one layer must agree")
+        for p in parts:
+            self._stacked[p] = self.entries.pop(p)
+        self.stacks[name] = list(parts)
+        self.entries[name] = Entry(first.file, first.dtype, (len(parts), *first.shape), first.start,
+                                   first.nbytes * len(parts))
+
     def rename(self, old: str, new: str) -> None:
         """Tensor `old` answers to `new` instead."""
         self.entries[new] = self.entries.pop(old)
@@ -201,8 +223,11 @@ class SafetensorsFolder:
 
     def read(self, name: str, dim: int = 0, start: int = 0, stop: Optional[int] = None,
              out: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """tensor[name].narrow(dim, start, stop - start) in its stored dtype (or cast into `out`), dim 0 or 1."""
-        e = self.entries[name]
+        """tensor[name].narrow(dim, start, stop - start) in its stored dtype (or cast into `out`), dim 0 or 1 (any
+        dim of a stacked tensor whose parts' dim - 1 is 0 or 1)."""
+        if name in self.stacks:
+            return self._read_stacked(name, dim, start, stop, out)
+        e = self.entries[name] if name in self.entries else self._stacked[name]
         shape = list(e.shape)
         stop = shape[dim] if stop is None else stop
         if dim not in (0, 1) or dim >= len(shape) or not 0 <= start <= stop <= shape[dim]:
@@ -243,6 +268,26 @@ class SafetensorsFolder:
         if out is not None and not direct:
             out.copy_(dst)
             return out
+        return dst
+
+
+    def _read_stacked(self, name: str, dim: int, start: int, stop: Optional[int],
+                      out: Optional[torch.Tensor]) -> torch.Tensor:
+        e, parts = self.entries[name], self.stacks[name]
+        stop = e.shape[dim] if stop is None else stop
+        if not 0 <= dim < len(e.shape) or not 0 <= start <= stop <= e.shape[dim]:
+            raise ValueError(f"{name}: cannot slice dim {dim} [{start}, {stop}) of shape {e.shape}")
+        sliced = list(e.shape)
+        sliced[dim] = stop - start
+        dst = torch.empty(sliced, dtype=e.dtype) if out is None else out
+        if tuple(dst.shape) != tuple(sliced):
+            raise ValueError(f"{name}: slice shape {tuple(sliced)} != destination {tuple(dst.shape)}")
+        if dim == 0:
+            for i, part in enumerate(parts[start:stop]):
+                self.read(part, out=dst[i])
+        else:
+            for i, part in enumerate(parts):
+                self.read(part, dim - 1, start, stop, out=dst[i])
         return dst
 
 

@@ -59,10 +59,12 @@ _NEOX_GLOBAL = {"embed.weight": "gpt_neox.embed_in.weight", "norm.weight": "gpt_
 _NEOX_QKV = {f"attention.query_key_value.{kind}": tuple(f"attention.{p}.{kind}" for p in ("query", "key", "value"))
              for kind in ("weight", "bias")}
 # mixtures of experts: the router and each expert's gate / up / down under mlp (Qwen3-MoE, OLMoE) or, Mixtral,
-# block_sparse_moe with w1 / w3 / w2 (ours' names); Mixtral is the mixture without a QK-norm
+# block_sparse_moe with w1 / w3 / w2 (ours' names); Mixtral is the mixture without a QK-norm. Our experts are stacked
+# ([E, ...] per projection: ffn.experts.w1); the checkpoint's per-expert matrices are read as one virtual stacked
+# tensor per projection (experts.gate_proj.weight, no expert index: SafetensorsFolder.stack) and written back apart
 _EXPERT = {"w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"}
-_OURS_MOE_RE = re.compile(r"^ffn\.(?:router|experts\.(\d+)\.(w[123]))\.weight$")
-_HF_MOE_RE = re.compile(r"^(mlp|block_sparse_moe)\.(?:gate|experts\.(\d+)\.(\w+))\.weight$")
+_OURS_MOE_RE = re.compile(r"^ffn\.(?:router\.weight|experts\.(w[123]))$")
+_HF_MOE_RE = re.compile(r"^(mlp|block_sparse_moe)\.(?:gate|experts\.(?:(\d+)\.)?(\w+))\.weight$")
 _BLOCK_RE = re.compile(r"^blocks\.(\d+)\.(.+)$")
 _HF_BLOCK_RE = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
 _NEOX_BLOCK_RE = re.compile(r"^gpt_neox\.layers\.(\d+)\.(.+)$")
@@ -90,14 +92,22 @@ def hf_name(ours: str, model_cfg=None) -> str:
     m = _BLOCK_RE.match(ours)
     e = _OURS_MOE_RE.match(m.group(2)) if m else None
     if e:
-        mixtral = not getattr(model_cfg, "qk_norm", True)
-        leaf = "gate" if e.group(1) is None else (
-            f"experts.{e.group(1)}.{e.group(2) if mixtral else _EXPERT[e.group(2)]}")
-        return f"model.layers.{m.group(1)}.{'block_sparse_moe' if mixtral else 'mlp'}.{leaf}.weight"
+        return _moe_name(m.group(1), e.group(1), model_cfg)
     block = dict(_BLOCK, **(_SANDWICH if getattr(model_cfg, "norm_position", "pre") == "sandwich" else {}))
     if m and m.group(2) in block:
         return f"model.layers.{m.group(1)}.{block[m.group(2)]}"
     raise KeyError(f"no Hugging Face name for parameter {ours!r}")
+
+
+def _moe_name(layer, ours: Optional[str], model_cfg, expert: Optional[int] = None) -> str:
+    """HF name of block `layer`'s router (ours None) or of expert projection `ours` (w1 / w2 / w3): expert `expert`'s
+    matrix, or with expert None the virtual stack of all of them."""
+    mixtral = not getattr(model_cfg, "qk_norm", True)
+    if ours is None:
+        leaf = "gate"
+    else:
+        leaf = "experts." + ("" if expert is None else f"{expert}.") + (ours if mixtral else _EXPERT[ours])
+    return f"model.layers.{layer}.{'block_sparse_moe' if mixtral else 'mlp'}.{leaf}.weight"
 
 
 def our_name(hf: str) -> Optional[str]:
@@ -110,8 +120,8 @@ def our_name(hf: str) -> Optional[str]:
     if e:
         if e.group(2) is None:
             return f"blocks.{m.group(1)}.ffn.router.weight"
-        ours = {v: k for k, v in _EXPERT.items()}.get(e.group(3), e.group(3))
-        return f"blocks.{m.group(1)}.ffn.experts.{e.group(2)}.{ours}.weight" if ours in _EXPERT else None
+        ours = {v: k for k, v in _EXPERT.items()}.get(e.group(3), e.group(3))  # one expert's, or their stack
+        return f"blocks.{m.group(1)}.ffn.experts.{ours}" if ours in _EXPERT else None
     for pattern, table in ((_HF_BLOCK_RE, (*_BLOCK.items(), *_SANDWICH.items())),
                            (_NEOX_BLOCK_RE, _NEOX_BLOCK.items())):
         m = pattern.match(hf)
@@ -126,8 +136,9 @@ def full_shape(m, name: str) -> tuple:
     kv, hd, d = m.n_kv_heads or m.n_heads, m.head_dim, m.d_model
     leaf = name.split(".", 2)[-1] if name.startswith("blocks.") else name
     e = _OURS_MOE_RE.match(leaf)
-    if e:  # a mixture's router, or an expert's matrix (shaped like the dense FFN's)
-        return (m.moe_experts, d) if e.group(2) is None else {"w2": (d, m.d_ff)}.get(e.group(2), (m.d_ff, d))
+    if e:  # a mixture's router, or its experts' stacked matrices (each shaped like the dense FFN's)
+        return (m.moe_experts, d) if e.group(1) is None else (m.moe_experts, *{"w2": (d, m.d_ff)}.get(e.group(1),
+                                                                                                  (m.d_ff, d)))
     full_qk = m.qk_norm_scope == "full"  # OLMo 2: a gain per dim of all heads
     return {"embed.weight": (m.vocab_size, d), "head.weight": (m.vocab_size, d), "norm.weight": (d,),
             "attn_norm.weight": (d,), "ffn_norm.weight": (d,), "attn_out_norm.weight": (d,),
@@ -156,6 +167,11 @@ def open_hf(folder: Path, model_cfg) -> SafetensorsFolder:
                 parts = {f"gpt_neox.layers.{m.group(1)}.{p}": hd for p in _NEOX_QKV[m.group(2)]}
                 st.split_interleaved(name, parts, model_cfg.n_heads)
         return st
+    for layer in range(model_cfg.n_layers if model_cfg.moe_experts else 0):  # per-expert matrices -> [E, ...]
+        for ours in _EXPERT:
+            parts = [_moe_name(layer, ours, model_cfg, e) for e in range(model_cfg.moe_experts)]
+            if parts[0] in st:  # else: reported missing under the stacked name
+                st.stack(_moe_name(layer, ours, model_cfg), parts)
     for name in list(st.entries):
         m = _HF_BLOCK_RE.match(name)
         if m and m.group(2) in _FUSED:
@@ -223,6 +239,13 @@ def state_to_hf(state: Dict[str, torch.Tensor], tied: bool, fused: bool = False,
     """Our full (consolidated) state dict -> HF names (model_cfg: the block layout); a tied model stores only the
     embedding. fused: Q/K/V and gate/up concatenated by rows into one matrix each (Phi-3's layout)."""
     out = {hf_name(k, model_cfg): v for k, v in state.items()}
+    for name in state:
+        m = _BLOCK_RE.match(name)
+        e = _OURS_MOE_RE.match(m.group(2)) if m else None
+        if e and e.group(1):  # a mixture's stacked experts: one matrix per expert (copies: files hold no views)
+            stacked = out.pop(hf_name(name, model_cfg))
+            out.update({_moe_name(m.group(1), e.group(1), model_cfg, i): t.clone()
+                        for i, t in enumerate(stacked.unbind(0))})
     if tied:
         out.pop(hf_name("head.weight", model_cfg), None)
     if model_cfg is not None and neox_layout(model_cfg):  # q, k, v rows interleaved per head into query_key_value

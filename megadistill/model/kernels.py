@@ -1,8 +1,10 @@
 """The model's fusable ops -- RMSNorm, SwiGLU's silu(a) * b, RoPE -- as our eager torch ops or Liger-Kernel's Triton
-kernels, chosen by model.kernels (torch | liger) and passed in explicitly by the caller."""
+kernels, chosen by model.kernels (torch | liger) and passed in explicitly by the caller; and the grouped matmul of a
+mixture of experts (one kernel for all experts where torch has it)."""
 from __future__ import annotations
 
 import functools
+import logging
 from typing import Tuple
 
 import torch
@@ -10,6 +12,8 @@ import torch.nn.functional as F
 
 from megadistill.errors import UserError
 from megadistill.model.attention import apply_rotary
+
+log = logging.getLogger(__name__)
 
 KERNELS = ("torch", "liger")
 
@@ -150,3 +154,55 @@ def rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
     if kernels == "liger":
         return _liger()[2](q, k, cos, sin)
     return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+
+
+def grouped_linear(x: torch.Tensor, weight: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """Rows of x [n, in] grouped by expert -- counts[e] consecutive rows for expert e, in expert order, summing to n --
+    each through its expert's matrix of weight [E, out, in]: [n, out], F.linear(x_e, weight[e]) per group.
+
+    One grouped GEMM (torch._grouped_mm: CUTLASS on Hopper in bf16, a fallback on the CPU) for all E experts, with the
+    group offsets kept on the device (no host sync); where it cannot run (rows not 16-byte aligned, another dtype or
+    GPU, a torch without it) a loop over the experts, whose weight gradient is assembled once (unbind), not per
+    expert. Experts without rows get zero gradients either way."""
+    if _grouped_mm_fits(x, weight):
+        return torch._grouped_mm(x, weight.transpose(1, 2), offs=counts.cumsum(0, dtype=torch.int32))
+    parts = x.split(counts.tolist())
+    return torch.cat([F.linear(part, w) for part, w in zip(parts, weight.unbind(0))])
+
+
+def _grouped_mm_fits(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether torch._grouped_mm takes these operands: same dtype, rows of in and out features 16-byte aligned, and
+    (probed once per device and dtype) the kernel runs at all."""
+    size = x.element_size()
+    aligned = weight.shape[1] * size % 16 == 0 and weight.shape[2] * size % 16 == 0
+    return (x.dtype == weight.dtype and x.device == weight.device and aligned
+            and _grouped_mm_works(x.device.type, x.device.index, x.dtype))
+
+
+@functools.lru_cache(maxsize=None)
+def _grouped_mm_works(device_type: str, index, dtype: torch.dtype) -> bool:
+    """One tiny forward and backward of torch._grouped_mm in this layout (two experts, one empty) against the loop;
+    False (the loop is used, logged once) where it is absent, raises, or is wrong."""
+    if not hasattr(torch, "_grouped_mm") or device_type not in ("cpu", "cuda"):
+        return False
+    if device_type == "cuda" and dtype != torch.bfloat16:  # CUTLASS's grouped GEMM is bf16-only
+        return False
+    device = torch.device(device_type, index) if index is not None else torch.device(device_type)
+    try:
+        with torch.inference_mode(False), torch.enable_grad():  # a teacher forward may be in inference mode
+            g = torch.Generator(device="cpu").manual_seed(0)
+            x = torch.randn(6, 16, generator=g).to(device, dtype).requires_grad_()
+            w = torch.randn(3, 8, 16, generator=g).to(device, dtype).requires_grad_()
+            offs = torch.tensor([2, 2, 6], device=device, dtype=torch.int32)
+            y = torch._grouped_mm(x, w.transpose(1, 2), offs=offs)
+            ref = torch.cat([x[:2] @ w[0].T, x[2:] @ w[2].T])
+            y.backward(torch.ones_like(y))
+            ok = torch.allclose(y.float(), ref.float(), rtol=2e-2, atol=2e-2) and bool(w.grad[1].eq(0).all())
+    except (RuntimeError, NotImplementedError, TypeError) as e:
+        log.info("torch._grouped_mm unavailable on %s in %s (%s): mixture-of-experts matmuls loop over the experts",
+                 device_type, dtype, str(e).splitlines()[0] if str(e) else type(e).__name__)
+        return False
+    if not ok:
+        log.warning("torch._grouped_mm disagrees with the per-expert loop on %s in %s: the loop is used",
+                    device_type, dtype)
+    return ok

@@ -14,7 +14,6 @@ from typing import Optional
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from megadistill.errors import UserError
@@ -136,33 +135,48 @@ class FeedForward(nn.Module):
 SwiGLU = FeedForward  # the paper's (default) form
 
 
-class Expert(FeedForward):
-    """One expert of a mixture: the dense gated FFN (same matrices, split and initialised alike; the config refuses
-    biases), run on the tokens routed to it already inside the TP region: forward returns this rank's partial sum
-    [n, d], which the mixture reduces over TP once for all its experts (the FFN's own region entry and W2's reduction
-    are not used)."""
+class Experts(nn.Module):
+    """The E gated FFNs of a mixture as stacked weights -- w1 (gate), w3 (up) [E, f/tp, d], w2 (down) [E, d, f/tp],
+    each expert split over TP like the dense SwiGLU -- run on token rows already inside the TP region and grouped by
+    expert: forward returns this rank's partial sums (the mixture reduces over TP once for all experts). Each
+    projection is one grouped GEMM for all experts (megadistill.model.kernels.grouped_linear); every expert gets a
+    gradient (zeros for the unrouted), as ZeRO expects one per parameter."""
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = F.linear(x, self.w1.weight), F.linear(x, self.w3.weight)
-        return F.linear(kernels_mod.swiglu(gate, up, self.kernels, self.activation), self.w2.weight)
+    def __init__(self, cfg, d_ff: int, factory: LayerFactory):
+        super().__init__()
+        d, n = cfg.d_model, cfg.moe_experts
+        self.kernels, self.activation = cfg.kernels, cfg.activation
+        std_in = mup.init_std_for("hidden", d)
+        self.w1 = factory.expert_columns(n, d, d_ff, std_in)  # gate [E, f/tp, d]
+        self.w3 = factory.expert_columns(n, d, d_ff, std_in)  # up [E, f/tp, d]
+        self.w2 = factory.expert_rows(n, d_ff, d, mup.init_std_for("hidden", d_ff))  # down [E, d, f/tp]
+
+    def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """x [n, d] (counts[e] consecutive rows for expert e) -> W2_e (act(W1_e x) * W3_e x) partial sums [n, d]."""
+        gate = kernels_mod.grouped_linear(x, self.w1, counts)  # [n, f/tp]
+        up = kernels_mod.grouped_linear(x, self.w3, counts)
+        return kernels_mod.grouped_linear(kernels_mod.swiglu(gate, up, self.kernels, self.activation), self.w2, counts)
+
+    def extra_repr(self) -> str:
+        return f"experts={self.w1.shape[0]}, d={self.w1.shape[2]}, d_ff/tp={self.w1.shape[1]}"
 
 
 class MoEFeedForward(nn.Module):
     """Mixture of experts (Mixtral, Qwen3-MoE, OLMoE; model.moe_experts): a router scores each token against every
     expert (softmax in fp32), the token goes to its moe_top_k best, and their outputs are summed weighted by those
     probabilities (renormalised over the k when model.moe_norm_topk). Every rank holds its TP shard of every expert:
-    the block enters the TP region once (all-gather under SP), runs each expert on its tokens and leaves once
-    (all-reduce / reduce-scatter of the weighted partial sums). The router is replicated; its gradient is summed over
-    TP (each rank's weighted partials see only its share)."""
+    the block enters the TP region once (all-gather under SP), runs the experts on their tokens (Experts: one grouped
+    GEMM per projection) and leaves once (all-reduce / reduce-scatter of the weighted partial sums). The router is
+    replicated; its gradient is summed over TP (each rank's weighted partials see only its share)."""
 
     def __init__(self, cfg, d_ff: int, factory: LayerFactory):
         super().__init__()
         d = cfg.d_model
         factory.local(d_ff, "model.d_ff")
-        self.top_k, self.norm_topk = int(cfg.moe_top_k), bool(cfg.moe_norm_topk)
+        self.top_k, self.norm_topk, self.n_experts = int(cfg.moe_top_k), bool(cfg.moe_norm_topk), cfg.moe_experts
         self.enter, self.exit = factory.region_entry(), factory.region_exit()
         self.router = factory.replicated(d, cfg.moe_experts, mup.init_std_for("hidden", d))  # [E, d]
-        self.experts = nn.ModuleList(Expert(cfg, d_ff, factory) for _ in range(cfg.moe_experts))
+        self.experts = Experts(cfg, d_ff, factory)
 
     def route(self, x: torch.Tensor):
         """x [t, d] -> (weights [t, k] in x's dtype, expert ids [t, k])."""
@@ -178,21 +192,20 @@ class MoEFeedForward(nn.Module):
         weights, ids = self.route(flat)
         return self.exit(self._dispatch(flat, weights, ids).view(full.shape))
 
-    @torch.compiler.disable  # token counts per expert are data: one graph per pattern otherwise
+    @torch.compiler.disable  # the grouping is data (sort, counts): one graph per routing pattern otherwise
     def _dispatch(self, flat, weights, ids):
-        """sum over each token's k experts of weight x expert(token): this rank's partial sums [t, d]."""
-        order = ids.reshape(-1).argsort(stable=True)  # (token, slot) pairs grouped by expert
-        counts = torch.bincount(ids.reshape(-1), minlength=len(self.experts)).tolist()
-        tokens, w = order // self.top_k, weights.reshape(-1)[order]
-        out = torch.zeros_like(flat)
-        start = 0
-        training = torch.is_grad_enabled()
-        for expert, n in zip(self.experts, counts):
-            if n or training:  # an expert no token chose still gets its (zero) gradient: ZeRO expects one per param
-                sel = tokens[start:start + n]
-                out = out.index_add(0, sel, expert(flat[sel]) * w[start:start + n, None])
-            start += n
-        return out
+        """sum over each token's k experts of weight x expert(token): this rank's partial sums [t, d]. The t k
+        (token, slot) copies are sorted by expert, run through the experts together, put back in token order and
+        summed over the k slots (a gather and a sum: deterministic, no atomics)."""
+        t = flat.shape[0]
+        ids = ids.reshape(-1)  # [t k]
+        order = ids.argsort(stable=True)  # (token, slot) pairs grouped by expert
+        counts = torch.bincount(ids, minlength=self.n_experts)
+        y = self.experts(flat[order // self.top_k], counts)  # [t k, d], grouped by expert
+        back = torch.empty_like(order)
+        back[order] = torch.arange(order.numel(), device=order.device)  # the inverse permutation
+        per_slot = y[back].view(t, self.top_k, -1)  # [t, k, d] in token order
+        return torch.bmm(weights.unsqueeze(1), per_slot).squeeze(1)  # [t, d]: sum_k w_k y_k
 
 
 class Block(nn.Module):

@@ -440,6 +440,20 @@ class LayerFactory:
         """A linear read inside the TP region, whole on every rank (its gradient summed over TP)."""
         return ReplicatedLinear(in_features, out_features, self.group, init_std, self.device, self.dtype)
 
+    def expert_columns(self, n_experts: int, in_features: int, out_features: int,
+                       init_std: Optional[float] = None) -> nn.Parameter:
+        """n_experts column-parallel matrices stacked, [E, out/tp, in]: expert e's rows split over TP like a
+        `column` weight's (partition_dim 1); read inside the TP region (the mixture's single entry)."""
+        std = in_features ** -0.5 if init_std is None else init_std
+        return _sharded_normal((n_experts, out_features, in_features), std, 1, self.group, self.device, self.dtype)
+
+    def expert_rows(self, n_experts: int, in_features: int, out_features: int,
+                    init_std: Optional[float] = None) -> nn.Parameter:
+        """n_experts row-parallel matrices stacked, [E, out, in/tp] (partition_dim 2): per-rank partial sums, reduced
+        over TP by the mixture's single exit."""
+        std = in_features ** -0.5 if init_std is None else init_std
+        return _sharded_normal((n_experts, out_features, in_features), std, 2, self.group, self.device, self.dtype)
+
     def sequence_output(self) -> nn.Module:
         """The final hidden states back to full sequence length (identity without sequence parallelism)."""
         # all-gather along the sequence forward, this rank's slice of the replicated grad backward

@@ -143,7 +143,7 @@ def activation_bytes_per_token(m: ModelConfig, tp: int, wb: int, sequence_parall
     Without a QK-norm the projections' q and k are not kept: 2 wb (q + kv). A parallel-residual block's two norms
     read one x. LayerNorms keep an fp32 copy of their input (one per norm in bf16) and a mean beside the rsqrt;
     clamped q / k / v (qkv_clip) keep the clamps' inputs; a mixture of experts keeps, per routed copy of a token,
-    the expert's input and outputs (3 wb d, whole inside the TP region) and its SwiGLU intermediates; an attention
+    the experts' input and output rows (2 wb d, whole inside the TP region) and their SwiGLU intermediates; an attention
     that forms its scores keeps them
     (scores_bytes_per_token). Each checked against the live tensors of a forward (tests/test_memory_plan.py).
     """
@@ -153,9 +153,10 @@ def activation_bytes_per_token(m: ModelConfig, tp: int, wb: int, sequence_parall
     s = tp if sequence_parallel else 1  # slices of the residual stream
     extra = block_norms(m) - 2  # norms beyond the two of a pre- / post-norm block
     ffn = (4 if m.ffn_gated else 2) * wb * f / tp  # a plain MLP keeps W1 x and act(W1 x)
-    if m.moe_experts:  # per routed copy of a token (top_k of them): the expert's input, output and weighted output,
-        # its SwiGLU intermediates; the router's fp32 probabilities and the chosen ids / weights
-        ffn = m.moe_top_k * (ffn + 3 * wb * d) + 4 * m.moe_experts + 16 * m.moe_top_k
+    if m.moe_experts:  # per routed copy of a token (top_k of them): the experts' input and output rows, their SwiGLU
+        # intermediates, the copy's weight and three int64 indices (its id, its row in the grouped order and back);
+        # per token the router's fp32 probabilities
+        ffn = m.moe_top_k * (ffn + 2 * wb * d + wb + 24) + 4 * m.moe_experts
     # without a QK-norm nothing keeps the projections' q and k (RoPE keeps only its tables)
     per = (4 + 2 * extra) * wb * d / s + (3 if m.qk_norm else 2) * wb * (q / tp + kv_local) + ffn
     layer_norm = m.norm_type != "rms"  # F.layer_norm keeps an fp32 copy of its input (x itself in fp32) and a mean

@@ -147,10 +147,6 @@ def teacher_source(cfg: Config) -> TeacherSource:
             raise UserError(f"parallel.tp_size={tp} does not divide the teacher's {key}={n} (from {origin}): the "
                             "teacher is split like the student; pick a tp_size that divides it"
                             + (" (or a multiple of it)" if key == "n_kv_heads" else ""))
-    if tm.moe_experts and cfg.distill.teacher_zero3:
-        raise UserError(f"distill.teacher_zero3=true partitions parameters per module forward, which the teacher's "
-                        f"mixture of experts ({tm.moe_experts} experts, from {origin}) bypasses; set "
-                        "distill.teacher_zero3=false (its experts are split over parallel.tp_size instead)")
     if kv_layout(tm.n_kv_heads, tp) == "replicated" and tm.qk_norm and tm.qk_norm_scope == "full":
         raise UserError(f"the teacher (from {origin}) normalises k over all its {tm.n_kv_heads} key/value heads "
                         f"(qk_norm_scope=full), but parallel.tp_size={tp} leaves one per rank; use a tp_size that "
