@@ -321,9 +321,11 @@ def _train_tiny(run_dir, extra):
 EXPORT_ARCH = {"qwen3_gqa_tied": "Qwen3ForCausalLM", "llama_rope3": "LlamaForCausalLM",
                "qwen2_gqa_tied": "Qwen2ForCausalLM", "phi3_partial": "Phi3ForCausalLM",
                "olmo2_post": "Olmo2ForCausalLM", "gemma3_sandwich": "Gemma3ForCausalLM",
-               "gptneox_pythia": "GPTNeoXForCausalLM", "olmo1_clip": "OlmoForCausalLM"}
+               "gptneox_pythia": "GPTNeoXForCausalLM", "olmo1_clip": "OlmoForCausalLM",
+               "qwen3_moe": "Qwen3MoeForCausalLM"}
 NEOX = {"norm_type": "layer", "ffn_gated": False, "activation": "gelu", "parallel_residual": True, "qk_norm": False,
         "qkv_bias": True, "o_bias": True, "ffn_bias": True, "rope_fraction": 0.25}
+MOE = {"moe_experts": 4, "moe_top_k": 2, "d_ff": 32}  # a mixture of 4 experts of width 32, top 2
 
 
 @pytest.mark.parametrize("shape", [
@@ -342,6 +344,7 @@ NEOX = {"norm_type": "layer", "ffn_gated": False, "activation": "gelu", "paralle
      "model.rope_local_base=10000", "model.tie_embeddings=true", "model.n_kv_heads=2"],  # -> Gemma 3
     [f"model.{k}={str(v).lower()}" for k, v in NEOX.items()],  # -> GPT-NeoX (Pythia's block)
     ["model.qk_norm=false", "model.norm_type=layer_noaffine", "model.qkv_clip=0.5", "model.norm_eps=1e-5"],  # -> OLMo 1
+    ["model.moe_experts=4", "model.moe_top_k=2", "model.d_ff=64", "model.n_kv_heads=2"],  # -> Qwen3-MoE
 ], ids=list(EXPORT_ARCH))
 def test_export_hf_loads_in_transformers_and_round_trips(tmp_path, shape, request):
     from safetensors.torch import load_file
@@ -380,7 +383,8 @@ def test_export_hf_loads_in_transformers_and_round_trips(tmp_path, shape, reques
                 "rope_attention_factor", "rope_beta_fast", "rope_beta_slow", "rope_truncate", "norm_eps", "qk_norm",
                 "qk_norm_scope", "norm_position", "norm_offset", "activation", "embed_scale", "attn_scale_dim",
                 "sliding_window", "layer_types", "rope_local_base", "qkv_bias", "tie_embeddings", "o_bias", "ffn_bias",
-                "norm_type", "ffn_gated", "parallel_residual", "qkv_clip"):
+                "norm_type", "ffn_gated", "parallel_residual", "qkv_clip", "moe_experts", "moe_top_k",
+                "moe_norm_topk"):
         assert getattr(back, key) == getattr(tcfg.model, key), key
 
 
@@ -509,8 +513,12 @@ def test_qwen2_use_sliding_window_windows_the_last_blocks(hf_dirs, tmp_path):
     {"qkv_bias": True, "o_bias": True},  # Qwen3's attention_bias
     {"qk_norm": False, "norm_type": "layer_noaffine", "qkv_clip": 0.4, "tie_embeddings": True},  # OLMo 1
     {"qk_norm": False, "norm_type": "layer", "qkv_bias": True, "rope_fraction": 0.25},  # StableLM 2
+    dict(MOE, qk_norm=False, sliding_window=8),  # Mixtral, every block windowed
+    dict(MOE, moe_norm_topk=False, qkv_bias=True, o_bias=True, tie_embeddings=True),  # Qwen3-MoE, attention_bias
+    dict(MOE, moe_norm_topk=False, qk_norm_scope="full", qkv_clip=0.4),  # OLMoE
 ], ids=["qwen2_last_blocks", "qwen3_all_blocks", "mistral", "gemma3_shared_rope", "smollm3_windowed_nope",
-        "gemma2_softcapped", "gptneox", "gptneox_sequential_tied", "llama_biases", "qwen3_biases", "olmo1", "stablelm"])
+        "gemma2_softcapped", "gptneox", "gptneox_sequential_tied", "llama_biases", "qwen3_biases", "olmo1", "stablelm",
+        "mixtral_windowed", "qwen3_moe_biases_tied", "olmoe"])
 def test_exported_config_is_our_function_in_transformers(tmp_path, over):
     """Our model with random weights (norm gains too), written as export writes it (from_model_config + state_to_hf),
     loads in transformers with equal logits on sequences 3x the window; import reads the same config back."""
@@ -542,7 +550,7 @@ def test_exported_config_is_our_function_in_transformers(tmp_path, over):
     for key in ("sliding_window", "layer_types", "norm_position", "norm_offset", "activation", "qkv_bias", "qk_norm",
                 "nope_blocks", "attn_softcap", "logit_softcap", "attn_scale_dim", "o_bias", "ffn_bias", "norm_type",
                 "ffn_gated", "parallel_residual", "rope_fraction", "rope_scaling", "tie_embeddings", "qkv_clip",
-                "norm_eps"):
+                "norm_eps", "moe_experts", "moe_top_k", "moe_norm_topk", "d_ff", "qk_norm_scope"):
         assert getattr(back, key) == getattr(m, key), key
 
 
@@ -580,7 +588,12 @@ def test_export_refuses_models_no_hf_architecture_computes():
                        (dict(NEOX, n_kv_heads=4, qkv_clip=8.0), "clamping"),
                        ({"norm_type": "layer", "qk_norm": False, "o_bias": True, "qkv_bias": True},
                         "LayerNorms in a SwiGLU block with more than StableLM's"),
-                       ({"moe_experts": 4, "moe_top_k": 2}, "writes dense architectures only")]:
+                       (dict(MOE, qk_norm=False, moe_norm_topk=False), "always renormalises its top k"),
+                       (dict(MOE, qk_norm=False, qkv_bias=True, o_bias=True), "more than Mixtral has"),
+                       (dict(MOE, norm_type="layer"), "a mixture of experts in a block other than"),
+                       (dict(MOE, qkv_bias=True), "Q/K/V and O biases both or neither"),
+                       (dict(MOE, qk_norm_scope="full", sliding_window=8), "a sliding window in OLMoE's block"),
+                       (dict(MOE, qkv_clip=8.0), "clamping, or windows on blocks other than the last ones")]:
         with pytest.raises(UserError, match=match):
             from_model_config(dataclasses.replace(base, **bad), 64)
 

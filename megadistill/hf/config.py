@@ -334,8 +334,7 @@ def _architecture(m: ModelConfig) -> str:
         raise UserError(f"no Hugging Face architecture computes {what}: {keys}; export it in megadistill's format")
 
     if m.moe_experts:
-        raise UserError(f"export --format hf writes dense architectures only; this model is a mixture of "
-                        f"{m.moe_experts} experts (model.moe_experts): export it in megadistill's format")
+        return _moe_architecture(m, refuse)
 
     if m.norm_type == "layer" and m.ffn_gated and not m.parallel_residual:  # StableLM's block
         if (m.qk_norm or m.o_bias or m.ffn_bias or m.activation != "silu" or m.norm_offset or _other_block_traits(m)
@@ -399,12 +398,41 @@ def _architecture(m: ModelConfig) -> str:
     return "MistralForCausalLM" if arch == "LlamaForCausalLM" else arch
 
 
+def _moe_architecture(m: ModelConfig, refuse) -> str:
+    """The transformers mixture that computes m: Mixtral without a QK-norm (its top k always renormalised, a window
+    on every block or none), Qwen3-MoE with a per-head QK-norm (windows on the last blocks), OLMoE with a full-width
+    one (and clip_qkv); all pre-norm RMSNorm blocks of SwiGLU experts with whole-head RoPE, Q/K/V and O biases in
+    Qwen3-MoE and OLMoE only (attention_bias)."""
+    if (m.norm_type != "rms" or m.norm_position != "pre" or m.norm_offset or m.activation != "silu"
+            or m.embed_scale != 1 or m.attn_scale_dim or m.attn_softcap or m.logit_softcap or m.nope_blocks
+            or m.parallel_residual or m.rope_fraction < 1 or m.rope_scaling == "longrope" or m.qkv_bias != m.o_bias
+            or m.rope_local_base):
+        refuse("a mixture of experts in a block other than Mixtral's, Qwen3-MoE's or OLMoE's (pre-norm RMSNorm, "
+               "SwiGLU experts, RoPE on whole heads, Q/K/V and O biases both or neither)")
+    kinds = m.block_kinds
+    if not m.qk_norm:
+        if not m.moe_norm_topk or m.qkv_clip or m.qkv_bias or set(kinds) == {"full", "sliding"}:
+            refuse("a mixture without a QK-norm (Mixtral's) with more than Mixtral has (it always renormalises its "
+                   "top k, has no biases or q / k / v clamping and windows every block or none): "
+                   f"model.moe_norm_topk={m.moe_norm_topk}, model.qkv_clip={m.qkv_clip}")
+        return "MixtralForCausalLM"
+    if m.qk_norm_scope == "full":
+        if m.sliding_window:
+            refuse("a sliding window in OLMoE's block (a mixture with a full-width QK-norm)")
+        return "OlmoeForCausalLM"
+    if m.qkv_clip or ("sliding" in kinds and kinds != sorted(kinds)):
+        refuse("q / k / v clamping, or windows on blocks other than the last ones, in Qwen3-MoE's block (a mixture "
+               "with a per-head QK-norm)")
+    return "Qwen3MoeForCausalLM"
+
+
 def from_model_config(m: ModelConfig, max_position: int, dtype: str = "float32") -> Dict:
     """config.json for our model: Qwen3ForCausalLM with QK-norm, Qwen2ForCausalLM with Q/K/V biases,
     Phi3ForCausalLM with partial RoPE, Olmo2ForCausalLM with post-norms and a full-width QK-norm, Gemma2ForCausalLM /
     Gemma3ForCausalLM with Gemma's block (without / with QK-norm), SmolLM3ForCausalLM with blocks without RoPE,
     GPTNeoXForCausalLM with LayerNorms and a plain MLP, StableLmForCausalLM with LayerNorms in a SwiGLU block,
-    OlmoForCausalLM with parameter-free LayerNorms,
+    OlmoForCausalLM with parameter-free LayerNorms, MixtralForCausalLM / Qwen3MoeForCausalLM / OlmoeForCausalLM for a
+    mixture of experts (without / with a per-head / with a full-width QK-norm),
     LlamaForCausalLM with none of them (its attention_bias /
     mlp_bias from model.o_bias / ffn_bias; all load with no custom code); a sliding window on every block of a Llama
     goes to MistralForCausalLM."""
@@ -456,8 +484,19 @@ def from_model_config(m: ModelConfig, max_position: int, dtype: str = "float32")
                    hidden_dropout=0.0, bos_token_id=None, eos_token_id=None)
     if arch == "Olmo2ForCausalLM":
         out["attention_bias"] = False
+    if m.moe_experts:  # every block a mixture (Qwen3-MoE: no dense blocks); transformers' names for the count
+        count = "num_local_experts" if arch == "MixtralForCausalLM" else "num_experts"
+        out.update({count: m.moe_experts}, num_experts_per_tok=m.moe_top_k, output_router_logits=False)
+        if arch == "MixtralForCausalLM":
+            out["sliding_window"] = m.sliding_window or None
+        else:
+            out.update(norm_topk_prob=bool(m.moe_norm_topk), attention_bias=bool(m.qkv_bias))
+        if arch == "Qwen3MoeForCausalLM":
+            out.update(moe_intermediate_size=m.d_ff, decoder_sparse_step=1, mlp_only_layers=[])
+        if arch == "OlmoeForCausalLM":
+            out.update(clip_qkv=m.qkv_clip or None, pad_token_id=None, eos_token_id=None)
     kinds = m.block_kinds
-    if arch in ("Qwen3ForCausalLM", "Qwen2ForCausalLM"):  # windowed: the blocks from max_window_layers on
+    if arch in ("Qwen3ForCausalLM", "Qwen2ForCausalLM", "Qwen3MoeForCausalLM"):  # windowed: from max_window_layers on
         out.update(use_sliding_window="sliding" in kinds, sliding_window=m.sliding_window or None,
                    max_window_layers=kinds.count("full"))
     if arch in ("MistralForCausalLM", "Phi3ForCausalLM"):

@@ -89,9 +89,8 @@ def _weights_of_run(run_dir: Path, work: Path) -> Path:
 
 def export_hf(run_dir: str, out_dir: str, max_position: Optional[int] = None) -> Path:
     """Write config.json + model.safetensors (+ generation_config.json and the tokenizer files when the run used an
-    HF tokenizer) that transformers loads as Qwen3ForCausalLM (QK-norm), Qwen2ForCausalLM (Q/K/V biases),
-    Phi3ForCausalLM (partial RoPE) or LlamaForCausalLM (MistralForCausalLM for an imported window), with no custom
-    code."""
+    HF tokenizer) that transformers loads, with no custom code, as the class that computes the run's model
+    (megadistill.hf.config.from_model_config: Qwen3, Llama, ..., a mixture's Mixtral / Qwen3-MoE / OLMoE)."""
     from safetensors.torch import load_file
 
     from megadistill.train.teacher import teacher_model_config
