@@ -75,6 +75,16 @@ def test_bench_import_tiny():
     assert isinstance(r["goal_met"], bool)
 
 
+def test_bench_moe_tiny():
+    """Both paths run the same function (grouped GEMM vs the loop over experts, same routing); in bf16 too."""
+    for dtype in ("fp32", "bf16"):
+        r = _run("tools/bench_moe.py", "--device", "cpu", "--dtype", dtype, "--tokens", "64", "--d", "32",
+                 "--experts", "8", "--d-ff", "16", "--top-k", "2", "--iters", "1")
+        assert r["grouped_err_vs_loop"] < (1e-6 if dtype == "fp32" else 1e-2), r
+        assert r["grouped_ms"] > 0 and r["loop_ms"] > 0 and r["experts"] == 8 and r["dtype"].startswith(
+            {"fp32": "float32", "bf16": "bfloat16"}[dtype])
+
+
 def test_bench_cache_tiny():
     r = _run("tools/bench_cache.py", "--teacher", "48", "1", "2", "--student", "32", "1", "2", "--vocab", "128",
              "--students", "2", "--steps", "2", "--seq-len", "32", "--batch", "2", "--top-k", "16", "--threads", "1")

@@ -529,6 +529,10 @@ def main() -> int:
             from gpu_kernels import liger_check
             result["liger_ops"] = guarded(liger_check)
             save()
+        from bench_moe import moe_check  # Qwen3-30B-A3B's mixture: grouped GEMM vs the loop over 128 experts
+        result["moe"] = guarded(moe_check, "cuda", torch.bfloat16, tokens=4096, d=2048, experts=128, d_ff=768,
+                                top_k=8, iters=5)
+        save()
     teachers: Dict[str, Path] = {}
     for name, size, teacher, variant in runs:
         key = f"{name}@{variant}"

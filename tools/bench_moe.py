@@ -1,0 +1,110 @@
+#!/usr/bin/env python
+"""Micro-benchmark of a mixture-of-experts FFN (megadistill.model.transformer.MoEFeedForward): forward + backward with
+the experts' projections as one grouped GEMM each (torch._grouped_mm) vs the loop over the experts, timed round-robin
+in one process, with the grouped path's max relative error against the loop (same weights, same routing).
+
+`moe_check(device, ...) -> dict` (tools/gpu_check.py calls it with Qwen3-30B-A3B's block: d 2048, 128 experts of
+width 768, top 8, at 4096 tokens in bf16); as a script it prints the JSON (CPU default: a small block in fp32).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+from unittest import mock
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from megadistill.config import ModelConfig  # noqa: E402
+from megadistill.model import kernels  # noqa: E402
+from megadistill.model.transformer import MoEFeedForward  # noqa: E402
+from megadistill.parallel.layers import LayerFactory  # noqa: E402
+
+
+def _run(block, x, gy, grouped: bool):
+    """One forward + backward; returns (output, grads of x and of the experts' weights)."""
+    x = x.detach().requires_grad_()
+    if grouped and not kernels._grouped_mm_fits(x, block.experts.w1):
+        raise RuntimeError("torch._grouped_mm cannot take these operands here (alignment, dtype, device or torch "
+                           "version): only the loop runs")
+    with mock.patch.object(kernels, "_grouped_mm_works", lambda *a: grouped):  # the loop: as if the probe failed
+        y = block(x)
+        y.backward(gy)
+    grads = [x.grad] + [p.grad.clone() for p in block.experts.parameters()]
+    block.zero_grad(set_to_none=True)
+    return [y.detach()] + grads
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.double() - b.double()).abs().max() / b.double().abs().max().clamp_min(1e-30)).item()
+
+
+def moe_check(device: str = "cpu", dtype=torch.float32, tokens: int = 1024, d: int = 256, experts: int = 16,
+              d_ff: int = 128, top_k: int = 2, iters: int = 10, warmup: int = 2) -> dict:
+    """ms of one fwd + bwd per path (median, round-robin), grouped speedup over the loop, grouped vs loop error."""
+    cfg = ModelConfig(n_layers=1, d_model=d, n_heads=max(1, d // 128), head_dim=128 if d >= 128 else d, d_ff=d_ff,
+                      vocab_size=128, moe_experts=experts, moe_top_k=top_k)
+    cfg.validate()
+    torch.manual_seed(0)
+    block = MoEFeedForward(cfg, d_ff, LayerFactory(device=device, dtype=torch.float32))
+    x32 = torch.randn(1, tokens, d, device=device)
+    gy32 = torch.randn_like(x32) / tokens ** 0.5
+    ref = _run(block, x32, gy32, grouped=False)
+    block.to(dtype)
+    x, gy = x32.to(dtype), gy32.to(dtype)
+    out = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "torch": torch.__version__,
+           "dtype": str(dtype).split(".")[-1], "tokens": tokens, "d": d, "experts": experts, "d_ff": d_ff,
+           "top_k": top_k}
+    # the kernel's error: grouped vs loop on the same weights and routing in `dtype`; and the loop in `dtype` vs fp32
+    # (in bf16 that includes tokens whose top k flips: near-tied router scores round apart)
+    loop = _run(block, x, gy, grouped=False)
+    out["grouped_err_vs_loop"] = max(_rel_err(a, r) for a, r in zip(_run(block, x, gy, grouped=True), loop))
+    out["loop_err_vs_fp32"] = max(_rel_err(a, r) for a, r in zip(loop, ref))
+    times = {"grouped": [], "loop": []}
+    for i in range(warmup + iters):
+        for name in times:  # round-robin: drift hits both paths alike
+            _sync(device)
+            t0 = time.perf_counter()
+            _run(block, x, gy, name == "grouped")
+            _sync(device)
+            if i >= warmup:
+                times[name].append((time.perf_counter() - t0) * 1e3)
+    for name, ts in times.items():
+        out[f"{name}_ms"] = statistics.median(ts)
+    out["grouped_speedup"] = out["loop_ms"] / out["grouped_ms"]
+    return out
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--dtype", choices=["fp32", "bf16"], default=None, help="default: bf16 on CUDA, fp32 on CPU")
+    ap.add_argument("--tokens", type=int, default=None)
+    ap.add_argument("--d", type=int, default=None)
+    ap.add_argument("--experts", type=int, default=None)
+    ap.add_argument("--d-ff", type=int, default=None)
+    ap.add_argument("--top-k", type=int, default=None)
+    ap.add_argument("--iters", type=int, default=10)
+    args = ap.parse_args()
+    gpu = args.device == "cuda"
+    shape = dict(tokens=4096, d=2048, experts=128, d_ff=768, top_k=8) if gpu else dict(
+        tokens=1024, d=256, experts=16, d_ff=128, top_k=2)
+    shape.update({k: v for k, v in (("tokens", args.tokens), ("d", args.d), ("experts", args.experts),
+                                    ("d_ff", args.d_ff), ("top_k", args.top_k)) if v is not None})
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype or ("bf16" if gpu else "fp32")]
+    print(json.dumps(moe_check(args.device, dtype, iters=args.iters, **shape), indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
