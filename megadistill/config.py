@@ -103,7 +103,7 @@ class ModelConfig:
     # mixture of experts (Mixtral, Qwen3-MoE, OLMoE): every block's FFN is moe_experts gated FFNs of width d_ff; a
     # router (softmax over the experts, in fp32) sends each token to its moe_top_k best, weighted by their
     # probabilities (renormalised over the k when moe_norm_topk); 0 = a dense FFN. Experts are split over TP like the
-    # dense FFN (no expert parallelism); no load-balancing loss (for teachers, and students started from one)
+    # dense FFN (no expert parallelism); a student trains with the routers' load-balancing loss (train.moe_aux_loss)
     moe_experts: int = 0
     moe_top_k: int = 0
     moe_norm_topk: bool = True
@@ -349,6 +349,9 @@ class TrainConfig:
     grad_reduce_dtype: str = "auto"  # bf16 runs: dtype of the gradients' DP reductions: auto (the accumulation
     # dtype) | bf16 (with fp32 accumulation: half the bytes on the wire, one bf16 rounding per reduction) | fp32
     z_loss: float = 1e-4  # lambda_Z
+    moe_aux_loss: float = 0.01  # a mixture-of-experts student: weight of the routers' load-balancing loss (Switch
+    # Transformer's E sum_e f_e P_e per block, summed over blocks; Mixtral trained with 0.02, OLMoE 0.01, Qwen3-MoE
+    # 0.001); 0 = none (e.g. continuing a released checkpoint as it was). No effect on a dense student
     seed: int = 0
     log_interval: int = 1  # steps between train.jsonl lines
     eval_interval: int = 0  # steps between evals; 0 = only at the end
@@ -452,7 +455,8 @@ class Config:
         _positive("train.nonfinite_max_skips", t.nonfinite_max_skips, allow_zero=True)
         for k in ("seq_len", "micro_batch_size", "global_batch_size", "log_interval", "eval_tokens", "keep_checkpoints"):
             _positive(f"train.{k}", getattr(t, k))
-        for k in ("steps", "tokens", "tokens_per_param", "eval_interval", "checkpoint_interval", "z_loss", "stop_after_steps"):
+        for k in ("steps", "tokens", "tokens_per_param", "eval_interval", "checkpoint_interval", "z_loss", "stop_after_steps",
+                  "moe_aux_loss"):
             _positive(f"train.{k}", getattr(t, k), allow_zero=True)
         if not (t.steps or t.tokens or t.tokens_per_param):
             raise ConfigError("set one of train.steps, train.tokens or train.tokens_per_param (all are 0)")

@@ -181,6 +181,7 @@ TINY = ["model.n_layers=2", "model.d_model=64", "model.n_heads=4", "model.head_d
     (["model.n_kv_heads=2", "model.qk_norm_scope=full", "parallel.tp_size=4"], None,
      "model.qk_norm_scope=full normalises k over all model.n_kv_heads=2 heads"),
     (["model.moe_experts=4", "model.moe_top_k=5"], None, "model.moe_top_k=5 in [1, moe_experts]"),
+    (["model.moe_experts=4", "model.moe_top_k=2", "train.moe_aux_loss=-0.01"], None, "train.moe_aux_loss"),
     (["model.moe_experts=4", "model.moe_top_k=2", "model.ffn_gated=false"], None, "takes gated experts"),
     (["model.moe_experts=4", "model.moe_top_k=2", "model.ffn_bias=true"], None, "without biases"),
     (["train.micro_batch_size=4", "train.global_batch_size=8"], 4, "train.global_batch_size=8"),

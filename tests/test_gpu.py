@@ -70,3 +70,39 @@ def test_fused_adamw_on_cuda_matches_foreach():
             opt.step()
     for a, b in zip(fused_model.parameters(), ref_model.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_moe_grouped_gemm_on_cuda_matches_the_loop_without_host_syncs():
+    """A mixture's experts in bf16 on the GPU: torch._grouped_mm is taken (the probe passes on Hopper), gives the loop's
+    output and gradients, and the dispatch (routing, counts, grouped GEMMs, the k-slot sum) never syncs with the host
+    (torch.cuda.set_sync_debug_mode('error') raises on any sync)."""
+    from unittest import mock
+
+    from megadistill.config import ModelConfig
+    from megadistill.model import kernels
+    from megadistill.model.transformer import MoEFeedForward
+    from megadistill.parallel.layers import LayerFactory
+    cfg = ModelConfig(n_layers=1, d_model=256, n_heads=2, head_dim=128, d_ff=128, vocab_size=128, moe_experts=16,
+                      moe_top_k=4)
+    cfg.validate()
+    torch.manual_seed(0)
+    block = MoEFeedForward(cfg, cfg.d_ff, LayerFactory(device="cuda", dtype=torch.bfloat16))
+    x = torch.randn(2, 512, 256, device="cuda", dtype=torch.bfloat16)
+
+    def run(grouped):
+        leaf = x.clone().requires_grad_()
+        with mock.patch.object(kernels, "_grouped_mm_works", lambda *a: grouped):
+            y = block(leaf)
+            y.float().pow(2).mean().backward()
+        grads = [leaf.grad] + [p.grad.clone() for p in block.experts.parameters()]
+        block.zero_grad(set_to_none=True)
+        return [y.detach()] + grads
+
+    assert kernels._grouped_mm_works("cuda", torch.cuda.current_device(), torch.bfloat16)
+    _close([t.float() for t in run(True)], [t.float() for t in run(False)], 2e-2)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        run(True)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")

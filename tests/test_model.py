@@ -354,3 +354,67 @@ def test_moe_unrouted_experts_get_zero_gradients():
     for w in ("w1", "w2", "w3"):  # [E, ...]: one slice per expert
         used = {e for e, g in enumerate(grads[f"blocks.0.ffn.experts.{w}"]) if float(g.abs().sum()) > 0}
         assert 1 <= len(used) <= 3
+
+
+def test_moe_balance_loss_is_switch_transformers():
+    """Transformer.moe_aux_loss: per block E sum_e f_e P_e (f_e the share of the t k routed copies sent to expert e,
+    P_e its mean router probability), summed over blocks, from an independent count of the routers' outputs; 1 per
+    block when the router is uniform; only its P_e carries gradient (to the routers and below); read once, and not
+    kept by forwards without autograd (a teacher's)."""
+    from megadistill.config import ModelConfig
+    from megadistill.model.transformer import Transformer
+    cfg = ModelConfig(n_layers=2, d_model=32, n_heads=2, head_dim=16, d_ff=32, vocab_size=64, moe_experts=8,
+                      moe_top_k=2)
+    cfg.validate()
+    torch.manual_seed(0)
+    model = Transformer(cfg)
+    scores = []
+    hooks = [b.ffn.router.register_forward_hook(lambda m, i, o: scores.append(o.detach())) for b in model.blocks]
+    model(torch.randint(0, 64, (2, 12)))
+    for h in hooks:
+        h.remove()
+    ref = 0.0
+    for z in scores:
+        probs = torch.softmax(z.float(), -1)
+        ids = probs.topk(2, -1).indices
+        f = torch.stack([(ids == e).sum() for e in range(8)]).float() / ids.numel()
+        ref += 8 * float((f * probs.mean(0)).sum())
+    aux = model.moe_aux_loss()
+    assert aux.requires_grad and float(aux.detach()) == pytest.approx(ref, rel=1e-6) and ref > 2.05
+    assert model.moe_aux_loss() is None  # read once
+    aux.backward()
+    assert float(model.blocks[1].ffn.router.weight.grad.abs().sum()) > 0
+    assert float(model.embed.weight.grad.abs().sum()) > 0 and model.blocks[1].ffn.experts.w1.grad is None
+    with torch.no_grad():
+        for b in model.blocks:
+            b.ffn.router.weight.zero_()  # uniform routing: P_e = 1 / E whatever the counts
+        model(torch.randint(0, 64, (2, 12)))
+        assert model.moe_aux_loss() is None  # no autograd: nothing kept
+    model(torch.randint(0, 64, (2, 12)))
+    assert float(model.moe_aux_loss().detach()) == pytest.approx(2.0, rel=1e-6)
+    assert Transformer(ModelConfig(n_layers=1, d_model=32, n_heads=2, head_dim=16, d_ff=32,
+                                   vocab_size=64)).moe_aux_loss() is None
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["logits", "fused"])
+def test_objective_adds_the_weighted_balance_loss(tmp_path, fused):
+    """A mixture-of-experts student's objective = the token loss + train.moe_aux_loss x the balance loss (stat
+    moe_aux, logged at weight 0 too); a dense student's has neither."""
+    from tiny_runs import tiny_overrides
+
+    from megadistill import config
+    from megadistill.model.transformer import Transformer
+    from megadistill.train.objective import Objective
+    moe = ["model.moe_experts=4", "model.moe_top_k=2", "model.d_ff=64", f"distill.fused={str(fused).lower()}"]
+    ids = torch.randint(0, 128, (2, 32), generator=torch.Generator().manual_seed(0))
+    out = {}
+    for weight in (0.0, 0.5):
+        cfg = config.load([], tiny_overrides(tmp_path, "supervised", ["train.steps=1", *moe,
+                                                                      f"train.moe_aux_loss={weight}"]))
+        torch.manual_seed(0)
+        loss, stats = Objective(Transformer(cfg.model), cfg)(ids, ids)
+        out[weight] = (float(loss.detach()), float(stats["moe_aux"]))
+    assert out[0.0][1] == out[0.5][1] > 1
+    assert out[0.5][0] - out[0.0][0] == pytest.approx(0.5 * out[0.0][1], rel=1e-5)
+    cfg = config.load([], tiny_overrides(tmp_path, "supervised", ["train.steps=1"]))
+    assert "moe_aux" not in Objective(Transformer(cfg.model), cfg)(ids, ids)[1]

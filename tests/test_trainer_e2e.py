@@ -88,6 +88,8 @@ def _two_proc(rank, world, root):
                             + extra)
         train(_load(d_over), inspect=_check_teacher_frozen)
         out[name] = _losses(root / name)
+        if name.endswith("_moe"):  # the routers' balance loss, logged per step (and in the loss, x 0.01)
+            out[name + "_aux"] = [json.loads(line)["moe_aux"] for line in open(root / name / "train.jsonl")]
     # 3) resume: stop after 3 steps (checkpoint), resume, and compare with the uninterrupted tp1_z2 run
     r_over = tiny_overrides(root / "resumed", "distill", [f"train.steps={STEPS}", f"distill.teacher={root / 'teacher'}",
                                                       "zero.stage=2"])
@@ -207,8 +209,11 @@ def test_moe_layouts_agree(study):
     ref = torch.tensor(res["tp1_z2_moe"])
     assert len(ref) == STEPS and all(math.isfinite(x) for x in ref) and res["tp1_z2_moe"] != res["tp1_z1"]
     assert float(ref[-1]) < float(ref[0])
+    aux = torch.tensor(res["tp1_z2_moe_aux"])
+    assert len(aux) == STEPS and float(aux.min()) > 2  # two blocks, each >= 1 unless routing is anti-balanced
     for name in ("tp2_z1_moe", "tp1_z3_moe"):
         torch.testing.assert_close(torch.tensor(res[name]), ref, atol=CURVE_ATOL, rtol=0, msg=name)
+        torch.testing.assert_close(torch.tensor(res[name + "_aux"]), aux, atol=1e-4, rtol=0, msg=name)
 
 
 def test_resume_equals_uninterrupted(study):

@@ -177,34 +177,43 @@ class MoEFeedForward(nn.Module):
         self.enter, self.exit = factory.region_entry(), factory.region_exit()
         self.router = factory.replicated(d, cfg.moe_experts, mup.init_std_for("hidden", d))  # [E, d]
         self.experts = Experts(cfg, d_ff, factory)
+        # the load-balancing loss of the last forward run with autograd on (None otherwise): Transformer.moe_aux_loss
+        self.aux_loss: Optional[torch.Tensor] = None
 
     def route(self, x: torch.Tensor):
-        """x [t, d] -> (weights [t, k] in x's dtype, expert ids [t, k])."""
+        """x [t, d] -> (weights [t, k] in x's dtype, expert ids [t, k], router probabilities [t, E] in fp32)."""
         probs = torch.softmax(self.router(x).float(), dim=-1)  # [t, E]
         top, ids = probs.topk(self.top_k, dim=-1)
         if self.norm_topk:
             top = top / top.sum(-1, keepdim=True)
-        return top.to(x.dtype), ids
+        return top.to(x.dtype), ids, probs
 
     def forward(self, x):
         full = self.enter(x)  # [b, s, d] on every rank
         flat = full.reshape(-1, full.shape[-1])
-        weights, ids = self.route(flat)
-        return self.exit(self._dispatch(flat, weights, ids).view(full.shape))
+        weights, ids, probs = self.route(flat)
+        return self.exit(self._dispatch(flat, weights, ids, probs).view(full.shape))
 
     @torch.compiler.disable  # the grouping is data (sort, counts): one graph per routing pattern otherwise
-    def _dispatch(self, flat, weights, ids):
+    def _dispatch(self, flat, weights, ids, probs):
         """sum over each token's k experts of weight x expert(token): this rank's partial sums [t, d]. The t k
         (token, slot) copies are sorted by expert, run through the experts together, put back in token order and
-        summed over the k slots (a gather and a sum: deterministic, no atomics)."""
+        summed over the k slots (a permutation and a bmm: deterministic, no atomics, no host sync)."""
         t = flat.shape[0]
         ids = ids.reshape(-1)  # [t k]
         order = ids.argsort(stable=True)  # (token, slot) pairs grouped by expert
-        counts = torch.bincount(ids, minlength=self.n_experts)
+        # per expert: how many copies; a scatter-add, not bincount, whose output size is data (a host sync on CUDA)
+        counts = torch.zeros(self.n_experts, dtype=ids.dtype, device=ids.device).scatter_add_(0, ids,
+                                                                                            torch.ones_like(ids))
+        # Switch Transformer's load balance: E sum_e f_e P_e, f_e the share of copies routed to e (no gradient), P_e
+        # its mean probability; 1 when routing is uniform, E / k when every token picks the same k experts
+        self.aux_loss = (self.n_experts * (counts.float() / ids.numel() * probs.mean(0)).sum()
+                         if torch.is_grad_enabled() else None)
         y = self.experts(flat[order // self.top_k], counts)  # [t k, d], grouped by expert
-        back = torch.empty_like(order)
-        back[order] = torch.arange(order.numel(), device=order.device)  # the inverse permutation
-        per_slot = y[back].view(t, self.top_k, -1)  # [t, k, d] in token order
+        back = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
+        # [t, k, d] in token order: a gather by the inverse permutation, which keeps only `back` for backward (an
+        # index_copy by `order` would keep a copy of y); its backward adds each row once
+        per_slot = y.index_select(0, back).view(t, self.top_k, -1)
         return torch.bmm(weights.unsqueeze(1), per_slot).squeeze(1)  # [t, d]: sum_k w_k y_k
 
 
@@ -335,6 +344,18 @@ class Transformer(nn.Module):
             else:
                 x = block(x, cos, sin, mask)
         return self.gather_sequence(self.norm(x))
+
+    def moe_aux_loss(self) -> Optional[torch.Tensor]:
+        """The mixture blocks' load-balancing losses of the last forward run with autograd on, summed over blocks
+        (each block's is E sum_e f_e P_e over the tokens it routed; every TP rank routes the same tokens, so each
+        holds the whole value), then forgotten; None for a dense model or after a forward without autograd."""
+        losses = []
+        for block in self.blocks:
+            ffn = block.ffn
+            if isinstance(ffn, MoEFeedForward) and ffn.aux_loss is not None:
+                losses.append(ffn.aux_loss)
+                ffn.aux_loss = None
+        return torch.stack(losses).sum() if losses else None
 
     def forward(self, input_ids: torch.Tensor, doc_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Logits of this rank's vocab shard, [b, s, V/tp] (rank r holds classes [r V/tp, (r+1) V/tp)); capped as

@@ -8,7 +8,7 @@ from torch import nn
 
 from megadistill.config import Config
 from megadistill.parallel.cached_loss import cached_distill_loss
-from megadistill.parallel.mappings import copy_to_tp_region
+from megadistill.parallel.mappings import copy_to_tp_region, group_size
 from megadistill.parallel.fused_loss import fused_linear_distill_loss, logits_distill_loss
 from megadistill.parallel.loss_kernel import chunk_tokens_for
 
@@ -16,7 +16,8 @@ from megadistill.parallel.loss_kernel import chunk_tokens_for
 class Objective(nn.Module):
     """Wraps the student so DeepSpeed sees one module whose forward returns the scalar loss and detached term means.
 
-    L = (1 - kd_weight) NTP + kd_weight KD + z_loss Z  (distill);  L = NTP + z_loss Z  (supervised).
+    L = (1 - kd_weight) NTP + kd_weight KD + z_loss Z  (distill);  L = NTP + z_loss Z  (supervised); a
+    mixture-of-experts student adds moe_aux_loss x its routers' load-balancing loss.
     Each term is a mean over valid (label != -100) tokens of this rank's micro-batch; DeepSpeed averages over DP ranks
     and accumulation steps, which equals the global token mean because packed micro-batches have equal token counts.
     """
@@ -28,12 +29,27 @@ class Objective(nn.Module):
         self.tp_group = tp_group
         self.distill = cfg.train.mode == "distill"
         self.fused = cfg.distill.fused
+        self.moe, self.aux_weight = bool(cfg.model.moe_experts), float(cfg.train.moe_aux_loss)
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor, doc_ids: Optional[torch.Tensor] = None,
                 teacher_logits: Optional[torch.Tensor] = None, teacher_hidden: Optional[torch.Tensor] = None,
                 teacher_weight: Optional[torch.Tensor] = None, teacher_ids: Optional[torch.Tensor] = None,
                 teacher_logprobs: Optional[torch.Tensor] = None, teacher_tail: Optional[torch.Tensor] = None
                 ) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+        return self._balanced(*self._loss(input_ids, labels, doc_ids, teacher_logits, teacher_hidden, teacher_weight,
+                                          teacher_ids, teacher_logprobs, teacher_tail))
+
+    def _balanced(self, loss: torch.Tensor, stats: Dict[str, torch.Tensor]):
+        """+ train.moe_aux_loss x the mixture's load-balancing loss (a mixture-of-experts student; stat moe_aux,
+        logged at weight 0 too): add_balance_loss."""
+        aux = self.student.moe_aux_loss() if self.moe else None  # read (and released) even at weight 0: logged
+        if aux is None:
+            return loss, stats
+        stats = dict(stats, moe_aux=aux.detach())
+        return add_balance_loss(loss, aux, self.aux_weight, group_size(self.tp_group)), stats
+
+    def _loss(self, input_ids, labels, doc_ids, teacher_logits, teacher_hidden, teacher_weight, teacher_ids,
+              teacher_logprobs, teacher_tail) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
         d, z_w = self.cfg.distill, self.cfg.train.z_loss
         kd_w = d.kd_weight if self.distill else 0.0
         if teacher_ids is not None:  # a cached top-k teacher (distill.teacher=cache:DIR); autograd over the logits
@@ -55,6 +71,16 @@ class Objective(nn.Module):
         return logits_distill_loss(logits, teacher_logits, labels, group=self.tp_group, kd_weight=kd_w,
                                    temperature=d.temperature, z_loss=z_w, top_k=d.top_k, top_p=d.top_p,
                                    reverse=d.reverse, chunk_tokens=chunk, inplace=True, loss_kernel=d.loss_kernel)
+
+
+def add_balance_loss(loss: torch.Tensor, aux: torch.Tensor, weight: float, tp_size: int) -> torch.Tensor:
+    """loss + weight x aux (a mixture's load-balancing loss, whole on every TP rank) in value; its gradient flows
+    through weight x aux / tp_size, since the router's and its input's gradients are summed over the TP ranks."""
+    if not weight:
+        return loss
+    term = weight * aux
+    share = term / tp_size
+    return loss + share + (term - share).detach()
 
 
 def teacher_outputs(teacher: nn.Module, cfg: Config, input_ids: torch.Tensor, doc_ids: Optional[torch.Tensor]):
