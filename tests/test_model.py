@@ -394,6 +394,11 @@ def test_moe_balance_loss_is_switch_transformers():
     assert float(model.moe_aux_loss().detach()) == pytest.approx(2.0, rel=1e-6)
     assert Transformer(ModelConfig(n_layers=1, d_model=32, n_heads=2, head_dim=16, d_ff=32,
                                    vocab_size=64)).moe_aux_loss() is None
+    cfg.activation_checkpointing = "full"  # recomputing the blocks in backward keeps no second balance loss
+    ckpt = Transformer(cfg)
+    (ckpt(torch.randint(0, 64, (2, 12))).float().pow(2).mean() + ckpt.moe_aux_loss()).backward()
+    assert all(b.ffn.aux_loss is None for b in ckpt.blocks)
+    assert float(ckpt.blocks[0].ffn.router.weight.grad.abs().sum()) > 0
 
 
 @pytest.mark.parametrize("fused", [False, True], ids=["logits", "fused"])

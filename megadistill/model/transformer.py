@@ -177,8 +177,11 @@ class MoEFeedForward(nn.Module):
         self.enter, self.exit = factory.region_entry(), factory.region_exit()
         self.router = factory.replicated(d, cfg.moe_experts, mup.init_std_for("hidden", d))  # [E, d]
         self.experts = Experts(cfg, d_ff, factory)
-        # the load-balancing loss of the last forward run with autograd on (None otherwise): Transformer.moe_aux_loss
+        # the load-balancing loss of the model's last forward run with autograd on (None otherwise), kept once per
+        # model forward (armed by Transformer.hidden_states: not again when checkpointing recomputes the block in
+        # backward, which would hold a graph past the step): Transformer.moe_aux_loss
         self.aux_loss: Optional[torch.Tensor] = None
+        self.keep_aux = True
 
     def route(self, x: torch.Tensor):
         """x [t, d] -> (weights [t, k] in x's dtype, expert ids [t, k], router probabilities [t, E] in fp32)."""
@@ -207,8 +210,12 @@ class MoEFeedForward(nn.Module):
                                                                                             torch.ones_like(ids))
         # Switch Transformer's load balance: E sum_e f_e P_e, f_e the share of copies routed to e (no gradient), P_e
         # its mean probability; 1 when routing is uniform, E / k when every token picks the same k experts
-        self.aux_loss = (self.n_experts * (counts.float() / ids.numel() * probs.mean(0)).sum()
-                         if torch.is_grad_enabled() else None)
+        if torch.is_grad_enabled():  # formed on a checkpoint's recompute too (it must save what the forward saved)
+            aux = self.n_experts * (counts.float() / ids.numel() * probs.mean(0)).sum()
+            if self.keep_aux:
+                self.aux_loss, self.keep_aux = aux, False
+        elif self.keep_aux:
+            self.aux_loss, self.keep_aux = None, False
         y = self.experts(flat[order // self.top_k], counts)  # [t k, d], grouped by expert
         back = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
         # [t, k, d] in token order: a gather by the inverse permutation, which keeps only `back` for backward (an
@@ -334,6 +341,9 @@ class Transformer(nn.Module):
         inputs = {kind: (*(self.local_rope if kind == "sliding" else self.rope)(s, x.device, x.dtype),
                          build_mask(doc_ids, self.cfg.attention, s, window if kind == "sliding" else 0, x.device))
                   for kind in sorted(set(self.layer_kinds))}
+        for block in self.blocks:  # each mixture keeps this forward's balance loss (Transformer.moe_aux_loss)
+            if isinstance(block.ffn, MoEFeedForward):
+                block.ffn.keep_aux = True
         for i, block in enumerate(self.blocks):
             cos, sin, mask = inputs[self.layer_kinds[i]]
             if i in self.nope:
