@@ -181,8 +181,9 @@ def _grouped_mm_fits(x: torch.Tensor, weight: torch.Tensor) -> bool:
 
 @functools.lru_cache(maxsize=None)
 def _grouped_mm_works(device_type: str, index, dtype: torch.dtype) -> bool:
-    """One tiny forward and backward of torch._grouped_mm in this layout (two experts, one empty) against the loop;
-    False (the loop is used, logged once) where it is absent, raises, or is wrong."""
+    """One tiny forward and backward of torch._grouped_mm in this layout (three experts, one empty, groups of rows
+    not multiples of 8) against per-expert matmuls, output and both gradients; False (the loop is used, logged once)
+    where it is absent, raises, or is wrong."""
     if not hasattr(torch, "_grouped_mm") or device_type not in ("cpu", "cuda"):
         return False
     if device_type == "cuda" and dtype != torch.bfloat16:  # CUTLASS's grouped GEMM is bf16-only
@@ -191,13 +192,19 @@ def _grouped_mm_works(device_type: str, index, dtype: torch.dtype) -> bool:
     try:
         with torch.inference_mode(False), torch.enable_grad():  # a teacher forward may be in inference mode
             g = torch.Generator(device="cpu").manual_seed(0)
-            x = torch.randn(6, 16, generator=g).to(device, dtype).requires_grad_()
-            w = torch.randn(3, 8, 16, generator=g).to(device, dtype).requires_grad_()
-            offs = torch.tensor([2, 2, 6], device=device, dtype=torch.int32)
-            y = torch._grouped_mm(x, w.transpose(1, 2), offs=offs)
-            ref = torch.cat([x[:2] @ w[0].T, x[2:] @ w[2].T])
-            y.backward(torch.ones_like(y))
-            ok = torch.allclose(y.float(), ref.float(), rtol=2e-2, atol=2e-2) and bool(w.grad[1].eq(0).all())
+            x = torch.randn(13, 16, generator=g).to(device, dtype)
+            w = torch.randn(3, 8, 16, generator=g).to(device, dtype)
+            gy = torch.randn(13, 8, generator=g).to(device, dtype)
+            offs = torch.tensor([3, 3, 13], device=device, dtype=torch.int32)
+            results = []
+            for grouped in (True, False):
+                xl, wl = x.clone().requires_grad_(), w.clone().requires_grad_()
+                y = (torch._grouped_mm(xl, wl.transpose(1, 2), offs=offs) if grouped
+                     else torch.cat([xl[:3] @ wl[0].T, xl[3:] @ wl[2].T]))
+                y.backward(gy)
+                results.append([y.float(), xl.grad.float(), wl.grad.float()])
+            ok = all(torch.allclose(a, b, rtol=2e-2, atol=5e-2) for a, b in zip(*results))
+            ok = ok and bool(results[0][2][1].eq(0).all())
     except (RuntimeError, NotImplementedError, TypeError) as e:
         log.info("torch._grouped_mm unavailable on %s in %s (%s): mixture-of-experts matmuls loop over the experts",
                  device_type, dtype, str(e).splitlines()[0] if str(e) else type(e).__name__)
