@@ -125,6 +125,33 @@ def _tp_activation_worker(rank, world):
 
 
 @pytest.mark.multiproc
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+@pytest.mark.parametrize("experts,top_k,width", [(8, 2, 256), (16, 4, 128)])
+def test_teacher_moe_block_peak_matches_live_tensors(precision, experts, top_k, width):
+    """A mixture's block forward without autograd (a teacher's) peaks where memory.teacher_block_bytes says, within
+    3%: its routed copies (top_k per token) dominate, which the dense count (3 f + 4 d per token) misses by 2-3x."""
+    from megadistill.model.attention import Rotary
+    from megadistill.model.transformer import Block
+    from megadistill.parallel.layers import LayerFactory
+    torch.set_num_threads(1)
+    m = _cfg([f"model.moe_experts={experts}", f"model.moe_top_k={top_k}", f"model.d_ff={width}"]).model
+    dtype, tb = (torch.bfloat16, 2) if precision == "bf16" else (torch.float32, 4)
+    torch.manual_seed(0)
+    block = Block(m, m.d_ff, LayerFactory(dtype=dtype)).eval()
+    x = torch.randn(2, 256, m.d_model, dtype=dtype)
+    cos, sin = Rotary(m.head_dim, m.rope_base)(256, "cpu", dtype)
+    with torch.inference_mode(), LiveTensors() as tracker:
+        tracker.track(list(block.parameters()) + [x, cos, sin])
+        before = tracker.cur
+        tracker.start_window()
+        block(x, cos, sin, None)
+        peak = tracker.peak_in_window - before
+    est = memory.teacher_block_bytes(m, x.shape[0] * x.shape[1], 1, tb)
+    assert abs(est / peak - 1) < 0.03, (est, peak)
+    dense = tb * x.shape[0] * x.shape[1] * (3 * m.d_ff + 4 * m.d_model)
+    assert peak > 1.8 * dense
+
+
 def test_activation_bytes_tp2_sequence_parallel_match_live_tensors():
     from dist_harness import run_distributed
     rows = run_distributed(_tp_activation_worker, 2)[0]

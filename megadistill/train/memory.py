@@ -214,6 +214,18 @@ def loss_bytes(tokens: int, m: ModelConfig, tp: int, wb: int, fused: bool, chunk
     return chunk + grads + hidden_t
 
 
+def teacher_block_bytes(m: ModelConfig, tokens: int, tp: int, tb: int) -> float:
+    """Peak of one block's intermediates in a forward without autograd (the teacher's), before attention scores. A
+    mixture of experts peaks in its experts' down projection, per routed copy of a token: the copies' input and
+    output rows (whole d inside the TP region) and the gate, up and activation rows (f/tp), beside the block's
+    residual stream, plus the router's fp32 probabilities (within 1% of the live tensors,
+    tests/test_memory_plan.py)."""
+    d, f = m.d_model, m.d_ff
+    if m.moe_experts:
+        return tb * tokens * (m.moe_top_k * (2 * d + 3 * f / tp) + 3 * d) + 4 * tokens * m.moe_experts
+    return tb * tokens * (3 * f + 4 * d) / tp
+
+
 def estimate_layout(student: ModelConfig, layout: Layout, world_size: int, seq_len: int, global_batch_size: int,
                     precision: str = "bf16", teacher: Optional[ModelConfig] = None, teacher_dtype: str = "bf16",
                     hardware: Hardware = Hardware()) -> Dict:
@@ -298,7 +310,7 @@ def estimate_layout(student: ModelConfig, layout: Layout, world_size: int, seq_l
                                      zero_buffers=bucket if z == 3 else 0.0, step_transient=transient)}
     if teacher is not None:
         t_out = tb * n * (teacher.d_model if layout.fused else teacher.vocab_size // tp)
-        t_block = tb * n * (3 * teacher.d_ff + 4 * teacher.d_model) / tp  # one block's no-grad intermediates
+        t_block = teacher_block_bytes(teacher, n, tp, tb)
         if explicit_scores(teacher):  # its fp32 scores and softmax over seq_len keys, one block at a time
             t_block += 8 * n * teacher.n_heads / tp * seq_len
         if layout.teacher_zero3 and dp > 1:
