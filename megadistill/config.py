@@ -107,6 +107,8 @@ class ModelConfig:
     moe_experts: int = 0
     moe_top_k: int = 0
     moe_norm_topk: bool = True
+    moe_shared_ff: int = 0  # Qwen2-MoE: width of a shared expert (a SwiGLU every token goes through) whose output is
+    # gated by sigmoid(w . x), added to the routed experts'; split over TP like them; 0 = none
     sliding_window: int = 0  # attention window (Mistral's / Phi-3's sliding_window): token i attends to tokens
     # i - sliding_window + 1 .. i only; 0 = full causal attention. No effect while train.seq_len <= sliding_window
     layer_types: List[str] = field(default_factory=list)  # per block "sliding" (windowed) or "full" (Gemma 3: 5 of
@@ -197,6 +199,9 @@ class ModelConfig:
         if self.moe_experts < 0 or (self.moe_experts and not 1 <= self.moe_top_k <= self.moe_experts):
             raise ConfigError(f"{prefix}.moe_experts={self.moe_experts} must be >= 0 (0 = a dense FFN) and, with "
                               f"experts, {prefix}.moe_top_k={self.moe_top_k} in [1, moe_experts]")
+        if self.moe_shared_ff < 0 or (self.moe_shared_ff and not self.moe_experts):
+            raise ConfigError(f"{prefix}.moe_shared_ff={self.moe_shared_ff} must be >= 0 and needs a mixture of "
+                              f"experts ({prefix}.moe_experts > 0); 0 = no shared expert")
         if self.moe_experts and (not self.ffn_gated or self.ffn_bias):
             raise ConfigError(f"{prefix}.moe_experts={self.moe_experts} takes gated experts without biases "
                               f"({prefix}.ffn_gated=true, {prefix}.ffn_bias=false)")
@@ -239,8 +244,8 @@ HF_SHAPE_KEYS = ("n_layers", "d_model", "n_heads", "n_kv_heads", "head_dim", "d_
                  "rope_beta_fast", "rope_beta_slow", "rope_truncate",
                  "rope_fraction", "norm_eps", "qk_norm", "qk_norm_scope", "norm_position", "norm_offset", "activation",
                  "embed_scale", "attn_scale_dim", "qkv_bias", "o_bias", "ffn_bias", "norm_type", "ffn_gated",
-                 "parallel_residual", "qkv_clip", "moe_experts", "moe_top_k", "moe_norm_topk", "sliding_window",
-                 "layer_types", "rope_local_base", "nope_blocks", "attn_softcap", "logit_softcap", "tie_embeddings")
+                 "parallel_residual", "qkv_clip", "moe_experts", "moe_top_k", "moe_norm_topk", "moe_shared_ff",
+                 "sliding_window", "layer_types", "rope_local_base", "nope_blocks", "attn_softcap", "logit_softcap", "tie_embeddings")
 
 
 def _size_shape(size: str) -> Dict:
@@ -404,8 +409,9 @@ class Config:
                               f"but parallel.tp_size={p.tp_size} leaves one per rank; use a tp_size that divides it")
         if m.vocab_size % p.tp_size:
             raise ConfigError(f"parallel.tp_size={p.tp_size} does not divide model.vocab_size={m.vocab_size}")
-        if m.d_ff % p.tp_size:
-            raise ConfigError(f"parallel.tp_size={p.tp_size} does not divide model.d_ff={m.d_ff}")
+        for key in ("d_ff", "moe_shared_ff"):
+            if getattr(m, key) % p.tp_size:
+                raise ConfigError(f"parallel.tp_size={p.tp_size} does not divide model.{key}={getattr(m, key)}")
         if not isinstance(p.sequence_parallel, bool):
             raise ConfigError(f"parallel.sequence_parallel={p.sequence_parallel!r} must be true or false")
         if p.sequence_parallel and self.train.seq_len % p.tp_size:

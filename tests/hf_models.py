@@ -17,7 +17,8 @@ LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "hi
 # (smollm3), one key/value head, replicated over TP=2 (qwen2_mqa), GPT-NeoX / Pythia's LayerNorms, plain MLP,
 # biases and (non-)parallel residual (neox), Llama's attention_bias and mlp_bias (llama_biases), OLMo 1's
 # parameter-free LayerNorms and clamped q / k / v (olmo1), LayerNorms with biases in a SwiGLU block (stablelm),
-# mixtures of experts with and without renormalised top-2 weights (mixtral, qwen3_moe, olmoe)
+# mixtures of experts with and without renormalised top-2 weights (mixtral, qwen3_moe, olmoe), and with a gated
+# shared expert beside Qwen2's attention (qwen2_moe)
 VARIANTS = {"qwen3_gqa": ("qwen3", 2, False), "qwen3_mha_tied": ("qwen3", 4, True),
             "llama_gqa_tied": ("llama", 2, True), "llama_mha": ("llama", 4, False),
             "qwen2_gqa_tied": ("qwen2", 2, True), "mistral_gqa": ("mistral", 2, False),
@@ -27,8 +28,10 @@ VARIANTS = {"qwen3_gqa": ("qwen3", 2, False), "qwen3_mha_tied": ("qwen3", 4, Tru
             "neox_parallel": ("neox", 4, False), "neox_sequential_tied": ("neox_seq", 4, True),
             "llama_biases": ("llama_bias", 2, False), "olmo1_tied": ("olmo", 4, True),
             "stablelm_gqa": ("stablelm", 2, False), "mixtral_gqa": ("mixtral", 2, False),
-            "qwen3_moe_gqa_tied": ("qwen3_moe", 2, True), "olmoe_mha": ("olmoe", 4, False)}
+            "qwen3_moe_gqa_tied": ("qwen3_moe", 2, True), "olmoe_mha": ("olmoe", 4, False),
+            "qwen2_moe_gqa": ("qwen2_moe", 2, False)}
 MOE_WIDTH = 32  # each expert's hidden width
+SHARED_WIDTH = 48  # Qwen2-MoE's shared expert's
 NEOX_ROTARY = 0.25  # Pythia's rotary_pct: RoPE on the first 4 of each head's 16 dims
 OLMO_CLIP = 0.4  # OLMo 1's clip_qkv (OLMo-7B-0424: 8), here below the largest projections
 GEMMA2_CAPS = (2.0, 3.0)  # attention, output logits: small enough to bite on the tiny model (Gemma 2: 50, 30)
@@ -112,6 +115,12 @@ def make_hf(folder, family="qwen3", n_kv_heads=2, tied=False, vocab=128, seed=0,
         model = StableLmForCausalLM(StableLmConfig(
             rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": NEOX_ROTARY},
             use_qkv_bias=True, layer_norm_eps=1e-5, bos_token_id=0, eos_token_id=0, **common))
+    elif family == "qwen2_moe":  # Qwen1.5-MoE: Q/K/V biases, 4 experts top 2 (not renormalised) and a shared expert
+        from transformers import Qwen2MoeConfig, Qwen2MoeForCausalLM
+        moe = {k: v for k, v in common.items() if k != "intermediate_size"}
+        model = Qwen2MoeForCausalLM(Qwen2MoeConfig(
+            intermediate_size=96, moe_intermediate_size=MOE_WIDTH, shared_expert_intermediate_size=SHARED_WIDTH,
+            num_experts=4, num_experts_per_tok=2, rope_theta=1e6, rms_norm_eps=1e-6, **moe))
     elif family in ("mixtral", "qwen3_moe", "olmoe"):  # mixtures of 4 experts (width 32), top 2: Mixtral
         # renormalises the two weights, Qwen3-MoE as norm_topk_prob (on here), OLMoE not (its default); OLMoE's
         # QK-norm spans all heads' dims and clamps q / k / v after it

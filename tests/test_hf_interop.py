@@ -12,7 +12,7 @@ from torch.testing import assert_close
 
 from dist_harness import run_distributed
 from hf_models import (GEMMA2_CAPS, GEMMA3_WINDOW, MISTRAL_WINDOW, PHI3_ORIGINAL_MAX, PHI3_PARTIAL, PHI3_WINDOW,
-                       NEOX_ROTARY, OLMO_CLIP, VARIANTS, edit_config, hf_logits, make_hf, to_bin)
+                       NEOX_ROTARY, OLMO_CLIP, SHARED_WIDTH, VARIANTS, edit_config, hf_logits, make_hf, to_bin)
 from tiny_runs import tiny_overrides
 
 from megadistill import config
@@ -64,9 +64,16 @@ def test_teacher_logits_equal_transformers_tp1(hf_dirs, tmp_path, name):
     neox = family in ("neox", "neox_seq")  # LayerNorms, a plain MLP, biases on every linear
     assert (m.n_kv_heads, m.tie_embeddings, m.qk_norm, m.qkv_bias) == (
         kv, tied, family in ("qwen3", "olmo2", "gemma3", "qwen3_moe", "olmoe"),
-        family in ("qwen2", "llama_bias", "stablelm") or neox)
-    assert (m.moe_experts, m.moe_top_k, m.moe_norm_topk) == (
-        (4, 2, family != "olmoe") if family in ("mixtral", "qwen3_moe", "olmoe") else (0, 0, True))
+        family in ("qwen2", "llama_bias", "stablelm", "qwen2_moe") or neox)
+    moe = family in ("mixtral", "qwen3_moe", "olmoe", "qwen2_moe")
+    assert (m.moe_experts, m.moe_top_k, m.moe_norm_topk, m.moe_shared_ff) == (
+        (4, 2, family not in ("olmoe", "qwen2_moe"), SHARED_WIDTH if family == "qwen2_moe" else 0) if moe
+        else (0, 0, True, 0))
+    if family == "qwen2_moe":  # the shared expert and its gate are read (random in the checkpoint: they matter)
+        with torch.no_grad():
+            for block in teacher.module.blocks:
+                block.ffn.shared.gate.weight.fill_(-30.0)  # sigmoid ~ 0: the shared expert's output dropped
+            assert (teacher.module(IDS) - ref).abs().max() > 1e-3
     assert (m.o_bias, m.ffn_bias) == ((True, True) if neox or family == "llama_bias" else (False, False))
     assert (m.norm_type, m.ffn_gated, m.parallel_residual) == (
         ("layer", False, family == "neox") if neox else ("layer_noaffine", True, False) if family == "olmo"
@@ -494,6 +501,13 @@ def test_qwen2_use_sliding_window_windows_the_last_blocks(hf_dirs, tmp_path):
         ours = teacher.module(IDS)
     assert_close(ours, hf_logits(hf, IDS))
     assert (ours - hf_dirs["qwen2_gqa_tied"][1]).abs().max() > 1e-3  # the window changed block 1's attention
+    moe = tmp_path / "qwen2_moe_windows"  # Qwen2-MoE's own default: every other block from the first, below
+    shutil.copytree(hf_dirs["qwen2_moe_gqa"][0], moe)  # max_window_layers
+    edit_config(moe, use_sliding_window=True, sliding_window=8, max_window_layers=2, layer_types=None)
+    teacher = _load(_teacher_cfg(tmp_path, moe))
+    assert (teacher.model_cfg.sliding_window, teacher.model_cfg.layer_types) == (8, ["sliding", "full"])
+    with torch.no_grad():
+        assert_close(teacher.module(IDS), hf_logits(AutoModelForCausalLM.from_pretrained(str(moe)).eval(), IDS))
 
 
 @pytest.mark.parametrize("over", [
@@ -516,9 +530,11 @@ def test_qwen2_use_sliding_window_windows_the_last_blocks(hf_dirs, tmp_path):
     dict(MOE, qk_norm=False, sliding_window=8),  # Mixtral, every block windowed
     dict(MOE, moe_norm_topk=False, qkv_bias=True, o_bias=True, tie_embeddings=True),  # Qwen3-MoE, attention_bias
     dict(MOE, moe_norm_topk=False, qk_norm_scope="full", qkv_clip=0.4),  # OLMoE
+    dict(MOE, moe_norm_topk=False, moe_shared_ff=48, qk_norm=False, qkv_bias=True, sliding_window=8,
+         layer_types=["sliding", "full", "sliding"]),  # Qwen2-MoE, every other block windowed
 ], ids=["qwen2_last_blocks", "qwen3_all_blocks", "mistral", "gemma3_shared_rope", "smollm3_windowed_nope",
         "gemma2_softcapped", "gptneox", "gptneox_sequential_tied", "llama_biases", "qwen3_biases", "olmo1", "stablelm",
-        "mixtral_windowed", "qwen3_moe_biases_tied", "olmoe"])
+        "mixtral_windowed", "qwen3_moe_biases_tied", "olmoe", "qwen2_moe_windowed"])
 def test_exported_config_is_our_function_in_transformers(tmp_path, over):
     """Our model with random weights (norm gains too), written as export writes it (from_model_config + state_to_hf),
     loads in transformers with equal logits on sequences 3x the window; import reads the same config back."""
@@ -550,7 +566,7 @@ def test_exported_config_is_our_function_in_transformers(tmp_path, over):
     for key in ("sliding_window", "layer_types", "norm_position", "norm_offset", "activation", "qkv_bias", "qk_norm",
                 "nope_blocks", "attn_softcap", "logit_softcap", "attn_scale_dim", "o_bias", "ffn_bias", "norm_type",
                 "ffn_gated", "parallel_residual", "rope_fraction", "rope_scaling", "tie_embeddings", "qkv_clip",
-                "norm_eps", "moe_experts", "moe_top_k", "moe_norm_topk", "d_ff", "qk_norm_scope"):
+                "norm_eps", "moe_experts", "moe_top_k", "moe_norm_topk", "d_ff", "qk_norm_scope", "moe_shared_ff"):
         assert getattr(back, key) == getattr(m, key), key
 
 
@@ -593,7 +609,10 @@ def test_export_refuses_models_no_hf_architecture_computes():
                        (dict(MOE, norm_type="layer"), "a mixture of experts in a block other than"),
                        (dict(MOE, qkv_bias=True), "Q/K/V and O biases both or neither"),
                        (dict(MOE, qk_norm_scope="full", sliding_window=8), "a sliding window in OLMoE's block"),
-                       (dict(MOE, qkv_clip=8.0), "clamping, or windows on blocks other than the last ones")]:
+                       (dict(MOE, qkv_clip=8.0), "clamping, or windows on blocks other than the last ones"),
+                       (dict(MOE, moe_shared_ff=64), "a shared expert in a block other than Qwen2-MoE's"),
+                       (dict(MOE, moe_shared_ff=64, qk_norm=False, qkv_bias=True, o_bias=True),
+                        "a shared expert in a block other than Qwen2-MoE's")]:
         with pytest.raises(UserError, match=match):
             from_model_config(dataclasses.replace(base, **bad), 64)
 
@@ -849,6 +868,12 @@ PUBLISHED = {  # the shape keys of each family's published config.json (weights 
                     "intermediate_size": 1024, "num_hidden_layers": 16, "num_attention_heads": 16,
                     "num_key_value_heads": 16, "vocab_size": 50304, "num_experts": 64, "num_experts_per_tok": 8,
                     "norm_topk_prob": False, "clip_qkv": None, "pad_token_id": 1, "eos_token_id": 50279},
+    "Qwen1.5-MoE-A2.7B": {"architectures": ["Qwen2MoeForCausalLM"], "model_type": "qwen2_moe", "hidden_size": 2048,
+                          "intermediate_size": 5632, "num_hidden_layers": 24, "num_attention_heads": 16,
+                          "num_key_value_heads": 16, "vocab_size": 151936, "moe_intermediate_size": 1408,
+                          "shared_expert_intermediate_size": 5632, "num_experts": 60, "num_experts_per_tok": 4,
+                          "norm_topk_prob": False, "decoder_sparse_step": 1, "tie_word_embeddings": False,
+                          "rms_norm_eps": 1e-6, "rope_theta": 1000000.0, "use_sliding_window": False},
 }
 
 
@@ -874,7 +899,9 @@ def test_published_configs_count_as_transformers_builds_them(name):
     ours = Transformer(m, LayerFactory(device="meta"))
     assert sum(p.numel() for p in ours.parameters()) == n_theirs
     vocab = (1 if m.tie_embeddings else 2) * m.vocab_size * m.d_model
-    published_active = {"Mixtral-8x7B": 12.9, "OLMoE-1B-7B": 1.3}  # the model cards' "B active" figures
+    published_active = {"Mixtral-8x7B": 12.9, "OLMoE-1B-7B": 1.3, "Qwen1.5-MoE-A2.7B": 2.7}  # the cards' "B active"
+    if name == "Qwen1.5-MoE-A2.7B":  # its card: 14.3B in all, shared expert and gates included
+        assert round((n + vocab) / 1e9, 1) == 14.3
     if name in published_active:  # what F(N) and MFU count: the routed experts only
         assert round((active_params(m) + vocab) / 1e9, 1) == published_active[name]
     assert (active_params(m) < n) == bool(m.moe_experts)

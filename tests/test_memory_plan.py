@@ -86,7 +86,7 @@ def test_activation_bytes_match_live_tensors(precision, ckpt):
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
-@pytest.mark.parametrize("block", ["neox", "olmo1", "eager", "sdpa_softcap", "moe"])
+@pytest.mark.parametrize("block", ["neox", "olmo1", "eager", "sdpa_softcap", "moe", "moe_shared"])
 def test_activation_bytes_of_other_blocks_match_live_tensors(precision, block):
     """Pythia's block (LayerNorms, plain GELU MLP, biases, parallel residual), OLMo 1's parameter-free LayerNorms,
     a mixture of 8 experts (top 2), and the attentions that form their [b, h, s, s] scores (eager; sdpa with Gemma 2's
@@ -98,7 +98,9 @@ def test_activation_bytes_of_other_blocks_match_live_tensors(precision, block):
              "olmo1": ["model.norm_type=layer_noaffine", "model.qk_norm=false", "model.qkv_clip=8"],
              "eager": ["model.attention=eager"],
              "sdpa_softcap": ["model.attn_softcap=50"],
-             "moe": ["model.moe_experts=8", "model.moe_top_k=2", "model.d_ff=256"]}[block]
+             "moe": ["model.moe_experts=8", "model.moe_top_k=2", "model.d_ff=256"],
+             "moe_shared": ["model.moe_experts=8", "model.moe_top_k=2", "model.d_ff=256", "model.moe_shared_ff=512",
+                            "model.qk_norm=false", "model.qkv_bias=true"]}[block]
     cfg = _cfg(extra)
     ids, live = _live_activation_bytes(cfg, precision)
     wb = 2 if precision == "bf16" else 4
@@ -126,15 +128,16 @@ def _tp_activation_worker(rank, world):
 
 @pytest.mark.multiproc
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
-@pytest.mark.parametrize("experts,top_k,width", [(8, 2, 256), (16, 4, 128)])
-def test_teacher_moe_block_peak_matches_live_tensors(precision, experts, top_k, width):
+@pytest.mark.parametrize("experts,top_k,width,shared", [(8, 2, 256, 0), (16, 4, 128, 0), (8, 1, 64, 1024)])
+def test_teacher_moe_block_peak_matches_live_tensors(precision, experts, top_k, width, shared):
     """A mixture's block forward without autograd (a teacher's) peaks where memory.teacher_block_bytes says, within
     3%: its routed copies (top_k per token) dominate, which the dense count (3 f + 4 d per token) misses by 2-3x."""
     from megadistill.model.attention import Rotary
     from megadistill.model.transformer import Block
     from megadistill.parallel.layers import LayerFactory
     torch.set_num_threads(1)
-    m = _cfg([f"model.moe_experts={experts}", f"model.moe_top_k={top_k}", f"model.d_ff={width}"]).model
+    m = _cfg([f"model.moe_experts={experts}", f"model.moe_top_k={top_k}", f"model.d_ff={width}",
+              f"model.moe_shared_ff={shared}"]).model
     dtype, tb = (torch.bfloat16, 2) if precision == "bf16" else (torch.float32, 4)
     torch.manual_seed(0)
     block = Block(m, m.d_ff, LayerFactory(dtype=dtype)).eval()
@@ -149,7 +152,7 @@ def test_teacher_moe_block_peak_matches_live_tensors(precision, experts, top_k, 
     est = memory.teacher_block_bytes(m, x.shape[0] * x.shape[1], 1, tb)
     assert abs(est / peak - 1) < 0.03, (est, peak)
     dense = tb * x.shape[0] * x.shape[1] * (3 * m.d_ff + 4 * m.d_model)
-    assert peak > 1.8 * dense
+    assert peak > 1.8 * dense  # (a large shared expert: its own phase, 1024 wide, is the peak)
 
 
 def test_activation_bytes_tp2_sequence_parallel_match_live_tensors():

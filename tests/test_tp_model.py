@@ -301,6 +301,8 @@ def tp2_worker(rank, world):
     check_model_vs_dense(groups, True, **MOE_LIKE)
     check_model_vs_dense(groups, False, sequence_parallel=True, activation_checkpointing="full",
                          **dict(MOE_LIKE, moe_norm_topk=False))
+    # Qwen2-MoE: a shared expert split over TP in the same region, its replicated sigmoid gate's grad summed
+    check_model_vs_dense(groups, True, **dict(MOE_LIKE, moe_shared_ff=96, qk_norm=False, qkv_bias=True))
     # one key/value head for two ranks (Gemma 3 1B, MQA): replicated K / V, each rank's gradient share summed
     check_kv_replicated(groups, 1)
     check_model_vs_dense(groups, True, n_kv_heads=1, qkv_bias=True, qk_norm=False)
@@ -336,7 +338,7 @@ def world4_worker(rank, world):
                          qk_norm_scope="full")
     check_model_vs_dense(groups4, False, **dict(GEMMA3_LIKE, n_kv_heads=4))
     check_model_vs_dense(groups4, True, sequence_parallel=True, **dict(NEOX_LIKE, parallel_residual=False))
-    check_model_vs_dense(groups4, True, sequence_parallel=True, **MOE_LIKE)
+    check_model_vs_dense(groups4, True, sequence_parallel=True, **dict(MOE_LIKE, moe_shared_ff=128))
     # OLMo 1: LayerNorms without parameters, q / k / v clamped (0.3: inside the tiny model's projections' range)
     check_model_vs_dense(groups4, False, sequence_parallel=True, norm_type="layer_noaffine", qkv_clip=0.3,
                          qk_norm=False, n_kv_heads=2)

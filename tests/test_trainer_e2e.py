@@ -17,7 +17,8 @@ STEPS = 6
 CURVE_ATOL = 2e-5
 BIAS = ["model.qk_norm=false", "model.qkv_bias=true"]  # a Qwen2-shaped student
 MQA = ["model.n_kv_heads=1", *BIAS]  # one key/value head: replicated over TP=2, its biases too
-MOE = ["model.moe_experts=4", "model.moe_top_k=2", "model.d_ff=64"]  # a mixture-of-experts student
+MOE = ["model.moe_experts=4", "model.moe_top_k=2", "model.d_ff=64", "model.moe_shared_ff=64"]  # a mixture (with
+# a shared expert, as Qwen2-MoE)
 NEOX = [*BIAS, "model.norm_type=layer", "model.ffn_gated=false", "model.activation=gelu", "model.o_bias=true",
         "model.ffn_bias=true", "model.parallel_residual=true", "model.rope_fraction=0.25"]  # a Pythia-shaped student
 

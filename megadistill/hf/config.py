@@ -22,12 +22,14 @@ ARCHITECTURES = {"Qwen3ForCausalLM": ("qwen3", True, False), "Qwen2ForCausalLM":
                  "SmolLM3ForCausalLM": ("smollm3", False, False), "GPTNeoXForCausalLM": ("gpt_neox", False, True),
                  "OlmoForCausalLM": ("olmo", False, False), "StableLmForCausalLM": ("stablelm", False, False),
                  "MixtralForCausalLM": ("mixtral", False, False), "Qwen3MoeForCausalLM": ("qwen3_moe", True, False),
-                 "OlmoeForCausalLM": ("olmoe", True, False)}
+                 "OlmoeForCausalLM": ("olmoe", True, False), "Qwen2MoeForCausalLM": ("qwen2_moe", False, True)}
 # mixtures of experts: (expert width key, renormalise the top k by default); the expert count is num_experts or
 # num_local_experts (Mixtral's name, which transformers v5 also writes for the others). Mixtral always renormalises,
 # Qwen3-MoE and OLMoE as norm_topk_prob says. OLMoE's QK-norm spans all heads' dims, as OLMo 2's
 MOE = {"mixtral": ("intermediate_size", True), "qwen3_moe": ("moe_intermediate_size", False),
-       "olmoe": ("intermediate_size", False)}
+       "olmoe": ("intermediate_size", False), "qwen2_moe": ("moe_intermediate_size", False)}
+# Qwen2-MoE (Qwen1.5-MoE-A2.7B, Qwen2-57B-A14B): Qwen2's attention (Q/K/V biases: qkv_bias, on unless set) and a
+# shared expert of width shared_expert_intermediate_size beside the routed ones, gated by sigmoid(w . x)
 # families whose transformers class rotates part of each head -> its default share (GPT-NeoX's rotary_pct and
 # StableLM's partial_rotary_factor: 25%). StableLM 2 / StableLM-3B: LayerNorms with biases in a SwiGLU block,
 # use_qkv_bias
@@ -135,9 +137,12 @@ def _windows(hf: Dict, model_type: str, nope: List[int], where: str) -> Tuple[in
     n = int(hf.get("num_hidden_layers", 0))
     if model_type in WINDOWED:
         return int(hf.get("sliding_window") or 0), []
-    if model_type in ("qwen2", "qwen3", "qwen3_moe") and hf.get("use_sliding_window") and hf.get("sliding_window"):
+    if (model_type in ("qwen2", "qwen3", "qwen3_moe", "qwen2_moe") and hf.get("use_sliding_window")
+            and hf.get("sliding_window")):
         first = int(hf.get("max_window_layers", n))
-        types = hf.get("layer_types") or ["sliding_attention" if i >= first else "full_attention" for i in range(n)]
+        # Qwen2-MoE's default: every other block from the first, below max_window_layers
+        default = [i % 2 == 0 and i < first if model_type == "qwen2_moe" else i >= first for i in range(n)]
+        types = hf.get("layer_types") or ["sliding_attention" if w else "full_attention" for w in default]
     elif model_type == "smollm3" and hf.get("use_sliding_window") and hf.get("sliding_window"):
         types = hf.get("layer_types") or ["sliding_attention" if i in nope else "full_attention" for i in range(n)]
     elif model_type in GEMMAS and hf.get("sliding_window"):  # Gemma 2: every other block from the first
@@ -225,6 +230,8 @@ def to_model_config(hf: Dict, where: str = "config.json") -> ModelConfig:
         biases = dict(NEOX, o_bias=qkv_bias, parallel_residual=bool(hf.get("use_parallel_residual", True)))
     if model_type == "olmoe":
         biases = {"qk_norm_scope": "full", "qkv_clip": float(hf.get("clip_qkv") or 0.0)}
+    if model_type == "qwen2_moe":  # v5 configs name Qwen2's always-on Q/K/V biases; v4 ones (the hub's) do not
+        qkv_bias = bool(hf.get("qkv_bias", True))
     for key, families in BIASED.items():
         if hf.get(key) and not neox and model_type not in families:
             raise UserError(f"{where}: {key}=true is not supported for {arch} (read for "
@@ -294,8 +301,11 @@ def _moe(hf: Dict, model_type: str, where: str) -> Dict:
                         "be a mixture of experts")
     try:
         count = hf["num_experts"] if "num_experts" in hf else hf["num_local_experts"]
-        return {"moe_experts": int(count), "moe_top_k": int(hf["num_experts_per_tok"]),
-                "moe_norm_topk": True if model_type == "mixtral" else bool(hf.get("norm_topk_prob", renorm))}
+        out = {"moe_experts": int(count), "moe_top_k": int(hf["num_experts_per_tok"]),
+               "moe_norm_topk": True if model_type == "mixtral" else bool(hf.get("norm_topk_prob", renorm))}
+        if model_type == "qwen2_moe":
+            out["moe_shared_ff"] = int(hf["shared_expert_intermediate_size"] or 0)
+        return out
     except KeyError as e:
         raise UserError(f"{where}: required key {e.args[0]!r} is missing") from None
 
@@ -399,17 +409,24 @@ def _architecture(m: ModelConfig) -> str:
 
 
 def _moe_architecture(m: ModelConfig, refuse) -> str:
-    """The transformers mixture that computes m: Mixtral without a QK-norm (its top k always renormalised, a window
-    on every block or none), Qwen3-MoE with a per-head QK-norm (windows on the last blocks), OLMoE with a full-width
-    one (and clip_qkv); all pre-norm RMSNorm blocks of SwiGLU experts with whole-head RoPE, Q/K/V and O biases in
-    Qwen3-MoE and OLMoE only (attention_bias)."""
+    """The transformers mixture that computes m: Qwen2-MoE with a shared expert (Qwen2's attention, windows on any
+    blocks), else Mixtral without a QK-norm (its top k always renormalised, a window on every block or none),
+    Qwen3-MoE with a per-head QK-norm (windows on the last blocks), OLMoE with a full-width one (and clip_qkv); all
+    pre-norm RMSNorm blocks of SwiGLU experts with whole-head RoPE, Q/K/V and O biases in Qwen3-MoE and OLMoE only
+    (attention_bias), Q/K/V biases alone in Qwen2-MoE."""
     if (m.norm_type != "rms" or m.norm_position != "pre" or m.norm_offset or m.activation != "silu"
             or m.embed_scale != 1 or m.attn_scale_dim or m.attn_softcap or m.logit_softcap or m.nope_blocks
-            or m.parallel_residual or m.rope_fraction < 1 or m.rope_scaling == "longrope" or m.qkv_bias != m.o_bias
-            or m.rope_local_base):
-        refuse("a mixture of experts in a block other than Mixtral's, Qwen3-MoE's or OLMoE's (pre-norm RMSNorm, "
-               "SwiGLU experts, RoPE on whole heads, Q/K/V and O biases both or neither)")
+            or m.parallel_residual or m.rope_fraction < 1 or m.rope_scaling == "longrope" or m.rope_local_base
+            or (m.qkv_bias != m.o_bias and not m.moe_shared_ff)):
+        refuse("a mixture of experts in a block other than Mixtral's, Qwen3-MoE's, OLMoE's or Qwen2-MoE's (pre-norm "
+               "RMSNorm, SwiGLU experts, RoPE on whole heads, Q/K/V and O biases both or neither, Q/K/V biases alone "
+               "with a shared expert)")
     kinds = m.block_kinds
+    if m.moe_shared_ff:
+        if m.qk_norm or m.o_bias or m.qkv_clip:
+            refuse("a shared expert in a block other than Qwen2-MoE's (Qwen2's attention: no QK-norm, Q/K/V biases "
+                   "or none, no O bias or clamping)")
+        return "Qwen2MoeForCausalLM"
     if not m.qk_norm:
         if not m.moe_norm_topk or m.qkv_clip or m.qkv_bias or set(kinds) == {"full", "sliding"}:
             refuse("a mixture without a QK-norm (Mixtral's) with more than Mixtral has (it always renormalises its "
@@ -432,7 +449,8 @@ def from_model_config(m: ModelConfig, max_position: int, dtype: str = "float32")
     Gemma3ForCausalLM with Gemma's block (without / with QK-norm), SmolLM3ForCausalLM with blocks without RoPE,
     GPTNeoXForCausalLM with LayerNorms and a plain MLP, StableLmForCausalLM with LayerNorms in a SwiGLU block,
     OlmoForCausalLM with parameter-free LayerNorms, MixtralForCausalLM / Qwen3MoeForCausalLM / OlmoeForCausalLM for a
-    mixture of experts (without / with a per-head / with a full-width QK-norm),
+    mixture of experts (without / with a per-head / with a full-width QK-norm), Qwen2MoeForCausalLM for one with a
+    shared expert,
     LlamaForCausalLM with none of them (its attention_bias /
     mlp_bias from model.o_bias / ffn_bias; all load with no custom code); a sliding window on every block of a Llama
     goes to MistralForCausalLM."""
@@ -489,6 +507,10 @@ def from_model_config(m: ModelConfig, max_position: int, dtype: str = "float32")
         out.update({count: m.moe_experts}, num_experts_per_tok=m.moe_top_k, output_router_logits=False)
         if arch == "MixtralForCausalLM":
             out["sliding_window"] = m.sliding_window or None
+        elif arch == "Qwen2MoeForCausalLM":  # intermediate_size: its dense blocks' (none here)
+            out.update(norm_topk_prob=bool(m.moe_norm_topk), qkv_bias=bool(m.qkv_bias), moe_intermediate_size=m.d_ff,
+                       shared_expert_intermediate_size=m.moe_shared_ff, intermediate_size=m.moe_shared_ff,
+                       decoder_sparse_step=1, mlp_only_layers=[])
         else:
             out.update(norm_topk_prob=bool(m.moe_norm_topk), attention_bias=bool(m.qkv_bias))
         if arch == "Qwen3MoeForCausalLM":
@@ -496,7 +518,11 @@ def from_model_config(m: ModelConfig, max_position: int, dtype: str = "float32")
         if arch == "OlmoeForCausalLM":
             out.update(clip_qkv=m.qkv_clip or None, pad_token_id=None, eos_token_id=None)
     kinds = m.block_kinds
-    if arch in ("Qwen3ForCausalLM", "Qwen2ForCausalLM", "Qwen3MoeForCausalLM"):  # windowed: from max_window_layers on
+    if arch == "Qwen2MoeForCausalLM":  # windows on any blocks, as layer_types says
+        out.update(use_sliding_window="sliding" in kinds, sliding_window=m.sliding_window or None,
+                   layer_types=[f"{k}_attention" for k in kinds], max_window_layers=m.n_layers)
+    if arch in ("Qwen3ForCausalLM", "Qwen2ForCausalLM", "Qwen3MoeForCausalLM"):  # windowed: the blocks from
+        # max_window_layers on
         out.update(use_sliding_window="sliding" in kinds, sliding_window=m.sliding_window or None,
                    max_window_layers=kinds.count("full"))
     if arch in ("MistralForCausalLM", "Phi3ForCausalLM"):

@@ -33,7 +33,10 @@ _BLOCK = {"attn_norm.weight": "input_layernorm.weight", "ffn_norm.weight": "post
           "attn.wo.bias": "self_attn.o_proj.bias", "ffn.w1.bias": "mlp.gate_proj.bias",
           "ffn.w3.bias": "mlp.up_proj.bias", "ffn.w2.bias": "mlp.down_proj.bias",
           # LayerNorm biases (StableLM)
-          "attn_norm.bias": "input_layernorm.bias", "ffn_norm.bias": "post_attention_layernorm.bias"}
+          "attn_norm.bias": "input_layernorm.bias", "ffn_norm.bias": "post_attention_layernorm.bias",
+          # Qwen2-MoE's shared expert and its sigmoid gate
+          "ffn.shared.w1": "mlp.shared_expert.gate_proj.weight", "ffn.shared.w3": "mlp.shared_expert.up_proj.weight",
+          "ffn.shared.w2": "mlp.shared_expert.down_proj.weight", "ffn.shared.gate.weight": "mlp.shared_expert_gate.weight"}
 # sandwich blocks (Gemma 3) name their pre-FFN norm apart from the post-attention one
 _SANDWICH = {"ffn_norm.weight": "pre_feedforward_layernorm.weight"}
 _GLOBAL = {"embed.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight",
@@ -99,10 +102,16 @@ def hf_name(ours: str, model_cfg=None) -> str:
     raise KeyError(f"no Hugging Face name for parameter {ours!r}")
 
 
+def mixtral_layout(model_cfg) -> bool:
+    """Whether a mixture is stored the Mixtral way (block_sparse_moe, w1 / w2 / w3): one without a QK-norm or a
+    shared expert (Qwen3-MoE and OLMoE have QK-norms, Qwen2-MoE a shared expert)."""
+    return not getattr(model_cfg, "qk_norm", True) and not getattr(model_cfg, "moe_shared_ff", 0)
+
+
 def _moe_name(layer, ours: Optional[str], model_cfg, expert: Optional[int] = None) -> str:
     """HF name of block `layer`'s router (ours None) or of expert projection `ours` (w1 / w2 / w3): expert `expert`'s
     matrix, or with expert None the virtual stack of all of them."""
-    mixtral = not getattr(model_cfg, "qk_norm", True)
+    mixtral = mixtral_layout(model_cfg)
     if ours is None:
         leaf = "gate"
     else:
@@ -149,7 +158,9 @@ def full_shape(m, name: str) -> tuple:
             "attn.wk.bias": (kv * hd,), "attn.wv.bias": (kv * hd,), "ffn.w1.weight": (m.d_ff, d),
             "ffn.w3.weight": (m.d_ff, d), "ffn.w2.weight": (d, m.d_ff), "attn.wo.bias": (d,),
             "ffn.w1.bias": (m.d_ff,), "ffn.w3.bias": (m.d_ff,), "ffn.w2.bias": (d,), "norm.bias": (d,),
-            "attn_norm.bias": (d,), "ffn_norm.bias": (d,)}[leaf]
+            "attn_norm.bias": (d,), "ffn_norm.bias": (d,), "ffn.shared.w1": (m.moe_shared_ff, d),
+            "ffn.shared.w3": (m.moe_shared_ff, d), "ffn.shared.w2": (d, m.moe_shared_ff),
+            "ffn.shared.gate.weight": (1, d)}[leaf]
 
 
 def open_hf(folder: Path, model_cfg) -> SafetensorsFolder:

@@ -62,7 +62,8 @@ def param_counts(m, tp: int = 1) -> Dict[str, int]:
     Per block: attention 2 d h hd + 2 d h_kv hd; FFN 3 d d_ff (gated) or 2 d d_ff (plain MLP); block_norms norms of d
     (a LayerNorm: gain and bias; OLMo 1's: none); QK-norm 2 hd (per head) or (h + h_kv) hd (full width); biases
     (h + 2 h_kv) hd on Q/K/V, d on O, d_ff (x2 gated) + d on the FFN. Plus the final norm. A mixture of E experts
-    (model.moe_experts): E FFNs and an [E, d] router per block, the router replicated over TP.
+    (model.moe_experts): E FFNs and an [E, d] router per block, the router replicated over TP; a shared expert
+    (model.moe_shared_ff = f_s: Qwen2-MoE) adds 3 d f_s, split, and its [1, d] gate, replicated.
     """
     g = lambda key, default: getattr(m, key, default)  # noqa: E731 (any object with the shape fields)
     h, hd, d, f, n_layers = m.n_heads, m.head_dim, m.d_model, m.d_ff, m.n_layers
@@ -72,6 +73,7 @@ def param_counts(m, tp: int = 1) -> Dict[str, int]:
     ffn_in = 2 if gated else 1  # column matrices of the FFN (gate and up, or one)
     experts = g("moe_experts", 0)
     ffn = (ffn_in + 1) * d * f // tp * max(experts, 1) + experts * d  # a mixture: its experts and its router (whole)
+    ffn += 3 * d * g("moe_shared_ff", 0) // tp + (d if g("moe_shared_ff", 0) else 0)  # a shared expert and its gate
     matrices = n_layers * (2 * d * h * hd // tp + 2 * d * kv * hd // kv_tp + ffn)
     per_norm = d * {"layer": 2, "layer_noaffine": 0}.get(g("norm_type", "rms"), 1)  # gain (and bias), or none
     qk = 0

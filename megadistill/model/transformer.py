@@ -1,11 +1,12 @@
 """The paper's decoder-only Transformer (MHA + QK-norm + RoPE, pre-norm RMSNorm, SwiGLU, untied head), TP-agnostic.
 
 Options for imported models (Qwen3 / Qwen2 / Llama / Mistral / Phi-3 / OLMo 1 and 2 / Gemma 2 / Gemma 3 / SmolLM3 /
-GPT-NeoX and Pythia): GQA (n_kv_heads), QK-norm off or over all heads' dims, biases on Q/K/V, O and the FFN,
-post-norm, sandwich and parallel-residual blocks, LayerNorm (with or without gain and bias), clamped q / k / v,
-1 + w norm gains, GeGLU and a plain GELU MLP, scaled embeddings and attention, softcapped attention and output
-logits, tied embeddings, RoPE scaling and partial RoPE, blocks without RoPE, a sliding attention window on all or some
-blocks (with a RoPE of their own).
+GPT-NeoX and Pythia / StableLM; the mixtures of experts Mixtral / Qwen3-MoE / OLMoE / Qwen2-MoE): GQA (n_kv_heads),
+QK-norm off or over all heads' dims, biases on Q/K/V, O and the FFN, post-norm, sandwich and parallel-residual
+blocks, LayerNorm (with or without gain and bias), clamped q / k / v, 1 + w norm gains, GeGLU and a plain GELU MLP,
+scaled embeddings and attention, softcapped attention and output logits, tied embeddings, RoPE scaling and partial
+RoPE, blocks without RoPE, a sliding attention window on all or some blocks (with a RoPE of their own), routed and
+shared experts.
 """
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from typing import Optional
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from megadistill.errors import UserError
@@ -161,13 +163,36 @@ class Experts(nn.Module):
         return f"experts={self.w1.shape[0]}, d={self.w1.shape[2]}, d_ff/tp={self.w1.shape[1]}"
 
 
+class SharedExpert(nn.Module):
+    """Qwen2-MoE's shared expert: a gated FFN of width model.moe_shared_ff that every token goes through, split over
+    TP like the routed experts and run inside the mixture's TP region (this rank's partial sums), its output scaled
+    by sigmoid(w . x) with w [1, d] replicated (gradient summed over TP, like the router's)."""
+
+    def __init__(self, cfg, factory: LayerFactory):
+        super().__init__()
+        d, width = cfg.d_model, cfg.moe_shared_ff
+        self.kernels, self.activation = cfg.kernels, cfg.activation
+        factory.local(width, "model.moe_shared_ff")
+        std = mup.init_std_for("hidden", d)
+        self.w1 = factory.region_column(d, width, std)  # gate [f_s/tp, d]
+        self.w3 = factory.region_column(d, width, std)  # up [f_s/tp, d]
+        self.w2 = factory.region_row(width, d, mup.init_std_for("hidden", width))  # down [d, f_s/tp]
+        self.gate = factory.replicated(d, 1, std)  # [1, d]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x [t, d] (inside the TP region) -> sigmoid(w . x) W2 (act(W1 x) * W3 x), this rank's partial sums."""
+        h = kernels_mod.swiglu(F.linear(x, self.w1), F.linear(x, self.w3), self.kernels, self.activation)
+        return torch.sigmoid(self.gate(x)) * F.linear(h, self.w2)
+
+
 class MoEFeedForward(nn.Module):
     """Mixture of experts (Mixtral, Qwen3-MoE, OLMoE; model.moe_experts): a router scores each token against every
     expert (softmax in fp32), the token goes to its moe_top_k best, and their outputs are summed weighted by those
     probabilities (renormalised over the k when model.moe_norm_topk). Every rank holds its TP shard of every expert:
     the block enters the TP region once (all-gather under SP), runs the experts on their tokens (Experts: one grouped
-    GEMM per projection) and leaves once (all-reduce / reduce-scatter of the weighted partial sums). The router is
-    replicated; its gradient is summed over TP (each rank's weighted partials see only its share)."""
+    GEMM per projection) and leaves once (all-reduce / reduce-scatter of the weighted partial sums, a shared expert's
+    (model.moe_shared_ff, Qwen2-MoE) added before). The router is replicated; its gradient is summed over TP (each
+    rank's weighted partials see only its share)."""
 
     def __init__(self, cfg, d_ff: int, factory: LayerFactory):
         super().__init__()
@@ -177,6 +202,7 @@ class MoEFeedForward(nn.Module):
         self.enter, self.exit = factory.region_entry(), factory.region_exit()
         self.router = factory.replicated(d, cfg.moe_experts, mup.init_std_for("hidden", d))  # [E, d]
         self.experts = Experts(cfg, d_ff, factory)
+        self.shared = SharedExpert(cfg, factory) if cfg.moe_shared_ff else None
         # the load-balancing loss of the model's last forward run with autograd on (None otherwise), kept once per
         # model forward (armed by Transformer.hidden_states: not again when checkpointing recomputes the block in
         # backward, which would hold a graph past the step): Transformer.moe_aux_loss
@@ -195,7 +221,10 @@ class MoEFeedForward(nn.Module):
         full = self.enter(x)  # [b, s, d] on every rank
         flat = full.reshape(-1, full.shape[-1])
         weights, ids, probs = self.route(flat)
-        return self.exit(self._dispatch(flat, weights, ids, probs).view(full.shape))
+        out = self._dispatch(flat, weights, ids, probs)  # [t, d] partial sums
+        if self.shared is not None:
+            out = out + self.shared(flat)
+        return self.exit(out.view(full.shape))
 
     @torch.compiler.disable  # the grouping is data (sort, counts): one graph per routing pattern otherwise
     def _dispatch(self, flat, weights, ids, probs):

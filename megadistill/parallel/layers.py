@@ -440,6 +440,17 @@ class LayerFactory:
         """A linear read inside the TP region, whole on every rank (its gradient summed over TP)."""
         return ReplicatedLinear(in_features, out_features, self.group, init_std, self.device, self.dtype)
 
+    def region_column(self, in_features: int, out_features: int, init_std: Optional[float] = None) -> nn.Parameter:
+        """A column-parallel weight [out/tp, in] read inside a TP region that another layer entered (no collective
+        of its own): a `column` weight without its module (a mixture's shared expert)."""
+        std = in_features ** -0.5 if init_std is None else init_std
+        return _sharded_normal((out_features, in_features), std, 0, self.group, self.device, self.dtype)
+
+    def region_row(self, in_features: int, out_features: int, init_std: Optional[float] = None) -> nn.Parameter:
+        """A row-parallel weight [out, in/tp] giving per-rank partial sums that another layer reduces."""
+        std = in_features ** -0.5 if init_std is None else init_std
+        return _sharded_normal((out_features, in_features), std, 1, self.group, self.device, self.dtype)
+
     def expert_columns(self, n_experts: int, in_features: int, out_features: int,
                        init_std: Optional[float] = None) -> nn.Parameter:
         """n_experts column-parallel matrices stacked, [E, out/tp, in]: expert e's rows split over TP like a

@@ -157,6 +157,8 @@ def activation_bytes_per_token(m: ModelConfig, tp: int, wb: int, sequence_parall
         # intermediates, the copy's weight and three int64 indices (its id, its row in the grouped order and back);
         # per token the router's fp32 probabilities
         ffn = m.moe_top_k * (ffn + 2 * wb * d + wb + 24) + 4 * m.moe_experts
+        if m.moe_shared_ff:  # a shared expert (Qwen2-MoE): its SwiGLU intermediates and its output for the gate
+            ffn += 4 * wb * m.moe_shared_ff / tp + wb * d
     # without a QK-norm nothing keeps the projections' q and k (RoPE keeps only its tables)
     per = (4 + 2 * extra) * wb * d / s + (3 if m.qk_norm else 2) * wb * (q / tp + kv_local) + ffn
     layer_norm = m.norm_type != "rms"  # F.layer_norm keeps an fp32 copy of its input (x itself in fp32) and a mean
@@ -221,8 +223,9 @@ def teacher_block_bytes(m: ModelConfig, tokens: int, tp: int, tb: int) -> float:
     residual stream, plus the router's fp32 probabilities (within 1% of the live tensors,
     tests/test_memory_plan.py)."""
     d, f = m.d_model, m.d_ff
-    if m.moe_experts:
-        return tb * tokens * (m.moe_top_k * (2 * d + 3 * f / tp) + 3 * d) + 4 * tokens * m.moe_experts
+    if m.moe_experts:  # a shared expert runs after the routed ones: its SwiGLU rows beside their summed output
+        shared = 4 * m.moe_shared_ff / tp + 4 * d if m.moe_shared_ff else 0
+        return tb * tokens * max(m.moe_top_k * (2 * d + 3 * f / tp) + 3 * d, shared) + 4 * tokens * m.moe_experts
     return tb * tokens * (3 * f + 4 * d) / tp
 
 
