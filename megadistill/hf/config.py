@@ -25,11 +25,11 @@ ARCHITECTURES = {"Qwen3ForCausalLM": ("qwen3", True, False), "Qwen2ForCausalLM":
                  "OlmoeForCausalLM": ("olmoe", True, False), "Qwen2MoeForCausalLM": ("qwen2_moe", False, True)}
 # mixtures of experts: (expert width key, renormalise the top k by default); the expert count is num_experts or
 # num_local_experts (Mixtral's name, which transformers v5 also writes for the others). Mixtral always renormalises,
-# Qwen3-MoE and OLMoE as norm_topk_prob says. OLMoE's QK-norm spans all heads' dims, as OLMo 2's
-MOE = {"mixtral": ("intermediate_size", True), "qwen3_moe": ("moe_intermediate_size", False),
-       "olmoe": ("intermediate_size", False), "qwen2_moe": ("moe_intermediate_size", False)}
+# Qwen3-MoE, OLMoE and Qwen2-MoE as norm_topk_prob says. OLMoE's QK-norm spans all heads' dims, as OLMo 2's.
 # Qwen2-MoE (Qwen1.5-MoE-A2.7B, Qwen2-57B-A14B): Qwen2's attention (Q/K/V biases: qkv_bias, on unless set) and a
 # shared expert of width shared_expert_intermediate_size beside the routed ones, gated by sigmoid(w . x)
+MOE = {"mixtral": ("intermediate_size", True), "qwen3_moe": ("moe_intermediate_size", False),
+       "olmoe": ("intermediate_size", False), "qwen2_moe": ("moe_intermediate_size", False)}
 # families whose transformers class rotates part of each head -> its default share (GPT-NeoX's rotary_pct and
 # StableLM's partial_rotary_factor: 25%). StableLM 2 / StableLM-3B: LayerNorms with biases in a SwiGLU block,
 # use_qkv_bias
@@ -507,24 +507,22 @@ def from_model_config(m: ModelConfig, max_position: int, dtype: str = "float32")
         out.update({count: m.moe_experts}, num_experts_per_tok=m.moe_top_k, output_router_logits=False)
         if arch == "MixtralForCausalLM":
             out["sliding_window"] = m.sliding_window or None
-        elif arch == "Qwen2MoeForCausalLM":  # intermediate_size: its dense blocks' (none here)
-            out.update(norm_topk_prob=bool(m.moe_norm_topk), qkv_bias=bool(m.qkv_bias), moe_intermediate_size=m.d_ff,
-                       shared_expert_intermediate_size=m.moe_shared_ff, intermediate_size=m.moe_shared_ff,
-                       decoder_sparse_step=1, mlp_only_layers=[])
-        else:
-            out.update(norm_topk_prob=bool(m.moe_norm_topk), attention_bias=bool(m.qkv_bias))
-        if arch == "Qwen3MoeForCausalLM":
+        else:  # Qwen2-MoE's Q/K/V biases are qkv_bias, the others' (with O's) attention_bias
+            out.update({"qkv_bias" if arch == "Qwen2MoeForCausalLM" else "attention_bias": bool(m.qkv_bias)},
+                       norm_topk_prob=bool(m.moe_norm_topk))
+        if arch in ("Qwen3MoeForCausalLM", "Qwen2MoeForCausalLM"):
             out.update(moe_intermediate_size=m.d_ff, decoder_sparse_step=1, mlp_only_layers=[])
+        if arch == "Qwen2MoeForCausalLM":  # intermediate_size: its dense blocks' (none here)
+            out.update(shared_expert_intermediate_size=m.moe_shared_ff, intermediate_size=m.moe_shared_ff)
         if arch == "OlmoeForCausalLM":
             out.update(clip_qkv=m.qkv_clip or None, pad_token_id=None, eos_token_id=None)
     kinds = m.block_kinds
-    if arch == "Qwen2MoeForCausalLM":  # windows on any blocks, as layer_types says
-        out.update(use_sliding_window="sliding" in kinds, sliding_window=m.sliding_window or None,
-                   layer_types=[f"{k}_attention" for k in kinds], max_window_layers=m.n_layers)
-    if arch in ("Qwen3ForCausalLM", "Qwen2ForCausalLM", "Qwen3MoeForCausalLM"):  # windowed: the blocks from
-        # max_window_layers on
+    if arch in ("Qwen3ForCausalLM", "Qwen2ForCausalLM", "Qwen3MoeForCausalLM", "Qwen2MoeForCausalLM"):  # windowed:
+        # the blocks from max_window_layers on; Qwen2-MoE's any blocks, as layer_types says
         out.update(use_sliding_window="sliding" in kinds, sliding_window=m.sliding_window or None,
                    max_window_layers=kinds.count("full"))
+        if arch == "Qwen2MoeForCausalLM":
+            out.update(layer_types=[f"{k}_attention" for k in kinds], max_window_layers=m.n_layers)
     if arch in ("MistralForCausalLM", "Phi3ForCausalLM"):
         out["sliding_window"] = m.sliding_window or None
     if arch == "SmolLM3ForCausalLM":  # per block 1: RoPE, 0: none; windows on any blocks, as layer_types says

@@ -62,7 +62,7 @@ _NEOX_GLOBAL = {"embed.weight": "gpt_neox.embed_in.weight", "norm.weight": "gpt_
 _NEOX_QKV = {f"attention.query_key_value.{kind}": tuple(f"attention.{p}.{kind}" for p in ("query", "key", "value"))
              for kind in ("weight", "bias")}
 # mixtures of experts: the router and each expert's gate / up / down under mlp (Qwen3-MoE, OLMoE) or, Mixtral,
-# block_sparse_moe with w1 / w3 / w2 (ours' names); Mixtral is the mixture without a QK-norm. Our experts are stacked
+# block_sparse_moe with w1 / w3 / w2 (ours' names; mixtral_layout says which). Our experts are stacked
 # ([E, ...] per projection: ffn.experts.w1); the checkpoint's per-expert matrices are read as one virtual stacked
 # tensor per projection (experts.gate_proj.weight, no expert index: SafetensorsFolder.stack) and written back apart
 _EXPERT = {"w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"}
@@ -71,6 +71,7 @@ _HF_MOE_RE = re.compile(r"^(mlp|block_sparse_moe)\.(?:gate|experts\.(?:(\d+)\.)?
 _BLOCK_RE = re.compile(r"^blocks\.(\d+)\.(.+)$")
 _HF_BLOCK_RE = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
 _NEOX_BLOCK_RE = re.compile(r"^gpt_neox\.layers\.(\d+)\.(.+)$")
+_VOCAB = ("embed.weight", "head.weight")
 
 
 def neox_layout(model_cfg) -> bool:
@@ -78,7 +79,6 @@ def neox_layout(model_cfg) -> bool:
     megadistill.hf.config maps such a model to GPTNeoXForCausalLM or refuses it; LayerNorms in a SwiGLU block, as
     StableLM's, keep Llama's names)."""
     return not getattr(model_cfg, "ffn_gated", True) or bool(getattr(model_cfg, "parallel_residual", False))
-_VOCAB = ("embed.weight", "head.weight")
 
 
 def hf_name(ours: str, model_cfg=None) -> str:
@@ -146,8 +146,7 @@ def full_shape(m, name: str) -> tuple:
     leaf = name.split(".", 2)[-1] if name.startswith("blocks.") else name
     e = _OURS_MOE_RE.match(leaf)
     if e:  # a mixture's router, or its experts' stacked matrices (each shaped like the dense FFN's)
-        return (m.moe_experts, d) if e.group(1) is None else (m.moe_experts, *{"w2": (d, m.d_ff)}.get(e.group(1),
-                                                                                                  (m.d_ff, d)))
+        return (m.moe_experts, *((d,) if e.group(1) is None else full_shape(m, f"ffn.{e.group(1)}.weight")))
     full_qk = m.qk_norm_scope == "full"  # OLMo 2: a gain per dim of all heads
     return {"embed.weight": (m.vocab_size, d), "head.weight": (m.vocab_size, d), "norm.weight": (d,),
             "attn_norm.weight": (d,), "ffn_norm.weight": (d,), "attn_out_norm.weight": (d,),

@@ -149,9 +149,9 @@ class Experts(nn.Module):
         d, n = cfg.d_model, cfg.moe_experts
         self.kernels, self.activation = cfg.kernels, cfg.activation
         std_in = mup.init_std_for("hidden", d)
-        self.w1 = factory.expert_columns(n, d, d_ff, std_in)  # gate [E, f/tp, d]
-        self.w3 = factory.expert_columns(n, d, d_ff, std_in)  # up [E, f/tp, d]
-        self.w2 = factory.expert_rows(n, d_ff, d, mup.init_std_for("hidden", d_ff))  # down [E, d, f/tp]
+        self.w1 = factory.region_column(d, d_ff, std_in, experts=n)  # gate [E, f/tp, d]
+        self.w3 = factory.region_column(d, d_ff, std_in, experts=n)  # up [E, f/tp, d]
+        self.w2 = factory.region_row(d_ff, d, mup.init_std_for("hidden", d_ff), experts=n)  # down [E, d, f/tp]
 
     def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """x [n, d] (counts[e] consecutive rows for expert e) -> W2_e (act(W1_e x) * W3_e x) partial sums [n, d]."""
@@ -239,12 +239,11 @@ class MoEFeedForward(nn.Module):
                                                                                             torch.ones_like(ids))
         # Switch Transformer's load balance: E sum_e f_e P_e, f_e the share of copies routed to e (no gradient), P_e
         # its mean probability; 1 when routing is uniform, E / k when every token picks the same k experts
-        if torch.is_grad_enabled():  # formed on a checkpoint's recompute too (it must save what the forward saved)
-            aux = self.n_experts * (counts.float() / ids.numel() * probs.mean(0)).sum()
-            if self.keep_aux:
-                self.aux_loss, self.keep_aux = aux, False
-        elif self.keep_aux:
-            self.aux_loss, self.keep_aux = None, False
+        # formed on a checkpoint's recompute too (it must save what the forward saved), kept from the forward only
+        aux = (self.n_experts * (counts.float() / ids.numel() * probs.mean(0)).sum() if torch.is_grad_enabled()
+               else None)
+        if self.keep_aux:
+            self.aux_loss, self.keep_aux = aux, False
         y = self.experts(flat[order // self.top_k], counts)  # [t k, d], grouped by expert
         back = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
         # [t, k, d] in token order: a gather by the inverse permutation, which keeps only `back` for backward (an

@@ -440,30 +440,21 @@ class LayerFactory:
         """A linear read inside the TP region, whole on every rank (its gradient summed over TP)."""
         return ReplicatedLinear(in_features, out_features, self.group, init_std, self.device, self.dtype)
 
-    def region_column(self, in_features: int, out_features: int, init_std: Optional[float] = None) -> nn.Parameter:
-        """A column-parallel weight [out/tp, in] read inside a TP region that another layer entered (no collective
-        of its own): a `column` weight without its module (a mixture's shared expert)."""
+    def region_column(self, in_features: int, out_features: int, init_std: Optional[float] = None,
+                      experts: int = 0) -> nn.Parameter:
+        """A column-parallel weight [out/tp, in] read inside a TP region another layer entered (no collective of its
+        own: a mixture's shared expert), or `experts` of them stacked, [E, out/tp, in] (its routed experts)."""
         std = in_features ** -0.5 if init_std is None else init_std
-        return _sharded_normal((out_features, in_features), std, 0, self.group, self.device, self.dtype)
+        shape = (experts,) * bool(experts) + (out_features, in_features)
+        return _sharded_normal(shape, std, len(shape) - 2, self.group, self.device, self.dtype)
 
-    def region_row(self, in_features: int, out_features: int, init_std: Optional[float] = None) -> nn.Parameter:
-        """A row-parallel weight [out, in/tp] giving per-rank partial sums that another layer reduces."""
+    def region_row(self, in_features: int, out_features: int, init_std: Optional[float] = None,
+                   experts: int = 0) -> nn.Parameter:
+        """A row-parallel weight [out, in/tp] (or `experts` of them stacked, [E, out, in/tp]) giving per-rank partial
+        sums that another layer reduces (the mixture's single exit)."""
         std = in_features ** -0.5 if init_std is None else init_std
-        return _sharded_normal((out_features, in_features), std, 1, self.group, self.device, self.dtype)
-
-    def expert_columns(self, n_experts: int, in_features: int, out_features: int,
-                       init_std: Optional[float] = None) -> nn.Parameter:
-        """n_experts column-parallel matrices stacked, [E, out/tp, in]: expert e's rows split over TP like a
-        `column` weight's (partition_dim 1); read inside the TP region (the mixture's single entry)."""
-        std = in_features ** -0.5 if init_std is None else init_std
-        return _sharded_normal((n_experts, out_features, in_features), std, 1, self.group, self.device, self.dtype)
-
-    def expert_rows(self, n_experts: int, in_features: int, out_features: int,
-                    init_std: Optional[float] = None) -> nn.Parameter:
-        """n_experts row-parallel matrices stacked, [E, out, in/tp] (partition_dim 2): per-rank partial sums, reduced
-        over TP by the mixture's single exit."""
-        std = in_features ** -0.5 if init_std is None else init_std
-        return _sharded_normal((n_experts, out_features, in_features), std, 2, self.group, self.device, self.dtype)
+        shape = (experts,) * bool(experts) + (out_features, in_features)
+        return _sharded_normal(shape, std, len(shape) - 1, self.group, self.device, self.dtype)
 
     def sequence_output(self) -> nn.Module:
         """The final hidden states back to full sequence length (identity without sequence parallelism)."""
