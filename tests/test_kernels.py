@@ -149,6 +149,24 @@ def test_grouped_linear_takes_the_grouped_kernel_where_torch_has_it(monkeypatch)
         kernels._grouped_mm_works.cache_clear()
 
 
+def test_grouped_mm_probe_first_reached_inside_a_checkpointed_mixture():
+    """The probe's own backward, run where activation checkpointing's saved-tensor hooks are active (the first mixture
+    forward of a training run with model.activation_checkpointing), set off the block's recompute, which stopped it
+    with an exception: the loop for the rest of the run. In its own thread it is not reached by those hooks."""
+    cfg = ModelConfig(n_layers=2, d_model=32, n_heads=2, head_dim=16, d_ff=32, vocab_size=64, moe_experts=4,
+                      moe_top_k=2, activation_checkpointing="full")
+    cfg.validate()
+    model = Transformer(cfg)
+    kernels._grouped_mm_works.cache_clear()
+    try:
+        model(torch.randint(0, 64, (2, 8))).float().pow(2).mean().backward()  # the probe runs inside the checkpoint
+        assert kernels._grouped_mm_works.cache_info().currsize == 1
+        assert kernels._grouped_mm_works("cpu", None, torch.float32)  # the cached verdict: the kernel works
+        assert float(model.blocks[0].ffn.experts.w2.grad.abs().sum()) > 0
+    finally:
+        kernels._grouped_mm_works.cache_clear()
+
+
 def _kernel_users(model):
     users = [m for m in model.modules() if hasattr(m, "kernels")]
     # 2 blocks x (attn norm, q / k norm, attention (RoPE), ffn norm, SwiGLU) + the final norm

@@ -3,6 +3,7 @@ kernels, chosen by model.kernels (torch | liger) and passed in explicitly by the
 mixture of experts (one kernel for all experts where torch has it)."""
 from __future__ import annotations
 
+import concurrent.futures
 import functools
 import logging
 from typing import Tuple
@@ -183,14 +184,23 @@ def _grouped_mm_fits(x: torch.Tensor, weight: torch.Tensor) -> bool:
 def _grouped_mm_works(device_type: str, index, dtype: torch.dtype) -> bool:
     """One tiny forward and backward of torch._grouped_mm in this layout (three experts, one empty, groups of rows
     not multiples of 8) against per-expert matmuls, output and both gradients; False (the loop is used, logged once)
-    where it is absent, raises, or is wrong."""
+    where it is absent, raises, or is wrong.
+
+    Run in a thread of its own: the caller's thread-local autograd state stays out of it -- the saved-tensor hooks
+    of an activation checkpoint (the probe's backward would set off the block's recompute, which stops itself with
+    an exception: the probe failed under every checkpointed mixture), a teacher's inference mode, a tracer."""
     if not hasattr(torch, "_grouped_mm") or device_type not in ("cpu", "cuda"):
         return False
     if device_type == "cuda" and dtype != torch.bfloat16:  # CUTLASS's grouped GEMM is bf16-only
         return False
+    with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="grouped-mm-probe") as pool:
+        return pool.submit(_probe_grouped_mm, device_type, index, dtype).result()
+
+
+def _probe_grouped_mm(device_type: str, index, dtype: torch.dtype) -> bool:
     device = torch.device(device_type, index) if index is not None else torch.device(device_type)
     try:
-        with torch.inference_mode(False), torch.enable_grad():  # a teacher forward may be in inference mode
+        with torch.inference_mode(False), torch.enable_grad():  # a fresh thread's defaults, stated
             g = torch.Generator(device="cpu").manual_seed(0)
             x = torch.randn(13, 16, generator=g).to(device, dtype)
             w = torch.randn(3, 8, 16, generator=g).to(device, dtype)
