@@ -115,7 +115,7 @@ def test_grouped_linear_matches_per_expert_linears(dtype, width):
     def per_expert(x, w):
         return torch.cat([torch.nn.functional.linear(p, w[e]) for e, p in enumerate(x.split(counts.tolist()))])
 
-    assert kernels._grouped_mm_fits(x.to(dtype), w.to(dtype)) == (width * x.to(dtype).element_size() % 16 == 0)
+    assert kernels.grouped_mm_usable(x.to(dtype), *w.shape[1:]) == (width * x.to(dtype).element_size() % 16 == 0)
     ref = _grads(per_expert, [x, w], [dy])
     got = _grads(lambda x, w: kernels.grouped_linear(x, w, counts), [x.to(dtype), w.to(dtype)], [dy.to(dtype)])
     tol = 1e-5 if dtype == torch.float32 else 3e-2
@@ -131,7 +131,7 @@ def test_grouped_linear_takes_the_grouped_kernel_where_torch_has_it(monkeypatch)
     to fail, the probe falls back to the loop (logged) and the result is unchanged."""
     x, w, counts = torch.randn(6, 16), torch.randn(3, 8, 16), torch.tensor([2, 0, 4])
     kernels._grouped_mm_works.cache_clear()
-    assert kernels._grouped_mm_fits(x, w) and kernels._grouped_mm_fits(x.bfloat16(), w.bfloat16())
+    assert kernels.grouped_mm_usable(x, *w.shape[1:]) and kernels.grouped_mm_usable(x.bfloat16(), *w.shape[1:])
     grouped = kernels.grouped_linear(x, w, counts)
 
     def broken(*args, **kwargs):
@@ -139,12 +139,12 @@ def test_grouped_linear_takes_the_grouped_kernel_where_torch_has_it(monkeypatch)
     monkeypatch.setattr(torch, "_grouped_mm", broken)
     kernels._grouped_mm_works.cache_clear()
     try:
-        assert not kernels._grouped_mm_fits(x, w)
+        assert not kernels.grouped_mm_usable(x, *w.shape[1:])
         assert_close(kernels.grouped_linear(x, w, counts), grouped, rtol=1e-6, atol=1e-6)
         with torch.inference_mode():  # a teacher forward: the probe itself still runs (autograd re-enabled)
             monkeypatch.undo()
             kernels._grouped_mm_works.cache_clear()
-            assert kernels._grouped_mm_fits(x, w)
+            assert kernels.grouped_mm_usable(x, *w.shape[1:])
     finally:
         kernels._grouped_mm_works.cache_clear()
 

@@ -399,6 +399,11 @@ def test_moe_balance_loss_is_switch_transformers():
     (ckpt(torch.randint(0, 64, (2, 12))).float().pow(2).mean() + ckpt.moe_aux_loss()).backward()
     assert all(b.ffn.aux_loss is None for b in ckpt.blocks)
     assert float(ckpt.blocks[0].ffn.router.weight.grad.abs().sum()) > 0
+    ids = torch.randint(0, 64, (2, 12))
+    ckpt(ids).float().pow(2).mean().backward()  # read after the recompute: still this forward's, once per block
+    model.load_state_dict(ckpt.state_dict())
+    model(ids)
+    assert float(ckpt.moe_aux_loss().detach()) == pytest.approx(float(model.moe_aux_loss().detach()), rel=1e-6)
 
 
 @pytest.mark.parametrize("fused", [False, True], ids=["logits", "fused"])

@@ -76,13 +76,17 @@ def test_bench_import_tiny():
 
 
 def test_bench_moe_tiny():
-    """Both paths run the same function (grouped GEMM vs the loop over experts, same routing); in bf16 too."""
+    """Both paths run the same function (grouped GEMM vs the loop over experts, same routing); in bf16 too, and there
+    the grouped path compiled (aot_eager: eager's aten ops through dynamo, the same numbers)."""
     for dtype in ("fp32", "bf16"):
+        extra = ["--compile-backend", "aot_eager"] if dtype == "bf16" else []
         r = _run("tools/bench_moe.py", "--device", "cpu", "--dtype", dtype, "--tokens", "64", "--d", "32",
-                 "--experts", "8", "--d-ff", "16", "--top-k", "2", "--iters", "1")
+                 "--experts", "8", "--d-ff", "16", "--top-k", "2", "--iters", "1", *extra)
         assert r["grouped_err_vs_loop"] < (1e-6 if dtype == "fp32" else 1e-2), r
         assert r["grouped_ms"] > 0 and r["loop_ms"] > 0 and r["experts"] == 8 and r["dtype"].startswith(
             {"fp32": "float32", "bf16": "bfloat16"}[dtype])
+        assert ("compiled_ms" in r) == bool(extra)
+    assert r["compiled_err_vs_grouped"] == 0.0 and r["compiled_speedup_over_grouped"] > 0, r
 
 
 def test_bench_cache_tiny():

@@ -4,7 +4,8 @@ the experts' projections as one grouped GEMM each (torch._grouped_mm) vs the loo
 in one process, with the grouped path's max relative error against the loop (same weights, same routing).
 
 `moe_check(device, ...) -> dict` (tools/gpu_check.py calls it with Qwen3-30B-A3B's block: d 2048, 128 experts of
-width 768, top 8, at 4096 tokens in bf16); as a script it prints the JSON (CPU default: a small block in fp32).
+width 768, top 8, at 4096 tokens in bf16, and the grouped path compiled with Inductor too); as a script it prints the
+JSON (CPU default: a small block in fp32; --compile-backend adds the compiled path).
 """
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from typing import Optional
 from unittest import mock
 
 import torch
@@ -26,14 +28,15 @@ from megadistill.model.transformer import MoEFeedForward  # noqa: E402
 from megadistill.parallel.layers import LayerFactory  # noqa: E402
 
 
-def _run(block, x, gy, grouped: bool):
-    """One forward + backward; returns (output, grads of x and of the experts' weights)."""
+def _run(block, x, gy, grouped: bool, fn=None):
+    """One forward + backward of fn (default: the block itself; or its compiled form); returns (output, grads of x
+    and of the experts' weights)."""
     x = x.detach().requires_grad_()
-    if grouped and not kernels._grouped_mm_fits(x, block.experts.w1):
+    if grouped and not kernels.grouped_mm_usable(x, *block.experts.w1.shape[1:]):
         raise RuntimeError("torch._grouped_mm cannot take these operands here (alignment, dtype, device or torch "
                            "version): only the loop runs")
     with mock.patch.object(kernels, "_grouped_mm_works", lambda *a: grouped):  # the loop: as if the probe failed
-        y = block(x)
+        y = (block if fn is None else fn)(x)
         y.backward(gy)
     grads = [x.grad] + [p.grad.clone() for p in block.experts.parameters()]
     block.zero_grad(set_to_none=True)
@@ -50,8 +53,11 @@ def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def moe_check(device: str = "cpu", dtype=torch.float32, tokens: int = 1024, d: int = 256, experts: int = 16,
-              d_ff: int = 128, top_k: int = 2, iters: int = 10, warmup: int = 2) -> dict:
-    """ms of one fwd + bwd per path (median, round-robin), grouped speedup over the loop, grouped vs loop error."""
+              d_ff: int = 128, top_k: int = 2, iters: int = 10, warmup: int = 2,
+              compile_backend: Optional[str] = None) -> dict:
+    """ms of one fwd + bwd per path (median, round-robin), grouped speedup over the loop, grouped vs loop error. With
+    compile_backend, a third path: the grouped one under torch.compile (routing, dispatch and grouped GEMMs in one
+    graph, as train.compile runs a bf16 mixture block), its error against the eager grouped path and its speedup."""
     cfg = ModelConfig(n_layers=1, d_model=d, n_heads=max(1, d // 128), head_dim=128 if d >= 128 else d, d_ff=d_ff,
                       vocab_size=128, moe_experts=experts, moe_top_k=top_k)
     cfg.validate()
@@ -71,17 +77,30 @@ def moe_check(device: str = "cpu", dtype=torch.float32, tokens: int = 1024, d: i
     out["grouped_err_vs_loop"] = max(_rel_err(a, r) for a, r in zip(_run(block, x, gy, grouped=True), loop))
     out["loop_err_vs_fp32"] = max(_rel_err(a, r) for a, r in zip(loop, ref))
     times = {"grouped": [], "loop": []}
+    compiled = None
+    if compile_backend:
+        import torch._dynamo as dynamo
+        dynamo.reset()
+        compiled = torch.compile(block, backend=compile_backend, dynamic=False)
+        t0 = time.perf_counter()
+        grouped = _run(block, x, gy, grouped=True)
+        out["compiled_err_vs_grouped"] = max(_rel_err(a, r) for a, r in zip(_run(block, x, gy, True, compiled),
+                                                                             grouped))
+        out["compile_first_call_s"] = round(time.perf_counter() - t0, 2)
+        times["compiled"] = []
     for i in range(warmup + iters):
-        for name in times:  # round-robin: drift hits both paths alike
+        for name in times:  # round-robin: drift hits every path alike
             _sync(device)
             t0 = time.perf_counter()
-            _run(block, x, gy, name == "grouped")
+            _run(block, x, gy, name != "loop", compiled if name == "compiled" else None)
             _sync(device)
             if i >= warmup:
                 times[name].append((time.perf_counter() - t0) * 1e3)
     for name, ts in times.items():
         out[f"{name}_ms"] = statistics.median(ts)
     out["grouped_speedup"] = out["loop_ms"] / out["grouped_ms"]
+    if compiled is not None:
+        out["compiled_speedup_over_grouped"] = out["grouped_ms"] / out["compiled_ms"]
     return out
 
 
@@ -95,6 +114,8 @@ def main() -> int:
     ap.add_argument("--d-ff", type=int, default=None)
     ap.add_argument("--top-k", type=int, default=None)
     ap.add_argument("--iters", type=int, default=10)
+    ap.add_argument("--compile-backend", default=None,
+                    help="also time the grouped path under torch.compile with this backend (inductor, aot_eager)")
     args = ap.parse_args()
     gpu = args.device == "cuda"
     shape = dict(tokens=4096, d=2048, experts=128, d_ff=768, top_k=8) if gpu else dict(
@@ -102,7 +123,8 @@ def main() -> int:
     shape.update({k: v for k, v in (("tokens", args.tokens), ("d", args.d), ("experts", args.experts),
                                     ("d_ff", args.d_ff), ("top_k", args.top_k)) if v is not None})
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype or ("bf16" if gpu else "fp32")]
-    print(json.dumps(moe_check(args.device, dtype, iters=args.iters, **shape), indent=1))
+    print(json.dumps(moe_check(args.device, dtype, iters=args.iters, compile_backend=args.compile_backend, **shape),
+                     indent=1))
     return 0
 
 

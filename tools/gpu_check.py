@@ -10,7 +10,8 @@ after every check and run ("complete": false until the end), so a run cut off by
 Runs are started in RUNS order until --budget-s is spent; the rest are listed as skipped. `--dry-run` validates the
 matrix on any machine; `--tiny` runs it at tiny sizes, on CPU too (teacher files, trainer runs, overhead table:
 tests/test_tools.py). PAPER.md FLOPs against the card's dense bf16 peak. First of all, `compile` checks one 975M block
-compiled by Inductor against eager and fp32 (values and every gradient): the compiled figures count only if it is ok.
+compiled by Inductor against eager and fp32 (values and every gradient): the compiled figures count only if it is ok;
+`compile_moe` the same for Qwen3-30B-A3B's mixture block (routing, dispatch and grouped GEMMs in the graph).
 """
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Sequence
 
 import torch
 
@@ -130,13 +131,14 @@ def loss_check(tokens: int = 16384, d: int = 2048, vocab: int = 32768, device: s
 
 
 def compile_check(size: str = "975M", seq: int = 4096, batch: int = 4, device: str = "cuda",
-                  dtype=torch.bfloat16, backend: str = "inductor") -> dict:
+                  dtype=torch.bfloat16, backend: str = "inductor", extra: Sequence[str] = ()) -> dict:
     """One transformer block of `size` (its width, heads, SwiGLU), compiled as train.compile does (Inductor: Triton
     on GPU) vs eager in the same dtype, forward + backward: the error of the output and of every gradient (input and
     each weight) against an fp32 eager reference, beside eager-in-dtype's own error (the floor). A compiled graph that
     drops or corrupts a gradient (torch 2.11's dynamo did, for two of our autograd Functions) fails here, before
     any MFU figure is read. The default shape is the trainer runs' micro-batch (4 x 4096), so that Inductor's cache can
-    serve their bf16 block graph (not checked)."""
+    serve their bf16 block graph (not checked). `extra`: model.* overrides after the size's (a mixture of experts:
+    its routing, dispatch and grouped GEMMs compile into the block graph in bf16)."""
     import torch._dynamo as dynamo
 
     from megadistill import config
@@ -146,7 +148,8 @@ def compile_check(size: str = "975M", seq: int = 4096, batch: int = 4, device: s
 
     shape = get_size(size)
     cfg = config.load([], [f"model.{k}={shape[k]}" for k in ("d_model", "n_heads", "head_dim", "d_ff")]
-                      + ["model.n_layers=1", "model.vocab_size=256", "model.attention=sdpa", "train.steps=1"])
+                      + ["model.n_layers=1", "model.vocab_size=256", "model.attention=sdpa", "train.steps=1"]
+                      + list(extra))
     torch.manual_seed(0)
     base = Transformer(cfg.model).to(device)
     x0 = torch.randn(batch, seq, shape["d_model"], device=device)
@@ -173,7 +176,7 @@ def compile_check(size: str = "975M", seq: int = 4096, batch: int = 4, device: s
     ref, _ = run(torch.float32, False)
     eager, _ = run(dtype, False)
     comp, first_s = run(dtype, True)
-    out = {"size": size, "seq": seq, "dtype": str(dtype), "backend": backend,
+    out = {"size": size, "extra": list(extra), "seq": seq, "dtype": str(dtype), "backend": backend,
            "eager_vs_fp32": err(eager, ref), "compiled_vs_fp32": err(comp, ref),
            "compiled_vs_eager": err(comp, eager), "compile_first_call_s": round(first_s, 2),
            "zero_grads": sum(int(g.abs().max().item() == 0) for g in comp[1:])}
@@ -191,6 +194,9 @@ def _overrides(size: str, run_dir: Path, micro: int, steps: int, seq: int, extra
 
 # The trainer runs of the check, in the order they run (most wanted first: a run that would start past the time
 # budget is skipped and says so). (name, student size, teacher size or None, variant); variants add overrides.
+# Qwen3-30B-A3B's block (d 2048, 32 query / 4 key-value heads of 128, 128 experts of width 768, top 8): compile_check
+QWEN3_MOE_BLOCK = ["model.d_model=2048", "model.n_heads=32", "model.n_kv_heads=4", "model.head_dim=128",
+                   "model.d_ff=768", "model.moe_experts=128", "model.moe_top_k=8"]
 VARIANTS = {"eager": ["train.compile=false"], "compile": ["train.compile=true"],
             "compile_liger": ["train.compile=true", "model.kernels=liger"],
             "eager_liger": ["train.compile=false", "model.kernels=liger"],
@@ -516,6 +522,8 @@ def main() -> int:
     if not args.skip_kernels:
         result["compile"] = guarded(compile_check)
         save()
+        result["compile_moe"] = guarded(compile_check, batch=1, extra=QWEN3_MOE_BLOCK)  # one graph per block
+        save()
         result["attention"] = guarded(attention_check)
         result["loss"] = guarded(loss_check)
         save()
@@ -531,7 +539,7 @@ def main() -> int:
             save()
         from bench_moe import moe_check  # Qwen3-30B-A3B's mixture: grouped GEMM vs the loop over 128 experts
         result["moe"] = guarded(moe_check, "cuda", torch.bfloat16, tokens=4096, d=2048, experts=128, d_ff=768,
-                                top_k=8, iters=5)
+                                top_k=8, iters=5, compile_backend="inductor")
         save()
     teachers: Dict[str, Path] = {}
     for name, size, teacher, variant in runs:

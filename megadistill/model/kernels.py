@@ -165,19 +165,29 @@ def grouped_linear(x: torch.Tensor, weight: torch.Tensor, counts: torch.Tensor) 
     group offsets kept on the device (no host sync); where it cannot run (rows not 16-byte aligned, another dtype or
     GPU, a torch without it) a loop over the experts, whose weight gradient is assembled once (unbind), not per
     expert. Experts without rows get zero gradients either way."""
-    if _grouped_mm_fits(x, weight):
+    if x.dtype == weight.dtype and x.device == weight.device and grouped_mm_usable(x, weight.shape[1], weight.shape[2]):
         return torch._grouped_mm(x, weight.transpose(1, 2), offs=counts.cumsum(0, dtype=torch.int32))
     parts = x.split(counts.tolist())
     return torch.cat([F.linear(part, w) for part, w in zip(parts, weight.unbind(0))])
 
 
-def _grouped_mm_fits(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether torch._grouped_mm takes these operands: same dtype, rows of in and out features 16-byte aligned, and
-    (probed once per device and dtype) the kernel runs at all."""
+def grouped_mm_usable(x: torch.Tensor, out_features: int, in_features: int) -> bool:
+    """Whether grouped_linear runs x (and weights of its dtype) [E, out_features, in_features] as one grouped GEMM:
+    rows of in and out features 16-byte aligned, and (probed once per device and dtype) the kernel runs at all."""
     size = x.element_size()
-    aligned = weight.shape[1] * size % 16 == 0 and weight.shape[2] * size % 16 == 0
-    return (x.dtype == weight.dtype and x.device == weight.device and aligned
-            and _grouped_mm_works(x.device.type, x.device.index, x.dtype))
+    return (out_features * size % 16 == 0 and in_features * size % 16 == 0
+            and _grouped_mm_ok(x.device.type, x.device.index, x.dtype))
+
+
+def grouped_mm_traceable(x: torch.Tensor, out_features: int, in_features: int) -> bool:
+    """Whether torch.compile can trace grouped_linear's grouped GEMM for x: it runs (grouped_mm_usable) and x is bf16,
+    the one dtype torch's shape function for _grouped_mm takes (the CPU's eager kernel takes fp32 too)."""
+    return x.dtype == torch.bfloat16 and grouped_mm_usable(x, out_features, in_features)
+
+
+@torch.compiler.assume_constant_result  # a fact of the device: dynamo calls it while tracing, as a constant
+def _grouped_mm_ok(device_type: str, index, dtype: torch.dtype) -> bool:
+    return _grouped_mm_works(device_type, index, dtype)
 
 
 @functools.lru_cache(maxsize=None)

@@ -152,6 +152,12 @@ class Experts(nn.Module):
         self.w1 = factory.region_column(d, d_ff, std_in, experts=n)  # gate [E, f/tp, d]
         self.w3 = factory.region_column(d, d_ff, std_in, experts=n)  # up [E, f/tp, d]
         self.w2 = factory.region_row(d_ff, d, mup.init_std_for("hidden", d_ff), experts=n)  # down [E, d, f/tp]
+        self.width = self.w1.shape[1]  # f/tp, kept: a ZeRO-3-partitioned weight is empty outside this forward
+
+    def traceable(self, x: torch.Tensor) -> bool:
+        """Whether torch.compile can trace this forward for rows like x: every projection one grouped GEMM (the loop
+        splits by counts, which are data)."""
+        return kernels_mod.grouped_mm_traceable(x, self.width, x.shape[-1])
 
     def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """x [n, d] (counts[e] consecutive rows for expert e) -> W2_e (act(W1_e x) * W3_e x) partial sums [n, d]."""
@@ -203,11 +209,10 @@ class MoEFeedForward(nn.Module):
         self.router = factory.replicated(d, cfg.moe_experts, mup.init_std_for("hidden", d))  # [E, d]
         self.experts = Experts(cfg, d_ff, factory)
         self.shared = SharedExpert(cfg, factory) if cfg.moe_shared_ff else None
-        # the load-balancing loss of the model's last forward run with autograd on (None otherwise), kept once per
-        # model forward (armed by Transformer.hidden_states: not again when checkpointing recomputes the block in
-        # backward, which would hold a graph past the step): Transformer.moe_aux_loss
+        # the load-balancing loss of this block's last forward with autograd on (None otherwise), set by every
+        # forward -- a checkpoint's recompute too, so that it saves what the forward saved, also when compiled -- and
+        # taken off the module by Transformer.hidden_states right after each call (Transformer.moe_aux_loss)
         self.aux_loss: Optional[torch.Tensor] = None
-        self.keep_aux = True
 
     def route(self, x: torch.Tensor):
         """x [t, d] -> (weights [t, k] in x's dtype, expert ids [t, k], router probabilities [t, E] in fp32)."""
@@ -221,12 +226,14 @@ class MoEFeedForward(nn.Module):
         full = self.enter(x)  # [b, s, d] on every rank
         flat = full.reshape(-1, full.shape[-1])
         weights, ids, probs = self.route(flat)
-        out = self._dispatch(flat, weights, ids, probs)  # [t, d] partial sums
+        # [t, d] partial sums; traced by torch.compile where the experts run as grouped GEMMs (bf16), which need no
+        # host sync: sorting, counting and gathering have data-independent shapes
+        dispatch = self._dispatch if self.experts.traceable(flat) else self._dispatch_eager
+        out = dispatch(flat, weights, ids, probs)
         if self.shared is not None:
             out = out + self.shared(flat)
         return self.exit(out.view(full.shape))
 
-    @torch.compiler.disable  # the grouping is data (sort, counts): one graph per routing pattern otherwise
     def _dispatch(self, flat, weights, ids, probs):
         """sum over each token's k experts of weight x expert(token): this rank's partial sums [t, d]. The t k
         (token, slot) copies are sorted by expert, run through the experts together, put back in token order and
@@ -239,17 +246,17 @@ class MoEFeedForward(nn.Module):
                                                                                             torch.ones_like(ids))
         # Switch Transformer's load balance: E sum_e f_e P_e, f_e the share of copies routed to e (no gradient), P_e
         # its mean probability; 1 when routing is uniform, E / k when every token picks the same k experts
-        # formed on a checkpoint's recompute too (it must save what the forward saved), kept from the forward only
-        aux = (self.n_experts * (counts.float() / ids.numel() * probs.mean(0)).sum() if torch.is_grad_enabled()
-               else None)
-        if self.keep_aux:
-            self.aux_loss, self.keep_aux = aux, False
+        self.aux_loss = (self.n_experts * (counts.float() / ids.numel() * probs.mean(0)).sum()
+                         if torch.is_grad_enabled() else None)
         y = self.experts(flat[order // self.top_k], counts)  # [t k, d], grouped by expert
         back = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
         # [t, k, d] in token order: a gather by the inverse permutation, which keeps only `back` for backward (an
         # index_copy by `order` would keep a copy of y); its backward adds each row once
         per_slot = y.index_select(0, back).view(t, self.top_k, -1)
         return torch.bmm(weights.unsqueeze(1), per_slot).squeeze(1)  # [t, d]: sum_k w_k y_k
+
+    # the expert loop splits rows by counts, which are data: left eager in a compiled block (one graph break)
+    _dispatch_eager = torch.compiler.disable(_dispatch)
 
 
 class Block(nn.Module):
@@ -320,6 +327,7 @@ class Transformer(nn.Module):
         local_base = cfg.rope_local_base
         self.local_rope = Rotary(cfg.rotary_dim, local_base) if local_base else self.rope
         self.nope = set(cfg.nope_blocks)
+        self._aux_losses: list = []  # the mixtures' balance losses of the last forward (moe_aux_loss)
         use_kernels(self, cfg.kernels)
         self._tag_roles()
 
@@ -369,30 +377,38 @@ class Transformer(nn.Module):
         inputs = {kind: (*(self.local_rope if kind == "sliding" else self.rope)(s, x.device, x.dtype),
                          build_mask(doc_ids, self.cfg.attention, s, window if kind == "sliding" else 0, x.device))
                   for kind in sorted(set(self.layer_kinds))}
-        for block in self.blocks:  # each mixture keeps this forward's balance loss (Transformer.moe_aux_loss)
-            if isinstance(block.ffn, MoEFeedForward):
-                block.ffn.keep_aux = True
+        aux_losses, forwarding = [], True
+
+        def run(block, *args):
+            """The block, its mixture's balance loss taken off it: kept from this forward, dropped from a checkpoint's
+            recompute in backward (it would hold that recompute's graph past the step). `finally`: the recompute
+            stops with an exception once it has rebuilt what backward needs, after the mixture has run."""
+            try:
+                return block(*args)
+            finally:
+                if isinstance(block.ffn, MoEFeedForward):
+                    aux, block.ffn.aux_loss = block.ffn.aux_loss, None
+                    if forwarding and aux is not None:
+                        aux_losses.append(aux)
+
         for i, block in enumerate(self.blocks):
             cos, sin, mask = inputs[self.layer_kinds[i]]
             if i in self.nope:
                 cos = sin = None
             if self._checkpointed(i):
                 # recompute the block in backward (its collectives too, in the same order on every TP rank)
-                x = checkpoint(block, x, cos, sin, mask, use_reentrant=False)
+                x = checkpoint(run, block, x, cos, sin, mask, use_reentrant=False)
             else:
-                x = block(x, cos, sin, mask)
+                x = run(block, x, cos, sin, mask)
+        forwarding = False
+        self._aux_losses = aux_losses
         return self.gather_sequence(self.norm(x))
 
     def moe_aux_loss(self) -> Optional[torch.Tensor]:
         """The mixture blocks' load-balancing losses of the last forward run with autograd on, summed over blocks
         (each block's is E sum_e f_e P_e over the tokens it routed; every TP rank routes the same tokens, so each
         holds the whole value), then forgotten; None for a dense model or after a forward without autograd."""
-        losses = []
-        for block in self.blocks:
-            ffn = block.ffn
-            if isinstance(ffn, MoEFeedForward) and ffn.aux_loss is not None:
-                losses.append(ffn.aux_loss)
-                ffn.aux_loss = None
+        losses, self._aux_losses = self._aux_losses, []
         return torch.stack(losses).sum() if losses else None
 
     def forward(self, input_ids: torch.Tensor, doc_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
