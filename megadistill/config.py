@@ -357,6 +357,8 @@ class TrainConfig:
     moe_aux_loss: float = 0.01  # a mixture-of-experts student: weight of the routers' load-balancing loss (Switch
     # Transformer's E sum_e f_e P_e per block, summed over blocks; Mixtral trained with 0.02, OLMoE 0.01, Qwen3-MoE
     # 0.001); 0 = none (e.g. continuing a released checkpoint as it was). No effect on a dense student
+    moe_router_z_loss: float = 0.0  # a mixture-of-experts student: weight of ST-MoE's router z-loss (per block the
+    # mean over tokens of logsumexp(router logits)^2, summed over blocks; OLMoE trained with 0.001); 0 = none
     seed: int = 0
     log_interval: int = 1  # steps between train.jsonl lines
     eval_interval: int = 0  # steps between evals; 0 = only at the end
@@ -462,7 +464,7 @@ class Config:
         for k in ("seq_len", "micro_batch_size", "global_batch_size", "log_interval", "eval_tokens", "keep_checkpoints"):
             _positive(f"train.{k}", getattr(t, k))
         for k in ("steps", "tokens", "tokens_per_param", "eval_interval", "checkpoint_interval", "z_loss", "stop_after_steps",
-                  "moe_aux_loss"):
+                  "moe_aux_loss", "moe_router_z_loss"):
             _positive(f"train.{k}", getattr(t, k), allow_zero=True)
         if not (t.steps or t.tokens or t.tokens_per_param):
             raise ConfigError("set one of train.steps, train.tokens or train.tokens_per_param (all are 0)")

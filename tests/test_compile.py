@@ -354,7 +354,7 @@ def test_moe_block_compiled_equals_eager(dtype):
         fn = torch.compile(block, backend="aot_eager") if compiled else block
         y = fn(xi, cos, sin, None)
         (y * torch.arange(y.numel()).view_as(y).sin()).sum().backward()
-        outs.append([y.detach(), xi.grad, block.ffn.aux_loss.detach()] + [p.grad for p in block.parameters()])
+        outs.append([y.detach(), xi.grad, block.ffn.router_losses.detach()] + [p.grad for p in block.parameters()])
     assert sum(g is not None and float(g.abs().sum()) > 0 for g in outs[0][3:]) > 8  # experts were trained
     for a, b in zip(*outs):
         assert (a is None and b is None) or torch.allclose(a, b, atol=1e-6, rtol=1e-5)

@@ -182,6 +182,7 @@ TINY = ["model.n_layers=2", "model.d_model=64", "model.n_heads=4", "model.head_d
      "model.qk_norm_scope=full normalises k over all model.n_kv_heads=2 heads"),
     (["model.moe_experts=4", "model.moe_top_k=5"], None, "model.moe_top_k=5 in [1, moe_experts]"),
     (["model.moe_experts=4", "model.moe_top_k=2", "train.moe_aux_loss=-0.01"], None, "train.moe_aux_loss"),
+    (["model.moe_experts=4", "model.moe_top_k=2", "train.moe_router_z_loss=-1e-3"], None, "train.moe_router_z_loss"),
     (["model.moe_shared_ff=64"], None, "model.moe_shared_ff=64 must be >= 0 and needs a mixture of experts"),
     (["model.moe_experts=4", "model.moe_top_k=2", "model.moe_shared_ff=66", "parallel.tp_size=4"], 4,
      "parallel.tp_size=4 does not divide model.moe_shared_ff=66"),

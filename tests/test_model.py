@@ -356,11 +356,12 @@ def test_moe_unrouted_experts_get_zero_gradients():
         assert 1 <= len(used) <= 3
 
 
-def test_moe_balance_loss_is_switch_transformers():
-    """Transformer.moe_aux_loss: per block E sum_e f_e P_e (f_e the share of the t k routed copies sent to expert e,
-    P_e its mean router probability), summed over blocks, from an independent count of the routers' outputs; 1 per
-    block when the router is uniform; only its P_e carries gradient (to the routers and below); read once, and not
-    kept by forwards without autograd (a teacher's)."""
+def test_moe_router_losses_are_switch_transformers_and_st_moe():
+    """Transformer.moe_router_losses: [load balance, z-loss], each summed over blocks. Per block the balance is
+    E sum_e f_e P_e (f_e the share of the t k routed copies sent to expert e, P_e its mean router probability), 1 when
+    the router is uniform, and only its P_e carries gradient (to the routers and below); the z-loss the mean over
+    tokens of logsumexp(router logits)^2, value and gradient as torch.logsumexp's. Both from an independent
+    computation on the routers' outputs; read once, and not kept by forwards without autograd (a teacher's)."""
     from megadistill.config import ModelConfig
     from megadistill.model.transformer import Transformer
     cfg = ModelConfig(n_layers=2, d_model=32, n_heads=2, head_dim=16, d_ff=32, vocab_size=64, moe_experts=8,
@@ -368,48 +369,58 @@ def test_moe_balance_loss_is_switch_transformers():
     cfg.validate()
     torch.manual_seed(0)
     model = Transformer(cfg)
+    with torch.no_grad():
+        for b in model.blocks:
+            b.ffn.router.weight.mul_(30)  # logits of a few units: logsumexp far from log E, gradients not tiny
     scores = []
-    hooks = [b.ffn.router.register_forward_hook(lambda m, i, o: scores.append(o.detach())) for b in model.blocks]
+    hooks = [b.ffn.router.register_forward_hook(lambda m, i, o: scores.append(o)) for b in model.blocks]
     model(torch.randint(0, 64, (2, 12)))
     for h in hooks:
         h.remove()
-    ref = 0.0
+    ref, ref_z = 0.0, 0.0
     for z in scores:
-        probs = torch.softmax(z.float(), -1)
+        probs = torch.softmax(z.detach().float(), -1)
         ids = probs.topk(2, -1).indices
         f = torch.stack([(ids == e).sum() for e in range(8)]).float() / ids.numel()
         ref += 8 * float((f * probs.mean(0)).sum())
-    aux = model.moe_aux_loss()
-    assert aux.requires_grad and float(aux.detach()) == pytest.approx(ref, rel=1e-6) and ref > 2.05
-    assert model.moe_aux_loss() is None  # read once
-    aux.backward()
-    assert float(model.blocks[1].ffn.router.weight.grad.abs().sum()) > 0
+        ref_z = ref_z + torch.logsumexp(z.float(), -1).square().mean()
+    losses = model.moe_router_losses()
+    assert losses.shape == (2,) and losses.requires_grad and ref > 2.05 and float(ref_z.detach()) > 2 * 5
+    assert float(losses[0].detach()) == pytest.approx(ref, rel=1e-6)
+    assert float(losses[1].detach()) == pytest.approx(float(ref_z.detach()), rel=1e-5)
+    assert model.moe_router_losses() is None  # read once
+    router = model.blocks[1].ffn.router.weight
+    g_ref = torch.autograd.grad(ref_z, router, retain_graph=True)[0]  # the z-loss gradient: torch.logsumexp's
+    assert_close(torch.autograd.grad(losses[1], router, retain_graph=True)[0], g_ref, rtol=1e-4, atol=1e-6)
+    losses[0].backward()
+    assert float(router.grad.abs().sum()) > 0
     assert float(model.embed.weight.grad.abs().sum()) > 0 and model.blocks[1].ffn.experts.w1.grad is None
     with torch.no_grad():
         for b in model.blocks:
-            b.ffn.router.weight.zero_()  # uniform routing: P_e = 1 / E whatever the counts
+            b.ffn.router.weight.zero_()  # uniform routing: P_e = 1 / E whatever the counts; logsumexp = log E
         model(torch.randint(0, 64, (2, 12)))
-        assert model.moe_aux_loss() is None  # no autograd: nothing kept
+        assert model.moe_router_losses() is None  # no autograd: nothing kept
     model(torch.randint(0, 64, (2, 12)))
-    assert float(model.moe_aux_loss().detach()) == pytest.approx(2.0, rel=1e-6)
+    assert_close(model.moe_router_losses().detach(), torch.tensor([2.0, 2 * math.log(8) ** 2]), rtol=1e-6, atol=0)
     assert Transformer(ModelConfig(n_layers=1, d_model=32, n_heads=2, head_dim=16, d_ff=32,
-                                   vocab_size=64)).moe_aux_loss() is None
+                                   vocab_size=64)).moe_router_losses() is None
     cfg.activation_checkpointing = "full"  # recomputing the blocks in backward keeps no second balance loss
     ckpt = Transformer(cfg)
-    (ckpt(torch.randint(0, 64, (2, 12))).float().pow(2).mean() + ckpt.moe_aux_loss()).backward()
-    assert all(b.ffn.aux_loss is None for b in ckpt.blocks)
+    (ckpt(torch.randint(0, 64, (2, 12))).float().pow(2).mean() + ckpt.moe_router_losses().sum()).backward()
+    assert all(b.ffn.router_losses is None for b in ckpt.blocks)
     assert float(ckpt.blocks[0].ffn.router.weight.grad.abs().sum()) > 0
     ids = torch.randint(0, 64, (2, 12))
     ckpt(ids).float().pow(2).mean().backward()  # read after the recompute: still this forward's, once per block
     model.load_state_dict(ckpt.state_dict())
     model(ids)
-    assert float(ckpt.moe_aux_loss().detach()) == pytest.approx(float(model.moe_aux_loss().detach()), rel=1e-6)
+    assert_close(ckpt.moe_router_losses().detach(), model.moe_router_losses().detach(), rtol=1e-6, atol=0)
 
 
 @pytest.mark.parametrize("fused", [False, True], ids=["logits", "fused"])
-def test_objective_adds_the_weighted_balance_loss(tmp_path, fused):
-    """A mixture-of-experts student's objective = the token loss + train.moe_aux_loss x the balance loss (stat
-    moe_aux, logged at weight 0 too); a dense student's has neither."""
+def test_objective_adds_the_weighted_router_losses(tmp_path, fused):
+    """A mixture-of-experts student's objective = the token loss + train.moe_aux_loss x the balance loss +
+    train.moe_router_z_loss x the router z-loss (stats moe_aux and moe_z, logged at weight 0 too); a dense student's
+    has neither."""
     from tiny_runs import tiny_overrides
 
     from megadistill import config
@@ -418,13 +429,16 @@ def test_objective_adds_the_weighted_balance_loss(tmp_path, fused):
     moe = ["model.moe_experts=4", "model.moe_top_k=2", "model.d_ff=64", f"distill.fused={str(fused).lower()}"]
     ids = torch.randint(0, 128, (2, 32), generator=torch.Generator().manual_seed(0))
     out = {}
-    for weight in (0.0, 0.5):
-        cfg = config.load([], tiny_overrides(tmp_path, "supervised", ["train.steps=1", *moe,
-                                                                      f"train.moe_aux_loss={weight}"]))
+    for aux_w, z_w in ((0.0, 0.0), (0.5, 0.0), (0.0, 0.25), (0.5, 0.25)):
+        cfg = config.load([], tiny_overrides(tmp_path, "supervised", [
+            "train.steps=1", *moe, f"train.moe_aux_loss={aux_w}", f"train.moe_router_z_loss={z_w}"]))
         torch.manual_seed(0)
         loss, stats = Objective(Transformer(cfg.model), cfg)(ids, ids)
-        out[weight] = (float(loss.detach()), float(stats["moe_aux"]))
-    assert out[0.0][1] == out[0.5][1] > 1
-    assert out[0.5][0] - out[0.0][0] == pytest.approx(0.5 * out[0.0][1], rel=1e-5)
+        out[aux_w, z_w] = (float(loss.detach()), float(stats["moe_aux"]), float(stats["moe_z"]))
+    base, aux, z = out[0.0, 0.0]
+    assert all(v[1:] == (aux, z) for v in out.values()) and aux > 1 and z > 0
+    assert out[0.5, 0.0][0] - base == pytest.approx(0.5 * aux, rel=1e-5)
+    assert out[0.0, 0.25][0] - base == pytest.approx(0.25 * z, rel=1e-5)
+    assert out[0.5, 0.25][0] - base == pytest.approx(0.5 * aux + 0.25 * z, rel=1e-5)
     cfg = config.load([], tiny_overrides(tmp_path, "supervised", ["train.steps=1"]))
-    assert "moe_aux" not in Objective(Transformer(cfg.model), cfg)(ids, ids)[1]
+    assert not {"moe_aux", "moe_z"} & set(Objective(Transformer(cfg.model), cfg)(ids, ids)[1])

@@ -10,7 +10,7 @@ from megadistill.config import ModelConfig
 from megadistill.errors import UserError
 from megadistill.model.transformer import Transformer
 from megadistill.parallel.groups import ParallelGroups
-from megadistill.train.objective import add_balance_loss
+from megadistill.train.objective import add_router_losses
 from megadistill.parallel.mappings import (columns_entry, copy_to_tp_region, gather_from_tp_region, gather_sequence,
                                            gather_sequence_into_tp_region, reduce_from_tp_region,
                                            reduce_scatter_to_sequence_region, scatter_to_sequence_region,
@@ -167,10 +167,10 @@ def check_model_vs_dense(groups: ParallelGroups, docs: bool, sequence_parallel: 
 
     def objective(logits, net, tp_size):  # nonlinear in the logits: the head and every block get non-trivial grads
         loss = F.cross_entropy(logits.reshape(-1, V), targets.reshape(-1)) + 1e-2 * (logits.tanh() * r).sum()
-        if cfg.moe_experts:  # the routers' load-balancing loss, weighted as the trainer adds it (heavily: 0.1)
-            aux = net.moe_aux_loss()
-            auxes.append(aux.detach())
-            loss = add_balance_loss(loss, aux, 0.1, tp_size)
+        if cfg.moe_experts:  # the routers' balance and z-losses, added as the trainer does (heavily: 0.1, 0.05)
+            router = net.moe_router_losses()
+            auxes.append(router.detach())
+            loss = add_router_losses(loss, router, (0.1, 0.05), tp_size)
         return loss
 
     auxes = []
@@ -182,9 +182,9 @@ def check_model_vs_dense(groups: ParallelGroups, docs: bool, sequence_parallel: 
     full = gather_from_tp_region(local, groups.tp_group)  # test only: the trainer never gathers the vocab
     assert_close(full, dense_logits, atol=1e-5, rtol=1e-5)
     objective(full, model, tp).backward()
-    if cfg.moe_experts:  # the same routing, so the same balance (> 1: random routers are uneven)
+    if cfg.moe_experts:  # the same routing, so the same losses (balance > 1 per block: random routers are uneven)
         assert_close(auxes[1], auxes[0], atol=1e-6, rtol=1e-6)
-        assert float(auxes[0]) > cfg.n_layers
+        assert float(auxes[0][0]) > cfg.n_layers and float(auxes[0][1]) > 0
     with torch.no_grad():
         assert_close(model.hidden_states(ids, doc_ids), dense.hidden_states(ids, doc_ids), atol=1e-5, rtol=1e-5)
     dense_params = dict(dense.named_parameters())

@@ -17,8 +17,8 @@ STEPS = 6
 CURVE_ATOL = 2e-5
 BIAS = ["model.qk_norm=false", "model.qkv_bias=true"]  # a Qwen2-shaped student
 MQA = ["model.n_kv_heads=1", *BIAS]  # one key/value head: replicated over TP=2, its biases too
-MOE = ["model.moe_experts=4", "model.moe_top_k=2", "model.d_ff=64", "model.moe_shared_ff=64"]  # a mixture (with
-# a shared expert, as Qwen2-MoE)
+MOE = ["model.moe_experts=4", "model.moe_top_k=2", "model.d_ff=64", "model.moe_shared_ff=64",
+       "train.moe_router_z_loss=0.01"]  # a mixture (with a shared expert, as Qwen2-MoE; and the router z-loss)
 NEOX = [*BIAS, "model.norm_type=layer", "model.ffn_gated=false", "model.activation=gelu", "model.o_bias=true",
         "model.ffn_bias=true", "model.parallel_residual=true", "model.rope_fraction=0.25"]  # a Pythia-shaped student
 
@@ -89,8 +89,9 @@ def _two_proc(rank, world, root):
                             + extra)
         train(_load(d_over), inspect=_check_teacher_frozen)
         out[name] = _losses(root / name)
-        if name.endswith("_moe"):  # the routers' balance loss, logged per step (and in the loss, x 0.01)
-            out[name + "_aux"] = [json.loads(line)["moe_aux"] for line in open(root / name / "train.jsonl")]
+        if name.endswith("_moe"):  # the routers' balance and z-losses, logged per step (in the loss x 0.01 each)
+            lines = [json.loads(line) for line in open(root / name / "train.jsonl")]
+            out[name + "_aux"] = [[x["moe_aux"], x["moe_z"]] for x in lines]
     # 3) resume: stop after 3 steps (checkpoint), resume, and compare with the uninterrupted tp1_z2 run
     r_over = tiny_overrides(root / "resumed", "distill", [f"train.steps={STEPS}", f"distill.teacher={root / 'teacher'}",
                                                       "zero.stage=2"])
@@ -205,13 +206,14 @@ def test_qkv_bias_layouts_agree(study, kind):
 
 def test_moe_layouts_agree(study):
     """A mixture-of-experts student (4 experts, top 2) trains under DP=2 ZeRO-2 and ZeRO-3 and TP=2 ZeRO-1 along one
-    curve."""
+    curve, its balance and z-losses too."""
     _, res = study
     ref = torch.tensor(res["tp1_z2_moe"])
     assert len(ref) == STEPS and all(math.isfinite(x) for x in ref) and res["tp1_z2_moe"] != res["tp1_z1"]
     assert float(ref[-1]) < float(ref[0])
-    aux = torch.tensor(res["tp1_z2_moe_aux"])
-    assert len(aux) == STEPS and float(aux.min()) > 2  # two blocks, each >= 1 unless routing is anti-balanced
+    aux = torch.tensor(res["tp1_z2_moe_aux"])  # [steps, (balance, z-loss)]
+    assert aux.shape == (STEPS, 2) and float(aux[:, 0].min()) > 2  # two blocks, each >= 1 unless anti-balanced
+    assert float(aux[:, 1].min()) > 1  # near 2 (log 4)^2 = 3.8: small router logits, logsumexp near log E per block
     for name in ("tp2_z1_moe", "tp1_z3_moe"):
         torch.testing.assert_close(torch.tensor(res[name]), ref, atol=CURVE_ATOL, rtol=0, msg=name)
         torch.testing.assert_close(torch.tensor(res[name + "_aux"]), aux, atol=1e-4, rtol=0, msg=name)

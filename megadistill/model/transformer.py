@@ -209,32 +209,38 @@ class MoEFeedForward(nn.Module):
         self.router = factory.replicated(d, cfg.moe_experts, mup.init_std_for("hidden", d))  # [E, d]
         self.experts = Experts(cfg, d_ff, factory)
         self.shared = SharedExpert(cfg, factory) if cfg.moe_shared_ff else None
-        # the load-balancing loss of this block's last forward with autograd on (None otherwise), set by every
-        # forward -- a checkpoint's recompute too, so that it saves what the forward saved, also when compiled -- and
-        # taken off the module by Transformer.hidden_states right after each call (Transformer.moe_aux_loss)
-        self.aux_loss: Optional[torch.Tensor] = None
+        # the router's losses of this block's last forward with autograd on, [2]: (load balance, z-loss); None
+        # otherwise. Set by every forward -- a checkpoint's recompute too, so that it saves what the forward saved,
+        # also when compiled -- and taken off the module by Transformer.hidden_states right after each call
+        # (Transformer.moe_router_losses)
+        self.router_losses: Optional[torch.Tensor] = None
 
     def route(self, x: torch.Tensor):
-        """x [t, d] -> (weights [t, k] in x's dtype, expert ids [t, k], router probabilities [t, E] in fp32)."""
-        probs = torch.softmax(self.router(x).float(), dim=-1)  # [t, E]
+        """x [t, d] -> (weights [t, k] in x's dtype, expert ids [t, k], router probabilities [t, E] in fp32,
+        logsumexp of the router logits [t] in fp32)."""
+        logits = self.router(x).float()
+        probs = torch.softmax(logits, dim=-1)  # [t, E]
         top, ids = probs.topk(self.top_k, dim=-1)
+        # logsumexp(z) = z_j - log p_j for any j, gradient included; at the top-1 expert p_j >= 1 / E (no underflow),
+        # and autograd saves only [t] vectors beside what the softmax kept (logsumexp itself would keep [t, E])
+        lse = logits.gather(-1, ids[:, :1]).squeeze(-1) - top[:, 0].log()
         if self.norm_topk:
             top = top / top.sum(-1, keepdim=True)
-        return top.to(x.dtype), ids, probs
+        return top.to(x.dtype), ids, probs, lse
 
     def forward(self, x):
         full = self.enter(x)  # [b, s, d] on every rank
         flat = full.reshape(-1, full.shape[-1])
-        weights, ids, probs = self.route(flat)
+        weights, ids, probs, lse = self.route(flat)
         # [t, d] partial sums; traced by torch.compile where the experts run as grouped GEMMs (bf16), which need no
         # host sync: sorting, counting and gathering have data-independent shapes
         dispatch = self._dispatch if self.experts.traceable(flat) else self._dispatch_eager
-        out = dispatch(flat, weights, ids, probs)
+        out = dispatch(flat, weights, ids, probs, lse)
         if self.shared is not None:
             out = out + self.shared(flat)
         return self.exit(out.view(full.shape))
 
-    def _dispatch(self, flat, weights, ids, probs):
+    def _dispatch(self, flat, weights, ids, probs, lse):
         """sum over each token's k experts of weight x expert(token): this rank's partial sums [t, d]. The t k
         (token, slot) copies are sorted by expert, run through the experts together, put back in token order and
         summed over the k slots (a permutation and a bmm: deterministic, no atomics, no host sync)."""
@@ -245,9 +251,10 @@ class MoEFeedForward(nn.Module):
         counts = torch.zeros(self.n_experts, dtype=ids.dtype, device=ids.device).scatter_add_(0, ids,
                                                                                             torch.ones_like(ids))
         # Switch Transformer's load balance: E sum_e f_e P_e, f_e the share of copies routed to e (no gradient), P_e
-        # its mean probability; 1 when routing is uniform, E / k when every token picks the same k experts
-        self.aux_loss = (self.n_experts * (counts.float() / ids.numel() * probs.mean(0)).sum()
-                         if torch.is_grad_enabled() else None)
+        # its mean probability; 1 when routing is uniform, E / k when every token picks the same k experts. ST-MoE's
+        # router z-loss: the mean over tokens of logsumexp(router logits)^2 (keeps the logits small)
+        self.router_losses = (torch.stack([self.n_experts * (counts.float() / ids.numel() * probs.mean(0)).sum(),
+                                           lse.square().mean()]) if torch.is_grad_enabled() else None)
         y = self.experts(flat[order // self.top_k], counts)  # [t k, d], grouped by expert
         back = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
         # [t, k, d] in token order: a gather by the inverse permutation, which keeps only `back` for backward (an
@@ -327,7 +334,7 @@ class Transformer(nn.Module):
         local_base = cfg.rope_local_base
         self.local_rope = Rotary(cfg.rotary_dim, local_base) if local_base else self.rope
         self.nope = set(cfg.nope_blocks)
-        self._aux_losses: list = []  # the mixtures' balance losses of the last forward (moe_aux_loss)
+        self._router_losses: list = []  # the mixtures' router losses of the last forward (moe_router_losses)
         use_kernels(self, cfg.kernels)
         self._tag_roles()
 
@@ -377,19 +384,19 @@ class Transformer(nn.Module):
         inputs = {kind: (*(self.local_rope if kind == "sliding" else self.rope)(s, x.device, x.dtype),
                          build_mask(doc_ids, self.cfg.attention, s, window if kind == "sliding" else 0, x.device))
                   for kind in sorted(set(self.layer_kinds))}
-        aux_losses, forwarding = [], True
+        router_losses, forwarding = [], True
 
         def run(block, *args):
-            """The block, its mixture's balance loss taken off it: kept from this forward, dropped from a checkpoint's
-            recompute in backward (it would hold that recompute's graph past the step). `finally`: the recompute
-            stops with an exception once it has rebuilt what backward needs, after the mixture has run."""
+            """The block, its mixture's router losses taken off it: kept from this forward, dropped from a
+            checkpoint's recompute in backward (they would hold that recompute's graph past the step). `finally`: the
+            recompute stops with an exception once it has rebuilt what backward needs, after the mixture has run."""
             try:
                 return block(*args)
             finally:
                 if isinstance(block.ffn, MoEFeedForward):
-                    aux, block.ffn.aux_loss = block.ffn.aux_loss, None
-                    if forwarding and aux is not None:
-                        aux_losses.append(aux)
+                    losses, block.ffn.router_losses = block.ffn.router_losses, None
+                    if forwarding and losses is not None:
+                        router_losses.append(losses)
 
         for i, block in enumerate(self.blocks):
             cos, sin, mask = inputs[self.layer_kinds[i]]
@@ -401,15 +408,17 @@ class Transformer(nn.Module):
             else:
                 x = run(block, x, cos, sin, mask)
         forwarding = False
-        self._aux_losses = aux_losses
+        self._router_losses = router_losses
         return self.gather_sequence(self.norm(x))
 
-    def moe_aux_loss(self) -> Optional[torch.Tensor]:
-        """The mixture blocks' load-balancing losses of the last forward run with autograd on, summed over blocks
-        (each block's is E sum_e f_e P_e over the tokens it routed; every TP rank routes the same tokens, so each
-        holds the whole value), then forgotten; None for a dense model or after a forward without autograd."""
-        losses, self._aux_losses = self._aux_losses, []
-        return torch.stack(losses).sum() if losses else None
+    def moe_router_losses(self) -> Optional[torch.Tensor]:
+        """The mixture blocks' router losses of the last forward run with autograd on, [2], each summed over blocks
+        (as Megatron-LM does): the load balance (a block's is E sum_e f_e P_e over the tokens it routed) and the
+        z-loss (a block's is the mean over its tokens of logsumexp(router logits)^2). Every TP rank routes the same
+        tokens, so each holds the whole values. Then forgotten; None for a dense model or after a forward without
+        autograd."""
+        losses, self._router_losses = self._router_losses, []
+        return torch.stack(losses).sum(0) if losses else None
 
     def forward(self, input_ids: torch.Tensor, doc_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Logits of this rank's vocab shard, [b, s, V/tp] (rank r holds classes [r V/tp, (r+1) V/tp)); capped as

@@ -17,7 +17,8 @@ class Objective(nn.Module):
     """Wraps the student so DeepSpeed sees one module whose forward returns the scalar loss and detached term means.
 
     L = (1 - kd_weight) NTP + kd_weight KD + z_loss Z  (distill);  L = NTP + z_loss Z  (supervised); a
-    mixture-of-experts student adds moe_aux_loss x its routers' load-balancing loss.
+    mixture-of-experts student adds moe_aux_loss x its routers' load-balancing loss + moe_router_z_loss x their
+    z-loss.
     Each term is a mean over valid (label != -100) tokens of this rank's micro-batch; DeepSpeed averages over DP ranks
     and accumulation steps, which equals the global token mean because packed micro-batches have equal token counts.
     """
@@ -29,24 +30,25 @@ class Objective(nn.Module):
         self.tp_group = tp_group
         self.distill = cfg.train.mode == "distill"
         self.fused = cfg.distill.fused
-        self.moe, self.aux_weight = bool(cfg.model.moe_experts), float(cfg.train.moe_aux_loss)
+        self.moe = bool(cfg.model.moe_experts)
+        self.router_weights = (float(cfg.train.moe_aux_loss), float(cfg.train.moe_router_z_loss))
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor, doc_ids: Optional[torch.Tensor] = None,
                 teacher_logits: Optional[torch.Tensor] = None, teacher_hidden: Optional[torch.Tensor] = None,
                 teacher_weight: Optional[torch.Tensor] = None, teacher_ids: Optional[torch.Tensor] = None,
                 teacher_logprobs: Optional[torch.Tensor] = None, teacher_tail: Optional[torch.Tensor] = None
                 ) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
-        return self._balanced(*self._loss(input_ids, labels, doc_ids, teacher_logits, teacher_hidden, teacher_weight,
-                                          teacher_ids, teacher_logprobs, teacher_tail))
+        return self._routed(*self._loss(input_ids, labels, doc_ids, teacher_logits, teacher_hidden, teacher_weight,
+                                        teacher_ids, teacher_logprobs, teacher_tail))
 
-    def _balanced(self, loss: torch.Tensor, stats: Dict[str, torch.Tensor]):
-        """+ train.moe_aux_loss x the mixture's load-balancing loss (a mixture-of-experts student; stat moe_aux,
-        logged at weight 0 too): add_balance_loss."""
-        aux = self.student.moe_aux_loss() if self.moe else None  # read (and released) even at weight 0: logged
-        if aux is None:
+    def _routed(self, loss: torch.Tensor, stats: Dict[str, torch.Tensor]):
+        """+ train.moe_aux_loss x the mixture's load-balancing loss + train.moe_router_z_loss x its router z-loss (a
+        mixture-of-experts student; stats moe_aux and moe_z, logged at weight 0 too): add_router_losses."""
+        losses = self.student.moe_router_losses() if self.moe else None  # read (and released) even at weight 0
+        if losses is None:
             return loss, stats
-        stats = dict(stats, moe_aux=aux.detach())
-        return add_balance_loss(loss, aux, self.aux_weight, group_size(self.tp_group)), stats
+        stats = dict(stats, moe_aux=losses[0].detach(), moe_z=losses[1].detach())
+        return add_router_losses(loss, losses, self.router_weights, group_size(self.tp_group)), stats
 
     def _loss(self, input_ids, labels, doc_ids, teacher_logits, teacher_hidden, teacher_weight, teacher_ids,
               teacher_logprobs, teacher_tail) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
@@ -73,12 +75,14 @@ class Objective(nn.Module):
                                    reverse=d.reverse, chunk_tokens=chunk, inplace=True, loss_kernel=d.loss_kernel)
 
 
-def add_balance_loss(loss: torch.Tensor, aux: torch.Tensor, weight: float, tp_size: int) -> torch.Tensor:
-    """loss + weight x aux (a mixture's load-balancing loss, whole on every TP rank) in value; its gradient flows
-    through weight x aux / tp_size, since the router's and its input's gradients are summed over the TP ranks."""
-    if not weight:
+def add_router_losses(loss: torch.Tensor, losses: torch.Tensor, weights: Tuple[float, float],
+                      tp_size: int) -> torch.Tensor:
+    """loss + weights . losses (a mixture's router losses, [2]: load balance and z-loss, whole on every TP rank) in
+    value; the gradient flows through that term / tp_size, since the router's and its input's gradients are summed
+    over the TP ranks."""
+    if not any(weights):
         return loss
-    term = weight * aux
+    term = sum(w * v for w, v in zip(weights, losses) if w)
     share = term / tp_size
     return loss + share + (term - share).detach()
 
