@@ -5,7 +5,7 @@ import dataclasses
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, ValidationError
@@ -27,6 +27,25 @@ def _choice(key: str, value, allowed) -> None:
 def _positive(key: str, value, allow_zero: bool = False) -> None:
     if value is None or (value < 0 if allow_zero else value <= 0):
         raise ConfigError(f"{key}={value!r} must be {'>= 0' if allow_zero else '> 0'}")
+
+
+def tp_split_problem(m: "ModelConfig", tp: int, name: Callable[[str], str]) -> Optional[str]:
+    """Why tensor parallelism of size tp cannot split the model m, or None: its attention heads, key/value heads (a
+    share per rank, or one replicated), full-width QK-norm over replicated heads, FFN and shared-expert widths. The
+    student's config and a teacher's shape are checked alike; name(key) names a dimension in the message."""
+    if m.n_heads % tp:
+        return f"parallel.tp_size={tp} does not divide {name('n_heads')}={m.n_heads}"
+    layout = kv_layout(m.n_kv_heads, tp)
+    if layout is None:
+        return (f"parallel.tp_size={tp} neither divides {name('n_kv_heads')}={m.n_kv_heads} nor is a multiple of it: "
+                "each TP rank needs whole key/value heads (its share, or one replicated head); pick such a tp_size")
+    if layout == "replicated" and m.qk_norm and m.qk_norm_scope == "full":
+        return (f"{name('qk_norm_scope')}=full normalises k over all {name('n_kv_heads')}={m.n_kv_heads} heads, but "
+                f"parallel.tp_size={tp} leaves one per rank; use a tp_size that divides it")
+    for key in ("d_ff", "moe_shared_ff"):
+        if getattr(m, key) % tp:
+            return f"parallel.tp_size={tp} does not divide {name(key)}={getattr(m, key)}"
+    return None
 
 
 def grad_dtypes(precision: str, zero_stage: int, accum: str = "auto", reduce: str = "auto") -> Tuple[str, str]:
@@ -399,21 +418,11 @@ class Config:
         _positive("parallel.tp_size", p.tp_size)
         _choice("parallel.backend", p.backend, ("auto", "nccl", "gloo"))
         _positive("parallel.timeout_s", p.timeout_s)
-        if m.n_heads % p.tp_size:
-            raise ConfigError(f"parallel.tp_size={p.tp_size} does not divide model.n_heads={m.n_heads}")
-        layout = kv_layout(m.n_kv_heads, p.tp_size)
-        if layout is None:
-            raise ConfigError(f"parallel.tp_size={p.tp_size} neither divides model.n_kv_heads={m.n_kv_heads} nor is a "
-                              "multiple of it: each TP rank needs whole key/value heads (its share, or one replicated "
-                              "head); pick such a tp_size")
-        if layout == "replicated" and m.qk_norm and m.qk_norm_scope == "full":
-            raise ConfigError(f"model.qk_norm_scope=full normalises k over all model.n_kv_heads={m.n_kv_heads} heads, "
-                              f"but parallel.tp_size={p.tp_size} leaves one per rank; use a tp_size that divides it")
+        problem = tp_split_problem(m, p.tp_size, lambda key: f"model.{key}")
+        if problem:
+            raise ConfigError(problem)
         if m.vocab_size % p.tp_size:
             raise ConfigError(f"parallel.tp_size={p.tp_size} does not divide model.vocab_size={m.vocab_size}")
-        for key in ("d_ff", "moe_shared_ff"):
-            if getattr(m, key) % p.tp_size:
-                raise ConfigError(f"parallel.tp_size={p.tp_size} does not divide model.{key}={getattr(m, key)}")
         if not isinstance(p.sequence_parallel, bool):
             raise ConfigError(f"parallel.sequence_parallel={p.sequence_parallel!r} must be true or false")
         if p.sequence_parallel and self.train.seq_len % p.tp_size:

@@ -642,7 +642,12 @@ def test_bad_folders_are_named_errors(hf_dirs, tmp_path, capsys):
     heads = tmp_path / "heads12"  # 6 key/value heads at TP=4: neither a share per rank nor one replicated
     shutil.copytree(folder, heads)
     edit_config(heads, num_attention_heads=12, num_key_value_heads=6)
-    fails(heads, r"parallel.tp_size=4 does not divide the teacher's n_kv_heads=6 .*\(or a multiple of it\)",
+    fails(heads, r"tp_size=4 neither divides the teacher.s n_kv_heads=6 nor is a multiple .*from .*split over TP",
+          ["parallel.tp_size=4"])
+    shared = tmp_path / "qwen2_moe_shared"  # a shared expert TP cannot split (the student's own widths do split)
+    shutil.copytree(hf_dirs["qwen2_moe_gqa"][0], shared)
+    edit_config(shared, shared_expert_intermediate_size=66)
+    fails(shared, r"parallel.tp_size=4 does not divide the teacher.s moe_shared_ff=66 \(the teacher, from ",
           ["parallel.tp_size=4"])
     fails(hf_dirs["gemma2_gqa_tied"][0], r"caps its logits \(logit_softcap=3.0.*set distill.fused=false",
           ["distill.fused=true"])

@@ -13,9 +13,9 @@ from omegaconf import OmegaConf
 from torch import nn
 
 from megadistill import config as config_mod
-from megadistill.config import Config, ModelConfig
+from megadistill.config import Config, ModelConfig, tp_split_problem
 from megadistill.errors import UserError
-from megadistill.model.sizes import kv_layout, params_of
+from megadistill.model.sizes import params_of
 from megadistill.model.transformer import Transformer
 from megadistill.parallel.groups import ParallelGroups
 from megadistill.train import checkpoint
@@ -140,17 +140,9 @@ def teacher_source(cfg: Config) -> TeacherSource:
     if tm.logit_softcap and cfg.distill.fused:
         raise UserError(f"the teacher caps its logits (logit_softcap={tm.logit_softcap}, from {origin}), which the "
                         "fused loss (distill.fused=true) never forms; set distill.fused=false")
-    tp = cfg.parallel.tp_size
-    for key in ("n_heads", "n_kv_heads", "d_ff"):
-        n = getattr(tm, key)
-        if n % tp and not (key == "n_kv_heads" and kv_layout(n, tp)):  # fewer key/value heads than ranks: replicated
-            raise UserError(f"parallel.tp_size={tp} does not divide the teacher's {key}={n} (from {origin}): the "
-                            "teacher is split like the student; pick a tp_size that divides it"
-                            + (" (or a multiple of it)" if key == "n_kv_heads" else ""))
-    if kv_layout(tm.n_kv_heads, tp) == "replicated" and tm.qk_norm and tm.qk_norm_scope == "full":
-        raise UserError(f"the teacher (from {origin}) normalises k over all its {tm.n_kv_heads} key/value heads "
-                        f"(qk_norm_scope=full), but parallel.tp_size={tp} leaves one per rank; use a tp_size that "
-                        "divides them")
+    problem = tp_split_problem(tm, cfg.parallel.tp_size, lambda key: f"the teacher's {key}")
+    if problem:  # the student's own shape passed the same check in Config.validate
+        raise UserError(f"{problem} (the teacher, from {origin}, is split over TP like the student)")
     tm.attention = cfg.model.attention  # the backend is a property of this run's hardware, not of the weights
     tm.kernels = cfg.model.kernels  # so are the fused kernels (torch | liger), for our and HF teachers alike
     tm.activation_checkpointing = "off"  # no backward through the teacher
