@@ -1,7 +1,9 @@
 #!/usr/bin/env python
 """Micro-benchmark of a mixture-of-experts FFN (megadistill.model.transformer.MoEFeedForward): forward + backward with
 the experts' projections as one grouped GEMM each (torch._grouped_mm) vs the loop over the experts, timed round-robin
-in one process, with the grouped path's max relative error against the loop (same weights, same routing).
+in one process, with the grouped path's max relative error against the loop (same weights, same routing); and
+torch._grouped_mm alone on group layouts a GPU kernel might refuse or get wrong (groups not multiples of 8 rows, empty
+groups, rows past the last offset) against per-expert matmuls.
 
 `moe_check(device, ...) -> dict` (tools/gpu_check.py calls it with Qwen3-30B-A3B's block: d 2048, 128 experts of
 width 768, top 8, at 4096 tokens in bf16, and the grouped path compiled with Inductor too); as a script it prints the
@@ -52,6 +54,42 @@ def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.double() - b.double()).abs().max() / b.double().abs().max().clamp_min(1e-30)).item()
 
 
+# group sizes (rows per expert) torch._grouped_mm is tried with: whether a GPU's kernel needs groups padded to a
+# multiple of 8 rows (torchtitan pads them), takes empty groups, and ignores rows past the last offset
+GROUP_LAYOUTS = {"multiples_of_16": [16, 32, 0, 48], "multiples_of_8": [8, 24, 0, 40], "unaligned": [3, 29, 0, 13],
+                 "rows_past_last_offset": [3, 29, 0, 13, "+5"]}
+
+
+def group_layout_check(device: str = "cpu", dtype=torch.bfloat16, d_in: int = 256, d_out: int = 512) -> dict:
+    """torch._grouped_mm, forward and backward (input and weight gradients), against per-expert matmuls in fp32 for
+    each of GROUP_LAYOUTS: {layout: {"err": max relative error} or {"error": message}}."""
+    out = {}
+    for name, sizes in GROUP_LAYOUTS.items():
+        extra = int(sizes[-1]) if isinstance(sizes[-1], str) else 0
+        counts = [n for n in sizes if not isinstance(n, str)]
+        g = torch.Generator().manual_seed(0)
+        x = torch.randn(sum(counts) + extra, d_in, generator=g)
+        w = torch.randn(len(counts), d_out, d_in, generator=g) / d_in ** 0.5
+        gy = torch.randn(sum(counts), d_out, generator=g)
+        ref_x, ref_w = x.clone().requires_grad_(), w.clone().requires_grad_()
+        parts = ref_x[:sum(counts)].split(counts)
+        ref_y = torch.cat([p @ ref_w[e].T for e, p in enumerate(parts)])
+        ref_y.backward(gy)
+        try:
+            xl = x.to(device, dtype).requires_grad_()
+            wl = w.to(device, dtype).requires_grad_()
+            offs = torch.tensor(counts, device=device).cumsum(0, dtype=torch.int32)
+            y = torch._grouped_mm(xl, wl.transpose(1, 2), offs=offs)[:sum(counts)]
+            y.backward(gy.to(device, dtype))
+            _sync(device)
+            out[name] = {"err": max(_rel_err(a.float().cpu(), b) for a, b in (
+                (y.detach(), ref_y.detach()), (xl.grad[:sum(counts)], ref_x.grad[:sum(counts)]),
+                (wl.grad, ref_w.grad)))}
+        except (RuntimeError, NotImplementedError, TypeError) as e:
+            out[name] = {"error": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"}
+    return out
+
+
 def moe_check(device: str = "cpu", dtype=torch.float32, tokens: int = 1024, d: int = 256, experts: int = 16,
               d_ff: int = 128, top_k: int = 2, iters: int = 10, warmup: int = 2,
               compile_backend: Optional[str] = None) -> dict:
@@ -99,6 +137,8 @@ def moe_check(device: str = "cpu", dtype=torch.float32, tokens: int = 1024, d: i
     for name, ts in times.items():
         out[f"{name}_ms"] = statistics.median(ts)
     out["grouped_speedup"] = out["loop_ms"] / out["grouped_ms"]
+    out["probe"] = kernels._grouped_mm_works(torch.device(device).type, torch.device(device).index, dtype)
+    out["group_layouts"] = group_layout_check(device, dtype)
     if compiled is not None:
         out["compiled_speedup_over_grouped"] = out["grouped_ms"] / out["compiled_ms"]
     return out
