@@ -109,6 +109,12 @@ def moe_check(device: str = "cpu", dtype=torch.float32, tokens: int = 1024, d: i
     out = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "torch": torch.__version__,
            "dtype": str(dtype).split(".")[-1], "tokens": tokens, "d": d, "experts": experts, "d_ff": d_ff,
            "top_k": top_k}
+    # first what the probe decided and how the kernel handles each group layout: if it is unusable, that is the why
+    out["probe"] = kernels._grouped_mm_works(x.device.type, x.device.index, dtype)
+    out["group_layouts"] = group_layout_check(device, dtype)
+    if not kernels.grouped_mm_usable(x, d_ff, d):
+        out["error"] = "torch._grouped_mm is not used for these operands here (probe, alignment or dtype): no timing"
+        return out
     # the kernel's error: grouped vs loop on the same weights and routing in `dtype`; and the loop in `dtype` vs fp32
     # (in bf16 that includes tokens whose top k flips: near-tied router scores round apart)
     loop = _run(block, x, gy, grouped=False)
@@ -137,8 +143,6 @@ def moe_check(device: str = "cpu", dtype=torch.float32, tokens: int = 1024, d: i
     for name, ts in times.items():
         out[f"{name}_ms"] = statistics.median(ts)
     out["grouped_speedup"] = out["loop_ms"] / out["grouped_ms"]
-    out["probe"] = kernels._grouped_mm_works(torch.device(device).type, torch.device(device).index, dtype)
-    out["group_layouts"] = group_layout_check(device, dtype)
     if compiled is not None:
         out["compiled_speedup_over_grouped"] = out["grouped_ms"] / out["compiled_ms"]
     return out
