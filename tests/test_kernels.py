@@ -149,6 +149,63 @@ def test_grouped_linear_takes_the_grouped_kernel_where_torch_has_it(monkeypatch)
         kernels._grouped_mm_works.cache_clear()
 
 
+@pytest.mark.parametrize("multiple", [8, 16])
+def test_pad_groups_aligns_every_group(multiple):
+    """pad_groups: each expert's rows start at a multiple of `multiple` in the padded layout, in order, zeros
+    elsewhere; the padded counts are multiples summing to the static row count, and rows maps back exactly."""
+    g = torch.Generator().manual_seed(0)
+    counts = torch.tensor([3, 0, 17, 8, 0, 1])
+    x = torch.randn(int(counts.sum()), 5, generator=g)
+    xp, padded, rows = kernels.pad_groups(x, counts, multiple)
+    n, experts = x.shape[0], len(counts)
+    bound = n + experts * (multiple - 1)  # rounded up to a multiple
+    assert xp.shape[0] % multiple == 0 and bound <= xp.shape[0] < bound + multiple
+    assert int(padded.sum()) == xp.shape[0] and bool((padded % multiple == 0).all())
+    assert bool((padded >= counts).all())
+    assert torch.equal(xp.index_select(0, rows), x)
+    starts, packed = padded.cumsum(0) - padded, counts.cumsum(0) - counts
+    for e in range(experts):  # expert e's rows, in order, at the start of its padded group
+        assert torch.equal(rows[packed[e]:packed[e] + counts[e]], torch.arange(counts[e]) + starts[e])
+    outside = torch.ones(xp.shape[0], dtype=torch.bool)
+    outside[rows] = False
+    assert float(xp[outside].abs().sum()) == 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_mixture_with_padded_groups_equals_packed(monkeypatch, dtype):
+    """On CUDA the experts' grouped GEMMs take groups padded to 16 rows (an unaligned group is a device-side assert
+    there): the same block with padding forced on this CPU gives the packed layout's output and gradients; compiled
+    (bf16) the padding traces into the block graph."""
+    import torch._dynamo as dynamo
+    from megadistill.model.transformer import MoEFeedForward
+    from megadistill.parallel.layers import LayerFactory
+    cfg = ModelConfig(**{**TINY, "d_ff": 32, "moe_experts": 8, "moe_top_k": 2})
+    cfg.validate()
+    torch.manual_seed(0)
+    block = MoEFeedForward(cfg, cfg.d_ff, LayerFactory(dtype=dtype))
+    x0 = torch.randn(2, 24, cfg.d_model, dtype=dtype)
+
+    def run(fn):
+        x = x0.clone().requires_grad_()
+        y = fn(x)
+        (y.float() * torch.arange(y.numel()).view_as(y).sin()).sum().backward()
+        out = [y.detach(), x.grad] + [p.grad.clone() for p in block.parameters()]
+        block.zero_grad(set_to_none=True)
+        return out
+
+    packed = run(block)
+    monkeypatch.setattr(kernels, "group_rows", lambda device: 16)
+    padded = run(block)
+    tol = 0 if dtype == torch.float32 else 1e-2
+    assert_close(padded, packed, rtol=tol, atol=tol)
+    if dtype == torch.bfloat16:
+        dynamo.reset()
+        ex = dynamo.explain(block)(x0)
+        assert ex.graph_count == 1 and ex.graph_break_count == 0, [r.reason for r in ex.break_reasons]
+        dynamo.reset()
+        assert_close(run(torch.compile(block, backend="aot_eager")), padded, rtol=0, atol=0)
+
+
 def test_grouped_mm_probe_first_reached_inside_a_checkpointed_mixture():
     """The probe's own backward, run where activation checkpointing's saved-tensor hooks are active (the first mixture
     forward of a training run with model.activation_checkpointing), set off the block's recompute, which stopped it

@@ -171,6 +171,31 @@ def grouped_linear(x: torch.Tensor, weight: torch.Tensor, counts: torch.Tensor) 
     return torch.cat([F.linear(part, w) for part, w in zip(parts, weight.unbind(0))])
 
 
+def group_rows(device: torch.device) -> int:
+    """The multiple of rows each expert's group is padded to before the grouped GEMMs (pad_groups): 16 on CUDA, 1
+    (none) elsewhere. CUTLASS's grouped GEMM checks in a kernel that a group's extent along the dynamic dimension is
+    16-byte aligned (torch 2.8's asked for a multiple of 16 rows, later ones for 16 bytes where the layout needs it)
+    and fails with a device-side assert, which ends the process: no try / except (or probe) recovers from it."""
+    return 16 if device.type == "cuda" else 1
+
+
+def pad_groups(x: torch.Tensor, counts: torch.Tensor, multiple: int):
+    """Rows grouped by expert (counts[e] consecutive rows for expert e) spread so that every group starts at a
+    multiple of `multiple` rows, zeros between. Returns x_padded [n + E (multiple - 1) rounded up to a multiple, d],
+    the padded counts (multiples, summing to that) and rows [n], where each row of x went
+    (x_padded.index_select(0, rows) == x). The slack past the last group's padding goes to the last group, so every
+    row lies inside a group (none left uninitialised by the GEMM). No shape depends on the counts (no host sync;
+    traceable)."""
+    n, experts = x.shape[0], counts.numel()
+    total = -(-(n + experts * (multiple - 1)) // multiple) * multiple  # the last group a multiple too
+    padded = (counts + multiple - 1) // multiple * multiple
+    padded = torch.cat([padded[:-1], (total - padded[:-1].sum()).reshape(1)])
+    shift = (padded.cumsum(0) - padded) - (counts.cumsum(0) - counts)  # each group's start, padded minus packed
+    expert = torch.repeat_interleave(torch.arange(experts, device=x.device), counts, output_size=n)
+    rows = torch.arange(n, device=x.device) + shift[expert]
+    return x.new_zeros(total, x.shape[1]).index_copy(0, rows, x), padded, rows
+
+
 def grouped_mm_usable(x: torch.Tensor, out_features: int, in_features: int) -> bool:
     """Whether grouped_linear runs x (and weights of its dtype) [E, out_features, in_features] as one grouped GEMM:
     rows of in and out features 16-byte aligned, and (probed once per device and dtype) the kernel runs at all."""
@@ -192,9 +217,9 @@ def _grouped_mm_ok(device_type: str, index, dtype: torch.dtype) -> bool:
 
 @functools.lru_cache(maxsize=None)
 def _grouped_mm_works(device_type: str, index, dtype: torch.dtype) -> bool:
-    """One tiny forward and backward of torch._grouped_mm in this layout (three experts, one empty, groups of rows
-    not multiples of 8) against per-expert matmuls, output and both gradients; False (the loop is used, logged once)
-    where it is absent, raises, or is wrong.
+    """One tiny forward and backward of torch._grouped_mm in this layout (three experts, one empty, the others' rows
+    as group_rows pads them) against per-expert matmuls, output and both gradients; False (the loop is used, logged
+    once) where it is absent, raises, or is wrong.
 
     Run in a thread of its own: the caller's thread-local autograd state stays out of it -- the saved-tensor hooks
     of an activation checkpoint (the probe's backward would set off the block's recompute, which stops itself with
@@ -212,15 +237,18 @@ def _probe_grouped_mm(device_type: str, index, dtype: torch.dtype) -> bool:
     try:
         with torch.inference_mode(False), torch.enable_grad():  # a fresh thread's defaults, stated
             g = torch.Generator(device="cpu").manual_seed(0)
-            x = torch.randn(13, 16, generator=g).to(device, dtype)
+            # groups of rows as the dispatch makes them (group_rows): elsewhere not multiples of 8, on CUDA padded
+            # (an unaligned group there is a device-side assert, the end of the process, not an exception)
+            a, b = (3, 10) if group_rows(device) == 1 else (group_rows(device), 2 * group_rows(device))
+            x = torch.randn(a + b, 16, generator=g).to(device, dtype)
             w = torch.randn(3, 8, 16, generator=g).to(device, dtype)
-            gy = torch.randn(13, 8, generator=g).to(device, dtype)
-            offs = torch.tensor([3, 3, 13], device=device, dtype=torch.int32)
+            gy = torch.randn(a + b, 8, generator=g).to(device, dtype)
+            offs = torch.tensor([a, a, a + b], device=device, dtype=torch.int32)
             results = []
             for grouped in (True, False):
                 xl, wl = x.clone().requires_grad_(), w.clone().requires_grad_()
                 y = (torch._grouped_mm(xl, wl.transpose(1, 2), offs=offs) if grouped
-                     else torch.cat([xl[:3] @ wl[0].T, xl[3:] @ wl[2].T]))
+                     else torch.cat([xl[:a] @ wl[0].T, xl[a:] @ wl[2].T]))
                 y.backward(gy)
                 results.append([y.float(), xl.grad.float(), wl.grad.float()])
             ok = all(torch.allclose(a, b, rtol=2e-2, atol=5e-2) for a, b in zip(*results))

@@ -160,10 +160,16 @@ class Experts(nn.Module):
         return kernels_mod.grouped_mm_traceable(x, self.width, x.shape[-1])
 
     def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-        """x [n, d] (counts[e] consecutive rows for expert e) -> W2_e (act(W1_e x) * W3_e x) partial sums [n, d]."""
+        """x [n, d] (counts[e] consecutive rows for expert e) -> W2_e (act(W1_e x) * W3_e x) partial sums [n, d].
+        Grouped GEMMs on CUDA take each group padded to 16 rows (kernels.group_rows): padded once here, unpadded
+        once at the end."""
+        rows, multiple = None, kernels_mod.group_rows(x.device)
+        if multiple > 1 and kernels_mod.grouped_mm_usable(x, self.width, x.shape[-1]):
+            x, counts, rows = kernels_mod.pad_groups(x, counts, multiple)
         gate = kernels_mod.grouped_linear(x, self.w1, counts)  # [n, f/tp]
         up = kernels_mod.grouped_linear(x, self.w3, counts)
-        return kernels_mod.grouped_linear(kernels_mod.swiglu(gate, up, self.kernels, self.activation), self.w2, counts)
+        y = kernels_mod.grouped_linear(kernels_mod.swiglu(gate, up, self.kernels, self.activation), self.w2, counts)
+        return y if rows is None else y.index_select(0, rows)
 
     def extra_repr(self) -> str:
         return f"experts={self.w1.shape[0]}, d={self.w1.shape[2]}, d_ff/tp={self.w1.shape[1]}"
