@@ -193,7 +193,8 @@ def pad_groups(x: torch.Tensor, counts: torch.Tensor, multiple: int):
     shift = (padded.cumsum(0) - padded) - (counts.cumsum(0) - counts)  # each group's start, padded minus packed
     expert = torch.repeat_interleave(torch.arange(experts, device=x.device), counts, output_size=n)
     rows = torch.arange(n, device=x.device) + shift[expert]
-    return x.new_zeros(total, x.shape[1]).index_copy(0, rows, x), padded, rows
+    # index_put: its backward keeps only the indices (index_copy's keeps the packed rows too)
+    return x.new_zeros(total, x.shape[1]).index_put((rows,), x), padded, rows
 
 
 def grouped_mm_usable(x: torch.Tensor, out_features: int, in_features: int) -> bool:

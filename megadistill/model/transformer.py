@@ -159,17 +159,23 @@ class Experts(nn.Module):
         splits by counts, which are data)."""
         return kernels_mod.grouped_mm_traceable(x, self.width, x.shape[-1])
 
-    def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-        """x [n, d] (counts[e] consecutive rows for expert e) -> W2_e (act(W1_e x) * W3_e x) partial sums [n, d].
-        Grouped GEMMs on CUDA take each group padded to 16 rows (kernels.group_rows): padded once here, unpadded
-        once at the end."""
-        rows, multiple = None, kernels_mod.group_rows(x.device)
-        if multiple > 1 and kernels_mod.grouped_mm_usable(x, self.width, x.shape[-1]):
-            x, counts, rows = kernels_mod.pad_groups(x, counts, multiple)
+    def forward(self, x: torch.Tensor, src: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """Tokens x [t, d] and src [n], the token of each routed copy in expert order (counts[e] consecutive copies
+        for expert e) -> W2_e (act(W1_e x_src) * W3_e x_src) partial sums [n, d]. Grouped GEMMs on CUDA take each
+        group padded to 16 rows (kernels.group_rows): the packed copies live only while they are spread into the
+        padded layout, which is unpadded once at the end."""
+        multiple = kernels_mod.group_rows(x.device)
+        if multiple == 1 or not kernels_mod.grouped_mm_usable(x, self.width, x.shape[-1]):
+            return self._project(x[src], counts)  # advanced indexing: its backward sums by sort, without atomics
+        padded, padded_counts, rows = kernels_mod.pad_groups(x[src], counts, multiple)
+        y = self._project(padded, padded_counts)
+        del padded  # without autograd (a teacher) freed before unpadding
+        return y.index_select(0, rows)
+
+    def _project(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         gate = kernels_mod.grouped_linear(x, self.w1, counts)  # [n, f/tp]
         up = kernels_mod.grouped_linear(x, self.w3, counts)
-        y = kernels_mod.grouped_linear(kernels_mod.swiglu(gate, up, self.kernels, self.activation), self.w2, counts)
-        return y if rows is None else y.index_select(0, rows)
+        return kernels_mod.grouped_linear(kernels_mod.swiglu(gate, up, self.kernels, self.activation), self.w2, counts)
 
     def extra_repr(self) -> str:
         return f"experts={self.w1.shape[0]}, d={self.w1.shape[2]}, d_ff/tp={self.w1.shape[1]}"
@@ -261,7 +267,7 @@ class MoEFeedForward(nn.Module):
         # router z-loss: the mean over tokens of logsumexp(router logits)^2 (keeps the logits small)
         self.router_losses = (torch.stack([self.n_experts * (counts.float() / ids.numel() * probs.mean(0)).sum(),
                                            lse.square().mean()]) if torch.is_grad_enabled() else None)
-        y = self.experts(flat[order // self.top_k], counts)  # [t k, d], grouped by expert
+        y = self.experts(flat, order // self.top_k, counts)  # [t k, d], grouped by expert
         back = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
         # [t, k, d] in token order: a gather by the inverse permutation, which keeps only `back` for backward (an
         # index_copy by `order` would keep a copy of y); its backward adds each row once

@@ -38,6 +38,7 @@ class Hardware:
     intra_node_gbps: float = 300.0  # GB/s, effective NVLink collective bus bandwidth per GPU
     inter_node_gbps: float = 40.0  # GB/s, effective InfiniBand bandwidth per GPU (400 Gb/s NIC = 50 GB/s line)
     overhead_gib: float = 2.0  # fixed: CUDA context, NCCL communicators and buffers, cuBLAS workspaces
+    expert_group_rows: int = 16  # a mixture's expert groups padded to this many rows (kernels.group_rows on CUDA)
     fragmentation: float = 0.10  # share of the modelled peak lost to the caching allocator
 
 
@@ -181,11 +182,23 @@ def checkpointed_blocks(n_layers: int, checkpointing: str, every_k: int = 2) -> 
     return n_layers if checkpointing == "full" else len(range(0, n_layers, every_k))
 
 
+def expert_padding_bytes(m: ModelConfig, tokens: int, tp: int, wb: int, group_rows: int = 1) -> float:
+    """What padding a mixture's expert groups to group_rows rows (kernels.pad_groups, on CUDA) adds to one block's
+    saved activations: up to (E + 1) (group_rows - 1) zero rows through the experts (their input row and SwiGLU
+    intermediates) and an int64 row index per routed copy. 0 for a dense model or group_rows 1."""
+    if not m.moe_experts or group_rows <= 1:
+        return 0.0
+    rows = (m.moe_experts + 1) * (group_rows - 1)
+    return rows * (wb * m.d_model + 4 * wb * m.d_ff / tp) + 8 * m.moe_top_k * tokens
+
+
 def activation_bytes(m: ModelConfig, tokens: int, tp: int, wb: int, checkpointing: str = "off",
-                     every_k: int = 2, sequence_parallel: bool = False, seq_len: int = 0) -> float:
+                     every_k: int = 2, sequence_parallel: bool = False, seq_len: int = 0,
+                     group_rows: int = 1) -> float:
     """Saved student activations for `tokens` tokens (sequences of seq_len) at the start of backward, incl. one
-    recomputed block."""
-    layer = activation_bytes_per_token(m, tp, wb, sequence_parallel, seq_len) * tokens
+    recomputed block; group_rows: a mixture's expert group padding (expert_padding_bytes)."""
+    layer = (activation_bytes_per_token(m, tp, wb, sequence_parallel, seq_len) * tokens
+             + expert_padding_bytes(m, tokens, tp, wb, group_rows))
     s = tp if sequence_parallel else 1
     n_ckpt = checkpointed_blocks(m.n_layers, checkpointing, every_k)
     # a checkpointed block keeps its input (this rank's sequence slice under sequence parallelism)
@@ -216,16 +229,20 @@ def loss_bytes(tokens: int, m: ModelConfig, tp: int, wb: int, fused: bool, chunk
     return chunk + grads + hidden_t
 
 
-def teacher_block_bytes(m: ModelConfig, tokens: int, tp: int, tb: int) -> float:
+def teacher_block_bytes(m: ModelConfig, tokens: int, tp: int, tb: int, group_rows: int = 1) -> float:
     """Peak of one block's intermediates in a forward without autograd (the teacher's), before attention scores. A
-    mixture of experts peaks in its experts' down projection, per routed copy of a token: the copies' input and
+    mixture of experts peaks in its experts' down projection, per routed copy of a token (and per padding row, with
+    expert groups padded to group_rows rows: kernels.pad_groups, + an int64 index per copy): the copies' input and
     output rows (whole d inside the TP region) and the gate, up and activation rows (f/tp), beside the block's
     residual stream, plus the router's fp32 probabilities (within 1% of the live tensors,
     tests/test_memory_plan.py)."""
     d, f = m.d_model, m.d_ff
     if m.moe_experts:  # a shared expert runs after the routed ones: its SwiGLU rows beside their summed output
-        shared = 4 * m.moe_shared_ff / tp + 4 * d if m.moe_shared_ff else 0
-        return tb * tokens * max(m.moe_top_k * (2 * d + 3 * f / tp) + 3 * d, shared) + 4 * tokens * m.moe_experts
+        copies = m.moe_top_k * tokens
+        pad = (m.moe_experts + 1) * (group_rows - 1) if group_rows > 1 else 0
+        routed = tb * ((copies + pad) * (2 * d + 3 * f / tp) + 3 * d * tokens) + (8 * copies if pad else 0)
+        shared = tb * tokens * (4 * m.moe_shared_ff / tp + 4 * d) if m.moe_shared_ff else 0
+        return max(routed, shared) + 4 * tokens * m.moe_experts
     return tb * tokens * (3 * f + 4 * d) / tp
 
 
@@ -282,7 +299,8 @@ def estimate_layout(student: ModelConfig, layout: Layout, world_size: int, seq_l
     grads_fb = grads_partition if z == 3 or bf16_opt else (
         (wb * P if z < 2 else grads_partition) if gas > 1 else 0.0)
 
-    acts = activation_bytes(student, n, tp, wb, layout.checkpointing, layout.checkpoint_every_k, layout.sp, seq_len)
+    acts = activation_bytes(student, n, tp, wb, layout.checkpointing, layout.checkpoint_every_k, layout.sp, seq_len,
+                            hardware.expert_group_rows)
     loss = loss_bytes(n, student, tp, wb, layout.fused, layout.chunk_tokens, teacher, tb)
     if teacher is not None and layout.fused and t_part:  # the trainer gathers the teacher's head for the fused loss
         loss += tb * teacher.vocab_size // tp * teacher.d_model
@@ -313,7 +331,7 @@ def estimate_layout(student: ModelConfig, layout: Layout, world_size: int, seq_l
                                      zero_buffers=bucket if z == 3 else 0.0, step_transient=transient)}
     if teacher is not None:
         t_out = tb * n * (teacher.d_model if layout.fused else teacher.vocab_size // tp)
-        t_block = teacher_block_bytes(teacher, n, tp, tb)
+        t_block = teacher_block_bytes(teacher, n, tp, tb, hardware.expert_group_rows)
         if explicit_scores(teacher):  # its fp32 scores and softmax over seq_len keys, one block at a time
             t_block += 8 * n * teacher.n_heads / tp * seq_len
         if layout.teacher_zero3 and dp > 1:
