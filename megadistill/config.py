@@ -264,7 +264,8 @@ HF_SHAPE_KEYS = ("n_layers", "d_model", "n_heads", "n_kv_heads", "head_dim", "d_
                  "rope_fraction", "norm_eps", "qk_norm", "qk_norm_scope", "norm_position", "norm_offset", "activation",
                  "embed_scale", "attn_scale_dim", "qkv_bias", "o_bias", "ffn_bias", "norm_type", "ffn_gated",
                  "parallel_residual", "qkv_clip", "moe_experts", "moe_top_k", "moe_norm_topk", "moe_shared_ff",
-                 "sliding_window", "layer_types", "rope_local_base", "nope_blocks", "attn_softcap", "logit_softcap", "tie_embeddings")
+                 "sliding_window", "layer_types", "rope_local_base", "nope_blocks", "attn_softcap", "logit_softcap",
+                 "tie_embeddings")
 
 
 def _size_shape(size: str) -> Dict:
@@ -472,8 +473,8 @@ class Config:
         _positive("train.nonfinite_max_skips", t.nonfinite_max_skips, allow_zero=True)
         for k in ("seq_len", "micro_batch_size", "global_batch_size", "log_interval", "eval_tokens", "keep_checkpoints"):
             _positive(f"train.{k}", getattr(t, k))
-        for k in ("steps", "tokens", "tokens_per_param", "eval_interval", "checkpoint_interval", "z_loss", "stop_after_steps",
-                  "moe_aux_loss", "moe_router_z_loss"):
+        for k in ("steps", "tokens", "tokens_per_param", "eval_interval", "checkpoint_interval", "z_loss",
+                  "stop_after_steps", "moe_aux_loss", "moe_router_z_loss"):
             _positive(f"train.{k}", getattr(t, k), allow_zero=True)
         if not (t.steps or t.tokens or t.tokens_per_param):
             raise ConfigError("set one of train.steps, train.tokens or train.tokens_per_param (all are 0)")

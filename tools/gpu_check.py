@@ -131,6 +131,11 @@ def loss_check(tokens: int = 16384, d: int = 2048, vocab: int = 32768, device: s
     return out
 
 
+# Qwen3-30B-A3B's block (d 2048, 32 query / 4 key-value heads of 128, 128 experts of width 768, top 8): compile_moe
+QWEN3_MOE_BLOCK = ["model.d_model=2048", "model.n_heads=32", "model.n_kv_heads=4", "model.head_dim=128",
+                   "model.d_ff=768", "model.moe_experts=128", "model.moe_top_k=8"]
+
+
 def compile_check(size: str = "975M", seq: int = 4096, batch: int = 4, device: str = "cuda",
                   dtype=torch.bfloat16, backend: str = "inductor", extra: Sequence[str] = ()) -> dict:
     """One transformer block of `size` (its width, heads, SwiGLU), compiled as train.compile does (Inductor: Triton
@@ -195,9 +200,6 @@ def _overrides(size: str, run_dir: Path, micro: int, steps: int, seq: int, extra
 
 # The trainer runs of the check, in the order they run (most wanted first: a run that would start past the time
 # budget is skipped and says so). (name, student size, teacher size or None, variant); variants add overrides.
-# Qwen3-30B-A3B's block (d 2048, 32 query / 4 key-value heads of 128, 128 experts of width 768, top 8): compile_check
-QWEN3_MOE_BLOCK = ["model.d_model=2048", "model.n_heads=32", "model.n_kv_heads=4", "model.head_dim=128",
-                   "model.d_ff=768", "model.moe_experts=128", "model.moe_top_k=8"]
 VARIANTS = {"eager": ["train.compile=false"], "compile": ["train.compile=true"],
             "compile_liger": ["train.compile=true", "model.kernels=liger"],
             "eager_liger": ["train.compile=false", "model.kernels=liger"],

@@ -270,7 +270,6 @@ class SafetensorsFolder:
             return out
         return dst
 
-
     def _read_stacked(self, name: str, dim: int, start: int, stop: Optional[int],
                       out: Optional[torch.Tensor]) -> torch.Tensor:
         e, parts = self.entries[name], self.stacks[name]

@@ -36,7 +36,8 @@ _BLOCK = {"attn_norm.weight": "input_layernorm.weight", "ffn_norm.weight": "post
           "attn_norm.bias": "input_layernorm.bias", "ffn_norm.bias": "post_attention_layernorm.bias",
           # Qwen2-MoE's shared expert and its sigmoid gate
           "ffn.shared.w1": "mlp.shared_expert.gate_proj.weight", "ffn.shared.w3": "mlp.shared_expert.up_proj.weight",
-          "ffn.shared.w2": "mlp.shared_expert.down_proj.weight", "ffn.shared.gate.weight": "mlp.shared_expert_gate.weight"}
+          "ffn.shared.w2": "mlp.shared_expert.down_proj.weight",
+          "ffn.shared.gate.weight": "mlp.shared_expert_gate.weight"}
 # sandwich blocks (Gemma 3) name their pre-FFN norm apart from the post-attention one
 _SANDWICH = {"ffn_norm.weight": "pre_feedforward_layernorm.weight"}
 _GLOBAL = {"embed.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight",

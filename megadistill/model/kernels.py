@@ -240,16 +240,17 @@ def _probe_grouped_mm(device_type: str, index, dtype: torch.dtype) -> bool:
             g = torch.Generator(device="cpu").manual_seed(0)
             # groups of rows as the dispatch makes them (group_rows): elsewhere not multiples of 8, on CUDA padded
             # (an unaligned group there is a device-side assert, the end of the process, not an exception)
-            a, b = (3, 10) if group_rows(device) == 1 else (group_rows(device), 2 * group_rows(device))
-            x = torch.randn(a + b, 16, generator=g).to(device, dtype)
+            multiple = group_rows(device)
+            first, last = (3, 10) if multiple == 1 else (multiple, 2 * multiple)  # expert 1 gets no rows
+            x = torch.randn(first + last, 16, generator=g).to(device, dtype)
             w = torch.randn(3, 8, 16, generator=g).to(device, dtype)
-            gy = torch.randn(a + b, 8, generator=g).to(device, dtype)
-            offs = torch.tensor([a, a, a + b], device=device, dtype=torch.int32)
+            gy = torch.randn(first + last, 8, generator=g).to(device, dtype)
+            offs = torch.tensor([first, first, first + last], device=device, dtype=torch.int32)
             results = []
             for grouped in (True, False):
                 xl, wl = x.clone().requires_grad_(), w.clone().requires_grad_()
                 y = (torch._grouped_mm(xl, wl.transpose(1, 2), offs=offs) if grouped
-                     else torch.cat([xl[:a] @ wl[0].T, xl[a:] @ wl[2].T]))
+                     else torch.cat([xl[:first] @ wl[0].T, xl[first:] @ wl[2].T]))
                 y.backward(gy)
                 results.append([y.float(), xl.grad.float(), wl.grad.float()])
             ok = all(torch.allclose(a, b, rtol=2e-2, atol=5e-2) for a, b in zip(*results))

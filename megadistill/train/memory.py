@@ -182,14 +182,17 @@ def checkpointed_blocks(n_layers: int, checkpointing: str, every_k: int = 2) -> 
     return n_layers if checkpointing == "full" else len(range(0, n_layers, every_k))
 
 
+def expert_padding_rows(m: ModelConfig, group_rows: int = 1) -> int:
+    """Zero rows a mixture block's experts run with their groups padded to group_rows rows (kernels.pad_groups, on
+    CUDA): at most (E + 1) (group_rows - 1). 0 for a dense model or group_rows 1."""
+    return (m.moe_experts + 1) * (group_rows - 1) if m.moe_experts and group_rows > 1 else 0
+
+
 def expert_padding_bytes(m: ModelConfig, tokens: int, tp: int, wb: int, group_rows: int = 1) -> float:
-    """What padding a mixture's expert groups to group_rows rows (kernels.pad_groups, on CUDA) adds to one block's
-    saved activations: up to (E + 1) (group_rows - 1) zero rows through the experts (their input row and SwiGLU
-    intermediates) and an int64 row index per routed copy. 0 for a dense model or group_rows 1."""
-    if not m.moe_experts or group_rows <= 1:
-        return 0.0
-    rows = (m.moe_experts + 1) * (group_rows - 1)
-    return rows * (wb * m.d_model + 4 * wb * m.d_ff / tp) + 8 * m.moe_top_k * tokens
+    """What padding a mixture's expert groups adds to one block's saved activations: the padding rows through the
+    experts (their input row and SwiGLU intermediates) and an int64 row index per routed copy."""
+    rows = expert_padding_rows(m, group_rows)
+    return rows * (wb * m.d_model + 4 * wb * m.d_ff / tp) + 8 * m.moe_top_k * tokens if rows else 0.0
 
 
 def activation_bytes(m: ModelConfig, tokens: int, tp: int, wb: int, checkpointing: str = "off",
@@ -239,7 +242,7 @@ def teacher_block_bytes(m: ModelConfig, tokens: int, tp: int, tb: int, group_row
     d, f = m.d_model, m.d_ff
     if m.moe_experts:  # a shared expert runs after the routed ones: its SwiGLU rows beside their summed output
         copies = m.moe_top_k * tokens
-        pad = (m.moe_experts + 1) * (group_rows - 1) if group_rows > 1 else 0
+        pad = expert_padding_rows(m, group_rows)
         routed = tb * ((copies + pad) * (2 * d + 3 * f / tp) + 3 * d * tokens) + (8 * copies if pad else 0)
         shared = tb * tokens * (4 * m.moe_shared_ff / tp + 4 * d) if m.moe_shared_ff else 0
         return max(routed, shared) + 4 * tokens * m.moe_experts

@@ -30,7 +30,6 @@ class Objective(nn.Module):
         self.tp_group = tp_group
         self.distill = cfg.train.mode == "distill"
         self.fused = cfg.distill.fused
-        self.moe = bool(cfg.model.moe_experts)
         self.router_weights = (float(cfg.train.moe_aux_loss), float(cfg.train.moe_router_z_loss))
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor, doc_ids: Optional[torch.Tensor] = None,
@@ -44,7 +43,7 @@ class Objective(nn.Module):
     def _routed(self, loss: torch.Tensor, stats: Dict[str, torch.Tensor]):
         """+ train.moe_aux_loss x the mixture's load-balancing loss + train.moe_router_z_loss x its router z-loss (a
         mixture-of-experts student; stats moe_aux and moe_z, logged at weight 0 too): add_router_losses."""
-        losses = self.student.moe_router_losses() if self.moe else None  # read (and released) even at weight 0
+        losses = self.student.moe_router_losses()  # read (and released) even at weight 0; None: dense
         if losses is None:
             return loss, stats
         stats = dict(stats, moe_aux=losses[0].detach(), moe_z=losses[1].detach())
