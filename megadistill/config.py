@@ -112,7 +112,7 @@ class ModelConfig:
     attn_scale_dim: int = 0  # attention logits x 1 / sqrt(attn_scale_dim); 0 = head_dim (Gemma's
     # query_pre_attn_scalar)
     attn_softcap: float = 0.0  # attention logits s -> c tanh(s / c) before the softmax (Gemma 2: 50); 0 = off. sdpa
-    # then runs the explicit-scores path ([b, h, s, s] per block); flash-attn takes it natively
+    # then runs the explicit-scores path ([b, h, s, s] per block); flash-attn and flex take it natively
     logit_softcap: float = 0.0  # output logits z -> c tanh(z / c) (Gemma 2: 30); 0 = off. Needs distill.fused=false
     qkv_bias: bool = False  # biases on the Q, K and V projections (Qwen2 / Qwen2.5)
     o_bias: bool = False  # a bias on the attention output projection O (with qkv_bias: HF's attention_bias)
@@ -135,7 +135,8 @@ class ModelConfig:
     rope_local_base: float = 0.0  # RoPE theta of the sliding blocks, unscaled (Gemma 3: 10000); 0: as the full ones
     nope_blocks: List[int] = field(default_factory=list)  # blocks (0-based) without RoPE: no positional encoding
     # (SmolLM3: every 4th)
-    attention: str = "sdpa"  # flash | sdpa | eager
+    attention: str = "sdpa"  # flash | sdpa | flex | eager. flex: torch's FlexAttention, block-sparse over documents
+    # and windows, softcap in its kernel (CUDA to train; CPU runs its forwards only: megadistill.model.flex)
     kernels: str = "torch"  # torch | liger: RMSNorm, SwiGLU and RoPE as our torch ops or Liger-Kernel's Triton kernels
     # (CUDA + pip install liger-kernel; checked when the model is built)
     mup_base_width: int = 256  # µP(simple) base width: hidden-matrix LR x base/d_model
@@ -250,7 +251,7 @@ class ModelConfig:
             if "sliding" in kinds and not self.sliding_window:
                 raise ConfigError(f"{prefix}.layer_types has sliding blocks but {prefix}.sliding_window=0: set the "
                                   "window")
-        _choice(f"{prefix}.attention", self.attention, ("flash", "sdpa", "eager"))
+        _choice(f"{prefix}.attention", self.attention, ("flash", "sdpa", "flex", "eager"))
         _choice(f"{prefix}.kernels", self.kernels, ("torch", "liger"))
         _choice(f"{prefix}.activation_checkpointing", self.activation_checkpointing, ("off", "full", "every_k"))
         _positive(f"{prefix}.checkpoint_every_k", self.checkpoint_every_k)

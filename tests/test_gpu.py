@@ -1,4 +1,5 @@
-"""GPU-only checks (marker `gpu`, skipped without CUDA): flash / sdpa-flash attention vs eager in bf16; fused AdamW."""
+"""GPU-only checks (marker `gpu`, skipped without CUDA): flash / sdpa-flash / flex attention vs eager in bf16; fused
+AdamW; the grouped-GEMM mixture."""
 import pytest
 import torch
 
@@ -13,9 +14,9 @@ def _qkv(seq=1024, heads=8, hd=64, batch=2):
             for _ in range(3)]
 
 
-def _run(backend, qkv, mask=None, dtype=torch.bfloat16):
+def _run(backend, qkv, mask=None, dtype=torch.bfloat16, softcap=0.0):
     q, k, v = (t.detach().to(dtype).requires_grad_() for t in qkv)
-    o = attention(q, k, v, backend, mask)
+    o = attention(q, k, v, backend, mask, softcap=softcap)
     o.float().pow(2).mean().backward()
     return [o.float(), q.grad.float(), k.grad.float(), v.grad.float()]
 
@@ -44,6 +45,17 @@ def test_flash_attn_matches_fp32_eager(docs, window):
     qkv = _qkv()
     ref = _run("eager", qkv, _mask("eager", docs, window), torch.float32)
     _close(_run("flash", qkv, _mask("flash", docs, window)), ref, 2e-2)
+
+
+@pytest.mark.parametrize("docs,window,softcap,kv_heads", [(False, 0, 0.0, 8), (True, 0, 0.0, 2), (False, 200, 20.0, 8),
+                                                          (True, 200, 20.0, 2)])
+def test_flex_matches_fp32_eager(docs, window, softcap, kv_heads):
+    """FlexAttention (compiled, block-sparse) gives the dense mask's attention and gradients: documents of 300, a
+    window of 200, a softcap in its score_mod, GQA (8 query heads reading 2 key/value heads)."""
+    q, k, v = _qkv()
+    k, v = (t.detach()[:, :, :kv_heads].clone().requires_grad_() for t in (k, v))
+    ref = _run("eager", (q, k, v), _mask("eager", docs, window), torch.float32, softcap)
+    _close(_run("flex", (q, k, v), _mask("flex", docs, window), softcap=softcap), ref, 2e-2)
 
 
 def test_fused_adamw_on_cuda_matches_foreach():

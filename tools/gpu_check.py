@@ -30,46 +30,75 @@ from typing import Dict, List, Optional, Sequence
 import torch
 
 
-def attention_check(seq: int = 4096, heads: int = 16, hd: int = 128, batch: int = 2) -> dict:
-    """sdpa (forced flash kernel), sdpa with a document mask, and flash-attn (if installed) vs the eager reference."""
+def attention_check(seq: int = 4096, heads: int = 16, hd: int = 128, batch: int = 2, device: str = "cuda",
+                    repeats: int = 5) -> dict:
+    """sdpa (forced flash kernel), sdpa with a document mask, FlexAttention (documents; a window with a softcap) and
+    flash-attn (if installed) vs the eager reference (output and gradients, relative to fp32), then fwd + bwd ms of
+    the document-masked kernels beside sdpa's plain causal one (`ms`)."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     from megadistill.model.attention import attention, build_mask
 
     torch.manual_seed(0)
-    q, k, v = (torch.randn(batch, seq, heads, hd, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    q, k, v = (torch.randn(batch, seq, heads, hd, device=device, dtype=torch.bfloat16, requires_grad=True)
                for _ in range(3))
-    g = torch.randn(batch, seq, heads, hd, device="cuda", dtype=torch.bfloat16)
-    doc_ids = (torch.arange(seq, device="cuda") // 1000).expand(batch, seq)
+    g = torch.randn(batch, seq, heads, hd, device=device, dtype=torch.bfloat16)
+    doc_ids = (torch.arange(seq, device=device) // 1000).expand(batch, seq)
+    window, cap = seq // 4, 50.0
+    masks = {(b, docs, w): build_mask(doc_ids if docs else None, b, seq, w, device)
+             for b in ("eager", "sdpa", "flex") for docs, w in ((True, 0), (False, window))}
 
-    def run(backend, mask=None, kernel=None, dtype=torch.bfloat16):
+    def run(backend, mask=None, kernel=None, dtype=torch.bfloat16, softcap=0.0):
         qq, kk, vv = (t.detach().to(dtype).requires_grad_() for t in (q, k, v))
         if kernel is not None:
             with sdpa_kernel(kernel):
-                o = attention(qq, kk, vv, backend, mask)
+                o = attention(qq, kk, vv, backend, mask, softcap=softcap)
         else:
-            o = attention(qq, kk, vv, backend, mask)
+            o = attention(qq, kk, vv, backend, mask, softcap=softcap)
         o.backward(g.to(dtype))
         return [o.float(), qq.grad.float(), kk.grad.float(), vv.grad.float()]
 
     def err(a, b):  # max |a - b| relative to max |b|, over output and grads
         return max(((x - y).abs().max() / y.abs().max()).item() for x, y in zip(a, b))
 
+    def ms(fn):  # median fwd + bwd milliseconds
+        fn()
+        times = []
+        for _ in range(repeats):
+            if device == "cuda":
+                torch.cuda.synchronize()
+            t = time.perf_counter()
+            fn()
+            if device == "cuda":
+                torch.cuda.synchronize()
+            times.append(1e3 * (time.perf_counter() - t))
+        return sorted(times)[len(times) // 2]
+
     ref = run("eager", dtype=torch.float32)
     out = {"sdpa_flash_vs_eager_fp32": err(run("sdpa", kernel=SDPBackend.FLASH_ATTENTION), ref)}
-    ref_m = run("eager", build_mask(doc_ids, "eager"), dtype=torch.float32)
-    out["sdpa_docmask_vs_eager_fp32"] = err(run("sdpa", build_mask(doc_ids, "sdpa")), ref_m)
+    ref_m = run("eager", masks["eager", True, 0], dtype=torch.float32)
+    out["sdpa_docmask_vs_eager_fp32"] = err(run("sdpa", masks["sdpa", True, 0]), ref_m)
+    out["flex_docmask_vs_eager_fp32"] = err(run("flex", masks["flex", True, 0]), ref_m)
+    ref_w = run("eager", masks["eager", False, window], dtype=torch.float32, softcap=cap)  # Gemma 2's block
+    out["flex_window_softcap_vs_eager_fp32"] = err(run("flex", masks["flex", False, window], softcap=cap), ref_w)
     out["eager_bf16_vs_eager_fp32"] = err(run("eager"), ref)  # the bf16 noise floor the others are judged by
     try:
         import flash_attn  # noqa: F401
         out["flash_attn_vs_eager_fp32"] = err(run("flash"), ref)
         out["flash_attn_varlen_docmask_vs_eager_fp32"] = err(run("flash", build_mask(doc_ids, "flash")), ref_m)
-        ref_w = run("eager", build_mask(None, "eager", seq, 1024, "cuda"), dtype=torch.float32)  # sliding window
-        out["flash_attn_window_vs_eager_fp32"] = err(run("flash", build_mask(None, "flash", seq, 1024, "cuda")), ref_w)
+        ref_w = run("eager", masks["eager", False, window], dtype=torch.float32)  # sliding window
+        out["flash_attn_window_vs_eager_fp32"] = err(run("flash", build_mask(None, "flash", seq, window, device)),
+                                                     ref_w)
     except ImportError:
         out["flash_attn"] = "not installed (pip install .[gpu]); sdpa's flash kernel checked instead"
     out["ok"] = all(v <= 2 * out["eager_bf16_vs_eager_fp32"] + 1e-2 for kk, v in out.items()
                     if isinstance(v, float) and kk != "eager_bf16_vs_eager_fp32")
+    out["ms"] = {"sdpa_causal": ms(lambda: run("sdpa")),
+                 "sdpa_docmask_dense": ms(lambda: run("sdpa", masks["sdpa", True, 0])),
+                 "flex_docmask": ms(lambda: run("flex", masks["flex", True, 0]))}
+    if "flash_attn" not in out:
+        out["ms"]["flash_attn_varlen_docmask"] = ms(lambda: run("flash", build_mask(doc_ids, "flash")))
+    out["ms"]["shape"] = f"batch {batch} x seq {seq} x {heads} heads x {hd}, bf16, documents of 1000 tokens"
     return out
 
 

@@ -1,4 +1,4 @@
-"""Causal self-attention backends (flash-attn, torch SDPA, eager reference), document masks, and RoPE."""
+"""Causal self-attention backends (flash-attn, torch SDPA, FlexAttention, eager reference), document masks, and RoPE."""
 from __future__ import annotations
 
 import math
@@ -10,9 +10,9 @@ import torch.nn.functional as F
 
 from megadistill.errors import UserError
 
-BACKENDS = ("flash", "sdpa", "eager")
+BACKENDS = ("flash", "sdpa", "flex", "eager")
 
-# Layout: q, k, v and outputs are [b, s, h, hd] (flash-attn's layout); SDPA / eager transpose to [b, h, s, hd].
+# Layout: q, k, v and outputs are [b, s, h, hd] (flash-attn's layout); SDPA / flex / eager transpose to [b, h, s, hd].
 # GQA: k and v may carry fewer heads h_kv (h_kv divides h); query head i reads key/value head i // (h / h_kv).
 #
 # Documents: `doc_ids` [b, s] labels the packed documents of each row. A document is a maximal run of equal
@@ -33,6 +33,7 @@ class AttnMask:
     cu_seqlens: Optional[torch.Tensor] = None  # [n_docs + 1] int32, starts of the runs in the flattened batch (flash)
     max_seqlen: int = 0  # longest run (flash)
     window: int = 0  # flash: keys j with i - j < window only (0 = no window)
+    block: Optional[object] = None  # flex: torch's BlockMask (megadistill.model.flex.block_mask)
 
 
 def document_segments(doc_ids: torch.Tensor) -> torch.Tensor:
@@ -45,7 +46,7 @@ def build_mask(doc_ids: Optional[torch.Tensor], backend: str, seq_len: int = 0, 
                device=None) -> Optional[AttnMask]:
     """The mask data `backend` needs for these document ids and a sliding `window` over sequences of seq_len tokens
     (read from doc_ids when given). None when plain causal attention is the same function: no documents, and no
-    window or one at least as long as the sequence."""
+    window or one at least as long as the sequence -- except for flex, whose kernel always takes a block mask."""
     if doc_ids is not None:
         if doc_ids.dim() != 2:
             raise ValueError(f"doc_ids must be [batch, seq], got shape {tuple(doc_ids.shape)}")
@@ -53,6 +54,10 @@ def build_mask(doc_ids: Optional[torch.Tensor], backend: str, seq_len: int = 0, 
     if window < 0:
         raise ValueError(f"window={window} must be >= 0 (0 = no sliding window)")
     window = window if 0 < window < seq_len else 0  # a window covering the whole sequence restricts nothing
+    if backend == "flex":
+        from megadistill.model.flex import block_mask
+        seg = document_segments(doc_ids) if doc_ids is not None else None
+        return AttnMask(seg, block=block_mask(seg, seq_len, window, device), window=window)
     if doc_ids is None and not window:
         return None
     seg = document_segments(doc_ids) if doc_ids is not None else None  # [b, s]
@@ -104,6 +109,13 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str = 
         else:
             o = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask.allowed, scale=scale, enable_gqa=gqa)
         return o.transpose(1, 2)
+    if backend == "flex":
+        from megadistill.model.flex import flex
+        if mask is None or mask.block is None:
+            raise ValueError("model.attention=flex needs the block mask of build_mask(doc_ids, 'flex', seq_len, ...)")
+        gqa = bool(k.shape[2] != q.shape[2]) if gqa is None else gqa
+        qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))
+        return flex(qt, kt, vt, mask.block, scale, gqa, softcap).transpose(1, 2)
     if backend in ("eager", "sdpa"):
         return _eager(q, k, v, mask, scale, softcap)
     if backend == "flash":

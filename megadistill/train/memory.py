@@ -109,7 +109,7 @@ def rank_params(m: ModelConfig, tp: int) -> Dict[str, int]:
 
 def explicit_scores(m: ModelConfig) -> bool:
     """Whether m's attention forms its [b, h/tp, s, s] scores (model.attention=eager, or sdpa with an attention
-    softcap, which SDPA cannot apply: megadistill.model.attention.attention); flash-attn and SDPA never do."""
+    softcap, which SDPA cannot apply: megadistill.model.attention.attention); flash-attn, SDPA and flex never do."""
     return m.attention == "eager" or (m.attention == "sdpa" and m.attn_softcap > 0)
 
 
