@@ -108,6 +108,8 @@ def test_gpu_check_dry_run_validates_the_run_matrix():
     for name in ("supervised_975M", "supervised_1.82B", "distill_546M_from_1.82B", "distill_975M_from_4.82B"):
         assert {f"{name}@compile", f"{name}@eager"} <= set(runs), sorted(runs)
     assert runs["supervised_975M@compile_liger"]["kernels"] == "liger"
+    assert runs["supervised_975M@compile_docs_flex"]["attention"] == "flex"
+    assert runs["supervised_975M@compile_docs"]["attention"] == "sdpa"
     assert runs["supervised_975M@eager"]["compile"] == "false" and runs["supervised_975M@compile"]["compile"] == "true"
     assert runs["distill_975M_from_4.82B@compile"]["teacher"] == "4.82B"
     # 4 x 4096-token micro-batches, 4 per optimizer step by default (the optimizer shared as in a sweep)
@@ -121,7 +123,9 @@ def test_gpu_check_goals_read_off_a_result():
     result = {"runs": {"supervised_975M@compile": {"mfu_paper_flops": 0.47},
                        "supervised_975M@eager": {"mfu_paper_flops": 0.31}, "supervised_975M@compile_liger": {},
                        # bf16 accumulation: timed, not the goal's (the default accumulates in fp32)
-                       "supervised_975M@compile_bf16accum": {"mfu_paper_flops": 0.49}},
+                       "supervised_975M@compile_bf16accum": {"mfu_paper_flops": 0.49},
+                       # document-masked attention skips work F(N) counts: timed, not the goal's
+                       "supervised_975M@compile_docs_flex": {"mfu_paper_flops": 0.52}},
               "distill_overhead": {"distill_546M_from_1.82B@compile": {"overhead_over_teacher_forward": 1.04},
                                    "distill_975M_from_4.82B@compile": {"skipped": "no supervised run"}},
               "loss_kernels": {"ratios": {"8192": {"fused_compiled_time_over_naive": 0.8},
