@@ -11,8 +11,10 @@ Runs are started in RUNS order until --budget-s is spent; the rest are listed as
 matrix on any machine; `--tiny` runs it at tiny sizes, on CPU too (teacher files, trainer runs, overhead table:
 tests/test_tools.py). PAPER.md FLOPs against the card's dense bf16 peak. First of all, `compile` checks one 975M block
 compiled by Inductor against eager and fp32 (values and every gradient): the compiled figures count only if it is ok.
-Last, time permitting (--moe-by-s), `compile_moe` does the same for Qwen3-30B-A3B's mixture block (routing, dispatch
-and grouped GEMMs in the graph) and `moe` times its experts: grouped GEMM vs the loop, eager and compiled.
+Last, time permitting (--moe-by-s), `flex` checks FlexAttention against eager (documents; a window with a softcap)
+and times it beside sdpa's dense document mask, `compile_moe` does what `compile` does for Qwen3-30B-A3B's mixture
+block (routing, dispatch and grouped GEMMs in the graph) and `moe` times its experts: grouped GEMM vs the loop, eager
+and compiled.
 """
 from __future__ import annotations
 
@@ -31,10 +33,10 @@ import torch
 
 
 def attention_check(seq: int = 4096, heads: int = 16, hd: int = 128, batch: int = 2, device: str = "cuda",
-                    repeats: int = 5) -> dict:
-    """sdpa (forced flash kernel), sdpa with a document mask, FlexAttention (documents; a window with a softcap) and
-    flash-attn (if installed) vs the eager reference (output and gradients, relative to fp32), then fwd + bwd ms of
-    the document-masked kernels beside sdpa's plain causal one (`ms`)."""
+                    repeats: int = 5, flex: bool = False) -> dict:
+    """sdpa (forced flash kernel), sdpa with a document mask and flash-attn (if installed) vs the eager reference
+    (output and gradients, relative to fp32); flex=True: FlexAttention instead (documents; a window with a softcap),
+    two Triton compiles. Then fwd + bwd ms of the document-masked kernels beside sdpa's plain causal one (`ms`)."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     from megadistill.model.attention import attention, build_mask
@@ -45,16 +47,17 @@ def attention_check(seq: int = 4096, heads: int = 16, hd: int = 128, batch: int 
     g = torch.randn(batch, seq, heads, hd, device=device, dtype=torch.bfloat16)
     doc_ids = (torch.arange(seq, device=device) // 1000).expand(batch, seq)
     window, cap = seq // 4, 50.0
-    masks = {(b, docs, w): build_mask(doc_ids if docs else None, b, seq, w, device)
-             for b in ("eager", "sdpa", "flex") for docs, w in ((True, 0), (False, window))}
 
-    def run(backend, mask=None, kernel=None, dtype=torch.bfloat16, softcap=0.0):
+    def mask(backend, docs=True, w=0):
+        return build_mask(doc_ids if docs else None, backend, seq, w, device)
+
+    def run(backend, m=None, kernel=None, dtype=torch.bfloat16, softcap=0.0):
         qq, kk, vv = (t.detach().to(dtype).requires_grad_() for t in (q, k, v))
         if kernel is not None:
             with sdpa_kernel(kernel):
-                o = attention(qq, kk, vv, backend, mask, softcap=softcap)
+                o = attention(qq, kk, vv, backend, m, softcap=softcap)
         else:
-            o = attention(qq, kk, vv, backend, mask, softcap=softcap)
+            o = attention(qq, kk, vv, backend, m, softcap=softcap)
         o.backward(g.to(dtype))
         return [o.float(), qq.grad.float(), kk.grad.float(), vv.grad.float()]
 
@@ -75,29 +78,32 @@ def attention_check(seq: int = 4096, heads: int = 16, hd: int = 128, batch: int 
         return sorted(times)[len(times) // 2]
 
     ref = run("eager", dtype=torch.float32)
-    out = {"sdpa_flash_vs_eager_fp32": err(run("sdpa", kernel=SDPBackend.FLASH_ATTENTION), ref)}
-    ref_m = run("eager", masks["eager", True, 0], dtype=torch.float32)
-    out["sdpa_docmask_vs_eager_fp32"] = err(run("sdpa", masks["sdpa", True, 0]), ref_m)
-    out["flex_docmask_vs_eager_fp32"] = err(run("flex", masks["flex", True, 0]), ref_m)
-    ref_w = run("eager", masks["eager", False, window], dtype=torch.float32, softcap=cap)  # Gemma 2's block
-    out["flex_window_softcap_vs_eager_fp32"] = err(run("flex", masks["flex", False, window], softcap=cap), ref_w)
-    out["eager_bf16_vs_eager_fp32"] = err(run("eager"), ref)  # the bf16 noise floor the others are judged by
-    try:
-        import flash_attn  # noqa: F401
-        out["flash_attn_vs_eager_fp32"] = err(run("flash"), ref)
-        out["flash_attn_varlen_docmask_vs_eager_fp32"] = err(run("flash", build_mask(doc_ids, "flash")), ref_m)
-        ref_w = run("eager", masks["eager", False, window], dtype=torch.float32)  # sliding window
-        out["flash_attn_window_vs_eager_fp32"] = err(run("flash", build_mask(None, "flash", seq, window, device)),
-                                                     ref_w)
-    except ImportError:
-        out["flash_attn"] = "not installed (pip install .[gpu]); sdpa's flash kernel checked instead"
+    ref_m = run("eager", mask("eager"), dtype=torch.float32)
+    out = {"eager_bf16_vs_eager_fp32": err(run("eager"), ref)}  # the bf16 noise floor the others are judged by
+    sdpa_m = mask("sdpa")
+    timed = {"sdpa_causal": lambda: run("sdpa"), "sdpa_docmask_dense": lambda: run("sdpa", sdpa_m)}
+    if flex:
+        flex_m = mask("flex")
+        out["flex_docmask_vs_eager_fp32"] = err(run("flex", flex_m), ref_m)
+        ref_w = run("eager", mask("eager", False, window), dtype=torch.float32, softcap=cap)  # Gemma 2's blocks
+        out["flex_window_softcap_vs_eager_fp32"] = err(run("flex", mask("flex", False, window), softcap=cap), ref_w)
+        timed["flex_docmask"] = lambda: run("flex", flex_m)
+    else:
+        out["sdpa_flash_vs_eager_fp32"] = err(run("sdpa", kernel=SDPBackend.FLASH_ATTENTION), ref)
+        out["sdpa_docmask_vs_eager_fp32"] = err(run("sdpa", sdpa_m), ref_m)
+        try:
+            import flash_attn  # noqa: F401
+            out["flash_attn_vs_eager_fp32"] = err(run("flash"), ref)
+            out["flash_attn_varlen_docmask_vs_eager_fp32"] = err(run("flash", mask("flash")), ref_m)
+            ref_w = run("eager", mask("eager", False, window), dtype=torch.float32)  # sliding window
+            out["flash_attn_window_vs_eager_fp32"] = err(run("flash", mask("flash", False, window)), ref_w)
+            flash_m = mask("flash")
+            timed["flash_attn_varlen_docmask"] = lambda: run("flash", flash_m)
+        except ImportError:
+            out["flash_attn"] = "not installed (pip install .[gpu]); sdpa's flash kernel checked instead"
     out["ok"] = all(v <= 2 * out["eager_bf16_vs_eager_fp32"] + 1e-2 for kk, v in out.items()
                     if isinstance(v, float) and kk != "eager_bf16_vs_eager_fp32")
-    out["ms"] = {"sdpa_causal": ms(lambda: run("sdpa")),
-                 "sdpa_docmask_dense": ms(lambda: run("sdpa", masks["sdpa", True, 0])),
-                 "flex_docmask": ms(lambda: run("flex", masks["flex", True, 0]))}
-    if "flash_attn" not in out:
-        out["ms"]["flash_attn_varlen_docmask"] = ms(lambda: run("flash", build_mask(doc_ids, "flash")))
+    out["ms"] = {name: ms(fn) for name, fn in timed.items()}
     out["ms"]["shape"] = f"batch {batch} x seq {seq} x {heads} heads x {hd}, bf16, documents of 1000 tokens"
     return out
 
@@ -497,8 +503,8 @@ def main() -> int:
                     help="skip the attention / loss / Liger op checks (and the mixture-of-experts ones)")
     ap.add_argument("--skip-moe", action="store_true", help="skip the mixture-of-experts checks (run after the runs)")
     ap.add_argument("--moe-by-s", type=float, default=480.0,
-                    help="start a mixture-of-experts check only before this many seconds ('--runs none' runs them "
-                         "alone)")
+                    help="start the flex and mixture-of-experts checks only before this many seconds ('--runs none' "
+                         "runs them alone)")
     ap.add_argument("--dry-run", action="store_true", help="validate and print the run matrix, run nothing (CPU ok)")
     ap.add_argument("--tiny", action="store_true",
                     help="the same runs at tiny sizes (students tiny-0.5M, teachers tiny-1M), on CPU if there is no "
@@ -607,7 +613,14 @@ def main() -> int:
                                                                    "error", "skipped")}}), file=sys.stderr)
         if "skipped" not in runs_out[key]:
             save()
-    # mixture-of-experts checks last (two Inductor compiles of Qwen3-30B-A3B's block): the goals' runs go first
+    # FlexAttention (two Triton compiles), then the mixture-of-experts checks (two Inductor compiles of
+    # Qwen3-30B-A3B's block) last: the goals' runs go first
+    if not args.skip_kernels:
+        if time.time() - t0 > args.moe_by_s:
+            result["flex"] = {"skipped": f"started only before {args.moe_by_s:g} s (--moe-by-s)"}
+        else:
+            result["flex"] = guarded(attention_check, flex=True)
+        save()
     if not (args.skip_kernels or args.skip_moe):
         from bench_moe import moe_check  # grouped GEMM vs the loop over 128 experts, and compiled
         for key, fn, kw in (("compile_moe", compile_check, dict(batch=1, extra=QWEN3_MOE_BLOCK)),
