@@ -72,11 +72,10 @@ def build_mask(doc_ids: Optional[torch.Tensor], backend: str, seq_len: int = 0, 
         starts = start.nonzero().squeeze(1)
         cu = torch.cat([starts, starts.new_tensor([b * s])]).to(torch.int32)
         return AttnMask(seg, cu_seqlens=cu, max_seqlen=int((cu[1:] - cu[:-1]).max().item()), window=window)
-    pos = torch.arange(seq_len, device=device)
-    lag = pos.unsqueeze(1) - pos.unsqueeze(0)  # [s, s], query i - key j
-    allowed = lag >= 0  # causal
+    # [s, s] bool from the start (an int64 lag matrix i - j would be 8 s^2 bytes: 8 GiB at s = 32768)
+    allowed = torch.ones(seq_len, seq_len, dtype=torch.bool, device=device).tril()  # causal: j <= i
     if window:
-        allowed = allowed & (lag < window)
+        allowed = allowed.triu(1 - window)  # i - j < window
     if seg is not None:
         allowed = allowed & (seg.unsqueeze(2) == seg.unsqueeze(1))  # [b, s, s]
     else:
