@@ -173,6 +173,18 @@ def test_window_masks_per_backend():
         build_mask(None, "sdpa", 8, -1)
 
 
+def test_dense_masks_follow_the_lag_rule():
+    """build_mask's [s, s] part is j <= i and i - j < window, for windows from 1 token to past the sequence."""
+    for s in (1, 5, 13):
+        lag = torch.arange(s).unsqueeze(1) - torch.arange(s).unsqueeze(0)
+        for w in (0, 1, 3, 12, 20):
+            mask = build_mask(None, "sdpa", s, w)
+            if not 0 < w < s:
+                assert mask is None
+                continue
+            assert torch.equal(mask.allowed[0, 0], (lag >= 0) & (lag < w)), (s, w)
+
+
 def test_model_sdpa_matches_eager_with_and_without_docs():
     ids = torch.randint(0, 128, (2, 16))
     doc_ids = torch.tensor([[0] * 6 + [1] * 10, [0] * 3 + [1] * 4 + [2] * 9])
