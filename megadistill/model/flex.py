@@ -76,7 +76,10 @@ def block_mask(segments: Optional[torch.Tensor], seq_len: int, window: int = 0, 
 
 @functools.lru_cache(maxsize=64)
 def _plain_block_mask(seq_len: int, window: int, device: str):
-    return _build(None, seq_len, window, torch.device(device))
+    # normal tensors even when a teacher's forward (inference_mode) asks first: the student's training forward reuses
+    # this mask, and FlexAttention saves its tensors for backward, which inference tensors cannot be
+    with torch.inference_mode(False):
+        return _build(None, seq_len, window, torch.device(device))
 
 
 def _build(segments: Optional[torch.Tensor], seq_len: int, window: int, device):
