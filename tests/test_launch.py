@@ -182,3 +182,25 @@ def test_kill9_of_one_rank_fails_the_job_and_resume_is_exact(tmp_path):
         by_step[r["step"]] = r["loss"]
     reference = {json.loads(line)["step"]: json.loads(line)["loss"] for line in open(ref_dir / "train.jsonl")}
     assert by_step == reference
+
+
+def test_an_existing_process_group_decides_the_backend(tmp_path, monkeypatch):
+    """A gloo group made before init_distributed (the test harness's, a notebook's) is used as it is, even where CUDA
+    is available: no NCCL device placement on a gloo group; asking for another backend is a named error."""
+    import torch
+    import torch.distributed as dist
+
+    from megadistill.errors import UserError
+    from megadistill.parallel.init import init_distributed
+    for k, v in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0")):
+        monkeypatch.setenv(k, v)
+    dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
+    try:
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+        monkeypatch.setattr(torch.cuda, "set_device", lambda *a: pytest.fail("set_device on a gloo group"))
+        info = init_distributed("auto")
+        assert (info.backend, info.device.type, info.world_size) == ("gloo", "cpu", 1)
+        with pytest.raises(UserError, match="parallel.backend=nccl but torch.distributed already runs gloo"):
+            init_distributed("nccl")
+    finally:
+        dist.destroy_process_group()

@@ -13,6 +13,8 @@ from typing import List, Optional
 import torch
 import torch.distributed as dist
 
+from megadistill.errors import UserError
+
 log = logging.getLogger(__name__)
 
 # A torch JIT-extension build (DeepSpeed's shm op on CPU: about a minute) holds <extensions dir>/<op>/lock; a process
@@ -72,10 +74,18 @@ def clear_stale_build_locks(max_age_s: float = STALE_BUILD_LOCK_S, root: Optiona
 def init_distributed(backend: str = "auto", timeout_s: Optional[float] = None) -> DistInfo:
     """Initialise torch.distributed (through DeepSpeed) once per process; a bare process becomes a world of 1.
 
-    backend: auto (nccl when CUDA is available, else gloo) | nccl | gloo. timeout_s: how long a collective may wait
-    for its peers before it fails (parallel.timeout_s; None: torch's default).
+    backend: auto (nccl when CUDA is available, else gloo; an existing process group's backend) | nccl | gloo.
+    timeout_s: how long a collective may wait for its peers before it fails (parallel.timeout_s; None: torch's
+    default). A process group that already exists is used as it is: gloo there keeps the model on the CPU even with
+    CUDA present.
     """
-    if backend == "auto":
+    if dist.is_initialized():  # a process group made before us (a test harness, a notebook) decides the backend
+        running = str(dist.get_backend())
+        if backend not in ("auto", running):
+            raise UserError(f"parallel.backend={backend} but torch.distributed already runs {running}; set "
+                            f"parallel.backend={running} (or auto)")
+        backend = running
+    elif backend == "auto":
         backend = "nccl" if torch.cuda.is_available() else "gloo"
     _slurm_env_fallback()
     if "RANK" not in os.environ:  # plain `megadistill train` on one process
