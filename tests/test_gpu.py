@@ -118,3 +118,34 @@ def test_moe_grouped_gemm_on_cuda_matches_the_loop_without_host_syncs():
         run(True)
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_distillation_loss_on_cuda_has_no_host_sync(fused):
+    """The single-pass loss (logits form and fused-linear form; KD + CE + z-loss, no top-p) forward and backward on the
+    GPU without a host sync: the targets' range check is asynchronous there (check_targets)."""
+    from megadistill.parallel.fused_loss import fused_linear_distill_loss, logits_distill_loss
+    torch.manual_seed(0)
+    n, d, v = 4096, 256, 8192
+    h, h_t = (torch.randn(n, d, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    w = torch.randn(v, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    w_t = torch.randn(v, d, device="cuda", dtype=torch.bfloat16)
+    y = torch.randint(0, v, (n,), device="cuda")
+    y[:7] = -100  # ignored
+
+    def run():
+        if fused:
+            loss, _ = fused_linear_distill_loss(h, w, h_t, w_t, y)
+        else:
+            logits = h @ w.t()
+            loss, _ = logits_distill_loss(logits, h_t @ w_t.t(), y)
+        loss.backward()
+        return loss
+
+    run()  # compiles the loss kernel first (loss_kernel=auto: compiled on CUDA)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        run()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")

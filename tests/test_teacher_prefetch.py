@@ -137,6 +137,30 @@ def test_config_key_validated():
         cfg.validate()
 
 
+def test_labels_checked_on_the_host_before_the_teacher_runs(tmp_path):
+    """A label outside the vocabulary is a named error when the micro-batch is made, on the host, before its copies
+    and the teacher forward (on a GPU the loss's own check is asynchronous: vocab_parallel.check_targets)."""
+    from megadistill import config
+    from megadistill.errors import UserError
+    from megadistill.train.teacher_prefetch import TeacherFeed
+    cfg = config.load([], tiny_overrides(tmp_path, "distill", ["distill.teacher=x", "train.steps=1"]))
+    v = cfg.model.vocab_size
+    batches = iter([{"input_ids": torch.zeros(2, 8, dtype=torch.long), "labels": torch.full((2, 8), v)}])
+
+    class Loader:
+        def __next__(self):
+            return next(batches)
+
+        def state_dict(self):
+            return {}
+
+    class Teacher:  # not reached: the labels are checked first
+        module = engine = None
+
+    with pytest.raises(UserError, match=rf"targets must lie in \[0, {v}\).*found {v}: check the tokenizer"):
+        TeacherFeed(Loader(), cfg, torch.device("cpu"), Teacher(), prefetch=False).next()
+
+
 @pytest.mark.gpu
 def test_teacher_forward_on_its_own_stream_gpu(tmp_path):
     """CUDA events: while the student's stream is held busy, the prefetched teacher forward completes on the side

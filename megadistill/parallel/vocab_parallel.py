@@ -59,7 +59,14 @@ def check_options(temperature: float, top_k: Optional[int], top_p: Optional[floa
 
 
 def check_targets(targets: torch.Tensor, vocab: int) -> None:
+    """Targets in [0, vocab) or IGNORE_INDEX. On a GPU the check is asynchronous (torch._assert_async: no host sync in
+    the micro-batch loop; a bad target stops the process with this message at the next sync): the trainer checks
+    each batch's labels on the host before they are copied (megadistill.train.teacher_prefetch), with the named
+    error and the offending value."""
     bad = ((targets < 0) & (targets != IGNORE_INDEX)) | (targets >= vocab)
+    if targets.is_cuda:
+        torch._assert_async(~bad.any(), f"targets must lie in [0, {vocab}) or equal {IGNORE_INDEX} (ignored)")
+        return
     if bool(bad.any()):
         raise UserError(f"targets must lie in [0, {vocab}) or equal {IGNORE_INDEX} (ignored); "
                         f"found {targets[bad][0].item()}: check the tokenizer's vocab against model.vocab_size")

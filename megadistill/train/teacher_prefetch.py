@@ -33,6 +33,7 @@ from typing import Dict, List, Optional, Union
 import torch
 
 from megadistill.config import Config
+from megadistill.parallel.vocab_parallel import check_targets
 from megadistill.train import teacher_cache
 from megadistill.train.objective import teacher_outputs
 
@@ -128,6 +129,8 @@ class TeacherFeed:
         return t.pin_memory().to(self.device, non_blocking=True)  # the pinned block is held until the copy is done
 
     def _on_current(self, batch: dict) -> MicroBatch:
+        # on the host, before the copy: the loss's own check does not sync on a GPU (check_targets)
+        check_targets(batch["labels"], self.cfg.model.vocab_size)
         ids, labels = self._h2d(batch["input_ids"]), self._h2d(batch["labels"])
         doc_ids = self._h2d(batch["doc_ids"]) if self.cfg.data.document_mask else None
         if "teacher_ids" in batch:
