@@ -149,3 +149,18 @@ def test_distillation_loss_on_cuda_has_no_host_sync(fused):
         run()
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+@pytest.mark.parametrize("dtype,docs,window", [(torch.bfloat16, True, 0), (torch.bfloat16, False, 200),
+                                               (torch.float32, False, 0), (torch.float32, True, 0)])
+def test_sdpa_gqa_runs_a_fused_kernel(dtype, docs, window):
+    """Grouped-query attention through SDPA with a mask, or in fp32 (a default fp32 teacher), never needs the math
+    kernel (its fp32 [b, h, s, s] scores): with the math kernel ruled out it still runs (k / v repeated:
+    sdpa_repeats_kv), and matches the fp32 eager reference."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    q, k, v = _qkv()
+    k, v = (t.detach()[:, :, :2].clone().requires_grad_() for t in (k, v))  # 8 query heads read 2 k / v heads
+    ref = _run("eager", (q, k, v), _mask("eager", docs, window), torch.float32)
+    with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION]):
+        out = _run("sdpa", (q, k, v), _mask("sdpa", docs, window), dtype)
+    _close(out, ref, 2e-2 if dtype == torch.bfloat16 else 1e-4)

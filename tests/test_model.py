@@ -161,6 +161,36 @@ def test_sliding_window_is_each_querys_last_window_alone(with_docs):
         assert_close(gs, ge)
 
 
+def test_sdpa_repeats_grouped_kv_only_where_cuda_would_fall_to_the_math_kernel():
+    from megadistill.model.attention import sdpa_repeats_kv
+    assert not sdpa_repeats_kv("cuda", torch.bfloat16, masked=False)  # flash / cuDNN take enable_gqa
+    assert sdpa_repeats_kv("cuda", torch.bfloat16, masked=True)  # documents / a window: memory-efficient kernel
+    assert sdpa_repeats_kv("cuda", torch.float32, masked=False)  # fp32 (a default teacher): memory-efficient
+    assert not any(sdpa_repeats_kv("cpu", dt, m) for dt in (torch.float32, torch.bfloat16) for m in (False, True))
+
+
+def test_repeated_grouped_kv_is_enable_gqas_attention(monkeypatch):
+    """The repeated k / v (the CUDA path above, forced here) pair query head i with k / v head i // group, as
+    enable_gqa and the eager reference do: same values and gradients, with a document mask and without."""
+    from megadistill.model import attention as attn
+    torch.manual_seed(0)
+    q = torch.randn(2, 12, 8, 16, requires_grad=True)
+    k, v = (torch.randn(2, 12, 2, 16, requires_grad=True) for _ in range(2))
+    doc_ids = torch.tensor([[0] * 5 + [1] * 7, [0] * 12])
+    for docs in (None, doc_ids):
+        mask = build_mask(docs, "sdpa") if docs is not None else None
+        out = {}
+        for repeat in (False, True):
+            monkeypatch.setattr(attn, "sdpa_repeats_kv", lambda *a, r=repeat: r)
+            o = attention(q, k, v, "sdpa", mask)
+            out[repeat] = (o, torch.autograd.grad((o * o.detach().sin()).sum(), (q, k, v)))
+        ref = attention(q, k, v, "eager", build_mask(docs, "eager") if docs is not None else None)
+        assert_close(out[True][0], ref)
+        assert_close(out[True][0], out[False][0])
+        for a, b in zip(out[True][1], out[False][1]):
+            assert_close(a, b)
+
+
 def test_window_masks_per_backend():
     assert build_mask(None, "sdpa", 12, 12) is None and build_mask(None, "flash", 12, 0) is None  # plain causal
     assert build_mask(None, "sdpa", 13, 12).allowed[0, 0].sum(1).tolist() == list(range(1, 13)) + [12]

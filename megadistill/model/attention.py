@@ -83,6 +83,14 @@ def build_mask(doc_ids: Optional[torch.Tensor], backend: str, seq_len: int = 0, 
     return AttnMask(seg, allowed=allowed.unsqueeze(1), window=window)  # [b or 1, 1, s, s]
 
 
+def sdpa_repeats_kv(device_type: str, dtype: torch.dtype, masked: bool) -> bool:
+    """Whether SDPA gets grouped-query k / v repeated to the query heads rather than enable_gqa: on CUDA, SDPA's GQA
+    runs in its flash and cuDNN kernels only, which take no mask and no fp32; with a mask (documents, a window) or in
+    fp32 enable_gqa would leave it the math kernel (fp32 [b, h, s, s] scores, kept for backward), where repeated
+    k / v keep the memory-efficient one. Costs the repeated k / v (and, training, keeping them for backward)."""
+    return device_type == "cuda" and (masked or dtype == torch.float32)
+
+
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str = "sdpa",
               mask: Optional[AttnMask] = None, scale: Optional[float] = None,
               gqa: Optional[bool] = None, softcap: float = 0.0) -> torch.Tensor:
@@ -103,6 +111,10 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str = 
         qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))  # [b, h, s, hd], k / v [b, h_kv, s, hd]
         if gqa is None:
             gqa = bool(kt.shape[1] != qt.shape[1])
+        if gqa and sdpa_repeats_kv(q.device.type, q.dtype, mask is not None):
+            group = qt.shape[1] // kt.shape[1]
+            kt, vt = (t.repeat_interleave(group, dim=1) for t in (kt, vt))  # [b, h, s, hd]
+            gqa = False
         if mask is None:
             o = F.scaled_dot_product_attention(qt, kt, vt, is_causal=True, scale=scale, enable_gqa=gqa)
         else:
