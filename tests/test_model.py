@@ -198,6 +198,8 @@ def test_window_masks_per_backend():
     assert flash.window == 4 and flash.cu_seqlens is None
     docs = build_mask(torch.tensor([[0] * 10 + [1] * 6]), "flash", window=4)
     assert docs.window == 4 and docs.cu_seqlens.tolist() == [0, 10, 16]
+    # static under compile: the row length as the bound (no read-back), the document count a dynamic dimension
+    assert docs.max_seqlen == 16 and 0 in docs.cu_seqlens._dynamo_dynamic_indices
     assert build_mask(torch.tensor([[0] * 10 + [1] * 6]), "flash", window=16).window == 0
     with pytest.raises(ValueError, match="window=-1"):
         build_mask(None, "sdpa", 8, -1)

@@ -31,7 +31,7 @@ class AttnMask:
     segments: Optional[torch.Tensor] = None  # [b, s] int64, run index of each token within its row (documents)
     allowed: Optional[torch.Tensor] = None  # [b or 1, 1, s, s] bool, True = may attend (sdpa / eager)
     cu_seqlens: Optional[torch.Tensor] = None  # [n_docs + 1] int32, starts of the runs in the flattened batch (flash)
-    max_seqlen: int = 0  # longest run (flash)
+    max_seqlen: int = 0  # flash: a bound on the runs' length (the row length: static, no host read-back)
     window: int = 0  # flash: keys j with i - j < window only (0 = no window)
     block: Optional[object] = None  # flex: torch's BlockMask (megadistill.model.flex.block_mask)
 
@@ -71,7 +71,12 @@ def build_mask(doc_ids: Optional[torch.Tensor], backend: str, seq_len: int = 0, 
         start[1:] = flat[1:] != flat[:-1]
         starts = start.nonzero().squeeze(1)
         cu = torch.cat([starts, starts.new_tensor([b * s])]).to(torch.int32)
-        return AttnMask(seg, cu_seqlens=cu, max_seqlen=int((cu[1:] - cu[:-1]).max().item()), window=window)
+        # Under train.compile the blocks' graphs are static (dynamic=False): the document count (cu's length) is
+        # marked dynamic and max_seqlen is the row length, not the longest document (an int the graph would guard
+        # on, read back with a host sync), so new documents never recompile a block
+        from torch._dynamo import mark_dynamic
+        mark_dynamic(cu, 0)
+        return AttnMask(seg, cu_seqlens=cu, max_seqlen=s, window=window)
     # [s, s] bool from the start (an int64 lag matrix i - j would be 8 s^2 bytes: 8 GiB at s = 32768)
     allowed = torch.ones(seq_len, seq_len, dtype=torch.bool, device=device).tril()  # causal: j <= i
     if window:
