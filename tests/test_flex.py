@@ -131,3 +131,24 @@ def test_config_takes_flex_and_memory_counts_no_scores():
     assert cfg.model.attention == "flex"
     assert not memory.explicit_scores(cfg.model)  # softcap in the kernel: no [b, h, s, s] scores kept
     assert memory.explicit_scores(dataclasses.replace(cfg.model, attention="sdpa"))
+
+
+def test_backend_needs_are_checked_before_a_run_is_built(monkeypatch):
+    """train() calls check_backend first: flex training on CPU, flash off CUDA / without flash-attn / with an fp32
+    model (the student's precision or a live teacher's dtype) are named errors; what can run passes."""
+    import importlib.util
+
+    from megadistill.model.attention import check_backend
+    with pytest.raises(UserError, match="model.attention=flex cannot train on cpu"):
+        check_backend("flex", "cpu", {"train.precision": "fp32"})
+    check_backend("flex", "cuda", {"train.precision": "fp32"})
+    check_backend("sdpa", "cpu", {"train.precision": "fp32"})
+    with pytest.raises(UserError, match="model.attention=flash runs flash-attn's CUDA kernels; this run is on cpu"):
+        check_backend("flash", "cpu", {"train.precision": "bf16"})
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(UserError, match="needs the flash-attn package, which is not installed"):
+        check_backend("flash", "cuda", {"train.precision": "bf16"})
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: object())
+    check_backend("flash", "cuda", {"train.precision": "bf16", "distill.teacher_dtype": "bf16"})
+    with pytest.raises(UserError, match="distill.teacher_dtype=fp32: set distill.teacher_dtype=bf16"):
+        check_backend("flash", "cuda", {"train.precision": "bf16", "distill.teacher_dtype": "fp32"})

@@ -157,6 +157,27 @@ def _eager(q, k, v, mask: Optional[AttnMask], scale: float, softcap: float = 0.0
     return (probs @ vt).transpose(1, 2).to(q.dtype)
 
 
+def check_backend(backend: str, device_type: str, dtypes: Dict[str, str]) -> None:
+    """What `backend` needs to train on this device, checked before anything is built (the first forward would find
+    out after the engine, the teacher and the compile): dtypes maps the config keys of the models that will run it
+    (train.precision, distill.teacher_dtype) to their dtype names. UserError naming the key and the fixes."""
+    import importlib.util
+    if backend == "flash":
+        if device_type != "cuda":
+            raise UserError(f"model.attention=flash runs flash-attn's CUDA kernels; this run is on {device_type}: "
+                            "set model.attention=sdpa")
+        if importlib.util.find_spec("flash_attn") is None:
+            raise UserError("model.attention=flash needs the flash-attn package, which is not installed: pip install "
+                            "-e '.[gpu]', or set model.attention=sdpa (or flex: documents, windows and softcaps)")
+        for key, dtype in dtypes.items():
+            if dtype not in ("bf16", "fp16"):
+                raise UserError(f"model.attention=flash runs in bf16 / fp16 only, and {key}={dtype}: set {key}=bf16, "
+                                "or model.attention=sdpa")
+    if backend == "flex" and device_type != "cuda":
+        raise UserError(f"model.attention=flex cannot train on {device_type}: torch's FlexAttention has no CPU "
+                        "backward. Use model.attention=sdpa here (flex runs forwards on CPU: evaluation)")
+
+
 def _flash(q, k, v, mask: Optional[AttnMask], scale: float, softcap: float = 0.0) -> torch.Tensor:
     try:
         from flash_attn import flash_attn_func, flash_attn_varlen_func

@@ -11,8 +11,9 @@ The per-pair rule is megadistill.model.attention's: j <= i, i - j < window (if a
 
 FlexAttention fuses only when compiled: outside a compiled region the kernel is called through its own
 torch.compile'd wrapper (one static graph per shape); inside a compiled block (train.compile) the block's graph takes
-it in. Its backward has no CPU implementation in torch: on CPU, flex serves inference (a teacher's forward, evaluation)
-only, and a training forward says so.
+it in. Its backward has no CPU implementation in torch: on CPU, flex serves inference only (evaluation, writing a
+teacher cache); train() refuses it there before building anything (attention.check_backend), and a training forward
+says so too.
 """
 from __future__ import annotations
 
@@ -117,7 +118,7 @@ def flex(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block, scale: float,
     """Attention over [b, h, s, hd] q and [b, h_kv, s, hd] k / v with this BlockMask -> [b, h, s, hd]."""
     if q.device.type == "cpu" and any(t.requires_grad for t in (q, k, v)):
         raise UserError("model.attention=flex cannot train on CPU: torch's FlexAttention has no CPU backward. Use "
-                        "model.attention=sdpa on CPU (flex runs forwards there: a teacher's, evaluation)")
+                        "model.attention=sdpa on CPU (flex runs forwards there: evaluation, a teacher cache)")
     score_mod = _softcap_mod(float(softcap)) if softcap else None
     if torch.compiler.is_compiling():  # inside a compiled block: the block's graph fuses it
         from torch.nn.attention.flex_attention import flex_attention

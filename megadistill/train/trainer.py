@@ -20,6 +20,7 @@ from megadistill.config import Config
 from megadistill.data import build_eval_batches, build_train_loader
 from megadistill.errors import UserError
 from megadistill.laws import records
+from megadistill.model.attention import check_backend
 from megadistill.model.sizes import params_of
 from megadistill.model.transformer import Transformer
 from megadistill.parallel.groups import ParallelGroups
@@ -264,6 +265,10 @@ def train(cfg: Config, progress: Optional[Callable[[int, int], None]] = None,
     info = init_distributed(cfg.parallel.backend, cfg.parallel.timeout_s)
     cfg.validate(info.world_size)
     t = cfg.train
+    dtypes = {"train.precision": t.precision}
+    if t.mode == "distill" and not str(cfg.distill.teacher).startswith("cache:"):  # a live teacher runs it too
+        dtypes["distill.teacher_dtype"] = cfg.distill.teacher_dtype
+    check_backend(cfg.model.attention, info.device.type, dtypes)
     run_dir = Path(t.run_dir)
     run_name = t.run_name or run_dir.name
     if is_finished(run_dir):
