@@ -323,8 +323,8 @@ def distill_overheads(results: Dict[str, dict]) -> Dict[str, dict]:
 
 def goals(result: dict) -> Dict[str, dict]:
     """Issue 11's GPU goals read off one result: 975M supervised MFU >= 45% (PAPER.md F(N), best variant with fp32
-    gradient accumulation and attention over whole rows), each distill step's overhead <= 1.10x the teacher forward, the compiled fused loss no
-    slower than naive at every shape; "measured": false where the check did not run."""
+    gradient accumulation and attention over whole rows), each distill step's overhead <= 1.10x the teacher forward,
+    the compiled fused loss no slower than naive at every shape; "measured": false where the check did not run."""
     runs = result.get("runs", {})
     mfus = {k: v["mfu_paper_flops"] for k, v in runs.items()
             if k.startswith("supervised_975M@") and k.rsplit("@", 1)[1] not in BF16_ACCUMULATION | DOCUMENT_MASKED
