@@ -368,6 +368,9 @@ class TrainConfig:
     micro_batch_size: int = 4  # sequences per DP rank per micro-step
     global_batch_size: int = 8  # sequences per optimizer step over all DP ranks
     precision: str = "fp32"  # fp32 | bf16
+    tf32: bool = True  # CUDA: fp32 matmuls and convolutions on TF32 tensor cores (10-bit mantissa products, fp32
+    # sums; NGC's PyTorch containers default to it) -- an fp32 student or teacher (distill.teacher_dtype=fp32, the
+    # default) at half the bf16 rate, with MFU against that peak; false: IEEE fp32 (~1/15 of it on H100)
     grad_accum_dtype: str = "auto"  # bf16 runs: dtype the gradients are accumulated over micro-batches and reduced
     # over DP ranks in: fp32 (Megatron's default; +4 bytes per parameter at ZeRO-1, 4/dp at ZeRO-2/3, twice the
     # gradient bytes on the wire) | bf16 (one rounding per micro-batch) | auto (fp32, bf16 at zero.stage=0, where
@@ -472,6 +475,8 @@ class Config:
         _choice("train.resume", t.resume, ("true", "false", "latest_valid"))
         _choice("train.nonfinite", t.nonfinite, ("stop", "skip"))
         _positive("train.nonfinite_max_skips", t.nonfinite_max_skips, allow_zero=True)
+        if not isinstance(t.tf32, bool):
+            raise ConfigError(f"train.tf32={t.tf32!r} must be true or false (false: fp32 matmuls in IEEE fp32 on CUDA)")
         for k in ("seq_len", "micro_batch_size", "global_batch_size", "log_interval", "eval_tokens", "keep_checkpoints"):
             _positive(f"train.{k}", getattr(t, k))
         for k in ("steps", "tokens", "tokens_per_param", "eval_interval", "checkpoint_interval", "z_loss",

@@ -205,6 +205,20 @@ def test_config_errors_name_the_key(overrides, world, needle):
     assert needle in str(e.value), str(e.value)
 
 
+def test_tf32_key_and_the_mfu_peak_it_implies():
+    from megadistill.train.metrics import peak_flops
+    assert config.load([], TINY).train.tf32 is True and config.load([], TINY + ["train.tf32=false"]).train.tf32 is False
+    cfg = config.load([], TINY)
+    cfg.train.tf32 = "yes"  # set in code past omegaconf's type check
+    with pytest.raises(ConfigError, match=r"train\.tf32='yes' must be true or false"):
+        cfg.validate()
+    h100 = "NVIDIA H100 80GB HBM3"
+    assert peak_flops("bf16", name=h100) == 989e12 and peak_flops("bf16", False, name=h100) == 989e12
+    assert peak_flops("fp32", True, name=h100) == 989e12 / 2  # TF32 tensor cores
+    assert peak_flops("fp32", False, name=h100) == 67e12  # IEEE fp32
+    assert peak_flops("fp32", name="a CPU") is None
+
+
 def test_fewer_kv_heads_than_tp_ranks_validate():
     """One or two key/value heads over 4 TP ranks: replicated, a valid layout (the model test checks its values)."""
     for kv in (1, 2):

@@ -14,16 +14,22 @@ from megadistill.model.sizes import active_params
 
 # dense bf16 peak FLOP/s per device (no sparsity), by substring of torch.cuda.get_device_name()
 PEAK_BF16 = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 70e12, "V100": 125e12}
+# IEEE fp32 (no tensor cores) per device, for fp32 runs with train.tf32=false
+PEAK_FP32 = {"H200": 67e12, "H100": 67e12, "A100": 19.5e12, "L40S": 91.6e12, "A10G": 31.2e12, "V100": 15.7e12}
 
 
-def peak_flops(precision: str) -> Optional[float]:
-    """Per-device peak for MFU; None on CPU or an unknown card (MFU is then not reported)."""
-    if not torch.cuda.is_available():
-        return None
-    name = torch.cuda.get_device_name()
+def peak_flops(precision: str, tf32: bool = True, name: Optional[str] = None) -> Optional[float]:
+    """Per-device peak for MFU; None on CPU or an unknown card (MFU is then not reported). fp32 runs: the TF32 rate
+    (half the bf16 one on these parts) with train.tf32, else IEEE fp32's. name: the device's (default: this one's)."""
+    if name is None:
+        if not torch.cuda.is_available():
+            return None
+        name = torch.cuda.get_device_name()
     for key, peak in PEAK_BF16.items():
         if key in name:
-            return peak if precision == "bf16" else peak / 2  # tf32 dense is half the bf16 rate on these parts
+            if precision == "bf16":
+                return peak
+            return peak / 2 if tf32 else PEAK_FP32[key]
     return None
 
 

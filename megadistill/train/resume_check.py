@@ -28,6 +28,7 @@ MAY_CHANGE = frozenset({
     "train.log_interval", "train.eval_interval", "train.eval_tokens", "train.checkpoint_interval",
     "train.keep_checkpoints", "train.save", "train.tensorboard", "train.progress", "train.stop_after_steps",
     "train.compile", "train.compile_backend", "train.nonfinite", "train.nonfinite_max_skips",
+    "train.tf32",  # fp32 matmul kernels (TF32 or IEEE) on CUDA, like the compile / loss-kernel choices
 })
 
 

@@ -269,6 +269,8 @@ def train(cfg: Config, progress: Optional[Callable[[int, int], None]] = None,
     if t.mode == "distill" and not str(cfg.distill.teacher).startswith("cache:"):  # a live teacher runs it too
         dtypes["distill.teacher_dtype"] = cfg.distill.teacher_dtype
     check_backend(cfg.model.attention, info.device.type, dtypes)
+    if info.device.type == "cuda":  # process-wide: this run's fp32 matmuls (student and teacher), TF32 or IEEE
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = bool(t.tf32)
     run_dir = Path(t.run_dir)
     run_name = t.run_name or run_dir.name
     if is_finished(run_dir):
@@ -311,7 +313,7 @@ def train(cfg: Config, progress: Optional[Callable[[int, int], None]] = None,
             log.info("resumed %s at step %d (%d tokens)", run_dir, step, tokens)
 
     metrics = MetricsLog(run_dir, enabled=info.rank == 0, tensorboard=t.tensorboard)
-    peak = peak_flops(t.precision)
+    peak = peak_flops(t.precision, t.tf32)
     bar = None
     if info.rank == 0 and t.progress and progress is None:
         from tqdm.auto import tqdm
