@@ -152,3 +152,16 @@ def test_backend_needs_are_checked_before_a_run_is_built(monkeypatch):
     check_backend("flash", "cuda", {"train.precision": "bf16", "distill.teacher_dtype": "bf16"})
     with pytest.raises(UserError, match="distill.teacher_dtype=fp32: set distill.teacher_dtype=bf16"):
         check_backend("flash", "cuda", {"train.precision": "bf16", "distill.teacher_dtype": "fp32"})
+
+
+def test_flex_in_blocks_compiled_by_another_backend_is_warned_of(caplog):
+    """Only Inductor fuses FlexAttention: blocks compiled by aot_eager run its dense reference, and apply() says so."""
+    from megadistill.train import compile as compile_mod
+    over = ["model.n_layers=1", "model.d_model=32", "model.n_heads=2", "model.head_dim=16", "model.vocab_size=64",
+            "model.attention=flex", "train.compile=true", "train.steps=1"]
+    for backend, warned in (("aot_eager", True), ("inductor", False)):
+        cfg = config.load([], over + [f"train.compile_backend={backend}"])
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="megadistill.train.compile"):
+            assert compile_mod.apply(cfg, torch.device("cpu"), Transformer(cfg.model)) == 1
+        assert ("unfused FlexAttention reference" in caplog.text) == warned, caplog.text

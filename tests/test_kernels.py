@@ -126,6 +126,23 @@ def test_grouped_linear_matches_per_expert_linears(dtype, width):
     assert_close(kernels.grouped_linear(x.float(), w.float(), every), x.float() @ w[2].float().T, rtol=1e-5, atol=1e-5)
 
 
+def test_grouped_linear_loops_over_an_unaligned_weight(monkeypatch):
+    """An expert weight that does not start 16-byte aligned (a view into a flat buffer, as DeepSpeed's ZeRO-1/2 make
+    them) never reaches torch._grouped_mm, which refuses it on CUDA: the loop gives the same result."""
+    x, counts = torch.randn(6, 16), torch.tensor([2, 0, 4])
+    flat = torch.randn(1 + 3 * 8 * 16)
+    w = flat[1:].view(3, 8, 16)  # 4 bytes past an aligned start
+    assert w.data_ptr() % 16 and kernels.grouped_mm_usable(x, 8, 16)
+    calls = []
+    real = torch._grouped_mm
+    monkeypatch.setattr(torch, "_grouped_mm", lambda *a, **k: calls.append(a) or real(*a, **k))
+    out = kernels.grouped_linear(x, w, counts)
+    assert not calls
+    assert_close(out, torch.cat([x[:2] @ w[0].T, x[2:] @ w[2].T]), rtol=1e-5, atol=1e-5)
+    kernels.grouped_linear(x, w.clone(), counts)
+    assert len(calls) == 1  # aligned: the grouped kernel
+
+
 def test_grouped_linear_takes_the_grouped_kernel_where_torch_has_it(monkeypatch):
     """On this CPU (torch 2.13 and 2.11) torch._grouped_mm runs and is used for aligned fp32 / bf16 operands; made
     to fail, the probe falls back to the loop (logged) and the result is unchanged."""

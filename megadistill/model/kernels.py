@@ -165,10 +165,18 @@ def grouped_linear(x: torch.Tensor, weight: torch.Tensor, counts: torch.Tensor) 
     group offsets kept on the device (no host sync); where it cannot run (rows not 16-byte aligned, another dtype or
     GPU, a torch without it) a loop over the experts, whose weight gradient is assembled once (unbind), not per
     expert. Experts without rows get zero gradients either way."""
-    if x.dtype == weight.dtype and x.device == weight.device and grouped_mm_usable(x, weight.shape[1], weight.shape[2]):
+    if (x.dtype == weight.dtype and x.device == weight.device and grouped_mm_usable(x, weight.shape[1], weight.shape[2])
+            and (torch.compiler.is_compiling() or _aligned(x, weight))):
         return torch._grouped_mm(x, weight.transpose(1, 2), offs=counts.cumsum(0, dtype=torch.int32))
     parts = x.split(counts.tolist())
     return torch.cat([F.linear(part, w) for part, w in zip(parts, weight.unbind(0))])
+
+
+def _aligned(*ts: torch.Tensor) -> bool:
+    """torch._grouped_mm's check on CUDA that each operand starts 16-byte aligned: DeepSpeed's flat ZeRO-1/2 buffers
+    make parameters views at cumulative offsets, so an expert weight after a parameter whose size is not a multiple
+    of 16 bytes would be a RuntimeError mid-forward (never seen with widths that are multiples of 8)."""
+    return all(t.data_ptr() % 16 == 0 for t in ts)
 
 
 def group_rows(device: torch.device) -> int:

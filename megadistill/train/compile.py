@@ -75,6 +75,10 @@ def apply(cfg: Config, device: torch.device, student: nn.Module, teacher: Option
                         "several graphs (correct, but less fused)", name)
         n += compile_blocks(model, cfg.train.compile_backend)
     log.info("compile: %d transformer blocks compiled (backend %s)", n, cfg.train.compile_backend)
+    if n and cfg.model.attention == "flex" and cfg.train.compile_backend != "inductor":
+        log.warning("compile: model.attention=flex inside blocks compiled by %s runs torch's unfused FlexAttention "
+                    "reference ([b, h, s, s] scores per block); train.compile_backend=inductor fuses it",
+                    cfg.train.compile_backend)
     if n and cfg.model.kernels == "liger":  # megadistill.model.kernels: Liger ops run eager, outside the graphs
         log.info("compile: model.kernels=liger: each Liger op (RMSNorm, SwiGLU, RoPE) is a graph break in the "
                  "compiled blocks (Inductor fuses these ops itself; model.kernels=torch gives whole-block graphs)")
