@@ -387,6 +387,9 @@ def _run(overrides) -> dict:
            "mfu_paper_flops": statistics.median([r["mfu"] for r in rows[2:] if r["mfu"] is not None] or [math.nan]),
            "mfu_6N_total": 6 * n_total * tokens / step_s / 989e12,
            "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None,
+           # what the caching allocator held: with the teacher on its own stream, blocks cached by that stream are
+           # not reused by the student's, so reserved can exceed allocated by the teacher's working memory
+           "peak_reserved_gib": torch.cuda.max_memory_reserved() / 2**30 if torch.cuda.is_available() else None,
            "leftover_before_run_gib": base / 2**30 if torch.cuda.is_available() else None,
            "wall_s": wall,
            "final_loss": rows[-1]["loss"], "F_N_per_token": forward_flops_per_token(
@@ -400,6 +403,7 @@ def _run(overrides) -> dict:
                                     if isinstance(v, (int, float)) and k not in ("total", "modeled")}
         if out["peak_mem_gib"]:
             out["measured_over_estimate"] = out["peak_mem_gib"] / out["planner_estimate_gib"]
+            out["reserved_over_estimate"] = out["peak_reserved_gib"] / out["planner_estimate_gib"]
     except Exception as e:  # the planner is optional for this check; report why it was not compared
         out["planner_estimate"] = f"unavailable: {type(e).__name__}: {e}"
     return out
