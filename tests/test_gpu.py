@@ -164,3 +164,21 @@ def test_sdpa_gqa_runs_a_fused_kernel(dtype, docs, window):
     with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION]):
         out = _run("sdpa", (q, k, v), _mask("sdpa", docs, window), dtype)
     _close(out, ref, 2e-2 if dtype == torch.bfloat16 else 1e-4)
+
+
+def test_sdpa_document_mask_bias_is_kept_once_not_per_layer():
+    """Eight 'layers' of SDPA with a document mask, their graphs kept for backward: given the bool mask, the
+    memory-efficient kernel keeps its own converted bias per call (2 b s^2 bytes each); given build_mask's bias in
+    q's dtype, all keep the one tensor."""
+    q, k, v = _qkv()  # [2, 1024, 8, 64] bf16
+    doc_ids = (torch.arange(1024, device="cuda") // 300).expand(2, 1024)
+    held = {}
+    for bias in (False, True):
+        mask = build_mask(doc_ids, "sdpa", bias_dtype=torch.bfloat16 if bias else None)
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        outs = [attention(q, k, v, "sdpa", mask) for _ in range(8)]
+        held[bias] = torch.cuda.memory_allocated() - base
+        del outs
+    per_call = 2 * 2 * 1024 * 1024  # one converted [2, 1, 1024, 1024] bf16 bias
+    assert held[False] - held[True] >= 6 * per_call, held

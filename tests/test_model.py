@@ -161,6 +161,30 @@ def test_sliding_window_is_each_querys_last_window_alone(with_docs):
         assert_close(gs, ge)
 
 
+@pytest.mark.parametrize("window", [0, 4])
+def test_sdpa_with_the_additive_bias_is_the_bool_masks_attention(window):
+    """The 0 / -inf bias built once per forward (what Transformer hands SDPA on CUDA) gives the bool mask's values
+    and gradients; a bias of another dtype than q is not used (the bool mask is)."""
+    q, k, v = _qkv(b=2, s=12)
+    doc_ids = torch.tensor([[0] * 5 + [1] * 7, [0] * 12])
+    plain = build_mask(doc_ids, "sdpa", 12, window)
+    biased = build_mask(doc_ids, "sdpa", 12, window, bias_dtype=q.dtype)
+    assert plain.bias is None and biased.bias.dtype == q.dtype
+    assert torch.equal(biased.bias == 0, biased.allowed) and bool((biased.bias[~biased.allowed] == float("-inf")).all())
+    out = []
+    for mask in (plain, biased):
+        o = attention(q, k, v, "sdpa", mask)
+        out.append((o, torch.autograd.grad((o * o.detach().sin()).sum(), (q, k, v))))
+    assert_close(out[1][0], out[0][0])
+    for a, b in zip(out[1][1], out[0][1]):
+        assert_close(a, b)
+    biased.bias.fill_(float("nan"))  # SDPA reads the bias, not the bool mask beside it
+    assert attention(q, k, v, "sdpa", biased).isnan().all()
+    wrong = build_mask(doc_ids, "sdpa", 12, window, bias_dtype=torch.float32)  # q is float64
+    wrong.bias.fill_(float("nan"))  # would poison the output if it were read
+    assert_close(attention(q, k, v, "sdpa", wrong), out[0][0])
+
+
 def test_sdpa_repeats_grouped_kv_only_where_cuda_would_fall_to_the_math_kernel():
     from megadistill.model.attention import sdpa_repeats_kv
     assert not sdpa_repeats_kv("cuda", torch.bfloat16, masked=False)  # flash / cuDNN take enable_gqa

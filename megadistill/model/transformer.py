@@ -394,7 +394,8 @@ class Transformer(nn.Module):
         # once for all layers; mask None: plain causal
         window = self.cfg.sliding_window
         inputs = {kind: (*(self.local_rope if kind == "sliding" else self.rope)(s, x.device, x.dtype),
-                         build_mask(doc_ids, self.cfg.attention, s, window if kind == "sliding" else 0, x.device))
+                         build_mask(doc_ids, self.cfg.attention, s, window if kind == "sliding" else 0, x.device,
+                                    bias_dtype=x.dtype if x.is_cuda else None))
                   for kind in sorted(set(self.layer_kinds))}
         router_losses, forwarding = [], True
 
