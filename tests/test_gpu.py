@@ -182,3 +182,4 @@ def test_sdpa_document_mask_bias_is_kept_once_not_per_layer():
         del outs
     per_call = 2 * 2 * 1024 * 1024  # one converted [2, 1, 1024, 1024] bf16 bias
     assert held[False] - held[True] >= 6 * per_call, held
+

@@ -29,7 +29,9 @@ def evaluate(student: nn.Module, batches: List[Dict[str, torch.Tensor]], groups:
     """
     was_training = student.training
     student.eval()
-    sums = torch.zeros(4, dtype=torch.float64)  # [ce, tokens, kl, teacher ce]
+    # [ce, tokens, kl, teacher ce], summed on the compute device in fp64 (what Python floats did on the host) and read
+    # back once at the end: no host sync per eval batch
+    sums = torch.zeros(4, dtype=torch.float64, device=device)
     # Every DP rank runs the same number of forwards: under ZeRO-3 each forward all-gathers parameters across the DP
     # group, so a rank with one batch fewer would leave the others waiting. Padding forwards reuse batch 0, uncounted.
     # A partial batch (the last one, when eval_tokens is not a multiple of micro-batch x seq_len) is filled up to
@@ -56,20 +58,19 @@ def evaluate(student: nn.Module, batches: List[Dict[str, torch.Tensor]], groups:
         if t_logits is not None and with_teacher_loss:  # first: the call below overwrites t_logits
             _, st = logits_distill_loss(t_logits, None, labels, groups.tp_group, kd_weight=0.0, z_loss=0.0,
                                         chunk_tokens=chunk, inplace=False, loss_kernel=kernel)
-            sums[3] += float(st["ntp"]) * int(st["tokens"]) * counted
+            sums[3] += st["ntp"].double() * (st["tokens"].double() * counted)
         _, st = logits_distill_loss(logits, t_logits, labels, groups.tp_group, kd_weight=0.0 if t_logits is None
                                     else 1.0, z_loss=0.0, chunk_tokens=chunk, inplace=True,
                                     loss_kernel=kernel)
-        n = int(st["tokens"]) * counted
-        sums[0] += float(st["ntp"]) * n
+        n = st["tokens"].double() * counted
+        sums[0] += st["ntp"].double() * n
         sums[1] += n
         if t_logits is not None:
-            sums[2] += float(st["kd"]) * n  # forward KL at tau = 1, no truncation
+            sums[2] += st["kd"].double() * n  # forward KL at tau = 1, no truncation
         del logits, t_logits
     if groups.dp_size > 1:  # on the compute device: an NCCL group cannot reduce a CPU tensor
-        on_device = sums.to(device)
-        dist.all_reduce(on_device, group=groups.dp_group)
-        sums = on_device.cpu()
+        dist.all_reduce(sums, group=groups.dp_group)
+    sums = sums.cpu()
     student.train(was_training)
     n = max(sums[1].item(), 1.0)
     out = {"eval_loss": sums[0].item() / n, "eval_tokens": int(sums[1].item())}
