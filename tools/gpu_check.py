@@ -94,10 +94,10 @@ def attention_check(seq: int = 4096, heads: int = 16, hd: int = 128, batch: int 
         try:
             import flash_attn  # noqa: F401
             out["flash_attn_vs_eager_fp32"] = err(run("flash"), ref)
-            out["flash_attn_varlen_docmask_vs_eager_fp32"] = err(run("flash", mask("flash")), ref_m)
+            flash_m = mask("flash")
+            out["flash_attn_varlen_docmask_vs_eager_fp32"] = err(run("flash", flash_m), ref_m)
             ref_w = run("eager", mask("eager", False, window), dtype=torch.float32)  # sliding window
             out["flash_attn_window_vs_eager_fp32"] = err(run("flash", mask("flash", False, window)), ref_w)
-            flash_m = mask("flash")
             timed["flash_attn_varlen_docmask"] = lambda: run("flash", flash_m)
         except ImportError:
             out["flash_attn"] = "not installed (pip install .[gpu]); sdpa's flash kernel checked instead"

@@ -60,13 +60,12 @@ def build_mask(doc_ids: Optional[torch.Tensor], backend: str, seq_len: int = 0, 
     if window < 0:
         raise ValueError(f"window={window} must be >= 0 (0 = no sliding window)")
     window = window if 0 < window < seq_len else 0  # a window covering the whole sequence restricts nothing
+    seg = document_segments(doc_ids) if doc_ids is not None else None  # [b, s]
     if backend == "flex":
         from megadistill.model.flex import block_mask
-        seg = document_segments(doc_ids) if doc_ids is not None else None
         return AttnMask(seg, block=block_mask(seg, seq_len, window, device), window=window)
-    if doc_ids is None and not window:
+    if seg is None and not window:
         return None
-    seg = document_segments(doc_ids) if doc_ids is not None else None  # [b, s]
     if backend == "flash":
         if seg is None:
             return AttnMask(window=window)
