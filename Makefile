@@ -5,6 +5,10 @@ VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
+# pytest-xdist workers (TEST_WORKERS=0: one process). Whole files go to one worker (--dist loadfile), so a module's
+# shared fixture -- the e2e study, a multi-process layout sweep -- is built once
+TEST_WORKERS ?= 2
+XDIST = -n $(TEST_WORKERS) --dist loadfile
 
 .PHONY: install test test-all test-compat demo clean bench
 
@@ -18,10 +22,10 @@ $(VENV)/.installed: setup.py
 install: $(VENV)/.installed
 
 test: install
-	$(PY) -m pytest -q $(PYTEST_ARGS)
+	$(PY) -m pytest -q $(XDIST) $(PYTEST_ARGS)
 
 test-all: install
-	$(PY) -m pytest -q -m "" $(PYTEST_ARGS)
+	$(PY) -m pytest -q -m "" $(XDIST) $(PYTEST_ARGS)
 
 # The torch-version-sensitive tests (dynamo tracing of our autograd Functions and collectives, compiled vs eager
 # trainer runs, SDPA / kernels, TP model, the compiled loss kernel) under a second torch: by default the lent GPU
@@ -39,7 +43,7 @@ $(COMPAT_VENV)/.installed: setup.py Makefile
 	touch $@
 
 test-compat: $(COMPAT_VENV)/.installed
-	TORCH_EXTENSIONS_DIR=$(abspath $(COMPAT_VENV))/torch_extensions $(CPY) -m pytest -q $(PYTEST_ARGS) $(COMPAT_TESTS)
+	TORCH_EXTENSIONS_DIR=$(abspath $(COMPAT_VENV))/torch_extensions $(CPY) -m pytest -q $(XDIST) $(PYTEST_ARGS) $(COMPAT_TESTS)
 
 demo: install
 	$(VENV)/bin/megadistill demo --out runs/demo

@@ -23,7 +23,7 @@ setup(
         "matplotlib>=3.7",
     ],
     extras_require={
-        "test": ["pytest>=7", "pytest-timeout>=2"],
+        "test": ["pytest>=7", "pytest-timeout>=2", "pytest-xdist>=3"],
         "gpu": ["flash-attn>=2.5"],
         "liger": ["liger-kernel>=0.5"],  # model.kernels=liger (fused RMSNorm / SwiGLU / RoPE); not installed by CI
         "bench": ["liger-kernel>=0.4", "psutil"],
