@@ -85,6 +85,22 @@ def test_flex_forward_is_the_dense_masks_attention():
     assert counters["unique_graphs"] == graphs
 
 
+def test_eager_paths_kernel_is_not_held_to_dynamos_recompile_limit():
+    """Each new shape compiles a graph of its own, past dynamo's recompile limit (here 1, 8 by default): a run meets
+    several (student, evaluation, teacher, sliding / full blocks), and past the limit FlexAttention would run its dense
+    reference."""
+    from torch._dynamo.eval_frame import _debug_get_cache_entry_list
+    from torch.nn.attention.flex_attention import flex_attention
+    dynamo.reset()
+    with dynamo.config.patch(recompile_limit=1):
+        for hd in (16, 32):
+            q, k, v = _qkv(s=128, heads=2, kv_heads=2, hd=hd)
+            mask = build_mask(None, "flex", 128, 0)
+            assert_close(attention(q, k, v, "flex", mask), attention(q, k, v, "eager", None), atol=2e-5, rtol=1e-4)
+        assert len(_debug_get_cache_entry_list(flex_attention.__code__)) == 2
+        assert dynamo.config.recompile_limit == 1  # raised for the kernel's calls only
+
+
 def test_flex_refuses_to_train_on_cpu():
     q, k, v = (t.requires_grad_() for t in _qkv(s=128))
     with pytest.raises(UserError, match="model.attention=flex cannot train on CPU.*model.attention=sdpa"):

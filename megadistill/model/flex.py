@@ -27,10 +27,21 @@ from megadistill.errors import UserError
 BLOCK = 128  # FlexAttention's default block (query and key), the granularity of its sparsity
 
 
+# Graphs the eager path's compiled kernel may hold (dynamo's recompile limit, 8 by default, applied to it alone): one
+# per shape and mask rule it meets -- student training and evaluation, a teacher of other widths, sliding and full
+# blocks. Past the limit dynamo would run FlexAttention's dense reference, O(s^2) memory, with only a warning.
+KERNEL_GRAPHS = 64
+
+
 @functools.lru_cache(maxsize=None)
 def _compiled_kernel() -> Callable:
     from torch.nn.attention.flex_attention import flex_attention
-    return torch.compile(flex_attention, dynamic=False)
+    compiled = torch.compile(flex_attention, dynamic=False)
+
+    def kernel(*args, **kwargs):
+        with torch._dynamo.config.patch(recompile_limit=max(KERNEL_GRAPHS, torch._dynamo.config.recompile_limit)):
+            return compiled(*args, **kwargs)
+    return kernel
 
 
 _SOFTCAP_MODS: Dict[float, Callable] = {}
