@@ -85,6 +85,41 @@ def test_compile_blocks_in_place_keeps_names_and_values():
         torch.testing.assert_close(model(ids), ref(ids), rtol=0, atol=AOT_EAGER_ATOL)
 
 
+def test_compiled_blocks_are_not_held_to_dynamos_recompile_limit():
+    """Sliding and full blocks of a student (training, no-grad at two batch sizes) and of a wider teacher (inference,
+    no-grad at two batch sizes): 12 static graph variants of Block.forward, past dynamo's recompile limit (2 here, 8
+    by default), every one compiled (none left eager) and equal to the eager model."""
+    from torch._dynamo.eval_frame import _debug_get_cache_entry_list
+    shape = ["model.vocab_size=96", "model.ff_multiple=32", "model.sliding_window=8", "model.n_layers=2",
+             "model.layer_types=[sliding,full]", "model.head_dim=16", "train.steps=1"]
+    student = config.load([], shape + ["model.d_model=32", "model.n_heads=2"]).model
+    teacher = config.load([], shape + ["model.d_model=48", "model.n_heads=3"]).model
+    torch.manual_seed(0)
+    models = {}
+    for name, cfg in (("student", student), ("teacher", teacher)):
+        models[name], ref = Transformer(cfg), Transformer(cfg)
+        ref.load_state_dict(models[name].state_dict())
+        models[name + "_ref"] = ref
+    dynamo.reset()
+    with dynamo.config.patch(recompile_limit=2):
+        for name in ("student", "teacher"):
+            compile_mod.compile_blocks(models[name], "aot_eager")
+        ids = torch.randint(0, 96, (2, 16))
+        for suffix in ("", "_ref"):
+            with torch.inference_mode():
+                models["teacher" + suffix](ids)
+            models["student" + suffix](ids).square().mean().backward()
+        for a, b in zip(models["student"].parameters(), models["student_ref"].parameters()):
+            torch.testing.assert_close(a.grad, b.grad, rtol=0, atol=AOT_EAGER_ATOL)
+        with torch.no_grad():
+            for batch in (ids, torch.randint(0, 96, (3, 16))):
+                for name in ("student", "teacher"):
+                    torch.testing.assert_close(models[name](batch), models[name + "_ref"](batch), rtol=0,
+                                               atol=AOT_EAGER_ATOL)
+        assert dynamo.config.recompile_limit == 2  # raised for the blocks' calls only
+    assert len(_debug_get_cache_entry_list(Block.forward.__code__)) == 12
+
+
 def _collectives_traced_vs_eager(rank, world):
     """Each TP collective (and columns_entry) through dynamo vs eager: outputs and input / weight gradients."""
     import torch.distributed as dist

@@ -23,25 +23,18 @@ from typing import Callable, Dict, Optional
 import torch
 
 from megadistill.errors import UserError
+from megadistill.model.graphs import with_graph_limit
 
 BLOCK = 128  # FlexAttention's default block (query and key), the granularity of its sparsity
 
 
-# Graphs the eager path's compiled kernel may hold (dynamo's recompile limit, 8 by default, applied to it alone): one
-# per shape and mask rule it meets -- student training and evaluation, a teacher of other widths, sliding and full
-# blocks. Past the limit dynamo would run FlexAttention's dense reference, O(s^2) memory, with only a warning.
-KERNEL_GRAPHS = 64
-
-
 @functools.lru_cache(maxsize=None)
 def _compiled_kernel() -> Callable:
+    """One static graph per shape and mask rule (student training and evaluation, a teacher of other widths, sliding
+    and full blocks), up to GRAPH_LIMIT: past dynamo's default limit of 8 it would run FlexAttention's dense
+    reference, O(s^2) memory, with only a warning."""
     from torch.nn.attention.flex_attention import flex_attention
-    compiled = torch.compile(flex_attention, dynamic=False)
-
-    def kernel(*args, **kwargs):
-        with torch._dynamo.config.patch(recompile_limit=max(KERNEL_GRAPHS, torch._dynamo.config.recompile_limit)):
-            return compiled(*args, **kwargs)
-    return kernel
+    return with_graph_limit(torch.compile(flex_attention, dynamic=False))
 
 
 _SOFTCAP_MODS: Dict[float, Callable] = {}

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from megadistill.config import Config, ConfigError
+from megadistill.model.graphs import with_graph_limit
 
 log = logging.getLogger(__name__)
 
@@ -37,13 +38,15 @@ def compile_blocks(model: nn.Module, backend: str = "inductor") -> int:
     no-grad -- under one code object (Block.forward), and by default a second shape seen there recompiles with the
     differing sizes symbolic. A distillation step runs the teacher's blocks first (its forward is prefetched), so the
     student's training graph would be the dynamic one: symbolic widths in every fused kernel of the step being timed.
-    Each shape gets its own static graph instead (a run has a few: student training and eval, teacher forward; past
-    torch._dynamo.config.recompile_limit a new shape runs eager)."""
+    Each shape gets its own static graph instead: a run has a few per kind of block (student training and eval,
+    teacher forward), up to megadistill.model.graphs.GRAPH_LIMIT in all (dynamo's own limit, 8, would leave a
+    distillation with sliding and full blocks eager from its ninth variant on)."""
     from megadistill.model.transformer import Block
 
     blocks = [m for m in model.modules() if isinstance(m, Block)]
     for block in blocks:
         block.compile(backend=backend, dynamic=False)
+        block._compiled_call_impl = with_graph_limit(block._compiled_call_impl)  # what Module.__call__ runs
     return len(blocks)
 
 
