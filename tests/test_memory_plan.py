@@ -9,9 +9,11 @@ What is checked against reality, and how:
   loss buffers, ZeRO buckets / gathered parameters, at the phase the model says peaks), on fresh gloo processes
   running megadistill.train.trainer.train: the traced peak of live tensor bytes (the CPU counterpart of
   torch.cuda.max_memory_allocated) within 10%, and the peak RSS increase over the post-import baseline (see
-  tools/measure_memory.py for what it covers) within 15%. The default run checks a 2-process distillation at
-  ZeRO-1 (teacher weights, partitioned optimizer states, reduce bucket, activations, unfused logits); the other
-  layouts (ZeRO 0/2/3, TP=2, ZeRO-3 teacher, checkpointing, fused loss, gradient accumulation) are marked slow.
+  tools/measure_memory.py for what it covers) within 15%. The window is step 2 of 3, so it holds the teacher
+  forward prefetched for step 3 (distill.teacher_prefetch). The default run checks a 2-process distillation at
+  ZeRO-2 with a ZeRO-3 teacher (partitioned weights and optimizer states, the teacher's fetch bucket and flat
+  all-gather buffer beside the student's saved activations); the other layouts (ZeRO 0/1/3, TP=2, prefetch off,
+  checkpointing, fused loss, gradient accumulation) are marked slow.
 """
 import dataclasses
 import json
@@ -237,6 +239,43 @@ def test_estimate_terms_follow_the_layout():
     assert z3_r16["gradients"] == z3["gradients"] and z3_r16["zero_buffers"] == z3_16["zero_buffers"]
 
 
+def test_teacher_forward_phase_follows_prefetch_and_the_zero3_fetch():
+    """distill.teacher_prefetch: the next micro-batch's teacher forward sits on the student's saved activations and
+    the loss's saved gradient, and its output lives on through backward_end and the optimizer step; a ZeRO-3 teacher
+    adds one prefetch bucket of gathered parameters and its flat all-gather buffer."""
+    student = memory.resolve_model("tiny-5M")
+    teacher = memory.resolve_model("tiny-20M")
+    n, tb = 2 * 128, 4
+
+    def est(**kw):
+        lay = memory.Layout(tp_size=1, zero_stage=1, micro_batch_size=2, **kw)
+        out = memory.estimate_layout(student, lay, 4, 128, 8, "fp32", teacher, "fp32")
+        return {k: v for k, v in out["phases"].items()}
+
+    on, off = est(), est(teacher_prefetch=False)
+    acts = memory.activation_bytes(student, n, 1, 4)
+    saved = 4 * n * student.vocab_size  # the student logits, overwritten with their gradient
+    t_out = tb * n * teacher.vocab_size
+    assert on["teacher_forward"] - off["teacher_forward"] == pytest.approx(acts + saved)
+    assert on["optimizer_step"] - off["optimizer_step"] == pytest.approx(t_out)
+    assert on["backward_end"] - off["backward_end"] == pytest.approx(t_out)
+    assert on["forward_backward"] == off["forward_backward"]
+    fused_on, fused_off = est(fused=True), est(fused=True, teacher_prefetch=False)
+    v, d = student.vocab_size, student.d_model
+    assert fused_on["teacher_forward"] - fused_off["teacher_forward"] == pytest.approx(acts + 4 * v * d + 4 * n * d)
+    z3_on, z3_off = est(teacher_zero3=True), est(teacher_zero3=True, teacher_prefetch=False)
+    whole = tb * memory.rank_params(teacher, 1)["total"]  # under one bucket: fetched whole, beside its flat copy
+    work = max(memory.teacher_block_bytes(teacher, n, 1, tb), t_out)
+    assert whole > work
+    # the kept weights shrink to a quarter, the gathered bucket (whole) is added, and its flat buffer (whole) stands in
+    # for the block's working memory
+    assert z3_off["teacher_forward"] - off["teacher_forward"] == pytest.approx(whole / 4 + whole - work)
+    assert z3_on["teacher_forward"] - z3_off["teacher_forward"] == pytest.approx(acts + saved)
+    cfg = config.load([], ["train.mode=distill", "distill.teacher=x", "distill.teacher_prefetch=false",
+                           "train.steps=1"])
+    assert not memory.layout_of(cfg).teacher_prefetch
+
+
 def test_step_time_counts_the_reduction_dtype():
     """DP traffic: fp32 reductions move twice the gradient bytes; ZeRO-1 with fp32 accumulation (BF16_Optimizer)
     all-reduces; bf16 reductions of fp32 sums move what bf16 accumulation moved, except at ZeRO-1 (all-reduce)."""
@@ -277,13 +316,16 @@ def _check_case(name, tmp_path, trace=True):
 
 
 @pytest.mark.multiproc
-def test_estimate_matches_trainer_peak_distill_zero1(tmp_path):
-    _check_case("kd_z1_w2", tmp_path)
+def test_estimate_matches_trainer_peak_distill_zero3_teacher(tmp_path):
+    """The default layout's prefetched teacher forward (on the student's saved activations) with a ZeRO-3 teacher
+    (its fetch bucket and flat all-gather buffer): the peak (traced 935 MiB), at the teacher_forward phase."""
+    _check_case("kd_z2_w2_teacher_z3", tmp_path)
+    assert measure_memory.estimate_case("kd_z2_w2_teacher_z3", tmp_path)["phase"] == "teacher_forward"
 
 
 @pytest.mark.slow
 @pytest.mark.multiproc
-@pytest.mark.parametrize("name", [n for n in measure_memory.CASES if n != "kd_z1_w2"])
+@pytest.mark.parametrize("name", [n for n in measure_memory.CASES if n != "kd_z2_w2_teacher_z3"])
 def test_estimate_matches_trainer_peak_all_layouts(name, tmp_path):
     _check_case(name, tmp_path)
 

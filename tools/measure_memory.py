@@ -6,8 +6,10 @@ steps in fresh processes (1 or 2 gloo ranks, torch threads = 1); rank 0 is measu
 after imports, the process group and two steps of a throw-away DeepSpeed engine at the case's ZeRO stage(s) (this
 pays DeepSpeed's one-time CPU costs: its lazily built comm op with shared-memory buffers, ~160 MB, and ZeRO's
 first-engine set-up on gloo, ~46 MB; on a GPU the planner's fixed allowance covers the CUDA/NCCL equivalents). The
-kernel's RSS high-water mark (VmHWM) is reset after step 1 (writing 5 to /proc/self/clear_refs), so the peak covers
-step 2: the steady state (torch creates Adam's states in step 1's optimizer step, after that step's backward).
+kernel's RSS high-water mark (VmHWM) is reset after step 1 (writing 5 to /proc/self/clear_refs) and read after step 2
+of 3, so the peak covers step 2: the steady state (torch creates Adam's states in step 1's optimizer step, after that
+step's backward), with distill.teacher_prefetch's forward of step 3's first micro-batch inside it (a run's last step
+prefetches nothing).
 measured = VmHWM - baseline = every tensor live at the worst moment of a step (weights, gradients, optimizer states,
 teacher, activations, loss buffers, ZeRO buffers) + the run's host-side runtime memory (gloo and DeepSpeed staging,
 Python objects: 20-75 MB in 2-process runs, ~0 in 1-process runs), against `estimate()["modeled"]`. glibc's
@@ -74,6 +76,8 @@ CASES: Dict[str, tuple] = {
                                 "model.activation_checkpointing=full"]),
     "kd_z1_w2": (2, ["train.mode=distill", "zero.stage=1"]),
     "kd_z2_w2_teacher_z3": (2, ["train.mode=distill", "zero.stage=2", "distill.teacher_zero3=true"]),
+    "kd_z2_w2_teacher_z3_noprefetch": (2, ["train.mode=distill", "zero.stage=2", "distill.teacher_zero3=true",
+                                           "distill.teacher_prefetch=false"]),
     "kd_z3_w2_fused": (2, ["train.mode=distill", "zero.stage=3", "distill.fused=true"]),
 }
 
@@ -95,7 +99,7 @@ def case_overrides(name: str, root: Path) -> List[str]:
     world, extra = CASES[name]
     gbs = [o for o in extra if o.startswith("train.global_batch_size=")]
     tp = int(next((o.split("=")[1] for o in extra if o.startswith("parallel.tp_size=")), 1))
-    over = STUDENT + [f"train.seq_len={SEQ}", f"train.micro_batch_size={MB}", "train.steps=2",
+    over = STUDENT + [f"train.seq_len={SEQ}", f"train.micro_batch_size={MB}", "train.steps=3",
                       f"train.eval_tokens={SEQ * MB * (world // tp)}",  # one eval batch per DP rank
                       "optim.warmup_steps=1", f"train.run_dir={root / name}", "data.synthetic_branching=4",
                       "train.progress=false", "zero.bucket_size=1000000", "train.save=false"]
@@ -165,7 +169,7 @@ def _worker(rank: int, world: int, port: int, overrides: List[str], trace: bool,
                 _reset_peak()
                 if tracker is not None:
                     tracker.start_window()
-            if step == total:
+            if step == 2:
                 res["peak"] = _status_bytes("VmHWM")
                 if tracker is not None:
                     res["trace_peak"], res["trace_top"] = tracker.peak_in_window, tracker.top()

@@ -24,6 +24,12 @@ TERMS = ("student_weights", "gradients", "optimizer_states", "teacher_weights", 
 # flat copies of up to ALLREDUCE_BUFFER elements.
 ZERO3_MAX_REUSE = 10 ** 9
 ZERO3_MAX_LIVE = 10 ** 9
+# A ZeRO-3 teacher (train.engine.initialize_frozen) is fetched in coalesced all-gathers of DeepSpeed's default
+# stage3_prefetch_bucket_size elements (overshooting by at most one parameter): each lands in a flat buffer that is
+# then copied into the parameters, both alive until the bucket's first module has run, and the parameters are released
+# module by module after use (measured on DeepSpeed 0.19.8: a teacher of 55.1M elements fetched in one bucket, 2 x its
+# bytes live at its forward's start)
+ZERO3_PREFETCH_BUCKET = 50_000_000
 ALLREDUCE_BUFFER = 500_000_000
 
 
@@ -53,6 +59,8 @@ class Layout:
     checkpoint_every_k: int = 2
     fused: bool = False
     teacher_zero3: bool = False
+    teacher_prefetch: bool = True  # distill.teacher_prefetch: the next micro-batch's teacher forward runs before the
+    # student's backward, beside its saved activations
     chunk_tokens: int = 1024
     bucket_size: int = 50_000_000  # ZeRO reduce / prefetch bucket (elements)
     sequence_parallel: bool = False  # parallel.sequence_parallel (no effect at tp_size 1)
@@ -232,6 +240,15 @@ def loss_bytes(tokens: int, m: ModelConfig, tp: int, wb: int, fused: bool, chunk
     return chunk + grads + hidden_t
 
 
+def loss_saved_bytes(tokens: int, m: ModelConfig, tp: int, wb: int, fused: bool) -> float:
+    """What the loss keeps from its forward for the backward: the student logits overwritten with their gradient
+    (single-pass loss on materialised logits), or the fused loss's dL/dW (fp32, + its model-dtype copy) and dL/dh."""
+    v = m.vocab_size // tp
+    if not fused:
+        return wb * tokens * v
+    return 4 * v * m.d_model + (wb * v * m.d_model if wb != 4 else 0) + wb * tokens * m.d_model
+
+
 def teacher_block_bytes(m: ModelConfig, tokens: int, tp: int, tb: int, group_rows: int = 1) -> float:
     """Peak of one block's intermediates in a forward without autograd (the teacher's), before attention scores. A
     mixture of experts peaks in its experts' down projection, per routed copy of a token (and per padding row, with
@@ -257,7 +274,9 @@ def estimate_layout(student: ModelConfig, layout: Layout, world_size: int, seq_l
 
     Phases: forward_backward (all saved activations with the loss buffers, or a little later in backward with
     ZeRO-1/2's reduce bucket and the head's gradient), backward_end (gradients complete, activations freed),
-    optimizer_step (fp32 gradient copies and foreach temporaries), teacher_forward (distillation).
+    optimizer_step (fp32 gradient copies and foreach temporaries), teacher_forward (distillation: with
+    teacher_prefetch, the next micro-batch's teacher forward beside the student's saved activations and the loss's
+    saved gradient; its output then lives through the backward and, for a step's last micro-batch, the optimizer step).
     """
     tp = layout.tp_size
     dp = world_size // tp
@@ -334,18 +353,25 @@ def estimate_layout(student: ModelConfig, layout: Layout, world_size: int, seq_l
                                      zero_buffers=bucket if z == 3 else 0.0, step_transient=transient)}
     if teacher is not None:
         t_out = tb * n * (teacher.d_model if layout.fused else teacher.vocab_size // tp)
-        t_block = teacher_block_bytes(teacher, n, tp, tb, hardware.expert_group_rows)
+        t_work = teacher_block_bytes(teacher, n, tp, tb, hardware.expert_group_rows)
         if explicit_scores(teacher):  # its fp32 scores and softmax over seq_len keys, one block at a time
-            t_block += 8 * n * teacher.n_heads / tp * seq_len
-        if layout.teacher_zero3 and dp > 1:
-            # DeepSpeed gathers the teacher during its forward and frees it only at the end (measured; the
-            # inference trace never completes). Earlier DeepSpeed versions added a flat staging copy of the coalesced
-            # gather on gloo; 0.19.8 does not (measured: the trainer's traced peak 608 MiB, 585 estimated)
-            t_gather = tb * min(tparams, ZERO3_MAX_LIVE)
-        # the previous micro-step's teacher outputs are still referenced while the next ones are computed
-        phases["teacher_forward"] = dict(common, gradients=grads_fb, activations=max(t_block, t_out),
-                                         logits_loss=t_out, zero_buffers=t_gather + (bucket if z == 3 else 0.0),
+            t_work += 8 * n * teacher.n_heads / tp * seq_len
+        t_work = max(t_work, t_out)
+        if t_part:  # one prefetch bucket gathered (its parameters) beside its flat all-gather buffer
+            t_gather = tb * min(tparams, ZERO3_PREFETCH_BUCKET + rank_params(teacher, tp)["vocab"])
+            t_work = max(t_work, t_gather)
+        # what the student keeps meanwhile: nothing of this micro-step without prefetch (the previous one's teacher
+        # outputs died with its loss); with it, everything its backward needs
+        student_acts = acts if layout.teacher_prefetch else 0.0
+        student_loss = loss_saved_bytes(n, student, tp, wb, layout.fused) if layout.teacher_prefetch else 0.0
+        phases["teacher_forward"] = dict(common, gradients=grads_fb, activations=student_acts + t_work,
+                                         logits_loss=student_loss,
+                                         zero_buffers=t_gather + (bucket if z == 3 else 0.0)
+                                         + (gathered if layout.teacher_prefetch else 0.0),
                                          step_transient=0.0)
+        if layout.teacher_prefetch:  # the next step's first teacher output, made before this step's last backward
+            for name in ("backward_end", "optimizer_step"):
+                phases[name]["logits_loss"] += t_out
     totals = {k: sum(v.values()) for k, v in phases.items()}
     peak = max(totals, key=totals.get)
     modeled = totals[peak]
@@ -358,7 +384,8 @@ def layout_of(cfg: Config) -> Layout:
     m, d = cfg.model, cfg.distill
     return Layout(tp_size=cfg.parallel.tp_size, zero_stage=cfg.zero.stage, micro_batch_size=cfg.train.micro_batch_size,
                   checkpointing=m.activation_checkpointing, checkpoint_every_k=m.checkpoint_every_k, fused=d.fused,
-                  teacher_zero3=d.teacher_zero3, bucket_size=cfg.zero.bucket_size,
+                  teacher_zero3=d.teacher_zero3, teacher_prefetch=d.teacher_prefetch,
+                  bucket_size=cfg.zero.bucket_size,
                   # unset: 1024 eager; the compiled kernel's GPU chunk is sized to the same bytes
                   chunk_tokens=d.chunk_tokens or 1024,
                   sequence_parallel=cfg.parallel.sequence_parallel, grad_accum=cfg.train.grad_accum_dtype,
