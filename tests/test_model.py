@@ -229,6 +229,22 @@ def test_window_masks_per_backend():
         build_mask(None, "sdpa", 8, -1)
 
 
+def test_masks_from_host_document_ids_are_built_for_the_attention_device():
+    """The trainer passes document ids on the host: every backend's mask lands on the device attention runs on
+    ("meta" stands in for a GPU here), and flash-attn's run starts are found on the host (values checked there)."""
+    docs = torch.tensor([[0] * 10 + [1] * 6, [4] * 3 + [5] * 13])
+    flash = build_mask(docs, "flash", window=4, device="meta")
+    assert flash.cu_seqlens.device.type == "meta" and flash.cu_seqlens.shape == (5,) and flash.window == 4
+    assert 0 in flash.cu_seqlens._dynamo_dynamic_indices and flash.max_seqlen == 16
+    assert build_mask(docs, "flash", device="cpu").cu_seqlens.tolist() == [0, 10, 16, 19, 32]
+    for backend in ("sdpa", "eager"):
+        mask = build_mask(docs, backend, window=4, device="meta")
+        assert mask.allowed.device.type == "meta" and mask.allowed.shape == (2, 1, 16, 16)
+        assert mask.segments.device.type == "meta"
+    with pytest.raises(ValueError, match="window=-1"):
+        build_mask(docs, "flash", window=-1, device="meta")
+
+
 def test_dense_masks_follow_the_lag_rule():
     """build_mask's [s, s] part is j <= i and i - j < window, for windows from 1 token to past the sequence."""
     for s in (1, 5, 13):

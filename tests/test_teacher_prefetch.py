@@ -1,7 +1,8 @@
 """distill.teacher_prefetch: teacher(i+1) issued before student backward(i), the same numbers as without prefetch.
 
 One 1-process gloo worker runs everything (shared runs across the assertions): a tiny teacher, distillation with
-prefetch on / off (4 micro-batches per step, evals and checkpoints between steps), a stop + resume with prefetch on,
+prefetch on / off (4 micro-batches per step, evals and checkpoints between steps), both again with packed documents
+masked (data.document_mask), a stop + resume with prefetch on,
 the cached teacher with its reader thread on / off, and the call order of the real teacher forward and student
 backward inside train_step, recorded by hooks on the modules of a built run.
 """
@@ -66,6 +67,11 @@ def _worker(rank, world, root):
     out = {}
     train(_cfg(student("on")))
     train(_cfg(student("off", ["distill.teacher_prefetch=false"])))
+    # packed documents of 12 tokens masked: the ids stay on the host, each forward builds its mask from them
+    docs = ["data.document_mask=true", "data.synthetic_doc_len=12"]
+    train(_cfg(student("docs_on", docs)))
+    train(_cfg(student("docs_off", docs + ["distill.teacher_prefetch=false"])))
+    train(_cfg(student("docs_unmasked", ["data.synthetic_doc_len=12"])))
     # stop after step 1 (a checkpoint taken while step 2's first micro-batch is prefetched), resume with prefetch on
     train(_cfg(student("resumed", ["train.stop_after_steps=1"])))
     train(_cfg(student("resumed", ["train.resume=true"])))
@@ -74,7 +80,7 @@ def _worker(rank, world, root):
     cache = [f"distill.teacher=cache:{root / 'cache'}", "distill.top_k=8"]
     train(_cfg(student("cache_on", cache)))
     train(_cfg(student("cache_off", cache + ["distill.teacher_prefetch=false"])))
-    for name in ("on", "off", "resumed", "cache_on", "cache_off"):
+    for name in ("on", "off", "docs_on", "docs_off", "docs_unmasked", "resumed", "cache_on", "cache_off"):
         out[name] = {"train": _jsonl(root / name / "train.jsonl"), "eval": _jsonl(root / name / "eval.jsonl"),
                      "weights": _weights(root / name)}
     out["order_on"] = _order(_cfg(student("order_on")))
@@ -103,6 +109,12 @@ def test_prefetch_on_off_bit_identical(runs):
     _same_numbers(runs["on"], runs["off"])
     assert len(runs["on"]["eval"]) == 2  # the mid-run eval (step 2, a prefetch pending) and the final one
     assert runs["on"]["train"][-1]["loss"] < runs["on"]["train"][0]["loss"]
+
+
+def test_document_masked_distillation_prefetch_on_off_bit_identical(runs):
+    _same_numbers(runs["docs_on"], runs["docs_off"])
+    # the masks reached the models: other numbers than the same data's unmasked run from the first step on
+    assert runs["docs_on"]["train"][0]["loss"] != runs["docs_unmasked"]["train"][0]["loss"]
 
 
 def test_resume_with_prefetch_exact(runs):

@@ -52,13 +52,20 @@ def build_mask(doc_ids: Optional[torch.Tensor], backend: str, seq_len: int = 0, 
     bias_dtype (sdpa): also the mask as an additive bias in the activations' dtype (0 / -inf), made once per forward
     for every layer. SDPA's memory-efficient kernel (CUDA) turns a bool mask into such a bias in each call and keeps
     it for backward: 2 b s^2 bytes per layer, 3 GiB over 24 layers at b = 4, s = 4096 in bf16; given the bias,
-    every layer keeps the same one (Transformer passes it on CUDA)."""
+    every layer keeps the same one (Transformer passes it on CUDA).
+
+    device: where attention runs (default: doc_ids'). doc_ids may stay on the host (the trainer passes them so, pinned):
+    flash-attn's run starts are then found there and copied (finding them on the GPU reads their count back: a host
+    sync per forward); the other backends copy the ids first (non_blocking) and build on the device."""
+    if window < 0:
+        raise ValueError(f"window={window} must be >= 0 (0 = no sliding window)")
     if doc_ids is not None:
         if doc_ids.dim() != 2:
             raise ValueError(f"doc_ids must be [batch, seq], got shape {tuple(doc_ids.shape)}")
-        seq_len, device = doc_ids.shape[1], doc_ids.device
-    if window < 0:
-        raise ValueError(f"window={window} must be >= 0 (0 = no sliding window)")
+        seq_len, device = doc_ids.shape[1], torch.device(device) if device is not None else doc_ids.device
+        if backend == "flash" and doc_ids.device != device:
+            return _flash_mask(document_segments(doc_ids), window if 0 < window < seq_len else 0, device)
+        doc_ids = doc_ids.to(device, non_blocking=True)
     window = window if 0 < window < seq_len else 0  # a window covering the whole sequence restricts nothing
     seg = document_segments(doc_ids) if doc_ids is not None else None  # [b, s]
     if backend == "flex":
@@ -67,21 +74,7 @@ def build_mask(doc_ids: Optional[torch.Tensor], backend: str, seq_len: int = 0, 
     if seg is None and not window:
         return None
     if backend == "flash":
-        if seg is None:
-            return AttnMask(window=window)
-        b, s = seg.shape
-        # distinct ids across rows: offset each row's runs by s, then find run starts in the flattened batch
-        flat = (seg + s * torch.arange(b, device=seg.device).unsqueeze(1)).reshape(-1)  # [b s]
-        start = torch.ones_like(flat, dtype=torch.bool)
-        start[1:] = flat[1:] != flat[:-1]
-        starts = start.nonzero().squeeze(1)
-        cu = torch.cat([starts, starts.new_tensor([b * s])]).to(torch.int32)
-        # Under train.compile the blocks' graphs are static (dynamic=False): the document count (cu's length) is
-        # marked dynamic and max_seqlen is the row length, not the longest document (an int the graph would guard
-        # on, read back with a host sync), so new documents never recompile a block
-        from torch._dynamo import mark_dynamic
-        mark_dynamic(cu, 0)
-        return AttnMask(seg, cu_seqlens=cu, max_seqlen=s, window=window)
+        return AttnMask(window=window) if seg is None else _flash_mask(seg, window, device)
     # [s, s] bool from the start (an int64 lag matrix i - j would be 8 s^2 bytes: 8 GiB at s = 32768)
     allowed = torch.ones(seq_len, seq_len, dtype=torch.bool, device=device).tril()  # causal: j <= i
     if window:
@@ -95,6 +88,25 @@ def build_mask(doc_ids: Optional[torch.Tensor], backend: str, seq_len: int = 0, 
     if backend == "sdpa" and bias_dtype is not None:
         bias = torch.zeros(allowed.shape, dtype=bias_dtype, device=allowed.device).masked_fill_(~allowed, float("-inf"))
     return AttnMask(seg, allowed=allowed, window=window, bias=bias)
+
+
+def _flash_mask(seg: torch.Tensor, window: int, device) -> AttnMask:
+    """flash-attn's varlen description of the runs `seg` [b, s] (on any device): cu_seqlens on `device`."""
+    b, s = seg.shape
+    # distinct ids across rows: offset each row's runs by s, then find run starts in the flattened batch
+    flat = (seg + s * torch.arange(b, device=seg.device).unsqueeze(1)).reshape(-1)  # [b s]
+    start = torch.ones_like(flat, dtype=torch.bool)
+    start[1:] = flat[1:] != flat[:-1]
+    starts = start.nonzero().squeeze(1)  # on a GPU: reads the count back (a host sync); on the host: none
+    cu = torch.cat([starts, starts.new_tensor([b * s])]).to(torch.int32)
+    if cu.device != torch.device(device):
+        cu = (cu.pin_memory() if torch.device(device).type == "cuda" else cu).to(device, non_blocking=True)
+    # Under train.compile the blocks' graphs are static (dynamic=False): the document count (cu's length) is marked
+    # dynamic and max_seqlen is the row length, not the longest document (an int the graph would guard on, read back
+    # with a host sync), so new documents never recompile a block
+    from torch._dynamo import mark_dynamic
+    mark_dynamic(cu, 0)
+    return AttnMask(cu_seqlens=cu, max_seqlen=s, window=window)
 
 
 def sdpa_repeats_kv(device_type: str, dtype: torch.dtype, masked: bool) -> bool:

@@ -47,7 +47,7 @@ def evaluate(student: nn.Module, batches: List[Dict[str, torch.Tensor]], groups:
         batch = pad_batch(batches[i] if counted else batches[0], rows)
         ids = batch["input_ids"].to(device)
         labels = batch["labels"].to(device)
-        doc_ids = batch["doc_ids"].to(device) if cfg.data.document_mask else None
+        doc_ids = batch["doc_ids"] if cfg.data.document_mask else None  # on the host: attention.build_mask
         logits = student(ids, doc_ids)  # [b, s, v/tp]
         t_logits = None
         if teacher is not None:

@@ -205,7 +205,7 @@ def write_cache(cfg: Config, teacher_spec: str, out_dir: str, top_k: int = 128, 
             parts = {"ids": [], "logprobs": [], "tail": []}
             for lo in range(0, shard_windows, micro):
                 ids = batch["input_ids"][lo: lo + micro].to(info.device)
-                doc = batch["doc_ids"][lo: lo + micro].to(info.device) if cfg.data.document_mask else None
+                doc = batch["doc_ids"][lo: lo + micro] if cfg.data.document_mask else None  # host: build_mask
                 with torch.no_grad():
                     top_ids, lp, tail = top_k_logprobs(teacher.module(ids, doc), top_k, groups.tp_group)
                 b = ids.shape[0]
