@@ -276,6 +276,39 @@ def test_teacher_forward_phase_follows_prefetch_and_the_zero3_fetch():
     assert not memory.layout_of(cfg).teacher_prefetch
 
 
+def test_attention_masks_are_counted_per_kind_of_block(capsys):
+    """Packed documents or a window under sdpa / eager: a bool [b, 1, s, s] mask per kind of restricted block (b = 1 for
+    a window alone), with SDPA's additive bias in the model dtype; flash-attn and flex keep no s x s mask."""
+    base = memory.resolve_model("tiny-5M")
+    s, mb, wb = 256, 2, 2
+
+    def fb(m, documents):
+        lay = memory.Layout(tp_size=1, zero_stage=1, micro_batch_size=mb, document_mask=documents)
+        return memory.estimate_layout(m, lay, 2, s, 4, "bf16")["phases"]["forward_backward"]
+
+    for attention, per in (("sdpa", 1 + wb), ("eager", 1), ("flash", 0), ("flex", 0)):
+        m = dataclasses.replace(base, attention=attention)
+        assert fb(m, True) - fb(m, False) == per * mb * s * s, attention
+    softcapped = dataclasses.replace(base, attention="sdpa", attn_softcap=50.0)  # explicit scores read the bool mask
+    assert fb(softcapped, True) - fb(softcapped, False) == mb * s * s
+    gemma3 = dataclasses.replace(base, sliding_window=64, layer_types=["sliding", "full"] * (base.n_layers // 2))
+    plain = dataclasses.replace(gemma3, sliding_window=0, layer_types=[])
+    assert fb(gemma3, False) - fb(plain, False) == (1 + wb) * s * s  # the sliding kind's [1, 1, s, s]
+    assert fb(gemma3, True) - fb(plain, False) == 2 * (1 + wb) * mb * s * s  # documents: both kinds, per row
+    cfg = config.load([], ["data.document_mask=true", "train.steps=1"])
+    assert memory.layout_of(cfg).document_mask
+    argv = ["plan-memory", "--student", "2.72B", "--gpus", "8", "--seq-len", "16384", "--global-batch-tokens",
+            str(2 ** 20), "--json", "--top", "1"]
+    totals = {}
+    for extra in ((), ("--document-mask",), ("--document-mask", "--attention", "flash")):
+        assert cli.main(argv + list(extra)) == 0
+        out = json.loads(capsys.readouterr().out)
+        totals[extra] = out["layouts"][0]["memory"]["modeled"]
+    assert out["document_mask"] and out["attention"] == "flash"
+    assert totals[("--document-mask",)] - totals[()] == 3 * 16384 ** 2  # mb 1, bf16 sdpa: bool + bias
+    assert totals[("--document-mask", "--attention", "flash")] == totals[()]
+
+
 def test_step_time_counts_the_reduction_dtype():
     """DP traffic: fp32 reductions move twice the gradient bytes; ZeRO-1 with fp32 accumulation (BF16_Optimizer)
     all-reduces; bf16 reductions of fp32 sums move what bf16 accumulation moved, except at ZeRO-1 (all-reduce)."""

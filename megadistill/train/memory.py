@@ -66,6 +66,7 @@ class Layout:
     sequence_parallel: bool = False  # parallel.sequence_parallel (no effect at tp_size 1)
     grad_accum: str = "auto"  # train.grad_accum_dtype: auto | fp32 | bf16 (bf16 runs; see fp32_accumulation)
     grad_reduce: str = "auto"  # train.grad_reduce_dtype: auto (as accumulated) | fp32 | bf16
+    document_mask: bool = False  # data.document_mask (attention masks: mask_bytes)
 
     def describe(self) -> str:
         ck = self.checkpointing if self.checkpointing != "every_k" else f"every_{self.checkpoint_every_k}"
@@ -249,6 +250,22 @@ def loss_saved_bytes(tokens: int, m: ModelConfig, tp: int, wb: int, fused: bool)
     return 4 * v * m.d_model + (wb * v * m.d_model if wb != 4 else 0) + wb * tokens * m.d_model
 
 
+def mask_bytes(m: ModelConfig, micro_batch: int, seq_len: int, wb: int, documents: bool) -> float:
+    """The attention masks one forward builds for all its layers (megadistill.model.attention.build_mask), alive
+    through the forward: per kind of block (sliding / full) that documents or a window shorter than the sequence
+    restrict, a bool [b, 1, s, s] (b = 1 for a window alone) and, for SDPA on a GPU, its additive bias in the model
+    dtype (which SDPA keeps for backward). flash-attn takes run starts and flex a block mask, O(b s) and
+    O(b (s / 128)^2): not counted."""
+    if m.attention in ("flash", "flex"):
+        return 0.0
+    per = (1 + (wb if m.attention == "sdpa" and not m.attn_softcap else 0)) * seq_len ** 2
+    total = 0.0
+    for kind in set(m.block_kinds):
+        if documents or (kind == "sliding" and 0 < m.sliding_window < seq_len):
+            total += per * (micro_batch if documents else 1)
+    return total
+
+
 def teacher_block_bytes(m: ModelConfig, tokens: int, tp: int, tb: int, group_rows: int = 1) -> float:
     """Peak of one block's intermediates in a forward without autograd (the teacher's), before attention scores. A
     mixture of experts peaks in its experts' down projection, per routed copy of a token (and per padding row, with
@@ -323,6 +340,7 @@ def estimate_layout(student: ModelConfig, layout: Layout, world_size: int, seq_l
 
     acts = activation_bytes(student, n, tp, wb, layout.checkpointing, layout.checkpoint_every_k, layout.sp, seq_len,
                             hardware.expert_group_rows)
+    acts += mask_bytes(student, layout.micro_batch_size, seq_len, wb, layout.document_mask)
     loss = loss_bytes(n, student, tp, wb, layout.fused, layout.chunk_tokens, teacher, tb)
     if teacher is not None and layout.fused and t_part:  # the trainer gathers the teacher's head for the fused loss
         loss += tb * teacher.vocab_size // tp * teacher.d_model
@@ -356,7 +374,7 @@ def estimate_layout(student: ModelConfig, layout: Layout, world_size: int, seq_l
         t_work = teacher_block_bytes(teacher, n, tp, tb, hardware.expert_group_rows)
         if explicit_scores(teacher):  # its fp32 scores and softmax over seq_len keys, one block at a time
             t_work += 8 * n * teacher.n_heads / tp * seq_len
-        t_work = max(t_work, t_out)
+        t_work = max(t_work, t_out) + mask_bytes(teacher, layout.micro_batch_size, seq_len, tb, layout.document_mask)
         if t_part:  # one prefetch bucket gathered (its parameters) beside its flat all-gather buffer
             t_gather = tb * min(tparams, ZERO3_PREFETCH_BUCKET + rank_params(teacher, tp)["vocab"])
             t_work = max(t_work, t_gather)
@@ -389,7 +407,7 @@ def layout_of(cfg: Config) -> Layout:
                   # unset: 1024 eager; the compiled kernel's GPU chunk is sized to the same bytes
                   chunk_tokens=d.chunk_tokens or 1024,
                   sequence_parallel=cfg.parallel.sequence_parallel, grad_accum=cfg.train.grad_accum_dtype,
-                  grad_reduce=cfg.train.grad_reduce_dtype)
+                  grad_reduce=cfg.train.grad_reduce_dtype, document_mask=cfg.data.document_mask)
 
 
 def estimate(cfg: Config, world_size: int, teacher: Union[None, str, ModelConfig] = None,
@@ -496,10 +514,15 @@ def plan(student: Union[str, ModelConfig], teacher: Union[None, str, ModelConfig
          teacher_dtype: str = "bf16", hardware: Hardware = Hardware(), micro_batches=(1, 2, 4, 8, 16, 32),
          checkpointing=("off", "full"), zero_stages=(0, 1, 2, 3), fused=(False, True), chunk_tokens: int = 1024,
          bucket_size: int = 50_000_000, sequence_parallel=(False, True), grad_accum_dtype: str = "auto",
-         grad_reduce_dtype: str = "auto") -> List[Dict]:
+         grad_reduce_dtype: str = "auto", document_mask: bool = False,
+         attention: Optional[str] = None) -> List[Dict]:
     """Every layout with its memory and step time; fitting ones first, fastest first (then leanest), then the rest
-    by memory. Raises UserError for impossible inputs (unknown size, batch that does not split, nothing fits)."""
+    by memory. Raises UserError for impossible inputs (unknown size, batch that does not split, nothing fits).
+    attention: model.attention of both models (None: as their configs say); document_mask: data.document_mask."""
     smodel, tmodel = resolve_model(student, "student"), (resolve_model(teacher, "teacher") if teacher else None)
+    if attention is not None:
+        smodel = replace(smodel, attention=attention)
+        tmodel = replace(tmodel, attention=attention) if tmodel is not None else None
     if gpus < 1 or seq_len < 1:
         raise UserError(f"--gpus={gpus} and --seq-len={seq_len} must be >= 1")
     if global_batch_tokens % seq_len:
@@ -534,7 +557,7 @@ def plan(student: Union[str, ModelConfig], teacher: Union[None, str, ModelConfig
                             continue
                         lay = Layout(tp, z, mb, ck, fused=fu, teacher_zero3=t3, chunk_tokens=chunk_tokens,
                                      bucket_size=bucket_size, sequence_parallel=sq, grad_accum=grad_accum_dtype,
-                                     grad_reduce=grad_reduce_dtype)
+                                     grad_reduce=grad_reduce_dtype, document_mask=document_mask)
                         args = (smodel, lay, gpus, seq_len, batch, precision, tmodel, teacher_dtype, hardware)
                         mem = estimate_layout(*args)
                         rows.append({"layout": asdict(lay), "describe": lay.describe(), "memory": mem,
@@ -580,14 +603,16 @@ def _plan_command(args) -> int:
                 global_batch_tokens=args.global_batch_tokens, precision=args.precision, teacher_dtype=args.teacher_dtype,
                 hardware=hw, checkpointing=tuple(args.checkpointing), chunk_tokens=args.chunk_tokens,
                 bucket_size=args.bucket_size, grad_accum_dtype=args.grad_accum_dtype,
-                grad_reduce_dtype=args.grad_reduce_dtype,
-                sequence_parallel={"off": (False,), "on": (True,), "both": (False, True)}[args.sequence_parallel])
+                grad_reduce_dtype=args.grad_reduce_dtype, document_mask=args.document_mask,
+                sequence_parallel={"off": (False,), "on": (True,), "both": (False, True)}[args.sequence_parallel],
+                attention=args.attention)
     n_fit = sum(r["fits"] for r in rows)
     if args.json:
         print(json.dumps({"student": args.student, "teacher": args.teacher, "gpus": args.gpus,
                           "seq_len": args.seq_len, "global_batch_tokens": args.global_batch_tokens,
                           "precision": args.precision, "grad_accum_dtype": args.grad_accum_dtype,
-                          "grad_reduce_dtype": args.grad_reduce_dtype,
+                          "grad_reduce_dtype": args.grad_reduce_dtype, "attention": args.attention,
+                          "document_mask": args.document_mask,
                           "teacher_dtype": args.teacher_dtype, "hardware": asdict(hw),
                           "fitting": n_fit, "layouts": rows[:args.top] if args.top else rows}, indent=1))
         return 0
@@ -626,6 +651,10 @@ def register(sub) -> None:
     p.add_argument("--grad-reduce-dtype", choices=("auto", "fp32", "bf16"), default="auto",
                    help="train.grad_reduce_dtype of a bf16 run (auto: the accumulation dtype)")
     p.add_argument("--checkpointing", nargs="+", choices=("off", "full"), default=["off", "full"])
+    p.add_argument("--attention", choices=("flash", "sdpa", "flex", "eager"), default=None,
+                   help="model.attention of both models (default: as their configs say; a size name: sdpa)")
+    p.add_argument("--document-mask", action="store_true",
+                   help="data.document_mask=true: count the attention masks of packed documents (sdpa / eager)")
     p.add_argument("--chunk-tokens", type=int, default=1024, help="token chunk of the fused loss")
     p.add_argument("--sequence-parallel", choices=("off", "on", "both"), default="both",
                    help="layouts with parallel.sequence_parallel false / true / both (tp > 1 only)")
