@@ -277,24 +277,33 @@ def test_teacher_forward_phase_follows_prefetch_and_the_zero3_fetch():
 
 
 def test_attention_masks_are_counted_per_kind_of_block(capsys):
-    """Packed documents or a window under sdpa / eager: a bool [b, 1, s, s] mask per kind of restricted block (b = 1 for
-    a window alone), with SDPA's additive bias in the model dtype; flash-attn and flex keep no s x s mask."""
+    """Packed documents or a window under sdpa / eager, per kind of restricted block, [b, 1, s, s] each (b = 1 for a
+    window alone): training keeps SDPA's additive bias in the model dtype, or explicit scores' inverted bool mask per
+    layer; the teacher's forward holds the bool and the bias; flash-attn and flex keep no s x s mask."""
     base = memory.resolve_model("tiny-5M")
-    s, mb, wb = 256, 2, 2
+    s, mb, wb, layers = 256, 2, 2, base.n_layers
 
-    def fb(m, documents):
+    def phases(m, documents):
         lay = memory.Layout(tp_size=1, zero_stage=1, micro_batch_size=mb, document_mask=documents)
-        return memory.estimate_layout(m, lay, 2, s, 4, "bf16")["phases"]["forward_backward"]
+        return memory.estimate_layout(m, lay, 2, s, 4, "bf16", teacher=m, teacher_dtype="bf16")["phases"]
 
-    for attention, per in (("sdpa", 1 + wb), ("eager", 1), ("flash", 0), ("flex", 0)):
+    def added(m, documents=True, plain=None):
+        with_mask, without = phases(m, documents), phases(plain or m, False)
+        return {k: with_mask[k] - without[k] for k in ("forward_backward", "teacher_forward")}
+
+    cases = (("sdpa", wb, 1 + wb), ("eager", layers, 2), ("flash", 0, 0), ("flex", 0, 0))
+    for attention, kept, teacher in cases:
         m = dataclasses.replace(base, attention=attention)
-        assert fb(m, True) - fb(m, False) == per * mb * s * s, attention
-    softcapped = dataclasses.replace(base, attention="sdpa", attn_softcap=50.0)  # explicit scores read the bool mask
-    assert fb(softcapped, True) - fb(softcapped, False) == mb * s * s
-    gemma3 = dataclasses.replace(base, sliding_window=64, layer_types=["sliding", "full"] * (base.n_layers // 2))
+        got = added(m)
+        assert got["forward_backward"] == kept * mb * s * s, attention
+        # the prefetched teacher forward: the student's kept masks and the teacher's own
+        assert got["teacher_forward"] == (kept + teacher) * mb * s * s, attention
+    softcapped = dataclasses.replace(base, attention="sdpa", attn_softcap=50.0)  # explicit scores
+    assert added(softcapped)["forward_backward"] == layers * mb * s * s
+    gemma3 = dataclasses.replace(base, sliding_window=64, layer_types=["sliding", "full"] * (layers // 2))
     plain = dataclasses.replace(gemma3, sliding_window=0, layer_types=[])
-    assert fb(gemma3, False) - fb(plain, False) == (1 + wb) * s * s  # the sliding kind's [1, 1, s, s]
-    assert fb(gemma3, True) - fb(plain, False) == 2 * (1 + wb) * mb * s * s  # documents: both kinds, per row
+    assert added(gemma3, False, plain)["forward_backward"] == wb * s * s  # the sliding kind's [1, 1, s, s]
+    assert added(gemma3, True, plain)["forward_backward"] == 2 * wb * mb * s * s  # documents: both kinds, per row
     cfg = config.load([], ["data.document_mask=true", "train.steps=1"])
     assert memory.layout_of(cfg).document_mask
     argv = ["plan-memory", "--student", "2.72B", "--gpus", "8", "--seq-len", "16384", "--global-batch-tokens",
@@ -305,8 +314,32 @@ def test_attention_masks_are_counted_per_kind_of_block(capsys):
         out = json.loads(capsys.readouterr().out)
         totals[extra] = out["layouts"][0]["memory"]["modeled"]
     assert out["document_mask"] and out["attention"] == "flash"
-    assert totals[("--document-mask",)] - totals[()] == 3 * 16384 ** 2  # mb 1, bf16 sdpa: bool + bias
+    assert totals[("--document-mask",)] - totals[()] == 2 * 16384 ** 2  # mb 1, bf16 sdpa: the bias
     assert totals[("--document-mask", "--attention", "flash")] == totals[()]
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+def test_mask_bytes_match_live_tensors(attention):
+    """What a training forward with packed documents keeps beyond one without (live tensor storages, counted exactly):
+    SDPA's bias once, or explicit scores' inverted mask per layer (in place of the plain causal [s, s] one)."""
+    cfg = config.load([], ["model.n_layers=3", "model.d_model=64", "model.n_heads=4", "model.head_dim=16",
+                           "model.vocab_size=128", "model.ff_multiple=64", f"model.attention={attention}",
+                           "train.steps=1"]).model
+    b, s = 2, 256
+    torch.manual_seed(0)
+    model = Transformer(cfg)
+    ids = torch.randint(0, 128, (b, s))
+    kept = {}
+    for docs in (None, (torch.arange(s) // 100).expand(b, s).contiguous()):
+        with LiveTensors() as tracker:
+            tracker.track(list(model.parameters()))
+            before = tracker.cur
+            h = model.hidden_states(ids, docs)
+            kept[docs is not None] = tracker.cur - before
+        del h
+    causal = cfg.n_layers * s * s if attention == "eager" else 0  # eager's per-layer causal mask, not counted
+    expected = memory.mask_bytes(cfg, b, s, 4, documents=True, training=True)
+    assert 0 <= kept[True] - kept[False] + causal - expected <= 8 * b * s  # + the run index per token (int64)
 
 
 def test_step_time_counts_the_reduction_dtype():

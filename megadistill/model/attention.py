@@ -51,8 +51,8 @@ def build_mask(doc_ids: Optional[torch.Tensor], backend: str, seq_len: int = 0, 
 
     bias_dtype (sdpa): also the mask as an additive bias in the activations' dtype (0 / -inf), made once per forward
     for every layer. SDPA's memory-efficient kernel (CUDA) turns a bool mask into such a bias in each call and keeps
-    it for backward: 2 b s^2 bytes per layer, 3 GiB over 24 layers at b = 4, s = 4096 in bf16; given the bias,
-    every layer keeps the same one (Transformer passes it on CUDA).
+    it for backward: 2 b s^2 bytes per layer, 3 GiB over 24 layers at b = 4, s = 4096 in bf16 (its CPU kernels do
+    the same, in fp32: 4 b s^2 per layer); given the bias, every layer keeps the same one (Transformer passes it).
 
     device: where attention runs (default: doc_ids'). doc_ids may stay on the host (the trainer passes them so, pinned):
     flash-attn's run starts are then found there and copied (finding them on the GPU reads their count back: a host

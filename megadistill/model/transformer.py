@@ -395,7 +395,7 @@ class Transformer(nn.Module):
         window = self.cfg.sliding_window
         inputs = {kind: (*(self.local_rope if kind == "sliding" else self.rope)(s, x.device, x.dtype),
                          build_mask(doc_ids, self.cfg.attention, s, window if kind == "sliding" else 0, x.device,
-                                    bias_dtype=x.dtype if x.is_cuda and not self.cfg.attn_softcap else None))
+                                    bias_dtype=x.dtype if not self.cfg.attn_softcap else None))
                   for kind in sorted(set(self.layer_kinds))}
         router_losses, forwarding = [], True
 

@@ -250,19 +250,25 @@ def loss_saved_bytes(tokens: int, m: ModelConfig, tp: int, wb: int, fused: bool)
     return 4 * v * m.d_model + (wb * v * m.d_model if wb != 4 else 0) + wb * tokens * m.d_model
 
 
-def mask_bytes(m: ModelConfig, micro_batch: int, seq_len: int, wb: int, documents: bool) -> float:
-    """The attention masks one forward builds for all its layers (megadistill.model.attention.build_mask), alive
-    through the forward: per kind of block (sliding / full) that documents or a window shorter than the sequence
-    restrict, a bool [b, 1, s, s] (b = 1 for a window alone) and, for SDPA on a GPU, its additive bias in the model
-    dtype (which SDPA keeps for backward). flash-attn takes run starts and flex a block mask, O(b s) and
-    O(b (s / 128)^2): not counted."""
+def mask_bytes(m: ModelConfig, micro_batch: int, seq_len: int, wb: int, documents: bool, training: bool) -> float:
+    """The attention masks of one forward (megadistill.model.attention.build_mask), for each kind of block (sliding /
+    full) that documents or a window shorter than the sequence restrict: [b, 1, s, s] each (b = 1 for a window
+    alone). SDPA gets a bool mask and its additive bias in the model dtype, made once per forward; training keeps the
+    bias for backward (the bool dies with the forward), a forward without autograd (the teacher's) holds both.
+    Explicit scores (eager, or SDPA with a softcap) invert the bool mask in every layer, and training keeps each.
+    flash-attn takes run starts and flex a block mask, O(b s) and O(b (s / 128)^2): not counted."""
     if m.attention in ("flash", "flex"):
         return 0.0
-    per = (1 + (wb if m.attention == "sdpa" and not m.attn_softcap else 0)) * seq_len ** 2
+    kinds = m.block_kinds
     total = 0.0
-    for kind in set(m.block_kinds):
-        if documents or (kind == "sliding" and 0 < m.sliding_window < seq_len):
-            total += per * (micro_batch if documents else 1)
+    for kind in set(kinds):
+        if not (documents or (kind == "sliding" and 0 < m.sliding_window < seq_len)):
+            continue
+        size = (micro_batch if documents else 1) * seq_len ** 2
+        if explicit_scores(m):
+            total += size * (kinds.count(kind) if training else 2)
+        else:
+            total += size * (wb if training else 1 + wb)
     return total
 
 
@@ -340,7 +346,7 @@ def estimate_layout(student: ModelConfig, layout: Layout, world_size: int, seq_l
 
     acts = activation_bytes(student, n, tp, wb, layout.checkpointing, layout.checkpoint_every_k, layout.sp, seq_len,
                             hardware.expert_group_rows)
-    acts += mask_bytes(student, layout.micro_batch_size, seq_len, wb, layout.document_mask)
+    acts += mask_bytes(student, layout.micro_batch_size, seq_len, wb, layout.document_mask, training=True)
     loss = loss_bytes(n, student, tp, wb, layout.fused, layout.chunk_tokens, teacher, tb)
     if teacher is not None and layout.fused and t_part:  # the trainer gathers the teacher's head for the fused loss
         loss += tb * teacher.vocab_size // tp * teacher.d_model
@@ -374,7 +380,8 @@ def estimate_layout(student: ModelConfig, layout: Layout, world_size: int, seq_l
         t_work = teacher_block_bytes(teacher, n, tp, tb, hardware.expert_group_rows)
         if explicit_scores(teacher):  # its fp32 scores and softmax over seq_len keys, one block at a time
             t_work += 8 * n * teacher.n_heads / tp * seq_len
-        t_work = max(t_work, t_out) + mask_bytes(teacher, layout.micro_batch_size, seq_len, tb, layout.document_mask)
+        t_work = max(t_work, t_out) + mask_bytes(teacher, layout.micro_batch_size, seq_len, tb, layout.document_mask,
+                                                 training=False)
         if t_part:  # one prefetch bucket gathered (its parameters) beside its flat all-gather buffer
             t_gather = tb * min(tparams, ZERO3_PREFETCH_BUCKET + rank_params(teacher, tp)["vocab"])
             t_work = max(t_work, t_gather)
