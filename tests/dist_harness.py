@@ -1,5 +1,6 @@
 """Runs a function on N local gloo processes and re-raises the first worker failure in the test."""
 import os
+import pickle
 import socket
 import traceback
 import warnings
@@ -23,7 +24,9 @@ def _worker(rank, world_size, port, fn, args, queue):
     try:
         dist.init_process_group("gloo", rank=rank, world_size=world_size)
         result = fn(rank, world_size, *args)
-        queue.put((rank, "ok", result))
+        # by value: the queue's own pickler would hand tensors over as file descriptors this process must outlive
+        # (the parent's unpickling then races the worker's exit: FileNotFoundError under load)
+        queue.put((rank, "ok", pickle.dumps(result)))
     except BaseException:  # report every failure, including assertion errors, to the parent
         queue.put((rank, "error", traceback.format_exc()))
     finally:
@@ -46,7 +49,7 @@ def run_distributed(fn, world_size: int, *args, timeout: float = 300.0):
     for _ in range(world_size):
         rank, status, payload = queue.get()
         if status == "ok":
-            results[rank] = payload
+            results[rank] = pickle.loads(payload)
         else:
             errors.append(f"--- rank {rank} ---\n{payload}")
             break
