@@ -249,8 +249,7 @@ def test_teacher_forward_phase_follows_prefetch_and_the_zero3_fetch():
 
     def est(**kw):
         lay = memory.Layout(tp_size=1, zero_stage=1, micro_batch_size=2, **kw)
-        out = memory.estimate_layout(student, lay, 4, 128, 8, "fp32", teacher, "fp32")
-        return {k: v for k, v in out["phases"].items()}
+        return memory.estimate_layout(student, lay, 4, 128, 8, "fp32", teacher, "fp32")["phases"]
 
     on, off = est(), est(teacher_prefetch=False)
     acts = memory.activation_bytes(student, n, 1, 4)

@@ -232,18 +232,17 @@ def loss_bytes(tokens: int, m: ModelConfig, tp: int, wb: int, fused: bool, chunk
         # the teacher's exp()
         teacher_logits = tb * tokens * v if teacher is not None else 0.0
         work = (1.0 if wb == 2 else 0.0) + (2.0 if teacher is not None else 0.0)
-        return wb * tokens * v + teacher_logits + work * 4 * c * v
+        return loss_saved_bytes(tokens, m, tp, wb, fused) + teacher_logits + work * 4 * c * v
     # per chunk: fp32 student logits (+ the bf16 matmul output it came from); with KD also the teacher's and exp()
     chunk = (3.0 if teacher is not None else 1.0 + (0.5 if wb == 2 else 0.0)) * 4 * c * v
-    # dL/dW accumulated in fp32 (+ its saved copy in the model dtype) and dL/dh, both computed in the forward
-    grads = 4 * v * m.d_model + (wb * v * m.d_model if wb != 4 else 0) + wb * tokens * m.d_model
     hidden_t = tb * tokens * teacher.d_model if teacher is not None else 0.0
-    return chunk + grads + hidden_t
+    return chunk + loss_saved_bytes(tokens, m, tp, wb, fused) + hidden_t
 
 
 def loss_saved_bytes(tokens: int, m: ModelConfig, tp: int, wb: int, fused: bool) -> float:
     """What the loss keeps from its forward for the backward: the student logits overwritten with their gradient
-    (single-pass loss on materialised logits), or the fused loss's dL/dW (fp32, + its model-dtype copy) and dL/dh."""
+    (single-pass loss on materialised logits), or the fused loss's dL/dW accumulated in fp32 (+ its saved copy in the
+    model dtype) and dL/dh, both computed in the forward."""
     v = m.vocab_size // tp
     if not fused:
         return wb * tokens * v
@@ -260,11 +259,11 @@ def mask_bytes(m: ModelConfig, micro_batch: int, seq_len: int, wb: int, document
     if m.attention in ("flash", "flex"):
         return 0.0
     kinds = m.block_kinds
+    size = (micro_batch if documents else 1) * seq_len ** 2
     total = 0.0
     for kind in set(kinds):
         if not (documents or (kind == "sliding" and 0 < m.sliding_window < seq_len)):
             continue
-        size = (micro_batch if documents else 1) * seq_len ** 2
         if explicit_scores(m):
             total += size * (kinds.count(kind) if training else 2)
         else:
@@ -319,7 +318,8 @@ def estimate_layout(student: ModelConfig, layout: Layout, world_size: int, seq_l
     teacher_w = t_gather = 0.0
     t_part = False
     if teacher is not None:
-        tparams = rank_params(teacher, tp)["total"]
+        trank = rank_params(teacher, tp)
+        tparams = trank["total"]
         t_part = layout.teacher_zero3 and dp > 1
         teacher_w = tb * tparams / (dp if t_part else 1)
     common = {"student_weights": weights, "optimizer_states": optim, "teacher_weights": teacher_w}
@@ -383,7 +383,7 @@ def estimate_layout(student: ModelConfig, layout: Layout, world_size: int, seq_l
         t_work = max(t_work, t_out) + mask_bytes(teacher, layout.micro_batch_size, seq_len, tb, layout.document_mask,
                                                  training=False)
         if t_part:  # one prefetch bucket gathered (its parameters) beside its flat all-gather buffer
-            t_gather = tb * min(tparams, ZERO3_PREFETCH_BUCKET + rank_params(teacher, tp)["vocab"])
+            t_gather = tb * min(tparams, ZERO3_PREFETCH_BUCKET + trank["vocab"])
             t_work = max(t_work, t_gather)
         # what the student keeps meanwhile: nothing of this micro-step without prefetch (the previous one's teacher
         # outputs died with its loss); with it, everything its backward needs
