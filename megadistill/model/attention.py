@@ -54,27 +54,29 @@ def build_mask(doc_ids: Optional[torch.Tensor], backend: str, seq_len: int = 0, 
     it for backward: 2 b s^2 bytes per layer, 3 GiB over 24 layers at b = 4, s = 4096 in bf16 (its CPU kernels do
     the same, in fp32: 4 b s^2 per layer); given the bias, every layer keeps the same one (Transformer passes it).
 
-    device: where attention runs (default: doc_ids'). doc_ids may stay on the host (the trainer passes them so, pinned):
-    flash-attn's run starts are then found there and copied (finding them on the GPU reads their count back: a host
-    sync per forward); the other backends copy the ids first (non_blocking) and build on the device."""
+    device: where attention runs (default: doc_ids'). doc_ids may stay on the host (the trainer passes them so): the
+    document runs are found where the ids are, flash-attn's run starts too (on the GPU that reads their count back:
+    a host sync per forward), and what the backend reads is copied to `device` (non_blocking)."""
     if window < 0:
         raise ValueError(f"window={window} must be >= 0 (0 = no sliding window)")
+    seg = None
     if doc_ids is not None:
         if doc_ids.dim() != 2:
             raise ValueError(f"doc_ids must be [batch, seq], got shape {tuple(doc_ids.shape)}")
-        seq_len, device = doc_ids.shape[1], torch.device(device) if device is not None else doc_ids.device
-        if backend == "flash" and doc_ids.device != device:
-            return _flash_mask(document_segments(doc_ids), window if 0 < window < seq_len else 0, device)
-        doc_ids = doc_ids.to(device, non_blocking=True)
+        seq_len, device = doc_ids.shape[1], doc_ids.device if device is None else device
+        seg = document_segments(doc_ids)  # [b, s], where the ids are
     window = window if 0 < window < seq_len else 0  # a window covering the whole sequence restricts nothing
-    seg = document_segments(doc_ids) if doc_ids is not None else None  # [b, s]
+    if backend == "flash":
+        if seg is not None:
+            return _flash_mask(seg, window, device)
+        return AttnMask(window=window) if window else None
+    if seg is not None:
+        seg = _to_device(seg, device)
     if backend == "flex":
         from megadistill.model.flex import block_mask
         return AttnMask(seg, block=block_mask(seg, seq_len, window, device), window=window)
     if seg is None and not window:
         return None
-    if backend == "flash":
-        return AttnMask(window=window) if seg is None else _flash_mask(seg, window, device)
     # [s, s] bool from the start (an int64 lag matrix i - j would be 8 s^2 bytes: 8 GiB at s = 32768)
     allowed = torch.ones(seq_len, seq_len, dtype=torch.bool, device=device).tril()  # causal: j <= i
     if window:
@@ -90,6 +92,14 @@ def build_mask(doc_ids: Optional[torch.Tensor], backend: str, seq_len: int = 0, 
     return AttnMask(seg, allowed=allowed, window=window, bias=bias)
 
 
+def _to_device(t: torch.Tensor, device) -> torch.Tensor:
+    """t on `device`; from the host to a GPU through pinned memory, so the copy is asynchronous."""
+    device = torch.device(device)
+    if t.device == device:
+        return t
+    return (t.pin_memory() if device.type == "cuda" and t.device.type == "cpu" else t).to(device, non_blocking=True)
+
+
 def _flash_mask(seg: torch.Tensor, window: int, device) -> AttnMask:
     """flash-attn's varlen description of the runs `seg` [b, s] (on any device): cu_seqlens on `device`."""
     b, s = seg.shape
@@ -98,9 +108,7 @@ def _flash_mask(seg: torch.Tensor, window: int, device) -> AttnMask:
     start = torch.ones_like(flat, dtype=torch.bool)
     start[1:] = flat[1:] != flat[:-1]
     starts = start.nonzero().squeeze(1)  # on a GPU: reads the count back (a host sync); on the host: none
-    cu = torch.cat([starts, starts.new_tensor([b * s])]).to(torch.int32)
-    if cu.device != torch.device(device):
-        cu = (cu.pin_memory() if torch.device(device).type == "cuda" else cu).to(device, non_blocking=True)
+    cu = _to_device(torch.cat([starts, starts.new_tensor([b * s])]).to(torch.int32), device)
     # Under train.compile the blocks' graphs are static (dynamic=False): the document count (cu's length) is marked
     # dynamic and max_seqlen is the row length, not the longest document (an int the graph would guard on, read back
     # with a host sync), so new documents never recompile a block

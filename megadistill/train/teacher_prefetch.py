@@ -44,8 +44,8 @@ class MicroBatch:
 
     ids: torch.Tensor  # [b, s]
     labels: torch.Tensor  # [b, s]
-    doc_ids: Optional[torch.Tensor]  # [b, s] on the host (pinned on CUDA), None without data.document_mask: each
-    # forward builds its attention mask from them (attention.build_mask; flash-attn's run starts found without a sync)
+    doc_ids: Optional[torch.Tensor]  # [b, s] on the host, None without data.document_mask: each forward builds its
+    # attention mask from them (attention.build_mask; flash-attn's run starts found without a sync)
     extra: Dict[str, torch.Tensor]  # teacher_logits | teacher_hidden + teacher_weight | teacher_ids/_logprobs/_tail
     ready: Optional["torch.cuda.Event"] = None  # recorded on the side stream after this batch's copies and forward
     made_on_side: List[torch.Tensor] = field(default_factory=list)  # tensors allocated on the side stream
@@ -133,9 +133,7 @@ class TeacherFeed:
         # on the host, before the copy: the loss's own check does not sync on a GPU (check_targets)
         check_targets(batch["labels"], self.cfg.model.vocab_size)
         ids, labels = self._h2d(batch["input_ids"]), self._h2d(batch["labels"])
-        doc_ids = None
-        if self.cfg.data.document_mask:
-            doc_ids = batch["doc_ids"].pin_memory() if self.cuda else batch["doc_ids"]
+        doc_ids = batch["doc_ids"] if self.cfg.data.document_mask else None  # on the host: attention.build_mask
         if "teacher_ids" in batch:
             extra = teacher_cache.cached_outputs(batch, self.device, to=self._h2d)
         elif self.teacher is not None:
