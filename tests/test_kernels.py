@@ -213,8 +213,11 @@ def test_mixture_with_padded_groups_equals_packed(monkeypatch, dtype):
     packed = run(block)
     monkeypatch.setattr(kernels, "group_rows", lambda device: 16)
     padded = run(block)
-    tol = 0 if dtype == torch.float32 else 1e-2
-    assert_close(padded, packed, rtol=tol, atol=tol)
+    # fp32: a GEMM's rows do not depend on each other, but BLAS may pick another blocking for the padded row count
+    # (bit-equal on the Intel CPUs this was written on; on an AMD EPYC up to 1.7e-6 apart, 3.5e-5 relative); a
+    # padding bug is off by O(1)
+    rtol, atol = (1e-4, 1e-5) if dtype == torch.float32 else (1e-2, 1e-2)
+    assert_close(padded, packed, rtol=rtol, atol=atol)
     if dtype == torch.bfloat16:
         dynamo.reset()
         ex = dynamo.explain(block)(x0)
