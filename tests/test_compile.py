@@ -231,8 +231,9 @@ def _layouts(rank, world, root):
     layouts = {
         "tp2": ["parallel.tp_size=2", "zero.stage=1", "model.activation_checkpointing=full"],
         "tp2_sp": ["parallel.tp_size=2", "parallel.sequence_parallel=true", "zero.stage=0"],
+        # each Block one ZeRO-3 leaf (gathered whole by hooks around its graph), recomputed by activation checkpointing
         "z3_teacher_z3_fused": ["zero.stage=3", "distill.teacher_zero3=true", "distill.fused=true",
-                                "distill.chunk_tokens=24"],
+                                "distill.chunk_tokens=24", "model.activation_checkpointing=full"],
         # a bf16 mixture-of-experts student: its expert dispatch (grouped GEMMs) traced into the block graphs, its
         # balance loss kept once per forward through the compiled recompute of activation checkpointing
         "moe_bf16_tp2": ["parallel.tp_size=2", "zero.stage=1", "train.precision=bf16", "model.moe_experts=4",
@@ -249,11 +250,14 @@ def _layouts(rank, world, root):
                 "train.compile_backend=aot_eager", "train.eval_tokens=160"] + extra)
             seen = {}
 
-            def inspect(objs):  # which models train.compile=auto would leave eager (ZeRO-3 partitioned ones)
-                seen["zero3"] = (compile_mod._zero3_partitioned(objs["student"]),
-                                 compile_mod._zero3_partitioned(objs["teacher"].module))
+            def inspect(objs):  # which models are ZeRO-3 partitioned; do DeepSpeed hooks sit inside their blocks?
+                seen["zero3"] = tuple(compile_mod._zero3_partitioned(m) for m in (objs["student"],
+                                                                                 objs["teacher"].module))
+                seen["hooks_inside"] = tuple(compile_mod._hooks_inside_blocks(m) for m in (objs["student"],
+                                                                                          objs["teacher"].module))
             train(config.load([], over), inspect=inspect)
             out[f"{name}_{comp}_zero3"] = seen["zero3"]
+            out[f"{name}_{comp}_hooks_inside"] = seen["hooks_inside"]
             out[f"{name}_{comp}"] = _losses(root / f"{name}_{comp}")
             if name.startswith("moe"):
                 out[f"{name}_{comp}_aux"] = [json.loads(x)["moe_aux"] for x in open(root / f"{name}_{comp}" /
@@ -268,7 +272,8 @@ def _layouts(rank, world, root):
 @pytest.mark.multiproc
 def test_compiled_trainer_equals_eager(tmp_path):
     """TP=2 (autograd collectives inside the compiled blocks) with activation checkpointing, TP=2 sequence-parallel;
-    DP=2 ZeRO-3 student with a ZeRO-3 partitioned teacher and the fused loss; a bf16 mixture-of-experts student at
+    DP=2 ZeRO-3 student with a ZeRO-3 partitioned teacher and the fused loss, with activation checkpointing, no graph
+    breaks; a bf16 mixture-of-experts student at
     TP=2 with activation checkpointing: compiled curve == eager curve."""
     out = run_distributed(_layouts, 2, str(tmp_path), timeout=900)[0]
     print({k: v for k, v in out.items() if k.endswith(("_graphs", "_breaks"))})
@@ -278,9 +283,11 @@ def test_compiled_trainer_equals_eager(tmp_path):
     assert out["tp2_true_breaks"] == {}  # TP collectives (autograd Functions) trace into the block graphs
     assert out["tp2_sp_true_breaks"] == {}  # so do the sequence-parallel all-gathers / reduce-scatters
     assert out["moe_bf16_tp2_true_breaks"] == {}  # and a bf16 mixture's routing and grouped GEMMs
-    # ZeRO-3: the only breaks are DeepSpeed's parameter hooks (none in our block code, e.g. SDPA's enable_gqa)
-    z3_breaks = out["z3_teacher_z3_fused_true_breaks"]
-    assert z3_breaks and all("DeepSpeed" in k or "instrument_w_nvtx" in k for k in z3_breaks), list(z3_breaks)
+    # ZeRO-3: compiled, each Block is one DeepSpeed leaf whose gather / release hooks run around its graph (eager,
+    # DeepSpeed hooks every Linear and norm inside, each hook a graph break if compiled)
+    assert out["z3_teacher_z3_fused_true_hooks_inside"] == (False, False)
+    assert out["z3_teacher_z3_fused_false_hooks_inside"] == (True, True)
+    assert out["z3_teacher_z3_fused_true_breaks"] == {}
     for name in ("tp2", "z3_teacher_z3_fused", "moe_bf16_tp2"):
         assert out[f"{name}_true_graphs"] > 0 and out[f"{name}_false_graphs"] == 0  # compiled, or not at all
         eager, comp = out[f"{name}_false"], out[f"{name}_true"]

@@ -275,6 +275,107 @@ def test_teacher_forward_phase_follows_prefetch_and_the_zero3_fetch():
     assert not memory.layout_of(cfg).teacher_prefetch
 
 
+def test_compiled_zero3_fetches_whole_blocks():
+    """Compiled, each block is one ZeRO-3 leaf (train.compile.mark_zero3_leaves): a fetch is max(bucket, one block),
+    for the student's gathered parameters and for a ZeRO-3 teacher's bucket beside its flat buffer. train.compile=auto
+    is compiled on a GPU (what a plan is for), eager on CPU (what tools/measure_memory.py measures)."""
+    student, teacher = memory.resolve_model("tiny-5M"), memory.resolve_model("tiny-20M")
+    bucket = 10_000  # below one block of either model
+    s_block, t_block = memory.rank_params(student, 1)["block"], memory.rank_params(teacher, 1)["block"]
+    assert bucket < s_block < t_block
+
+    def est(compiled, **kw):
+        lay = memory.Layout(tp_size=1, micro_batch_size=2, bucket_size=bucket, compiled=compiled, **kw)
+        return memory.estimate_layout(student, lay, 4, 128, 8, "fp32", teacher, "fp32")["phases"]
+
+    z3 = dict(zero_stage=3, teacher_prefetch=False)  # the student's gathered parameters, in every phase
+    t_z3 = dict(zero_stage=1, teacher_zero3=True, teacher_prefetch=False)
+    work = memory.teacher_block_bytes(teacher, 2 * 128, 1, 4)  # the flat buffer stands in for it while larger
+    vocab, t_total = memory.rank_params(teacher, 1)["vocab"], memory.rank_params(teacher, 1)["total"]
+
+    def t_gathered(elements):  # the gathered parameters, and their flat buffer in place of the block's work
+        return 4 * elements + max(work, 4 * elements)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(memory, "ZERO3_MAX_REUSE", 2 * bucket)  # DeepSpeed's 1e9 would keep all of a tiny model
+        assert est(True, **z3)["backward_end"] - est(False, **z3)["backward_end"] == 4 * (s_block - bucket)
+        mp.setattr(memory, "ZERO3_PREFETCH_BUCKET", bucket)
+        mp.setattr(memory, "ZERO3_MAX_LIVE", 3 * t_block)  # below the teacher's size
+        assert 3 * t_block < t_total
+        saved = est(False, **t_z3)["teacher_forward"] - est(True, **t_z3)["teacher_forward"]
+    # compiled: one block and the vocabulary matrix; eager: its look-ahead, up to DeepSpeed's max-live
+    assert saved == pytest.approx(t_gathered(3 * t_block) - t_gathered(t_block + vocab)) and saved > 0
+    # the paper's largest teacher: blocks of 315M elements, six times DeepSpeed's default bucket
+    assert memory.rank_params(memory.resolve_model("12.6B"), 1)["block"] > 6 * memory.ZERO3_PREFETCH_BUCKET
+    base = ["train.mode=distill", "distill.teacher=x", "train.steps=1"]
+    assert memory.layout_of(config.load([], base)).compiled  # auto: as on a GPU
+    assert not memory.layout_of(config.load([], base), device="cpu").compiled
+    assert not memory.layout_of(config.load([], base + ["train.compile=false"])).compiled
+    assert memory.layout_of(config.load([], base + ["train.compile=true"]), device="cpu").compiled
+
+
+def _zero3_teacher_fetch(rank, world):
+    """Most teacher parameters ZeRO-3 holds gathered at any module's forward, per (bucket, blocks as leaves)."""
+    import deepspeed
+
+    from megadistill.model.transformer import Block
+    from megadistill.parallel.groups import ParallelGroups
+    from megadistill.train import compile as compile_mod
+    from megadistill.train.engine import initialize_frozen
+    cfg = config.load([], ["model.size=null", "model.n_layers=3", "model.d_model=128", "model.n_heads=2",
+                           "model.head_dim=64", "model.vocab_size=512", "train.micro_batch_size=1",
+                           "train.global_batch_size=2", "train.seq_len=8", "train.steps=1",
+                           "distill.teacher_zero3=true"], world_size=world)
+    groups = ParallelGroups.build(1)
+    init = deepspeed.initialize
+    out = {}
+    for bucket in (40_000, 10 ** 7):
+        for leaves in (False, True):
+            torch.manual_seed(0)
+            model = Transformer(cfg.model, groups.factory(device="cpu")).requires_grad_(False).eval()
+            out["block"] = sum(p.numel() for p in next(m for m in model.modules() if isinstance(m, Block)).parameters())
+            out["total"] = sum(p.numel() for p in model.parameters())
+            if leaves:
+                compile_mod.mark_zero3_leaves(model)
+
+            def with_bucket(**kw):  # initialize_frozen keeps DeepSpeed's default bucket (50M); a small one here
+                kw["config"]["zero_optimization"]["stage3_prefetch_bucket_size"] = bucket
+                return init(**kw)
+            deepspeed.initialize = with_bucket
+            try:
+                initialize_frozen(model, cfg, groups)
+            finally:
+                deepspeed.initialize = init
+            most = [0]
+
+            def seen(*_):
+                most[0] = max(most[0], sum(p.numel() for p in model.parameters()
+                                           if p.ds_status.name != "NOT_AVAILABLE"))
+            for m in model.modules():
+                m.register_forward_pre_hook(seen)
+            with torch.inference_mode():
+                for _ in range(2):  # the second forward runs on DeepSpeed's recorded trace (prefetching)
+                    model(torch.randint(0, 512, (1, 8)))
+            out[(bucket, leaves)] = most[0]
+    return out
+
+
+@pytest.mark.multiproc
+def test_zero3_teacher_fetch_unit_is_a_bucket_or_a_compiled_block():
+    """What memory.estimate_layout's t_gather assumes, on DeepSpeed itself (2 gloo ranks, a ZeRO-3 teacher whose
+    blocks hold more than the bucket): with each block a leaf (compiled) gathered parameters peak at exactly one
+    block; with eager's per-module hooks every fetch prefetches another bucket and the look-ahead runs past one block
+    (measured 344k of 771k elements, 8.6 buckets: the planner takes DeepSpeed's max-live bound); a bucket above the
+    teacher fetches it whole either way."""
+    from dist_harness import run_distributed
+    out = run_distributed(_zero3_teacher_fetch, 2, timeout=300)[0]
+    print(out)
+    block, total, small = out["block"], out["total"], 40_000
+    assert small < block < total
+    assert out[(small, True)] == block
+    assert block < out[(small, False)] < total
+    assert out[(10 ** 7, False)] == out[(10 ** 7, True)] == total
+
+
 def test_attention_masks_are_counted_per_kind_of_block(capsys):
     """Packed documents or a window under sdpa / eager, per kind of restricted block, [b, 1, s, s] each (b = 1 for a
     window alone): training keeps SDPA's additive bias in the model dtype, or explicit scores' inverted bool mask per

@@ -235,7 +235,7 @@ def estimate_case(name: str, root: Path) -> Dict:
     world, extra = CASES[name]
     cfg = config.load([], case_overrides(name, root), world_size=world)
     teacher = config.load([], TEACHER + ["train.steps=1"]).model if cfg.train.mode == "distill" else None
-    return estimate(cfg, world, teacher=teacher)
+    return estimate(cfg, world, teacher=teacher, device="cpu")  # as run here: train.compile=auto is off
 
 
 def compare(names: List[str], root: Path, trace: bool = False) -> List[Dict]:

@@ -3,9 +3,14 @@ in place, the one place where compilation is applied (the model code stays eager
 
 Per block rather than whole-model: one small graph, compiled once and reused by every layer (parameters are graph
 inputs, so the blocks share the compiled code), independent of the loss, the embedding and the ZeRO/DeepSpeed machinery
-around the model. Module.compile keeps the module and its parameter names (state dicts, checkpoints and DeepSpeed see
-the same model); activation checkpointing wraps the compiled block from outside (Transformer.hidden_states), and the
-TP collectives inside a block (megadistill.parallel.mappings autograd Functions) are traced with it.
+around the model. Compiling the Block's forward in place keeps the module and its parameter names (state dicts,
+checkpoints and DeepSpeed see the same model) and leaves module hooks outside the graph; activation checkpointing
+wraps the compiled block from outside (Transformer.hidden_states), and the TP collectives inside a block
+(megadistill.parallel.mappings autograd Functions) are traced with it.
+
+Under ZeRO-3 each Block is made one DeepSpeed leaf module (mark_zero3_leaves, before DeepSpeed wraps the model): its
+parameters are gathered together by hooks on the Block alone, which run around the compiled forward, so no hook
+breaks the block's graph. Without it DeepSpeed hooks every Linear and norm inside the block, each hook a graph break.
 """
 from __future__ import annotations
 
@@ -31,8 +36,32 @@ def enabled(cfg: Config, device: torch.device) -> bool:
     raise ConfigError(f"train.compile={cfg.train.compile!r} is not one of ['true', 'false', 'auto']")
 
 
+def mark_zero3_leaves(model: nn.Module) -> int:
+    """Flag every transformer Block of `model` as a DeepSpeed ZeRO-3 leaf module; returns how many.
+
+    Call it before DeepSpeed partitions the model (it reads the flag when it registers its hooks) and only when the
+    blocks will be compiled: ZeRO-3 then gathers a block's parameters at once, in one coalesced all-gather on the
+    Block's pre-forward (and pre-backward) hook, and releases them after it, instead of one Linear / norm at a time;
+    so a block's gathered parameters are the unit of ZeRO-3's working memory (megadistill.train.memory counts it).
+    The flag (DeepSpeed's `_z3_leaf` attribute) means nothing to ZeRO stages 0-2."""
+    from megadistill.model.transformer import Block
+
+    blocks = [m for m in model.modules() if isinstance(m, Block)]
+    for block in blocks:
+        block._z3_leaf = True  # deepspeed.utils.set_z3_leaf_module, without importing DeepSpeed here
+    return len(blocks)
+
+
+def _is_zero3_leaf(module: nn.Module) -> bool:
+    return bool(getattr(module, "_z3_leaf", False))
+
+
 def compile_blocks(model: nn.Module, backend: str = "inductor") -> int:
-    """Compile every transformer Block of `model` in place (Module.compile); returns how many were compiled.
+    """Compile every transformer Block's forward in place; returns how many were compiled.
+
+    The forward is compiled, not Module.__call__: module hooks (ZeRO-3's gather / release on a leaf Block) run eager
+    around the graph. Parameter names, state dicts and checkpoints are untouched (`forward` becomes an instance
+    attribute, not a submodule or parameter).
 
     Static shapes (dynamic=False): dynamo keeps the graphs of every Block -- student and teacher, training and
     no-grad -- under one code object (Block.forward), and by default a second shape seen there recompiles with the
@@ -45,8 +74,7 @@ def compile_blocks(model: nn.Module, backend: str = "inductor") -> int:
 
     blocks = [m for m in model.modules() if isinstance(m, Block)]
     for block in blocks:
-        block.compile(backend=backend, dynamic=False)
-        block._compiled_call_impl = with_graph_limit(block._compiled_call_impl)  # what Module.__call__ runs
+        block.forward = with_graph_limit(torch.compile(block.forward, backend=backend, dynamic=False))
     return len(blocks)
 
 
@@ -54,13 +82,21 @@ def _zero3_partitioned(model: nn.Module) -> bool:
     return any(hasattr(p, "ds_id") for p in model.parameters())  # DeepSpeed ZeRO-3 tags the params it partitions
 
 
+def _hooks_inside_blocks(model: nn.Module) -> bool:
+    """ZeRO-3 partitioned with per-submodule hooks inside its Blocks (they were not leaves when DeepSpeed hooked it)."""
+    from megadistill.model.transformer import Block
+
+    return _zero3_partitioned(model) and any(isinstance(m, Block) and not _is_zero3_leaf(m) for m in model.modules())
+
+
 def apply(cfg: Config, device: torch.device, student: nn.Module, teacher: Optional[nn.Module] = None) -> int:
     """Compile the student's and the teacher's blocks when train.compile says so; returns how many were compiled.
 
-    A ZeRO-3-partitioned model (student at zero stage 3, or the teacher with distill.teacher_zero3) carries DeepSpeed
-    hooks on every submodule that torch.compile may not trace (torch.compiler.disable): each one is a graph break,
-    so its blocks fall apart into many small graphs. train.compile=auto leaves such a model eager; true compiles it
-    anyway (correct, same loss curve: tested) and says so.
+    A ZeRO-3-partitioned model (student at zero stage 3, or the teacher with distill.teacher_zero3) is compiled
+    whole-block when its Blocks were flagged by mark_zero3_leaves before DeepSpeed hooked it (the trainer does).
+    Otherwise DeepSpeed hooks every submodule inside the blocks, hooks torch.compile may not trace: each one is a
+    graph break, so the blocks fall apart into many small graphs. train.compile=auto leaves such a model eager;
+    true compiles it anyway (correct, same loss curve: tested) and says so.
     """
     if not enabled(cfg, device):
         return 0
@@ -69,7 +105,7 @@ def apply(cfg: Config, device: torch.device, student: nn.Module, teacher: Option
     for name, model in (("student", student), ("teacher", teacher)):
         if model is None:
             continue
-        if _zero3_partitioned(model):
+        if _hooks_inside_blocks(model):
             if auto:
                 log.info("compile: %s left eager (ZeRO-3 partitioned: its hooks break the block graphs); "
                          "train.compile=true compiles it anyway", name)

@@ -12,6 +12,7 @@ from typing import Dict, List, Optional, Union
 from megadistill.config import Config, ModelConfig, grad_dtypes
 from megadistill.errors import UserError
 from megadistill.model.sizes import block_norms, kv_layout, param_counts
+from megadistill.train import compile as compile_mod
 from megadistill.train.engine import zero_stage_at
 
 GIB = 2 ** 30
@@ -28,7 +29,12 @@ ZERO3_MAX_LIVE = 10 ** 9
 # stage3_prefetch_bucket_size elements (overshooting by at most one parameter): each lands in a flat buffer that is
 # then copied into the parameters, both alive until the bucket's first module has run, and the parameters are released
 # module by module after use (measured on DeepSpeed 0.19.8: a teacher of 55.1M elements fetched in one bucket, 2 x its
-# bytes live at its forward's start)
+# bytes live at its forward's start). How far the fetch runs ahead depends on the hooks' granularity:
+# - compiled (Layout.compiled): each block is one ZeRO-3 leaf, fetched whole, at most max(bucket, block) gathered
+#   (measured: blocks of 213k elements under a 40k bucket: 213k, exactly one block);
+# - eager: every module's fetch (norms and containers included) prefetches up to one more bucket, so the look-ahead
+#   grows wherever a block holds fewer than (its modules x bucket) elements: only ZERO3_MAX_LIVE bounds it (measured:
+#   the same teacher 344k, 8.6 buckets; 7.08M-element blocks under a 1M bucket: 17.3M). Modelled as that bound.
 ZERO3_PREFETCH_BUCKET = 50_000_000
 ALLREDUCE_BUFFER = 500_000_000
 
@@ -67,6 +73,8 @@ class Layout:
     grad_accum: str = "auto"  # train.grad_accum_dtype: auto | fp32 | bf16 (bf16 runs; see fp32_accumulation)
     grad_reduce: str = "auto"  # train.grad_reduce_dtype: auto (as accumulated) | fp32 | bf16
     document_mask: bool = False  # data.document_mask (attention masks: mask_bytes)
+    compiled: bool = True  # train.compile in effect (auto: on a GPU): ZeRO-3 gathers each block whole
+    # (megadistill.train.compile.mark_zero3_leaves), a fetch unit of max(bucket, one block's parameters)
 
     def describe(self) -> str:
         ck = self.checkpointing if self.checkpointing != "every_k" else f"every_{self.checkpoint_every_k}"
@@ -109,11 +117,13 @@ def resolve_model(model: Union[str, ModelConfig], role: str = "model") -> ModelC
 
 def rank_params(m: ModelConfig, tp: int) -> Dict[str, int]:
     """Elements one TP rank stores (megadistill.model.sizes.param_counts: what is split over TP and what replicated),
-    both vocabulary matrices unless tied; `largest_group`: the largest optimizer group."""
+    both vocabulary matrices unless tied; `largest_group`: the largest optimizer group; `block`: one transformer
+    block's (the final norm's few elements included)."""
     c = param_counts(m, tp)
     # optimizer groups are the µP roles (hidden, embedding, head, norm, bias): foreach Adam works one group at a time
     return {"total": c["matrices"] + c["vectors"] + (1 if m.tie_embeddings else 2) * c["vocab"],
-            "largest_group": max(c["matrices"], c["vocab"]), "vocab": c["vocab"]}
+            "largest_group": max(c["matrices"], c["vocab"]), "vocab": c["vocab"],
+            "block": (c["matrices"] + c["vectors"]) // m.n_layers}
 
 
 def explicit_scores(m: ModelConfig) -> bool:
@@ -327,7 +337,8 @@ def estimate_layout(student: ModelConfig, layout: Layout, world_size: int, seq_l
     bucket = wb * layout.bucket_size if z >= 1 else 0.0  # ZeRO's contiguous reduce (ipg) buffer
     if acc32 and z == 3:  # its reduce bucket is in the reduction's dtype (fp32 unless train.grad_reduce_dtype=bf16)
         bucket = rb * layout.bucket_size
-    gathered = wb * min(P, ZERO3_MAX_LIVE, ZERO3_MAX_REUSE // 2 + layout.bucket_size) if z == 3 else 0.0
+    fetch = max(layout.bucket_size, sp["block"]) if layout.compiled else layout.bucket_size  # one coalesced gather
+    gathered = wb * min(P, ZERO3_MAX_LIVE, ZERO3_MAX_REUSE // 2 + fetch) if z == 3 else 0.0
     # ZeRO-1/2 copy reduced gradients into a buffer holding every parameter that overlaps this rank's partition:
     # P/dp plus the parameters straddling its ends, i.e. whole single-tensor groups (embedding, head) and about
     # two matrices of the hidden group
@@ -382,8 +393,9 @@ def estimate_layout(student: ModelConfig, layout: Layout, world_size: int, seq_l
             t_work += 8 * n * teacher.n_heads / tp * seq_len
         t_work = max(t_work, t_out) + mask_bytes(teacher, layout.micro_batch_size, seq_len, tb, layout.document_mask,
                                                  training=False)
-        if t_part:  # one prefetch bucket gathered (its parameters) beside its flat all-gather buffer
-            t_gather = tb * min(tparams, ZERO3_PREFETCH_BUCKET + trank["vocab"])
+        if t_part:  # gathered parameters (a bucket or a whole block; eager: up to max-live) beside a flat buffer
+            reach = max(ZERO3_PREFETCH_BUCKET, trank["block"]) + trank["vocab"] if layout.compiled else ZERO3_MAX_LIVE
+            t_gather = tb * min(tparams, reach)
             t_work = max(t_work, t_gather)
         # what the student keeps meanwhile: nothing of this micro-step without prefetch (the previous one's teacher
         # outputs died with its loss); with it, everything its backward needs
@@ -405,7 +417,8 @@ def estimate_layout(student: ModelConfig, layout: Layout, world_size: int, seq_l
                 phases=totals, zero_stage=z, dp_size=dp, grad_accum=gas, tokens_per_micro_step=n)
 
 
-def layout_of(cfg: Config) -> Layout:
+def layout_of(cfg: Config, device: str = "cuda") -> Layout:
+    """cfg's Layout on `device` (train.compile=auto resolves per device type: a plan is for GPUs)."""
     m, d = cfg.model, cfg.distill
     return Layout(tp_size=cfg.parallel.tp_size, zero_stage=cfg.zero.stage, micro_batch_size=cfg.train.micro_batch_size,
                   checkpointing=m.activation_checkpointing, checkpoint_every_k=m.checkpoint_every_k, fused=d.fused,
@@ -414,12 +427,14 @@ def layout_of(cfg: Config) -> Layout:
                   # unset: 1024 eager; the compiled kernel's GPU chunk is sized to the same bytes
                   chunk_tokens=d.chunk_tokens or 1024,
                   sequence_parallel=cfg.parallel.sequence_parallel, grad_accum=cfg.train.grad_accum_dtype,
-                  grad_reduce=cfg.train.grad_reduce_dtype, document_mask=cfg.data.document_mask)
+                  grad_reduce=cfg.train.grad_reduce_dtype, document_mask=cfg.data.document_mask,
+                  compiled=compile_mod.enabled(cfg, device))
 
 
 def estimate(cfg: Config, world_size: int, teacher: Union[None, str, ModelConfig] = None,
-             hardware: Hardware = Hardware()) -> Dict:
+             hardware: Hardware = Hardware(), device: str = "cuda") -> Dict:
     """Per-GPU memory breakdown (bytes) of a trainer Config on `world_size` processes; see estimate_layout.
+    `device`: where it runs, for train.compile=auto (the CPU measurements of tools/measure_memory.py pass "cpu").
 
     For a distillation config the teacher's shape comes from `teacher` (see resolve_model) or else from what
     distill.teacher points at (a run / model dir, or hf:PATH).
@@ -436,8 +451,9 @@ def estimate(cfg: Config, world_size: int, teacher: Union[None, str, ModelConfig
         else:
             tmodel = resolve_model(teacher, "teacher")
         tmodel = replace(tmodel, attention=cfg.model.attention)  # the run's backend, as the trainer sets it
-    return estimate_layout(cfg.model, layout_of(cfg), world_size, cfg.train.seq_len, cfg.train.global_batch_size,
-                           cfg.train.precision, tmodel, cfg.distill.teacher_dtype, hardware)
+    return estimate_layout(cfg.model, layout_of(cfg, device), world_size, cfg.train.seq_len,
+                           cfg.train.global_batch_size, cfg.train.precision, tmodel, cfg.distill.teacher_dtype,
+                           hardware)
 
 
 def step_time(student: ModelConfig, layout: Layout, world_size: int, seq_len: int, global_batch_size: int,
