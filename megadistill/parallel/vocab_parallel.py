@@ -162,10 +162,12 @@ def _top_p_support(t: torch.Tensor, support: Optional[torch.Tensor], top_p: floa
     in_cand = g_c >= top_p  # u > c: the candidates decide
     lo = torch.where(in_cand, c_key, lo_all)
     hi = torch.where(in_cand, hi, c_key)
-    flat_rows = (~in_cand).nonzero().squeeze(-1)  # identical on every rank
+    # the rows of each branch (identical on every rank), flat ones first: one host read (their count) per call
+    order = torch.argsort(in_cand.to(torch.uint8), stable=True)
+    n_flat = int(n - in_cand.sum())
+    flat_rows, cand_rows = order[:n_flat], order[n_flat:]
     t_flat = t[flat_rows]
     p_flat = torch.exp(t_flat - lse[flat_rows].unsqueeze(-1))  # [r, v/tp]
-    cand_rows = in_cand.nonzero().squeeze(-1)
     cand, p_cand = cand[cand_rows], p_cand[cand_rows]
     g = torch.empty_like(lse)
     for _ in range(32):
