@@ -193,15 +193,21 @@ def test_qkv_bias_layouts_agree(study, kind):
     if kind == "neox":  # and the Pythia block's other biases
         assert all(float(a[f"blocks.1.{n}.bias"].abs().min()) > 0 for n in ("attn.wo", "ffn.w1", "ffn.w2", "attn_norm"))
     for k in a:
+        x, y = b[k], a[k]
+        if not k.endswith("wk.bias"):
+            # Adam turns round-off in near-zero gradients into LR-sized steps of single entries, by an amount that
+            # depends on the CPU's BLAS (within 1e-4 on Intel CPUs; 3.6e-4 on an AMD EPYC), so whole tensors are
+            # compared: measured within 4.1e-5 in relative norm; two rows of w1 swapped (a layout bug) would be 0.13
+            assert float((x - y).norm()) <= 1e-3 * float(y.norm()), (k, float((x - y).norm() / y.norm()))
+            continue
         # K biases are ill-conditioned: a shift common to all keys cancels in the softmax, and under RoPE the slowly
         # rotating (low-frequency) components nearly do, so their gradients are round-off that Adam scales to
-        # LR-sized steps (one process, 1e-6 relative gradient noise: 2e-4 apart in wk.bias, 5e-7 elsewhere). With
-        # RoPE on 4 of each head's 16 dims (neox) the other 12 are exactly shift-invariant (no gradient but round-off:
-        # measured 1e-3 apart, the rotated 4 within 1e-6): only the rotated dims are compared
-        x, y = b[k], a[k]
-        if kind == "neox" and k.endswith("wk.bias"):
+        # LR-sized steps (one process, 1e-6 relative gradient noise: 2e-4 apart). With RoPE on 4 of each head's 16
+        # dims (neox) the other 12 are exactly shift-invariant (no gradient but round-off: measured 1e-3 apart, the
+        # rotated 4 within 1e-6): only the rotated dims are compared
+        if kind == "neox":
             x, y = x.view(4, 16)[:, :4], y.view(4, 16)[:, :4]
-        torch.testing.assert_close(x, y, atol=1e-3 if k.endswith("wk.bias") else 1e-4, rtol=1e-3, msg=k)
+        torch.testing.assert_close(x, y, atol=1e-3, rtol=1e-3, msg=k)
 
 
 def test_moe_layouts_agree(study):
