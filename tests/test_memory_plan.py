@@ -514,6 +514,26 @@ def test_plan_memory_json_ranks_fitting_layouts(capsys):
     assert rows[-1]["memory"]["total"] > 80 * GIB  # e.g. ZeRO-0 tp=1 holds 16 bytes per student parameter
 
 
+def test_plan_memory_eager_plans_per_module_zero3_fetches(capsys):
+    """plan-memory plans compiled runs (train.compile=auto on a GPU) unless --eager: then a ZeRO-3 teacher's fetch
+    look-ahead is bounded by DeepSpeed's max-live only, so its teacher forward needs more; layouts without ZeRO-3
+    are the same either way."""
+    args = ["plan-memory", "--teacher", "12.6B", "--student", "2.72B", "--gpus", "64", "--json", "--top", "0"]
+    plans = {}
+    for eager in (False, True):
+        assert cli.main(args + (["--eager"] if eager else [])) == 0
+        out = json.loads(capsys.readouterr().out)
+        assert out["compiled"] is not eager
+        plans[eager] = {r["describe"]: r["memory"]["phases"] for r in out["layouts"]}
+    assert plans[False].keys() == plans[True].keys()
+    z3_teacher = [k for k in plans[False] if "teacher=zero3" in k]
+    plain = [k for k in plans[False] if "teacher=zero3" not in k and "zero=3" not in k]
+    assert z3_teacher and plain
+    for k in z3_teacher:
+        assert plans[True][k]["teacher_forward"] > plans[False][k]["teacher_forward"], k
+    assert all(plans[True][k] == plans[False][k] for k in plain)
+
+
 def test_plan_memory_table_and_supervised(capsys):
     rc = cli.main(["plan-memory", "--student", "12.6B", "--gpus", "8", "--top", "3"])
     assert rc == 0

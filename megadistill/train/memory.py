@@ -538,10 +538,11 @@ def plan(student: Union[str, ModelConfig], teacher: Union[None, str, ModelConfig
          checkpointing=("off", "full"), zero_stages=(0, 1, 2, 3), fused=(False, True), chunk_tokens: int = 1024,
          bucket_size: int = 50_000_000, sequence_parallel=(False, True), grad_accum_dtype: str = "auto",
          grad_reduce_dtype: str = "auto", document_mask: bool = False,
-         attention: Optional[str] = None) -> List[Dict]:
+         attention: Optional[str] = None, compiled: bool = True) -> List[Dict]:
     """Every layout with its memory and step time; fitting ones first, fastest first (then leanest), then the rest
     by memory. Raises UserError for impossible inputs (unknown size, batch that does not split, nothing fits).
-    attention: model.attention of both models (None: as their configs say); document_mask: data.document_mask."""
+    attention: model.attention of both models (None: as their configs say); document_mask: data.document_mask;
+    compiled: train.compile in effect (its GPU default; False plans eager runs: ZeRO-3's per-module fetches)."""
     smodel, tmodel = resolve_model(student, "student"), (resolve_model(teacher, "teacher") if teacher else None)
     if attention is not None:
         smodel = replace(smodel, attention=attention)
@@ -580,7 +581,8 @@ def plan(student: Union[str, ModelConfig], teacher: Union[None, str, ModelConfig
                             continue
                         lay = Layout(tp, z, mb, ck, fused=fu, teacher_zero3=t3, chunk_tokens=chunk_tokens,
                                      bucket_size=bucket_size, sequence_parallel=sq, grad_accum=grad_accum_dtype,
-                                     grad_reduce=grad_reduce_dtype, document_mask=document_mask)
+                                     grad_reduce=grad_reduce_dtype, document_mask=document_mask,
+                                     compiled=compiled)
                         args = (smodel, lay, gpus, seq_len, batch, precision, tmodel, teacher_dtype, hardware)
                         mem = estimate_layout(*args)
                         rows.append({"layout": asdict(lay), "describe": lay.describe(), "memory": mem,
@@ -628,14 +630,14 @@ def _plan_command(args) -> int:
                 bucket_size=args.bucket_size, grad_accum_dtype=args.grad_accum_dtype,
                 grad_reduce_dtype=args.grad_reduce_dtype, document_mask=args.document_mask,
                 sequence_parallel={"off": (False,), "on": (True,), "both": (False, True)}[args.sequence_parallel],
-                attention=args.attention)
+                attention=args.attention, compiled=not args.eager)
     n_fit = sum(r["fits"] for r in rows)
     if args.json:
         print(json.dumps({"student": args.student, "teacher": args.teacher, "gpus": args.gpus,
                           "seq_len": args.seq_len, "global_batch_tokens": args.global_batch_tokens,
                           "precision": args.precision, "grad_accum_dtype": args.grad_accum_dtype,
                           "grad_reduce_dtype": args.grad_reduce_dtype, "attention": args.attention,
-                          "document_mask": args.document_mask,
+                          "document_mask": args.document_mask, "compiled": not args.eager,
                           "teacher_dtype": args.teacher_dtype, "hardware": asdict(hw),
                           "fitting": n_fit, "layouts": rows[:args.top] if args.top else rows}, indent=1))
         return 0
@@ -678,6 +680,9 @@ def register(sub) -> None:
                    help="model.attention of both models (default: as their configs say; a size name: sdpa)")
     p.add_argument("--document-mask", action="store_true",
                    help="data.document_mask=true: count the attention masks of packed documents (sdpa / eager)")
+    p.add_argument("--eager", action="store_true",
+                   help="train.compile=false (default: compiled, as train.compile=auto runs on a GPU): ZeRO-3 fetches "
+                        "per module, not per block")
     p.add_argument("--chunk-tokens", type=int, default=1024, help="token chunk of the fused loss")
     p.add_argument("--sequence-parallel", choices=("off", "on", "both"), default="both",
                    help="layouts with parallel.sequence_parallel false / true / both (tp > 1 only)")
