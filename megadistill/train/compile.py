@@ -36,6 +36,18 @@ def enabled(cfg: Config, device: torch.device) -> bool:
     raise ConfigError(f"train.compile={cfg.train.compile!r} is not one of ['true', 'false', 'auto']")
 
 
+def _blocks(model: nn.Module) -> list:
+    from megadistill.model.transformer import Block
+
+    return [m for m in model.modules() if isinstance(m, Block)]
+
+
+def prepare(cfg: Config, device: torch.device, model: nn.Module) -> int:
+    """Before DeepSpeed wraps `model`: when train.compile will compile its blocks, make each one a ZeRO-3 leaf
+    (mark_zero3_leaves), so ZeRO-3 gathers it whole, around its graph. Returns how many blocks were flagged."""
+    return mark_zero3_leaves(model) if enabled(cfg, device) else 0
+
+
 def mark_zero3_leaves(model: nn.Module) -> int:
     """Flag every transformer Block of `model` as a DeepSpeed ZeRO-3 leaf module; returns how many.
 
@@ -44,16 +56,10 @@ def mark_zero3_leaves(model: nn.Module) -> int:
     Block's pre-forward (and pre-backward) hook, and releases them after it, instead of one Linear / norm at a time;
     so a block's gathered parameters are the unit of ZeRO-3's working memory (megadistill.train.memory counts it).
     The flag (DeepSpeed's `_z3_leaf` attribute) means nothing to ZeRO stages 0-2."""
-    from megadistill.model.transformer import Block
-
-    blocks = [m for m in model.modules() if isinstance(m, Block)]
+    blocks = _blocks(model)
     for block in blocks:
         block._z3_leaf = True  # deepspeed.utils.set_z3_leaf_module, without importing DeepSpeed here
     return len(blocks)
-
-
-def _is_zero3_leaf(module: nn.Module) -> bool:
-    return bool(getattr(module, "_z3_leaf", False))
 
 
 def compile_blocks(model: nn.Module, backend: str = "inductor") -> int:
@@ -70,9 +76,7 @@ def compile_blocks(model: nn.Module, backend: str = "inductor") -> int:
     Each shape gets its own static graph instead: a run has a few per kind of block (student training and eval,
     teacher forward), up to megadistill.model.graphs.GRAPH_LIMIT in all (dynamo's own limit, 8, would leave a
     distillation with sliding and full blocks eager from its ninth variant on)."""
-    from megadistill.model.transformer import Block
-
-    blocks = [m for m in model.modules() if isinstance(m, Block)]
+    blocks = _blocks(model)
     for block in blocks:
         block.forward = with_graph_limit(torch.compile(block.forward, backend=backend, dynamic=False))
     return len(blocks)
@@ -84,16 +88,14 @@ def _zero3_partitioned(model: nn.Module) -> bool:
 
 def _hooks_inside_blocks(model: nn.Module) -> bool:
     """ZeRO-3 partitioned with per-submodule hooks inside its Blocks (they were not leaves when DeepSpeed hooked it)."""
-    from megadistill.model.transformer import Block
-
-    return _zero3_partitioned(model) and any(isinstance(m, Block) and not _is_zero3_leaf(m) for m in model.modules())
+    return _zero3_partitioned(model) and not all(getattr(b, "_z3_leaf", False) for b in _blocks(model))
 
 
 def apply(cfg: Config, device: torch.device, student: nn.Module, teacher: Optional[nn.Module] = None) -> int:
     """Compile the student's and the teacher's blocks when train.compile says so; returns how many were compiled.
 
     A ZeRO-3-partitioned model (student at zero stage 3, or the teacher with distill.teacher_zero3) is compiled
-    whole-block when its Blocks were flagged by mark_zero3_leaves before DeepSpeed hooked it (the trainer does).
+    whole-block when its Blocks were flagged by prepare before DeepSpeed hooked it (the trainer does).
     Otherwise DeepSpeed hooks every submodule inside the blocks, hooks torch.compile may not trace: each one is a
     graph break, so the blocks fall apart into many small graphs. train.compile=auto leaves such a model eager;
     true compiles it anyway (correct, same loss curve: tested) and says so.

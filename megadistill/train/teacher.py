@@ -185,8 +185,7 @@ def load_teacher(cfg: Config, groups: ParallelGroups, device: torch.device,
     if cfg.distill.teacher_zero3 and groups.dp_size > 1:
         from megadistill.train import compile as compile_mod
         from megadistill.train.engine import initialize_frozen
-        if compile_mod.enabled(cfg, device):  # ZeRO-3 gathers each compiled block whole, around its graph
-            compile_mod.mark_zero3_leaves(model)
+        compile_mod.prepare(cfg, device, model)  # before ZeRO-3 hooks it: compiled blocks are gathered whole
         engine = initialize_frozen(model, cfg, groups)
         engine.eval()
     log.info("teacher %s loaded from %s (N=%.3g, zero3=%s)", src.run, src.weights_dir, n, cfg.distill.teacher_zero3)

@@ -152,8 +152,7 @@ def build(cfg: Config, info) -> Live:
     if t.init_from:
         load_student_init(student, cfg, groups)
     objective = Objective(student, cfg, groups.tp_group)
-    if compile_mod.enabled(cfg, info.device):  # ZeRO-3 gathers each compiled block whole, around its graph
-        compile_mod.mark_zero3_leaves(student)
+    compile_mod.prepare(cfg, info.device, student)  # before ZeRO-3 hooks it: compiled blocks are gathered whole
     eng, scheduler = engine_mod.initialize(objective, cfg, groups, total_steps(cfg))
     teacher: Optional[Teacher] = (cache_teacher if cached else
                                   load_teacher(cfg, groups, eng.device, source) if source else None)
