@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-sys.path.insert(0, os.path.dirname(__file__))  # tests/dist_harness.py for spawned workers
+sys.path.insert(0, os.path.dirname(__file__))  # tests/dist_harness.py for the gloo workers (forked or spawned)
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"

@@ -27,6 +27,8 @@ PRELOAD = ["torch", "torch.distributed", "deepspeed", "megadistill.train.trainer
 
 
 def _context():
+    if "forkserver" not in mp.get_all_start_methods():  # e.g. Windows: fresh interpreters, as before
+        return mp.get_context("spawn")
     ctx = mp.get_context("forkserver")
     ctx.set_forkserver_preload(PRELOAD)  # takes effect when the server starts: the first run_distributed
     return ctx
