@@ -57,7 +57,7 @@ def _worker(rank, world_size, port, fn, args, queue, env):
 def run_distributed(fn, world_size: int, *args, timeout: float = 300.0):
     """Run fn(rank, world_size, *args) on `world_size` gloo processes; return the list of results by rank.
 
-    fn must be a module-level function (it is pickled to spawned workers).
+    fn must be a module-level function (it is pickled to the workers, forked or spawned).
     """
     ctx = _context()
     queue = ctx.SimpleQueue()
