@@ -98,10 +98,8 @@ def load(engine, ckpt: Path) -> Dict:
     """Restore checkpoint directory `ckpt` (from resume_point) into the engine; return this rank's trainer state."""
     ckpt = Path(ckpt)
     rank = dist.get_rank() if dist.is_initialized() else 0
+    check_world_size(ckpt, dist.get_world_size() if dist.is_initialized() else 1)
     state_file = ckpt / f"trainer_state_rank{rank:05d}.json"
-    if not state_file.is_file():
-        raise UserError(f"{state_file} is missing: the checkpoint was written with a different world size; "
-                        "resume with the same number of processes")
     zero_shards = any(ckpt.glob("*zero_pp_rank_*optim_states.pt"))
     if engine.zero_optimization_stage() >= 1 and not zero_shards and any(ckpt.glob("mp_rank_*_model_states.pt")):
         raise CheckpointError(f"{ckpt} holds its optimizer state without ZeRO (written at ZeRO stage 0) but this run "
@@ -112,6 +110,23 @@ def load(engine, ckpt: Path) -> Dict:
 
 
 # ---- integrity: manifest, verification, resume point, partial writes -------------------------------------------
+
+def written_world_size(ckpt: Path) -> int:
+    """How many processes wrote checkpoint `ckpt`: each writes its own trainer state (data position, RNG)."""
+    return len(list(Path(ckpt).glob("trainer_state_rank*.json")))
+
+
+def check_world_size(ckpt: Path, world_size: int) -> None:
+    """A run resumes on the number of processes that wrote its checkpoint; anything else is a UserError saying so,
+    raised before any engine is built (DeepSpeed itself fails deep in its loader: an AssertionError, or a None
+    optimizer state when fewer ranks leave ZeRO's partitions unread)."""
+    written = written_world_size(ckpt)
+    if written != world_size:
+        raise UserError(f"{ckpt} was written by {written} processes and this run has {world_size}: a run resumes on "
+                        "the number of processes that wrote its checkpoint (each rank's data position, RNG and ZeRO "
+                        f"partition are its own). Relaunch on {written} processes (launch/train.sh: NNODES x NPROC = "
+                        f"{written}); `megadistill eval` and `export` read a finished run at any size")
+
 
 def _step_of(path: Path) -> int:
     return int(_TAG.fullmatch(path.name).group(1))

@@ -284,6 +284,8 @@ def train(cfg: Config, progress: Optional[Callable[[int, int], None]] = None,
     # verified (partial writes removed), and its config checked against this one, before config.yaml is replaced
     resume_from = checkpoint.resume_point(run_dir, t.resume) if t.resume != "false" else None
     check_resumed_config(cfg, resume_from, run_dir)
+    if resume_from is not None:
+        checkpoint.check_world_size(resume_from, info.world_size)
     if info.rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
         checkpoint.atomic_write_text(run_dir / "config.yaml", config_mod.to_yaml(cfg))
