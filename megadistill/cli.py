@@ -28,11 +28,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def configure_logging(verbose: bool) -> None:
+    """INFO on rank 0; on a multi-process launch the other ranks log warnings and errors only (their INFO lines
+    repeat rank 0's, once per GPU of the job), each line tagged with its rank. -v: DEBUG on every rank."""
+    from megadistill.parallel.init import launch_rank
+
+    rank, world = launch_rank()
+    tag = f"[rank {rank}] " if world > 1 else ""
+    level = logging.DEBUG if verbose else logging.INFO if rank == 0 else logging.WARNING
+    logging.basicConfig(level=level, format=f"%(asctime)s {tag}%(levelname)s %(name)s: %(message)s",
+                        datefmt="%H:%M:%S")
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    configure_logging(args.verbose)
     try:
         return int(args.func(args) or 0)
     except UserError as e:

@@ -8,7 +8,7 @@ import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -45,6 +45,17 @@ def _slurm_env_fallback() -> None:
     os.environ["RANK"] = os.environ["SLURM_PROCID"]
     os.environ["WORLD_SIZE"] = os.environ["SLURM_NTASKS"]
     os.environ["LOCAL_RANK"] = os.environ.get("SLURM_LOCALID", "0")
+
+
+def launch_rank() -> Tuple[int, int]:
+    """(rank, world size) this process was launched as, read before any process group exists: torchrun's RANK /
+    WORLD_SIZE, else srun's SLURM_PROCID / SLURM_NTASKS; (0, 1) for a plain process."""
+    env = os.environ
+    if "RANK" in env:
+        return int(env["RANK"]), int(env.get("WORLD_SIZE", "1"))
+    if "SLURM_PROCID" in env and "SLURM_NTASKS" in env:  # srun without torchrun (_slurm_env_fallback)
+        return int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"])
+    return 0, 1
 
 
 def clear_stale_build_locks(max_age_s: float = STALE_BUILD_LOCK_S, root: Optional[str] = None) -> List[Path]:
