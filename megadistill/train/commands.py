@@ -90,7 +90,10 @@ def register(sub) -> None:
     p.set_defaults(func=_train)
 
     p = sub.add_parser("eval", help="evaluate a run's latest checkpoint on held-out data and append an eval record",
-                       epilog="example: megadistill eval runs/t1 data.eval_fraction=0.05")
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       epilog="example: megadistill eval runs/t1 data.eval_fraction=0.05\n"
+                              "a finished run evaluates on any number of processes (its consolidated model/ weights);\n"
+                              "an unfinished one on the layout that wrote its checkpoint (the error names it)")
     p.add_argument("run_dir")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. data.* overrides to evaluate elsewhere")
     p.add_argument("--eval-tokens", type=int, default=None, help="held-out tokens (default: the run's)")
