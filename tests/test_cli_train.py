@@ -52,7 +52,18 @@ def test_golden_losses(trained):
 def test_rerun_of_finished_run_is_skipped(trained):
     before = (trained / "train.jsonl").read_text()
     proc = cli("train", "configs/tiny/teacher.yaml", *TINY, "train.steps=6", f"train.run_dir={trained}")
-    assert "skipping" in proc.stderr
+    assert "skipping" in proc.stderr and "differs" not in proc.stderr
+    assert (trained / "train.jsonl").read_text() == before
+
+
+def test_rerun_of_finished_run_with_another_config_says_what_differs(trained):
+    """Still skipped (a sweep's rerun is a no-op), but an edited config is named, not silently ignored."""
+    before = (trained / "train.jsonl").read_text()
+    proc = cli("train", "configs/tiny/teacher.yaml", *TINY, "train.steps=8", "optim.lr=0.02", "train.eval_interval=2",
+               f"train.run_dir={trained}")
+    assert "skipping" in proc.stderr and "differs from the one it was trained with in 2 key(s)" in proc.stderr
+    assert "optim.lr: trained with 0.01, now 0.02; train.steps: trained with 6, now 8" in proc.stderr, proc.stderr
+    assert "eval_interval" not in proc.stderr.split("differs")[1]  # reporting keys may differ
     assert (trained / "train.jsonl").read_text() == before
 
 

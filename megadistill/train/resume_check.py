@@ -89,3 +89,15 @@ def check_resumed_config(cfg: Config, ckpt: Optional[Path], run_dir: Path) -> No
                           f"{len(diffs)} key(s) that change what is computed: {listed}. Resume with the checkpoint's "
                           f"values (its config is {Path(ckpt) / 'config.yaml'}), or start a new run in another "
                           "train.run_dir")
+
+
+def warn_if_finished_differently(cfg: Config, run_dir: Path) -> None:
+    """A finished run is skipped, not retrained (sweep reruns are no-ops): warn, naming the keys, when this config
+    would compute something else than what the run dir holds (an edited sweep, a raised train.steps)."""
+    saved = _saved_config(Path(run_dir), Path(run_dir))
+    diffs = config_differences(saved, cfg) if saved is not None else []
+    if diffs:
+        listed = "; ".join(f"{k}: trained with {a!r}, now {b!r}" for k, a, b in diffs)
+        log.warning("%s is finished, so it is skipped, not retrained, but this config differs from the one it was "
+                    "trained with in %d key(s) that change what is computed: %s. To train this config, choose another "
+                    "train.run_dir", run_dir, len(diffs), listed)

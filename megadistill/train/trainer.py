@@ -32,7 +32,7 @@ from megadistill.train import compile as compile_mod
 from megadistill.train.objective import Objective, teacher_outputs
 from megadistill.train.init_weights import load_student_init
 from megadistill.train.nonfinite import NonFiniteGuard
-from megadistill.train.resume_check import check_resumed_config
+from megadistill.train.resume_check import check_resumed_config, warn_if_finished_differently
 from megadistill.train.teacher import Teacher, load_teacher, teacher_source
 from megadistill.train.teacher_checks import check_teacher
 from megadistill.train.teacher_prefetch import TeacherFeed
@@ -277,6 +277,7 @@ def train(cfg: Config, progress: Optional[Callable[[int, int], None]] = None,
     if is_finished(run_dir):
         if info.rank == 0:
             log.info("%s is finished (%s exists): skipping", run_dir, DONE)
+            warn_if_finished_differently(cfg, run_dir)
         return RunResult(run_dir, "skipped", 0, 0, None)
     if (run_dir / "checkpoints" / "latest").exists() and t.resume == "false":
         raise UserError(f"{run_dir} already holds checkpoints; pass train.resume=true to continue it, "
