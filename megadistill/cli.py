@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import re
 import sys
 from typing import List, Optional
 
@@ -40,9 +41,24 @@ def configure_logging(verbose: bool) -> None:
                         datefmt="%H:%M:%S")
 
 
-def main(argv: Optional[List[str]] = None) -> int:
+OVERRIDE = re.compile(r"[A-Za-z_][\w.]*=")  # a key=value override
+
+
+def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
+    """The verb's arguments. key=value overrides may also follow the options (`eval RUN --eval-tokens N data.x=y`):
+    argparse fills a verb's `overrides` positional at its first positional run only and would call the rest
+    unrecognized."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        if not isinstance(getattr(args, "overrides", None), list) or not all(OVERRIDE.match(a) for a in extra):
+            parser.error("unrecognized arguments: " + " ".join(extra))
+        args.overrides.extend(extra)
+    return args
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = parse_args(argv)
     configure_logging(args.verbose)
     try:
         return int(args.func(args) or 0)

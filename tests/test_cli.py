@@ -1,10 +1,35 @@
-"""CLI logging on a multi-process launch: rank 0 logs INFO, the other ranks warnings and errors only, each line tagged
-with its rank (a 64-GPU job would otherwise print every INFO line 64 times, untagged)."""
+"""The CLI's own layer: argument parsing (key=value overrides before or after a verb's options) and logging on a
+multi-process launch (rank 0 logs INFO, the other ranks warnings and errors only, each line tagged with its rank: a
+64-GPU job would otherwise print every INFO line 64 times, untagged)."""
 import logging
 
 import pytest
 
-from megadistill.cli import configure_logging
+from megadistill.cli import configure_logging, parse_args
+
+
+@pytest.mark.parametrize("argv,overrides", [
+    (["eval", "runs/t", "--eval-tokens", "256", "data.eval_fraction=0.05"], ["data.eval_fraction=0.05"]),
+    (["eval", "runs/t", "data.a=1", "--eval-tokens", "256", "data.b=2"], ["data.a=1", "data.b=2"]),  # in order
+    (["eval", "runs/t", "data.a=1"], ["data.a=1"]),
+    (["teacher-cache", "runs/t", "--data", "d.yaml", "-o", "c", "--top-k", "8", "model.vocab_size=320"],
+     ["model.vocab_size=320"]),
+])
+def test_overrides_may_follow_the_options(argv, overrides):
+    args = parse_args(argv)
+    assert args.overrides == overrides
+    assert (args.run_dir if argv[0] == "eval" else args.teacher) == "runs/t"
+
+
+@pytest.mark.parametrize("argv,bad", [
+    (["eval", "runs/t", "--eval-tokens", "256", "--bogus"], "--bogus"),  # an unknown option stays an error
+    (["eval", "runs/t", "--eval-tokens", "256", "not_an_override"], "not_an_override"),
+    (["aggregate", "runs/*", "-o", "t.csv", "data.a=1"], "data.a=1"),  # a verb without overrides
+])
+def test_other_extra_arguments_are_still_refused(argv, bad, capsys):
+    with pytest.raises(SystemExit) as e:
+        parse_args(argv)
+    assert e.value.code == 2 and f"unrecognized arguments: {bad}" in capsys.readouterr().err
 
 LAUNCH_VARS = ("RANK", "WORLD_SIZE", "SLURM_PROCID", "SLURM_NTASKS")
 
