@@ -31,6 +31,7 @@ def test_other_extra_arguments_are_still_refused(argv, bad, capsys):
         parse_args(argv)
     assert e.value.code == 2 and f"unrecognized arguments: {bad}" in capsys.readouterr().err
 
+
 LAUNCH_VARS = ("RANK", "WORLD_SIZE", "SLURM_PROCID", "SLURM_NTASKS")
 
 

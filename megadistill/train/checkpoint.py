@@ -95,10 +95,10 @@ def save(engine, run_dir: Path, step: int, rank_state: Dict, keep: int) -> str:
 
 
 def load(engine, ckpt: Path) -> Dict:
-    """Restore checkpoint directory `ckpt` (from resume_point) into the engine; return this rank's trainer state."""
+    """Restore checkpoint directory `ckpt` (from resume_point) into the engine; return this rank's trainer state.
+    The caller has checked the world size (check_world_size), before building the engine."""
     ckpt = Path(ckpt)
     rank = dist.get_rank() if dist.is_initialized() else 0
-    check_world_size(ckpt, dist.get_world_size() if dist.is_initialized() else 1)
     state_file = ckpt / f"trainer_state_rank{rank:05d}.json"
     zero_shards = any(ckpt.glob("*zero_pp_rank_*optim_states.pt"))
     if engine.zero_optimization_stage() >= 1 and not zero_shards and any(ckpt.glob("mp_rank_*_model_states.pt")):

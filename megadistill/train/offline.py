@@ -71,8 +71,9 @@ def _latest_student(run_dir: Path, overrides: List[str], verb: str):
     if world % cfg.parallel.tp_size and consolidated is not None and cfg.parallel.tp_size == w_tp:
         cfg.parallel.tp_size = 1  # the run's TP size does not fit this launch: its consolidated weights at TP=1
     tp = cfg.parallel.tp_size
-    zero3 = world % tp == 0 and engine_mod.effective_stage(cfg, world // tp) == 3
-    as_written = tp == w_tp and world % tp == 0 and zero3 == w_zero3 and (not zero3 or world == w_world)
+    fits = world % tp == 0
+    zero3 = fits and engine_mod.effective_stage(cfg, world // tp) == 3
+    as_written = fits and tp == w_tp and zero3 == w_zero3 and (not zero3 or world == w_world)
     if not as_written and consolidated is None:
         need = w_world if w_zero3 else w_tp
         raise UserError(

@@ -61,17 +61,22 @@ def _saved_config(ckpt: Path, run_dir: Path) -> Optional[Config]:
     for path in (Path(ckpt) / CONFIG, Path(run_dir) / CONFIG):
         if path.is_file():
             try:
-                raw = OmegaConf.to_container(OmegaConf.load(path))
-                saved = config_mod.from_dict(raw)
+                return _read_saved(path)
             except Exception as e:  # a config of an older version: unknown or retyped keys
                 log.warning("cannot compare this run's config with %s (%s): resuming unchecked", path, e)
                 return None
-            saved.train.resume = str(saved.train.resume).lower()
-            if "grad_accum_dtype" not in (raw.get("train") or {}) and saved.train.precision == "bf16":
-                saved.train.grad_accum_dtype = "bf16"  # written before the key: bf16 runs accumulated in bf16
-            return saved
     log.warning("%s has no %s: resuming without checking the config", ckpt, CONFIG)
     return None
+
+
+def _read_saved(path: Path) -> Config:
+    """A config.yaml megadistill wrote, as it computed (raises on one it cannot read)."""
+    raw = OmegaConf.to_container(OmegaConf.load(path))
+    saved = config_mod.from_dict(raw)
+    saved.train.resume = str(saved.train.resume).lower()
+    if "grad_accum_dtype" not in (raw.get("train") or {}) and saved.train.precision == "bf16":
+        saved.train.grad_accum_dtype = "bf16"  # written before the key: bf16 runs accumulated in bf16
+    return saved
 
 
 def check_resumed_config(cfg: Config, ckpt: Optional[Path], run_dir: Path) -> None:
@@ -94,8 +99,12 @@ def check_resumed_config(cfg: Config, ckpt: Optional[Path], run_dir: Path) -> No
 def warn_if_finished_differently(cfg: Config, run_dir: Path) -> None:
     """A finished run is skipped, not retrained (sweep reruns are no-ops): warn, naming the keys, when this config
     would compute something else than what the run dir holds (an edited sweep, a raised train.steps)."""
-    saved = _saved_config(Path(run_dir), Path(run_dir))
-    diffs = config_differences(saved, cfg) if saved is not None else []
+    from megadistill.train.checkpoint import CONFIG
+    try:
+        diffs = config_differences(_read_saved(Path(run_dir) / CONFIG), cfg)
+    except Exception as e:  # missing, or written by an older version: nothing to compare, the skip stands
+        log.debug("%s: config not compared (%s)", run_dir, e)
+        return
     if diffs:
         listed = "; ".join(f"{k}: trained with {a!r}, now {b!r}" for k, a, b in diffs)
         log.warning("%s is finished, so it is skipped, not retrained, but this config differs from the one it was "
