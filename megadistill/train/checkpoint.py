@@ -125,7 +125,7 @@ def check_world_size(ckpt: Path, world_size: int) -> None:
         raise UserError(f"{ckpt} was written by {written} processes and this run has {world_size}: a run resumes on "
                         "the number of processes that wrote its checkpoint (each rank's data position, RNG and ZeRO "
                         f"partition are its own). Relaunch on {written} processes (launch/train.sh: NNODES x NPROC = "
-                        f"{written}); `megadistill eval` and `export` read a finished run at any size")
+                        f"{written}); `megadistill eval` and `export` read a run at any size")
 
 
 def _step_of(path: Path) -> int:
@@ -147,7 +147,8 @@ def remove_partial(root: Path) -> None:
         shutil.rmtree(p, ignore_errors=True)
 
 
-def _gather(obj) -> list:
+def gather_objects(obj) -> list:
+    """Every rank's `obj`, in rank order (all_gather_object; [obj] in a single process)."""
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return [obj]
     out = [None] * dist.get_world_size()
@@ -168,9 +169,10 @@ def _crc32(path: Path) -> int:
 def _write_manifest(ckpt: Path, step: int, rank: int) -> None:
     """Every rank: CRC its share of the files (all ranks' listings merged, so no rank misses one), rank 0 writes them."""
     world = dist.get_world_size() if dist.is_initialized() else 1
-    names = sorted(set().union(*_gather([p.name for p in ckpt.iterdir() if p.is_file() and p.name != MANIFEST])))
+    here = [p.name for p in ckpt.iterdir() if p.is_file() and p.name != MANIFEST]
+    names = sorted(set().union(*gather_objects(here)))
     mine = {n: {"bytes": (ckpt / n).stat().st_size, "crc32": _crc32(ckpt / n)} for n in names[rank::world]}
-    files = {k: v for part in _gather(mine) for k, v in part.items()}
+    files = {k: v for part in gather_objects(mine) for k, v in part.items()}
     if rank == 0:
         atomic_write_text(ckpt / MANIFEST, json.dumps({"version": 1, "step": step, "world_size": world,
                                                        "files": files}, indent=1, sort_keys=True) + "\n")
@@ -207,7 +209,7 @@ def verify(ckpt: Path) -> Optional[str]:
             problem = f"{path} is truncated or overwritten ({path.stat().st_size} bytes, {want['bytes']} written)"
         elif i % world == rank and _crc32(path) != want["crc32"]:
             problem = f"{path} is corrupt (its CRC-32 differs from the one recorded when it was written)"
-    found = [p for p in _gather(problem) if p]
+    found = [p for p in gather_objects(problem) if p]
     return found[0] if found else None
 
 
@@ -286,10 +288,11 @@ def _deepspeed_safe_globals() -> list:
     return [LossScaler, ZeroStageEnum, fragment_address]
 
 
-def safe_torch_load(path, map_location=None):
-    """torch.load with weights_only=True and DeepSpeed's few data classes allowed; a crafted pickle is refused."""
+def safe_torch_load(path, map_location=None, mmap: bool = False):
+    """torch.load with weights_only=True and DeepSpeed's few data classes allowed; a crafted pickle is refused.
+    mmap=True maps the file: a tensor's pages are read when it is used."""
     with torch.serialization.safe_globals(_deepspeed_safe_globals()):
-        return torch.load(path, map_location=map_location, weights_only=True)
+        return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
 
 
 def load_engine(engine, ckpt: Path, **kw) -> None:

@@ -92,8 +92,8 @@ def register(sub) -> None:
     p = sub.add_parser("eval", help="evaluate a run's latest checkpoint on held-out data and append an eval record",
                        formatter_class=argparse.RawDescriptionHelpFormatter,
                        epilog="example: megadistill eval runs/t1 data.eval_fraction=0.05\n"
-                              "a finished run evaluates on any number of processes (its consolidated model/ weights);\n"
-                              "an unfinished one on the layout that wrote its checkpoint (the error names it)")
+                              "any number of processes: a finished run's consolidated model/ weights, an unfinished\n"
+                              "run's checkpoint shards (TP, ZeRO-3) consolidated, split over this launch's TP size")
     p.add_argument("run_dir")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. data.* overrides to evaluate elsewhere")
     p.add_argument("--eval-tokens", type=int, default=None, help="held-out tokens (default: the run's)")

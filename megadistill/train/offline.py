@@ -3,8 +3,10 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import shutil
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, NamedTuple, Optional
 
 import torch
 import torch.distributed as dist
@@ -20,6 +22,7 @@ from megadistill.model.transformer import Transformer
 from megadistill.parallel.groups import ParallelGroups
 from megadistill.parallel.init import init_distributed
 from megadistill.train import checkpoint, engine as engine_mod
+from megadistill.train.consolidate import checkpoint_weights
 from megadistill.train.evaluate import eval_record, evaluate
 from megadistill.train.objective import Objective
 from megadistill.train.trainer import export_weights, total_steps
@@ -48,15 +51,23 @@ def _consolidated_of(run_dir: Path, step: int) -> Optional[Path]:
     return model_dir if json.loads(meta_file.read_text()).get("step") == step else None
 
 
-def _latest_student(run_dir: Path, overrides: List[str], verb: str):
-    """The run's latest checkpoint as a student engine on this launch (any world size): (cfg, dist info, groups,
-    engine, student, trainer state of rank 0); optimizer states are not loaded.
+class _Plan(NamedTuple):
+    """Where a launch reads a run's latest checkpoint from."""
+    cfg: Config  # the run's config with this launch's overrides (parallel.tp_size: the TP size it builds at)
+    written: Config  # the run's config as it trained
+    info: object  # this process's DistInfo
+    ckpt: Path
+    state: Dict  # rank 0's trainer state in the checkpoint (step, tokens)
+    as_written: bool  # its DeepSpeed shards load into this launch's engine as they are
+    weights: Optional[Path]  # else: the run's consolidated weights of that step (None: consolidate the shards)
 
-    The checkpoint's DeepSpeed shards load as written where this launch has the layout that wrote them: the same TP
+
+def _plan(run_dir: Path, overrides: List[str], verb: str) -> _Plan:
+    """The checkpoint's DeepSpeed shards load as written where this launch has the layout that wrote them: the same TP
     size, and for a ZeRO-3 run the same number of processes (its parameters are partitioned over them). Elsewhere the
-    run's consolidated weights of that step (model/, written when the run finished) are split over this launch's TP
-    size: the run's where it divides the world size, else 1 (or parallel.tp_size=N). Neither: a UserError naming the
-    number of processes to launch."""
+    run's full weights are split over this launch's TP size -- the run's where it divides the world size, else 1 (or
+    parallel.tp_size=N) -- read from its consolidated model/ of that step (written when the run finished) or, for a run
+    that has not finished, consolidated from the checkpoint's shards (train/consolidate.py)."""
     written_cfg = run_config(run_dir)
     cfg = run_config(run_dir, overrides)
     info = init_distributed(cfg.parallel.backend, cfg.parallel.timeout_s)
@@ -67,43 +78,73 @@ def _latest_student(run_dir: Path, overrides: List[str], verb: str):
     state = json.loads(state_file.read_text()) if state_file.is_file() else {}
     world, w_world, w_tp = info.world_size, checkpoint.written_world_size(ckpt), written_cfg.parallel.tp_size
     w_zero3 = engine_mod.effective_stage(written_cfg, max(w_world // w_tp, 1)) == 3
-    consolidated = _consolidated_of(run_dir, int(state.get("step", -1)))
-    if world % cfg.parallel.tp_size and consolidated is not None and cfg.parallel.tp_size == w_tp:
-        cfg.parallel.tp_size = 1  # the run's TP size does not fit this launch: its consolidated weights at TP=1
+    if world % cfg.parallel.tp_size and cfg.parallel.tp_size == w_tp:
+        cfg.parallel.tp_size = 1  # the run's TP size does not fit this launch: its full weights at TP=1
     tp = cfg.parallel.tp_size
     fits = world % tp == 0
     zero3 = fits and engine_mod.effective_stage(cfg, world // tp) == 3
     as_written = fits and tp == w_tp and zero3 == w_zero3 and (not zero3 or world == w_world)
-    if not as_written and consolidated is None:
-        need = w_world if w_zero3 else w_tp
-        raise UserError(
-            f"{run_dir}: its latest checkpoint ({ckpt.name}) was written by {w_world} processes at parallel.tp_size="
-            f"{w_tp}{' under ZeRO-3 (its parameters partitioned over them)' if w_zero3 else ''}, which this "
-            f"{world}-process {verb} at parallel.tp_size={tp} cannot load, and the run has no consolidated weights of "
-            f"that step (model/ is written when a run finishes). Launch it on {need} processes: python -m "
-            f"torch.distributed.run --nproc-per-node {need} -m megadistill.cli {verb} {run_dir} ...")
-    cfg.validate(world)
-    groups = ParallelGroups.build(tp)
+    weights = None if as_written else _consolidated_of(run_dir, int(state.get("step", -1)))
+    if not as_written and info.rank == 0:
+        log.info("%s: %s was written by %d processes at TP=%d; %s %s at TP=%d on %d process(es)", run_dir, ckpt.name,
+                 w_world, w_tp, "reading the run's consolidated weights" if weights else "consolidating its shards for",
+                 verb, tp, world)
+    return _Plan(cfg, written_cfg, info, ckpt, state, as_written, weights)
+
+
+def _consolidate_for_launch(run_dir: Path, plan: _Plan) -> Path:
+    """Rank 0 consolidates the checkpoint's shards into a hidden dir of the run (shared by all nodes, like the run
+    dir); every rank gets its path. The caller removes it (_remove_scratch)."""
+    path = error = None
+    if plan.info.rank == 0:
+        path = run_dir / f".{plan.ckpt.name}.consolidated.{os.getpid()}"
+        try:
+            checkpoint.write_weights(checkpoint_weights(plan.ckpt, plan.written), path,
+                                     config_mod.to_yaml(plan.written))
+        except UserError as e:  # every rank raises it (the others would wait for the path until they time out)
+            shutil.rmtree(path, ignore_errors=True)
+            error = str(e)
+    path, error = checkpoint.gather_objects((str(path), error))[0]
+    if error:
+        raise checkpoint.CheckpointError(error)
+    return Path(path)
+
+
+def _remove_scratch(path: Path, rank: int) -> None:
+    if dist.is_initialized():
+        dist.barrier()  # every rank has read it
+    if rank == 0:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def _latest_student(run_dir: Path, plan: _Plan):
+    """The run's latest checkpoint as a student engine on this launch, read as `plan` says: (cfg, dist info, groups,
+    engine, student, trainer state of rank 0); optimizer states are not loaded."""
+    cfg, info = plan.cfg, plan.info
+    cfg.validate(info.world_size)
+    groups = ParallelGroups.build(cfg.parallel.tp_size)
     torch.manual_seed(cfg.train.seed)
     student = Transformer(cfg.model, groups.factory(device=info.device,
                                                     sequence_parallel=cfg.parallel.sequence_parallel))
-    if not as_written:
-        if info.rank == 0:
-            log.info("%s: %s was written by %d processes at TP=%d; reading the run's consolidated weights (%s) at "
-                     "TP=%d on %d", run_dir, ckpt.name, w_world, w_tp, consolidated, tp, world)
-        checkpoint.load_sharded_weights(student, consolidated, groups)
+    if not plan.as_written:
+        weights = plan.weights or _consolidate_for_launch(run_dir, plan)
+        try:
+            checkpoint.load_sharded_weights(student, weights, groups)
+        finally:
+            if plan.weights is None:
+                _remove_scratch(weights, info.rank)
     eng, _ = engine_mod.initialize(Objective(student, cfg, groups.tp_group), cfg, groups, total_steps(cfg))
-    if as_written:
-        checkpoint.load_engine(eng, ckpt, load_optimizer_states=False, load_lr_scheduler_states=False,
+    if plan.as_written:
+        checkpoint.load_engine(eng, plan.ckpt, load_optimizer_states=False, load_lr_scheduler_states=False,
                                load_module_only=True)
-    return cfg, info, groups, eng, student, state
+    return cfg, info, groups, eng, student, plan.state
 
 
 def evaluate_run(run_dir: str, overrides: List[str] = (), eval_tokens: Optional[int] = None) -> Dict:
     """Evaluate the run's latest checkpoint on its held-out split (data.* overrides allowed); append a record.
-    Any number of processes (see _latest_student)."""
+    Any number of processes (see _plan)."""
     run_dir = Path(run_dir)
-    cfg, info, groups, eng, student, state = _latest_student(run_dir, list(overrides), "eval")
+    cfg, info, groups, eng, student, state = _latest_student(run_dir, _plan(run_dir, list(overrides), "eval"))
     t = cfg.train
     batches = build_eval_batches(cfg.data, vocab_size=cfg.model.vocab_size, seq_len=t.seq_len,
                                  n_tokens=eval_tokens or t.eval_tokens, batch_size=t.micro_batch_size)
@@ -125,13 +166,23 @@ def evaluate_run(run_dir: str, overrides: List[str] = (), eval_tokens: Optional[
 
 def export_run(run_dir: str, out_dir: str) -> Path:
     """Consolidate the latest checkpoint's weights (any TP / ZeRO layout) to out_dir as safetensors + config.yaml,
-    on any number of processes (see _latest_student)."""
-    run_dir = Path(run_dir)
-    cfg, _, groups, eng, _, state = _latest_student(run_dir, [], "export")
+    on any number of processes (see _plan)."""
+    run_dir, out_dir = Path(run_dir), Path(out_dir)
+    plan = _plan(run_dir, [], "export")
+    cfg, state = plan.cfg, plan.state
     meta = {"run": cfg.train.run_name or run_dir.name, "tokens": int(state.get("tokens", 0)),
             "step": int(state.get("step", 0)), "params": params_of(cfg.model)[0]}
-    last = records.read_records(run_dir / "eval.jsonl")[0] if (run_dir / "eval.jsonl").is_file() else []
-    if last:
-        meta["eval_loss"] = last[-1]["eval_loss"]
-    export_weights(eng, cfg, groups, Path(out_dir), meta)
-    return Path(out_dir)
+    recs = records.read_records(run_dir / "eval.jsonl")[0] if (run_dir / "eval.jsonl").is_file() else []
+    at_step = [r for r in recs if r.get("step") == meta["step"]]  # an earlier eval is not these weights' loss
+    if at_step:
+        meta["eval_loss"] = at_step[-1]["eval_loss"]
+    if plan.as_written or plan.weights is not None:
+        cfg, _, groups, eng, _, _ = _latest_student(run_dir, plan)
+        export_weights(eng, cfg, groups, out_dir, meta)
+        return out_dir
+    if plan.info.rank == 0:  # an unfinished run on another layout: its shards consolidated straight into out_dir
+        checkpoint.write_weights(checkpoint_weights(plan.ckpt, plan.written), out_dir, config_mod.to_yaml(plan.written))
+        checkpoint.atomic_write_text(out_dir / "meta.json", json.dumps(meta) + "\n")
+    if dist.is_initialized():
+        dist.barrier()
+    return out_dir

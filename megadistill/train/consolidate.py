@@ -1,0 +1,115 @@
+"""Consolidate a checkpoint's student weights offline: one process, no DeepSpeed engine, no torch.distributed.
+
+A checkpoint is written in the layout of the processes that wrote it: per TP rank t, either DeepSpeed's module states
+(`mp_rank_TT_model_states.pt`, ZeRO stages 0-2: the TP shard whole, in the run's dtype) or, under ZeRO-3, each DP
+rank's slice of every parameter inside the optimizer's fp32 flat groups (`*zero_pp_rank_D_mp_rank_TT_optim_states.pt`;
+the parameter order and shapes are in `zero_pp_rank_D_mp_rank_TT_model_states.pt`). This module reassembles them into
+the full weights `export` writes (fp32, our parameter names), so a run that has not finished -- no consolidated `model/`
+yet -- can be evaluated or exported on any number of processes. Files are memory-mapped: the optimizer's moments are
+never read, resident memory is the output plus one tensor.
+"""
+from __future__ import annotations
+
+import pickle
+import re
+import zipfile
+from pathlib import Path
+from typing import Dict, List
+
+import torch
+
+from megadistill.config import Config
+from megadistill.train.checkpoint import CheckpointError, safe_torch_load
+
+_PREFIX = "student."  # the engine's module is the Objective; the student is its `student`
+
+
+def _load(path: Path) -> dict:
+    try:
+        return safe_torch_load(path, map_location="cpu", mmap=True)
+    except FileNotFoundError:
+        raise CheckpointError(f"{path} is missing: the checkpoint is incomplete") from None
+    except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, OSError) as e:  # refused, damaged
+        raise CheckpointError(f"{path} cannot be read ({str(e).splitlines()[0]})") from None
+
+
+def _zero3_files(ckpt: Path, tp_rank: int) -> List[Path]:
+    """This TP rank's ZeRO-3 model-state files, in DP-rank order ([] if the checkpoint is not ZeRO-3)."""
+    pat = re.compile(rf"zero_pp_rank_(\d+)_mp_rank_{tp_rank:02d}_model_states\.pt")
+    found = {int(m.group(1)): p for p in ckpt.iterdir() if (m := pat.fullmatch(p.name))}
+    if found and sorted(found) != list(range(len(found))):
+        raise CheckpointError(f"{ckpt} holds the ZeRO-3 model states of DP ranks {sorted(found)} for TP rank "
+                              f"{tp_rank}: some are missing")
+    return [found[d] for d in range(len(found))]
+
+
+def _optim_file(ckpt: Path, dp_rank: int, tp_rank: int) -> Path:
+    name = f"zero_pp_rank_{dp_rank}_mp_rank_{tp_rank:02d}_optim_states.pt"
+    found = sorted(ckpt.glob(f"*{name}"))  # prefixed with the precision: bf16_zero_pp_rank_..., or none
+    if len(found) != 1:
+        raise CheckpointError(f"{ckpt} has {len(found)} optimizer-state files for DP rank {dp_rank}, TP rank "
+                              f"{tp_rank} (*{name}); a ZeRO-3 checkpoint holds exactly one")
+    return found[0]
+
+
+def _zero3_shard(ckpt: Path, tp_rank: int, files: List[Path]) -> Dict[str, torch.Tensor]:
+    """TP rank tp_rank's parameters under ZeRO-3: each parameter is split over the DP ranks in ceil(numel / dp)
+    pieces (the last padded), laid end to end per parameter group in each rank's fp32 flat group. Returned in the
+    dtype the run computed in (the one its module placeholders carry), as the engine's own export gathers them."""
+    states = [_load(f) for f in files]
+    dp = len(states)
+    flat = [_load(_optim_file(ckpt, d, tp_rank))["optimizer_state_dict"]["fp32_flat_groups"] for d in range(dp)]
+    groups = states[0]["param_shapes"]  # one {name: shape at this TP rank} per parameter group, in flat order
+    if len(flat[0]) != len(groups):
+        raise CheckpointError(f"{files[0]}: {len(groups)} parameter groups but {len(flat[0])} fp32 flat groups in its "
+                              "optimizer states; the checkpoint's files are from different runs")
+    module = states[0]["module"]
+    out: Dict[str, torch.Tensor] = {}
+    for g, shapes in enumerate(groups):
+        offset = 0
+        for name, shape in shapes.items():
+            numel = shape.numel()
+            part = -(-numel // dp)
+            pieces = [flat[d][g].narrow(0, offset, part) for d in range(dp)]
+            out[name] = torch.cat(pieces).narrow(0, 0, numel).view(shape).to(module[name].dtype)
+            offset += part
+        if offset != flat[0][g].numel():
+            raise CheckpointError(f"{files[0]}: parameter group {g} holds {flat[0][g].numel()} elements per DP rank, "
+                                  f"its parameters {offset}; the checkpoint's files are from different runs")
+    return out
+
+
+def _tp_shard(ckpt: Path, tp_rank: int) -> Dict[str, torch.Tensor]:
+    """TP rank tp_rank's parameters as it trained them (its shard of each TP-split weight, all of the others)."""
+    files = _zero3_files(ckpt, tp_rank)
+    if files:
+        return _zero3_shard(ckpt, tp_rank, files)
+    return _load(ckpt / f"mp_rank_{tp_rank:02d}_model_states.pt")["module"]
+
+
+def checkpoint_weights(ckpt: Path, cfg: Config) -> Dict[str, torch.Tensor]:
+    """The student's full fp32 weights in checkpoint dir `ckpt`, written by a run with config `cfg` (its TP size and
+    model); named and laid out as `export` writes them (TP shards concatenated along their split dimension)."""
+    from megadistill.model.transformer import Transformer
+    from megadistill.parallel.layers import LayerFactory
+
+    ckpt, tp = Path(ckpt), cfg.parallel.tp_size
+    full = {n: tuple(p.shape) for n, p in Transformer(cfg.model, LayerFactory(device="meta")).named_parameters()}
+    shards = [_tp_shard(ckpt, t) for t in range(tp)]
+    out: Dict[str, torch.Tensor] = {}
+    for name, shape in full.items():
+        pieces = [s.get(_PREFIX + name) for s in shards]
+        if any(p is None for p in pieces):
+            raise CheckpointError(f"{ckpt} has no {name!r} for TP rank {pieces.index(None)}: it was not written by a "
+                                  f"run of this config (model.*, parallel.tp_size={tp})")
+        local = tuple(pieces[0].shape)
+        split = [d for d, (a, b) in enumerate(zip(local, shape)) if a != b] if len(local) == len(shape) else None
+        if split == []:
+            t = pieces[0]  # replicated on every TP rank (norm gains, replicated key/value heads)
+        elif split is not None and len(split) == 1 and local[split[0]] * tp == shape[split[0]]:
+            t = torch.cat(pieces, dim=split[0])
+        else:
+            raise CheckpointError(f"{ckpt}: {name} is {local} on TP rank 0, which is no 1/{tp} split of its full "
+                                  f"shape {shape}; the checkpoint does not match the run's config")
+        out[name] = t.detach().float().contiguous()
+    return out
