@@ -1,9 +1,10 @@
 """DeepSpeed engine set-up: our config -> DeepSpeed config dict, µP AdamW param groups, cosine schedule, ZeRO wrap."""
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
-from typing import List
+from typing import Iterator, List
 
 import torch
 
@@ -147,9 +148,10 @@ def initialize(model: torch.nn.Module, cfg: Config, groups: ParallelGroups, tota
 
     optimizer = build_optimizer(model, cfg)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, total_steps))
-    engine, _, _, scheduler = deepspeed.initialize(
-        model=model, optimizer=optimizer, lr_scheduler=scheduler,
-        config=deepspeed_config(cfg, groups.dp_size), mpu=groups.mpu(), dist_init_required=False)
+    with _memory_printout_at_debug():
+        engine, _, _, scheduler = deepspeed.initialize(
+            model=model, optimizer=optimizer, lr_scheduler=scheduler,
+            config=deepspeed_config(cfg, groups.dp_size), mpu=groups.mpu(), dist_init_required=False)
     if effective_stage(cfg, groups.dp_size) == 3:
         register_shared_weights(model)
     if cfg.train.precision == "bf16":
@@ -158,6 +160,26 @@ def initialize(model: torch.nn.Module, cfg: Config, groups: ParallelGroups, tota
                  type(engine.optimizer).__name__, engine.gradient_accumulation_steps(), grad_accum_dtype(cfg),
                  grad_reduce_dtype(cfg), cfg.train.grad_accum_dtype, cfg.train.grad_reduce_dtype)
     return engine, scheduler
+
+
+@contextlib.contextmanager
+def _memory_printout_at_debug() -> Iterator[None]:
+    """DeepSpeed's BF16_Optimizer prints a memory report (`see_memory_usage(..., force=True)`: 30 lines on stdout) as
+    it builds each parameter group, at every bf16 start; within this block it prints only when this module logs at
+    DEBUG (`megadistill -v`)."""
+    from deepspeed.runtime import bf16_optimizer
+
+    printout = bf16_optimizer.see_memory_usage
+
+    def at_debug(message, force=False):
+        if log.isEnabledFor(logging.DEBUG):
+            printout(message, force=force)
+
+    bf16_optimizer.see_memory_usage = at_debug
+    try:
+        yield
+    finally:
+        bf16_optimizer.see_memory_usage = printout
 
 
 def register_shared_weights(model: torch.nn.Module) -> int:
