@@ -16,7 +16,7 @@ pytestmark = pytest.mark.multiproc
 
 RUNS = {"tp2": ["parallel.tp_size=2", "zero.stage=1"],  # TP=2 x DP=1: a TP shard per rank
         "z3": ["zero.stage=3", "train.precision=bf16"]}  # DP=2 under ZeRO-3: its parameters partitioned over both ranks
-COMMON = ["train.steps=4", "train.eval_tokens=512"]
+COMMON = ["train.steps=4", "train.eval_tokens=512", "train.checkpoint_interval=2"]  # kept: steps 2 and 4
 
 
 def _overrides(root, name, extra=()):
@@ -52,7 +52,8 @@ def _on_two(rank, world, root):
     return {"tp2_at_tp1_dp2": evaluate_run(str(root / "tp2"), ["parallel.tp_size=1"])["eval_loss"],
             "tp2_unfinished_at_tp1_dp2": evaluate_run(str(root / "tp2_unfinished"),
                                                       ["parallel.tp_size=1"])["eval_loss"],
-            "z3_as_written": evaluate_run(str(root / "z3"))["eval_loss"]}
+            "z3_as_written": evaluate_run(str(root / "z3"))["eval_loss"],
+            "tp2_step2_as_written": evaluate_run(str(root / "tp2"), step=2)["eval_loss"]}  # appends a step-2 record
 
 
 def _on_one(rank, world, root):
@@ -84,6 +85,14 @@ def _on_one(rank, world, root):
         out[f"{name}_unfinished_export_meta"] = json.loads((root / f"{name}_unfinished_export" / "meta.json")
                                                            .read_text())
         out[f"{name}_scratch_left"] = sorted(p.name for p in run.iterdir() if p.name.startswith("."))
+    # an earlier kept checkpoint (an intermediate teacher, say): eval and export of step 2 on 1 process, from its
+    # shards (the run's model/ is step 4's)
+    out["tp2_step2_eval"] = evaluate_run(str(root / "tp2"), step=2)["eval_loss"]
+    export_run(str(root / "tp2"), str(root / "tp2_step2"), step=2)
+    e = load_file(str(root / "tp2_step2" / "model.safetensors"))
+    out["tp2_step2_export_differs"] = max(float((e[k] - b[k]).abs().max()) for k in b)
+    out["tp2_step2_meta"] = json.loads((root / "tp2_step2" / "meta.json").read_text())
+    out["step3_error"] = _error(lambda: evaluate_run(str(root / "tp2"), step=3))
     # a checkpoint read with a config that did not write it: named, not a shape error deep in a cat
     ckpt = root / "tp2" / "checkpoints" / "step_00000004"
     for key, over in (("layers", ["model.n_layers=3"]), ("tp", ["parallel.tp_size=1"])):
@@ -106,7 +115,8 @@ def test_finished_runs_evaluate_and_export_on_one_process(relayout):
     # the run's own final eval (2 processes) against the same weights on 1; fp32, measured 3e-8 apart at TP 2 -> 1
     # (the head's reductions split otherwise), equal under ZeRO-3 DP 2 -> 1
     for name in RUNS:
-        trained, offline = recs[name][0], recs[name][-1]  # (z3: its 2-process offline eval in between)
+        # (in between: 2-process offline evals; tp2 ends with its step-2 evals)
+        trained, offline = recs[name][0], [r for r in recs[name] if r["step"] == 4][-1]
         assert offline["source"] == "megadistill eval" and offline["step"] == trained["step"] == 4, offline
         assert abs(offline["eval_loss"] - trained["eval_loss"]) < 1e-6, (name, trained, offline)
         assert relayout[f"{name}_eval"] == offline["eval_loss"]
@@ -129,6 +139,20 @@ def test_unfinished_runs_evaluate_and_export_from_their_shards(relayout):
         assert relayout[f"{name}_scratch_left"] == [], relayout[f"{name}_scratch_left"]
     # 2 processes at TP=1 reading the TP=2 run's shards that rank 0 consolidated
     assert abs(relayout["tp2_unfinished_at_tp1_dp2"] - recs["tp2"][0]["eval_loss"]) < 1e-6
+
+
+def test_an_earlier_kept_checkpoint_evaluates_and_exports(relayout):
+    step2 = [r for r in relayout["records"]["tp2"] if r["step"] == 2]
+    final = relayout["records"]["tp2"][0]["eval_loss"]
+    # as written on 2 processes, and on 1 from its shards: the same weights; not the final ones
+    assert [r["eval_loss"] for r in step2] == [relayout["tp2_step2_as_written"], relayout["tp2_step2_eval"]]
+    assert abs(relayout["tp2_step2_eval"] - relayout["tp2_step2_as_written"]) < 1e-6
+    assert abs(relayout["tp2_step2_eval"] - final) > 1e-3
+    meta = relayout["tp2_step2_meta"]
+    assert meta["step"] == 2 and meta["tokens"] == step2[0]["tokens"] and meta["eval_loss"] == step2[-1]["eval_loss"]
+    assert relayout["tp2_step2_export_differs"] > 1e-4  # step 2's weights, not model/ (step 4's)
+    err = relayout["step3_error"]
+    assert err is not None and "has no checkpoint of step 3; it keeps steps [2, 4]" in err, err
 
 
 def test_a_checkpoint_read_with_another_config_is_named(relayout):

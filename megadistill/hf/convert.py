@@ -75,29 +75,31 @@ def import_hf(ref: str, out_dir: str, dtype: str = "auto") -> Path:
     return out
 
 
-def _weights_of_run(run_dir: Path, work: Path) -> Path:
+def _weights_of_run(run_dir: Path, work: Path, step: Optional[int] = None) -> Path:
     """A run's consolidated weights dir: its model/ (finished run, or an export dir), else consolidated now from the
-    latest checkpoint."""
-    try:
-        return checkpoint.find_weights(str(run_dir))
-    except UserError:
-        if not (run_dir / "checkpoints").is_dir():
-            raise
+    latest checkpoint; with `step`, consolidated from that step's checkpoint."""
+    if step is None:
+        try:
+            return checkpoint.find_weights(str(run_dir))
+        except UserError:
+            if not (run_dir / "checkpoints").is_dir():
+                raise
     from megadistill.train.offline import export_run
-    return export_run(str(run_dir), str(work))
+    return export_run(str(run_dir), str(work), step)
 
 
-def export_hf(run_dir: str, out_dir: str, max_position: Optional[int] = None) -> Path:
+def export_hf(run_dir: str, out_dir: str, max_position: Optional[int] = None, step: Optional[int] = None) -> Path:
     """Write config.json + model.safetensors (+ generation_config.json and the tokenizer files when the run used an
     HF tokenizer) that transformers loads, with no custom code, as the class that computes the run's model
-    (megadistill.hf.config.from_model_config: Qwen3, Llama, ..., a mixture's Mixtral / Qwen3-MoE / OLMoE)."""
+    (megadistill.hf.config.from_model_config: Qwen3, Llama, ..., a mixture's Mixtral / Qwen3-MoE / OLMoE).
+    step: the weights of that kept checkpoint (default: the finished run's, else its latest checkpoint's)."""
     from safetensors.torch import load_file
 
     from megadistill.train.teacher import teacher_model_config
 
     run_dir, out = Path(run_dir), Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    weights = _weights_of_run(run_dir, out / ".consolidated")
+    weights = _weights_of_run(run_dir, out / ".consolidated", step)
     tcfg = teacher_model_config(weights)
     m = tcfg.model
     state = load_file(str(weights / checkpoint.WEIGHTS))  # our names, fp32 as trained

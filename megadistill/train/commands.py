@@ -35,7 +35,7 @@ def _train(args) -> int:
 def _eval(args) -> int:
     from megadistill.train.offline import evaluate_run
 
-    ev = evaluate_run(args.run_dir, args.overrides, eval_tokens=args.eval_tokens)
+    ev = evaluate_run(args.run_dir, args.overrides, eval_tokens=args.eval_tokens, step=args.step)
     print(f"eval_loss {ev['eval_loss']:.6f} over {ev['eval_tokens']} tokens (record appended to "
           f"{args.run_dir}/eval.jsonl)")
     return 0
@@ -44,12 +44,12 @@ def _eval(args) -> int:
 def _export(args) -> int:
     if args.format == "hf":
         from megadistill.hf.convert import export_hf
-        out = export_hf(args.run_dir, args.out)
+        out = export_hf(args.run_dir, args.out, step=args.step)
         print(f"wrote {out}/config.json and {out}/model.safetensors (transformers AutoModelForCausalLM loads it)")
         return 0
     from megadistill.train.offline import export_run
 
-    out = export_run(args.run_dir, args.out)
+    out = export_run(args.run_dir, args.out, step=args.step)
     print(f"wrote {out}/model.safetensors and {out}/config.yaml")
     return 0
 
@@ -97,6 +97,7 @@ def register(sub) -> None:
     p.add_argument("run_dir")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. data.* overrides to evaluate elsewhere")
     p.add_argument("--eval-tokens", type=int, default=None, help="held-out tokens (default: the run's)")
+    p.add_argument("--step", type=int, default=None, help="the kept checkpoint of this step (default: the latest)")
     p.set_defaults(func=_eval)
 
     p = sub.add_parser("export", help="write a run's consolidated weights as safetensors + config.yaml, or as a "
@@ -106,6 +107,8 @@ def register(sub) -> None:
                               "          megadistill export runs/t1 --format hf -o exports/t1-hf")
     p.add_argument("run_dir")
     p.add_argument("-o", "--out", required=True)
+    p.add_argument("--step", type=int, default=None, help="the kept checkpoint of this step (default: the latest; "
+                   "an intermediate teacher, say)")
     p.add_argument("--format", choices=("megadistill", "hf"), default="megadistill",
                    help="hf: config.json + safetensors with HF names (Qwen3ForCausalLM / Qwen2ForCausalLM / "
                    "LlamaForCausalLM)")

@@ -62,8 +62,28 @@ class _Plan(NamedTuple):
     weights: Optional[Path]  # else: the run's consolidated weights of that step (None: consolidate the shards)
 
 
-def _plan(run_dir: Path, overrides: List[str], verb: str) -> _Plan:
-    """The checkpoint's DeepSpeed shards load as written where this launch has the layout that wrote them: the same TP
+def _checkpoint_of(run_dir: Path, step: Optional[int]) -> Path:
+    """The verified checkpoint dir of step `step` (None: the one `latest` names). Every rank calls it."""
+    if step is None:
+        ckpt = checkpoint.resume_point(run_dir, "true", clean=False)  # a live run's partial write untouched
+        if ckpt is None:
+            raise UserError(f"{run_dir} has no checkpoint (checkpoints/latest is missing)")
+        return ckpt
+    root = run_dir / "checkpoints"
+    ckpt = root / f"step_{step:08d}"
+    kept = checkpoint.complete_checkpoints(root)
+    if ckpt not in kept:
+        raise UserError(f"{run_dir} has no checkpoint of step {step}; it keeps steps "
+                        f"{[int(p.name[5:]) for p in kept]} (train.checkpoint_interval sets how often a run writes "
+                        "one, train.keep_checkpoints how many of the newest it keeps)")
+    problem = checkpoint.verify(ckpt)
+    if problem:
+        raise checkpoint.CheckpointError(problem)
+    return ckpt
+
+
+def _plan(run_dir: Path, overrides: List[str], verb: str, step: Optional[int] = None) -> _Plan:
+    """Where this launch reads checkpoint `step` (None: the latest) from. The checkpoint's DeepSpeed shards load as written where this launch has the layout that wrote them: the same TP
     size, and for a ZeRO-3 run the same number of processes (its parameters are partitioned over them). Elsewhere the
     run's full weights are split over this launch's TP size -- the run's where it divides the world size, else 1 (or
     parallel.tp_size=N) -- read from its consolidated model/ of that step (written when the run finished) or, for a run
@@ -71,9 +91,7 @@ def _plan(run_dir: Path, overrides: List[str], verb: str) -> _Plan:
     written_cfg = run_config(run_dir)
     cfg = run_config(run_dir, overrides)
     info = init_distributed(cfg.parallel.backend, cfg.parallel.timeout_s)
-    ckpt = checkpoint.resume_point(run_dir, "true", clean=False)  # verified; a live run's partial write untouched
-    if ckpt is None:
-        raise UserError(f"{run_dir} has no checkpoint (checkpoints/latest is missing)")
+    ckpt = _checkpoint_of(run_dir, step)
     state_file = ckpt / "trainer_state_rank00000.json"
     state = json.loads(state_file.read_text()) if state_file.is_file() else {}
     world, w_world, w_tp = info.world_size, checkpoint.written_world_size(ckpt), written_cfg.parallel.tp_size
@@ -118,7 +136,7 @@ def _remove_scratch(path: Path, rank: int) -> None:
 
 
 def _latest_student(run_dir: Path, plan: _Plan):
-    """The run's latest checkpoint as a student engine on this launch, read as `plan` says: (cfg, dist info, groups,
+    """The run's checkpoint as a student engine on this launch, read as `plan` says: (cfg, dist info, groups,
     engine, student, trainer state of rank 0); optimizer states are not loaded."""
     cfg, info = plan.cfg, plan.info
     cfg.validate(info.world_size)
@@ -140,11 +158,12 @@ def _latest_student(run_dir: Path, plan: _Plan):
     return cfg, info, groups, eng, student, plan.state
 
 
-def evaluate_run(run_dir: str, overrides: List[str] = (), eval_tokens: Optional[int] = None) -> Dict:
-    """Evaluate the run's latest checkpoint on its held-out split (data.* overrides allowed); append a record.
-    Any number of processes (see _plan)."""
+def evaluate_run(run_dir: str, overrides: List[str] = (), eval_tokens: Optional[int] = None,
+                 step: Optional[int] = None) -> Dict:
+    """Evaluate the run's checkpoint of step `step` (None: its latest) on its held-out split (data.* overrides
+    allowed); append a record. Any number of processes (see _plan)."""
     run_dir = Path(run_dir)
-    cfg, info, groups, eng, student, state = _latest_student(run_dir, _plan(run_dir, list(overrides), "eval"))
+    cfg, info, groups, eng, student, state = _latest_student(run_dir, _plan(run_dir, list(overrides), "eval", step))
     t = cfg.train
     batches = build_eval_batches(cfg.data, vocab_size=cfg.model.vocab_size, seq_len=t.seq_len,
                                  n_tokens=eval_tokens or t.eval_tokens, batch_size=t.micro_batch_size)
@@ -164,11 +183,11 @@ def evaluate_run(run_dir: str, overrides: List[str] = (), eval_tokens: Optional[
     return ev
 
 
-def export_run(run_dir: str, out_dir: str) -> Path:
-    """Consolidate the latest checkpoint's weights (any TP / ZeRO layout) to out_dir as safetensors + config.yaml,
-    on any number of processes (see _plan)."""
+def export_run(run_dir: str, out_dir: str, step: Optional[int] = None) -> Path:
+    """Consolidate the weights of the run's checkpoint of step `step` (None: its latest; any TP / ZeRO layout) to
+    out_dir as safetensors + config.yaml + meta.json, on any number of processes (see _plan)."""
     run_dir, out_dir = Path(run_dir), Path(out_dir)
-    plan = _plan(run_dir, [], "export")
+    plan = _plan(run_dir, [], "export", step)
     cfg, state = plan.cfg, plan.state
     meta = {"run": cfg.train.run_name or run_dir.name, "tokens": int(state.get("tokens", 0)),
             "step": int(state.get("step", 0)), "params": params_of(cfg.model)[0]}
