@@ -6,6 +6,8 @@ ZeRO-2, ZeRO-3, ZeRO-2 with the optimizer offloaded, TP=2 and ZeRO-1 with recomp
 optimizer step of 16-32 micro-batches and reads the accumulated gradient of every parameter
 (deepspeed.utils.safe_get_full_grad) before the step.
 The reference model is the same initialisation run densely in bf16 on the same micro-batches."""
+import contextlib
+import io
 import math
 
 import pytest
@@ -51,7 +53,8 @@ def _accumulated_vs_exact(rank, world, root):
         cfg = config.load([], tiny_overrides(f"{root}/{name}", "supervised", [
             "train.steps=1", "train.precision=bf16", "train.micro_batch_size=1",
             f"train.global_batch_size={2 * MICRO_BATCHES}", "train.save=false"] + extra), world_size=world)
-        live = trainer.build(cfg, info)
+        with contextlib.redirect_stdout(io.StringIO()) as printed:  # what a bf16 start prints (rank 0)
+            live = trainer.build(cfg, info)
         eng, groups = live.engine, live.groups
         # the reference: the same initialisation (build seeds before the student), dense ZeRO-free, in bf16
         torch.manual_seed(cfg.train.seed)
@@ -89,7 +92,8 @@ def _accumulated_vs_exact(rank, world, root):
         out[name] = {"rel_err": math.sqrt(err / ref), "gas": gas, "dp": groups.dp_size,
                      "accum_dtype": engine_mod.grad_accum_dtype(cfg), "reduce_dtype": engine_mod.grad_reduce_dtype(cfg),
                      "optimizer": type(eng.optimizer).__name__,
-                     "norm": float(eng.get_global_grad_norm()), "exact_norm": math.sqrt(float(shard) + replicated)}
+                     "norm": float(eng.get_global_grad_norm()), "exact_norm": math.sqrt(float(shard) + replicated),
+                     "printed": printed.getvalue()}
         trainer.release(live)
     return out
 
@@ -110,6 +114,8 @@ def test_fp32_accumulation_is_the_exact_sum_of_the_micro_batch_gradients(accumul
     # ZeRO-1 in bf16 with fp32 accumulation is DeepSpeed's BF16_Optimizer, unless offloaded (ZeRO's optimizer)
     want = "BF16_Optimizer" if name.startswith(("z1", "tp2_z1")) and "offload" not in name else "DeepSpeedZero"
     assert accumulated[0][name]["optimizer"].startswith(want), accumulated[0][name]
+    # its memory report (see_memory_usage(force=True): 30 lines at each start) is shown under -v only
+    assert "bf16_optimizer" not in accumulated[0][name]["printed"], accumulated[0][name]["printed"]
 
 
 @pytest.mark.parametrize("name", ["z1_bf16", "z2_bf16"])

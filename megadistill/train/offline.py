@@ -25,6 +25,7 @@ from megadistill.train import checkpoint, engine as engine_mod
 from megadistill.train.consolidate import checkpoint_weights
 from megadistill.train.evaluate import eval_record, evaluate
 from megadistill.train.objective import Objective
+from megadistill.train.teacher import materialize
 from megadistill.train.trainer import export_weights, total_steps
 
 log = logging.getLogger(__name__)
@@ -136,25 +137,31 @@ def _remove_scratch(path: Path, rank: int) -> None:
 
 
 def _latest_student(run_dir: Path, plan: _Plan):
-    """The run's checkpoint as a student engine on this launch, read as `plan` says: (cfg, dist info, groups,
-    engine, student, trainer state of rank 0); optimizer states are not loaded."""
+    """The run's checkpoint as a student on this launch, read as `plan` says: (cfg, dist info, groups, engine,
+    student, trainer state of rank 0). Where the checkpoint loads as written, a DeepSpeed engine loads it (module
+    only; the layout trained, so it fits); elsewhere there is no engine (None) and no optimizer state: the weights go
+    into the bare student in the run's precision, so an eval on fewer GPUs than trained the run needs memory for the
+    weights only (an engine's bf16 optimizer would add 14 bytes per parameter)."""
     cfg, info = plan.cfg, plan.info
     cfg.validate(info.world_size)
     groups = ParallelGroups.build(cfg.parallel.tp_size)
-    torch.manual_seed(cfg.train.seed)
-    student = Transformer(cfg.model, groups.factory(device=info.device,
-                                                    sequence_parallel=cfg.parallel.sequence_parallel))
-    if not plan.as_written:
+    sp = cfg.parallel.sequence_parallel
+    if not plan.as_written:  # built on the meta device, allocated in the run's precision, filled by the load
+        dtype = torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32  # as a bf16 engine casts it
+        student = materialize(Transformer(cfg.model, groups.factory(device="meta", dtype=dtype, sequence_parallel=sp)),
+                              info.device)
         weights = plan.weights or _consolidate_for_launch(run_dir, plan)
         try:
             checkpoint.load_sharded_weights(student, weights, groups)
         finally:
             if plan.weights is None:
                 _remove_scratch(weights, info.rank)
+        return cfg, info, groups, None, student.requires_grad_(False), plan.state
+    torch.manual_seed(cfg.train.seed)
+    student = Transformer(cfg.model, groups.factory(device=info.device, sequence_parallel=sp))
     eng, _ = engine_mod.initialize(Objective(student, cfg, groups.tp_group), cfg, groups, total_steps(cfg))
-    if plan.as_written:
-        checkpoint.load_engine(eng, plan.ckpt, load_optimizer_states=False, load_lr_scheduler_states=False,
-                               load_module_only=True)
+    checkpoint.load_engine(eng, plan.ckpt, load_optimizer_states=False, load_lr_scheduler_states=False,
+                           load_module_only=True)
     return cfg, info, groups, eng, student, plan.state
 
 
@@ -167,7 +174,7 @@ def evaluate_run(run_dir: str, overrides: List[str] = (), eval_tokens: Optional[
     t = cfg.train
     batches = build_eval_batches(cfg.data, vocab_size=cfg.model.vocab_size, seq_len=t.seq_len,
                                  n_tokens=eval_tokens or t.eval_tokens, batch_size=t.micro_batch_size)
-    ev = evaluate(student, batches, groups, cfg, eng.device)
+    ev = evaluate(student, batches, groups, cfg, eng.device if eng is not None else info.device)
     if info.rank == 0:
         # a distill run keeps its teacher: the block and the teacher-forward FLOPs per token of its own last record
         prior = records.read_records(run_dir / "eval.jsonl")[0] if (run_dir / "eval.jsonl").is_file() else []
@@ -195,12 +202,15 @@ def export_run(run_dir: str, out_dir: str, step: Optional[int] = None) -> Path:
     at_step = [r for r in recs if r.get("step") == meta["step"]]  # an earlier eval is not these weights' loss
     if at_step:
         meta["eval_loss"] = at_step[-1]["eval_loss"]
-    if plan.as_written or plan.weights is not None:
+    if plan.as_written:
         cfg, _, groups, eng, _, _ = _latest_student(run_dir, plan)
         export_weights(eng, cfg, groups, out_dir, meta)
         return out_dir
-    if plan.info.rank == 0:  # an unfinished run on another layout: its shards consolidated straight into out_dir
-        checkpoint.write_weights(checkpoint_weights(plan.ckpt, plan.written), out_dir, config_mod.to_yaml(plan.written))
+    if plan.info.rank == 0:  # no engine: the step's consolidated model/, or the checkpoint's shards consolidated now
+        from safetensors.torch import load_file
+        weights = (load_file(str(plan.weights / checkpoint.WEIGHTS)) if plan.weights is not None
+                   else checkpoint_weights(plan.ckpt, plan.written))
+        checkpoint.write_weights(weights, out_dir, config_mod.to_yaml(plan.written))
         checkpoint.atomic_write_text(out_dir / "meta.json", json.dumps(meta) + "\n")
     if dist.is_initialized():
         dist.barrier()

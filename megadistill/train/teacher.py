@@ -55,10 +55,10 @@ def teacher_model_config(weights_dir: Path) -> Config:
     return config_mod.from_dict(OmegaConf.to_container(OmegaConf.load(weights_dir / "config.yaml")))
 
 
-def _materialize(model: nn.Module, device: torch.device) -> nn.Module:
+def materialize(model: nn.Module, device: torch.device) -> nn.Module:
     """Allocate a meta-device model's parameters (uninitialised) on `device`, keeping their TP / µP tags.
 
-    The teacher is built on the meta device, so its random initialisation (full fp32 draws on every rank, minutes for
+    The teacher (and a student read for eval) is built on the meta device, so its random initialisation (full fp32 draws on every rank, minutes for
     a 12.6B model on a CPU, 50 GB of host memory per rank) never happens: every weight is overwritten by the load.
     """
     if any(True for _ in model.buffers()):
@@ -169,7 +169,7 @@ def load_teacher(cfg: Config, groups: ParallelGroups, device: torch.device,
     tm = src.model_cfg
     dtype = torch.bfloat16 if cfg.distill.teacher_dtype == "bf16" else torch.float32
     factory = groups.teacher_factory(device="meta", dtype=dtype, sequence_parallel=cfg.parallel.sequence_parallel)
-    model = _materialize(Transformer(tm, factory), device)
+    model = materialize(Transformer(tm, factory), device)
     if src.hf:
         from megadistill.hf.weights import load_into
         load_into(model, src.weights_dir, groups.tp_rank, groups.tp_size)
