@@ -15,6 +15,10 @@ pytestmark = pytest.mark.multiproc
 RUNS = {"tp2": ["parallel.tp_size=2", "zero.stage=1"],  # TP=2 x DP=1: a TP shard per rank
         "z3": ["zero.stage=3", "train.precision=bf16"]}  # DP=2 under ZeRO-3: its parameters partitioned over both ranks
 COMMON = ["train.steps=4", "train.eval_tokens=512", "train.checkpoint_interval=2"]  # kept: steps 2 and 4
+# consolidated from its checkpoint only: TP=2 with one key/value head (replicated on both ranks), Q / K / V biases, a
+# tied head and a mixture of experts (their weights TP-split), under ZeRO-3 over DP=2 on 4 processes
+ODD = ["parallel.tp_size=2", "zero.stage=3", "model.n_kv_heads=1", "model.qkv_bias=true", "model.tie_embeddings=true",
+       "model.moe_experts=4", "model.moe_top_k=2", "model.d_ff=32", "train.steps=2"]
 
 
 def _overrides(root, name, extra=()):
@@ -28,6 +32,12 @@ def _error(fn):
     except UserError as e:
         return str(e)
     return None
+
+
+def _on_four(rank, world, root):
+    from megadistill import config
+    from megadistill.train.trainer import train
+    train(config.load([], tiny_overrides(Path(root) / "odd", "supervised", ODD)))
 
 
 def _on_two(rank, world, root):
@@ -87,6 +97,10 @@ def _on_one(rank, world, root):
     out["tp2_step2_export_differs"] = max(float((e[k] - b[k]).abs().max()) for k in b)
     out["tp2_step2_meta"] = json.loads((root / "tp2_step2" / "meta.json").read_text())
     out["step3_error"] = _error(lambda: evaluate_run(str(root / "tp2"), step=3))
+    odd = checkpoint_weights(root / "odd" / "checkpoints" / "step_00000002", run_config(root / "odd"))
+    want = load_file(str(root / "odd" / "model" / "model.safetensors"))
+    out["odd_names"] = sorted(odd) == sorted(want)
+    out["odd_diff"] = max(float((odd[k] - want[k]).abs().max()) for k in want)
     # a checkpoint read with a config that did not write it: named, not a shape error deep in a cat
     ckpt = root / "tp2" / "checkpoints" / "step_00000004"
     for key, over in (("layers", ["model.n_layers=3"]), ("tp", ["parallel.tp_size=1"])):
@@ -100,6 +114,7 @@ def _on_one(rank, world, root):
 @pytest.fixture(scope="module")
 def relayout(tmp_path_factory):
     root = tmp_path_factory.mktemp("relayout")
+    run_distributed(_on_four, 4, str(root), timeout=600)
     two = run_distributed(_on_two, 2, str(root), timeout=600)[0]
     return {**two, **run_distributed(_on_one, 1, str(root), timeout=600)[0]}
 
@@ -146,6 +161,10 @@ def test_an_earlier_kept_checkpoint_evaluates_and_exports(relayout):
     assert relayout["tp2_step2_export_differs"] > 1e-4  # step 2's weights, not model/ (step 4's)
     err = relayout["step3_error"]
     assert err is not None and "has no checkpoint of step 3; it keeps steps [2, 4]" in err, err
+
+
+def test_replicated_heads_biases_tied_head_and_experts_consolidate_exactly(relayout):
+    assert relayout["odd_names"] and relayout["odd_diff"] == 0.0, relayout["odd_diff"]
 
 
 def test_a_checkpoint_read_with_another_config_is_named(relayout):
