@@ -2,6 +2,7 @@
 finished run from its consolidated weights, an unfinished one from its checkpoint's TP / ZeRO-3 shards consolidated
 offline (train/consolidate.py) -- split over the launch's TP size; a resume on another world size is refused by name."""
 import json
+import logging
 import shutil
 from pathlib import Path
 
@@ -53,13 +54,19 @@ def _on_two(rank, world, root):
             shutil.copytree(root / name, root / f"{name}_unfinished")
             shutil.rmtree(root / f"{name}_unfinished" / "model")
             (root / f"{name}_unfinished" / "DONE").unlink()
+        (root / "tp2_unfinished" / ".step_00000004.consolidated.1").mkdir()  # left by a killed eval
     dist.barrier()
+    warned = []
+    handler = logging.Handler()
+    handler.emit = lambda record: warned.append(record.getMessage())
+    logging.getLogger("megadistill.train.offline").addHandler(handler)
     # the writers' world size at another TP size: the TP=2 run at TP=1 x DP=2, from its consolidated weights, and
     # unfinished, from its TP shards (rank 0 consolidates them into a scratch dir both ranks read); the ZeRO-3 run as
     # written (its DeepSpeed partitions, loaded module-only)
     return {"tp2_at_tp1_dp2": evaluate_run(str(root / "tp2"), ["parallel.tp_size=1"])["eval_loss"],
             "tp2_unfinished_at_tp1_dp2": evaluate_run(str(root / "tp2_unfinished"),
                                                       ["parallel.tp_size=1"])["eval_loss"],
+            "stale_warning": [w for w in warned if "consolidated weights of an eval" in w],
             "z3_as_written": evaluate_run(str(root / "z3"))["eval_loss"],
             "tp2_step2_as_written": evaluate_run(str(root / "tp2"), step=2)["eval_loss"]}  # appends a step-2 record
 
@@ -144,9 +151,14 @@ def test_unfinished_runs_evaluate_and_export_from_their_shards(relayout):
         meta = relayout[f"{name}_unfinished_export_meta"]
         # its loss: the newest record of that step (here the offline eval just run on the copy)
         assert meta["step"] == 4 and meta["eval_loss"] == relayout[f"{name}_unfinished_eval"], meta
-        assert relayout[f"{name}_scratch_left"] == [], relayout[f"{name}_scratch_left"]
+        # the scratch copies of the 2-process eval (above) and none of the 1-process ones (in memory) are left; a
+        # killed eval's is named in a warning and left alone
+        left = [".step_00000004.consolidated.1"] if name == "tp2" else []
+        assert relayout[f"{name}_scratch_left"] == left, relayout[f"{name}_scratch_left"]
     # 2 processes at TP=1 reading the TP=2 run's shards that rank 0 consolidated
     assert abs(relayout["tp2_unfinished_at_tp1_dp2"] - recs["tp2"][0]["eval_loss"]) < 1e-6
+    [warning] = relayout["stale_warning"]
+    assert ".step_00000004.consolidated.1: consolidated weights of an eval still running, or of one killed" in warning
 
 
 def test_an_earlier_kept_checkpoint_evaluates_and_exports(relayout):

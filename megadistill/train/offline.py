@@ -111,12 +111,19 @@ def _plan(run_dir: Path, overrides: List[str], verb: str, step: Optional[int] = 
     return _Plan(cfg, written_cfg, info, ckpt, state, as_written, weights)
 
 
+SCRATCH = ".{tag}.consolidated.{pid}"  # an eval's consolidated weights, in the run dir while it reads them
+
+
 def _consolidate_for_launch(run_dir: Path, plan: _Plan) -> Path:
     """Rank 0 consolidates the checkpoint's shards into a hidden dir of the run (shared by all nodes, like the run
     dir); every rank gets its path. The caller removes it (_remove_scratch)."""
     path = error = None
     if plan.info.rank == 0:
-        path = run_dir / f".{plan.ckpt.name}.consolidated.{os.getpid()}"
+        stale = sorted(p.name for p in run_dir.glob(SCRATCH.format(tag="step_*", pid="*")))
+        if stale:
+            log.warning("%s holds %s: consolidated weights of an eval still running, or of one killed before it "
+                        "removed them (remove those)", run_dir, ", ".join(stale))
+        path = run_dir / SCRATCH.format(tag=plan.ckpt.name, pid=os.getpid())
         try:
             checkpoint.write_weights(checkpoint_weights(plan.ckpt, plan.written), path,
                                      config_mod.to_yaml(plan.written))
@@ -150,12 +157,15 @@ def _latest_student(run_dir: Path, plan: _Plan):
         dtype = torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32  # as a bf16 engine casts it
         student = materialize(Transformer(cfg.model, groups.factory(device="meta", dtype=dtype, sequence_parallel=sp)),
                               info.device)
-        weights = plan.weights or _consolidate_for_launch(run_dir, plan)
-        try:
-            checkpoint.load_sharded_weights(student, weights, groups)
-        finally:
-            if plan.weights is None:
-                _remove_scratch(weights, info.rank)
+        if plan.weights is None and info.world_size == 1:  # consolidated in memory: no scratch copy on disk
+            student.load_state_dict(checkpoint_weights(plan.ckpt, plan.written))
+        else:
+            weights = plan.weights or _consolidate_for_launch(run_dir, plan)
+            try:
+                checkpoint.load_sharded_weights(student, weights, groups)
+            finally:
+                if plan.weights is None:
+                    _remove_scratch(weights, info.rank)
         return cfg, info, groups, None, student.requires_grad_(False), plan.state
     torch.manual_seed(cfg.train.seed)
     student = Transformer(cfg.model, groups.factory(device=info.device, sequence_parallel=sp))
