@@ -37,8 +37,12 @@ def _error(fn):
 
 def _on_four(rank, world, root):
     from megadistill import config
+    from megadistill.train.offline import evaluate_run
     from megadistill.train.trainer import train
     train(config.load([], tiny_overrides(Path(root) / "odd", "supervised", ODD)))
+    # the same at ZeRO-1, evaluated as written with no engine: each rank loads its TP shard from the module states
+    train(config.load([], tiny_overrides(Path(root) / "odd_z1", "supervised", ODD + ["zero.stage=1"])))
+    return evaluate_run(str(Path(root) / "odd_z1"))["eval_loss"]
 
 
 def _on_two(rank, world, root):
@@ -114,16 +118,17 @@ def _on_one(rank, world, root):
         out[f"mismatch_{key}"] = _error(lambda: checkpoint_weights(ckpt, run_config(root / "tp2", over)))
     resumed = _overrides(root, "z3", [f"train.run_dir={root / 'z3_unfinished'}", "train.resume=true"])
     out["z3_resume_error"] = _error(lambda: train(config.load([], resumed)))
-    out["records"] = {name: [json.loads(line) for line in open(root / name / "eval.jsonl")] for name in RUNS}
+    out["records"] = {name: [json.loads(line) for line in open(root / name / "eval.jsonl")]
+                      for name in [*RUNS, "odd_z1"]}
     return out
 
 
 @pytest.fixture(scope="module")
 def relayout(tmp_path_factory):
     root = tmp_path_factory.mktemp("relayout")
-    run_distributed(_on_four, 4, str(root), timeout=600)
+    odd_z1 = run_distributed(_on_four, 4, str(root), timeout=600)[0]
     two = run_distributed(_on_two, 2, str(root), timeout=600)[0]
-    return {**two, **run_distributed(_on_one, 1, str(root), timeout=600)[0]}
+    return {**two, **run_distributed(_on_one, 1, str(root), timeout=600)[0], "odd_z1_as_written": odd_z1}
 
 
 def test_finished_runs_evaluate_and_export_on_one_process(relayout):
@@ -177,6 +182,9 @@ def test_an_earlier_kept_checkpoint_evaluates_and_exports(relayout):
 
 def test_replicated_heads_biases_tied_head_and_experts_consolidate_exactly(relayout):
     assert relayout["odd_names"] and relayout["odd_diff"] == 0.0, relayout["odd_diff"]
+    # read as written (4 processes, TP=2 x DP=2 ZeRO-1, no engine): the loss of the run's own final eval
+    trained = relayout["records"]["odd_z1"][0]
+    assert trained["step"] == 2 and relayout["odd_z1_as_written"] == pytest.approx(trained["eval_loss"], abs=1e-6)
 
 
 def test_a_checkpoint_read_with_another_config_is_named(relayout):

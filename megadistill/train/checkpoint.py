@@ -295,24 +295,25 @@ def safe_torch_load(path, map_location=None, mmap: bool = False):
         return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
 
 
+def checked_load(path, map_location=None, mmap: bool = False):
+    """safe_torch_load of one checkpoint file; a refused pickle or an unreadable file is a CheckpointError naming it."""
+    try:
+        return safe_torch_load(path, map_location, mmap=mmap)
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(f"{path} holds pickled code, not only tensors and plain data: refused (a checkpoint "
+                              f"from an untrusted source?). {str(e).splitlines()[0]}") from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as e:
+        raise CheckpointError(f"{path} cannot be read ({str(e).splitlines()[0]}): the checkpoint is damaged. "
+                              + _LOCAL_HINT) from None
+
+
 def load_engine(engine, ckpt: Path, **kw) -> None:
-    """engine.load_checkpoint(ckpt) with every file read by safe_torch_load; unreadable / refused / missing files are
+    """engine.load_checkpoint(ckpt) with every file read by checked_load; unreadable / refused / missing files are
     a CheckpointError naming the checkpoint (DeepSpeed itself would warn and carry on with what it has)."""
     ckpt = Path(ckpt)
     ce = engine.checkpoint_engine
     saved = ce.__dict__.get("load")
-
-    def load(path, map_location=None):
-        try:
-            return safe_torch_load(path, map_location)
-        except pickle.UnpicklingError as e:
-            raise CheckpointError(f"{path} holds pickled code, not only tensors and plain data: refused (a checkpoint "
-                                  f"from an untrusted source?). {str(e).splitlines()[0]}") from None
-        except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as e:
-            raise CheckpointError(f"{path} cannot be read ({str(e).splitlines()[0]}): the checkpoint is damaged. "
-                                  + _LOCAL_HINT) from None
-
-    ce.load = load
+    ce.load = checked_load
     try:
         path, _ = engine.load_checkpoint(str(ckpt.parent), tag=ckpt.name, **kw)
     finally:

@@ -10,27 +10,22 @@ never read, resident memory is the output plus one tensor.
 """
 from __future__ import annotations
 
-import pickle
 import re
-import zipfile
 from pathlib import Path
 from typing import Dict, List
 
 import torch
 
 from megadistill.config import Config
-from megadistill.train.checkpoint import CheckpointError, safe_torch_load
+from megadistill.train.checkpoint import CheckpointError, checked_load
 
 _PREFIX = "student."  # the engine's module is the Objective; the student is its `student`
 
 
 def _load(path: Path) -> dict:
-    try:
-        return safe_torch_load(path, map_location="cpu", mmap=True)
-    except FileNotFoundError:
-        raise CheckpointError(f"{path} is missing: the checkpoint is incomplete") from None
-    except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, OSError) as e:  # refused, damaged
-        raise CheckpointError(f"{path} cannot be read ({str(e).splitlines()[0]})") from None
+    if not Path(path).is_file():
+        raise CheckpointError(f"{path} is missing: the checkpoint is incomplete")
+    return checked_load(path, map_location="cpu", mmap=True)
 
 
 def _zero3_files(ckpt: Path, tp_rank: int) -> List[Path]:
@@ -79,12 +74,17 @@ def _zero3_shard(ckpt: Path, tp_rank: int, files: List[Path]) -> Dict[str, torch
     return out
 
 
-def _tp_shard(ckpt: Path, tp_rank: int) -> Dict[str, torch.Tensor]:
+def tp_shard(ckpt: Path, tp_rank: int) -> Dict[str, torch.Tensor]:
     """TP rank tp_rank's parameters as it trained them (its shard of each TP-split weight, all of the others)."""
     files = _zero3_files(ckpt, tp_rank)
     if files:
         return _zero3_shard(ckpt, tp_rank, files)
     return _load(ckpt / f"mp_rank_{tp_rank:02d}_model_states.pt")["module"]
+
+
+def student_part(shard: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """The student's entries of a tp_shard, named as the student's own state_dict names them."""
+    return {k[len(_PREFIX):]: v for k, v in shard.items() if k.startswith(_PREFIX)}
 
 
 def checkpoint_weights(ckpt: Path, cfg: Config) -> Dict[str, torch.Tensor]:
@@ -95,7 +95,7 @@ def checkpoint_weights(ckpt: Path, cfg: Config) -> Dict[str, torch.Tensor]:
 
     ckpt, tp = Path(ckpt), cfg.parallel.tp_size
     full = {n: tuple(p.shape) for n, p in Transformer(cfg.model, LayerFactory(device="meta")).named_parameters()}
-    shards = [_tp_shard(ckpt, t) for t in range(tp)]
+    shards = [tp_shard(ckpt, t) for t in range(tp)]
     out: Dict[str, torch.Tensor] = {}
     for name, shape in full.items():
         pieces = [s.get(_PREFIX + name) for s in shards]

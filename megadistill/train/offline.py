@@ -22,11 +22,11 @@ from megadistill.model.transformer import Transformer
 from megadistill.parallel.groups import ParallelGroups
 from megadistill.parallel.init import init_distributed
 from megadistill.train import checkpoint, engine as engine_mod
-from megadistill.train.consolidate import checkpoint_weights
+from megadistill.train.consolidate import checkpoint_weights, student_part, tp_shard
 from megadistill.train.evaluate import eval_record, evaluate
 from megadistill.train.objective import Objective
 from megadistill.train.teacher import materialize
-from megadistill.train.trainer import export_weights, total_steps
+from megadistill.train.trainer import total_steps
 
 log = logging.getLogger(__name__)
 
@@ -59,8 +59,9 @@ class _Plan(NamedTuple):
     info: object  # this process's DistInfo
     ckpt: Path
     state: Dict  # rank 0's trainer state in the checkpoint (step, tokens)
-    as_written: bool  # its DeepSpeed shards load into this launch's engine as they are
-    weights: Optional[Path]  # else: the run's consolidated weights of that step (None: consolidate the shards)
+    as_written: bool  # this launch has the layout that wrote the checkpoint: each rank reads its own shards
+    zero3: bool  # ... under ZeRO-3 (its partitions load through a DeepSpeed engine)
+    weights: Optional[Path]  # the run's consolidated weights of that step (model/, written when it finished), or None
 
 
 def _checkpoint_of(run_dir: Path, step: Optional[int]) -> Path:
@@ -84,11 +85,12 @@ def _checkpoint_of(run_dir: Path, step: Optional[int]) -> Path:
 
 
 def _plan(run_dir: Path, overrides: List[str], verb: str, step: Optional[int] = None) -> _Plan:
-    """Where this launch reads checkpoint `step` (None: the latest) from. The checkpoint's DeepSpeed shards load as written where this launch has the layout that wrote them: the same TP
-    size, and for a ZeRO-3 run the same number of processes (its parameters are partitioned over them). Elsewhere the
-    run's full weights are split over this launch's TP size -- the run's where it divides the world size, else 1 (or
-    parallel.tp_size=N) -- read from its consolidated model/ of that step (written when the run finished) or, for a run
-    that has not finished, consolidated from the checkpoint's shards (train/consolidate.py)."""
+    """Where this launch reads checkpoint `step` (None: the latest) from. Each rank reads its own shards as written
+    where this launch has the layout that wrote them: the same TP size, and for a ZeRO-3 run the same number of
+    processes (its parameters are partitioned over them). Elsewhere the run's full weights are split over this
+    launch's TP size -- the run's where it divides the world size, else 1 (or parallel.tp_size=N) -- read from its
+    consolidated model/ of that step (written when the run finished) or, for a run that has not finished,
+    consolidated from the checkpoint's shards (train/consolidate.py)."""
     written_cfg = run_config(run_dir)
     cfg = run_config(run_dir, overrides)
     info = init_distributed(cfg.parallel.backend, cfg.parallel.timeout_s)
@@ -103,12 +105,12 @@ def _plan(run_dir: Path, overrides: List[str], verb: str, step: Optional[int] = 
     fits = world % tp == 0
     zero3 = fits and engine_mod.effective_stage(cfg, world // tp) == 3
     as_written = fits and tp == w_tp and zero3 == w_zero3 and (not zero3 or world == w_world)
-    weights = None if as_written else _consolidated_of(run_dir, int(state.get("step", -1)))
+    weights = _consolidated_of(run_dir, int(state.get("step", -1)))
     if not as_written and info.rank == 0:
         log.info("%s: %s was written by %d processes at TP=%d; %s %s at TP=%d on %d process(es)", run_dir, ckpt.name,
                  w_world, w_tp, "reading the run's consolidated weights" if weights else "consolidating its shards for",
                  verb, tp, world)
-    return _Plan(cfg, written_cfg, info, ckpt, state, as_written, weights)
+    return _Plan(cfg, written_cfg, info, ckpt, state, as_written, zero3 and as_written, weights)
 
 
 SCRATCH = ".{tag}.consolidated.{pid}"  # an eval's consolidated weights, in the run dir while it reads them
@@ -145,34 +147,38 @@ def _remove_scratch(path: Path, rank: int) -> None:
 
 def _latest_student(run_dir: Path, plan: _Plan):
     """The run's checkpoint as a student on this launch, read as `plan` says: (cfg, dist info, groups, engine,
-    student, trainer state of rank 0). Where the checkpoint loads as written, a DeepSpeed engine loads it (module
-    only; the layout trained, so it fits); elsewhere there is no engine (None) and no optimizer state: the weights go
-    into the bare student in the run's precision, so an eval on fewer GPUs than trained the run needs memory for the
-    weights only (an engine's bf16 optimizer would add 14 bytes per parameter)."""
+    student, trainer state of rank 0). Only a ZeRO-3 checkpoint read as written goes through a DeepSpeed engine
+    (module only; the layout that trained it, so it fits). Elsewhere there is no engine (None) and no optimizer state:
+    the student is allocated in the run's precision and filled with this rank's TP shard -- as written, or split from
+    the full weights -- so an eval needs memory for the weights only (a bf16 engine's optimizer on one GPU would add
+    8-12 bytes per parameter)."""
     cfg, info = plan.cfg, plan.info
     cfg.validate(info.world_size)
     groups = ParallelGroups.build(cfg.parallel.tp_size)
     sp = cfg.parallel.sequence_parallel
-    if not plan.as_written:  # built on the meta device, allocated in the run's precision, filled by the load
-        dtype = torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32  # as a bf16 engine casts it
-        student = materialize(Transformer(cfg.model, groups.factory(device="meta", dtype=dtype, sequence_parallel=sp)),
-                              info.device)
-        if plan.weights is None and info.world_size == 1:  # consolidated in memory: no scratch copy on disk
-            student.load_state_dict(checkpoint_weights(plan.ckpt, plan.written))
-        else:
-            weights = plan.weights or _consolidate_for_launch(run_dir, plan)
-            try:
-                checkpoint.load_sharded_weights(student, weights, groups)
-            finally:
-                if plan.weights is None:
-                    _remove_scratch(weights, info.rank)
-        return cfg, info, groups, None, student.requires_grad_(False), plan.state
-    torch.manual_seed(cfg.train.seed)
-    student = Transformer(cfg.model, groups.factory(device=info.device, sequence_parallel=sp))
-    eng, _ = engine_mod.initialize(Objective(student, cfg, groups.tp_group), cfg, groups, total_steps(cfg))
-    checkpoint.load_engine(eng, plan.ckpt, load_optimizer_states=False, load_lr_scheduler_states=False,
-                           load_module_only=True)
-    return cfg, info, groups, eng, student, plan.state
+    if plan.zero3:
+        torch.manual_seed(cfg.train.seed)
+        student = Transformer(cfg.model, groups.factory(device=info.device, sequence_parallel=sp))
+        eng, _ = engine_mod.initialize(Objective(student, cfg, groups.tp_group), cfg, groups, total_steps(cfg))
+        checkpoint.load_engine(eng, plan.ckpt, load_optimizer_states=False, load_lr_scheduler_states=False,
+                               load_module_only=True)
+        return cfg, info, groups, eng, student, plan.state
+    dtype = torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32  # as a bf16 engine casts it
+    # built on the meta device, allocated in the run's precision, filled by the load
+    student = materialize(Transformer(cfg.model, groups.factory(device="meta", dtype=dtype, sequence_parallel=sp)),
+                          info.device)
+    if plan.as_written:  # this rank's TP shard as DeepSpeed wrote it (ZeRO 0-2: whole in the module states)
+        student.load_state_dict(student_part(tp_shard(plan.ckpt, groups.tp_rank)))
+    elif plan.weights is None and info.world_size == 1:  # consolidated in memory: no scratch copy on disk
+        student.load_state_dict(checkpoint_weights(plan.ckpt, plan.written))
+    else:
+        weights = plan.weights or _consolidate_for_launch(run_dir, plan)
+        try:
+            checkpoint.load_sharded_weights(student, weights, groups)
+        finally:
+            if plan.weights is None:
+                _remove_scratch(weights, info.rank)
+    return cfg, info, groups, None, student.requires_grad_(False), plan.state
 
 
 def evaluate_run(run_dir: str, overrides: List[str] = (), eval_tokens: Optional[int] = None,
@@ -212,10 +218,6 @@ def export_run(run_dir: str, out_dir: str, step: Optional[int] = None) -> Path:
     at_step = [r for r in recs if r.get("step") == meta["step"]]  # an earlier eval is not these weights' loss
     if at_step:
         meta["eval_loss"] = at_step[-1]["eval_loss"]
-    if plan.as_written:
-        cfg, _, groups, eng, _, _ = _latest_student(run_dir, plan)
-        export_weights(eng, cfg, groups, out_dir, meta)
-        return out_dir
     if plan.info.rank == 0:  # no engine: the step's consolidated model/, or the checkpoint's shards consolidated now
         from safetensors.torch import load_file
         weights = (load_file(str(plan.weights / checkpoint.WEIGHTS)) if plan.weights is not None
