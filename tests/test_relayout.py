@@ -103,6 +103,7 @@ def _on_one(rank, world, root):
     # an earlier kept checkpoint (an intermediate teacher, say): eval and export of step 2 on 1 process, from its
     # shards (the run's model/ is step 4's)
     out["tp2_step2_eval"] = evaluate_run(str(root / "tp2"), step=2)["eval_loss"]
+    evaluate_run(str(root / "tp2"), ["data.synthetic_seed=99"], step=2)  # other data: not the export's eval_loss
     export_run(str(root / "tp2"), str(root / "tp2_step2"), step=2)
     e = load_file(str(root / "tp2_step2" / "model.safetensors"))
     out["tp2_step2_export_differs"] = max(float((e[k] - b[k]).abs().max()) for k in b)
@@ -167,7 +168,9 @@ def test_unfinished_runs_evaluate_and_export_from_their_shards(relayout):
 
 
 def test_an_earlier_kept_checkpoint_evaluates_and_exports(relayout):
-    step2 = [r for r in relayout["records"]["tp2"] if r["step"] == 2]
+    step2 = [r for r in relayout["records"]["tp2"] if r["step"] == 2 and r["config"]["data"]["synthetic_seed"] != 99]
+    [other] = [r for r in relayout["records"]["tp2"] if r["config"]["data"]["synthetic_seed"] == 99]
+    assert other["step"] == 2 and abs(other["eval_loss"] - step2[-1]["eval_loss"]) > 1e-4
     final = relayout["records"]["tp2"][0]["eval_loss"]
     # as written on 2 processes, and on 1 from its shards: the same weights; not the final ones
     assert [r["eval_loss"] for r in step2] == [relayout["tp2_step2_as_written"], relayout["tp2_step2_eval"]]

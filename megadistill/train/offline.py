@@ -53,7 +53,7 @@ def _consolidated_of(run_dir: Path, step: int) -> Optional[Path]:
 
 
 class _Plan(NamedTuple):
-    """Where a launch reads a run's latest checkpoint from."""
+    """Where a launch reads a run's checkpoint from."""
     cfg: Config  # the run's config with this launch's overrides (parallel.tp_size: the TP size it builds at)
     written: Config  # the run's config as it trained
     info: object  # this process's DistInfo
@@ -145,7 +145,7 @@ def _remove_scratch(path: Path, rank: int) -> None:
         shutil.rmtree(path, ignore_errors=True)
 
 
-def _latest_student(run_dir: Path, plan: _Plan):
+def _student(run_dir: Path, plan: _Plan):
     """The run's checkpoint as a student on this launch, read as `plan` says: (cfg, dist info, groups, engine,
     student, trainer state of rank 0). Only a ZeRO-3 checkpoint read as written goes through a DeepSpeed engine
     (module only; the layout that trained it, so it fits). Elsewhere there is no engine (None) and no optimizer state:
@@ -186,7 +186,7 @@ def evaluate_run(run_dir: str, overrides: List[str] = (), eval_tokens: Optional[
     """Evaluate the run's checkpoint of step `step` (None: its latest) on its held-out split (data.* overrides
     allowed); append a record. Any number of processes (see _plan)."""
     run_dir = Path(run_dir)
-    cfg, info, groups, eng, student, state = _latest_student(run_dir, _plan(run_dir, list(overrides), "eval", step))
+    cfg, info, groups, eng, student, state = _student(run_dir, _plan(run_dir, list(overrides), "eval", step))
     t = cfg.train
     batches = build_eval_batches(cfg.data, vocab_size=cfg.model.vocab_size, seq_len=t.seq_len,
                                  n_tokens=eval_tokens or t.eval_tokens, batch_size=t.micro_batch_size)
@@ -215,7 +215,9 @@ def export_run(run_dir: str, out_dir: str, step: Optional[int] = None) -> Path:
     meta = {"run": cfg.train.run_name or run_dir.name, "tokens": int(state.get("tokens", 0)),
             "step": int(state.get("step", 0)), "params": params_of(cfg.model)[0]}
     recs = records.read_records(run_dir / "eval.jsonl")[0] if (run_dir / "eval.jsonl").is_file() else []
-    at_step = [r for r in recs if r.get("step") == meta["step"]]  # an earlier eval is not these weights' loss
+    # these weights' loss on the run's own held-out data: an earlier eval, or one with data.* overrides, is not it
+    data = config_mod.to_dict(plan.written)["data"]
+    at_step = [r for r in recs if r.get("step") == meta["step"] and r.get("config", {}).get("data") == data]
     if at_step:
         meta["eval_loss"] = at_step[-1]["eval_loss"]
     if plan.info.rank == 0:  # no engine: the step's consolidated model/, or the checkpoint's shards consolidated now
