@@ -4,9 +4,9 @@ A checkpoint is written in the layout of the processes that wrote it: per TP ran
 (`mp_rank_TT_model_states.pt`, ZeRO stages 0-2: the TP shard whole, in the run's dtype) or, under ZeRO-3, each DP
 rank's slice of every parameter inside the optimizer's fp32 flat groups (`*zero_pp_rank_D_mp_rank_TT_optim_states.pt`;
 the parameter order and shapes are in `zero_pp_rank_D_mp_rank_TT_model_states.pt`). This module reassembles them into
-the full weights `export` writes (fp32, our parameter names), so a run that has not finished -- no consolidated `model/`
-yet -- can be evaluated or exported on any number of processes. Files are memory-mapped: the optimizer's moments are
-never read, resident memory is the output plus one tensor.
+one TP rank's shard (tp_shard: what an eval as written loads) or the full weights `export` writes (checkpoint_weights:
+fp32, our parameter names), so a run -- finished or not, no engine built -- can be evaluated or exported on any number
+of processes. Files are memory-mapped: the optimizer's moments are never read.
 """
 from __future__ import annotations
 
