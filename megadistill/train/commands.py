@@ -104,7 +104,9 @@ def register(sub) -> None:
                                       "Hugging Face folder (--format hf)",
                        formatter_class=argparse.RawDescriptionHelpFormatter,
                        epilog="examples: megadistill export runs/t1 -o exports/t1\n"
-                              "          megadistill export runs/t1 --format hf -o exports/t1-hf")
+                              "          megadistill export runs/t1 --format hf -o exports/t1-hf\n"
+                              "          megadistill export runs/t1 --step 2000 -o teachers/t1-2000\n"
+                              "any layout on any number of processes, finished or not (the checkpoint consolidated)")
     p.add_argument("run_dir")
     p.add_argument("-o", "--out", required=True)
     p.add_argument("--step", type=int, default=None, help="the kept checkpoint of this step (default: the latest; "

@@ -155,7 +155,7 @@ def initialize(model: torch.nn.Module, cfg: Config, groups: ParallelGroups, tota
     if effective_stage(cfg, groups.dp_size) == 3:
         register_shared_weights(model)
     if cfg.train.precision == "bf16":
-        log.info("ZeRO stage %d, %s; gradients accumulated over %d micro-batches in %s, reduced in %s "
+        log.info("ZeRO stage %d, %s; gradients accumulated over %d micro-batch(es) in %s, reduced in %s "
                  "(train.grad_accum_dtype=%s, train.grad_reduce_dtype=%s)", effective_stage(cfg, groups.dp_size),
                  type(engine.optimizer).__name__, engine.gradient_accumulation_steps(), grad_accum_dtype(cfg),
                  grad_reduce_dtype(cfg), cfg.train.grad_accum_dtype, cfg.train.grad_reduce_dtype)
