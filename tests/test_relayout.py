@@ -40,9 +40,10 @@ def _on_four(rank, world, root):
     from megadistill.train.offline import evaluate_run
     from megadistill.train.trainer import train
     train(config.load([], tiny_overrides(Path(root) / "odd", "supervised", ODD)))
-    # the same at ZeRO-1, evaluated as written with no engine: each rank loads its TP shard from the module states
+    # the same at ZeRO-1. Both evaluated as written: at ZeRO-1 each rank loads its TP shard from the module states
+    # (no engine), at ZeRO-3 its own partitions into a frozen ZeRO-3 engine (no optimizer)
     train(config.load([], tiny_overrides(Path(root) / "odd_z1", "supervised", ODD + ["zero.stage=1"])))
-    return evaluate_run(str(Path(root) / "odd_z1"))["eval_loss"]
+    return {name: evaluate_run(str(Path(root) / name))["eval_loss"] for name in ("odd", "odd_z1")}
 
 
 def _on_two(rank, world, root):
@@ -120,16 +121,16 @@ def _on_one(rank, world, root):
     resumed = _overrides(root, "z3", [f"train.run_dir={root / 'z3_unfinished'}", "train.resume=true"])
     out["z3_resume_error"] = _error(lambda: train(config.load([], resumed)))
     out["records"] = {name: [json.loads(line) for line in open(root / name / "eval.jsonl")]
-                      for name in [*RUNS, "odd_z1"]}
+                      for name in [*RUNS, "odd", "odd_z1"]}
     return out
 
 
 @pytest.fixture(scope="module")
 def relayout(tmp_path_factory):
     root = tmp_path_factory.mktemp("relayout")
-    odd_z1 = run_distributed(_on_four, 4, str(root), timeout=600)[0]
+    four = run_distributed(_on_four, 4, str(root), timeout=600)[0]
     two = run_distributed(_on_two, 2, str(root), timeout=600)[0]
-    return {**two, **run_distributed(_on_one, 1, str(root), timeout=600)[0], "odd_z1_as_written": odd_z1}
+    return {**two, **run_distributed(_on_one, 1, str(root), timeout=600)[0], "as_written_on_four": four}
 
 
 def test_finished_runs_evaluate_and_export_on_one_process(relayout):
@@ -185,9 +186,12 @@ def test_an_earlier_kept_checkpoint_evaluates_and_exports(relayout):
 
 def test_replicated_heads_biases_tied_head_and_experts_consolidate_exactly(relayout):
     assert relayout["odd_names"] and relayout["odd_diff"] == 0.0, relayout["odd_diff"]
-    # read as written (4 processes, TP=2 x DP=2 ZeRO-1, no engine): the loss of the run's own final eval
-    trained = relayout["records"]["odd_z1"][0]
-    assert trained["step"] == 2 and relayout["odd_z1_as_written"] == pytest.approx(trained["eval_loss"], abs=1e-6)
+    # read as written on 4 processes (TP=2 x DP=2; ZeRO-1 with no engine, ZeRO-3 into a frozen engine): the loss of
+    # the run's own final eval
+    for name in ("odd", "odd_z1"):
+        trained = relayout["records"][name][0]
+        assert trained["step"] == 2, trained
+        assert relayout["as_written_on_four"][name] == pytest.approx(trained["eval_loss"], abs=1e-6), name
 
 
 def test_a_checkpoint_read_with_another_config_is_named(relayout):

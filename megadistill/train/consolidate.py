@@ -19,7 +19,7 @@ import torch
 from megadistill.config import Config
 from megadistill.train.checkpoint import CheckpointError, checked_load
 
-_PREFIX = "student."  # the engine's module is the Objective; the student is its `student`
+STUDENT = "student."  # the engine's module is the Objective; the student is its `student`
 
 
 def _load(path: Path) -> dict:
@@ -47,31 +47,46 @@ def _optim_file(ckpt: Path, dp_rank: int, tp_rank: int) -> Path:
     return found[0]
 
 
-def _zero3_shard(ckpt: Path, tp_rank: int, files: List[Path]) -> Dict[str, torch.Tensor]:
-    """TP rank tp_rank's parameters under ZeRO-3: each parameter is split over the DP ranks in ceil(numel / dp)
-    pieces (the last padded), laid end to end per parameter group in each rank's fp32 flat group. Returned in the
-    dtype the run computed in (the one its module placeholders carry), as the engine's own export gathers them."""
-    states = [_load(f) for f in files]
-    dp = len(states)
-    flat = [_load(_optim_file(ckpt, d, tp_rank))["optimizer_state_dict"]["fp32_flat_groups"] for d in range(dp)]
-    groups = states[0]["param_shapes"]  # one {name: shape at this TP rank} per parameter group, in flat order
-    if len(flat[0]) != len(groups):
-        raise CheckpointError(f"{files[0]}: {len(groups)} parameter groups but {len(flat[0])} fp32 flat groups in its "
+def _partition(ckpt: Path, state_file: Path, dp_rank: int, tp_rank: int, dp: int) -> Dict[str, torch.Tensor]:
+    """One DP rank's ZeRO-3 partition of each parameter of TP rank tp_rank, by name: ceil(numel / dp) fp32 elements
+    (the last rank's padded), laid end to end per parameter group in that rank's fp32 flat group -- what its
+    ds_tensor holds, in the parameter order and shapes of its model-state file."""
+    groups = _load(state_file)["param_shapes"]  # one {name: shape at this TP rank} per parameter group, in flat order
+    flat = _load(_optim_file(ckpt, dp_rank, tp_rank))["optimizer_state_dict"]["fp32_flat_groups"]
+    if len(flat) != len(groups):
+        raise CheckpointError(f"{state_file}: {len(groups)} parameter groups but {len(flat)} fp32 flat groups in its "
                               "optimizer states; the checkpoint's files are from different runs")
-    module = states[0]["module"]
     out: Dict[str, torch.Tensor] = {}
     for g, shapes in enumerate(groups):
         offset = 0
         for name, shape in shapes.items():
-            numel = shape.numel()
-            part = -(-numel // dp)
-            pieces = [flat[d][g].narrow(0, offset, part) for d in range(dp)]
-            out[name] = torch.cat(pieces).narrow(0, 0, numel).view(shape).to(module[name].dtype)
+            part = -(-shape.numel() // dp)
+            out[name] = flat[g].narrow(0, offset, part)
             offset += part
-        if offset != flat[0][g].numel():
-            raise CheckpointError(f"{files[0]}: parameter group {g} holds {flat[0][g].numel()} elements per DP rank, "
-                                  f"its parameters {offset}; the checkpoint's files are from different runs")
+        if offset != flat[g].numel():
+            raise CheckpointError(f"{state_file}: parameter group {g} holds {flat[g].numel()} elements, its "
+                                  f"parameters {offset}; the checkpoint's files are from different runs")
     return out
+
+
+def zero3_partition(ckpt: Path, dp_rank: int, tp_rank: int) -> Dict[str, torch.Tensor]:
+    """DP rank dp_rank's ZeRO-3 partition of TP rank tp_rank's parameters (see _partition): what a launch of the
+    writers' layout loads into its own ds_tensors."""
+    files = _zero3_files(Path(ckpt), tp_rank)
+    if not files:
+        raise CheckpointError(f"{ckpt} holds no ZeRO-3 model states for TP rank {tp_rank}")
+    return _partition(Path(ckpt), files[dp_rank], dp_rank, tp_rank, len(files))
+
+
+def _zero3_shard(ckpt: Path, tp_rank: int, files: List[Path]) -> Dict[str, torch.Tensor]:
+    """TP rank tp_rank's parameters under ZeRO-3, its DP ranks' partitions joined. Returned in the dtype the run
+    computed in (the one its module placeholders carry), as the engine's own export gathers them."""
+    dp = len(files)
+    parts = [_partition(ckpt, files[d], d, tp_rank, dp) for d in range(dp)]
+    module = _load(files[0])["module"]
+    shapes = {k: v for g in _load(files[0])["param_shapes"] for k, v in g.items()}
+    return {name: torch.cat([p[name] for p in parts]).narrow(0, 0, shape.numel()).view(shape).to(module[name].dtype)
+            for name, shape in shapes.items()}
 
 
 def tp_shard(ckpt: Path, tp_rank: int) -> Dict[str, torch.Tensor]:
@@ -84,7 +99,7 @@ def tp_shard(ckpt: Path, tp_rank: int) -> Dict[str, torch.Tensor]:
 
 def student_part(shard: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
     """The student's entries of a tp_shard, named as the student's own state_dict names them."""
-    return {k[len(_PREFIX):]: v for k, v in shard.items() if k.startswith(_PREFIX)}
+    return {k[len(STUDENT):]: v for k, v in shard.items() if k.startswith(STUDENT)}
 
 
 def checkpoint_weights(ckpt: Path, cfg: Config) -> Dict[str, torch.Tensor]:
@@ -98,7 +113,7 @@ def checkpoint_weights(ckpt: Path, cfg: Config) -> Dict[str, torch.Tensor]:
     shards = [tp_shard(ckpt, t) for t in range(tp)]
     out: Dict[str, torch.Tensor] = {}
     for name, shape in full.items():
-        pieces = [s.get(_PREFIX + name) for s in shards]
+        pieces = [s.get(STUDENT + name) for s in shards]
         if any(p is None for p in pieces):
             raise CheckpointError(f"{ckpt} has no {name!r} for TP rank {pieces.index(None)}: it was not written by a "
                                   f"run of this config (model.*, parallel.tp_size={tp})")

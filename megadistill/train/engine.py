@@ -4,7 +4,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-from typing import Iterator, List
+from typing import Iterator, List, Optional
 
 import torch
 
@@ -201,8 +201,9 @@ def register_shared_weights(model: torch.nn.Module) -> int:
     return n
 
 
-def initialize_frozen(model: torch.nn.Module, cfg: Config, groups: ParallelGroups):
-    """Partition a frozen (teacher) model's weights over the DP group with ZeRO-3; no optimizer state is created."""
+def initialize_frozen(model: torch.nn.Module, cfg: Config, groups: ParallelGroups, bf16: Optional[bool] = None):
+    """Partition a frozen model's weights over the DP group with ZeRO-3; no optimizer state is created. bf16: its
+    weights' dtype (default: the teacher's, distill.teacher_dtype)."""
     import deepspeed
 
     ds = {
@@ -210,7 +211,7 @@ def initialize_frozen(model: torch.nn.Module, cfg: Config, groups: ParallelGroup
         "train_batch_size": cfg.train.micro_batch_size * groups.dp_size,
         "gradient_accumulation_steps": 1,
         "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
-        "bf16": {"enabled": cfg.distill.teacher_dtype == "bf16"},
+        "bf16": {"enabled": cfg.distill.teacher_dtype == "bf16" if bf16 is None else bf16},
         "steps_per_print": 10**12,
     }
     engine, _, _, _ = deepspeed.initialize(model=model, config=ds, mpu=groups.mpu(), dist_init_required=False)

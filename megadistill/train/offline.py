@@ -22,11 +22,9 @@ from megadistill.model.transformer import Transformer
 from megadistill.parallel.groups import ParallelGroups
 from megadistill.parallel.init import init_distributed
 from megadistill.train import checkpoint, engine as engine_mod
-from megadistill.train.consolidate import checkpoint_weights, student_part, tp_shard
+from megadistill.train.consolidate import STUDENT, checkpoint_weights, student_part, tp_shard, zero3_partition
 from megadistill.train.evaluate import eval_record, evaluate
-from megadistill.train.objective import Objective
 from megadistill.train.teacher import materialize
-from megadistill.train.trainer import total_steps
 
 log = logging.getLogger(__name__)
 
@@ -156,17 +154,18 @@ def _student(run_dir: Path, plan: _Plan):
     cfg.validate(info.world_size)
     groups = ParallelGroups.build(cfg.parallel.tp_size)
     sp = cfg.parallel.sequence_parallel
-    if plan.zero3:
-        torch.manual_seed(cfg.train.seed)
-        student = Transformer(cfg.model, groups.factory(device=info.device, sequence_parallel=sp))
-        eng, _ = engine_mod.initialize(Objective(student, cfg, groups.tp_group), cfg, groups, total_steps(cfg))
-        checkpoint.load_engine(eng, plan.ckpt, load_optimizer_states=False, load_lr_scheduler_states=False,
-                               load_module_only=True)
-        return cfg, info, groups, eng, student, plan.state
-    dtype = torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32  # as a bf16 engine casts it
+    bf16 = cfg.train.precision == "bf16"
+    dtype = torch.bfloat16 if bf16 else torch.float32  # as a bf16 engine casts it
     # built on the meta device, allocated in the run's precision, filled by the load
     student = materialize(Transformer(cfg.model, groups.factory(device="meta", dtype=dtype, sequence_parallel=sp)),
-                          info.device)
+                          info.device).requires_grad_(False)
+    if plan.zero3:  # partitioned over the DP group as it trained, each rank's partitions from its own files
+        eng = engine_mod.initialize_frozen(student, cfg, groups, bf16=bf16)
+        own = zero3_partition(plan.ckpt, groups.dp_rank, groups.tp_rank)
+        with torch.no_grad():
+            for name, p in student.named_parameters():
+                p.ds_tensor.copy_(own[STUDENT + name])
+        return cfg, info, groups, eng, student, plan.state
     if plan.as_written:  # this rank's TP shard as DeepSpeed wrote it (ZeRO 0-2: whole in the module states)
         student.load_state_dict(student_part(tp_shard(plan.ckpt, groups.tp_rank)))
     elif plan.weights is None and info.world_size == 1:  # consolidated in memory: no scratch copy on disk
@@ -178,7 +177,7 @@ def _student(run_dir: Path, plan: _Plan):
         finally:
             if plan.weights is None:
                 _remove_scratch(weights, info.rank)
-    return cfg, info, groups, None, student.requires_grad_(False), plan.state
+    return cfg, info, groups, None, student, plan.state
 
 
 def evaluate_run(run_dir: str, overrides: List[str] = (), eval_tokens: Optional[int] = None,
