@@ -58,7 +58,7 @@ class _Plan(NamedTuple):
     ckpt: Path
     state: Dict  # rank 0's trainer state in the checkpoint (step, tokens)
     as_written: bool  # this launch has the layout that wrote the checkpoint: each rank reads its own shards
-    zero3: bool  # ... under ZeRO-3 (its partitions load through a DeepSpeed engine)
+    zero3: bool  # ... under ZeRO-3 (each rank's own partitions, into a frozen ZeRO-3 engine)
     weights: Optional[Path]  # the run's consolidated weights of that step (model/, written when it finished), or None
 
 
@@ -145,11 +145,10 @@ def _remove_scratch(path: Path, rank: int) -> None:
 
 def _student(run_dir: Path, plan: _Plan):
     """The run's checkpoint as a student on this launch, read as `plan` says: (cfg, dist info, groups, engine,
-    student, trainer state of rank 0). Only a ZeRO-3 checkpoint read as written goes through a DeepSpeed engine
-    (module only; the layout that trained it, so it fits). Elsewhere there is no engine (None) and no optimizer state:
-    the student is allocated in the run's precision and filled with this rank's TP shard -- as written, or split from
-    the full weights -- so an eval needs memory for the weights only (a bf16 engine's optimizer on one GPU would add
-    8-12 bytes per parameter)."""
+    student, trainer state of rank 0). The student is allocated in the run's precision and holds its weights only,
+    no optimizer state (a bf16 training engine's on one GPU would add 8-12 bytes per parameter): this rank's TP
+    shard as written or split from the full weights (engine None), or for a ZeRO-3 checkpoint read as written its
+    own partitions, in a frozen ZeRO-3 engine that partitions it as it trained."""
     cfg, info = plan.cfg, plan.info
     cfg.validate(info.world_size)
     groups = ParallelGroups.build(cfg.parallel.tp_size)
