@@ -11,7 +11,7 @@ import shutil
 import zipfile
 import zlib
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Callable, Dict, List, Optional
 
 import torch
 import torch.distributed as dist
@@ -358,18 +358,30 @@ def consolidated_state(module: torch.nn.Module, groups: ParallelGroups, zero3: b
     return out
 
 
-def write_weights(state: Dict[str, torch.Tensor], out_dir: Path, config_yaml: str) -> None:
-    """Rank 0: write model.safetensors + config.yaml atomically into out_dir."""
-    from safetensors.torch import save_file
-
+def _publish_weights(out_dir: Path, write: Callable[[Path], None], config_yaml: str) -> None:
+    """model.safetensors written by `write` under a temp name, fsynced and renamed, then config.yaml, into out_dir."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     tmp = out_dir / f".{WEIGHTS}.tmp"
-    save_file(state, str(tmp), metadata={"format": "megadistill-v1"})
+    write(tmp)
     with open(tmp, "rb") as f:
         os.fsync(f.fileno())
     os.replace(tmp, out_dir / WEIGHTS)
     atomic_write_text(out_dir / "config.yaml", config_yaml)
+
+
+def write_weights(state: Dict[str, torch.Tensor], out_dir: Path, config_yaml: str) -> None:
+    """Rank 0: write model.safetensors + config.yaml atomically into out_dir."""
+    from safetensors.torch import save_file
+
+    _publish_weights(out_dir, lambda tmp: save_file(state, str(tmp), metadata={"format": "megadistill-v1"}),
+                     config_yaml)
+
+
+def copy_weights(weights_dir: Path, out_dir: Path, config_yaml: str) -> None:
+    """Rank 0: weights_dir's model.safetensors (consolidated weights) copied byte for byte, streamed, no tensor
+    loaded, + config.yaml, atomically into out_dir."""
+    _publish_weights(out_dir, lambda tmp: shutil.copyfile(Path(weights_dir) / WEIGHTS, tmp), config_yaml)
 
 
 def find_weights(path: str) -> Path:

@@ -83,8 +83,8 @@ def _zero3_shard(ckpt: Path, tp_rank: int, files: List[Path]) -> Dict[str, torch
     computed in (the one its module placeholders carry), as the engine's own export gathers them."""
     dp = len(files)
     parts = [_partition(ckpt, files[d], d, tp_rank, dp) for d in range(dp)]
-    module = _load(files[0])["module"]
-    shapes = {k: v for g in _load(files[0])["param_shapes"] for k, v in g.items()}
+    first = _load(files[0])
+    module, shapes = first["module"], {k: v for g in first["param_shapes"] for k, v in g.items()}
     return {name: torch.cat([p[name] for p in parts]).narrow(0, 0, shape.numel()).view(shape).to(module[name].dtype)
             for name, shape in shapes.items()}
 

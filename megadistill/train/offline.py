@@ -20,7 +20,7 @@ from megadistill.laws import records
 from megadistill.model.sizes import params_of
 from megadistill.model.transformer import Transformer
 from megadistill.parallel.groups import ParallelGroups
-from megadistill.parallel.init import init_distributed
+from megadistill.parallel.init import DistInfo, init_distributed
 from megadistill.train import checkpoint, engine as engine_mod
 from megadistill.train.consolidate import STUDENT, checkpoint_weights, student_part, tp_shard, zero3_partition
 from megadistill.train.evaluate import eval_record, evaluate
@@ -54,7 +54,7 @@ class _Plan(NamedTuple):
     """Where a launch reads a run's checkpoint from."""
     cfg: Config  # the run's config with this launch's overrides (parallel.tp_size: the TP size it builds at)
     written: Config  # the run's config as it trained
-    info: object  # this process's DistInfo
+    info: DistInfo  # this process's
     ckpt: Path
     state: Dict  # rank 0's trainer state in the checkpoint (step, tokens)
     as_written: bool  # this launch has the layout that wrote the checkpoint: each rank reads its own shards
@@ -218,11 +218,12 @@ def export_run(run_dir: str, out_dir: str, step: Optional[int] = None) -> Path:
     at_step = [r for r in recs if r.get("step") == meta["step"] and r.get("config", {}).get("data") == data]
     if at_step:
         meta["eval_loss"] = at_step[-1]["eval_loss"]
-    if plan.info.rank == 0:  # no engine: the step's consolidated model/, or the checkpoint's shards consolidated now
-        from safetensors.torch import load_file
-        weights = (load_file(str(plan.weights / checkpoint.WEIGHTS)) if plan.weights is not None
-                   else checkpoint_weights(plan.ckpt, plan.written))
-        checkpoint.write_weights(weights, out_dir, config_mod.to_yaml(plan.written))
+    if plan.info.rank == 0:  # no engine: the step's consolidated model/ copied, or the checkpoint consolidated now
+        if plan.weights is not None:
+            checkpoint.copy_weights(plan.weights, out_dir, config_mod.to_yaml(plan.written))
+        else:
+            checkpoint.write_weights(checkpoint_weights(plan.ckpt, plan.written), out_dir,
+                                     config_mod.to_yaml(plan.written))
         checkpoint.atomic_write_text(out_dir / "meta.json", json.dumps(meta) + "\n")
     if dist.is_initialized():
         dist.barrier()

@@ -58,8 +58,9 @@ def teacher_model_config(weights_dir: Path) -> Config:
 def materialize(model: nn.Module, device: torch.device) -> nn.Module:
     """Allocate a meta-device model's parameters (uninitialised) on `device`, keeping their TP / µP tags.
 
-    The teacher (and a student read for eval) is built on the meta device, so its random initialisation (full fp32 draws on every rank, minutes for
-    a 12.6B model on a CPU, 50 GB of host memory per rank) never happens: every weight is overwritten by the load.
+    The teacher (and a student read for eval) is built on the meta device, so its random initialisation (full fp32
+    draws on every rank, minutes for a 12.6B model on a CPU, 50 GB of host memory per rank) never happens: every
+    weight is overwritten by the load.
     """
     if any(True for _ in model.buffers()):
         raise RuntimeError("the model has buffers, which the weight files do not hold: they would stay uninitialised")
